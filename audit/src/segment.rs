@@ -1,0 +1,264 @@
+//! Encrypted segment format, written by the file sink and read by `audit verify`.
+//!
+//! ```text
+//! header:  "PCAUDSG1" (8 bytes) | DEK version (u32 BE) | segment id (16 random bytes)
+//! frame*:  ciphertext length (u32 BE) | nonce (12 bytes) | AES-256-GCM ciphertext+tag
+//! AAD of frame i: header (28 bytes) | i (u64 BE)
+//! ```
+//!
+//! Each frame holds one batch of JSON lines (each ending in `\n`). Frames are appended,
+//! so a crash loses at most the frame being written; the reader returns every frame
+//! before a damaged one together with the error. The AAD binds each frame to its segment
+//! and position, so frames cannot be moved between segments or reordered.
+
+use crate::keyring::{DataKey, KeyRing};
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+
+/// First bytes of every segment.
+pub const MAGIC: &[u8; 8] = b"PCAUDSG1";
+/// Header length.
+pub const HEADER_LEN: usize = 8 + 4 + 16;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Largest frame accepted when reading (guards against a corrupted length).
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Why (part of) a segment could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    /// The data does not start with the segment header.
+    #[error("not an encrypted audit segment (bad header)")]
+    NotASegment,
+    /// The key ring lacks the version the segment was written with.
+    #[error(
+        "segment needs DEK version {version}, which the key ring does not hold (have {have:?})"
+    )]
+    UnknownKeyVersion {
+        /// Version named by the header.
+        version: u32,
+        /// Versions available.
+        have: Vec<u32>,
+    },
+    /// The first frame does not decrypt: almost always the wrong key.
+    #[error(
+        "cannot decrypt segment with DEK version {version}: wrong key, or the segment is corrupted"
+    )]
+    WrongKey {
+        /// Version named by the header.
+        version: u32,
+    },
+    /// A later frame does not decrypt: corruption or tampering.
+    #[error("frame {frame} at byte {offset} fails authentication (corrupted or tampered)")]
+    CorruptFrame {
+        /// Frame index (0-based).
+        frame: u64,
+        /// Byte offset of the frame.
+        offset: usize,
+    },
+    /// The segment ends inside a frame.
+    #[error("segment truncated inside frame {frame} at byte {offset}")]
+    Truncated {
+        /// Frame index (0-based).
+        frame: u64,
+        /// Byte offset of the frame.
+        offset: usize,
+    },
+}
+
+/// True when `bytes` starts like a segment.
+pub fn is_segment(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
+/// A segment header for a new segment.
+pub fn new_header(key: &DataKey) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&key.version().to_be_bytes());
+    let id: [u8; 16] = rand::random();
+    header[12..].copy_from_slice(&id);
+    header
+}
+
+fn aad(header: &[u8], frame: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(HEADER_LEN + 8);
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&frame.to_be_bytes());
+    aad
+}
+
+/// Encrypts `plaintext` as frame number `frame` of the segment with `header`.
+pub fn seal_frame(
+    key: &DataKey,
+    header: &[u8; HEADER_LEN],
+    frame: u64,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, crate::Error> {
+    let cipher = Aes256Gcm::new_from_slice(key.bytes())
+        .map_err(|_| crate::Error::DataKey("AES-256 key rejected".into()))?;
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let aad = aad(header, frame);
+    let ciphertext = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| crate::Error::DataKey("encryption failed".into()))?;
+    let len = u32::try_from(ciphertext.len())
+        .map_err(|_| crate::Error::Config("audit batch too large for one frame".into()))?;
+    let mut out = Vec::with_capacity(4 + NONCE_LEN + ciphertext.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
+}
+
+/// What could be read from a segment.
+#[derive(Debug, Default)]
+pub struct OpenedSegment {
+    /// DEK version from the header, when the header was readable.
+    pub key_version: Option<u32>,
+    /// Decrypted text of every frame up to the first bad one.
+    pub plaintext: String,
+    /// Frames decrypted.
+    pub frames: u64,
+    /// Why reading stopped early, if it did.
+    pub error: Option<SegmentError>,
+}
+
+/// Decrypts a whole segment with keys from `keys`, stopping at the first bad frame.
+pub fn open_segment(bytes: &[u8], keys: &KeyRing) -> OpenedSegment {
+    let mut out = OpenedSegment::default();
+    if bytes.len() < HEADER_LEN || !is_segment(bytes) {
+        out.error = Some(SegmentError::NotASegment);
+        return out;
+    }
+    let header = &bytes[..HEADER_LEN];
+    let mut version_bytes = [0u8; 4];
+    version_bytes.copy_from_slice(&header[8..12]);
+    let version = u32::from_be_bytes(version_bytes);
+    out.key_version = Some(version);
+    let Some(key) = keys.get(version) else {
+        out.error = Some(SegmentError::UnknownKeyVersion {
+            version,
+            have: keys.versions(),
+        });
+        return out;
+    };
+    let Ok(cipher) = Aes256Gcm::new_from_slice(key.bytes()) else {
+        out.error = Some(SegmentError::WrongKey { version });
+        return out;
+    };
+    let mut offset = HEADER_LEN;
+    let mut frame = 0u64;
+    while offset < bytes.len() {
+        let truncated = SegmentError::Truncated { frame, offset };
+        let Some(len_bytes) = bytes.get(offset..offset + 4) else {
+            out.error = Some(truncated);
+            return out;
+        };
+        let mut len = [0u8; 4];
+        len.copy_from_slice(len_bytes);
+        let len = u32::from_be_bytes(len) as usize;
+        if !(TAG_LEN..=MAX_FRAME).contains(&len) {
+            out.error = Some(if frame == 0 {
+                SegmentError::WrongKey { version }
+            } else {
+                SegmentError::CorruptFrame { frame, offset }
+            });
+            return out;
+        }
+        let body_start = offset + 4 + NONCE_LEN;
+        let (Some(nonce), Some(ciphertext)) = (
+            bytes.get(offset + 4..body_start),
+            bytes.get(body_start..body_start + len),
+        ) else {
+            out.error = Some(truncated);
+            return out;
+        };
+        let aad = aad(header, frame);
+        let plain = cipher.decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad,
+            },
+        );
+        let text = plain.ok().and_then(|p| String::from_utf8(p).ok());
+        let Some(text) = text else {
+            out.error = Some(if frame == 0 {
+                SegmentError::WrongKey { version }
+            } else {
+                SegmentError::CorruptFrame { frame, offset }
+            });
+            return out;
+        };
+        out.plaintext.push_str(&text);
+        out.frames += 1;
+        frame += 1;
+        offset = body_start + len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(key: &DataKey, frames: &[&str]) -> Result<Vec<u8>, crate::Error> {
+        let header = new_header(key);
+        let mut out = header.to_vec();
+        for (i, text) in frames.iter().enumerate() {
+            out.extend(seal_frame(key, &header, i as u64, text.as_bytes())?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn frames_round_trip() -> Result<(), crate::Error> {
+        let key = DataKey::generate(4);
+        let bytes = segment(&key, &["a\n", "b\nc\n"])?;
+        let opened = open_segment(&bytes, &KeyRing::from_keys([key]));
+        assert_eq!(opened.error, None);
+        assert_eq!((opened.plaintext.as_str(), opened.frames), ("a\nb\nc\n", 2));
+        assert_eq!(opened.key_version, Some(4));
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_key_and_unknown_version_are_named() -> Result<(), crate::Error> {
+        let bytes = segment(&DataKey::generate(4), &["a\n"])?;
+        let wrong = open_segment(&bytes, &KeyRing::from_keys([DataKey::generate(4)]));
+        assert_eq!(wrong.error, Some(SegmentError::WrongKey { version: 4 }));
+        let unknown = open_segment(&bytes, &KeyRing::from_keys([DataKey::generate(3)]));
+        assert!(matches!(
+            unknown.error,
+            Some(SegmentError::UnknownKeyVersion { version: 4, .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn swapped_frames_fail_authentication() -> Result<(), crate::Error> {
+        let key = DataKey::generate(1);
+        let header = new_header(&key);
+        let f0 = seal_frame(&key, &header, 0, b"a\n")?;
+        let f1 = seal_frame(&key, &header, 1, b"b\n")?;
+        let mut bytes = header.to_vec();
+        bytes.extend(&f1);
+        bytes.extend(&f0);
+        let opened = open_segment(&bytes, &KeyRing::from_keys([key]));
+        assert_eq!(opened.error, Some(SegmentError::WrongKey { version: 1 }));
+        Ok(())
+    }
+
+    #[test]
+    fn not_a_segment() {
+        let opened = open_segment(b"{\"seq\":0}\n", &KeyRing::new());
+        assert_eq!(opened.error, Some(SegmentError::NotASegment));
+    }
+}

@@ -1,0 +1,205 @@
+//! A network sink behind a [`Spool`]: writes go to disk, a background task delivers
+//! the oldest batch, removes it on 2xx, and retries with exponential backoff otherwise.
+//! Permanent errors (4xx other than 408/429) are counted and logged, and the batch stays
+//! spooled (retried at the longest backoff) rather than dropped.
+
+use super::spool::Spool;
+use super::{Deliver, DeliveryError, Sink, SinkFuture, SinkStats};
+use crate::entry::Entry;
+use crate::error::Error;
+use crate::retry::{Backoff, RetryPolicy};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+#[derive(Default)]
+struct Counters {
+    delivered_batches: AtomicU64,
+    delivered_entries: AtomicU64,
+    transient_errors: AtomicU64,
+    permanent_errors: AtomicU64,
+}
+
+/// A [`Deliver`] wrapped in a spool and a delivery task.
+pub struct SpooledSink {
+    name: String,
+    spool: Arc<Spool>,
+    wake: Arc<Notify>,
+    stop: watch::Sender<Option<Instant>>,
+    counters: Arc<Counters>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SpooledSink {
+    /// Starts delivering from `spool` (including batches left by a previous process) to
+    /// `deliver`. Must be called inside a tokio runtime.
+    pub fn start<D: Deliver>(spool: Spool, deliver: D, retry: RetryPolicy) -> Self {
+        let name = deliver.name().to_string();
+        let spool = Arc::new(spool);
+        let wake = Arc::new(Notify::new());
+        let (stop, stop_rx) = watch::channel(None);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(deliver_loop(
+            spool.clone(),
+            deliver,
+            retry,
+            wake.clone(),
+            stop_rx,
+            counters.clone(),
+        ));
+        SpooledSink {
+            name,
+            spool,
+            wake,
+            stop,
+            counters,
+            task: Mutex::new(Some(task)),
+        }
+    }
+}
+
+/// Waits `delay` or until a stop is requested; false when the sink is gone.
+async fn pause(stop: &mut watch::Receiver<Option<Instant>>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        changed = stop.changed() => changed.is_ok(),
+    }
+}
+
+async fn deliver_loop<D: Deliver>(
+    spool: Arc<Spool>,
+    deliver: D,
+    retry: RetryPolicy,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<Option<Instant>>,
+    counters: Arc<Counters>,
+) {
+    let mut backoff = Backoff::new(retry);
+    loop {
+        let deadline = *stop.borrow_and_update();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let batch = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.oldest()).await
+        };
+        let (id, entries) = match batch {
+            Ok(Ok(Some(batch))) => batch,
+            Ok(Ok(None)) => {
+                if deadline.is_some() {
+                    break;
+                }
+                let alive = tokio::select! {
+                    _ = wake.notified() => true,
+                    changed = stop.changed() => changed.is_ok(),
+                };
+                if !alive {
+                    break;
+                }
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(sink = deliver.name(), error = %e, "cannot read audit spool");
+                if !pause(&mut stop, backoff.next_delay()).await {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(sink = deliver.name(), error = %e, "audit spool read task failed");
+                if !pause(&mut stop, backoff.next_delay()).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        match deliver.deliver(&entries).await {
+            Ok(()) => {
+                if let Err(e) = spool.ack(id) {
+                    tracing::error!(sink = deliver.name(), error = %e, "cannot remove delivered audit batch; it will be sent again");
+                }
+                counters.delivered_batches.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .delivered_entries
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                backoff.reset();
+            }
+            Err(DeliveryError::Transient(message)) => {
+                counters.transient_errors.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                tracing::warn!(sink = deliver.name(), %message, retry_in = ?delay, "audit delivery failed; batch kept in spool");
+                if !pause(&mut stop, delay).await {
+                    break;
+                }
+            }
+            Err(DeliveryError::Permanent { status, message }) => {
+                counters.permanent_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(sink = deliver.name(), status, %message, "audit sink refused the batch (check its URL, token and index); batch kept in spool");
+                if !pause(&mut stop, backoff.max_delay()).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SpooledSink {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+impl Sink for SpooledSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write<'a>(&'a self, entries: &'a [Entry]) -> SinkFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let spool = self.spool.clone();
+            let entries = entries.to_vec();
+            tokio::task::spawn_blocking(move || spool.push(&entries))
+                .await
+                .map_err(|e| Error::Sink {
+                    sink: self.name.clone(),
+                    message: format!("spool task failed: {e}"),
+                })??;
+            self.wake.notify_one();
+            Ok(())
+        })
+    }
+
+    fn close(&self, deadline: Instant) -> SinkFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let _ = self.stop.send(Some(deadline));
+            let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut task) = task {
+                let grace = tokio::time::Instant::from_std(deadline) + Duration::from_secs(1);
+                if tokio::time::timeout_at(grace, &mut task).await.is_err() {
+                    task.abort();
+                }
+            }
+            let left = self.spool.batches();
+            if left > 0 {
+                tracing::warn!(sink = %self.name, batches = left, "audit batches left in spool for the next start");
+            }
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> SinkStats {
+        SinkStats {
+            delivered_batches: self.counters.delivered_batches.load(Ordering::Relaxed),
+            delivered_entries: self.counters.delivered_entries.load(Ordering::Relaxed),
+            transient_errors: self.counters.transient_errors.load(Ordering::Relaxed),
+            permanent_errors: self.counters.permanent_errors.load(Ordering::Relaxed),
+            spool_bytes: self.spool.used_bytes(),
+            spool_batches: self.spool.batches(),
+        }
+    }
+}

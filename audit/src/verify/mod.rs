@@ -1,0 +1,449 @@
+//! Chain and checkpoint verification.
+//!
+//! A [`Verifier`] is fed checkpoints first ([`Verifier::add_checkpoint`]), then records in
+//! stream order ([`Verifier::push_record`]); [`Verifier::finish`] gives a report or the
+//! first problem by position (source order, then line). Records of several chains may be
+//! interleaved; each `chain_id` is checked on its own.
+//!
+//! Per record, in this order: the stored `hash` must equal the recomputed one (else
+//! [`Problem::AlteredRecord`]); the first record of a chain must be seq 0 with the genesis
+//! `prev_hash` (unless [`VerifyOptions::allow_pruned_start`]); each next record must have
+//! the next seq ([`Problem::MissingRecords`] for a gap, [`Problem::Reordered`] when a seq
+//! comes after a higher one) and `prev_hash` equal to the previous hash
+//! ([`Problem::BrokenLink`]). Each checkpoint must verify ([`Problem::BadCheckpointSignature`]),
+//! be signed by a trusted key when keys are pinned, match the record it names
+//! ([`Problem::CheckpointMismatch`]) and name a record that is present
+//! ([`Problem::Truncated`]).
+
+mod problem;
+
+pub use problem::{Location, Problem};
+
+use crate::canonical::{GENESIS_HASH, record_hash_of_value};
+use crate::checkpoint::{CheckpointFault, verify_checkpoint_value};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// What the verifier accepts.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Public keys (uncompressed SEC1 points) allowed to sign checkpoints. Empty: any key
+    /// whose signature verifies (the checkpoint is then only self-consistent).
+    pub trusted_keys: Vec<Vec<u8>>,
+    /// Accept chains whose first present record is not seq 0 (older segments removed by
+    /// retention). The first present record's `prev_hash` is then taken on trust.
+    pub allow_pruned_start: bool,
+}
+
+/// Counts for one verified chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// First seq present.
+    pub first_seq: Option<u64>,
+    /// Last seq present.
+    pub last_seq: Option<u64>,
+    /// Records checked.
+    pub records: u64,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+}
+
+/// A clean verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Per chain id.
+    pub chains: BTreeMap<String, ChainSummary>,
+    /// Records checked, all chains.
+    pub records: u64,
+    /// Checkpoints checked, all chains.
+    pub checkpoints: u64,
+}
+
+struct Gap {
+    expected: u64,
+    found: u64,
+    location: Location,
+}
+
+struct ChainState {
+    next_seq: u64,
+    last_hash: String,
+    started: bool,
+    broken: bool,
+    gap: Option<Gap>,
+    summary: ChainSummary,
+}
+
+impl ChainState {
+    fn new() -> Self {
+        ChainState {
+            next_seq: 0,
+            last_hash: GENESIS_HASH.to_string(),
+            started: false,
+            broken: false,
+            gap: None,
+            summary: ChainSummary::default(),
+        }
+    }
+}
+
+struct PendingCheckpoint {
+    hash: String,
+    location: Location,
+}
+
+/// Streaming verifier; see the module docs for the order of calls.
+pub struct Verifier {
+    options: VerifyOptions,
+    chains: HashMap<String, ChainState>,
+    checkpoints: HashMap<String, BTreeMap<u64, Vec<PendingCheckpoint>>>,
+    first_problem: Option<Problem>,
+    records: u64,
+    checkpoint_count: u64,
+}
+
+impl Verifier {
+    /// A verifier with the given options.
+    pub fn new(options: VerifyOptions) -> Self {
+        Verifier {
+            options,
+            chains: HashMap::new(),
+            checkpoints: HashMap::new(),
+            first_problem: None,
+            records: 0,
+            checkpoint_count: 0,
+        }
+    }
+
+    /// Records checked so far.
+    pub fn records_seen(&self) -> u64 {
+        self.records
+    }
+
+    /// Notes a problem found outside the verifier (unreadable data); the earliest by
+    /// position is reported.
+    pub fn report(&mut self, problem: Problem) {
+        let earlier = match &self.first_problem {
+            None => true,
+            Some(current) => problem.location().key() < current.location().key(),
+        };
+        if earlier {
+            self.first_problem = Some(problem);
+        }
+    }
+
+    /// Checks a checkpoint's signature and remembers it for the records to come.
+    pub fn add_checkpoint(&mut self, value: Value, location: Location) {
+        let chain_id = value
+            .get("chain_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let seq = value.get("seq").and_then(Value::as_u64).unwrap_or_default();
+        let checkpoint = match verify_checkpoint_value(value) {
+            Ok(c) => c,
+            Err(CheckpointFault::Malformed(message)) => {
+                return self.report(Problem::Malformed { location, message });
+            }
+            Err(fault) => {
+                return self.report(Problem::BadCheckpointSignature {
+                    chain_id,
+                    seq,
+                    location,
+                    detail: fault.to_string(),
+                });
+            }
+        };
+        if !self.options.trusted_keys.is_empty() {
+            let key = B64
+                .decode(&checkpoint.signer.public_key)
+                .unwrap_or_default();
+            if !self.options.trusted_keys.contains(&key) {
+                self.report(Problem::UntrustedSigner {
+                    chain_id: checkpoint.chain_id.clone(),
+                    seq: checkpoint.seq,
+                    location: location.clone(),
+                });
+            }
+        }
+        self.checkpoint_count += 1;
+        self.chains
+            .entry(checkpoint.chain_id.clone())
+            .or_insert_with(ChainState::new)
+            .summary
+            .checkpoints += 1;
+        self.checkpoints
+            .entry(checkpoint.chain_id)
+            .or_default()
+            .entry(checkpoint.seq)
+            .or_default()
+            .push(PendingCheckpoint {
+                hash: checkpoint.hash,
+                location,
+            });
+    }
+
+    /// Checks one record (a stored JSON object) against its chain so far.
+    pub fn push_record(&mut self, value: Value, location: Location) {
+        self.records += 1;
+        let fields = (
+            value
+                .get("chain_id")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            value.get("seq").and_then(Value::as_u64),
+            value
+                .get("prev_hash")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            value
+                .get("hash")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        );
+        let (Some(chain_id), Some(seq), Some(prev_hash), Some(stored)) = fields else {
+            return self.report(Problem::Malformed {
+                location,
+                message: "record lacks chain_id, seq, prev_hash or hash".into(),
+            });
+        };
+        let computed = match record_hash_of_value(value) {
+            Ok(h) => h,
+            Err(e) => {
+                return self.report(Problem::Malformed {
+                    location,
+                    message: e.to_string(),
+                });
+            }
+        };
+        let problem = self.link(&chain_id, seq, &prev_hash, &stored, &computed, &location);
+        if let Some(problem) = problem {
+            if let Some(state) = self.chains.get_mut(&chain_id) {
+                state.broken = true;
+            }
+            self.report(problem);
+        }
+        if let Some(problem) = self.match_checkpoints(&chain_id, seq, &stored, &location) {
+            self.report(problem);
+        }
+    }
+
+    fn link(
+        &mut self,
+        chain_id: &str,
+        seq: u64,
+        prev_hash: &str,
+        stored: &str,
+        computed: &str,
+        location: &Location,
+    ) -> Option<Problem> {
+        let allow_pruned_start = self.options.allow_pruned_start;
+        let state = self
+            .chains
+            .entry(chain_id.to_string())
+            .or_insert_with(ChainState::new);
+        let summary = &mut state.summary;
+        summary.records += 1;
+        summary.first_seq.get_or_insert(seq);
+        summary.last_seq = Some(summary.last_seq.map_or(seq, |s| s.max(seq)));
+        if state.broken {
+            return None;
+        }
+        if stored != computed {
+            return Some(Problem::AlteredRecord {
+                chain_id: chain_id.to_string(),
+                seq,
+                location: location.clone(),
+                stored: stored.to_string(),
+                computed: computed.to_string(),
+            });
+        }
+        let problem = if !state.started {
+            state.started = true;
+            if seq == 0 && prev_hash != GENESIS_HASH {
+                Some(broken_link(
+                    chain_id,
+                    seq,
+                    location,
+                    GENESIS_HASH,
+                    prev_hash,
+                ))
+            } else if seq != 0 && !allow_pruned_start {
+                Some(Problem::MissingRecords {
+                    chain_id: chain_id.to_string(),
+                    expected_seq: 0,
+                    found_seq: seq,
+                    location: location.clone(),
+                })
+            } else {
+                None
+            }
+        } else if seq == state.next_seq {
+            (prev_hash != state.last_hash)
+                .then(|| broken_link(chain_id, seq, location, &state.last_hash, prev_hash))
+        } else if seq > state.next_seq {
+            // Maybe missing, maybe the first of a swap: decided when the rest is seen.
+            if state.gap.is_none() {
+                state.gap = Some(Gap {
+                    expected: state.next_seq,
+                    found: seq,
+                    location: location.clone(),
+                });
+            }
+            None
+        } else {
+            Some(match state.gap.take() {
+                Some(gap) if seq >= gap.expected && seq < gap.found => Problem::Reordered {
+                    chain_id: chain_id.to_string(),
+                    seq: gap.found,
+                    expected_seq: gap.expected,
+                    location: gap.location,
+                },
+                _ => Problem::Reordered {
+                    chain_id: chain_id.to_string(),
+                    seq,
+                    expected_seq: state.next_seq,
+                    location: location.clone(),
+                },
+            })
+        };
+        state.next_seq = seq.saturating_add(1);
+        state.last_hash = stored.to_string();
+        problem
+    }
+
+    fn match_checkpoints(
+        &self,
+        chain_id: &str,
+        seq: u64,
+        hash: &str,
+        location: &Location,
+    ) -> Option<Problem> {
+        let pending = self.checkpoints.get(chain_id)?.get(&seq)?;
+        pending
+            .iter()
+            .find(|cp| cp.hash != hash)
+            .map(|cp| Problem::CheckpointMismatch {
+                chain_id: chain_id.to_string(),
+                seq,
+                location: location.clone(),
+                checkpoint_hash: cp.hash.clone(),
+                record_hash: hash.to_string(),
+            })
+    }
+
+    /// Ends verification: gaps never filled become [`Problem::MissingRecords`],
+    /// checkpoints past the last record become [`Problem::Truncated`]; the earliest
+    /// problem by position is returned.
+    pub fn finish(mut self) -> Result<VerifyReport, Problem> {
+        let mut late = Vec::new();
+        for (chain_id, state) in &self.chains {
+            if let Some(gap) = &state.gap {
+                late.push(Problem::MissingRecords {
+                    chain_id: chain_id.clone(),
+                    expected_seq: gap.expected,
+                    found_seq: gap.found,
+                    location: gap.location.clone(),
+                });
+            }
+        }
+        for (chain_id, by_seq) in &self.checkpoints {
+            let last_seq = self.chains.get(chain_id).and_then(|s| s.summary.last_seq);
+            for (seq, pending) in by_seq {
+                if last_seq.is_none_or(|last| *seq > last) {
+                    for cp in pending {
+                        late.push(Problem::Truncated {
+                            chain_id: chain_id.clone(),
+                            checkpoint_seq: *seq,
+                            last_seq,
+                            location: cp.location.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for problem in late {
+            self.report(problem);
+        }
+        if let Some(problem) = self.first_problem {
+            return Err(problem);
+        }
+        Ok(VerifyReport {
+            chains: self
+                .chains
+                .into_iter()
+                .map(|(id, state)| (id, state.summary))
+                .collect(),
+            records: self.records,
+            checkpoints: self.checkpoint_count,
+        })
+    }
+}
+
+fn broken_link(
+    chain_id: &str,
+    seq: u64,
+    location: &Location,
+    expected: &str,
+    found: &str,
+) -> Problem {
+    Problem::BrokenLink {
+        chain_id: chain_id.to_string(),
+        seq,
+        location: location.clone(),
+        expected: expected.to_string(),
+        found: found.to_string(),
+    }
+}
+
+/// Verifies JSON-lines text from one source (checkpoints may be anywhere in it).
+/// Blank lines are skipped; line numbers are 1-based.
+pub fn verify_jsonl(
+    text: &str,
+    source: &str,
+    options: VerifyOptions,
+) -> Result<VerifyReport, Problem> {
+    let source: Arc<str> = Arc::from(source);
+    let mut verifier = Verifier::new(options);
+    let mut records = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let location = Location::new(source.clone(), 0, index as u64 + 1);
+        match serde_json::from_str::<Value>(line) {
+            Ok(value) if crate::Entry::is_checkpoint_value(&value) => {
+                verifier.add_checkpoint(value, location)
+            }
+            Ok(value) => records.push((value, location)),
+            Err(e) => verifier.report(Problem::Malformed {
+                location,
+                message: e.to_string(),
+            }),
+        }
+    }
+    for (value, location) in records {
+        verifier.push_record(value, location);
+    }
+    verifier.finish()
+}
+
+/// Verifies entries held in memory (e.g. a sink's copy); line numbers are 1-based
+/// positions in `entries`.
+pub fn verify_entries(
+    entries: &[crate::Entry],
+    options: VerifyOptions,
+) -> Result<VerifyReport, Problem> {
+    let mut text = String::new();
+    for entry in entries {
+        match entry.to_json_line() {
+            Ok(line) => text.push_str(&line),
+            Err(e) => text.push_str(&format!("{{\"unserialisable\":{:?}}}", e.to_string())),
+        }
+        text.push('\n');
+    }
+    verify_jsonl(&text, "<memory>", options)
+}

@@ -1,0 +1,204 @@
+//! Where an entry was read and what can be wrong with an audit trail.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Where an entry was read: source (file) name, its index in reading order, line (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// File name or other label of the source.
+    pub source: Arc<str>,
+    /// Position of the source in reading order (orders problems across files).
+    pub source_index: usize,
+    /// 1-based line within the source (decrypted text for encrypted segments).
+    pub line: u64,
+}
+
+impl Location {
+    /// A location.
+    pub fn new(source: Arc<str>, source_index: usize, line: u64) -> Self {
+        Location {
+            source,
+            source_index,
+            line,
+        }
+    }
+
+    pub(crate) fn key(&self) -> (usize, u64) {
+        (self.source_index, self.line)
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.source, self.line)
+    }
+}
+
+/// The first thing wrong with an audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// A line is not a valid record or checkpoint.
+    #[error("{location}: malformed entry: {message}")]
+    Malformed {
+        /// Where.
+        location: Location,
+        /// Why.
+        message: String,
+    },
+    /// Part of a source could not be read (encrypted segment truncated or corrupted).
+    #[error("{location}: unreadable: {message}")]
+    Unreadable {
+        /// Where reading stopped (the last readable line).
+        location: Location,
+        /// Why.
+        message: String,
+    },
+    /// The record's content does not match its hash: it was altered.
+    #[error(
+        "{location}: record seq {seq} of chain {chain_id} was altered (stored hash {stored}, content hashes to {computed})"
+    )]
+    AlteredRecord {
+        /// Chain.
+        chain_id: String,
+        /// The altered record.
+        seq: u64,
+        /// Where.
+        location: Location,
+        /// Hash stored in the record.
+        stored: String,
+        /// Hash of its content.
+        computed: String,
+    },
+    /// The record's `prev_hash` is not the previous record's hash.
+    #[error(
+        "{location}: broken link at seq {seq} of chain {chain_id}: prev_hash {found} but the previous record hashes to {expected}"
+    )]
+    BrokenLink {
+        /// Chain.
+        chain_id: String,
+        /// The record whose link is wrong.
+        seq: u64,
+        /// Where.
+        location: Location,
+        /// What prev_hash should be.
+        expected: String,
+        /// What it is.
+        found: String,
+    },
+    /// Records are missing: seq jumped forward.
+    #[error(
+        "{location}: records missing from chain {chain_id}: expected seq {expected_seq}, found {found_seq}"
+    )]
+    MissingRecords {
+        /// Chain.
+        chain_id: String,
+        /// First missing seq.
+        expected_seq: u64,
+        /// The seq found instead.
+        found_seq: u64,
+        /// Where the gap shows.
+        location: Location,
+    },
+    /// Records are out of order.
+    #[error(
+        "{location}: chain {chain_id} out of order: seq {seq} where seq {expected_seq} belongs"
+    )]
+    Reordered {
+        /// Chain.
+        chain_id: String,
+        /// The record found out of place.
+        seq: u64,
+        /// The seq that belongs at this position.
+        expected_seq: u64,
+        /// Where.
+        location: Location,
+    },
+    /// A checkpoint's signature (or certificate) does not verify.
+    #[error(
+        "{location}: checkpoint for seq {seq} of chain {chain_id} has a bad signature: {detail}"
+    )]
+    BadCheckpointSignature {
+        /// Chain.
+        chain_id: String,
+        /// The seq the checkpoint names.
+        seq: u64,
+        /// Where.
+        location: Location,
+        /// What failed.
+        detail: String,
+    },
+    /// A checkpoint verifies but was signed by a key the verifier does not trust.
+    #[error(
+        "{location}: checkpoint for seq {seq} of chain {chain_id} is signed by an untrusted key"
+    )]
+    UntrustedSigner {
+        /// Chain.
+        chain_id: String,
+        /// The seq the checkpoint names.
+        seq: u64,
+        /// Where.
+        location: Location,
+    },
+    /// A checkpoint names a record whose hash differs.
+    #[error(
+        "{location}: checkpoint for seq {seq} of chain {chain_id} says hash {checkpoint_hash}, the record hashes to {record_hash}"
+    )]
+    CheckpointMismatch {
+        /// Chain.
+        chain_id: String,
+        /// The seq.
+        seq: u64,
+        /// Where the record is.
+        location: Location,
+        /// Hash in the checkpoint.
+        checkpoint_hash: String,
+        /// Hash of the record.
+        record_hash: String,
+    },
+    /// A checkpoint names a record that is not present: the chain was cut.
+    #[error("{location}: chain {chain_id} truncated: checkpoint for seq {checkpoint_seq} but the last record present is {}", last_seq.map_or_else(|| "none".to_string(), |s| format!("seq {s}")))]
+    Truncated {
+        /// Chain.
+        chain_id: String,
+        /// The seq the checkpoint names.
+        checkpoint_seq: u64,
+        /// The last record present, if any.
+        last_seq: Option<u64>,
+        /// Where the checkpoint is.
+        location: Location,
+    },
+}
+
+impl Problem {
+    /// Where the problem is.
+    pub fn location(&self) -> &Location {
+        match self {
+            Problem::Malformed { location, .. }
+            | Problem::Unreadable { location, .. }
+            | Problem::AlteredRecord { location, .. }
+            | Problem::BrokenLink { location, .. }
+            | Problem::MissingRecords { location, .. }
+            | Problem::Reordered { location, .. }
+            | Problem::BadCheckpointSignature { location, .. }
+            | Problem::UntrustedSigner { location, .. }
+            | Problem::CheckpointMismatch { location, .. }
+            | Problem::Truncated { location, .. } => location,
+        }
+    }
+
+    /// The seq the problem is about, when it is about one.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Problem::Malformed { .. } | Problem::Unreadable { .. } => None,
+            Problem::AlteredRecord { seq, .. }
+            | Problem::BrokenLink { seq, .. }
+            | Problem::Reordered { seq, .. }
+            | Problem::BadCheckpointSignature { seq, .. }
+            | Problem::UntrustedSigner { seq, .. }
+            | Problem::CheckpointMismatch { seq, .. } => Some(*seq),
+            Problem::MissingRecords { expected_seq, .. } => Some(*expected_seq),
+            Problem::Truncated { checkpoint_seq, .. } => Some(*checkpoint_seq),
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The writer pipeline the proxy (and the operator) submit records to.
+//!
+//! `try_submit` puts a record on a bounded channel without waiting. One task takes
+//! records off in batches, links them into the [`Chain`] (so `seq` is the channel order,
+//! whatever the timestamps say), adds a signed [`crate::Checkpoint`] every N records and
+//! every T seconds, and hands each batch to every sink, retrying a failing sink with
+//! backoff until it takes the batch. While a sink cannot take batches (network sinks:
+//! when their spool is full) the channel fills up; then, per [`FailureMode`],
+//! `try_submit` either refuses (the proxy answers 503) or drops the record and counts it.
+//! Records are dropped only before they are chained, so a chain never has gaps.
+
+use crate::chain::Chain;
+use crate::checkpoint::{CheckpointPolicy, CheckpointSigner};
+use crate::clock::{Clock, SystemClock};
+use crate::entry::Entry;
+use crate::record::AuditRecord;
+use crate::retry::{Backoff, RetryPolicy};
+use crate::sink::{Sink, SinkStats};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// What to do with a request whose audit record cannot be accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refuse the request (Confidential and Restricted tenants).
+    FailClosed,
+    /// Let the request through, drop the record, count and log it.
+    FailOpen,
+}
+
+/// Writer settings.
+pub struct WriterConfig {
+    /// Chain id for every record of this writer ([`Chain::new_id`]).
+    pub chain_id: String,
+    /// Records that may wait in memory.
+    pub channel_capacity: usize,
+    /// Most records per batch.
+    pub batch_max: usize,
+    /// How long to wait for more records before writing a partial batch.
+    pub batch_linger: Duration,
+    /// When to make checkpoints.
+    pub checkpoint: CheckpointPolicy,
+    /// Refuse or drop when full.
+    pub failure_mode: FailureMode,
+    /// Backoff when a sink fails to take a batch.
+    pub sink_retry: RetryPolicy,
+    /// Time source for checkpoint timestamps.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl WriterConfig {
+    /// Defaults: 10 000 records of queue, batches of up to 256 records, 20 ms linger,
+    /// a checkpoint every 1000 records or 60 s, fail-closed.
+    pub fn new(chain_id: impl Into<String>) -> Self {
+        WriterConfig {
+            chain_id: chain_id.into(),
+            channel_capacity: 10_000,
+            batch_max: 256,
+            batch_linger: Duration::from_millis(20),
+            checkpoint: CheckpointPolicy::default(),
+            failure_mode: FailureMode::FailClosed,
+            sink_retry: RetryPolicy::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// How `try_submit` handled a record it did not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Queued for writing.
+    Queued,
+    /// Dropped (fail-open) and counted in [`WriterStats::dropped`].
+    Dropped,
+}
+
+/// Why a record was refused (fail-closed). The proxy answers 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full because sinks are not keeping up or failing.
+    #[error("audit trail cannot accept records (queue full, sinks failing or spool full)")]
+    Unavailable,
+    /// The writer has shut down.
+    #[error("audit writer is shut down")]
+    Closed,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    dropped: AtomicU64,
+    refused: AtomicU64,
+    records_written: AtomicU64,
+    checkpoints_written: AtomicU64,
+    sink_write_errors: AtomicU64,
+    lost_at_shutdown: AtomicU64,
+    sinks_blocked: AtomicBool,
+}
+
+/// Counters for the proxy's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Records offered.
+    pub submitted: u64,
+    /// Records dropped (fail-open).
+    pub dropped: u64,
+    /// Records refused (fail-closed).
+    pub refused: u64,
+    /// Records every sink has taken.
+    pub records_written: u64,
+    /// Checkpoints made.
+    pub checkpoints_written: u64,
+    /// Failed sink writes (each retried).
+    pub sink_write_errors: u64,
+    /// Chained records given up at shutdown because a sink would not take them.
+    pub lost_at_shutdown: u64,
+    /// True while some sink is refusing batches.
+    pub sinks_blocked: bool,
+    /// Records waiting in the queue.
+    pub queued: usize,
+    /// Per sink: name and its own counters.
+    pub sinks: Vec<(String, SinkStats)>,
+}
+
+struct Shared {
+    counters: Counters,
+    signer: Mutex<CheckpointSigner>,
+    sinks: Vec<Arc<dyn Sink>>,
+}
+
+/// The running pipeline. Share it behind an `Arc`; call [`AuditWriter::shutdown`] once.
+pub struct AuditWriter {
+    tx: mpsc::Sender<AuditRecord>,
+    shared: Arc<Shared>,
+    failure_mode: FailureMode,
+    stop: watch::Sender<Option<Instant>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AuditWriter {
+    /// Starts the writer task. Must be called inside a tokio runtime.
+    pub fn start(
+        config: WriterConfig,
+        signer: CheckpointSigner,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> AuditWriter {
+        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+        let (stop, stop_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            signer: Mutex::new(signer),
+            sinks,
+        });
+        let failure_mode = config.failure_mode;
+        let task = tokio::spawn(run(config, rx, stop_rx, shared.clone()));
+        AuditWriter {
+            tx,
+            shared,
+            failure_mode,
+            stop,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Offers a record without waiting. `Err` only in fail-closed mode: refuse the request.
+    pub fn try_submit(&self, record: AuditRecord) -> Result<Accepted, SubmitError> {
+        let c = &self.shared.counters;
+        c.submitted.fetch_add(1, Ordering::Relaxed);
+        let closed = match self.tx.try_send(record) {
+            Ok(()) => return Ok(Accepted::Queued),
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+        };
+        match self.failure_mode {
+            FailureMode::FailClosed => {
+                let n = c.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() || n.is_multiple_of(1000) {
+                    tracing::error!(
+                        refused_total = n,
+                        "AUDIT UNAVAILABLE: refusing requests (fail-closed)"
+                    );
+                }
+                Err(if closed {
+                    SubmitError::Closed
+                } else {
+                    SubmitError::Unavailable
+                })
+            }
+            FailureMode::FailOpen => {
+                let n = c.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() || n.is_multiple_of(1000) {
+                    tracing::error!(
+                        dropped_total = n,
+                        "AUDIT RECORDS DROPPED: sinks cannot keep up (fail-open)"
+                    );
+                }
+                Ok(Accepted::Dropped)
+            }
+        }
+    }
+
+    /// Offers a record, waiting for room (for callers that may wait, e.g. admin actions).
+    pub async fn submit(&self, record: AuditRecord) -> Result<(), SubmitError> {
+        self.shared
+            .counters
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
+        self.tx.send(record).await.map_err(|_| SubmitError::Closed)
+    }
+
+    /// Uses `signer` for the next checkpoints (after a workload certificate rotation).
+    pub fn replace_signer(&self, signer: CheckpointSigner) {
+        *self.shared.signer.lock().unwrap_or_else(|p| p.into_inner()) = signer;
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            submitted: c.submitted.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            records_written: c.records_written.load(Ordering::Relaxed),
+            checkpoints_written: c.checkpoints_written.load(Ordering::Relaxed),
+            sink_write_errors: c.sink_write_errors.load(Ordering::Relaxed),
+            lost_at_shutdown: c.lost_at_shutdown.load(Ordering::Relaxed),
+            sinks_blocked: c.sinks_blocked.load(Ordering::Relaxed),
+            queued: self.tx.max_capacity() - self.tx.capacity(),
+            sinks: self
+                .shared
+                .sinks
+                .iter()
+                .map(|s| (s.name().to_string(), s.stats()))
+                .collect(),
+        }
+    }
+
+    /// Stops taking records, writes what is queued plus a final checkpoint, and closes the
+    /// sinks, giving them up to `drain` (network sinks keep undelivered batches spooled).
+    pub async fn shutdown(&self, drain: Duration) {
+        let deadline = Instant::now() + drain;
+        let _ = self.stop.send(Some(deadline));
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut task) = task {
+            let grace = tokio::time::Instant::from_std(deadline) + Duration::from_secs(2);
+            if tokio::time::timeout_at(grace, &mut task).await.is_err() {
+                tracing::error!("audit writer did not finish in time; queued records lost");
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+struct Pipeline {
+    config: WriterConfig,
+    shared: Arc<Shared>,
+    chain: Chain,
+    since_checkpoint: u64,
+    stop: watch::Receiver<Option<Instant>>,
+}
+
+async fn run(
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<AuditRecord>,
+    stop: watch::Receiver<Option<Instant>>,
+    shared: Arc<Shared>,
+) {
+    let mut ticker = tokio::time::interval(config.checkpoint.every.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut pipeline = Pipeline {
+        chain: Chain::new(config.chain_id.clone()),
+        config,
+        shared,
+        since_checkpoint: 0,
+        stop,
+    };
+    let mut stopping = false;
+    loop {
+        let first = tokio::select! {
+            record = rx.recv() => match record {
+                Some(record) => record,
+                None => break,
+            },
+            _ = ticker.tick() => {
+                pipeline.checkpoint_if_pending().await;
+                continue;
+            }
+            _ = pipeline.stop.changed(), if !stopping => {
+                stopping = true;
+                rx.close();
+                continue;
+            }
+        };
+        let mut records = vec![first];
+        let linger_until = tokio::time::Instant::now() + pipeline.config.batch_linger;
+        while records.len() < pipeline.config.batch_max {
+            match rx.try_recv() {
+                Ok(record) => records.push(record),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if stopping {
+                        break;
+                    }
+                    match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                        Ok(Some(record)) => records.push(record),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        pipeline.write_records(records).await;
+    }
+    pipeline.checkpoint_if_pending().await;
+    let deadline = pipeline.deadline().unwrap_or_else(Instant::now);
+    for sink in &pipeline.shared.sinks {
+        if let Err(e) = sink.close(deadline).await {
+            tracing::error!(sink = sink.name(), error = %e, "closing audit sink failed");
+        }
+    }
+}
+
+impl Pipeline {
+    fn deadline(&self) -> Option<Instant> {
+        *self.stop.borrow()
+    }
+
+    async fn write_records(&mut self, records: Vec<AuditRecord>) {
+        let every = self.config.checkpoint.every_records.max(1);
+        let mut entries = Vec::with_capacity(records.len() + 1);
+        let mut linked = 0u64;
+        for record in records {
+            match self.chain.append(record) {
+                Ok(record) => {
+                    entries.push(Entry::Record(record));
+                    linked += 1;
+                    self.since_checkpoint += 1;
+                    if self.since_checkpoint >= every
+                        && let Some(checkpoint) = self.make_checkpoint()
+                    {
+                        entries.push(checkpoint);
+                    }
+                }
+                Err(e) => {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "audit record could not be serialised; dropped");
+                }
+            }
+        }
+        if self.deliver(&entries).await {
+            self.shared
+                .counters
+                .records_written
+                .fetch_add(linked, Ordering::Relaxed);
+        }
+    }
+
+    fn make_checkpoint(&mut self) -> Option<Entry> {
+        let (seq, hash) = self.chain.head()?;
+        let now = self.config.clock.now();
+        let signed = self
+            .shared
+            .signer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sign(self.chain.id(), seq, hash, now);
+        match signed {
+            Ok(checkpoint) => {
+                self.since_checkpoint = 0;
+                self.shared
+                    .counters
+                    .checkpoints_written
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(Entry::Checkpoint(checkpoint))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit checkpoint signing failed");
+                None
+            }
+        }
+    }
+
+    async fn checkpoint_if_pending(&mut self) {
+        if self.since_checkpoint > 0
+            && let Some(checkpoint) = self.make_checkpoint()
+        {
+            self.deliver(&[checkpoint]).await;
+        }
+    }
+
+    /// Hands `entries` to every sink, retrying each until it takes them; gives up only
+    /// past the shutdown deadline. True when every sink took them.
+    async fn deliver(&mut self, entries: &[Entry]) -> bool {
+        let counters = &self.shared.counters;
+        let mut all = true;
+        for sink in &self.shared.sinks {
+            let mut backoff = Backoff::new(self.config.sink_retry);
+            let mut failures = 0u64;
+            loop {
+                match sink.write(entries).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures += 1;
+                        counters.sink_write_errors.fetch_add(1, Ordering::Relaxed);
+                        counters.sinks_blocked.store(true, Ordering::Relaxed);
+                        if failures.is_power_of_two() {
+                            tracing::error!(sink = sink.name(), error = %e, attempts = failures, "audit sink cannot take records; retrying");
+                        }
+                        if self.deadline().is_some_and(|d| Instant::now() >= d) {
+                            counters
+                                .lost_at_shutdown
+                                .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                            tracing::error!(
+                                sink = sink.name(),
+                                entries = entries.len(),
+                                "audit entries not written before shutdown deadline"
+                            );
+                            all = false;
+                            break;
+                        }
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+        if all {
+            counters.sinks_blocked.store(false, Ordering::Relaxed);
+        }
+        all
+    }
+}
