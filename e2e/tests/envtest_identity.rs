@@ -1,0 +1,299 @@
+//! The identity service against a real API server: real ServiceAccounts, real Pod
+//! objects, real projected tokens from the TokenRequest API (bound to the Pod through
+//! `boundObjectRef`), reviewed by the real TokenReview API through `KubeAuthenticator`.
+//!
+//! Skips (prints why, passes) when `KUBEBUILDER_ASSETS` is not set.
+//!
+//! Not covered here, by necessity:
+//! - an *expired* token: the API server's minimum `expirationSeconds` is 600, so a test
+//!   would have to wait ten minutes; expiry is the API server's check (TokenReview says
+//!   "not authenticated"), which the unauthenticated-token case exercises.
+//! - a token whose ServiceAccount differs from the Pod's: the API server refuses to mint
+//!   one (asserted below), so `ServiceAccountMismatch` is defence in depth, covered by
+//!   the scripted unit tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use portcullis_e2e::envtest;
+use portcullis_operator::ca::{
+    CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService, KubeAuthenticator,
+};
+use portcullis_sidecar::identity::{
+    Credentials, IDENTITY_AUDIENCE, IssueRequest, RefusalReason, SystemClock, TrustDomain,
+    WorkloadId, WorkloadKey,
+};
+
+fn trust_domain() -> TrustDomain {
+    TrustDomain::new("cluster.test").unwrap()
+}
+
+fn service(client: Client) -> IdentityService {
+    let settings = CaSettings::new(trust_domain());
+    let ca = CertificateAuthority::new(
+        settings.clone(),
+        CaState::generate(&settings, Timestamp::now()).unwrap(),
+        Arc::new(SystemClock),
+    );
+    IdentityService::new(
+        Arc::new(ca),
+        Arc::new(KubeAuthenticator::new(client)),
+        IdentityMetrics::default(),
+    )
+}
+
+/// A namespace (labelled with `tenant` when given), ServiceAccount `api` and Pod `api-0`.
+async fn workload_namespace(
+    env: &envtest::EnvTest,
+    prefix: &str,
+    tenant: Option<&str>,
+) -> Result<(Client, String)> {
+    let client = env.client()?;
+    let ns = env.create_namespace(prefix).await?;
+    if let Some(tenant) = tenant {
+        let patch = serde_json::json!({"metadata": {"labels": {"portcullis.dev/tenant": tenant}}});
+        Api::<Namespace>::all(client.clone())
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    for sa in ["api", "other"] {
+        let account = ServiceAccount {
+            metadata: named(sa),
+            ..ServiceAccount::default()
+        };
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &account)
+            .await?;
+    }
+    create_pod(&client, &ns, "api-0", "api").await?;
+    Ok((client, ns))
+}
+
+fn named(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+async fn create_pod(client: &Client, ns: &str, name: &str, service_account: &str) -> Result<Pod> {
+    let pod = Pod {
+        metadata: named(name),
+        spec: Some(PodSpec {
+            service_account_name: Some(service_account.into()),
+            // No token Secret needed: envtest runs no token controller for old-style secrets.
+            automount_service_account_token: Some(false),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("app:latest".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
+}
+
+async fn pod_uid(client: &Client, ns: &str, name: &str) -> Result<String> {
+    let pod = Api::<Pod>::namespaced(client.clone(), ns).get(name).await?;
+    pod.metadata.uid.context("pod without uid")
+}
+
+/// A projected token for `sa` with `audience`, bound to `pod` when given.
+async fn token(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    audience: &str,
+    pod: Option<&str>,
+) -> Result<String> {
+    let bound_object_ref = match pod {
+        Some(name) => Some(BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            uid: Some(pod_uid(client, ns, name).await?),
+        }),
+        None => None,
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            expiration_seconds: Some(600),
+            bound_object_ref,
+        },
+        ..TokenRequest::default()
+    };
+    let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?;
+    Ok(response
+        .status
+        .context("TokenRequest without status")?
+        .token)
+}
+
+fn csr_for(ns: &str, sa: &str) -> (WorkloadKey, WorkloadId, String) {
+    let key = WorkloadKey::generate().unwrap();
+    let id = WorkloadId::new(trust_domain(), ns, sa).unwrap();
+    let csr = key.csr_pem(&id).unwrap();
+    (key, id, csr)
+}
+
+async fn refusal(service: &IdentityService, csr: String, token: String) -> RefusalReason {
+    let refusal = service
+        .handle(&IssueRequest { csr, token })
+        .await
+        .expect_err("must be refused");
+    eprintln!("refused: {refusal}");
+    refusal.reason
+}
+
+#[tokio::test]
+async fn a_bound_token_of_a_real_pod_gets_a_certificate() -> Result<()> {
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let (client, ns) = workload_namespace(env, "identity-ok", Some("acme")).await?;
+    let service = service(client.clone());
+    let token = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+    let (key, id, csr) = csr_for(&ns, "api");
+    let issued = service.handle(&IssueRequest { csr, token }).await?;
+    let credentials = Credentials::from_issued(&key, &id, &issued, Timestamp::now())?;
+    assert_eq!(credentials.workload(), &id);
+    assert_eq!(credentials.tenant().map(|t| t.tenant()), Some("acme"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_for_another_audience_unbound_or_forged_are_refused() -> Result<()> {
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let (client, ns) = workload_namespace(env, "identity-tokens", Some("acme")).await?;
+    let service = service(client.clone());
+
+    let other_audience = token(
+        &client,
+        &ns,
+        "api",
+        "https://kubernetes.default.svc",
+        Some("api-0"),
+    )
+    .await?;
+    assert_eq!(
+        refusal(&service, csr_for(&ns, "api").2, other_audience).await,
+        RefusalReason::WrongAudience
+    );
+
+    let unbound = token(&client, &ns, "api", IDENTITY_AUDIENCE, None).await?;
+    assert_eq!(
+        refusal(&service, csr_for(&ns, "api").2, unbound).await,
+        RefusalReason::TokenNotBoundToPod
+    );
+
+    let good = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+    // Change one signature character well away from the end: the last base64url
+    // character of a signature carries padding bits a lenient decoder ignores.
+    let mut forged = good.clone().into_bytes();
+    let at = forged.len() - 20;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged)?;
+    assert_eq!(
+        refusal(&service, csr_for(&ns, "api").2, forged).await,
+        RefusalReason::TokenInvalid
+    );
+
+    // A valid token does not buy another ServiceAccount's identity.
+    assert_eq!(
+        refusal(&service, csr_for(&ns, "other").2, good).await,
+        RefusalReason::CsrWrongIdentity
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_of_deleted_or_replaced_pods_are_refused() -> Result<()> {
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let (client, ns) = workload_namespace(env, "identity-pods", Some("acme")).await?;
+    let service = service(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+
+    let token_of_deleted = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+    pods.delete("api-0", &force).await?;
+    wait_gone(&pods, "api-0").await?;
+    // The API server itself rejects a token whose bound pod is gone (TokenInvalid);
+    // had it not, the pod lookup would (PodNotFound).
+    let reason = refusal(&service, csr_for(&ns, "api").2, token_of_deleted.clone()).await;
+    assert!(
+        matches!(
+            reason,
+            RefusalReason::TokenInvalid | RefusalReason::PodNotFound
+        ),
+        "{reason}"
+    );
+
+    // Same name, new pod: the old token is bound to the old UID.
+    create_pod(&client, &ns, "api-0", "api").await?;
+    let reason = refusal(&service, csr_for(&ns, "api").2, token_of_deleted).await;
+    assert!(
+        matches!(
+            reason,
+            RefusalReason::TokenInvalid | RefusalReason::PodMismatch
+        ),
+        "{reason}"
+    );
+
+    // The replacement runs as another ServiceAccount: a token for `api` cannot even be
+    // minted bound to it.
+    pods.delete("api-0", &force).await?;
+    wait_gone(&pods, "api-0").await?;
+    create_pod(&client, &ns, "api-0", "other").await?;
+    let minted = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await;
+    assert!(
+        minted.is_err(),
+        "the API server minted a token for api bound to a pod running as other"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_without_a_tenant_is_refused() -> Result<()> {
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let (client, ns) = workload_namespace(env, "identity-notenant", None).await?;
+    let service = service(client.clone());
+    let token = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+    assert_eq!(
+        refusal(&service, csr_for(&ns, "api").2, token).await,
+        RefusalReason::NoTenant
+    );
+    Ok(())
+}
+
+async fn wait_gone(pods: &Api<Pod>, name: &str) -> Result<()> {
+    for _ in 0..100 {
+        if pods.get_opt(name).await?.is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("pod {name} was not deleted")
+}

@@ -1,0 +1,401 @@
+//! The identity service: `POST /v1/certificate` over HTTPS (TLS 1.3 only).
+//!
+//! A request carries a CSR and a projected ServiceAccount token. The token decides the
+//! identity ([`authenticate`]); the CSR only contributes its public key
+//! ([`validate_csr`]); the CA signs ([`CertificateAuthority::issue`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use portcullis_sidecar::identity::clock;
+use portcullis_sidecar::identity::protocol::CERTIFICATE_PATH;
+use portcullis_sidecar::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason};
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::CaError;
+use super::authenticator::{Refusal, WorkloadAuthenticator, authenticate};
+use super::authority::CertificateAuthority;
+use super::csr::validate_csr;
+use super::metrics::IdentityMetrics;
+
+/// Where and as whom the identity service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityServiceConfig {
+    /// Listen address (0.0.0.0:8443).
+    pub listen: SocketAddr,
+    /// DNS names (or IPs) in the service's certificate: the Service name(s) sidecars use.
+    pub server_names: Vec<String>,
+    /// Largest accepted request body (64 KiB).
+    pub max_body_bytes: usize,
+    /// How long a client may take to finish the TLS handshake (10 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for IdentityServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            server_names: vec![
+                "portcullis-identity.portcullis-system.svc".into(),
+                "portcullis-identity.portcullis-system.svc.cluster.local".into(),
+            ],
+            max_body_bytes: 64 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The HTTP status for each refusal reason.
+pub fn status_for(reason: RefusalReason) -> StatusCode {
+    use RefusalReason::*;
+    match reason {
+        TokenInvalid | WrongAudience => StatusCode::UNAUTHORIZED,
+        TokenNotBoundToPod | PodNotFound | PodMismatch | ServiceAccountMismatch | NoTenant => {
+            StatusCode::FORBIDDEN
+        }
+        CsrInvalid | CsrHasCaFlag | CsrExtraSans | CsrWrongIdentity | UnsupportedKey
+        | MalformedRequest => StatusCode::BAD_REQUEST,
+        NotFound => StatusCode::NOT_FOUND,
+        Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Issues workload certificates to authenticated pods.
+pub struct IdentityService {
+    ca: Arc<CertificateAuthority>,
+    authenticator: Arc<dyn WorkloadAuthenticator>,
+    metrics: IdentityMetrics,
+}
+
+impl std::fmt::Debug for IdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityService")
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityService {
+    /// A service signing with `ca`, authenticating through `authenticator`.
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        authenticator: Arc<dyn WorkloadAuthenticator>,
+        metrics: IdentityMetrics,
+    ) -> Self {
+        metrics.set_ca_expiry(ca.expiry());
+        Self {
+            ca,
+            authenticator,
+            metrics,
+        }
+    }
+
+    /// Decides one request (no transport): authenticate, validate, sign; counts the
+    /// outcome in the metrics.
+    pub async fn handle(&self, request: &IssueRequest) -> Result<IssueResponse, Refusal> {
+        let result = self.decide(request).await;
+        match &result {
+            Ok(_) => self.metrics.issued(),
+            Err(refusal) => {
+                self.metrics.refused(refusal.reason);
+                tracing::info!(reason = %refusal.reason, message = %refusal.message, "certificate request refused");
+            }
+        }
+        result
+    }
+
+    async fn decide(&self, request: &IssueRequest) -> Result<IssueResponse, Refusal> {
+        let who = authenticate(
+            &*self.authenticator,
+            &self.ca.settings().trust_domain,
+            &request.token,
+        )
+        .await?;
+        let csr = validate_csr(&request.csr, &who.workload)
+            .map_err(|e| Refusal::new(e.reason(), e.to_string()))?;
+        let issued = self
+            .ca
+            .issue(&csr, &who.workload, &who.tenant)
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing a workload certificate failed");
+                Refusal::new(RefusalReason::Internal, "signing failed")
+            })?;
+        tracing::info!(
+            workload = %who.workload, tenant = %who.tenant.tenant(), pod = %who.pod_name,
+            expires_at = %issued.expires_at, "workload certificate issued"
+        );
+        Ok(issued)
+    }
+
+    async fn respond(&self, request: Request<Incoming>, max_body: usize) -> Response<Full<Bytes>> {
+        if request.uri().path() != CERTIFICATE_PATH {
+            return refusal_response(&Refusal::new(RefusalReason::NotFound, "no such endpoint"));
+        }
+        if request.method() != Method::POST {
+            let mut response =
+                refusal_response(&Refusal::new(RefusalReason::MalformedRequest, "use POST"));
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            return response;
+        }
+        let parsed = match Limited::new(request.into_body(), max_body).collect().await {
+            Ok(body) => serde_json::from_slice::<IssueRequest>(&body.to_bytes()).map_err(|e| {
+                Refusal::new(
+                    RefusalReason::MalformedRequest,
+                    format!("request body: {e}"),
+                )
+            }),
+            Err(e) => Err(Refusal::new(
+                RefusalReason::MalformedRequest,
+                format!("request body: {e}"),
+            )),
+        };
+        let result = match parsed {
+            Ok(request) => self.handle(&request).await,
+            Err(refusal) => {
+                self.metrics.refused(refusal.reason);
+                Err(refusal)
+            }
+        };
+        match result {
+            Ok(issued) => json_response(StatusCode::OK, &issued),
+            Err(refusal) => refusal_response(&refusal),
+        }
+    }
+
+    /// Binds the listener and prepares the TLS server certificate (signed by the
+    /// intermediate, for `config.server_names`).
+    pub async fn bind(
+        self: Arc<Self>,
+        config: IdentityServiceConfig,
+    ) -> Result<BoundIdentityService, CaError> {
+        let slot = Arc::new(ServerCertSlot::new(&self.ca, &config.server_names)?);
+        let mut tls =
+            ServerConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| CaError::Tls(e.to_string()))?
+                .with_no_client_auth()
+                .with_cert_resolver(slot.clone());
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(CaError::Io)?;
+        let local_addr = listener.local_addr().map_err(CaError::Io)?;
+        tracing::info!(%local_addr, "identity service listening");
+        Ok(BoundIdentityService {
+            service: self,
+            listener,
+            local_addr,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            slot,
+            config,
+        })
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn refusal_response(refusal: &Refusal) -> Response<Full<Bytes>> {
+    json_response(
+        status_for(refusal.reason),
+        &ErrorBody {
+            error: refusal.message.clone(),
+            reason: refusal.reason,
+        },
+    )
+}
+
+/// The service's own certificate, re-issued at half-life and after every CA rotation.
+struct ServerCertSlot {
+    current: ArcSwap<(Arc<CertifiedKey>, jiff::Timestamp)>,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for ServerCertSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertSlot")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertSlot {
+    fn new(ca: &CertificateAuthority, names: &[String]) -> Result<Self, CaError> {
+        let first = Self::issue(ca, names)?;
+        Ok(Self {
+            current: ArcSwap::from_pointee(first),
+            names: names.to_vec(),
+        })
+    }
+
+    /// A certificate and the time to replace it (half its lifetime).
+    fn issue(
+        ca: &CertificateAuthority,
+        names: &[String],
+    ) -> Result<(Arc<CertifiedKey>, jiff::Timestamp), CaError> {
+        let cert = ca.issue_server_certificate(names)?;
+        let key = portcullis_sidecar::identity::tls::provider()
+            .key_provider
+            .load_private_key(cert.key.into())
+            .map_err(|e| CaError::Tls(e.to_string()))?;
+        let half = clock::until(cert.not_before, cert.not_after) / 2;
+        Ok((
+            Arc::new(CertifiedKey::new(cert.chain, key)),
+            clock::add(cert.not_before, half),
+        ))
+    }
+
+    fn refresh(&self, ca: &CertificateAuthority) -> Result<(), CaError> {
+        self.current.store(Arc::new(Self::issue(ca, &self.names)?));
+        Ok(())
+    }
+
+    fn refresh_at(&self) -> jiff::Timestamp {
+        self.current.load().1
+    }
+}
+
+impl ResolvesServerCert for ServerCertSlot {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().0.clone())
+    }
+}
+
+/// A bound, not yet serving, identity service.
+pub struct BoundIdentityService {
+    service: Arc<IdentityService>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    slot: Arc<ServerCertSlot>,
+    config: IdentityServiceConfig,
+}
+
+impl std::fmt::Debug for BoundIdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundIdentityService")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundIdentityService {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown`, then drains open connections (up to 10 s).
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), CaError> {
+        let Self {
+            service,
+            listener,
+            acceptor,
+            slot,
+            config,
+            ..
+        } = self;
+        tokio::spawn(keep_server_cert_fresh(
+            service.clone(),
+            slot,
+            shutdown.clone(),
+        ));
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "identity service accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let service = service.clone();
+            let max_body = config.max_body_bytes;
+            let handshake_timeout = config.handshake_timeout;
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "identity service TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "identity service TLS handshake timed out");
+                        return;
+                    }
+                };
+                let handler = service_fn(move |request| {
+                    let service = service.clone();
+                    async move { Ok::<_, Infallible>(service.respond(request, max_body).await) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(tls), handler);
+                if let Err(e) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!(%peer, error = %e, "identity service connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("identity service connections did not drain in 10 s");
+        }
+        Ok(())
+    }
+}
+
+async fn keep_server_cert_fresh(
+    service: Arc<IdentityService>,
+    slot: Arc<ServerCertSlot>,
+    shutdown: CancellationToken,
+) {
+    let ca = &service.ca;
+    let mut changes = ca.subscribe();
+    loop {
+        let wait = clock::until(ca.clock().now(), slot.refresh_at()).max(Duration::from_millis(10));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+        }
+        service.metrics.set_ca_expiry(ca.expiry());
+        if let Err(e) = slot.refresh(ca) {
+            tracing::error!(error = %e, "re-issuing the identity service certificate failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

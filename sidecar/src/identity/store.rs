@@ -1,0 +1,267 @@
+//! The certificate store: the workload's current credentials behind one atomic pointer.
+//!
+//! TLS acceptors and connectors read it lock-free on every handshake; the renew loop
+//! swaps in a complete new [`Credentials`] (key, chain, trust roots, verifiers) at once,
+//! so a handshake never sees a new certificate with old roots or the reverse.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use jiff::Timestamp;
+use rustls::RootCertStore;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+
+use super::IdentityError;
+use super::csr::WorkloadKey;
+use super::protocol::IssueResponse;
+use super::spiffe::{TenantId, WorkloadId};
+use super::tls::{self, PeerServerVerifier};
+
+/// Everything one certificate generation consists of.
+pub struct Credentials {
+    workload: WorkloadId,
+    tenant: Option<TenantId>,
+    certified_key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    trust_bundle: Vec<CertificateDer<'static>>,
+    not_before: Timestamp,
+    not_after: Timestamp,
+    renew_after: Timestamp,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<PeerServerVerifier>,
+}
+
+impl Credentials {
+    /// Assembles credentials from our key and the identity service's answer, refusing
+    /// an answer that does not fit: a leaf for another identity or key, or a chain that
+    /// does not verify against the bundle that came with it.
+    pub fn from_issued(
+        key: &WorkloadKey,
+        expected: &WorkloadId,
+        issued: &IssueResponse,
+        now: Timestamp,
+    ) -> Result<Self, IdentityError> {
+        let leaf = parse_pem_certs(&issued.certificate, "certificate")?;
+        let chain = parse_pem_certs(&issued.chain, "chain")?;
+        let trust_bundle = parse_pem_certs(&issued.trust_bundle, "trustBundle")?;
+        let [leaf] = <[CertificateDer<'static>; 1]>::try_from(leaf).map_err(|_| {
+            IdentityError::InvalidResponse("certificate must hold exactly one certificate".into())
+        })?;
+
+        let facts = tls::leaf_facts(&leaf)
+            .map_err(|e| IdentityError::InvalidResponse(format!("leaf certificate: {e}")))?;
+        if facts.workload.as_ref() != Some(expected) {
+            return Err(IdentityError::InvalidResponse(format!(
+                "leaf certificate is for {:?}, expected {expected}",
+                facts.workload.map(|w| w.to_string())
+            )));
+        }
+
+        let roots = Arc::new(root_store(&trust_bundle)?);
+        let provider = tls::provider();
+        let parsed = ParsedCertificate::try_from(&leaf)
+            .map_err(|e| IdentityError::InvalidResponse(format!("leaf certificate: {e}")))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain,
+            unix_time(now),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            IdentityError::InvalidResponse(format!(
+                "chain does not verify against the trust bundle: {e}"
+            ))
+        })?;
+
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.private_key_der())
+            .map_err(|e| IdentityError::KeyGeneration(e.to_string()))?;
+        let mut cert_chain = vec![leaf];
+        cert_chain.extend(chain);
+        let certified_key = CertifiedKey::new(cert_chain, signing_key);
+        certified_key.keys_match().map_err(|_| {
+            IdentityError::InvalidResponse("leaf certificate is not for our key".into())
+        })?;
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| IdentityError::InvalidResponse(format!("trust bundle: {e}")))?;
+        let server_verifier = Arc::new(PeerServerVerifier::new(
+            roots.clone(),
+            expected.trust_domain().clone(),
+        ));
+
+        Ok(Self {
+            workload: expected.clone(),
+            tenant: facts.tenant,
+            certified_key: Arc::new(certified_key),
+            roots,
+            trust_bundle,
+            not_before: facts.not_before,
+            not_after: facts.not_after,
+            renew_after: issued.renew_after,
+            client_verifier,
+            server_verifier,
+        })
+    }
+
+    /// Our SPIFFE workload ID.
+    pub fn workload(&self) -> &WorkloadId {
+        &self.workload
+    }
+
+    /// Our tenant, from the leaf's tenant URI SAN.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+
+    /// Leaf + intermediate and our signing key, for rustls.
+    pub fn certified_key(&self) -> &Arc<CertifiedKey> {
+        &self.certified_key
+    }
+
+    /// The trusted roots.
+    pub fn roots(&self) -> &Arc<RootCertStore> {
+        &self.roots
+    }
+
+    /// The trusted roots as DER certificates.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.trust_bundle
+    }
+
+    /// The leaf's notBefore.
+    pub fn not_before(&self) -> Timestamp {
+        self.not_before
+    }
+
+    /// The leaf's notAfter.
+    pub fn not_after(&self) -> Timestamp {
+        self.not_after
+    }
+
+    /// When the identity service asked us to renew (before jitter).
+    pub fn renew_after(&self) -> Timestamp {
+        self.renew_after
+    }
+
+    /// A client-certificate verifier for this trust bundle.
+    pub fn client_verifier(&self) -> &Arc<dyn ClientCertVerifier> {
+        &self.client_verifier
+    }
+
+    /// A peer-server verifier for this trust bundle.
+    pub fn server_verifier(&self) -> Arc<dyn ServerCertVerifier> {
+        self.server_verifier.clone()
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("workload", &self.workload.to_string())
+            .field("tenant", &self.tenant.as_ref().map(ToString::to_string))
+            .field("roots", &self.trust_bundle.len())
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("renew_after", &self.renew_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The current credentials, swapped atomically; cheap to clone and share.
+#[derive(Clone)]
+pub struct CertificateStore {
+    current: Arc<ArcSwapOption<Credentials>>,
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl CertificateStore {
+    /// An empty store: handshakes fail until the first credentials arrive.
+    pub fn new() -> Self {
+        Self {
+            current: Arc::new(ArcSwapOption::empty()),
+            generation: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    /// The current credentials, if any. Lock-free.
+    pub fn load(&self) -> Option<Arc<Credentials>> {
+        self.current.load_full()
+    }
+
+    /// Whether credentials were ever installed.
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// Installs new credentials; handshakes from now on use them, open connections keep
+    /// theirs.
+    pub fn swap(&self, credentials: Credentials) {
+        self.current.store(Some(Arc::new(credentials)));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A receiver that changes on every swap (the value counts swaps).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+impl Default for CertificateStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateStore")
+            .field("current", &self.load())
+            .finish()
+    }
+}
+
+/// Parses every certificate in a PEM string; an empty string is an error.
+pub fn parse_pem_certs(
+    pem: &str,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::InvalidResponse(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(IdentityError::InvalidResponse(format!(
+            "{what}: no certificate"
+        )));
+    }
+    Ok(certs)
+}
+
+/// A rustls root store holding exactly `bundle`.
+pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, IdentityError> {
+    let mut roots = RootCertStore::empty();
+    for cert in bundle {
+        roots
+            .add(cert.clone())
+            .map_err(|e| IdentityError::InvalidResponse(format!("trust bundle: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// A jiff timestamp as rustls time.
+pub fn unix_time(ts: Timestamp) -> UnixTime {
+    UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(ts.as_second()).unwrap_or(0),
+    ))
+}
