@@ -1,0 +1,495 @@
+//! Sidecar injection (DESIGN.md §4): a pure function from a Pod, its namespace's labels,
+//! the injector settings and the API server version to a [`Decision`] — a JSON Patch,
+//! an unchanged admission (with a reason and maybe a warning), or a refusal.
+//!
+//! # When a pod is injected
+//!
+//! The namespace sets the [`InjectionLevel`]: label `portcullis.dev/inject=enabled` or
+//! the `portcullis.dev/tenant` label (a namespace a Tenant owns) inject every pod that
+//! does not opt out with the annotation `portcullis.dev/inject: disabled`;
+//! `portcullis.dev/inject=required` injects every pod and refuses the ones it cannot
+//! inject (and the opt-out). `portcullis.dev/inject=disabled` on the namespace wins over
+//! the tenant label. `kube-system`, `kube-public`, `kube-node-lease` and the operator's
+//! namespace are never injected.
+//!
+//! # What is added
+//!
+//! - init container `portcullis-init` (`portcullis-proxy init --inbound-port 4143
+//!   --proxy-uid 2102 [--skip-inbound-ports …]`), first of all init containers so the
+//!   redirect is in place before anything else in the pod runs; uid 0 with only
+//!   NET_ADMIN and NET_RAW, not privileged, and an emptyDir on `/run` for the iptables
+//!   lock file (its root filesystem is read-only);
+//! - the proxy `portcullis-proxy` (`run --config-from-env`, configured by the
+//!   `PORTCULLIS_*` variables below): on API servers ≥ 1.29 a native sidecar (the second
+//!   init container, `restartPolicy: Always`, a startup probe on `:4191/ready`, so later
+//!   init containers and the app start once it is ready, and it stops by itself when a
+//!   Job's containers finish); below 1.29 the first regular container, with a
+//!   `postStart` hook (`portcullis-proxy wait-ready`) that holds back the app containers
+//!   until the proxy is ready;
+//! - volumes: the projected ServiceAccount token with audience `portcullis.dev/identity`
+//!   (1 h), the `portcullis-trust-bundle` ConfigMap, an emptyDir for the proxy's spool
+//!   (its root filesystem is read-only) and the init step's lock-file emptyDir;
+//! - the annotation `portcullis.dev/injected: "<version>"`.
+//!
+//! # Defined outcomes
+//!
+//! - Already injected (annotation and proxy present): admitted unchanged, no patch.
+//! - A container named `portcullis-proxy`/`portcullis-init` that Portcullis did not
+//!   inject: refused — the name is reserved.
+//! - Pods the injector cannot understand ([`Unsupported`]: hostNetwork, an app port or
+//!   annotation that does not parse, a port or volume name the proxy needs) are admitted
+//!   unchanged with a warning, and refused with the reason where the namespace requires
+//!   injection.
+//! - Init containers that need the network: ours runs first, so the redirect is active
+//!   while they run. Outbound traffic is not redirected (unless the operator enables
+//!   outbound redirection), so their outbound calls work; an init container that must
+//!   *accept* connections before the proxy runs lists its port in
+//!   `portcullis.dev/skip-inbound-ports`, or the pod opts out.
+//! - Run-to-completion pods (Jobs, `restartPolicy` Never/OnFailure) in regular-container
+//!   mode: the proxy gets `PORTCULLIS_EXIT_WHEN_APP_EXITS=true` and must notice the app
+//!   leaving on its own (it watches the app port); until it does, the pod keeps running.
+//!   Native sidecars have no such limitation.
+//!
+//! # Proxy environment (contract with `portcullis-proxy run --config-from-env`)
+//!
+//! `POD_NAME`, `POD_NAMESPACE`, `PORTCULLIS_SERVICE_ACCOUNT` (downward API),
+//! `PORTCULLIS_APP_PORT` (annotation `portcullis.dev/app-port`, a number or a container
+//! port name, else the first container's first TCP port; absent when the pod has none),
+//! `PORTCULLIS_INBOUND_MODE` and `PORTCULLIS_SCOPES_MAP` (from their annotations, when
+//! set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
+//! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, and in regular-container mode for
+//! run-to-completion pods `PORTCULLIS_EXIT_WHEN_APP_EXITS`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::version::Info;
+use portcullis_crds::annotations::{APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS};
+use portcullis_crds::policy::InboundMode;
+use portcullis_crds::scope::ScopeMap;
+use portcullis_crds::tenant::TENANT_LABEL;
+use portcullis_sidecar::init::PortList;
+
+mod patch;
+mod sidecar;
+
+pub use sidecar::{
+    DATA_MOUNT, DATA_VOLUME, IDENTITY_TOKEN_MOUNT, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER, PROXY_CONTAINER,
+    TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT, TRUST_BUNDLE_VOLUME, XTABLES_LOCK_VOLUME,
+};
+
+/// Pod annotation the injector sets to its version on every pod it injects.
+pub const INJECTED: &str = "portcullis.dev/injected";
+
+/// How strongly a namespace asks for injection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum InjectionLevel {
+    /// Not injected.
+    Off,
+    /// Pods are injected unless they opt out; pods the injector cannot inject are
+    /// admitted unchanged with a warning.
+    Enabled,
+    /// Every pod must be injected: opt-outs and pods the injector cannot inject are refused.
+    Required,
+}
+
+impl InjectionLevel {
+    /// The level of `namespace` with `labels`.
+    pub fn of(namespace: &str, labels: &BTreeMap<String, String>, settings: &InjectSettings) -> Self {
+        if settings.excluded_namespaces.iter().any(|n| n == namespace) || namespace == settings.operator_namespace {
+            return Self::Off;
+        }
+        match labels.get(INJECT).map(String::as_str) {
+            Some("required") => Self::Required,
+            Some("enabled") => Self::Enabled,
+            Some("disabled") => Self::Off,
+            _ if labels.contains_key(TENANT_LABEL) => Self::Enabled,
+            _ => Self::Off,
+        }
+    }
+}
+
+/// Resource requests and limits of the injected containers (Kubernetes quantities).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyResources {
+    /// CPU request (`10m`).
+    pub cpu_request: String,
+    /// Memory request (`20Mi`).
+    pub memory_request: String,
+    /// CPU limit (`500m`).
+    pub cpu_limit: String,
+    /// Memory limit (`128Mi`).
+    pub memory_limit: String,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        Self {
+            cpu_request: "10m".into(),
+            memory_request: "20Mi".into(),
+            cpu_limit: "500m".into(),
+            memory_limit: "128Mi".into(),
+        }
+    }
+}
+
+/// What the injector adds, fixed for the operator's lifetime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectSettings {
+    /// The proxy image (also runs the init step).
+    pub proxy_image: String,
+    /// `imagePullPolicy` of the injected containers (`IfNotPresent`).
+    pub image_pull_policy: String,
+    /// Value of the `portcullis.dev/injected` annotation.
+    pub version: String,
+    /// The uid the proxy runs as (2102).
+    pub proxy_uid: i64,
+    /// Requests and limits of the injected containers.
+    pub resources: ProxyResources,
+    /// The operator's identity service, e.g. `https://portcullis-operator.portcullis-system.svc:8443`.
+    pub identity_url: String,
+    /// The operator's policy server, e.g. `https://portcullis-operator.portcullis-system.svc:8090`.
+    pub policy_url: String,
+    /// The operator's namespace (never injected).
+    pub operator_namespace: String,
+    /// Other namespaces never injected.
+    pub excluded_namespaces: Vec<String>,
+    /// Lifetime of the projected identity token, in seconds (3600).
+    pub token_expiration_seconds: i64,
+    /// Redirect outbound TCP to the proxy's outbound port too (off: only inbound).
+    pub redirect_outbound: bool,
+}
+
+impl InjectSettings {
+    /// Defaults for an operator in `operator_namespace` whose Service is `service`.
+    pub fn new(proxy_image: impl Into<String>, operator_namespace: &str, service: &str) -> Self {
+        use portcullis_crds::annotations::{IDENTITY_PORT, POLICY_PORT};
+        Self {
+            proxy_image: proxy_image.into(),
+            image_pull_policy: "IfNotPresent".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            proxy_uid: i64::from(portcullis_sidecar::init::PROXY_UID),
+            resources: ProxyResources::default(),
+            identity_url: format!("https://{service}.{operator_namespace}.svc:{IDENTITY_PORT}"),
+            policy_url: format!("https://{service}.{operator_namespace}.svc:{POLICY_PORT}"),
+            operator_namespace: operator_namespace.into(),
+            excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
+            token_expiration_seconds: 3600,
+            redirect_outbound: false,
+        }
+    }
+}
+
+/// The API server's version, which decides native sidecar or regular container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    /// Major version (1).
+    pub major: u32,
+    /// Minor version (20, 29, ...).
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// The first version whose API server keeps `restartPolicy: Always` on init containers.
+    pub const NATIVE_SIDECARS: Self = Self { major: 1, minor: 29 };
+
+    /// From `/version`; minors such as `"27+"` (managed clusters) are read by their
+    /// digits. `None` when the fields are not numbers.
+    pub fn from_info(info: &Info) -> Option<Self> {
+        let digits = |s: &str| -> Option<u32> {
+            let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            s[..end].parse().ok()
+        };
+        Some(Self {
+            major: digits(&info.major)?,
+            minor: digits(&info.minor)?,
+        })
+    }
+
+    /// Asks the API server. An unreadable version counts as 1.0: regular containers,
+    /// which work everywhere.
+    pub async fn detect(client: &kube::Client) -> Result<Self, kube::Error> {
+        let info = client.apiserver_version().await?;
+        Ok(Self::from_info(&info).unwrap_or(Self { major: 1, minor: 0 }))
+    }
+
+    /// Whether the proxy runs as a native sidecar.
+    pub fn supports_native_sidecars(self) -> bool {
+        self >= Self::NATIVE_SIDECARS
+    }
+}
+
+/// Why a pod was admitted without a patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotInjected {
+    /// The namespace does not ask for injection.
+    NamespaceNotOptedIn,
+    /// The pod says `portcullis.dev/inject: disabled`.
+    PodOptedOut,
+    /// The pod already carries the proxy.
+    AlreadyInjected,
+    /// The injector cannot inject this pod (see the warning).
+    Unsupported,
+}
+
+/// What the webhook answers for a pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Admit with this patch.
+    Inject {
+        /// The JSON Patch adding the sidecar.
+        patch: json_patch::Patch,
+        /// Warnings for the client.
+        warnings: Vec<String>,
+    },
+    /// Admit unchanged.
+    Admit {
+        /// Why nothing was added.
+        reason: NotInjected,
+        /// Warnings for the client.
+        warnings: Vec<String>,
+    },
+    /// Refuse the pod with this message.
+    Refuse {
+        /// What the user sees.
+        message: String,
+    },
+}
+
+/// Why the injector cannot inject a pod: the text completes "cannot be injected: ".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+/// The facts about a pod the sidecar depends on, read once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PodPlan {
+    pub app_port: Option<u16>,
+    pub inbound_mode: Option<InboundMode>,
+    pub scopes_map: Option<String>,
+    pub skip_inbound_ports: PortList,
+    pub run_to_completion: bool,
+}
+
+/// Decides what to do with `pod` in `namespace` (whose labels are `namespace_labels`).
+pub fn decide(
+    pod: &Pod,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    settings: &InjectSettings,
+    server: ServerVersion,
+) -> Decision {
+    let level = InjectionLevel::of(namespace, namespace_labels, settings);
+    if level == InjectionLevel::Off {
+        return admit(NotInjected::NamespaceNotOptedIn, None);
+    }
+    let who = pod_display_name(pod, namespace);
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+
+    if annotations.get(INJECT).map(String::as_str) == Some("disabled") {
+        return match level {
+            InjectionLevel::Required => Decision::Refuse {
+                message: format!(
+                    "{who} cannot opt out of Portcullis: namespace {namespace:?} requires injection \
+                     (label {INJECT}=required); remove the annotation {INJECT}: disabled, or ask an \
+                     admin to set the namespace label to enabled"
+                ),
+            },
+            _ => admit(NotInjected::PodOptedOut, None),
+        };
+    }
+
+    let spec = pod.spec.clone().unwrap_or_default();
+    let init_names = spec.init_containers.iter().flatten().map(|c| c.name.as_str());
+    let names: Vec<&str> = init_names.chain(spec.containers.iter().map(|c| c.name.as_str())).collect();
+    let has_proxy = names.contains(&PROXY_CONTAINER);
+    if has_proxy && annotations.contains_key(INJECTED) {
+        return admit(NotInjected::AlreadyInjected, None);
+    }
+    if let Some(reserved) = names.iter().find(|n| **n == PROXY_CONTAINER || **n == INIT_CONTAINER) {
+        return Decision::Refuse {
+            message: format!(
+                "{who} has a container named {reserved:?}, a name Portcullis reserves for the containers \
+                 it injects; rename that container, or annotate the pod {INJECT}: disabled to run it \
+                 without the Portcullis proxy"
+            ),
+        };
+    }
+
+    match plan(pod, &annotations) {
+        Ok(plan) => {
+            let mut warnings = Vec::new();
+            if plan.app_port.is_none() {
+                warnings.push(format!(
+                    "portcullis: {who} declares no container port and no {APP_PORT}; the proxy will refuse inbound traffic"
+                ));
+            }
+            let native = server.supports_native_sidecars();
+            if plan.run_to_completion && !native {
+                warnings.push(
+                    "portcullis: API server < 1.29: the proxy is a regular container and exits only once it sees the app exit"
+                        .to_owned(),
+                );
+            }
+            Decision::Inject {
+                patch: patch::build(pod, &plan, settings, native),
+                warnings,
+            }
+        }
+        Err(Unsupported(reason)) => match level {
+            InjectionLevel::Required => Decision::Refuse {
+                message: format!(
+                    "{who} cannot be injected with the Portcullis proxy: {reason}; namespace {namespace:?} \
+                     requires injection (label {INJECT}=required)"
+                ),
+            },
+            _ => admit(
+                NotInjected::Unsupported,
+                Some(format!("portcullis: {who} admitted without the proxy: {reason}")),
+            ),
+        },
+    }
+}
+
+fn admit(reason: NotInjected, warning: Option<String>) -> Decision {
+    Decision::Admit {
+        reason,
+        warnings: warning.into_iter().collect(),
+    }
+}
+
+fn pod_display_name(pod: &Pod, namespace: &str) -> String {
+    let name = match (&pod.metadata.name, &pod.metadata.generate_name) {
+        (Some(name), _) if !name.is_empty() => name.clone(),
+        (_, Some(prefix)) => format!("{prefix}<generated>"),
+        _ => "<unnamed>".to_owned(),
+    };
+    format!("pod {namespace}/{name}")
+}
+
+/// Reads what the sidecar depends on, or says why the pod cannot be injected.
+fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Unsupported> {
+    use portcullis_crds::annotations::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.host_network == Some(true) {
+        return Err(Unsupported(
+            "it uses hostNetwork, so the init step's iptables rules would redirect the node's own traffic".into(),
+        ));
+    }
+    if spec.containers.is_empty() {
+        return Err(Unsupported("it has no containers".into()));
+    }
+    let all_containers = || spec.init_containers.iter().flatten().chain(&spec.containers);
+    let declared_ports = || all_containers().flat_map(|c| c.ports.iter().flatten());
+    for port in declared_ports() {
+        if [PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_ADMIN_PORT]
+            .iter()
+            .any(|p| i32::from(*p) == port.container_port)
+        {
+            return Err(Unsupported(format!(
+                "container port {} is one the proxy listens on (4143, 4140, 4191)",
+                port.container_port
+            )));
+        }
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if sidecar::VOLUME_NAMES.contains(&volume.name.as_str()) {
+            return Err(Unsupported(format!("volume name {:?} is reserved for Portcullis", volume.name)));
+        }
+    }
+
+    let app_port = match annotations.get(APP_PORT) {
+        Some(value) => Some(resolve_app_port(value, declared_ports())?),
+        None => spec.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    };
+    let inbound_mode = match annotations.get(INBOUND_MODE) {
+        Some(value) => Some(
+            value
+                .parse::<InboundMode>()
+                .map_err(|e| Unsupported(format!("annotation {INBOUND_MODE}: {e}")))?,
+        ),
+        None => None,
+    };
+    let scopes_map = match annotations.get(SCOPES_MAP) {
+        Some(value) => {
+            let map: ScopeMap = serde_json::from_str(value)
+                .map_err(|e| Unsupported(format!("annotation {SCOPES_MAP} is not a JSON scope map: {e}")))?;
+            for (scope, rules) in &map {
+                for rule in rules {
+                    rule.validate()
+                        .map_err(|e| Unsupported(format!("annotation {SCOPES_MAP}, scope {scope:?}: {e}")))?;
+                }
+            }
+            Some(value.clone())
+        }
+        None => None,
+    };
+    let skip_inbound_ports = match annotations.get(SKIP_INBOUND_PORTS) {
+        Some(value) => value
+            .parse::<PortList>()
+            .map_err(|e| Unsupported(format!("annotation {SKIP_INBOUND_PORTS}: {e}")))?,
+        None => PortList::default(),
+    };
+    let owned_by_job = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"));
+    let run_to_completion =
+        owned_by_job || matches!(spec.restart_policy.as_deref(), Some("Never") | Some("OnFailure"));
+    Ok(PodPlan {
+        app_port,
+        inbound_mode,
+        scopes_map,
+        skip_inbound_ports,
+        run_to_completion,
+    })
+}
+
+/// `8080` or a port name declared by a container.
+fn resolve_app_port<'a>(
+    value: &str,
+    mut declared: impl Iterator<Item = &'a k8s_openapi::api::core::v1::ContainerPort>,
+) -> Result<u16, Unsupported> {
+    let value = value.trim();
+    if value.chars().all(|c| c.is_ascii_digit()) {
+        return match value.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(Unsupported(format!("annotation {APP_PORT}: {value:?} is not a port (1-65535)"))),
+        };
+    }
+    declared
+        .find(|p| p.name.as_deref() == Some(value))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .ok_or_else(|| {
+            Unsupported(format!(
+                "annotation {APP_PORT} names port {value:?}, which no container declares"
+            ))
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_parse_with_vendor_suffixes() {
+        let info = |major: &str, minor: &str| Info {
+            major: major.into(),
+            minor: minor.into(),
+            ..Info::default()
+        };
+        assert_eq!(ServerVersion::from_info(&info("1", "20")), Some(ServerVersion { major: 1, minor: 20 }));
+        assert_eq!(ServerVersion::from_info(&info("1", "29+")), Some(ServerVersion { major: 1, minor: 29 }));
+        assert_eq!(ServerVersion::from_info(&info("", "")), None);
+        assert!(!ServerVersion { major: 1, minor: 28 }.supports_native_sidecars());
+        assert!(ServerVersion { major: 1, minor: 29 }.supports_native_sidecars());
+        assert!(ServerVersion { major: 2, minor: 0 }.supports_native_sidecars());
+    }
+}

@@ -1,0 +1,62 @@
+//! The JSON Patch (RFC 6902) that adds the sidecar to a pod, written against the pod
+//! exactly as the API server sent it: arrays that are absent are added whole, arrays
+//! that exist get elements inserted (init containers and the regular-mode proxy at the
+//! front, volumes at the end).
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{INJECTED, InjectSettings, PodPlan, sidecar};
+
+fn add(tokens: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens.iter().copied()),
+        value,
+    })
+}
+
+fn json(value: &impl Serialize) -> Value {
+    // k8s-openapi types always serialise; Null would only make the API server refuse.
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The patch for `pod` given its plan.
+pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native: bool) -> Patch {
+    let spec = pod.spec.as_ref();
+    let mut ops = Vec::new();
+
+    let init = json(&sidecar::init_container(plan, settings));
+    let proxy = json(&sidecar::proxy_container(plan, settings, native));
+    let mut front_of_init = vec![init];
+    if native {
+        front_of_init.push(proxy.clone());
+    }
+    if spec.and_then(|s| s.init_containers.as_ref()).is_some() {
+        for (i, container) in front_of_init.into_iter().enumerate() {
+            ops.push(add(&["spec", "initContainers", &i.to_string()], container));
+        }
+    } else {
+        ops.push(add(&["spec", "initContainers"], Value::Array(front_of_init)));
+    }
+    if !native {
+        ops.push(add(&["spec", "containers", "0"], proxy));
+    }
+
+    let volumes: Vec<Value> = sidecar::volumes(settings).iter().map(json).collect();
+    if spec.and_then(|s| s.volumes.as_ref()).is_some() {
+        ops.extend(volumes.into_iter().map(|v| add(&["spec", "volumes", "-"], v)));
+    } else {
+        ops.push(add(&["spec", "volumes"], Value::Array(volumes)));
+    }
+
+    let version = Value::String(settings.version.clone());
+    if pod.metadata.annotations.is_some() {
+        ops.push(add(&["metadata", "annotations", INJECTED], version));
+    } else {
+        ops.push(add(&["metadata", "annotations"], serde_json::json!({ INJECTED: version })));
+    }
+    Patch(ops)
+}

@@ -1,0 +1,263 @@
+//! The containers and volumes the injector adds, as Kubernetes objects.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use portcullis_crds::annotations::{IDENTITY_AUDIENCE, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+
+use super::{InjectSettings, PodPlan};
+
+/// The injected proxy container.
+pub const PROXY_CONTAINER: &str = "portcullis-proxy";
+/// The injected init container.
+pub const INIT_CONTAINER: &str = "portcullis-init";
+/// Volume with the projected identity token.
+pub const IDENTITY_TOKEN_VOLUME: &str = "portcullis-identity-token";
+/// Where the identity token is mounted; the token is the file `token` inside.
+pub const IDENTITY_TOKEN_MOUNT: &str = "/var/run/secrets/portcullis.dev/identity";
+/// Volume with the trust bundle.
+pub const TRUST_BUNDLE_VOLUME: &str = "portcullis-trust-bundle";
+/// The trust-bundle ConfigMap the operator publishes in every tenant namespace.
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "portcullis-trust-bundle";
+/// Key of the PEM bundle in that ConfigMap.
+pub const TRUST_BUNDLE_KEY: &str = "ca-bundle.crt";
+/// Where the trust bundle is mounted.
+pub const TRUST_BUNDLE_MOUNT: &str = "/var/run/portcullis.dev/trust-bundle";
+/// The proxy's writable directory (audit spool) on its read-only root.
+pub const DATA_VOLUME: &str = "portcullis-data";
+/// Where the data volume is mounted.
+pub const DATA_MOUNT: &str = "/var/lib/portcullis";
+/// The init step's `/run` (iptables lock file) on its read-only root.
+pub const XTABLES_LOCK_VOLUME: &str = "portcullis-xtables-lock";
+
+/// Every volume name the injector adds.
+pub(super) const VOLUME_NAMES: [&str; 4] = [IDENTITY_TOKEN_VOLUME, TRUST_BUNDLE_VOLUME, DATA_VOLUME, XTABLES_LOCK_VOLUME];
+
+const PROXY_BINARY: &str = "portcullis-proxy";
+/// How long the startup probe / postStart hook wait for the proxy.
+const READY_WAIT_SECONDS: i32 = 120;
+
+fn resources(settings: &InjectSettings) -> ResourceRequirements {
+    let r = &settings.resources;
+    let pair = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(memory.to_owned())),
+        ])
+    };
+    ResourceRequirements {
+        requests: Some(pair(&r.cpu_request, &r.memory_request)),
+        limits: Some(pair(&r.cpu_limit, &r.memory_limit)),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `portcullis-init`: programs the redirect, then exits.
+pub(super) fn init_container(plan: &PodPlan, settings: &InjectSettings) -> Container {
+    let mut args = strings(&["init", "--inbound-port"]);
+    args.push(PROXY_INBOUND_PORT.to_string());
+    args.push("--proxy-uid".into());
+    args.push(settings.proxy_uid.to_string());
+    if !plan.skip_inbound_ports.is_empty() {
+        args.push("--skip-inbound-ports".into());
+        args.push(plan.skip_inbound_ports.to_string());
+    }
+    if settings.redirect_outbound {
+        args.push("--outbound-port".into());
+        args.push(PROXY_OUTBOUND_PORT.to_string());
+    }
+    Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: Some(settings.image_pull_policy.clone()),
+        command: Some(strings(&[PROXY_BINARY])),
+        args: Some(args),
+        resources: Some(resources(settings)),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(strings(&["NET_ADMIN", "NET_RAW"])),
+                drop: Some(strings(&["ALL"])),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_LOCK_VOLUME.into(),
+            mount_path: "/run".into(),
+            ..VolumeMount::default()
+        }]),
+        // `kubectl describe pod` then shows which rule failed and the fix.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: field_path.into(),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(PROXY_ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+/// `portcullis-proxy`: a native sidecar (`native`) or the first regular container.
+pub(super) fn proxy_container(plan: &PodPlan, settings: &InjectSettings, native: bool) -> Container {
+    let mut env_vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("PORTCULLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ];
+    if let Some(port) = plan.app_port {
+        env_vars.push(env("PORTCULLIS_APP_PORT", port.to_string()));
+    }
+    if let Some(mode) = plan.inbound_mode {
+        env_vars.push(env("PORTCULLIS_INBOUND_MODE", mode.as_str()));
+    }
+    if let Some(map) = &plan.scopes_map {
+        env_vars.push(env("PORTCULLIS_SCOPES_MAP", map.clone()));
+    }
+    env_vars.extend([
+        env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
+        env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),
+        env("PORTCULLIS_TOKEN_PATH", format!("{IDENTITY_TOKEN_MOUNT}/token")),
+        env("PORTCULLIS_TRUST_BUNDLE", format!("{TRUST_BUNDLE_MOUNT}/{TRUST_BUNDLE_KEY}")),
+        env("PORTCULLIS_DATA_DIR", DATA_MOUNT),
+    ]);
+    if !native && plan.run_to_completion {
+        env_vars.push(env("PORTCULLIS_EXIT_WHEN_APP_EXITS", "true"));
+    }
+    let port = |name: &str, number: u16| ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    };
+    let mut container = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: Some(settings.image_pull_policy.clone()),
+        command: Some(strings(&[PROXY_BINARY])),
+        args: Some(strings(&["run", "--config-from-env"])),
+        env: Some(env_vars),
+        ports: Some(vec![port("pc-inbound", PROXY_INBOUND_PORT), port("pc-admin", PROXY_ADMIN_PORT)]),
+        resources: Some(resources(settings)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(settings.proxy_uid),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(strings(&["ALL"])),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount(IDENTITY_TOKEN_VOLUME, IDENTITY_TOKEN_MOUNT, true),
+            mount(TRUST_BUNDLE_VOLUME, TRUST_BUNDLE_MOUNT, true),
+            mount(DATA_VOLUME, DATA_MOUNT, false),
+        ]),
+        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        liveness_probe: Some(http_probe("/live", 10, 3)),
+        ..Container::default()
+    };
+    if native {
+        container.restart_policy = Some("Always".into());
+        container.startup_probe = Some(http_probe("/ready", 1, READY_WAIT_SECONDS));
+    } else {
+        let wait = format!("{READY_WAIT_SECONDS}s");
+        container.lifecycle = Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(strings(&[PROXY_BINARY, "wait-ready", "--timeout", &wait])),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        });
+    }
+    container
+}
+
+/// The volumes, in the order they are appended.
+pub(super) fn volumes(settings: &InjectSettings) -> Vec<Volume> {
+    let empty_dir = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    vec![
+        Volume {
+            name: IDENTITY_TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(IDENTITY_AUDIENCE.into()),
+                        expiration_seconds: Some(settings.token_expiration_seconds),
+                        path: "token".into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: TRUST_BUNDLE_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: TRUST_BUNDLE_CONFIGMAP.into(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        empty_dir(DATA_VOLUME),
+        empty_dir(XTABLES_LOCK_VOLUME),
+    ]
+}

@@ -1,0 +1,159 @@
+//! Admission webhooks (DESIGN.md §3, §4), served by the operator on port 9443:
+//!
+//! - [`inject`]: the mutating webhook — sidecar injection, a pure function of the pod;
+//! - [`validate`]: the validating webhook — Tenant, Role and ApiKey invariants and no
+//!   privilege escalation, pure functions over a [`validate::lookup`] snapshot;
+//! - [`audit`]: the admin audit event every admitted change yields;
+//! - [`tls`]: the webhook's own CA and hot-swapped serving certificate, and the
+//!   `caBundle` patched into the configurations;
+//! - [`config`]: the Mutating/ValidatingWebhookConfiguration objects, as data;
+//! - [`server`]: the HTTPS server.
+//!
+//! Wiring (the operator's `run`):
+//!
+//! ```ignore
+//! let certificates = WebhookCertificates::start(client.clone(), tls_settings, clock.clone()).await?;
+//! tokio::spawn(certificates.clone().run(shutdown.clone()));
+//! let state = Arc::new(WebhookState::new(client.clone(), inject_settings, validator_settings,
+//!     ServerVersion::detect(&client).await?));
+//! webhook::serve(addr, certificates.server_config()?, state, shutdown).await?;
+//! ```
+//!
+//! or all of it at once with [`run`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use portcullis_sidecar::identity::{Clock, SystemClock};
+use tokio_util::sync::CancellationToken;
+
+pub mod audit;
+pub mod config;
+pub mod inject;
+mod review;
+pub mod server;
+pub mod tls;
+pub mod validate;
+
+pub use audit::{AdminAuditEvent, AdminAuditSink, TracingAuditSink};
+pub use inject::{Decision, InjectSettings, ServerVersion};
+pub use review::{review_admin, review_pod};
+pub use server::{ServerLimits, serve, serve_on};
+pub use tls::{WebhookCertificates, WebhookTlsSettings};
+pub use validate::ValidatorSettings;
+pub use validate::lookup::{ClusterLookup, KubeLookup};
+
+/// Errors of the webhook server and its certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The listen address could not be bound.
+    #[error("binding the webhook server to {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// rcgen could not make a key or certificate.
+    #[error("webhook certificate: {0}")]
+    Certificate(String),
+    /// The CA Secret exists but cannot be read; delete it to have a new CA made.
+    #[error("Secret portcullis-webhook-ca is unreadable ({0}); delete it and the operator makes a new CA")]
+    CorruptCaSecret(String),
+    /// rustls refused the configuration.
+    #[error("webhook TLS configuration: {0}")]
+    Tls(String),
+    /// An API request failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// What the admission handlers read.
+pub struct WebhookState {
+    /// What injection adds.
+    pub inject: InjectSettings,
+    /// Decides native sidecar (≥ 1.29) or regular container.
+    pub server_version: ServerVersion,
+    /// Who skips the escalation checks.
+    pub validator: ValidatorSettings,
+    /// Cluster reads (namespace labels, Roles, Tenants).
+    pub lookup: Arc<dyn ClusterLookup>,
+    /// Where admin audit events go.
+    pub audit: Arc<dyn AdminAuditSink>,
+    /// The time of audit events.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for WebhookState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookState")
+            .field("inject", &self.inject)
+            .field("server_version", &self.server_version)
+            .field("validator", &self.validator)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookState {
+    /// State reading through `client`, logging admin audit events via tracing.
+    pub fn new(
+        client: kube::Client,
+        inject: InjectSettings,
+        validator: ValidatorSettings,
+        server_version: ServerVersion,
+    ) -> Self {
+        Self {
+            inject,
+            server_version,
+            validator,
+            lookup: Arc::new(KubeLookup::new(client)),
+            audit: Arc::new(TracingAuditSink),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same state with admin audit events going to `sink`.
+    pub fn with_audit(mut self, sink: Arc<dyn AdminAuditSink>) -> Self {
+        self.audit = sink;
+        self
+    }
+}
+
+/// Everything [`run`] needs.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    /// Listen address (`0.0.0.0:9443`).
+    pub addr: SocketAddr,
+    /// Serving certificate settings.
+    pub tls: WebhookTlsSettings,
+    /// Injection settings.
+    pub inject: InjectSettings,
+    /// Escalation-check exemptions.
+    pub validator: ValidatorSettings,
+}
+
+/// Starts the certificates (CA Secret, leaf, caBundle), keeps them fresh, and serves
+/// the webhooks until `shutdown`. Admin audit events go to `audit`.
+pub async fn run(
+    client: kube::Client,
+    settings: WebhookSettings,
+    audit: Arc<dyn AdminAuditSink>,
+    shutdown: CancellationToken,
+) -> Result<(), WebhookError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let server_version = ServerVersion::detect(&client).await?;
+    tracing::info!(
+        ?server_version,
+        native_sidecars = server_version.supports_native_sidecars(),
+        "injecting the proxy as a {}",
+        if server_version.supports_native_sidecars() { "native sidecar" } else { "regular container" }
+    );
+    let certificates = WebhookCertificates::start(client.clone(), settings.tls, clock.clone()).await?;
+    tokio::spawn(certificates.clone().run(shutdown.clone()));
+    let state = WebhookState {
+        clock,
+        ..WebhookState::new(client, settings.inject, settings.validator, server_version).with_audit(audit)
+    };
+    serve(settings.addr, certificates.server_config()?, Arc::new(state), shutdown).await
+}

@@ -1,0 +1,223 @@
+//! AdmissionReview in, AdmissionResponse out: reads what the pure rules need through
+//! the [`ClusterLookup`](super::ClusterLookup), calls them, and turns their answer into the response (patch,
+//! warnings, or a refusal whose message `kubectl` prints), emitting the admin audit
+//! event for admitted changes.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation as KubeOperation};
+use kube::core::response::Status;
+use portcullis_crds::{ApiKey, Role, Tenant};
+use serde::de::DeserializeOwned;
+
+use super::WebhookState;
+use super::audit::AdminAuditEvent;
+use super::inject::{Decision, decide};
+use super::validate::lookup::{catalogue, namespace_roles, tenant_claims};
+use super::validate::{Change, Operation, Refusal, Requester, validate_api_key, validate_role, validate_tenant};
+
+fn deny(request: &AdmissionRequest<DynamicObject>, message: impl Into<String>, code: u16, reason: &str) -> AdmissionResponse {
+    let mut response = AdmissionResponse::from(request);
+    response.allowed = false;
+    response.result = Status::failure(&message.into(), reason).with_code(code);
+    response
+}
+
+fn refuse(request: &AdmissionRequest<DynamicObject>, refusal: Refusal) -> AdmissionResponse {
+    let reason = refusal.reason();
+    deny(request, refusal.message, refusal.code, reason)
+}
+
+fn unavailable(request: &AdmissionRequest<DynamicObject>, error: impl std::fmt::Display) -> AdmissionResponse {
+    tracing::warn!(uid = %request.uid, %error, "admission lookup failed");
+    deny(
+        request,
+        format!("portcullis webhook could not read cluster state ({error}); retry shortly"),
+        503,
+        "ServiceUnavailable",
+    )
+}
+
+fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, serde_json::Error> {
+    serde_json::to_value(object).and_then(serde_json::from_value)
+}
+
+/// The mutating webhook: sidecar injection for pods.
+pub async fn review_pod(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    let (KubeOperation::Create, Some(object)) = (&request.operation, &request.object) else {
+        return allow;
+    };
+    if request.kind.kind != "Pod" || request.sub_resource.is_some() {
+        return allow;
+    }
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let labels = match state.lookup.namespace_labels(&namespace).await {
+        Ok(labels) => labels.unwrap_or_default(),
+        Err(e) => return unavailable(request, e),
+    };
+    let pod: Pod = match typed(object) {
+        Ok(pod) => pod,
+        Err(e) => {
+            // Unreadable here means unreadable to the proxy too; leave it to the API server.
+            let mut response = allow;
+            response.warnings = Some(vec![format!("portcullis: pod not injected: cannot read it: {e}")]);
+            return response;
+        }
+    };
+    match decide(&pod, &namespace, &labels, &state.inject, state.server_version) {
+        Decision::Inject { patch, warnings } => {
+            tracing::debug!(uid = %request.uid, %namespace, "injecting the proxy");
+            let response = match allow.with_patch(patch) {
+                Ok(response) => response,
+                Err(e) => return deny(request, format!("portcullis: cannot encode the patch: {e}"), 500, "InternalError"),
+            };
+            with_warnings(response, warnings)
+        }
+        Decision::Admit { reason, warnings } => {
+            tracing::debug!(uid = %request.uid, %namespace, ?reason, "admitted without injection");
+            with_warnings(allow, warnings)
+        }
+        Decision::Refuse { message } => deny(request, message, 403, "Forbidden"),
+    }
+}
+
+fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
+    response
+}
+
+/// The validating webhook: Tenant, Role and ApiKey rules, and the admin audit event.
+pub async fn review_admin(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let operation = match request.operation {
+        KubeOperation::Create => Operation::Create,
+        KubeOperation::Update => Operation::Update,
+        KubeOperation::Delete => Operation::Delete,
+        KubeOperation::Connect => return AdmissionResponse::from(request),
+    };
+    if request.kind.group != portcullis_crds::GROUP || request.sub_resource.is_some() {
+        return AdmissionResponse::from(request);
+    }
+    let (noun, result) = match request.kind.kind.as_str() {
+        "ApiKey" => ("key", check_api_key(state, request, operation).await),
+        "Role" => ("role", check_role(state, request, operation).await),
+        "Tenant" => ("tenant", check_tenant(state, request, operation).await),
+        _ => return AdmissionResponse::from(request),
+    };
+    match result {
+        Ok(Ok(())) => {
+            if !request.dry_run && is_admin_change(request, operation) {
+                state.audit.record(audit_event(state, request, noun, operation));
+            }
+            AdmissionResponse::from(request)
+        }
+        Ok(Err(refusal)) => refuse(request, refusal),
+        Err(response) => *response,
+    }
+}
+
+type Checked = Result<Result<(), Refusal>, Box<AdmissionResponse>>;
+
+struct Objects<T> {
+    object: Option<T>,
+    old: Option<T>,
+}
+
+fn objects<T: DeserializeOwned>(request: &AdmissionRequest<DynamicObject>) -> Result<Objects<T>, Box<AdmissionResponse>> {
+    let read = |o: &Option<DynamicObject>| -> Result<Option<T>, Box<AdmissionResponse>> {
+        o.as_ref()
+            .map(typed::<T>)
+            .transpose()
+            .map_err(|e| {
+                Box::new(deny(
+                    request,
+                    format!("{} {:?} cannot be read: {e}", request.kind.kind, request.name),
+                    422,
+                    "Invalid",
+                ))
+            })
+    };
+    Ok(Objects {
+        object: read(&request.object)?,
+        old: read(&request.old_object)?,
+    })
+}
+
+fn change<'a, T>(request: &'a AdmissionRequest<DynamicObject>, operation: Operation, objects: &'a Objects<T>) -> Change<'a, T> {
+    Change {
+        operation,
+        name: &request.name,
+        namespace: request.namespace.as_deref().unwrap_or_default(),
+        object: objects.object.as_ref(),
+        old_object: objects.old.as_ref(),
+    }
+}
+
+async fn check_api_key(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+    let objects = objects::<ApiKey>(request)?;
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let lookup = state.lookup.as_ref();
+    let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let requester = Requester::from_user_info(&request.user_info);
+    Ok(validate_api_key(&change(request, operation, &objects), &requester, &roles, &catalogue, &state.validator))
+}
+
+async fn check_role(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+    let objects = objects::<Role>(request)?;
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let lookup = state.lookup.as_ref();
+    let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let requester = Requester::from_user_info(&request.user_info);
+    Ok(validate_role(&change(request, operation, &objects), &requester, &roles, &catalogue, &state.validator))
+}
+
+async fn check_tenant(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+    let objects = objects::<Tenant>(request)?;
+    let namespaces = objects.object.as_ref().map(|t| t.spec.namespaces.clone()).unwrap_or_default();
+    let claims = tenant_claims(state.lookup.as_ref(), &namespaces)
+        .await
+        .map_err(|e| Box::new(unavailable(request, e)))?;
+    Ok(validate_tenant(&change(request, operation, &objects), &claims))
+}
+
+/// Creations and deletions always; updates when the spec, labels or annotations
+/// change (not the operator's finalizer bookkeeping).
+fn is_admin_change(request: &AdmissionRequest<DynamicObject>, operation: Operation) -> bool {
+    if operation != Operation::Update {
+        return true;
+    }
+    let (Some(new), Some(old)) = (&request.object, &request.old_object) else {
+        return true;
+    };
+    new.data.get("spec") != old.data.get("spec")
+        || new.metadata.labels != old.metadata.labels
+        || new.metadata.annotations != old.metadata.annotations
+}
+
+fn audit_event(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    noun: &str,
+    operation: Operation,
+) -> AdminAuditEvent {
+    let (verb, status) = match operation {
+        Operation::Create => ("create", 201),
+        Operation::Update => ("update", 200),
+        Operation::Delete => ("delete", 200),
+    };
+    let object = match request.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{}", request.name),
+        _ => request.name.clone(),
+    };
+    AdminAuditEvent {
+        action: format!("admin.{noun}.{verb}"),
+        principal: Requester::from_user_info(&request.user_info).principal(),
+        status,
+        object,
+        time: state.clock.now(),
+    }
+}

@@ -1,0 +1,123 @@
+//! What the webhooks read from the API server: namespace labels, a namespace's Roles,
+//! the Tenants. A trait so the admission handlers run against fixtures in tests;
+//! [`KubeLookup`] is the real thing (plain GET/LIST per admission — admin changes are
+//! rare and pods need one namespace GET).
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::ListParams;
+use portcullis_crds::tenant::TENANT_LABEL;
+use portcullis_crds::{Role, Tenant};
+
+use super::{Catalogue, NamespaceRoles, TenantClaims};
+
+/// A read from the API server failed.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {what}: {source}")]
+pub struct LookupError {
+    /// What was being read.
+    pub what: String,
+    /// The API error.
+    #[source]
+    pub source: kube::Error,
+}
+
+/// Reads the cluster state the webhooks decide on.
+pub trait ClusterLookup: Send + Sync {
+    /// The labels of `namespace`; `None` when it does not exist.
+    fn namespace_labels<'a>(&'a self, namespace: &'a str)
+    -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>>;
+    /// The Role objects in `namespace`.
+    fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
+    /// Every Tenant.
+    fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>>;
+}
+
+/// [`ClusterLookup`] over a kube client.
+#[derive(Clone)]
+pub struct KubeLookup {
+    client: kube::Client,
+}
+
+impl KubeLookup {
+    /// Reads through `client`.
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl std::fmt::Debug for KubeLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeLookup").finish_non_exhaustive()
+    }
+}
+
+fn failed(what: impl Into<String>) -> impl FnOnce(kube::Error) -> LookupError {
+    let what = what.into();
+    move |source| LookupError { what, source }
+}
+
+impl ClusterLookup for KubeLookup {
+    fn namespace_labels<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
+        Box::pin(async move {
+            let api: Api<Namespace> = Api::all(self.client.clone());
+            let found = api.get_opt(namespace).await.map_err(failed(format!("namespace {namespace}")))?;
+            Ok(found.map(|ns| ns.metadata.labels.unwrap_or_default()))
+        })
+    }
+
+    fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>> {
+        Box::pin(async move {
+            let api: Api<Role> = Api::namespaced(self.client.clone(), namespace);
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .map_err(failed(format!("roles.portcullis.dev in {namespace}")))?;
+            Ok(list.items)
+        })
+    }
+
+    fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>> {
+        Box::pin(async move {
+            let api: Api<Tenant> = Api::all(self.client.clone());
+            let list = api.list(&ListParams::default()).await.map_err(failed("tenants"))?;
+            Ok(list.items)
+        })
+    }
+}
+
+/// The Roles of `namespace` (built-ins included).
+pub async fn namespace_roles(lookup: &dyn ClusterLookup, namespace: &str) -> Result<NamespaceRoles, LookupError> {
+    Ok(NamespaceRoles::new(namespace, lookup.roles(namespace).await?))
+}
+
+/// The scope catalogue of the tenant owning `namespace`: by the namespace's tenant
+/// label, else by a Tenant listing it.
+pub async fn catalogue(lookup: &dyn ClusterLookup, namespace: &str) -> Result<Catalogue, LookupError> {
+    let labels = lookup.namespace_labels(namespace).await?.unwrap_or_default();
+    let tenants = lookup.tenants().await?;
+    let by_label = labels
+        .get(TENANT_LABEL)
+        .and_then(|name| tenants.iter().find(|t| t.metadata.name.as_deref() == Some(name.as_str())));
+    let by_list = || tenants.iter().find(|t| t.spec.namespaces.iter().any(|n| n == namespace));
+    Ok(by_label.or_else(by_list).map(Catalogue::of).unwrap_or_default())
+}
+
+/// Every tenant's claims plus the tenant labels of `namespaces`.
+pub async fn tenant_claims(lookup: &dyn ClusterLookup, namespaces: &[String]) -> Result<TenantClaims, LookupError> {
+    let mut claims = TenantClaims::new(&lookup.tenants().await?);
+    for namespace in namespaces {
+        if let Some(labels) = lookup.namespace_labels(namespace).await?
+            && let Some(owner) = labels.get(TENANT_LABEL)
+        {
+            claims.claim(namespace, owner);
+        }
+    }
+    Ok(claims)
+}

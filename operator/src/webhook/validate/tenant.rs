@@ -1,0 +1,63 @@
+//! Tenant rules: valid fields, and no namespace another Tenant already owns.
+
+use std::collections::BTreeMap;
+
+use portcullis_crds::Tenant;
+
+use super::{Change, Operation, Refusal};
+
+/// Which tenant owns which namespace, from every Tenant's `spec.namespaces` and
+/// `status.namespaces` and the `portcullis.dev/tenant` namespace labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantClaims {
+    owners: BTreeMap<String, String>,
+}
+
+impl TenantClaims {
+    /// Claims made by `tenants`.
+    pub fn new(tenants: &[Tenant]) -> Self {
+        let mut claims = Self::default();
+        for tenant in tenants {
+            let Some(name) = tenant.metadata.name.as_deref() else { continue };
+            let bound = tenant.status.iter().flat_map(|s| s.namespaces.iter());
+            for namespace in tenant.spec.namespaces.iter().chain(bound) {
+                claims.claim(namespace, name);
+            }
+        }
+        claims
+    }
+
+    /// Records that `tenant` owns `namespace` (e.g. from the namespace's label).
+    pub fn claim(&mut self, namespace: &str, tenant: &str) {
+        self.owners.entry(namespace.to_owned()).or_insert_with(|| tenant.to_owned());
+    }
+
+    /// The tenant owning `namespace`, other than `except`.
+    pub fn other_owner(&self, namespace: &str, except: &str) -> Option<&str> {
+        self.owners.get(namespace).map(String::as_str).filter(|owner| *owner != except)
+    }
+}
+
+/// Checks a Tenant change against the claims of every tenant.
+pub fn validate_tenant(change: &Change<'_, Tenant>, claims: &TenantClaims) -> Result<(), Refusal> {
+    let name = change.name;
+    let Some(tenant) = change.object.filter(|_| change.operation != Operation::Delete) else {
+        return Ok(());
+    };
+    if change.old_object.map(|o| &o.spec) == Some(&tenant.spec) {
+        return Ok(());
+    }
+    tenant
+        .spec
+        .validate()
+        .map_err(|errors| Refusal::invalid(format!("Tenant {name:?} is invalid: {errors}")))?;
+    for namespace in &tenant.spec.namespaces {
+        if let Some(owner) = claims.other_owner(namespace, name) {
+            return Err(Refusal::conflict(format!(
+                "Tenant {name:?} claims namespace {namespace:?}, which Tenant {owner:?} already owns; remove it \
+                 from spec.namespaces, or remove it from Tenant {owner:?} first"
+            )));
+        }
+    }
+    Ok(())
+}

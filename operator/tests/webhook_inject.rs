@@ -1,0 +1,458 @@
+//! Sidecar injection as a pure function: one test per defined outcome (DESIGN.md §4),
+//! exact JSON Patches, and idempotency (a patched pod is left alone).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use portcullis_operator::webhook::inject::{
+    Decision, INJECTED, InjectSettings, NotInjected, ServerVersion, decide,
+};
+use serde_json::{Value, json};
+
+const IMAGE: &str = "ghcr.io/portcullis-dev/portcullis-proxy:test";
+const OLD: ServerVersion = ServerVersion { major: 1, minor: 20 };
+const NEW: ServerVersion = ServerVersion { major: 1, minor: 29 };
+
+fn settings() -> InjectSettings {
+    let mut settings = InjectSettings::new(IMAGE, "portcullis-system", "portcullis-operator");
+    settings.version = "0.1.0-test".into();
+    settings
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+fn enabled() -> BTreeMap<String, String> {
+    labels(&[("portcullis.dev/inject", "enabled")])
+}
+
+fn required() -> BTreeMap<String, String> {
+    labels(&[("portcullis.dev/inject", "required")])
+}
+
+fn pod_json(extra_spec: Value, annotations: Option<Value>) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "acme-prod"},
+        "spec": {"containers": [{"name": "app", "image": "acme/web:1", "ports": [{"containerPort": 8080}]}]}
+    });
+    if let Value::Object(extra) = extra_spec {
+        for (k, v) in extra {
+            pod["spec"][k] = v;
+        }
+    }
+    if let Some(annotations) = annotations {
+        pod["metadata"]["annotations"] = annotations;
+    }
+    pod
+}
+
+fn pod(value: &Value) -> Pod {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+fn decide_json(value: &Value, ns_labels: &BTreeMap<String, String>, server: ServerVersion) -> Decision {
+    decide(&pod(value), "acme-prod", ns_labels, &settings(), server)
+}
+
+/// Applies an Inject decision to the pod JSON; panics on anything else.
+fn patched(value: &Value, decision: &Decision) -> Value {
+    let Decision::Inject { patch, .. } = decision else {
+        panic!("expected Inject, got {decision:?}");
+    };
+    let mut doc = value.clone();
+    json_patch::patch(&mut doc, patch).unwrap();
+    doc
+}
+
+fn container<'a>(list: &'a [Container], name: &str) -> &'a Container {
+    list.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_of(container: &Container) -> BTreeMap<String, String> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+        .collect()
+}
+
+fn warnings(decision: &Decision) -> Vec<String> {
+    match decision {
+        Decision::Inject { warnings, .. } | Decision::Admit { warnings, .. } => warnings.clone(),
+        Decision::Refuse { .. } => Vec::new(),
+    }
+}
+
+fn refusal(decision: &Decision) -> String {
+    match decision {
+        Decision::Refuse { message } => message.clone(),
+        other => panic!("expected Refuse, got {other:?}"),
+    }
+}
+
+fn resources() -> Value {
+    json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}})
+}
+
+#[test]
+fn regular_container_mode_patch_is_exact() {
+    let value = pod_json(json!({}), None);
+    let Decision::Inject { patch, warnings } = decide_json(&value, &enabled(), OLD) else {
+        panic!("not injected");
+    };
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let expected = json!([
+        {"op": "add", "path": "/spec/initContainers", "value": [{
+            "name": "portcullis-init",
+            "image": IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["portcullis-proxy"],
+            "args": ["init", "--inbound-port", "4143", "--proxy-uid", "2102"],
+            "resources": resources(),
+            "securityContext": {
+                "runAsUser": 0, "runAsNonRoot": false, "privileged": false,
+                "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+            },
+            "volumeMounts": [{"name": "portcullis-xtables-lock", "mountPath": "/run"}],
+            "terminationMessagePolicy": "FallbackToLogsOnError"
+        }]},
+        {"op": "add", "path": "/spec/containers/0", "value": {
+            "name": "portcullis-proxy",
+            "image": IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["portcullis-proxy"],
+            "args": ["run", "--config-from-env"],
+            "env": [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "PORTCULLIS_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                {"name": "PORTCULLIS_APP_PORT", "value": "8080"},
+                {"name": "PORTCULLIS_IDENTITY_URL", "value": "https://portcullis-operator.portcullis-system.svc:8443"},
+                {"name": "PORTCULLIS_POLICY_URL", "value": "https://portcullis-operator.portcullis-system.svc:8090"},
+                {"name": "PORTCULLIS_TOKEN_PATH", "value": "/var/run/secrets/portcullis.dev/identity/token"},
+                {"name": "PORTCULLIS_TRUST_BUNDLE", "value": "/var/run/portcullis.dev/trust-bundle/ca-bundle.crt"},
+                {"name": "PORTCULLIS_DATA_DIR", "value": "/var/lib/portcullis"}
+            ],
+            "ports": [
+                {"name": "pc-inbound", "containerPort": 4143, "protocol": "TCP"},
+                {"name": "pc-admin", "containerPort": 4191, "protocol": "TCP"}
+            ],
+            "resources": resources(),
+            "securityContext": {
+                "runAsNonRoot": true, "runAsUser": 2102, "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}
+            },
+            "volumeMounts": [
+                {"name": "portcullis-identity-token", "mountPath": "/var/run/secrets/portcullis.dev/identity", "readOnly": true},
+                {"name": "portcullis-trust-bundle", "mountPath": "/var/run/portcullis.dev/trust-bundle", "readOnly": true},
+                {"name": "portcullis-data", "mountPath": "/var/lib/portcullis"}
+            ],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 5, "failureThreshold": 3},
+            "livenessProbe": {"httpGet": {"path": "/live", "port": 4191}, "periodSeconds": 10, "failureThreshold": 3},
+            "lifecycle": {"postStart": {"exec": {"command": ["portcullis-proxy", "wait-ready", "--timeout", "120s"]}}}
+        }},
+        {"op": "add", "path": "/spec/volumes", "value": [
+            {"name": "portcullis-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "portcullis.dev/identity", "expirationSeconds": 3600, "path": "token"}}]}},
+            {"name": "portcullis-trust-bundle", "configMap": {"name": "portcullis-trust-bundle"}},
+            {"name": "portcullis-data", "emptyDir": {}},
+            {"name": "portcullis-xtables-lock", "emptyDir": {}}
+        ]},
+        {"op": "add", "path": "/metadata/annotations", "value": {"portcullis.dev/injected": "0.1.0-test"}}
+    ]);
+    assert_eq!(serde_json::to_value(&patch).unwrap(), expected);
+
+    // The proxy is the FIRST container, so the kubelet runs its postStart before the app.
+    let injected = pod(&patched(&value, &decide_json(&value, &enabled(), OLD)));
+    let spec = injected.spec.unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["portcullis-proxy", "app"]);
+    assert!(spec.containers[0].restart_policy.is_none(), "no native sidecar below 1.29");
+}
+
+#[test]
+fn native_sidecar_on_1_29_is_the_second_init_container_with_a_startup_probe() {
+    let value = pod_json(json!({}), None);
+    let decision = decide_json(&value, &enabled(), NEW);
+    let Decision::Inject { patch, .. } = &decision else { panic!("not injected") };
+    let paths: Vec<String> = patch.0.iter().map(|op| op.path().to_string()).collect();
+    assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/metadata/annotations"]);
+
+    let spec = pod(&patched(&value, &decision)).spec.unwrap();
+    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(init, ["portcullis-init", "portcullis-proxy"]);
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app"]);
+    let proxy = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-proxy");
+    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    let startup = proxy.startup_probe.as_ref().unwrap();
+    let get = startup.http_get.as_ref().unwrap();
+    assert_eq!((get.path.as_deref(), &get.port), (Some("/ready"), &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(4191)));
+    assert!(proxy.lifecycle.is_none(), "no postStart hook for native sidecars");
+}
+
+#[test]
+fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
+    let value = pod_json(
+        json!({
+            "initContainers": [{"name": "migrate", "image": "acme/migrate:1"}],
+            "volumes": [{"name": "config", "configMap": {"name": "web-config"}}]
+        }),
+        Some(json!({"team": "payments"})),
+    );
+    let decision = decide_json(&value, &enabled(), NEW);
+    let Decision::Inject { patch, .. } = &decision else { panic!("not injected") };
+    let paths: Vec<String> = patch.0.iter().map(|op| op.path().to_string()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/spec/initContainers/0",
+            "/spec/initContainers/1",
+            "/spec/volumes/-",
+            "/spec/volumes/-",
+            "/spec/volumes/-",
+            "/spec/volumes/-",
+            "/metadata/annotations/portcullis.dev~1injected"
+        ]
+    );
+    let injected = pod(&patched(&value, &decision));
+    let spec = injected.spec.as_ref().unwrap();
+    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(init, ["portcullis-init", "portcullis-proxy", "migrate"], "the redirect is in place before migrate runs");
+    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert_eq!(volumes[0], "config");
+    assert_eq!(volumes.len(), 5);
+    let annotations = injected.metadata.annotations.unwrap();
+    assert_eq!(annotations["team"], "payments");
+    assert_eq!(annotations[INJECTED], "0.1.0-test");
+}
+
+#[test]
+fn injection_is_idempotent() {
+    for server in [OLD, NEW] {
+        let value = pod_json(json!({}), None);
+        let once = patched(&value, &decide_json(&value, &enabled(), server));
+        let again = decide_json(&once, &enabled(), server);
+        assert_eq!(
+            again,
+            Decision::Admit {
+                reason: NotInjected::AlreadyInjected,
+                warnings: vec![]
+            }
+        );
+    }
+}
+
+#[test]
+fn namespaces_decide_whether_pods_are_injected() {
+    let value = pod_json(json!({}), None);
+    let not_opted_in = Decision::Admit {
+        reason: NotInjected::NamespaceNotOptedIn,
+        warnings: vec![],
+    };
+    // No labels, or a Tenant namespace that opted out.
+    assert_eq!(decide_json(&value, &labels(&[]), OLD), not_opted_in);
+    let opted_out_tenant = labels(&[("portcullis.dev/tenant", "acme"), ("portcullis.dev/inject", "disabled")]);
+    assert_eq!(decide_json(&value, &opted_out_tenant, OLD), not_opted_in);
+    // Namespaces without a Tenant: only with inject=enabled. Tenant namespaces: by default.
+    assert!(matches!(decide_json(&value, &enabled(), OLD), Decision::Inject { .. }));
+    let tenant = labels(&[("portcullis.dev/tenant", "acme")]);
+    assert!(matches!(decide_json(&value, &tenant, OLD), Decision::Inject { .. }));
+    // Never kube-system or the operator's own namespace, whatever their labels.
+    for namespace in ["kube-system", "portcullis-system"] {
+        assert_eq!(decide(&pod(&value), namespace, &required(), &settings(), OLD), not_opted_in);
+    }
+}
+
+#[test]
+fn pod_opt_out_is_respected_unless_the_namespace_requires_injection() {
+    let value = pod_json(json!({}), Some(json!({"portcullis.dev/inject": "disabled"})));
+    assert_eq!(
+        decide_json(&value, &enabled(), OLD),
+        Decision::Admit {
+            reason: NotInjected::PodOptedOut,
+            warnings: vec![]
+        }
+    );
+    assert_eq!(
+        refusal(&decide_json(&value, &required(), OLD)),
+        "pod acme-prod/web cannot opt out of Portcullis: namespace \"acme-prod\" requires injection \
+         (label portcullis.dev/inject=required); remove the annotation portcullis.dev/inject: disabled, \
+         or ask an admin to set the namespace label to enabled"
+    );
+}
+
+#[test]
+fn host_network_pods_are_not_injected_and_refused_where_injection_is_required() {
+    let value = pod_json(json!({"hostNetwork": true}), None);
+    let decision = decide_json(&value, &enabled(), OLD);
+    assert!(matches!(decision, Decision::Admit { reason: NotInjected::Unsupported, .. }), "{decision:?}");
+    assert_eq!(
+        warnings(&decision),
+        ["portcullis: pod acme-prod/web admitted without the proxy: it uses hostNetwork, so the init step's \
+          iptables rules would redirect the node's own traffic"]
+    );
+    assert_eq!(
+        refusal(&decide_json(&value, &required(), OLD)),
+        "pod acme-prod/web cannot be injected with the Portcullis proxy: it uses hostNetwork, so the init \
+         step's iptables rules would redirect the node's own traffic; namespace \"acme-prod\" requires \
+         injection (label portcullis.dev/inject=required)"
+    );
+}
+
+#[test]
+fn a_container_already_named_portcullis_proxy_is_refused() {
+    let value = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "acme-prod"},
+        "spec": {"containers": [{"name": "app", "image": "a"}, {"name": "portcullis-proxy", "image": "evil"}]}
+    });
+    let expected = "pod acme-prod/web has a container named \"portcullis-proxy\", a name Portcullis reserves for \
+                    the containers it injects; rename that container, or annotate the pod \
+                    portcullis.dev/inject: disabled to run it without the Portcullis proxy";
+    assert_eq!(refusal(&decide_json(&value, &enabled(), OLD)), expected);
+    // Even with a copied "injected" annotation, an init container named portcullis-init
+    // without the proxy is not ours.
+    let mut copied = value.clone();
+    copied["spec"]["containers"][1]["name"] = json!("portcullis-init");
+    copied["metadata"]["annotations"] = json!({INJECTED: "0.0.1"});
+    assert!(refusal(&decide_json(&copied, &enabled(), OLD)).contains("\"portcullis-init\""));
+}
+
+#[test]
+fn app_port_comes_from_the_annotation_by_number_or_name_else_the_first_port() {
+    let app_port = |value: &Value| {
+        let spec = pod(&patched(value, &decide_json(value, &enabled(), OLD))).spec.unwrap();
+        env_of(container(&spec.containers, "portcullis-proxy")).get("PORTCULLIS_APP_PORT").cloned()
+    };
+    let default = pod_json(json!({}), None);
+    assert_eq!(app_port(&default).as_deref(), Some("8080"));
+
+    let numbered = pod_json(json!({}), Some(json!({"portcullis.dev/app-port": "9000"})));
+    assert_eq!(app_port(&numbered).as_deref(), Some("9000"));
+
+    let mut named = pod_json(json!({}), Some(json!({"portcullis.dev/app-port": "http"})));
+    named["spec"]["containers"] = json!([
+        {"name": "metrics", "image": "m", "ports": [{"containerPort": 9100, "name": "metrics"}]},
+        {"name": "app", "image": "a", "ports": [{"containerPort": 7070, "name": "http"}]}
+    ]);
+    assert_eq!(app_port(&named).as_deref(), Some("7070"));
+
+    let mut unknown = named.clone();
+    unknown["metadata"]["annotations"] = json!({"portcullis.dev/app-port": "grpc"});
+    assert_eq!(
+        warnings(&decide_json(&unknown, &enabled(), OLD)),
+        ["portcullis: pod acme-prod/web admitted without the proxy: annotation portcullis.dev/app-port names \
+          port \"grpc\", which no container declares"]
+    );
+    let mut zero = named.clone();
+    zero["metadata"]["annotations"] = json!({"portcullis.dev/app-port": "0"});
+    assert!(refusal(&decide_json(&zero, &required(), OLD)).contains("\"0\" is not a port"));
+
+    // No ports at all: injected (identity, outbound), with a warning and no app port.
+    let mut portless = pod_json(json!({}), None);
+    portless["spec"]["containers"] = json!([{"name": "worker", "image": "w"}]);
+    let decision = decide_json(&portless, &enabled(), OLD);
+    assert_eq!(
+        warnings(&decision),
+        ["portcullis: pod acme-prod/web declares no container port and no portcullis.dev/app-port; the proxy \
+          will refuse inbound traffic"]
+    );
+    assert_eq!(app_port(&portless), None);
+}
+
+#[test]
+fn annotations_reach_the_init_step_and_the_proxy() {
+    let value = pod_json(
+        json!({}),
+        Some(json!({
+            "portcullis.dev/skip-inbound-ports": "22, 9000-9010",
+            "portcullis.dev/inbound-mode": "mtls-and-apikey",
+            "portcullis.dev/scopes-map": "{\"identify\":[{\"methods\":[\"POST\"],\"path\":\"/v1/identify\"}]}"
+        })),
+    );
+    let spec = pod(&patched(&value, &decide_json(&value, &enabled(), OLD))).spec.unwrap();
+    let init = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-init");
+    assert_eq!(
+        init.args.clone().unwrap(),
+        ["init", "--inbound-port", "4143", "--proxy-uid", "2102", "--skip-inbound-ports", "22,9000-9010"]
+    );
+    let env = env_of(container(&spec.containers, "portcullis-proxy"));
+    assert_eq!(env["PORTCULLIS_INBOUND_MODE"], "mtls-and-apikey");
+    assert!(env["PORTCULLIS_SCOPES_MAP"].contains("/v1/identify"));
+
+    for (annotation, bad, expected) in [
+        ("portcullis.dev/skip-inbound-ports", "ssh", "annotation portcullis.dev/skip-inbound-ports: \"ssh\" is not a port"),
+        ("portcullis.dev/inbound-mode", "tls", "unknown inbound mode \"tls\""),
+        ("portcullis.dev/scopes-map", "{not json", "is not a JSON scope map"),
+    ] {
+        let value = pod_json(json!({}), Some(json!({ annotation: bad })));
+        let message = refusal(&decide_json(&value, &required(), OLD));
+        assert!(message.contains(expected), "{message}");
+        let decision = decide_json(&value, &enabled(), OLD);
+        assert!(matches!(decision, Decision::Admit { reason: NotInjected::Unsupported, .. }), "{decision:?}");
+    }
+}
+
+#[test]
+fn ports_and_volumes_the_proxy_needs_make_a_pod_unsupported() {
+    let mut port_clash = pod_json(json!({}), None);
+    port_clash["spec"]["containers"][0]["ports"] = json!([{"containerPort": 4143}]);
+    assert!(refusal(&decide_json(&port_clash, &required(), OLD)).contains("container port 4143 is one the proxy listens on"));
+
+    let volume_clash = pod_json(json!({"volumes": [{"name": "portcullis-data", "emptyDir": {}}]}), None);
+    assert!(refusal(&decide_json(&volume_clash, &required(), OLD)).contains("volume name \"portcullis-data\" is reserved"));
+}
+
+#[test]
+fn job_pods_exit_with_the_app() {
+    let mut job = pod_json(json!({"restartPolicy": "Never"}), None);
+    job["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": "1"}]);
+
+    // Regular-container mode: the proxy is told, and the user is warned of the limitation.
+    let decision = decide_json(&job, &enabled(), OLD);
+    assert_eq!(
+        warnings(&decision),
+        ["portcullis: API server < 1.29: the proxy is a regular container and exits only once it sees the app exit"]
+    );
+    let spec = pod(&patched(&job, &decision)).spec.unwrap();
+    let env = env_of(container(&spec.containers, "portcullis-proxy"));
+    assert_eq!(env.get("PORTCULLIS_EXIT_WHEN_APP_EXITS").map(String::as_str), Some("true"));
+
+    // Native sidecars stop by themselves once the Job's containers finish.
+    let decision = decide_json(&job, &enabled(), NEW);
+    assert!(warnings(&decision).is_empty());
+    let spec = pod(&patched(&job, &decision)).spec.unwrap();
+    let env = env_of(container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-proxy"));
+    assert!(!env.contains_key("PORTCULLIS_EXIT_WHEN_APP_EXITS"));
+}
+
+#[test]
+fn resources_and_outbound_redirection_are_configurable() {
+    let mut settings = settings();
+    settings.resources.cpu_limit = "1".into();
+    settings.resources.memory_request = "64Mi".into();
+    settings.redirect_outbound = true;
+    let value = pod_json(json!({}), None);
+    let decision = decide(&pod(&value), "acme-prod", &enabled(), &settings, OLD);
+    let spec = pod(&patched(&value, &decision)).spec.unwrap();
+    let proxy = container(&spec.containers, "portcullis-proxy");
+    let resources = serde_json::to_value(proxy.resources.as_ref().unwrap()).unwrap();
+    assert_eq!(resources, json!({"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}));
+    let init = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-init");
+    assert_eq!(init.args.as_ref().unwrap()[5..], ["--outbound-port".to_owned(), "4140".to_owned()]);
+}
+
+#[test]
+fn generated_pod_names_read_well_in_messages() {
+    let mut value = pod_json(json!({"hostNetwork": true}), None);
+    value["metadata"] = json!({"generateName": "web-7d9c-", "namespace": "acme-prod"});
+    assert!(refusal(&decide_json(&value, &required(), OLD)).starts_with("pod acme-prod/web-7d9c-<generated> cannot"));
+}
