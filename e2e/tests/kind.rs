@@ -1,0 +1,904 @@
+//! The kind tier (DESIGN.md §7, tier 4): the local-cluster scenarios against real pods
+//! in a kind cluster with the Helm chart installed. `e2e/kind/run.sh` creates the
+//! cluster (Kubernetes 1.31), builds and loads the images, installs the chart and runs
+//!
+//! ```text
+//! PORTCULLIS_E2E=kind cargo test -p portcullis-e2e --test kind -- --test-threads=1
+//! ```
+//!
+//! Every test returns early, printing why, unless `PORTCULLIS_E2E=kind`. Clients are
+//! `curlimages/curl` Jobs (or a Pod) whose logs the tests read; the app is
+//! `traefik/whoami`, which echoes the request headers the proxy adds.
+//!
+//! The cluster admin of a kind (kubeadm ≥ 1.29) kubeconfig is in group
+//! `kubeadm:cluster-admins`, not `system:masters`, and the validating webhook exempts
+//! only `system:masters` from its escalation checks; the tests therefore act as
+//! `portcullis-e2e` in `system:masters` through impersonation (which cluster-admin may).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use portcullis_crds::{ApiKey, Tenant};
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+/// Pinned test images (e2e/kind/run.sh pre-loads the same tags into the cluster).
+const APP_IMAGE: &str = "traefik/whoami:v1.10.3";
+const CURL_IMAGE: &str = "curlimages/curl:8.11.1";
+const APP_PORT: u16 = 8080;
+const TRUST_DOMAIN: &str = "cluster.local";
+/// Impersonated identity for every write (see the module docs).
+const E2E_USER: &str = "portcullis-e2e";
+const E2E_GROUPS: [&str; 2] = ["system:masters", "system:authenticated"];
+
+/// Revocation must reach the proxy within this (DESIGN.md §3)...
+const REVOCATION_BUDGET: Duration = Duration::from_secs(1);
+/// ...measured from the client's log lines, one request every 100 ms, so allow one
+/// request interval plus the request itself on top.
+const REVOCATION_SLACK: Duration = Duration::from_millis(250);
+
+fn enabled() -> bool {
+    if std::env::var("PORTCULLIS_E2E").as_deref() == Ok("kind") {
+        true
+    } else {
+        eprintln!(
+            "skipping: the kind tier runs only with PORTCULLIS_E2E=kind against a cluster \
+             with the chart installed; run e2e/kind/run.sh (needs docker and kind)"
+        );
+        false
+    }
+}
+
+fn release_namespace() -> String {
+    std::env::var("PORTCULLIS_RELEASE_NAMESPACE").unwrap_or_else(|_| "portcullis-system".into())
+}
+
+/// The KUBECONFIG cluster, impersonating [`E2E_USER`] in [`E2E_GROUPS`].
+async fn client() -> Result<Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .context("no cluster: set KUBECONFIG (e2e/kind/run.sh does)")?;
+    config.auth_info.impersonate = Some(E2E_USER.into());
+    config.auth_info.impersonate_groups =
+        Some(E2E_GROUPS.iter().map(|g| (*g).to_owned()).collect());
+    Ok(Client::try_from(config)?)
+}
+
+fn suffix() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("not yet");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The shared scenario: a tenant namespace with an injected echo app, a plain client
+// namespace.
+// ---------------------------------------------------------------------------------
+
+struct Fixture {
+    /// Labelled portcullis.dev/inject=enabled, owned by Tenant `tenant`.
+    app_ns: String,
+    tenant: String,
+    /// Not opted in: curl Jobs there are plain clients.
+    client_ns: String,
+}
+
+impl Fixture {
+    fn app_url(&self) -> String {
+        format!("https://echo.{}.svc:{APP_PORT}", self.app_ns)
+    }
+
+    fn spiffe_id(&self, service_account: &str) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{service_account}",
+            self.app_ns
+        )
+    }
+}
+
+static FIXTURE: OnceCell<Result<Fixture, String>> = OnceCell::const_new();
+
+async fn fixture() -> Result<Option<(Client, &'static Fixture)>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    let fixture = FIXTURE
+        .get_or_init(|| async { set_up().await.map_err(|e| format!("{e:#}")) })
+        .await;
+    match fixture {
+        Ok(fixture) => Ok(Some((client().await?, fixture))),
+        Err(message) => bail!("setting up the kind scenario failed: {message}"),
+    }
+}
+
+async fn operator_ready(client: &Client) -> Result<()> {
+    let namespace = release_namespace();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    wait_for(
+        "operator Deployment ready",
+        Duration::from_secs(180),
+        || async {
+            let deployment = deployments.get("portcullis-operator").await?;
+            let wanted = deployment
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .unwrap_or(1);
+            let ready = deployment
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            Ok((ready >= wanted).then_some(()))
+        },
+    )
+    .await?;
+    wait_for(
+        "webhook caBundles set",
+        Duration::from_secs(120),
+        || async {
+            let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone())
+                .get("portcullis-injector")
+                .await?;
+            let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+                .get("portcullis-validator")
+                .await?;
+            let set = mutating
+                .webhooks
+                .iter()
+                .flatten()
+                .all(|w| w.client_config.ca_bundle.is_some())
+                && validating
+                    .webhooks
+                    .iter()
+                    .flatten()
+                    .all(|w| w.client_config.ca_bundle.is_some());
+            Ok(set.then_some(()))
+        },
+    )
+    .await
+}
+
+async fn create_namespace(client: &Client, prefix: &str, labels: Value) -> Result<String> {
+    let namespace: Namespace = serde_json::from_value(json!({
+        "metadata": {"generateName": format!("{prefix}-"), "labels": labels}
+    }))?;
+    let created = Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(created.name_any())
+}
+
+async fn set_up() -> Result<Fixture> {
+    let client = client().await?;
+    operator_ready(&client).await?;
+
+    let app_ns = create_namespace(
+        &client,
+        "pc-app",
+        json!({"portcullis.dev/inject": "enabled"}),
+    )
+    .await?;
+    let client_ns = create_namespace(&client, "pc-client", json!({})).await?;
+    let tenant = app_ns.clone();
+    let object: Tenant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": tenant},
+        "spec": {
+            "namespaces": [app_ns],
+            "dataClassification": "Internal",
+            "scopes": {
+                "identify": [{"methods": ["POST"], "path": "/v1/identify"}],
+                "events": [{"methods": ["GET", "POST"], "path": "/v1/events/*"}]
+            }
+        }
+    }))?;
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    tenants.create(&PostParams::default(), &object).await?;
+    wait_for("Tenant Ready", Duration::from_secs(60), || async {
+        let tenant = tenants.get(&tenant).await?;
+        let ready = tenant.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        Ok(ready.then_some(()))
+    })
+    .await?;
+
+    // The app: an echo server behind a Service; inbound requests need mTLS or a key.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "echo",
+            "labels": {"app": "echo"},
+            "annotations": {
+                "portcullis.dev/inbound-mode": "mtls-or-apikey",
+                "portcullis.dev/app-port": APP_PORT.to_string()
+            }
+        },
+        "spec": {"containers": [{
+            "name": "app",
+            "image": APP_IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "args": ["--port", APP_PORT.to_string()],
+            "ports": [{"name": "http", "containerPort": APP_PORT}]
+        }]}
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), &app_ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .context("creating the echo pod (admitted through the injector)")?;
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"name": "http", "port": APP_PORT, "targetPort": APP_PORT}]}
+    }))?;
+    Api::<Service>::namespaced(client.clone(), &app_ns)
+        .create(&PostParams::default(), &service)
+        .await?;
+    pod_ready(&client, &app_ns, "echo").await?;
+    Ok(Fixture {
+        app_ns,
+        tenant,
+        client_ns,
+    })
+}
+
+async fn pod_ready(client: &Client, namespace: &str, name: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        &format!("pod {namespace}/{name} Ready"),
+        Duration::from_secs(180),
+        || async {
+            let pod = pods.get(name).await?;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Ok(ready.then_some(pod))
+        },
+    )
+    .await
+}
+
+/// Creates an ApiKey and returns its token, read from the Secret `<name>-key` as
+/// `kubectl get secret <name>-key -o jsonpath='{.data.token}' | base64 -d` would.
+async fn create_key(client: &Client, namespace: &str, name: &str, spec: Value) -> Result<String> {
+    let key: ApiKey = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec
+    }))?;
+    Api::<ApiKey>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &key)
+        .await
+        .with_context(|| format!("creating ApiKey {name}"))?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret_name = format!("{name}-key");
+    wait_for(
+        &format!("Secret {secret_name}"),
+        Duration::from_secs(60),
+        || async {
+            let secret = secrets.get_opt(&secret_name).await?;
+            Ok(secret
+                .and_then(|s| s.data)
+                .and_then(|d| d.get("token").cloned())
+                .map(|t| String::from_utf8_lossy(&t.0).into_owned()))
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------
+// Clients: curl Jobs whose logs are the result.
+// ---------------------------------------------------------------------------------
+
+struct JobRun {
+    succeeded: bool,
+    logs: String,
+}
+
+impl JobRun {
+    /// The value of a `name=value` line the script printed.
+    fn value(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{name}=");
+        self.logs
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+}
+
+/// Runs `script` (sh) in a curl Job in `namespace` and returns its logs.
+async fn run_job(
+    client: &Client,
+    namespace: &str,
+    service_account: Option<&str>,
+    env: &[(&str, &str)],
+    script: &str,
+) -> Result<JobRun> {
+    let env: Vec<Value> = env
+        .iter()
+        .map(|(k, v)| json!({"name": k, "value": v}))
+        .collect();
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"generateName": "curl-"},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 600,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": service_account.unwrap_or("default"),
+                "containers": [{
+                    "name": "curl",
+                    "image": CURL_IMAGE,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["sh", "-c", script],
+                    "env": env
+                }]
+            }}
+        }
+    }))?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let job = jobs.create(&PostParams::default(), &job).await?;
+    let name = job.name_any();
+    let succeeded = wait_for(
+        &format!("Job {namespace}/{name} finished"),
+        Duration::from_secs(300),
+        || async {
+            let job = jobs.get(&name).await?;
+            let status = job.status.unwrap_or_default();
+            Ok(if status.succeeded.unwrap_or(0) > 0 {
+                Some(true)
+            } else if status.failed.unwrap_or(0) > 0 {
+                Some(false)
+            } else {
+                None
+            })
+        },
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .with_context(|| format!("no pod for Job {name}"))?;
+    let logs = pods
+        .logs(
+            &pod.name_any(),
+            &LogParams {
+                container: Some("curl".into()),
+                ..LogParams::default()
+            },
+        )
+        .await?;
+    Ok(JobRun { succeeded, logs })
+}
+
+/// Shell: retry `curl ... -w '%{http_code}'` until it answers `$want` (policy and
+/// certificates propagate asynchronously), print `name=<code>`.
+const UNTIL: &str = r#"
+until_code() { # name want curl-args...
+  name=$1; want=$2; shift 2
+  for i in $(seq 1 60); do
+    code=$(curl -sk -o /tmp/body -w '%{http_code}' --max-time 5 "$@")
+    [ "$code" = "$want" ] && break
+    sleep 1
+  done
+  echo "$name=$code"
+}
+code_of() { curl -sk -o /tmp/body -w '%{http_code}' --max-time 5 "$@"; }
+until_up() { # curl-args...: until the proxy answers at all
+  for i in $(seq 1 60); do
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "$@")
+    [ "$code" != 000 ] && break
+    sleep 1
+  done
+  echo "up=$code"
+}
+"#;
+
+// ---------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn operator_is_installed_leading_and_serving_webhooks() -> Result<()> {
+    let Some((client, _)) = fixture().await? else {
+        return Ok(());
+    };
+    let lease = Api::<Lease>::namespaced(client.clone(), &release_namespace())
+        .get("portcullis-operator")
+        .await?;
+    let holder = lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    assert!(
+        holder.starts_with("portcullis-operator-"),
+        "Lease holder {holder:?}"
+    );
+    for secret in [
+        "portcullis-kek",
+        "portcullis-ca-root",
+        "portcullis-ca-intermediate",
+        "portcullis-webhook-ca",
+    ] {
+        Api::<Secret>::namespaced(client.clone(), &release_namespace())
+            .get(secret)
+            .await
+            .with_context(|| format!("the operator did not create Secret {secret}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn labelled_namespace_gets_the_proxy_and_a_spiffe_certificate() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let pod = Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
+        .get("echo")
+        .await?;
+    assert!(
+        pod.annotations().contains_key("portcullis.dev/injected"),
+        "not injected: {:?}",
+        pod.annotations()
+    );
+    let spec = pod.spec.context("pod spec")?;
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        init.first(),
+        Some(&"portcullis-init"),
+        "init containers {init:?}"
+    );
+    // Kubernetes 1.31: the proxy is a native sidecar.
+    let proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "portcullis-proxy")
+        .context("no native-sidecar portcullis-proxy")?;
+    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+
+    // The certificate the proxy presents names the workload by SPIFFE ID; TLS 1.2 is
+    // refused.
+    let script = format!(
+        r#"{UNTIL}
+until_up {url}/
+curl -sk -o /dev/null --max-time 5 -w '%{{certs}}' {url}/ > /tmp/certs; echo "certs-exit=$?"
+cat /tmp/certs
+curl -sk -o /dev/null --max-time 5 --tlsv1.2 --tls-max 1.2 {url}/; echo "tls12-exit=$?"
+"#,
+        url = fx.app_url()
+    );
+    let run = run_job(&client, &fx.client_ns, None, &[], &script).await?;
+    assert!(
+        run.logs.contains(&fx.spiffe_id("default")),
+        "no SPIFFE ID in the certificate:\n{}",
+        run.logs
+    );
+    assert_ne!(
+        run.value("tls12-exit"),
+        Some("0"),
+        "TLS 1.2 was accepted:\n{}",
+        run.logs
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_reaches_the_app_only_through_the_proxy() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let token = create_key(
+        &client,
+        &fx.app_ns,
+        &format!("reach-{}", suffix()),
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await?;
+    let script = format!(
+        r#"{UNTIL}
+until_code with-key 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
+echo '--- body'; cat /tmp/body; echo; echo '---'
+echo "no-key=$(code_of -X POST {url}/v1/identify)"
+echo "plain-http=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST http://echo.{ns}.svc:{port}/v1/identify)"
+"#,
+        url = fx.app_url(),
+        ns = fx.app_ns,
+        port = APP_PORT
+    );
+    let run = run_job(&client, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    assert_eq!(run.value("with-key"), Some("200"), "{}", run.logs);
+    assert_eq!(run.value("no-key"), Some("401"), "{}", run.logs);
+    assert_ne!(
+        run.value("plain-http"),
+        Some("200"),
+        "plain HTTP reached the app:\n{}",
+        run.logs
+    );
+    // The app sees the proxy's identity headers, never the key.
+    assert!(
+        run.logs.contains("X-Portcullis-Principal: key:ak_***"),
+        "{}",
+        run.logs
+    );
+    assert!(
+        run.logs
+            .contains(&format!("X-Portcullis-Tenant: {}", fx.tenant)),
+        "{}",
+        run.logs
+    );
+    assert!(!run.logs.contains(&token), "the key reached the app");
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_keys_enforce_scope_rate_limit_and_ip_allowlist() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let id = suffix();
+    let scoped = create_key(
+        &client,
+        &fx.app_ns,
+        &format!("scoped-{id}"),
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await?;
+    let limited = create_key(
+        &client,
+        &fx.app_ns,
+        &format!("limited-{id}"),
+        json!({"role": "Developer", "scopes": ["identify"], "rateLimit": {"requests": 3, "per": "1m"}}),
+    )
+    .await?;
+    let fenced = create_key(
+        &client,
+        &fx.app_ns,
+        &format!("fenced-{id}"),
+        json!({"role": "Developer", "scopes": ["identify"], "ipAllowlist": ["203.0.113.0/24"]}),
+    )
+    .await?;
+    let script = format!(
+        r#"{UNTIL}
+until_code scoped 200 -X POST -H "Authorization: Bearer $SCOPED" {url}/v1/identify
+echo "wrong-scope=$(code_of -H "Authorization: Bearer $SCOPED" {url}/v1/events/1)"
+echo "wrong-scope-body=$(cat /tmp/body)"
+until_code limited-first 200 -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify
+codes=""
+for i in 1 2 3 4 5; do codes="$codes $(code_of -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify)"; done
+echo "limited=$codes"
+echo "retry-after=$(curl -sk -o /dev/null -D - --max-time 5 -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify | grep -i '^retry-after:' | tr -d '\r')"
+until_code fenced 403 -X POST -H "Authorization: Bearer $FENCED" {url}/v1/identify
+echo "fenced-body=$(cat /tmp/body)"
+"#,
+        url = fx.app_url()
+    );
+    let env = [
+        ("SCOPED", scoped.as_str()),
+        ("LIMITED", limited.as_str()),
+        ("FENCED", fenced.as_str()),
+    ];
+    let run = run_job(&client, &fx.client_ns, None, &env, &script).await?;
+    assert_eq!(run.value("scoped"), Some("200"), "{}", run.logs);
+    assert_eq!(run.value("wrong-scope"), Some("403"), "{}", run.logs);
+    let body: Value = serde_json::from_str(run.value("wrong-scope-body").unwrap_or_default())
+        .with_context(|| format!("denials are JSON:\n{}", run.logs))?;
+    assert!(
+        body.get("error").is_some() && body.get("reason").is_some(),
+        "{body}"
+    );
+    assert_eq!(run.value("limited-first"), Some("200"), "{}", run.logs);
+    assert!(
+        run.value("limited").is_some_and(|c| c.contains("429")),
+        "never rate limited:\n{}",
+        run.logs
+    );
+    assert!(
+        run.value("retry-after").is_some_and(|h| !h.is_empty()),
+        "429 without Retry-After:\n{}",
+        run.logs
+    );
+    assert_eq!(run.value("fenced"), Some("403"), "{}", run.logs);
+    Ok(())
+}
+
+/// A client pod that calls the app every 100 ms and prints each status code.
+async fn start_hammer(client: &Client, fx: &Fixture, token: &str) -> Result<String> {
+    let script = format!(
+        "while true; do echo \"$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 2 -X POST \
+         -H \"Authorization: Bearer $KEY\" {url}/v1/identify)\"; sleep 0.1; done",
+        url = fx.app_url()
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"generateName": "hammer-"},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "curl", "image": CURL_IMAGE, "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", script], "env": [{"name": "KEY", "value": token}]
+        }]}
+    }))?;
+    let pod = Api::<Pod>::namespaced(client.clone(), &fx.client_ns)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    Ok(pod.name_any())
+}
+
+/// The hammer's log lines as (kubelet timestamp, status code).
+async fn hammer_lines(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+) -> Result<Vec<(jiff::Timestamp, String)>> {
+    let logs = Api::<Pod>::namespaced(client.clone(), namespace)
+        .logs(
+            pod,
+            &LogParams {
+                timestamps: true,
+                ..LogParams::default()
+            },
+        )
+        .await?;
+    Ok(logs
+        .lines()
+        .filter_map(|line| {
+            let (time, code) = line.split_once(' ')?;
+            Some((time.parse().ok()?, code.trim().to_owned()))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_within_one_second() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let name = format!("revoke-{}", suffix());
+    let token = create_key(
+        &client,
+        &fx.app_ns,
+        &name,
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await?;
+    let hammer = start_hammer(&client, fx, &token).await?;
+    let result = async {
+        wait_for("the key works (10 successes in a row)", Duration::from_secs(120), || async {
+            let lines = hammer_lines(&client, &fx.client_ns, &hammer).await.unwrap_or_default();
+            let streak = lines.iter().rev().take_while(|(_, code)| code == "200").count();
+            Ok((streak >= 10).then_some(()))
+        })
+        .await?;
+
+        // What `kubectl patch apikey <name> --type merge -p '{"spec":{"revoked":true}}'` sends.
+        let revoked_at = jiff::Timestamp::now();
+        Api::<ApiKey>::namespaced(client.clone(), &fx.app_ns)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"revoked": true}})))
+            .await?;
+
+        let first_refusal = wait_for("a refusal after the patch", Duration::from_secs(15), || async {
+            let lines = hammer_lines(&client, &fx.client_ns, &hammer).await?;
+            Ok(lines
+                .into_iter()
+                .find(|(time, code)| *time >= revoked_at && (code == "401" || code == "403"))
+                .map(|(time, _)| time))
+        })
+        .await?;
+        let delay = first_refusal.duration_since(revoked_at);
+        let delay = Duration::from_secs_f64(delay.as_secs_f64().max(0.0));
+        eprintln!("revocation took effect {delay:?} after the patch");
+        ensure!(
+            delay <= REVOCATION_BUDGET + REVOCATION_SLACK,
+            "the revoked key was still accepted {delay:?} after the patch (budget {REVOCATION_BUDGET:?})"
+        );
+        // And it stays refused.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let lines = hammer_lines(&client, &fx.client_ns, &hammer).await?;
+        let late_success = lines
+            .iter()
+            .any(|(time, code)| *time > first_refusal && code == "200");
+        ensure!(!late_success, "a request succeeded after the key was refused");
+        Ok(())
+    }
+    .await;
+    let _ = Api::<Pod>::namespaced(client.clone(), &fx.client_ns)
+        .delete(&hammer, &DeleteParams::default())
+        .await;
+    result
+}
+
+#[tokio::test]
+async fn mtls_between_injected_pods_carries_the_spiffe_principal() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "client"}}))?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &fx.app_ns);
+    if accounts.get_opt("client").await?.is_none() {
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    // The client is injected too (same namespace): its plain-HTTP call leaves through its
+    // proxy's outbound port, which originates mTLS with the pod's certificate (the kind
+    // values set proxy.redirectOutbound=true). No API key anywhere.
+    let script = format!(
+        r#"for i in $(seq 1 60); do
+  out=$(curl -s --max-time 5 -X POST http://echo.{ns}.svc:{port}/v1/identify)
+  echo "$out" | grep -q 'X-Portcullis-Principal' && break
+  sleep 1
+done
+echo "$out""#,
+        ns = fx.app_ns,
+        port = APP_PORT
+    );
+    let run = run_job(&client, &fx.app_ns, Some("client"), &[], &script).await?;
+    assert!(run.succeeded, "{}", run.logs);
+    let principal = format!("X-Portcullis-Principal: spiffe:{}", fx.spiffe_id("client"));
+    let bare = format!("X-Portcullis-Principal: {}", fx.spiffe_id("client"));
+    assert!(
+        run.logs.contains(&principal) || run.logs.contains(&bare),
+        "the app did not see the client's SPIFFE identity:\n{}",
+        run.logs
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn audit_records_every_request_without_the_key() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let token = create_key(
+        &client,
+        &fx.app_ns,
+        &format!("audited-{}", suffix()),
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await?;
+    let script = format!(
+        r#"{UNTIL}
+until_code allowed 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
+echo "denied=$(code_of -H "Authorization: Bearer $KEY" {url}/v1/events/7)"
+"#,
+        url = fx.app_url()
+    );
+    let run = run_job(&client, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    assert_eq!(run.value("allowed"), Some("200"), "{}", run.logs);
+    let masked = format!("ak_***{}", &token[token.len().saturating_sub(3)..]);
+    let logs = wait_for(
+        "audit records in the proxy's log",
+        Duration::from_secs(30),
+        || async {
+            let logs = Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
+                .logs(
+                    "echo",
+                    &LogParams {
+                        container: Some("portcullis-proxy".into()),
+                        ..LogParams::default()
+                    },
+                )
+                .await?;
+            let has = |action: &str, status: &str| {
+                logs.lines()
+                    .any(|l| l.contains(action) && l.contains(&masked) && l.contains(status))
+            };
+            Ok((has("api.identify", "200") && has("api.events", "403")).then_some(logs))
+        },
+    )
+    .await?;
+    assert!(!logs.contains(&token), "the proxy logged a plaintext key");
+    Ok(())
+}
+
+#[tokio::test]
+async fn opt_out_annotation_is_respected() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let name = format!("plain-{}", suffix());
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {"portcullis.dev/inject": "disabled"}},
+        "spec": {"containers": [{
+            "name": "app", "image": APP_IMAGE, "imagePullPolicy": "IfNotPresent",
+            "args": ["--port", APP_PORT.to_string()]
+        }]}
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    let pod = pod_ready(&client, &fx.app_ns, &name).await?;
+    assert!(!pod.annotations().contains_key("portcullis.dev/injected"));
+    let spec = pod.spec.clone().context("spec")?;
+    let names: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(names, ["app"], "an opted-out pod was injected");
+    // Plain HTTP reaches it directly: nothing redirects its port.
+    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+    let script = format!(
+        "echo \"plain=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{ip}:{APP_PORT}/)\""
+    );
+    let run = run_job(&client, &fx.client_ns, None, &[], &script).await?;
+    assert_eq!(run.value("plain"), Some("200"), "{}", run.logs);
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhook_refuses_an_over_scoped_api_key_with_the_kubectl_message() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let name = format!("greedy-{}", suffix());
+    let manifest = json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
+        "metadata": {"name": name, "namespace": fx.app_ns},
+        "spec": {"role": "Viewer", "scopes": ["identify"]}
+    });
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("apikey.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
+    let output = tokio::process::Command::new("kubectl")
+        .args(["apply", "-f"])
+        .arg(&file)
+        .args(["--as", E2E_USER, "--as-group", E2E_GROUPS[0]])
+        .output()
+        .await
+        .context("running kubectl (KUBECONFIG from the environment)")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "kubectl applied an over-scoped ApiKey"
+    );
+    assert!(
+        stderr.contains(r#"admission webhook "validate.portcullis.dev" denied the request"#),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("identify"),
+        "the message should name the scope: {stderr}"
+    );
+    let created = Api::<ApiKey>::namespaced(client.clone(), &fx.app_ns)
+        .get_opt(&name)
+        .await?;
+    assert!(created.is_none(), "the refused ApiKey exists");
+    Ok(())
+}
