@@ -1,14 +1,28 @@
 //! `kubectl-portcullis`: the kubectl plugin for Portcullis.
 //!
-//! Today: `audit verify` and `audit export`. The command tree leaves room for `key`,
-//! `tenant`, `identity` and `check`.
+//! - `audit verify|export`: check and export audit trails (local files, no cluster).
+//! - `key create|rotate|revoke|show|list`: API keys, with the token printed only by the
+//!   commands whose job it is.
+//! - `tenant status`, `identity inspect`, `check`: what the operator made of the cluster.
+//!
+//! Cluster commands take kubectl's `--kubeconfig`, `--context`, `-n` and print tables,
+//! or JSON/YAML with `-o`.
 
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod cert;
+pub mod check;
 pub mod cli;
+pub mod cluster;
+pub mod error;
+pub mod identity;
+pub mod key;
+pub mod output;
+pub mod tenant;
 
 pub use cli::{Cli, Command};
+pub use error::CliError;
 
 /// How a command ended when it did not fail outright.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +34,7 @@ pub enum Outcome {
 }
 
 /// Runs a parsed command line, writing results to `out` and progress/warnings to `err`.
+/// Cluster commands run on a runtime of their own; from async code use [`run_async`].
 pub fn run(
     cli: Cli,
     out: &mut dyn std::io::Write,
@@ -28,5 +43,51 @@ pub fn run(
     match cli.command {
         Command::Audit(cli::AuditCommand::Verify(args)) => audit::verify(&args, out, err),
         Command::Audit(cli::AuditCommand::Export(args)) => audit::export(&args, out, err),
+        command => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run_async(
+                Cli {
+                    cluster: cli.cluster,
+                    command,
+                },
+                out,
+                err,
+            ))
+        }
     }
+}
+
+/// [`run`] for callers already on a tokio runtime.
+pub async fn run_async(
+    cli: Cli,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+) -> anyhow::Result<Outcome> {
+    use cli::{IdentityCommand, KeyCommand, TenantCommand};
+    let connect = || cluster::Cluster::connect(&cli.cluster);
+    let outcome = match &cli.command {
+        Command::Audit(cli::AuditCommand::Verify(args)) => return audit::verify(args, out, err),
+        Command::Audit(cli::AuditCommand::Export(args)) => return audit::export(args, out, err),
+        Command::Key(KeyCommand::Create(args)) => {
+            key::create(&connect().await?, args, out, err).await
+        }
+        Command::Key(KeyCommand::Rotate(args)) => {
+            key::rotate(&connect().await?, args, out, err).await
+        }
+        Command::Key(KeyCommand::Revoke(args)) => {
+            key::revoke(&connect().await?, args, out, err).await
+        }
+        Command::Key(KeyCommand::Show(args)) => key::show(&connect().await?, args, out, err).await,
+        Command::Key(KeyCommand::List(args)) => key::list(&connect().await?, args, out, err).await,
+        Command::Tenant(TenantCommand::Status(args)) => {
+            tenant::status(&connect().await?, args, out, err).await
+        }
+        Command::Identity(IdentityCommand::Inspect(args)) => {
+            identity::inspect(&connect().await?, args, out, err).await
+        }
+        Command::Check(args) => check::run(&connect().await?, args, out, err).await,
+    };
+    Ok(outcome?)
 }

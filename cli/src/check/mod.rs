@@ -1,0 +1,279 @@
+//! `kubectl portcullis check`: preflight and health, one line per check.
+//!
+//! Reading is done here; the verdicts are pure functions in [`probes`] and [`crds`].
+//! A check that cannot read what it needs (RBAC) is a warning, never a crash.
+
+pub mod crds;
+pub mod probes;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use jiff::Timestamp;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use portcullis_crds::tenant::TENANT_LABEL;
+
+use crate::Outcome;
+use crate::cli::{CheckArgs, OutputFormat};
+use crate::cluster::Cluster;
+use crate::error::CliError;
+use crate::output::write_structured;
+use probes::CaKind;
+pub use report::{CheckReport, CheckResult, Status};
+
+/// Names of the webhook configurations (contract with the chart and operator).
+pub const INJECTOR: &str = "portcullis-injector";
+/// See [`INJECTOR`].
+pub const VALIDATOR: &str = "portcullis-validator";
+/// Labels that select the operator's Deployment and pods (the chart's selector labels).
+pub const OPERATOR_SELECTOR: &str =
+    "app.kubernetes.io/name=portcullis,app.kubernetes.io/component=operator";
+/// The chart's default Deployment name.
+pub const OPERATOR_DEPLOYMENT: &str = "portcullis-operator";
+
+/// `check`.
+pub async fn run(
+    cluster: &Cluster,
+    args: &CheckArgs,
+    out: &mut dyn Write,
+    _err: &mut dyn Write,
+) -> Result<Outcome, CliError> {
+    let report = collect(cluster, Timestamp::now()).await;
+    match args.output.format {
+        OutputFormat::Table => out.write_all(report.render().as_bytes())?,
+        format => write_structured(format, &report, out)?,
+    }
+    Ok(report.outcome())
+}
+
+/// Runs every check against the cluster, judging times at `now`.
+pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
+    let client = &cluster.client;
+    let mut checks = Vec::new();
+    match client.apiserver_version().await {
+        Ok(info) => checks.push(probes::judge_version(&info)),
+        Err(e) => {
+            checks.push(
+                CheckResult::fail("API server", format!("unreachable: {}", CliError::from(e)))
+                    .hint("check --kubeconfig/--context; kubectl cluster-info shows what kubectl reaches"),
+            );
+            return CheckReport::new(checks);
+        }
+    }
+    checks.extend(check_crds(client).await);
+    checks.push(check_mutating(cluster).await);
+    checks.push(check_validating(cluster).await);
+    let deployment = match check_operator(cluster).await {
+        Ok((result, name)) => {
+            checks.push(result);
+            name
+        }
+        Err(result) => {
+            checks.push(result);
+            OPERATOR_DEPLOYMENT.to_owned()
+        }
+    };
+    for kind in [CaKind::Root, CaKind::Intermediate] {
+        checks.push(check_ca(cluster, kind, &deployment, now).await);
+    }
+    checks.extend(check_namespaces(cluster, now).await);
+    CheckReport::new(checks)
+}
+
+/// A warning for a read the user may not make, a failure otherwise.
+fn unreadable(check: &str, what: &str, error: kube::Error) -> CheckResult {
+    let error = CliError::from(error);
+    if error.is_forbidden() {
+        CheckResult::warn(check, format!("cannot read {what}: {error}"))
+            .hint("run check with a user who may read it (cluster-admin or the chart's admin role)")
+    } else {
+        CheckResult::fail(check, format!("cannot read {what}: {error}"))
+    }
+}
+
+async fn check_crds(client: &kube::Client) -> Vec<CheckResult> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut results = Vec::new();
+    for (name, yaml) in crds::EMBEDDED {
+        results.push(match api.get_opt(name).await {
+            Ok(served) => crds::judge(name, yaml, served.as_ref()),
+            Err(e) => unreadable(&format!("CRD {name}"), "CustomResourceDefinitions", e),
+        });
+    }
+    results
+}
+
+async fn check_mutating(cluster: &Cluster) -> CheckResult {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    match api.get_opt(INJECTOR).await {
+        Ok(config) => {
+            let hooks: Option<Vec<(String, bool)>> = config.map(|c| {
+                c.webhooks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| {
+                        (
+                            w.name,
+                            w.client_config.ca_bundle.is_some_and(|b| !b.0.is_empty()),
+                        )
+                    })
+                    .collect()
+            });
+            probes::judge_webhooks(
+                "MutatingWebhookConfiguration",
+                INJECTOR,
+                hooks.as_deref(),
+                &cluster.operator_namespace,
+            )
+        }
+        Err(e) => unreadable(&format!("Webhook {INJECTOR}"), "webhook configurations", e),
+    }
+}
+
+async fn check_validating(cluster: &Cluster) -> CheckResult {
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    match api.get_opt(VALIDATOR).await {
+        Ok(config) => {
+            let hooks: Option<Vec<(String, bool)>> = config.map(|c| {
+                c.webhooks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| {
+                        (
+                            w.name,
+                            w.client_config.ca_bundle.is_some_and(|b| !b.0.is_empty()),
+                        )
+                    })
+                    .collect()
+            });
+            probes::judge_webhooks(
+                "ValidatingWebhookConfiguration",
+                VALIDATOR,
+                hooks.as_deref(),
+                &cluster.operator_namespace,
+            )
+        }
+        Err(e) => unreadable(&format!("Webhook {VALIDATOR}"), "webhook configurations", e),
+    }
+}
+
+/// The operator check and the Deployment's name (for hints).
+async fn check_operator(cluster: &Cluster) -> Result<(CheckResult, String), CheckResult> {
+    let ns = &cluster.operator_namespace;
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let selected = ListParams::default().labels(OPERATOR_SELECTOR);
+    let mut found = deployments
+        .list(&selected)
+        .await
+        .map_err(|e| unreadable("Operator", "Deployments", e))?
+        .items;
+    if found.is_empty()
+        && let Ok(Some(by_name)) = deployments.get_opt(OPERATOR_DEPLOYMENT).await
+    {
+        found.push(by_name);
+    }
+    let name = found
+        .first()
+        .map_or_else(|| OPERATOR_DEPLOYMENT.to_owned(), |d| d.name_any());
+    let pods = match found.first().and_then(|d| d.spec.as_ref()) {
+        Some(spec) => {
+            let selector = spec
+                .selector
+                .match_labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    Ok((probes::judge_operator(ns, &found, &pods), name))
+}
+
+async fn check_ca(
+    cluster: &Cluster,
+    kind: CaKind,
+    deployment: &str,
+    now: Timestamp,
+) -> CheckResult {
+    let ns = &cluster.operator_namespace;
+    let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), ns);
+    let name = match kind {
+        CaKind::Root => probes::ROOT_SECRET,
+        CaKind::Intermediate => probes::INTERMEDIATE_SECRET,
+    };
+    match secrets.get_opt(name).await {
+        Ok(secret) => probes::judge_ca(kind, secret.as_ref(), ns, deployment, now),
+        Err(e) => unreadable(
+            match kind {
+                CaKind::Root => "CA root",
+                CaKind::Intermediate => "CA intermediate",
+            },
+            &format!("Secret {ns}/{name}"),
+            e,
+        ),
+    }
+}
+
+/// Injection coverage and trust bundles, from the namespaces that opted in.
+async fn check_namespaces(cluster: &Cluster, now: Timestamp) -> Vec<CheckResult> {
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    let all = match namespaces.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(e) => return vec![unreadable("Injection", "namespaces", e)],
+    };
+    let opted: Vec<&Namespace> = all
+        .iter()
+        .filter(|ns| probes::namespace_opted_in(ns, &cluster.operator_namespace))
+        .collect();
+    let mut pods_by_namespace = BTreeMap::new();
+    let mut results = Vec::new();
+    for ns in &opted {
+        let name = ns.name_any();
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &name);
+        match pods.list(&ListParams::default()).await {
+            Ok(list) => {
+                pods_by_namespace.insert(name, list.items);
+            }
+            Err(e) => results.push(unreadable("Injection", &format!("pods of {name}"), e)),
+        }
+    }
+    results.insert(0, probes::judge_injection(&pods_by_namespace));
+    let mut bundles = BTreeMap::new();
+    for ns in all.iter().filter(|ns| {
+        ns.labels().contains_key(TENANT_LABEL) && ns.name_any() != cluster.operator_namespace
+    }) {
+        let name = ns.name_any();
+        let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &name);
+        match config_maps.get_opt(probes::TRUST_BUNDLE.0).await {
+            Ok(found) => {
+                bundles.insert(name, found);
+            }
+            Err(e) => results.push(unreadable(
+                "Trust bundle",
+                &format!("ConfigMaps of {name}"),
+                e,
+            )),
+        }
+    }
+    results.extend(probes::judge_trust_bundles(
+        &bundles,
+        &cluster.operator_namespace,
+        now,
+    ));
+    results
+}

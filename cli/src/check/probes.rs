@@ -1,0 +1,747 @@
+//! The verdicts of `check`, as pure functions of what the API server returned (so each
+//! is testable with fixed objects and a fixed clock).
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::version::Info;
+use kube::ResourceExt;
+use portcullis_crds::annotations::INJECT;
+use portcullis_crds::tenant::TENANT_LABEL;
+
+use super::report::CheckResult;
+use crate::cert::{Expiry, parse_pem_bundle};
+use crate::identity::PROXY_CONTAINER;
+use crate::output::{relative, short_duration, timestamp, timestamp_relative};
+
+/// First Kubernetes minor release with native sidecars (init containers with
+/// `restartPolicy: Always`) on by default.
+pub const NATIVE_SIDECAR_MINOR: u32 = 29;
+/// CA certificates this close to expiry are flagged.
+pub const CA_EXPIRY_WARNING: SignedDuration = SignedDuration::from_hours(30 * 24);
+/// Secret holding the roots.
+pub const ROOT_SECRET: &str = "portcullis-ca-root";
+/// Secret holding the issuing intermediate.
+pub const INTERMEDIATE_SECRET: &str = "portcullis-ca-intermediate";
+/// The trust-bundle ConfigMap in tenant namespaces, and its data key.
+pub const TRUST_BUNDLE: (&str, &str) = ("portcullis-trust-bundle", "ca-bundle.crt");
+/// Namespaces the injector never touches (besides the operator's).
+pub const NEVER_INJECTED: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// `v1.33.1`: native sidecars or not.
+pub fn judge_version(info: &Info) -> CheckResult {
+    let number = |s: &str| -> Option<u32> {
+        let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let shown = if info.git_version.is_empty() {
+        format!("v{}.{}", info.major, info.minor)
+    } else {
+        info.git_version.clone()
+    };
+    match (number(&info.major), number(&info.minor)) {
+        (Some(1), Some(minor)) if minor < NATIVE_SIDECAR_MINOR => CheckResult::warn(
+            "API server",
+            format!("{shown}: before 1.{NATIVE_SIDECAR_MINOR}, no native sidecars; the proxy runs as a regular container"),
+        )
+        .hint(format!(
+            "upgrade to Kubernetes 1.{NATIVE_SIDECAR_MINOR}+ so the proxy starts before and stops after the app (Jobs finish cleanly)"
+        )),
+        (Some(_), Some(_)) => {
+            CheckResult::pass("API server", format!("{shown}: native sidecars supported"))
+        }
+        _ => CheckResult::warn("API server", format!("{shown}: version not understood")),
+    }
+}
+
+/// A webhook configuration: present, with every webhook carrying a caBundle.
+/// `webhooks` is `(webhook name, caBundle set)`, None when the configuration is missing.
+pub fn judge_webhooks(
+    kind: &str,
+    name: &str,
+    webhooks: Option<&[(String, bool)]>,
+    operator_namespace: &str,
+) -> CheckResult {
+    let check = format!("Webhook {name}");
+    let Some(webhooks) = webhooks else {
+        return CheckResult::fail(check, format!("{kind} {name} not found")).hint(format!(
+            "install Portcullis: helm install portcullis charts/portcullis -n {operator_namespace} --create-namespace"
+        ));
+    };
+    if webhooks.is_empty() {
+        return CheckResult::fail(check, format!("{kind} {name} has no webhooks"))
+            .hint("reinstall or upgrade the Helm release");
+    }
+    let missing: Vec<String> = webhooks
+        .iter()
+        .filter(|(_, has_bundle)| !has_bundle)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if missing.is_empty() {
+        CheckResult::pass(
+            check,
+            format!("{} webhook(s), caBundle set", webhooks.len()),
+        )
+    } else {
+        CheckResult::fail(
+            check,
+            format!("caBundle empty: the API server cannot call {}", missing.join(", ")),
+        )
+        .hint(format!(
+            "the operator patches caBundle when it starts; check it runs: kubectl -n {operator_namespace} logs deploy/portcullis-operator"
+        ))
+    }
+}
+
+/// The operator Deployment(s) and their pods.
+pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod]) -> CheckResult {
+    let Some(deployment) = deployments.first() else {
+        return CheckResult::warn(
+            "Operator",
+            format!("no operator Deployment in namespace {namespace}"),
+        )
+        .hint("install it with helm install portcullis charts/portcullis, or pass --operator-namespace where it runs");
+    };
+    let name = deployment.name_any();
+    let want = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let unready: Vec<String> = pods
+        .iter()
+        .filter(|p| !pod_ready(p))
+        .map(|p| format!("pod {}: {}", p.name_any(), pod_problem(p)))
+        .collect();
+    let message = format!("deployment {name}: {ready}/{want} ready");
+    let logs =
+        format!("kubectl -n {namespace} logs deploy/{name}; kubectl -n {namespace} describe pods");
+    if ready == 0 && want > 0 {
+        CheckResult::fail("Operator", message)
+            .details(unready)
+            .hint(logs)
+    } else if ready < want {
+        CheckResult::warn("Operator", message)
+            .details(unready)
+            .hint(logs)
+    } else {
+        CheckResult::pass("Operator", message)
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `CrashLoopBackOff (container operator)` or the pod phase.
+fn pod_problem(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    for container in status.container_statuses.iter().flatten() {
+        if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = waiting
+                .reason
+                .clone()
+                .unwrap_or_else(|| "Waiting".to_owned());
+            return format!("{reason} (container {})", container.name);
+        }
+    }
+    status.phase.unwrap_or_else(|| "Unknown".to_owned())
+}
+
+/// Which CA certificate a Secret holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// The trust anchor, `portcullis-ca-root`.
+    Root,
+    /// The issuing intermediate, `portcullis-ca-intermediate`.
+    Intermediate,
+}
+
+impl CaKind {
+    fn secret(self) -> &'static str {
+        match self {
+            Self::Root => ROOT_SECRET,
+            Self::Intermediate => INTERMEDIATE_SECRET,
+        }
+    }
+
+    fn check(self) -> &'static str {
+        match self {
+            Self::Root => "CA root",
+            Self::Intermediate => "CA intermediate",
+        }
+    }
+
+    /// Where the operator writes the certificate; the other key is accepted too.
+    fn data_keys(self) -> [&'static str; 2] {
+        match self {
+            Self::Root => ["ca.crt", "tls.crt"],
+            Self::Intermediate => ["tls.crt", "ca.crt"],
+        }
+    }
+}
+
+/// A CA Secret: present, parseable, and how long until the certificate expires.
+pub fn judge_ca(
+    kind: CaKind,
+    secret: Option<&Secret>,
+    namespace: &str,
+    deployment: &str,
+    now: Timestamp,
+) -> CheckResult {
+    let check = kind.check();
+    let secret_name = kind.secret();
+    let Some(secret) = secret else {
+        return CheckResult::fail(check, format!("Secret {namespace}/{secret_name} not found"))
+            .hint(format!(
+                "the operator creates its CA on first start: check it runs in {namespace} (or pass --operator-namespace)"
+            ));
+    };
+    let data = secret.data.clone().unwrap_or_default();
+    let Some((key, pem)) = kind
+        .data_keys()
+        .into_iter()
+        .find_map(|k| data.get(k).map(|v| (k, v)))
+    else {
+        return CheckResult::fail(
+            check,
+            format!(
+                "Secret {namespace}/{secret_name} has no {} entry",
+                kind.data_keys().join(" or ")
+            ),
+        );
+    };
+    let cert = match parse_pem_bundle(&pem.0) {
+        Ok(mut certs) => certs.swap_remove(0),
+        Err(e) => {
+            return CheckResult::fail(check, format!("{secret_name}/{key}: {e}"));
+        }
+    };
+    let mut details = Vec::new();
+    if kind == CaKind::Root
+        && let Some(next) = data
+            .get("next.crt")
+            .and_then(|p| parse_pem_bundle(&p.0).ok())
+        && let Some(next) = next.first()
+    {
+        details.push(format!(
+            "next root published, valid until {}",
+            timestamp_relative(next.not_after, now)
+        ));
+    }
+    let restart = format!("kubectl -n {namespace} rollout restart deploy/{deployment}");
+    let logs = format!("kubectl -n {namespace} logs deploy/{deployment}");
+    let result = match (cert.expiry(now, CA_EXPIRY_WARNING), kind) {
+        (Expiry::Valid { .. }, _) => {
+            return CheckResult::pass(
+                check,
+                format!("valid until {}", timestamp_relative(cert.not_after, now)),
+            )
+            .details(details);
+        }
+        (Expiry::NotYetValid { starts_in }, _) => CheckResult::fail(
+            check,
+            format!("not valid for another {}", short_duration(starts_in)),
+        )
+        .hint("check the clocks of the nodes and of the machine that created the CA"),
+        (Expiry::Expiring { left }, CaKind::Root) => CheckResult::warn(
+            check,
+            format!("trust anchor expires in {} ({})", short_duration(left), timestamp(cert.not_after)),
+        )
+        .hint(format!(
+            "rotation is overdue: the operator publishes a next root long before expiry; check it runs ({logs}). \
+             Last resort before expiry (workloads must restart afterwards): kubectl -n {namespace} delete secret {ROOT_SECRET} {INTERMEDIATE_SECRET} && {restart}"
+        )),
+        (Expiry::Expired { ago }, CaKind::Root) => CheckResult::fail(
+            check,
+            format!(
+                "trust anchor EXPIRED {} ago ({}): mTLS between workloads fails",
+                short_duration(ago),
+                timestamp(cert.not_after)
+            ),
+        )
+        .hint(format!(
+            "create a new CA: kubectl -n {namespace} delete secret {ROOT_SECRET} {INTERMEDIATE_SECRET} && {restart}; \
+             then restart injected workloads (kubectl rollout restart deployment -n <namespace>) so they load the new trust bundle"
+        )),
+        (Expiry::Expiring { left }, CaKind::Intermediate) => CheckResult::warn(
+            check,
+            format!("expires in {} ({})", short_duration(left), timestamp(cert.not_after)),
+        )
+        .hint(format!(
+            "the operator replaces the intermediate every 30d and has not: check it runs ({logs}). \
+             To force a new one (the root stays, workloads keep working): kubectl -n {namespace} delete secret {INTERMEDIATE_SECRET} && {restart}"
+        )),
+        (Expiry::Expired { ago }, CaKind::Intermediate) => CheckResult::fail(
+            check,
+            format!(
+                "EXPIRED {} ago ({}): workloads cannot renew their certificates",
+                short_duration(ago),
+                timestamp(cert.not_after)
+            ),
+        )
+        .hint(format!(
+            "issue a new intermediate: kubectl -n {namespace} delete secret {INTERMEDIATE_SECRET} && {restart}"
+        )),
+    };
+    result.details(details)
+}
+
+/// Whether the injector injects pods of `namespace` (mirrors the operator's rule:
+/// `inject=enabled|required`, or a tenant label unless `inject=disabled`).
+pub fn namespace_opted_in(namespace: &Namespace, operator_namespace: &str) -> bool {
+    let name = namespace.name_any();
+    if name == operator_namespace || NEVER_INJECTED.contains(&name.as_str()) {
+        return false;
+    }
+    let labels = namespace.labels();
+    match labels.get(INJECT).map(String::as_str) {
+        Some("enabled" | "required") => true,
+        Some("disabled") => false,
+        _ => labels.contains_key(TENANT_LABEL),
+    }
+}
+
+fn has_proxy(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().any(|c| c.name == PROXY_CONTAINER)
+            || s.init_containers
+                .iter()
+                .flatten()
+                .any(|c| c.name == PROXY_CONTAINER)
+    })
+}
+
+/// Pods of opted-in namespaces that run without the proxy.
+pub fn judge_injection(opted_in: &BTreeMap<String, Vec<Pod>>) -> CheckResult {
+    if opted_in.is_empty() {
+        return CheckResult::pass(
+            "Injection",
+            format!("no namespace opted in yet (label {INJECT}=enabled, or one a Tenant owns)"),
+        );
+    }
+    let (mut injected, mut opted_out) = (0usize, 0usize);
+    let (mut missing, mut unsupported) = (Vec::new(), Vec::new());
+    for (namespace, pods) in opted_in {
+        for pod in pods {
+            let finished = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Succeeded" || p == "Failed");
+            if finished || pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if has_proxy(pod) {
+                injected += 1;
+            } else if pod
+                .annotations()
+                .get(INJECT)
+                .is_some_and(|v| v == "disabled")
+            {
+                opted_out += 1;
+            } else if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+                unsupported.push(format!(
+                    "{namespace}/{} (hostNetwork: cannot be injected)",
+                    pod.name_any()
+                ));
+            } else {
+                missing.push(format!("{namespace}/{}", pod.name_any()));
+            }
+        }
+    }
+    let opted_out_note = if opted_out > 0 {
+        format!("; {opted_out} opted out with {INJECT}: disabled")
+    } else {
+        String::new()
+    };
+    let unprotected = missing.len() + unsupported.len();
+    if missing.is_empty() && unsupported.is_empty() {
+        return CheckResult::pass(
+            "Injection",
+            format!(
+                "{injected} pod(s) in {} opted-in namespace(s) carry the proxy{opted_out_note}",
+                opted_in.len()
+            ),
+        );
+    }
+    let message = format!(
+        "{unprotected} pod(s) in opted-in namespaces run without the proxy{opted_out_note}"
+    );
+    let namespaces: Vec<&str> = opted_in.keys().map(String::as_str).collect();
+    let details = missing.iter().chain(&unsupported).cloned().collect();
+    if missing.is_empty() {
+        CheckResult::warn("Injection", message).details(details).hint(
+            "pods with hostNetwork cannot be injected: move them out of the namespace or accept them unprotected",
+        )
+    } else {
+        CheckResult::fail("Injection", message).details(details).hint(format!(
+            "they started before injection was enabled or while the webhook was down: restart them, e.g. kubectl rollout restart deployment -n {}",
+            namespaces.first().copied().unwrap_or("<namespace>")
+        ))
+    }
+}
+
+/// The trust bundle in each tenant namespace: present and holding a valid certificate.
+pub fn judge_trust_bundles(
+    bundles: &BTreeMap<String, Option<ConfigMap>>,
+    operator_namespace: &str,
+    now: Timestamp,
+) -> Option<CheckResult> {
+    if bundles.is_empty() {
+        return None;
+    }
+    let (name, key) = TRUST_BUNDLE;
+    let mut problems = Vec::new();
+    for (namespace, config_map) in bundles {
+        let pem = config_map
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get(key));
+        let problem = match pem.map(|p| parse_pem_bundle(p.as_bytes())) {
+            None => Some("missing".to_owned()),
+            Some(Err(e)) => Some(e.to_string()),
+            Some(Ok(certs)) => {
+                let valid = certs
+                    .iter()
+                    .any(|c| c.not_before <= now && now < c.not_after);
+                (!valid).then(|| {
+                    let latest = certs.iter().map(|c| c.not_after).max();
+                    format!(
+                        "no certificate valid now (latest expired {})",
+                        latest.map_or_else(|| "?".to_owned(), |t| relative(t, now))
+                    )
+                })
+            }
+        };
+        if let Some(problem) = problem {
+            problems.push(format!("{namespace}/{name}: {problem}"));
+        }
+    }
+    Some(if problems.is_empty() {
+        CheckResult::pass(
+            "Trust bundle",
+            format!("{name} present in {} tenant namespace(s)", bundles.len()),
+        )
+    } else {
+        CheckResult::fail(
+            "Trust bundle",
+            format!("{} of {} tenant namespace(s) lack a usable {name}", problems.len(), bundles.len()),
+        )
+        .details(problems)
+        .hint(format!(
+            "the operator publishes it in every tenant namespace; check it runs: kubectl -n {operator_namespace} logs deploy/portcullis-operator"
+        ))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::check::report::Status;
+    use k8s_openapi::ByteString;
+
+    fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn info(major: &str, minor: &str, git: &str) -> Info {
+        from_json(serde_json::json!({
+            "major": major, "minor": minor, "gitVersion": git, "gitCommit": "", "gitTreeState": "",
+            "buildDate": "", "goVersion": "", "compiler": "", "platform": ""
+        }))
+    }
+
+    #[test]
+    fn version_below_1_29_warns_about_native_sidecars() {
+        let old = judge_version(&info("1", "20", "v1.20.2"));
+        assert_eq!(old.status, Status::Warn);
+        assert!(
+            old.message.starts_with("v1.20.2: before 1.29"),
+            "{}",
+            old.message
+        );
+        assert_eq!(
+            judge_version(&info("1", "29+", "v1.29.0-gke.1")).status,
+            Status::Pass
+        );
+        assert_eq!(
+            judge_version(&info("1", "33", "")).message,
+            "v1.33: native sidecars supported"
+        );
+        assert_eq!(judge_version(&info("", "", "")).status, Status::Warn);
+    }
+
+    #[test]
+    fn webhooks_need_a_ca_bundle() {
+        let missing = judge_webhooks(
+            "MutatingWebhookConfiguration",
+            "portcullis-injector",
+            None,
+            "ps",
+        );
+        assert_eq!(missing.status, Status::Fail);
+        let hooks = [
+            ("inject.portcullis.dev".to_owned(), true),
+            ("inject-tenant.portcullis.dev".to_owned(), false),
+        ];
+        let empty = judge_webhooks(
+            "MutatingWebhookConfiguration",
+            "portcullis-injector",
+            Some(&hooks),
+            "ps",
+        );
+        assert_eq!(empty.status, Status::Fail);
+        assert!(
+            empty.message.contains("inject-tenant.portcullis.dev"),
+            "{}",
+            empty.message
+        );
+        let good = judge_webhooks("x", "portcullis-validator", Some(&hooks[..1]), "ps");
+        assert_eq!(
+            (good.status, good.message.as_str()),
+            (Status::Pass, "1 webhook(s), caBundle set")
+        );
+    }
+
+    #[test]
+    fn operator_readiness() {
+        let deployment = |ready: i32| -> Deployment {
+            from_json(serde_json::json!({
+                "metadata": {"name": "portcullis-operator"},
+                "spec": {"replicas": 2, "selector": {}, "template": {}},
+                "status": {"readyReplicas": ready}
+            }))
+        };
+        let crashing: Pod = from_json(serde_json::json!({
+            "metadata": {"name": "portcullis-operator-abc"},
+            "status": {"phase": "Running", "containerStatuses": [{"name": "operator", "ready": false, "restartCount": 5,
+                "image": "x", "imageID": "", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
+        }));
+        assert_eq!(judge_operator("ps", &[], &[]).status, Status::Warn);
+        let down = judge_operator("ps", &[deployment(0)], std::slice::from_ref(&crashing));
+        assert_eq!(down.status, Status::Fail);
+        assert_eq!(
+            down.details,
+            ["pod portcullis-operator-abc: CrashLoopBackOff (container operator)"]
+        );
+        assert_eq!(
+            judge_operator("ps", &[deployment(1)], &[crashing]).status,
+            Status::Warn
+        );
+        assert_eq!(
+            judge_operator("ps", &[deployment(2)], &[]).message,
+            "deployment portcullis-operator: 2/2 ready"
+        );
+    }
+
+    fn ca_secret(key: &str, not_after: (i32, u8, u8)) -> Secret {
+        let keypair = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let pem = params.self_signed(&keypair).unwrap().pem();
+        Secret {
+            data: Some([(key.to_owned(), ByteString(pem.into_bytes()))].into()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn ca_expiry_is_classified_at_a_fixed_time() {
+        let now: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let judge = |kind, secret: Option<&Secret>| {
+            judge_ca(kind, secret, "ps", "portcullis-operator", now)
+        };
+
+        let fine = judge(CaKind::Root, Some(&ca_secret("ca.crt", (2027, 3, 1))));
+        assert_eq!(fine.status, Status::Pass, "{fine:?}");
+        assert_eq!(fine.message, "valid until 2027-03-01T00:00:00Z (in 365d)");
+
+        let soon = judge(CaKind::Root, Some(&ca_secret("ca.crt", (2026, 3, 11))));
+        assert_eq!(soon.status, Status::Warn);
+        assert_eq!(
+            soon.message,
+            "trust anchor expires in 10d (2026-03-11T00:00:00Z)"
+        );
+        assert!(
+            soon.hint
+                .unwrap()
+                .contains("delete secret portcullis-ca-root")
+        );
+
+        let gone = judge(CaKind::Root, Some(&ca_secret("tls.crt", (2026, 2, 27))));
+        assert_eq!(gone.status, Status::Fail);
+        assert!(
+            gone.message.starts_with("trust anchor EXPIRED 2d ago"),
+            "{}",
+            gone.message
+        );
+        assert!(gone.hint.unwrap().contains("rollout restart"));
+
+        let intermediate = judge(
+            CaKind::Intermediate,
+            Some(&ca_secret("tls.crt", (2026, 3, 20))),
+        );
+        assert_eq!(intermediate.status, Status::Warn);
+        assert!(
+            intermediate
+                .hint
+                .unwrap()
+                .contains("delete secret portcullis-ca-intermediate &&")
+        );
+
+        let missing = judge(CaKind::Intermediate, None);
+        assert_eq!(missing.status, Status::Fail);
+        assert_eq!(
+            missing.message,
+            "Secret ps/portcullis-ca-intermediate not found"
+        );
+
+        let garbage = Secret {
+            data: Some([("ca.crt".to_owned(), ByteString(b"nope".to_vec()))].into()),
+            ..Secret::default()
+        };
+        assert_eq!(judge(CaKind::Root, Some(&garbage)).status, Status::Fail);
+        assert_eq!(
+            judge(CaKind::Root, Some(&Secret::default())).status,
+            Status::Fail
+        );
+    }
+
+    #[test]
+    fn opt_in_follows_the_injector_rules() {
+        let ns = |name: &str, labels: serde_json::Value| -> Namespace {
+            from_json(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
+        };
+        assert!(namespace_opted_in(
+            &ns("a", serde_json::json!({"portcullis.dev/inject": "enabled"})),
+            "ps"
+        ));
+        assert!(namespace_opted_in(
+            &ns("a", serde_json::json!({"portcullis.dev/tenant": "acme"})),
+            "ps"
+        ));
+        assert!(!namespace_opted_in(
+            &ns(
+                "a",
+                serde_json::json!({"portcullis.dev/tenant": "acme", "portcullis.dev/inject": "disabled"})
+            ),
+            "ps"
+        ));
+        assert!(!namespace_opted_in(
+            &ns(
+                "ps",
+                serde_json::json!({"portcullis.dev/inject": "enabled"})
+            ),
+            "ps"
+        ));
+        assert!(!namespace_opted_in(
+            &ns(
+                "kube-system",
+                serde_json::json!({"portcullis.dev/inject": "enabled"})
+            ),
+            "ps"
+        ));
+        assert!(!namespace_opted_in(
+            &ns("plain", serde_json::json!({})),
+            "ps"
+        ));
+    }
+
+    #[test]
+    fn pods_without_the_proxy_are_listed() {
+        let pod = |name: &str, extra: serde_json::Value| -> Pod {
+            let mut value = serde_json::json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "app"}]}});
+            if let (Some(v), Some(extra)) = (value.as_object_mut(), extra.as_object()) {
+                for (k, e) in extra {
+                    v.insert(k.clone(), e.clone());
+                }
+            }
+            from_json(value)
+        };
+        let injected = pod(
+            "api-0",
+            serde_json::json!({"spec": {"containers": [{"name": "app"}], "initContainers": [{"name": "portcullis-proxy"}]}}),
+        );
+        let bare = pod("api-1", serde_json::json!({}));
+        let done = pod(
+            "job-1",
+            serde_json::json!({"status": {"phase": "Succeeded"}}),
+        );
+        let opted_out = pod(
+            "debug",
+            serde_json::json!({"metadata": {"name": "debug", "annotations": {"portcullis.dev/inject": "disabled"}}}),
+        );
+        let host = pod(
+            "agent",
+            serde_json::json!({"spec": {"hostNetwork": true, "containers": [{"name": "app"}]}}),
+        );
+
+        let all = BTreeMap::from([(
+            "acme".to_owned(),
+            vec![
+                injected.clone(),
+                bare,
+                done,
+                opted_out.clone(),
+                host.clone(),
+            ],
+        )]);
+        let result = judge_injection(&all);
+        assert_eq!(result.status, Status::Fail);
+        assert_eq!(
+            result.details,
+            ["acme/api-1", "acme/agent (hostNetwork: cannot be injected)"]
+        );
+        assert_eq!(
+            result.message,
+            "2 pod(s) in opted-in namespaces run without the proxy; 1 opted out with portcullis.dev/inject: disabled"
+        );
+
+        let only_host = BTreeMap::from([("acme".to_owned(), vec![injected.clone(), host])]);
+        assert_eq!(judge_injection(&only_host).status, Status::Warn);
+        let good = BTreeMap::from([("acme".to_owned(), vec![injected, opted_out])]);
+        assert_eq!(judge_injection(&good).status, Status::Pass);
+        assert_eq!(judge_injection(&BTreeMap::new()).status, Status::Pass);
+    }
+
+    #[test]
+    fn trust_bundles_must_exist_and_hold_a_valid_certificate() {
+        let now: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        assert!(judge_trust_bundles(&BTreeMap::new(), "ps", now).is_none());
+        let pem = |not_after| {
+            let secret = ca_secret("ca.crt", not_after);
+            String::from_utf8(secret.data.unwrap()["ca.crt"].0.clone()).unwrap()
+        };
+        let config_map = |pem: String| -> ConfigMap {
+            from_json(
+                serde_json::json!({"metadata": {"name": "portcullis-trust-bundle"}, "data": {"ca-bundle.crt": pem}}),
+            )
+        };
+        let bundles = BTreeMap::from([
+            ("a".to_owned(), Some(config_map(pem((2027, 1, 1))))),
+            ("b".to_owned(), None),
+            ("c".to_owned(), Some(config_map(pem((2026, 1, 1))))),
+        ]);
+        let result = judge_trust_bundles(&bundles, "ps", now).unwrap();
+        assert_eq!(result.status, Status::Fail);
+        assert_eq!(result.details.len(), 2, "{:?}", result.details);
+        assert_eq!(result.details[0], "b/portcullis-trust-bundle: missing");
+        assert!(
+            result.details[1].starts_with("c/portcullis-trust-bundle: no certificate valid now")
+        );
+    }
+}

@@ -1,0 +1,938 @@
+//! `kubectl-portcullis` (the real binary) against a real kube-apiserver (envtest).
+//!
+//! The operator is not running here: where a command waits for it, the test plays its
+//! part (a stand-in issuer writes the Secret and the status the way the operator does).
+//! Skipped when `KUBEBUILDER_ASSETS` is not set.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use portcullis_crds::apikey::{RetiredKey, SECRET_TOKEN_KEY, secret_name};
+use portcullis_crds::{ApiKey, ApiKeySpec, ApiKeyStatus, ApiToken, KeyState, ScopeName};
+use portcullis_e2e::envtest::{self, EnvTest, StartOptions};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubectl-portcullis");
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Runs the binary with the envtest's admin kubeconfig.
+async fn cli(env: &EnvTest, args: &[&str]) -> Run {
+    let output = tokio::process::Command::new(BIN)
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig_path())
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .expect("run kubectl-portcullis");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+async fn env() -> Option<&'static EnvTest> {
+    let env = envtest::shared().await.expect("envtest starts")?;
+    env.install_crds().await.expect("CRDs install");
+    Some(env)
+}
+
+fn ready(status: &str, reason: &str, message: &str, now: Timestamp) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: None,
+        last_transition_time: Time(now),
+    }
+}
+
+/// One pass of the stand-in operator over the keys of `ns`: issue new and rotated keys
+/// (Secret first, then status, as the operator does) and confirm revocations.
+async fn issue_round(client: &Client, ns: &str) -> Result<(), kube::Error> {
+    let keys: Api<ApiKey> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for key in keys.list(&ListParams::default()).await?.items {
+        let name = key.name_any();
+        let status = key.status.clone().unwrap_or_default();
+        let now = Timestamp::now();
+        if key.spec.revoked {
+            if status.state != KeyState::Revoked {
+                let revoked = ApiKeyStatus {
+                    state: KeyState::Revoked,
+                    conditions: vec![ready("False", "Revoked", "revoked by spec.revoked", now)],
+                    ..status
+                };
+                keys.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": revoked})),
+                )
+                .await?;
+            }
+            continue;
+        }
+        if status.state == KeyState::Active && status.rotation >= key.spec.rotate {
+            continue;
+        }
+        let token = ApiToken::generate();
+        let key_id = token.key_id().as_str().to_owned();
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(secret_name(&name)),
+                annotations: Some([("portcullis.dev/key-id".to_owned(), key_id.clone())].into()),
+                ..Default::default()
+            },
+            type_: Some("portcullis.dev/api-key".into()),
+            data: Some(
+                [(
+                    SECRET_TOKEN_KEY.to_owned(),
+                    ByteString(token.expose_secret().as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let mut body = serde_json::to_value(&secret).unwrap();
+        body["apiVersion"] = json!("v1");
+        body["kind"] = json!("Secret");
+        secrets
+            .patch(
+                &secret_name(&name),
+                &PatchParams::apply("stand-in-operator").force(),
+                &Patch::Apply(body),
+            )
+            .await?;
+        let mut previous_keys = status.previous_keys.clone();
+        if let Some(old) = status.key_id.clone() {
+            previous_keys.push(RetiredKey {
+                key_id: old,
+                hash: status.hash.clone().unwrap_or_default(),
+                valid_until: Time(now + SignedDuration::from_hours(24)),
+            });
+        }
+        let issued = ApiKeyStatus {
+            state: KeyState::Active,
+            prefix: Some(format!("ak_{key_id}")),
+            key_id: Some(key_id),
+            hash: Some("$2b$04$stand.in.hash".into()),
+            issued_at: Some(Time(now)),
+            expires_at: Some(Time(now + SignedDuration::from_hours(90 * 24))),
+            rotation: key.spec.rotate,
+            secret_name: Some(secret_name(&name)),
+            previous_keys,
+            conditions: vec![ready("True", "Issued", "token issued", now)],
+            observed_generation: key.metadata.generation,
+        };
+        keys.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": issued})),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The stand-in operator, until the handle is aborted.
+fn spawn_issuer(client: Client, ns: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = issue_round(&client, &ns).await {
+                eprintln!("stand-in issuer: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+async fn secret_token(client: &Client, ns: &str, name: &str) -> (String, Secret) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = secrets.get(&secret_name(name)).await.unwrap();
+    let token =
+        String::from_utf8(secret.data.clone().unwrap()[SECRET_TOKEN_KEY].0.clone()).unwrap();
+    (token, secret)
+}
+
+#[tokio::test]
+async fn key_create_prints_the_token_once_and_show_hides_it() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-create").await.unwrap();
+    let issuer = spawn_issuer(client.clone(), ns.clone());
+
+    let created = cli(
+        env,
+        &[
+            "-n",
+            &ns,
+            "key",
+            "create",
+            "ingest",
+            "--role",
+            "Developer",
+            "--scopes",
+            "identify,events",
+            "--rate-limit",
+            "1000/1m",
+            "--ip-allowlist",
+            "10.0.0.0/8",
+            "--wait",
+            "20s",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, Some(0), "{created:?}");
+    let (token, secret) = secret_token(&client, &ns, "ingest").await;
+    assert!(token.starts_with("ak_"));
+    assert_eq!(created.stdout.trim(), token, "stdout is the token alone");
+    let everything = format!("{}{}", created.stdout, created.stderr);
+    assert_eq!(everything.matches(&token).count(), 1, "{created:?}");
+    assert!(
+        created.stderr.contains("will not be shown again"),
+        "{created:?}"
+    );
+    assert_eq!(
+        secret
+            .annotations()
+            .get("portcullis.dev/delivered")
+            .map(String::as_str),
+        Some("true"),
+        "the CLI marks the token delivered"
+    );
+    let key: ApiKey = Api::namespaced(client.clone(), &ns)
+        .get("ingest")
+        .await
+        .unwrap();
+    assert_eq!(key.spec.ip_allowlist[0].as_str(), "10.0.0.0/8");
+    assert_eq!(key.spec.rate_limit.as_ref().map(|r| r.requests), Some(1000));
+
+    let shown = cli(env, &["-n", &ns, "key", "show", "ingest"]).await;
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    assert!(
+        !shown.stdout.contains(&token) && !shown.stderr.contains(&token),
+        "{shown:?}"
+    );
+    let prefix = key.status.as_ref().unwrap().prefix.clone().unwrap();
+    assert!(
+        shown.stdout.contains(&format!("Key:           {prefix}\n")),
+        "{shown:?}"
+    );
+    assert!(
+        shown.stdout.contains("State:         Active\n"),
+        "{shown:?}"
+    );
+    assert!(shown.stdout.contains("1000/1m burst 100"), "{shown:?}");
+
+    let shown_json = cli(env, &["-n", &ns, "key", "show", "ingest", "-o", "json"]).await;
+    assert!(!shown_json.stdout.contains(&token), "{shown_json:?}");
+    let report = shown_json.json();
+    assert_eq!(report["keyPrefix"], prefix.as_str());
+    assert_eq!(report["scopes"], json!(["identify", "events"]));
+    assert!(report.get("token").is_none());
+
+    let revealed = cli(env, &["-n", &ns, "key", "show", "ingest", "--reveal"]).await;
+    assert!(
+        revealed
+            .stdout
+            .contains(&format!("Token:         {token}\n")),
+        "{revealed:?}"
+    );
+
+    let listed = cli(env, &["-n", &ns, "key", "list"]).await;
+    assert!(listed.stdout.starts_with("NAME "), "{listed:?}");
+    assert!(
+        listed.stdout.contains("ingest") && listed.stdout.contains("Active"),
+        "{listed:?}"
+    );
+    let listed_json = cli(env, &["-n", &ns, "key", "list", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(listed_json["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listed_json["items"][0]["status"]["state"], "Active");
+    let listed_yaml = cli(env, &["-n", &ns, "key", "list", "-o", "yaml"]).await;
+    let yaml: Value = serde_yaml::from_str(&listed_yaml.stdout).unwrap();
+    assert_eq!(yaml["kind"], "List");
+    issuer.abort();
+}
+
+#[tokio::test]
+async fn key_rotate_prints_the_new_token_and_the_overlap() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-rotate").await.unwrap();
+    let issuer = spawn_issuer(client.clone(), ns.clone());
+    let created = cli(
+        env,
+        &[
+            "-n",
+            &ns,
+            "key",
+            "create",
+            "k",
+            "--role",
+            "Developer",
+            "--scopes",
+            "identify",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, Some(0), "{created:?}");
+    let old = created.stdout.trim().to_owned();
+
+    let rotated = cli(env, &["-n", &ns, "key", "rotate", "k", "-o", "json"]).await;
+    assert_eq!(rotated.code, Some(0), "{rotated:?}");
+    let report = rotated.json();
+    let (new, _) = secret_token(&client, &ns, "k").await;
+    assert_eq!(report["token"], new.as_str());
+    assert_ne!(new, old);
+    assert!(!rotated.stdout.contains(&old) && !rotated.stderr.contains(&old));
+    let old_prefix = &old[..15];
+    assert_eq!(report["previousKey"]["keyPrefix"], old_prefix);
+    assert!(
+        report["previousKey"]["validUntil"].is_string(),
+        "{rotated:?}"
+    );
+    let key: ApiKey = Api::namespaced(client, &ns).get("k").await.unwrap();
+    assert_eq!(key.spec.rotate, 1);
+    issuer.abort();
+}
+
+#[tokio::test]
+async fn key_revoke_patches_revoked_and_waits_for_the_operator() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-revoke").await.unwrap();
+    let issuer = spawn_issuer(client.clone(), ns.clone());
+    let created = cli(
+        env,
+        &[
+            "-n", &ns, "key", "create", "old", "--role", "Viewer", "--scopes", "events",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, Some(0), "{created:?}");
+
+    let revoked = cli(env, &["-n", &ns, "key", "revoke", "old"]).await;
+    assert_eq!(revoked.code, Some(0), "{revoked:?}");
+    assert!(revoked.stdout.contains("revoked: ak_"), "{revoked:?}");
+    let key: ApiKey = Api::namespaced(client, &ns).get("old").await.unwrap();
+    assert!(key.spec.revoked);
+    assert_eq!(key.status.map(|s| s.state), Some(KeyState::Revoked));
+
+    let again = cli(env, &["-n", &ns, "key", "revoke", "old"]).await;
+    assert_eq!(again.code, Some(0), "{again:?}");
+    assert!(again.stderr.contains("already revoked"), "{again:?}");
+    issuer.abort();
+}
+
+#[tokio::test]
+async fn key_create_refuses_bad_input_locally_and_shows_server_refusals() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-refuse").await.unwrap();
+
+    let bad_cidr = cli(
+        env,
+        &[
+            "-n",
+            &ns,
+            "key",
+            "create",
+            "k",
+            "--role",
+            "Developer",
+            "--scopes",
+            "identify",
+            "--ip-allowlist",
+            "10.0.0.0/8,10.0.0.300/8",
+        ],
+    )
+    .await;
+    assert_ne!(bad_cidr.code, Some(0), "{bad_cidr:?}");
+    assert!(
+        bad_cidr
+            .stderr
+            .contains("spec.ipAllowlist[1]: invalid CIDR \"10.0.0.300/8\""),
+        "{bad_cidr:?}"
+    );
+    assert!(
+        bad_cidr.stderr.contains("nothing was created"),
+        "{bad_cidr:?}"
+    );
+    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        keys.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // The schema caps role names at 63 characters; local validation leaves that to the
+    // server, whose message is shown as-is.
+    let long_role = "r".repeat(70);
+    let refused = cli(
+        env,
+        &[
+            "-n", &ns, "key", "create", "k", "--role", &long_role, "--scopes", "identify",
+        ],
+    )
+    .await;
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(refused.stderr.contains("spec.role"), "{refused:?}");
+    assert!(refused.stderr.contains("63"), "{refused:?}");
+
+    // No operator: the wait ends with how to find out why.
+    let unissued = cli(
+        env,
+        &[
+            "-n",
+            &ns,
+            "key",
+            "create",
+            "lonely",
+            "--role",
+            "Developer",
+            "--scopes",
+            "identify",
+            "--wait",
+            "1s",
+        ],
+    )
+    .await;
+    assert_ne!(unissued.code, Some(0), "{unissued:?}");
+    assert!(
+        unissued.stderr.contains("did not issue ApiKey"),
+        "{unissued:?}"
+    );
+    assert!(
+        unissued
+            .stderr
+            .contains(&format!("kubectl describe ak lonely -n {ns}")),
+        "{unissued:?}"
+    );
+    assert!(unissued.stderr.contains("logs"), "{unissued:?}");
+    assert!(unissued.stdout.is_empty(), "{unissued:?}");
+}
+
+fn ca_pem(valid_for: SignedDuration, age: SignedDuration) -> String {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let secs = |t: Timestamp| Duration::from_secs(u64::try_from(t.as_second()).unwrap());
+    let now = Timestamp::now();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    params.not_before = epoch + secs(now - age);
+    params.not_after = epoch + secs(now - age + valid_for);
+    params.self_signed(&key).unwrap().pem()
+}
+
+async fn put_ca(client: &Client, ns: &str, name: &str, key: &str, pem: String) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some([(key.to_owned(), ByteString(pem.into_bytes()))].into()),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+fn check_named<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name} in {report}"))
+}
+
+const DAY: SignedDuration = SignedDuration::from_hours(24);
+
+#[tokio::test]
+async fn check_flags_expiring_and_expired_cas_and_unprotected_pods() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+
+    // Operator namespace 1: root expiring in 10 days, intermediate fine.
+    let expiring = env.create_namespace("cli-ca-expiring").await.unwrap();
+    put_ca(
+        &client,
+        &expiring,
+        "portcullis-ca-root",
+        "ca.crt",
+        ca_pem(DAY * 11 + SignedDuration::from_hours(1), DAY),
+    )
+    .await;
+    put_ca(
+        &client,
+        &expiring,
+        "portcullis-ca-intermediate",
+        "tls.crt",
+        ca_pem(DAY * 60, DAY),
+    )
+    .await;
+    // Operator namespace 2: root expired two days ago.
+    let expired = env.create_namespace("cli-ca-expired").await.unwrap();
+    put_ca(
+        &client,
+        &expired,
+        "portcullis-ca-root",
+        "ca.crt",
+        ca_pem(DAY * 30, DAY * 32),
+    )
+    .await;
+
+    // An opted-in namespace with a pod the injector never saw.
+    let apps = env.create_namespace("cli-apps").await.unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            &apps,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"portcullis.dev/inject": "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    create_pod(&client, &apps, "bare", json!({})).await;
+
+    let table = cli(env, &["check", "--operator-namespace", &expiring]).await;
+    assert_eq!(table.code, Some(1), "webhooks are missing: {table:?}");
+    let line = |prefix: &str| {
+        table
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {table:?}"))
+            .to_owned()
+    };
+    assert!(
+        line("! CA root").contains("trust anchor expires in 10d"),
+        "{table:?}"
+    );
+    assert!(
+        line("✓ CA intermediate").contains("valid until"),
+        "{table:?}"
+    );
+    assert!(
+        line("✓ CRD apikeys.portcullis.dev").contains("installed and current"),
+        "{table:?}"
+    );
+    assert!(
+        line("✗ Webhook portcullis-injector").contains("not found"),
+        "{table:?}"
+    );
+    assert!(
+        line("! API server").contains("no native sidecars"),
+        "envtest is 1.20: {table:?}"
+    );
+    assert!(
+        line("✗ Injection").contains("run without the proxy"),
+        "{table:?}"
+    );
+    assert!(
+        table.stdout.contains(&format!("      {apps}/bare\n")),
+        "{table:?}"
+    );
+    assert!(table.stdout.contains("→ rotation is overdue"), "{table:?}");
+
+    let json = cli(
+        env,
+        &["check", "--operator-namespace", &expired, "-o", "json"],
+    )
+    .await;
+    assert_eq!(json.code, Some(1), "{json:?}");
+    let report = json.json();
+    let root = check_named(&report, "CA root");
+    assert_eq!(root["status"], "fail", "{root}");
+    assert!(
+        root["message"].as_str().unwrap().contains("EXPIRED 2d ago"),
+        "{root}"
+    );
+    assert!(
+        root["hint"]
+            .as_str()
+            .unwrap()
+            .contains("delete secret portcullis-ca-root"),
+        "{root}"
+    );
+    assert_eq!(check_named(&report, "CA intermediate")["status"], "fail");
+    assert!(report["summary"]["failed"].as_u64().unwrap() >= 2);
+
+    // identity inspect on the same pod: not injected, SPIFFE ID from its namespace and SA.
+    let identity = cli(
+        env,
+        &[
+            "-n",
+            &apps,
+            "identity",
+            "inspect",
+            "bare",
+            "--trust-domain",
+            "example.org",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(identity.code, Some(0), "{identity:?}");
+    let identity = identity.json();
+    assert_eq!(identity["injected"], false);
+    assert_eq!(
+        identity["spiffeId"],
+        format!("spiffe://example.org/ns/{apps}/sa/default")
+    );
+}
+
+async fn create_pod(client: &Client, ns: &str, name: &str, annotations: Value) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))
+    .unwrap();
+    // The controller-manager creates the `default` ServiceAccount the pod needs shortly
+    // after the namespace.
+    for attempt in 0.. {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(_) => return,
+            Err(e) if attempt < 50 => {
+                eprintln!("pod not created yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot create pod {ns}/{name}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn identity_inspect_reads_an_injected_pod() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-identity").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "api-0", "annotations": {"portcullis.dev/injected": "0.1.0"}},
+        "spec": {
+            "containers": [
+                {"name": "portcullis-proxy", "image": "registry.example/proxy:1"},
+                {"name": "app", "image": "registry.example/app:1"}
+            ]
+        }
+    }))
+    .unwrap();
+    for attempt in 0.. {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(_) => break,
+            Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let table = cli(env, &["-n", &ns, "identity", "inspect", "api-0"]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(
+        table
+            .stdout
+            .contains("Injected:         yes (container, injector 0.1.0)\n"),
+        "{table:?}"
+    );
+    assert!(
+        table.stdout.contains(&format!(
+            "SPIFFE ID:        spiffe://cluster.local/ns/{ns}/sa/default\n"
+        )),
+        "{table:?}"
+    );
+    assert!(
+        table.stdout.contains("--admin-url"),
+        "no request to the pod without it: {table:?}"
+    );
+}
+
+/// A control plane of its own: the other tests install the CRDs into the shared one.
+#[tokio::test]
+async fn check_reports_missing_crds_then_current_then_stale() {
+    let Some(env) = EnvTest::start_with(StartOptions {
+        controller_manager: false,
+        ..StartOptions::default()
+    })
+    .await
+    .expect("envtest starts") else {
+        return;
+    };
+    let crd_statuses = |run: &Run| -> Vec<(String, String, String)> {
+        run.json()["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("CRD ")))
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_owned(),
+                    c["status"].as_str().unwrap().to_owned(),
+                    c["message"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+
+    let before = cli(&env, &["check", "-o", "json"]).await;
+    assert_eq!(before.code, Some(1), "{before:?}");
+    let crds = crd_statuses(&before);
+    assert_eq!(crds.len(), 3, "{before:?}");
+    for (name, status, message) in &crds {
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("fail", "not installed"),
+            "{name}"
+        );
+    }
+    let table = cli(&env, &["check"]).await;
+    assert!(
+        table.stdout.contains("✗ CRD tenants.portcullis.dev"),
+        "{table:?}"
+    );
+    assert!(
+        table
+            .stdout
+            .contains("→ run kubectl apply --server-side -f crds/"),
+        "{table:?}"
+    );
+
+    env.install_crds().await.unwrap();
+    let after = cli(&env, &["check", "-o", "json"]).await;
+    for (name, status, message) in crd_statuses(&after) {
+        assert_eq!(status, "pass", "{name}: {message}");
+    }
+
+    // An older schema on the server: stale.
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client().unwrap());
+    crds.patch(
+        "apikeys.portcullis.dev",
+        &PatchParams::default(),
+        &Patch::Json::<()>(
+            serde_json::from_value(json!([{
+                "op": "replace",
+                "path": "/spec/versions/0/schema/openAPIV3Schema/description",
+                "value": "an older description"
+            }]))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let stale = cli(&env, &["check", "-o", "yaml"]).await;
+    let report: Value = serde_yaml::from_str(&stale.stdout).unwrap();
+    let apikeys = check_named(&report, "CRD apikeys.portcullis.dev");
+    assert_eq!(apikeys["status"], "fail", "{apikeys}");
+    assert!(
+        apikeys["message"].as_str().unwrap().starts_with("stale"),
+        "{apikeys}"
+    );
+    assert_eq!(
+        check_named(&report, "CRD roles.portcullis.dev")["status"],
+        "pass"
+    );
+}
+
+#[tokio::test]
+async fn scope_names_round_trip_through_the_created_object() {
+    // Guards the spec the CLI builds against the API types: what create sends is what
+    // a client reading the object gets back.
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-roundtrip").await.unwrap();
+    let run = cli(
+        env,
+        &[
+            "-n",
+            &ns,
+            "key",
+            "create",
+            "rt",
+            "--role",
+            "Analyst",
+            "--scopes",
+            "signals",
+            "--expires-after",
+            "30d",
+            "--burst",
+            "5",
+            "--rate-limit",
+            "10/s",
+            "--wait",
+            "1s",
+        ],
+    )
+    .await;
+    assert_ne!(
+        run.code,
+        Some(0),
+        "no operator, so the wait times out: {run:?}"
+    );
+    let key: ApiKey = Api::namespaced(client, &ns).get("rt").await.unwrap();
+    let expected = ApiKeySpec {
+        role: "Analyst".into(),
+        scopes: vec![ScopeName::new("signals").unwrap()],
+        rate_limit: Some(portcullis_crds::RateLimit {
+            requests: 10,
+            per: "1s".parse().unwrap(),
+            burst: Some(5),
+        }),
+        expires_after: Some("30d".parse().unwrap()),
+        ..ApiKeySpec::default()
+    };
+    assert_eq!(key.spec, expected);
+}
+
+#[tokio::test]
+async fn tenant_status_counts_keys_and_warns() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-tenant").await.unwrap();
+    let name = format!("t-{ns}");
+    let tenants: Api<portcullis_crds::Tenant> = Api::all(client.clone());
+    let tenant: portcullis_crds::Tenant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {"namespaces": [ns], "dataClassification": "Restricted"}
+    }))
+    .unwrap();
+    tenants
+        .create(&PostParams::default(), &tenant)
+        .await
+        .unwrap();
+    let now = Timestamp::now();
+    tenants
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "namespaces": [ns], "activeDekVersion": 2, "apiKeys": 2, "roles": 5,
+                "conditions": [ready("True", "Reconciled", "1 namespace bound", now)]
+            }})),
+        )
+        .await
+        .unwrap();
+    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns);
+    for (key, status) in [
+        (
+            "soon",
+            ApiKeyStatus {
+                state: KeyState::Active,
+                expires_at: Some(Time(now + DAY * 3 + SignedDuration::from_hours(1))),
+                ..ApiKeyStatus::default()
+            },
+        ),
+        (
+            "bad",
+            ApiKeyStatus {
+                state: KeyState::Invalid,
+                conditions: vec![ready(
+                    "False",
+                    "ScopeNotInRole",
+                    "scope signals is not granted by role Viewer",
+                    now,
+                )],
+                ..ApiKeyStatus::default()
+            },
+        ),
+    ] {
+        let spec = ApiKeySpec {
+            role: "Viewer".into(),
+            scopes: vec![ScopeName::new("signals").unwrap()],
+            ..ApiKeySpec::default()
+        };
+        keys.create(&PostParams::default(), &ApiKey::new(key, spec))
+            .await
+            .unwrap();
+        keys.patch_status(
+            key,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await
+        .unwrap();
+    }
+
+    let table = cli(env, &["tenant", "status", &name]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(
+        table.stdout.contains(&format!("Namespaces:       {ns}\n")),
+        "{table:?}"
+    );
+    assert!(
+        table
+            .stdout
+            .contains("Active DEK:       v2 (rotates every 7d)\n"),
+        "{table:?}"
+    );
+    assert!(
+        table
+            .stdout
+            .contains("Keys by state:    Active 1, Invalid 1\n"),
+        "{table:?}"
+    );
+    assert!(
+        table
+            .stdout
+            .contains(&format!("  ! ApiKey {ns}/soon expires in 3d")),
+        "{table:?}"
+    );
+    assert!(
+        table
+            .stdout
+            .contains(&format!("  ✗ ApiKey {ns}/bad is Invalid (ScopeNotInRole")),
+        "{table:?}"
+    );
+    let json = cli(env, &["tenant", "status", &name, "-o", "json"])
+        .await
+        .json();
+    assert_eq!(json["classification"], "Restricted");
+    assert_eq!(json["findings"].as_array().map(Vec::len), Some(2));
+
+    let missing = cli(env, &["tenant", "status", "no-such-tenant"]).await;
+    assert_ne!(missing.code, Some(0));
+    assert!(
+        missing.stderr.contains("Tenant no-such-tenant not found"),
+        "{missing:?}"
+    );
+}
