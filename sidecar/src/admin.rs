@@ -1,0 +1,121 @@
+//! The admin server (port 4191, plain HTTP/1.1): `/live` (the process answers),
+//! `/ready` (a policy and a certificate are loaded), `/metrics` (Prometheus).
+
+use std::{convert::Infallible, sync::Arc};
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    body::{ProxyBody, full},
+    metrics::Metrics,
+    policy::PolicyStore,
+};
+
+/// What `/ready` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The policy store.
+    pub policy: PolicyStore,
+    /// Whether a serving certificate is loaded.
+    pub certificate: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn route(
+    request: &Request<Incoming>,
+    readiness: &Readiness,
+    metrics: &Metrics,
+) -> Response<ProxyBody> {
+    if request.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        );
+    }
+    match request.uri().path() {
+        "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => {
+            let policy = readiness.policy.load().map(|b| b.version);
+            let certificate = (readiness.certificate)();
+            let ready = policy.is_some() && certificate;
+            let body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate});
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, "application/json", format!("{body}\n"))
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /live, /ready or /metrics\n".into(),
+        ),
+    }
+}
+
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+        };
+        let readiness = readiness.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = route(&request, &readiness, &metrics);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connection).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,11 @@
+//! API-key authentication: find the key in the request ([`extract`]), check it against
+//! the policy ([`verify`]) with a verified-key cache ([`cache`]) so steady state costs
+//! one SHA-256 and a map lookup, and bcrypt runs only on a miss, on a bounded pool.
+
+pub mod cache;
+pub mod extract;
+pub mod verify;
+
+pub use cache::VerifiedKeyCache;
+pub use extract::presented_key;
+pub use verify::{KeyVerifier, VerifiedKey};

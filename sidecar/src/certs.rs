@@ -1,0 +1,322 @@
+//! File-backed credentials for standalone use: the serving certificate chain, its key
+//! and the trust bundle, read from PEM files and re-read when they change. Handshakes
+//! read the current generation lock-free; a half-written file is refused and the
+//! previous generation kept.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    DistinguishedName, RootCertStore, SignatureScheme,
+    client::ResolvesClientCert,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    server::{
+        ClientHello, ResolvesServerCert,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::TlsFiles, metrics::Metrics, tls};
+
+/// Why credentials could not be loaded. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read.
+    #[error("reading {field} file {path}: {source}")]
+    Read {
+        /// Which config field.
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM object.
+    #[error("{field} file {path}: {problem}")]
+    Pem {
+        /// Which config field.
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The key does not belong to the certificate, or rustls refused it.
+    #[error("tls.privateKey does not match tls.certificate or is unsupported: {0}")]
+    Key(String),
+    /// The trust bundle cannot build a verifier.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// One generation of credentials.
+struct Generation {
+    certified_key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    not_after: i64,
+    fingerprint: [u8; 32],
+}
+
+/// Credentials from files, swapped atomically on reload; cheap to clone.
+#[derive(Clone)]
+pub struct FileCredentials {
+    files: TlsFiles,
+    current: Arc<ArcSwap<Generation>>,
+}
+
+impl std::fmt::Debug for FileCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCredentials")
+            .field("certificate", &self.files.certificate)
+            .field("not_after", &self.current.load().not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn pem_error(field: &'static str, path: &Path, problem: impl Into<String>) -> CertError {
+    CertError::Pem {
+        field,
+        path: path.display().to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn parse_certs(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(field, path, format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_error(field, path, "holds no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+fn load_generation(files: &TlsFiles) -> Result<Generation, CertError> {
+    let cert_pem = read("tls.certificate", &files.certificate)?;
+    let key_pem = read("tls.privateKey", &files.private_key)?;
+    let bundle_pem = read("tls.trustBundle", &files.trust_bundle)?;
+    let mut hasher = Sha256::new();
+    for part in [&cert_pem, &key_pem, &bundle_pem] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let fingerprint: [u8; 32] = hasher.finalize().into();
+
+    let chain = parse_certs("tls.certificate", &files.certificate, &cert_pem)?;
+    // The key's own parse error could quote key bytes; say only what is wrong.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        pem_error(
+            "tls.privateKey",
+            &files.private_key,
+            "holds no PKCS#8, SEC1 or PKCS#1 PRIVATE KEY block",
+        )
+    })?;
+    let signing_key = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| CertError::Key(e.to_string()))?;
+    let certified_key = CertifiedKey::new(chain, signing_key);
+    certified_key
+        .keys_match()
+        .map_err(|e| CertError::Key(e.to_string()))?;
+    let not_after = certified_key
+        .end_entity_cert()
+        .ok()
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .unwrap_or(0);
+
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs("tls.trustBundle", &files.trust_bundle, &bundle_pem)? {
+        roots.add(cert).map_err(|e| {
+            pem_error(
+                "tls.trustBundle",
+                &files.trust_bundle,
+                format!("unusable CA certificate: {e}"),
+            )
+        })?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = tls::optional_client_verifier(roots.clone())?;
+    Ok(Generation {
+        certified_key: Arc::new(certified_key),
+        roots,
+        verifier,
+        not_after,
+        fingerprint,
+    })
+}
+
+impl FileCredentials {
+    /// Loads the files named in `files`.
+    pub fn load(files: &TlsFiles) -> Result<Self, CertError> {
+        let generation = load_generation(files)?;
+        Ok(Self {
+            files: files.clone(),
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+        })
+    }
+
+    /// Re-reads the files; true when a new generation is now in force.
+    pub fn reload(&self) -> Result<bool, CertError> {
+        let generation = load_generation(&self.files)?;
+        if generation.fingerprint == self.current.load().fingerprint {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(generation));
+        Ok(true)
+    }
+
+    /// The serving certificate's notAfter, in Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.current.load().not_after
+    }
+
+    /// The current trust roots.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.current.load().roots.clone()
+    }
+
+    /// A resolver presenting the current certificate (server and client side).
+    pub fn resolver(&self) -> Arc<FileCertResolver> {
+        Arc::new(FileCertResolver(self.clone()))
+    }
+
+    /// A client-certificate verifier using the current trust bundle.
+    pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        Arc::new(FileClientVerifier(self.clone()))
+    }
+
+    /// A client config source for the policy stream, following reloads.
+    pub fn client_config_source(&self) -> tls::ClientConfigSource {
+        let creds = self.clone();
+        Arc::new(move || {
+            Ok(Arc::new(tls::client_config(
+                creds.resolver(),
+                creds.roots(),
+            )?))
+        })
+    }
+
+    /// Re-reads the files every `interval` until `shutdown`.
+    pub async fn watch(self, interval: Duration, metrics: Metrics, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(
+                        not_after = self.not_after(),
+                        "certificate and trust bundle reloaded"
+                    );
+                    metrics.cert_reload("reloaded", Some(self.not_after()));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the current certificate");
+                    metrics.cert_reload("failed", None);
+                }
+            }
+        }
+    }
+}
+
+/// Presents the current file certificate.
+#[derive(Debug)]
+pub struct FileCertResolver(FileCredentials);
+
+impl ResolvesServerCert for FileCertResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().certified_key.clone())
+    }
+}
+
+impl ResolvesClientCert for FileCertResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().certified_key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies offered client certificates against the current trust bundle.
+#[derive(Debug)]
+struct FileClientVerifier(FileCredentials);
+
+impl ClientCertVerifier for FileClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The roots change under us; no hints means "send what you have".
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .current
+            .load()
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current
+            .load()
+            .verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current.load().verifier.supported_verify_schemes()
+    }
+}

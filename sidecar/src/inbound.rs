@@ -1,0 +1,375 @@
+//! The inbound request path, composed from the one-step modules: policy loaded →
+//! client address → credentials the mode requires → tenant allowlist → route scope →
+//! API key (verify, key allowlist, scope, rate limit) or mTLS peer → audit
+//! availability → headers → app. Every request, allowed or denied, is counted and
+//! audited once.
+//!
+//! Modes: `mtls` needs a peer SPIFFE ID (key headers are ignored, and stripped);
+//! `apikey` needs a key; `mtls-or-apikey` needs either (a key, when sent, must be
+//! valid and then decides scopes); `mtls-and-apikey` needs both and scopes come from
+//! the key. A `Restricted` tenant always gets `mtls-and-apikey`, whatever is configured.
+
+use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
+
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use portcullis_crds::{DataClassification, InboundMode, scope::ScopeMap};
+
+use crate::{
+    accept::ConnInfo,
+    allowlist,
+    audit::{AuditHook, Decision, RequestOutcome},
+    authn::{KeyVerifier, presented_key},
+    authorize,
+    body::ProxyBody,
+    deny::{Denial, Reason},
+    headers::{self, Forwarded},
+    metrics::Metrics,
+    policy::PolicyStore,
+    ratelimit::{RateLimits, Verdict},
+    upstream::{self, Upstream},
+};
+
+/// Settings of the inbound path (from `ProxyConfig`).
+#[derive(Clone, Debug)]
+pub struct InboundSettings {
+    /// What requests must present.
+    pub mode: InboundMode,
+    /// Whether mTLS peers are limited to mapped routes.
+    pub peers_need_mapped_route: bool,
+    /// The pod's route map override.
+    pub scopes_override: Option<ScopeMap>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Time for the app's response head.
+    pub request_timeout: std::time::Duration,
+}
+
+/// Everything a request needs; shared by all connections.
+pub struct Inbound {
+    /// Settings.
+    pub settings: InboundSettings,
+    /// The policy in force.
+    pub policy: PolicyStore,
+    /// API-key verification.
+    pub keys: Arc<KeyVerifier>,
+    /// Per-key rate limits.
+    pub limits: RateLimits,
+    /// The app.
+    pub upstream: Upstream,
+    /// The audit hook.
+    pub audit: Arc<dyn AuditHook>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What is known about a request so far, for its audit record.
+struct Facts {
+    tenant: String,
+    principal: String,
+    action: String,
+    client_ip: IpAddr,
+    fails_closed: bool,
+}
+
+/// A request that may pass.
+struct Admitted {
+    principal: String,
+    tenant: String,
+    scopes: Option<String>,
+    rate: Option<Verdict>,
+}
+
+/// The mode in force: the configured one, raised to mTLS *and* key for `Restricted`
+/// tenants (DESIGN.md §6). Every configured mode already authenticates, which is all
+/// `Internal` and `Confidential` ask for.
+pub fn effective_mode(configured: InboundMode, classification: DataClassification) -> InboundMode {
+    match classification {
+        DataClassification::Restricted => InboundMode::MtlsAndApikey,
+        _ => configured,
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wants_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == http::Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+impl Inbound {
+    /// Serves one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let _in_flight = conn.activity.request_started();
+        let started = Instant::now();
+        let timestamp = jiff::Timestamp::now();
+        let method = request.method().as_str().to_owned();
+        let path = request.uri().path().to_owned();
+        let bytes_in = content_length(request.headers());
+        let mut facts = Facts {
+            tenant: String::new(),
+            principal: "anonymous".to_owned(),
+            action: "api.unmapped".to_owned(),
+            client_ip: conn.peer.ip().to_canonical(),
+            fails_closed: false,
+        };
+
+        let outcome = match self
+            .admit(&request, &conn, &mut facts, &method, &path)
+            .await
+        {
+            Err(denial) => Err(denial),
+            Ok(admitted) => {
+                let client_upgrade =
+                    wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+                self.forward(request, admitted, client_upgrade).await
+            }
+        };
+        let (mut response, reason) = match outcome {
+            Ok(response) => (response, Reason::Allowed),
+            Err(denial) => {
+                let reason = denial.reason;
+                (denial.into_response(), reason)
+            }
+        };
+        let latency = started.elapsed();
+        let mut status = response.status().as_u16();
+        let mut reason = reason;
+        let record = RequestOutcome {
+            timestamp,
+            tenant: facts.tenant.clone(),
+            principal: facts.principal.clone(),
+            action: facts.action.clone(),
+            client_ip: facts.client_ip,
+            method: method.clone(),
+            path: path.clone(),
+            status,
+            latency,
+            bytes_in,
+            bytes_out: content_length(response.headers()),
+            decision: if reason == Reason::Allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            reason: reason.as_str(),
+        };
+        if let Err(refused) = self.audit.record(record) {
+            tracing::warn!(error = %refused, fails_closed = facts.fails_closed, "audit hook refused a record");
+            if facts.fails_closed && reason == Reason::Allowed {
+                response = Denial::new(
+                    Reason::AuditUnavailable,
+                    "this tenant requires an audit record for every request and the audit log cannot be written; retry later",
+                )
+                .into_response();
+                reason = Reason::AuditUnavailable;
+                status = response.status().as_u16();
+            }
+        }
+        if reason != Reason::Allowed {
+            tracing::info!(
+                reason = reason.as_str(),
+                status,
+                principal = %facts.principal,
+                client_ip = %facts.client_ip,
+                method = %method,
+                path = %path,
+                "request denied"
+            );
+        }
+        self.metrics.request(reason, status, latency.as_secs_f64());
+        Ok(response)
+    }
+
+    async fn admit(
+        &self,
+        request: &Request<Incoming>,
+        conn: &ConnInfo,
+        facts: &mut Facts,
+        method: &str,
+        path: &str,
+    ) -> Result<Admitted, Denial> {
+        let settings = &self.settings;
+        let Some(bundle) = self.policy.load() else {
+            return Err(Denial::new(
+                Reason::PolicyUnavailable,
+                "this service has not received its access policy yet; retry in a few seconds",
+            ));
+        };
+        facts.tenant = bundle.tenant.clone();
+        facts.fails_closed = bundle.classification.audit_fails_closed();
+        facts.client_ip =
+            allowlist::client_ip(conn.peer.ip(), request.headers(), &settings.trusted_proxies)?;
+        let presented = presented_key(request.headers())?;
+
+        let mode = effective_mode(settings.mode, bundle.classification);
+        let key = if mode == InboundMode::Mtls {
+            None
+        } else {
+            presented
+        };
+        let peer = conn.peer_id.as_deref();
+        let need_peer = matches!(mode, InboundMode::Mtls | InboundMode::MtlsAndApikey);
+        let need_key = matches!(mode, InboundMode::Apikey | InboundMode::MtlsAndApikey);
+        if need_peer && peer.is_none() {
+            return Err(if conn.client_cert {
+                Denial::new(
+                    Reason::NoWorkloadIdentity,
+                    "your client certificate has no spiffe:// URI SAN; present a workload certificate issued by the mesh",
+                )
+            } else {
+                Denial::new(
+                    Reason::ClientCertificateRequired,
+                    "this service requires mutual TLS; present a client certificate issued by the mesh",
+                )
+            });
+        }
+        if need_key && key.is_none() {
+            return Err(Denial::new(
+                Reason::ApiKeyRequired,
+                "this service requires an API key; send it as \"Authorization: Bearer ak_...\" or \"X-API-Key: ak_...\"",
+            ));
+        }
+        if key.is_none() && peer.is_none() {
+            return Err(Denial::new(
+                Reason::CredentialsRequired,
+                "present a client certificate (mutual TLS) or an API key (\"Authorization: Bearer ak_...\")",
+            ));
+        }
+
+        if !allowlist::permits(&bundle.tenant_ip_allowlist, facts.client_ip) {
+            return Err(Denial::new(
+                Reason::IpNotAllowed,
+                format!(
+                    "requests from {} are not allowed for this tenant; call from an allowed network",
+                    facts.client_ip
+                ),
+            ));
+        }
+        let scope =
+            authorize::route_scope(&bundle, settings.scopes_override.as_ref(), method, path);
+        facts.action = format!("api.{}", scope.unwrap_or("unmapped"));
+
+        let Some(presented) = key else {
+            let peer = peer.unwrap_or_default();
+            facts.principal = peer.to_owned();
+            authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
+            return self.audit_gate(facts).map(|()| Admitted {
+                principal: peer.to_owned(),
+                tenant: bundle.tenant.clone(),
+                scopes: None,
+                rate: None,
+            });
+        };
+
+        let verified = self
+            .keys
+            .verify(&presented, &bundle, jiff::Timestamp::now())
+            .await?;
+        facts.principal = format!("key:{}", verified.masked);
+        if !allowlist::permits(&verified.policy.ip_allowlist, facts.client_ip) {
+            return Err(Denial::new(
+                Reason::IpNotAllowedForKey,
+                format!(
+                    "this API key may not be used from {}; call from a network on the key's allowlist",
+                    facts.client_ip
+                ),
+            ));
+        }
+        authorize::authorize_key(&verified.policy.scopes, scope, method, path)?;
+        let verdict = self
+            .limits
+            .check(&verified.key_id, &verified.policy.rate_limit, &bundle);
+        if !verdict.allowed {
+            let mut denial = Denial::new(
+                Reason::RateLimited,
+                "this API key is over its rate limit; wait for the number of seconds in Retry-After",
+            );
+            denial.headers = verdict.headers();
+            return Err(denial);
+        }
+        self.audit_gate(facts)?;
+        Ok(Admitted {
+            principal: facts.principal.clone(),
+            tenant: bundle.tenant.clone(),
+            scopes: Some(
+                verified
+                    .policy
+                    .scopes
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            rate: Some(verdict),
+        })
+    }
+
+    fn audit_gate(&self, facts: &Facts) -> Result<(), Denial> {
+        if facts.fails_closed && !self.audit.available() {
+            return Err(Denial::new(
+                Reason::AuditUnavailable,
+                "this tenant requires an audit record for every request and the audit log is unavailable; retry later",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        admitted: Admitted,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, Denial> {
+        let (mut parts, body) = request.into_parts();
+        let forwarded = Forwarded {
+            principal: &admitted.principal,
+            tenant: &admitted.tenant,
+            scopes: admitted.scopes.clone(),
+        };
+        headers::to_upstream(&mut parts.headers, &forwarded, client_upgrade.is_some());
+        let request = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        let mut response = self
+            .upstream
+            .forward(request, self.settings.request_timeout)
+            .await?;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(client) = client_upgrade {
+            let app = hyper::upgrade::on(&mut response);
+            upstream::splice_upgrades(client, app);
+        }
+        headers::strip_hop_by_hop(response.headers_mut(), switching);
+        if let Some(verdict) = admitted.rate {
+            for (name, value) in verdict.headers() {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        Ok(response.map(|body| body.map_err(Into::into).boxed()))
+    }
+}

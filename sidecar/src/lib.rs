@@ -1,0 +1,27 @@
+//! The Portcullis sidecar proxy: TLS 1.3 in front of an app, mTLS peers and scoped API
+//! keys, IP allowlists, per-key rate limits, audit of every request, hot-swapped
+//! certificates and policy. One module per step of the inbound path (see `inbound`).
+
+pub mod accept;
+pub mod admin;
+pub mod allowlist;
+pub mod audit;
+pub mod authn;
+pub mod authorize;
+pub mod body;
+pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod deny;
+pub mod drain;
+pub mod echo;
+pub mod headers;
+pub mod inbound;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod ratelimit;
+pub mod tls;
+pub mod upstream;
+pub mod identity;
+pub mod init;

@@ -1,0 +1,176 @@
+//! HTTP/2, WebSocket upgrade, streaming bodies, and graceful drain through the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::{Harness, Identity, Options, client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn http2_requests_are_proxied_with_multiplexing() {
+    let h = Harness::start(Options::default()).await;
+    let client = h.client(Identity::Anonymous);
+    let sender = client.h2().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut sender = sender.clone();
+        let key = h.token("events").to_owned();
+        tasks.push(tokio::spawn(async move {
+            let request = Request::post(format!("https://localhost/v1/events/{i}"))
+                .header("x-api-key", key)
+                .body(Full::new(Bytes::from(format!("body {i}"))))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["path"], format!("/v1/events/{i}"));
+            assert_eq!(json["body"], format!("body {i}"));
+            assert_eq!(json["headers"]["host"], "localhost");
+            assert!(
+                json["headers"]["x-portcullis-principal"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("key:ak_***")
+            );
+            assert!(json["headers"].get("x-api-key").is_none());
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through() {
+    let h = Harness::start(Options::default()).await;
+    let mut stream = h.client(Identity::Anonymous).tls(false).await.unwrap();
+    let head = format!(
+        "GET /v1/events/stream HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-API-Key: {}\r\n\r\n",
+        h.token("events")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        answer.push(byte[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 101"), "{answer}");
+    assert!(answer.contains("upgrade: websocket"), "{answer}");
+    for message in ["hello", "through the proxy"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, message.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let h = Harness::start(Options::default()).await;
+    let client = h.client(Identity::Anonymous);
+    let body = "0123456789abcdef".repeat(32 * 1024); // 512 KiB
+    let reply = client
+        .post("/v1/events/big", &[("x-api-key", h.token("events"))], &body)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["body"].as_str().unwrap().len(), body.len());
+}
+
+#[tokio::test]
+async fn keep_alive_serves_many_requests_on_one_connection() {
+    let h = Harness::start(Options::default()).await;
+    let client = h.client(Identity::Anonymous);
+    let mut connection = client.h1().await.unwrap();
+    for i in 0..20 {
+        let request = client::request(
+            "GET",
+            &format!("/v1/signals/{i}"),
+            &[("x-api-key", h.token("signals"))],
+            "",
+        );
+        assert_eq!(
+            client::send_on(&mut connection, request)
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    assert_eq!(h.metric("portcullis_tls_handshakes_total"), 1.0);
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
+    let h = Harness::start(Options::default()).await;
+    let client = h.client(Identity::Anonymous);
+    let mut stream = client.tls(false).await.unwrap();
+    let head = format!(
+        "POST /v1/events/slow HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {}\r\nContent-Length: 10\r\n\r\nhello",
+        h.token("events")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.proxy.shutdown_token().cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are no longer accepted.
+    assert!(
+        client.tls(false).await.is_err(),
+        "a draining proxy must not accept new connections"
+    );
+    stream.write_all(b"world").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "in-flight request must complete: {answer}"
+    );
+    assert!(answer.contains("helloworld"));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let mut options = Options::default();
+    options.limits.max_connections = 1;
+    let h = Harness::start(options).await;
+    let client = h.client(Identity::Anonymous);
+    let key = h.token("events").to_owned();
+    let mut first = client.h1().await.unwrap();
+    let request = || client::request("GET", "/v1/events/1", &[("x-api-key", &key)], "");
+    assert_eq!(
+        client::send_on(&mut first, request()).await.unwrap().status,
+        200
+    );
+    // The second connection is not accepted while the first holds the only slot.
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { client.h1().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the handshake must wait for a slot");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
