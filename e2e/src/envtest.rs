@@ -53,7 +53,7 @@
 
 mod certs;
 mod crds;
-mod process;
+pub(crate) mod process;
 
 use std::ffi::OsString;
 use std::net::TcpListener;

@@ -4,3 +4,4 @@
 //!   `KUBEBUILDER_ASSETS`, shared by the tests of one binary.
 
 pub mod envtest;
+pub mod localcluster;

@@ -1,0 +1,156 @@
+//! `pod-app`: the application the local-cluster tier runs inside pods.
+//!
+//! - `pod-app serve --port P`: the echo app (method, path, headers and body as JSON).
+//! - `pod-app request URL [-X METHOD] [-H 'Name: value']... [--cacert F] [--cert F --key F]`:
+//!   one HTTP(S) request; prints `{"status":..,"headers":{..},"body":".."}` on stdout, or
+//!   `{"error":".."}` and exits 2 when no response came back (refused, reset, TLS error).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "pod-app")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the echo app on 0.0.0.0:PORT.
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send one request and print the response as JSON.
+    Request {
+        url: String,
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long, default_value = "5")]
+        timeout_seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { port } => {
+            let shutdown = CancellationToken::new();
+            let bound = portcullis_sidecar::echo::start(SocketAddr::from(([0, 0, 0, 0], port)), shutdown.clone()).await?;
+            eprintln!("pod-app: echo listening on {bound}");
+            tokio::signal::ctrl_c().await?;
+            shutdown.cancel();
+            Ok(())
+        }
+        Command::Request {
+            url,
+            method,
+            headers,
+            cacert,
+            cert,
+            key,
+            timeout_seconds,
+        } => {
+            let tls = Tls { cacert, cert, key };
+            let outcome = tokio::time::timeout(Duration::from_secs(timeout_seconds), request(&url, &method, &headers, &tls)).await;
+            match outcome {
+                Ok(Ok(json)) => {
+                    println!("{json}");
+                    Ok(())
+                }
+                Ok(Err(e)) => {
+                    println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+                    std::process::exit(2)
+                }
+                Err(_) => {
+                    println!("{}", serde_json::json!({"error": "timed out"}));
+                    std::process::exit(2)
+                }
+            }
+        }
+    }
+}
+
+struct Tls {
+    cacert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+async fn request(url: &str, method: &str, headers: &[String], tls: &Tls) -> anyhow::Result<serde_json::Value> {
+    let uri: http::Uri = url.parse().context("bad URL")?;
+    let host = uri.host().context("URL has no host")?.to_owned();
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.context("connect")?;
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, format!("{host}:{port}"));
+    for header in headers {
+        let (name, value) = header.split_once(':').context("headers are 'Name: value'")?;
+        builder = builder.header(name.trim(), value.trim());
+    }
+    let request = builder.body(Full::new(Bytes::new()))?;
+    let response = if https {
+        let config = client_config(tls)?;
+        let name = ServerName::try_from(host.clone())?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS handshake")?;
+        send(TokioIo::new(stream), request).await?
+    } else {
+        send(TokioIo::new(tcp), request).await?
+    };
+    Ok(response)
+}
+
+async fn send<I>(io: I, request: http::Request<Full<Bytes>>) -> anyhow::Result<serde_json::Value>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.context("HTTP handshake")?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.context("no response")?;
+    let status = response.status().as_u16();
+    let mut headers = BTreeMap::new();
+    for (name, value) in response.headers() {
+        headers.insert(name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let body = response.into_body().collect().await.context("reading body")?.to_bytes();
+    Ok(serde_json::json!({"status": status, "headers": headers, "body": String::from_utf8_lossy(&body)}))
+}
+
+fn client_config(tls: &Tls) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &tls.cacert {
+        for cert in CertificateDer::pem_file_iter(path).context("reading --cacert")? {
+            roots.add(cert?)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    Ok(match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key)?)?
+        }
+        _ => builder.with_no_client_auth(),
+    })
+}
