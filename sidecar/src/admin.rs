@@ -1,5 +1,7 @@
 //! The admin server (port 4191, plain HTTP/1.1): `/live` (the process answers),
-//! `/ready` (a policy and a certificate are loaded), `/metrics` (Prometheus).
+//! `/ready` (a certificate, a policy and the audit trail are in place), `/metrics`
+//! (Prometheus), `/identity` (the certificate chain the proxy presents, PEM, public
+//! material only; `kubectl portcullis identity inspect --admin-url`).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -22,6 +24,10 @@ pub struct Readiness {
     pub policy: PolicyStore,
     /// Whether a serving certificate is loaded.
     pub certificate: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the audit trail takes records.
+    pub audit: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The certificate chain presented, as PEM (`None` before the first one).
+    pub identity: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -59,8 +65,9 @@ fn route(
         "/ready" => {
             let policy = readiness.policy.load().map(|b| b.version);
             let certificate = (readiness.certificate)();
-            let ready = policy.is_some() && certificate;
-            let body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate});
+            let audit = (readiness.audit)();
+            let ready = policy.is_some() && certificate && audit;
+            let body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate, "audit": audit});
             let status = if ready {
                 StatusCode::OK
             } else {
@@ -73,10 +80,18 @@ fn route(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
+        "/identity" => match (readiness.identity)() {
+            Some(pem) => text(StatusCode::OK, "application/x-pem-file", pem),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "no workload certificate yet; see the proxy's logs (identity renewal)\n".into(),
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /live, /ready or /metrics\n".into(),
+            "try /live, /ready, /metrics or /identity\n".into(),
         ),
     }
 }

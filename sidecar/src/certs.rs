@@ -188,6 +188,16 @@ impl FileCredentials {
         self.current.load().not_after
     }
 
+    /// The serving certificate (leaf, DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.load().certified_key.cert.first().cloned()
+    }
+
+    /// The serving certificate chain as PEM (public material only).
+    pub fn chain_pem(&self) -> String {
+        tls::pem_chain(&self.current.load().certified_key.cert)
+    }
+
     /// The current trust roots.
     pub fn roots(&self) -> Arc<RootCertStore> {
         self.current.load().roots.clone()

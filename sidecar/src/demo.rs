@@ -21,7 +21,11 @@ use rcgen::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    audit::AuditHook,
+    audit::{
+        AuditHook,
+        sinks::{process_signer, writer_config},
+        trail::{AuditTrail, failure_mode},
+    },
     config::{
         AdminConfig, InboundConfig, KeySettings, Limits, PolicySource, ProxyConfig, TlsFiles,
         UpstreamConfig,
@@ -60,6 +64,46 @@ pub enum DemoError {
     /// The proxy could not start.
     #[error(transparent)]
     Proxy(#[from] StartError),
+    /// The audit file could not be set up.
+    #[error("setting up the demo audit file: {0}")]
+    Audit(String),
+}
+
+/// The demo's audit trail: hash-chained JSON lines with signed checkpoints, appended to
+/// `<dir>/audit.jsonl` (stdout stays reserved for the contract lines). Verify it with
+/// `kubectl portcullis audit verify <dir>/audit.jsonl`. Must run inside a tokio runtime;
+/// shut the trail down after the proxy to write the final checkpoint.
+pub fn file_audit(dir: &Path) -> Result<Arc<AuditTrail>, DemoError> {
+    std::fs::create_dir_all(dir).map_err(|source| DemoError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join("audit.jsonl");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| DemoError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    let trail = AuditTrail::new(TENANT);
+    let signer = process_signer(portcullis_audit::SignerIdentity::default())
+        .map_err(|e| DemoError::Audit(e.to_string()))?;
+    let sink = trail.watch(Arc::new(
+        portcullis_audit::sink::stdout::StdoutSink::to_writer(Box::new(file)),
+    ));
+    let writer = portcullis_audit::AuditWriter::start(
+        writer_config(
+            TENANT,
+            portcullis_audit::CheckpointPolicy::default(),
+            failure_mode(DataClassification::Internal),
+        ),
+        signer,
+        vec![sink],
+    );
+    trail.start(writer);
+    Ok(trail)
 }
 
 /// How to run the demo.
@@ -311,6 +355,8 @@ pub async fn start(options: DemoOptions, audit: Arc<dyn AuditHook>) -> Result<De
         trusted_proxies: vec![],
         limits: Limits::default(),
         keys: KeySettings::default(),
+        audit: None,
+        outbound: None,
     };
     let proxy = proxy::start(config, audit).await?;
     // The echo app stops with the proxy.

@@ -55,6 +55,18 @@ pub enum Reason {
     UpstreamTimeout,
     /// The request cannot be forwarded as sent.
     BadRequest,
+    /// Outbound: the request names no destination (no absolute URI, no Host).
+    DestinationRequired,
+    /// Outbound: no workload certificate to present yet.
+    IdentityUnavailable,
+    /// Outbound: the destination's proxy could not be reached.
+    PeerUnreachable,
+    /// Outbound: the TLS handshake with the destination's proxy failed (its certificate
+    /// is not from our trust bundle, or it refused ours).
+    PeerHandshakeFailed,
+    /// Outbound: the destination presented another identity than
+    /// `X-Portcullis-Expect-Identity` asked for.
+    PeerIdentityMismatch,
 }
 
 impl Reason {
@@ -83,6 +95,11 @@ impl Reason {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BadRequest => "bad_request",
+            Self::DestinationRequired => "destination_required",
+            Self::IdentityUnavailable => "identity_unavailable",
+            Self::PeerUnreachable => "peer_unreachable",
+            Self::PeerHandshakeFailed => "peer_handshake_failed",
+            Self::PeerIdentityMismatch => "peer_identity_mismatch",
         }
     }
 
@@ -90,7 +107,9 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Allowed => StatusCode::OK,
-            Self::ConflictingKeys | Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::ConflictingKeys | Self::BadRequest | Self::DestinationRequired => {
+                StatusCode::BAD_REQUEST
+            }
             Self::CredentialsRequired
             | Self::ClientCertificateRequired
             | Self::NoWorkloadIdentity
@@ -105,10 +124,14 @@ impl Reason {
             | Self::NoScopeForRoute
             | Self::MissingScope => StatusCode::FORBIDDEN,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::Busy | Self::PolicyUnavailable | Self::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::Busy
+            | Self::PolicyUnavailable
+            | Self::AuditUnavailable
+            | Self::IdentityUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnavailable
+            | Self::PeerUnreachable
+            | Self::PeerHandshakeFailed
+            | Self::PeerIdentityMismatch => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }

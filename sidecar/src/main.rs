@@ -1,12 +1,18 @@
 //! `portcullis-proxy`: `run --config proxy.yaml` (standalone, file-based certificates
-//! and policy), `demo` (zero setup; prints the contract lines of DESIGN.md §5), and the
-//! pod init steps `init` and `wait-ready`.
+//! and policy), `run --config-from-env` (an injected pod: identity, policy and audit key
+//! from the operator), `demo` (zero setup; prints the contract lines of DESIGN.md §5),
+//! and the pod init steps `init` and `wait-ready`.
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use portcullis_sidecar::{audit::TracingAudit, config::ProxyConfig, demo, drain, proxy};
+use portcullis_sidecar::{
+    audit::{AuditHook, TracingAudit},
+    cluster,
+    config::{ProxyConfig, env::ClusterConfig},
+    demo, drain, proxy,
+};
 
 #[derive(Parser)]
 #[command(
@@ -21,11 +27,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy from a proxy.yaml (see sidecar/examples/proxy.yaml).
+    /// Run the proxy from a proxy.yaml (see sidecar/examples/proxy.yaml), or in an
+    /// injected pod from the PORTCULLIS_* environment.
     Run {
         /// Path to proxy.yaml.
-        #[arg(long, env = "PORTCULLIS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[arg(
+            long,
+            env = "PORTCULLIS_PROXY_CONFIG",
+            conflicts_with = "config_from_env"
+        )]
+        config: Option<PathBuf>,
+        /// Read the configuration from the environment the Portcullis injector sets
+        /// (POD_NAME, POD_NAMESPACE, PORTCULLIS_SERVICE_ACCOUNT, PORTCULLIS_IDENTITY_URL, ...).
+        #[arg(long)]
+        config_from_env: bool,
     },
     /// Zero-setup demo: throwaway CA, echo app, one key per scope, on 127.0.0.1.
     Demo {
@@ -74,24 +89,51 @@ fn main() -> anyhow::Result<()> {
 async fn serve(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(_) | Command::WaitReady(_) => {}
-        Command::Run { config } => {
+        Command::Run {
+            config_from_env: true,
+            ..
+        } => {
+            let config = ClusterConfig::from_env()
+                .context("reading the configuration from the environment (--config-from-env)")?;
+            let running = cluster::start(config, Box::new(std::io::stdout())).await?;
+            tokio::spawn(drain::on_signal(running.shutdown_token()));
+            running.wait().await;
+        }
+        Command::Run {
+            config: Some(config),
+            ..
+        } => {
             let config = ProxyConfig::load(&config)?;
             let running = proxy::start_default(config).await?;
             tokio::spawn(drain::on_signal(running.shutdown_token()));
             running.wait().await;
+        }
+        Command::Run { config: None, .. } => {
+            anyhow::bail!(
+                "say where the configuration is: --config proxy.yaml (or PORTCULLIS_PROXY_CONFIG), or --config-from-env in an injected pod"
+            );
         }
         Command::Demo {
             dir,
             inbound_port,
             admin_port,
         } => {
+            // With --dir the demo also keeps a verifiable audit trail in <dir>/audit.jsonl.
+            let trail = match &dir {
+                Some(dir) => Some(demo::file_audit(dir).context("starting the demo audit")?),
+                None => None,
+            };
+            let audit: Arc<dyn AuditHook> = match &trail {
+                Some(trail) => trail.clone(),
+                None => Arc::new(TracingAudit),
+            };
             let options = demo::DemoOptions {
                 dir,
                 inbound_port,
                 admin_port,
                 ..demo::DemoOptions::default()
             };
-            let demo = demo::start(options, Arc::new(TracingAudit))
+            let demo = demo::start(options, audit)
                 .await
                 .context("starting the demo")?;
             let mut stdout = std::io::stdout().lock();
@@ -105,6 +147,9 @@ async fn serve(command: Command) -> anyhow::Result<()> {
             tokio::spawn(drain::on_signal(token));
             let demo::Demo { proxy, .. } = demo;
             proxy.wait().await;
+            if let Some(trail) = trail {
+                trail.shutdown(proxy::AUDIT_DRAIN).await;
+            }
         }
     }
     Ok(())

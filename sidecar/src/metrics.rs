@@ -68,6 +68,13 @@ struct Inner {
     cert_not_after: AtomicI64,
     connections_open: Gauge,
     cert_reloads: Family<SourceLabels, Counter>,
+    outbound_requests: Family<OutboundLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    reason: &'static str,
+    status: u16,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +108,7 @@ impl Metrics {
         let cert_expiry = Gauge::default();
         let connections_open = Gauge::default();
         let cert_reloads = Family::<SourceLabels, Counter>::default();
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
         registry.register(
             "requests",
             "Inbound requests by decision, reason and status",
@@ -166,6 +174,11 @@ impl Metrics {
             "Certificate and trust bundle reloads by result",
             cert_reloads.clone(),
         );
+        registry.register(
+            "outbound_requests",
+            "Requests from the local app through the outbound listener, by reason and status",
+            outbound_requests.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -183,6 +196,7 @@ impl Metrics {
                 cert_not_after: AtomicI64::new(0),
                 connections_open,
                 cert_reloads,
+                outbound_requests,
             }),
         }
     }
@@ -258,20 +272,38 @@ impl Metrics {
         }
     }
 
-    /// Records a certificate reload.
+    /// Records a certificate reload from files.
     pub fn cert_reload(&self, result: &'static str, not_after_unix: Option<i64>) {
+        self.cert_update("file", result, not_after_unix);
+    }
+
+    /// Records a certificate change from `source` (`file` or `identity`).
+    pub fn cert_update(
+        &self,
+        source: &'static str,
+        result: &'static str,
+        not_after_unix: Option<i64>,
+    ) {
         self.inner
             .cert_reloads
-            .get_or_create(&SourceLabels {
-                source: "file",
-                result,
-            })
+            .get_or_create(&SourceLabels { source, result })
             .inc();
         if let Some(not_after) = not_after_unix {
             self.inner
                 .cert_not_after
                 .store(not_after, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one outbound request by its outcome.
+    pub fn outbound_request(&self, reason: Reason, status: u16) {
+        self.inner
+            .outbound_requests
+            .get_or_create(&OutboundLabels {
+                reason: reason.as_str(),
+                status,
+            })
+            .inc();
     }
 
     /// Tracks open connections.

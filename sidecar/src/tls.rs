@@ -31,6 +31,9 @@ pub enum TlsError {
     /// The trust bundle cannot verify client certificates.
     #[error("trust bundle cannot verify client certificates: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// No workload certificate has been issued yet.
+    #[error("no workload certificate yet")]
+    NoIdentity,
 }
 
 /// Builds the current client config on demand (roots and certificate may change).
@@ -86,6 +89,39 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_client_cert_resolver(certificate);
     Ok(config)
+}
+
+/// A TLS 1.3 client config for proxy-to-proxy traffic: presents `certificate`, checks
+/// the peer with `verifier` (a workload of our trust domain, not a host name), no
+/// session resumption (every connection proves a certificate valid now).
+pub fn peer_client_config(
+    certificate: Arc<dyn ResolvesClientCert>,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(certificate);
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// Certificates as concatenated PEM blocks (public material only).
+pub fn pem_chain(certificates: &[CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut pem = String::new();
+    for cert in certificates {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        // 64 ASCII characters per line, as RFC 7468 asks.
+        for line in encoded.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem
 }
 
 /// The peer's SPIFFE ID: the first `spiffe://` URI SAN of its leaf certificate that

@@ -21,12 +21,25 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, ProxyBody>,
-    authority: Authority,
+    // None: the pod declares no application port, so nothing can be forwarded.
+    authority: Option<Authority>,
 }
 
 impl Upstream {
     /// A client for the app described by `config`.
     pub fn new(config: &UpstreamConfig) -> Self {
+        let authority = Authority::try_from(format!("127.0.0.1:{}", config.app_port))
+            .unwrap_or_else(|_| Authority::from_static("127.0.0.1:80"));
+        Self::build(config, Some(authority))
+    }
+
+    /// For a pod without an application port: every forward is answered 502
+    /// `upstream_unavailable` saying so.
+    pub fn without_app(config: &UpstreamConfig) -> Self {
+        Self::build(config, None)
+    }
+
+    fn build(config: &UpstreamConfig, authority: Option<Authority>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -35,8 +48,6 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        let authority = Authority::try_from(format!("127.0.0.1:{}", config.app_port))
-            .unwrap_or_else(|_| Authority::from_static("127.0.0.1:80"));
         Self { client, authority }
     }
 
@@ -46,6 +57,12 @@ impl Upstream {
         mut request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, Denial> {
+        let Some(authority) = self.authority.clone() else {
+            return Err(Denial::new(
+                Reason::UpstreamUnavailable,
+                "this pod declares no application port; set the portcullis.dev/app-port annotation",
+            ));
+        };
         let path = request
             .uri()
             .path_and_query()
@@ -60,7 +77,7 @@ impl Upstream {
         }
         *request.uri_mut() = Uri::builder()
             .scheme("http")
-            .authority(self.authority.clone())
+            .authority(authority)
             .path_and_query(path)
             .build()
             .map_err(|_| {

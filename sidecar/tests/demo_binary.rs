@@ -108,4 +108,24 @@ async fn demo_prints_the_contract_lines_and_its_keys_work() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let status = demo.terminate();
     assert!(status.success(), "demo exits cleanly on SIGTERM: {status}");
+
+    // With --dir the demo keeps a verifiable audit trail next to its certificates.
+    let audit = demo.dir.path().join("audit.jsonl");
+    let report = portcullis_audit::files::verify_path(
+        &audit,
+        None,
+        portcullis_audit::VerifyOptions::default(),
+        |_| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.records, 6, "one record per request");
+    assert!(report.checkpoints >= 1, "a final signed checkpoint");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    for scope in ["identify", "events", "signals"] {
+        assert!(
+            !text.contains(&demo.values[&format!("key {scope}")]),
+            "no key in the audit trail"
+        );
+    }
 }

@@ -136,7 +136,11 @@ impl<S: IssueCertificate> Renewer<S> {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            match self.renew_once().await {
+            let renewed = tokio::select! {
+                () = shutdown.cancelled() => return,
+                renewed = self.renew_once() => renewed,
+            };
+            match renewed {
                 Ok(credentials) => {
                     let received = self.clock.now();
                     let sample = rand::rng().random_range(-1.0..=1.0);

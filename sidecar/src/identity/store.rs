@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use jiff::Timestamp;
 use rustls::RootCertStore;
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -28,6 +28,9 @@ pub struct Credentials {
     workload: WorkloadId,
     tenant: Option<TenantId>,
     certified_key: Arc<CertifiedKey>,
+    // The same key rustls signs handshakes with, kept in PKCS#8 form so the audit writer
+    // can sign checkpoints with the workload identity. Never printed (see Debug).
+    workload_key: PrivatePkcs8KeyDer<'static>,
     roots: Arc<RootCertStore>,
     trust_bundle: Vec<CertificateDer<'static>>,
     not_before: Timestamp,
@@ -80,9 +83,17 @@ impl Credentials {
             ))
         })?;
 
+        let workload_key = match key.private_key_der() {
+            PrivateKeyDer::Pkcs8(der) => der,
+            _ => {
+                return Err(IdentityError::KeyGeneration(
+                    "workload key is not PKCS#8".into(),
+                ));
+            }
+        };
         let signing_key = provider
             .key_provider
-            .load_private_key(key.private_key_der())
+            .load_private_key(PrivateKeyDer::Pkcs8(workload_key.clone_key()))
             .map_err(|e| IdentityError::KeyGeneration(e.to_string()))?;
         let mut cert_chain = vec![leaf];
         cert_chain.extend(chain);
@@ -104,6 +115,7 @@ impl Credentials {
             workload: expected.clone(),
             tenant: facts.tenant,
             certified_key: Arc::new(certified_key),
+            workload_key,
             roots,
             trust_bundle,
             not_before: facts.not_before,
@@ -127,6 +139,23 @@ impl Credentials {
     /// Leaf + intermediate and our signing key, for rustls.
     pub fn certified_key(&self) -> &Arc<CertifiedKey> {
         &self.certified_key
+    }
+
+    /// The workload's private key (PKCS#8 DER, ECDSA P-256): the key of the leaf
+    /// certificate, for signing audit checkpoints with the workload identity. Handle as
+    /// a secret: never log it.
+    pub fn workload_key_pkcs8(&self) -> &[u8] {
+        self.workload_key.secret_pkcs8_der()
+    }
+
+    /// The leaf certificate (DER).
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        &self.certified_key.cert[0]
+    }
+
+    /// The certificate chain (leaf first) as PEM: public material only.
+    pub fn chain_pem(&self) -> String {
+        crate::tls::pem_chain(&self.certified_key.cert)
     }
 
     /// The trusted roots.

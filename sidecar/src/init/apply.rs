@@ -58,7 +58,9 @@ impl IptablesTools {
             // A tool that exits early closes the pipe; its stderr says why.
             let _ = stdin.write_all(script.text().as_bytes());
         }
-        let output = child.wait_with_output().map_err(|e| spawn_error(&self.restore, e))?;
+        let output = child
+            .wait_with_output()
+            .map_err(|e| spawn_error(&self.restore, e))?;
         if output.status.success() {
             return Ok(());
         }
@@ -73,7 +75,10 @@ impl IptablesTools {
 
 fn spawn_error(tool: &Path, source: std::io::Error) -> InitError {
     let hint = if source.kind() == std::io::ErrorKind::NotFound {
-        format!("{} is not installed in the proxy image; install the iptables package", tool.display())
+        format!(
+            "{} is not installed in the proxy image; install the iptables package",
+            tool.display()
+        )
     } else {
         "check that the init container's image and securityContext allow running it".to_owned()
     };
@@ -105,11 +110,17 @@ fn failed_rule(stderr: &str, script: &RestoreScript) -> Option<String> {
 /// The fix for the failures seen in practice.
 pub(crate) fn diagnose(stderr: &str) -> String {
     let text = stderr.to_ascii_lowercase();
-    if text.contains("permission denied") || text.contains("operation not permitted") || text.contains("must be root") {
+    if text.contains("permission denied")
+        || text.contains("operation not permitted")
+        || text.contains("must be root")
+    {
         "the init container needs uid 0 with the NET_ADMIN and NET_RAW capabilities (the \
          injector sets them; a Pod Security admission level or policy engine may have removed them)"
             .to_owned()
-    } else if text.contains("read-only file system") || text.contains("lock file") || text.contains("xtables.lock") {
+    } else if text.contains("read-only file system")
+        || text.contains("lock file")
+        || text.contains("xtables.lock")
+    {
         "iptables needs a writable /run for its lock file; mount an emptyDir there (the injector \
          adds volume portcullis-xtables-lock)"
             .to_owned()
@@ -140,15 +151,29 @@ mod tests {
         assert_eq!(failed_line("no line here"), None);
         let nft = "iptables-restore v1.8.9 (nf_tables): \nline 10: RULE_APPEND failed (Invalid argument): rule in chain PORTCULLIS_OUTPUT";
         assert_eq!(failed_line(nft), Some(10));
-        let script = RestoreScript { lines: vec!["*nat".into(), "-A X -j RETURN".into(), "COMMIT".into()] };
-        assert_eq!(failed_rule("Error occurred at line: 2", &script).as_deref(), Some("-A X -j RETURN"));
-        assert_eq!(failed_rule("Error occurred at line: 3", &script), None, "COMMIT is not a rule");
+        let script = RestoreScript {
+            lines: vec!["*nat".into(), "-A X -j RETURN".into(), "COMMIT".into()],
+        };
+        assert_eq!(
+            failed_rule("Error occurred at line: 2", &script).as_deref(),
+            Some("-A X -j RETURN")
+        );
+        assert_eq!(
+            failed_rule("Error occurred at line: 3", &script),
+            None,
+            "COMMIT is not a rule"
+        );
     }
 
     #[test]
     fn permission_problems_name_the_capability() {
-        let hint = diagnose("iptables-restore v1.8.7 (legacy): iptables-restore: unable to initialize table 'nat': Permission denied (you must be root)");
+        let hint = diagnose(
+            "iptables-restore v1.8.7 (legacy): iptables-restore: unable to initialize table 'nat': Permission denied (you must be root)",
+        );
         assert!(hint.contains("NET_ADMIN"), "{hint}");
-        assert!(diagnose("Fatal: can't open lock file /run/xtables.lock: Read-only file system").contains("/run"));
+        assert!(
+            diagnose("Fatal: can't open lock file /run/xtables.lock: Read-only file system")
+                .contains("/run")
+        );
     }
 }

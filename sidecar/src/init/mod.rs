@@ -114,7 +114,9 @@ pub enum InitError {
         hint: String,
     },
     /// `wait-ready` gave up.
-    #[error("proxy at {addr} not ready after {waited:?} (last: {last}); check the portcullis-proxy container's logs")]
+    #[error(
+        "proxy at {addr} not ready after {waited:?} (last: {last}); check the portcullis-proxy container's logs"
+    )]
     NotReady {
         /// The admin address polled.
         addr: SocketAddr,

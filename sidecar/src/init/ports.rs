@@ -16,7 +16,10 @@ pub struct PortRange {
 impl PortRange {
     /// A single port.
     pub fn single(port: u16) -> Self {
-        Self { first: port, last: port }
+        Self {
+            first: port,
+            last: port,
+        }
     }
 
     /// The first port.
@@ -66,13 +69,18 @@ impl FromStr for PortRange {
     type Err = PortListError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = || PortListError { entry: text.to_owned() };
+        let error = || PortListError {
+            entry: text.to_owned(),
+        };
         let port = |s: &str| match s.trim().parse::<u16>() {
             Ok(0) | Err(_) => Err(error()),
             Ok(p) => Ok(p),
         };
         let range = match text.trim().split_once('-') {
-            Some((first, last)) => Self { first: port(first)?, last: port(last)? },
+            Some((first, last)) => Self {
+                first: port(first)?,
+                last: port(last)?,
+            },
             None => Self::single(port(text)?),
         };
         if range.first > range.last {

@@ -83,7 +83,8 @@ impl RedirectPlan {
         let mut chain_rules = Vec::new();
         let mut jumps = vec![Rule::new("PREROUTING", &["-p", "tcp", "-j", INBOUND_CHAIN])];
 
-        let mut exempt: Vec<String> = vec![self.admin_port.to_string(), self.inbound_port.to_string()];
+        let mut exempt: Vec<String> =
+            vec![self.admin_port.to_string(), self.inbound_port.to_string()];
         for range in self.skip_inbound_ports.ranges() {
             let dport = range.iptables_dport();
             if !exempt.contains(&dport) {
@@ -91,23 +92,39 @@ impl RedirectPlan {
             }
         }
         for dport in &exempt {
-            chain_rules.push(Rule::new(INBOUND_CHAIN, &["-p", "tcp", "-m", "tcp", "--dport", dport, "-j", "RETURN"]));
+            chain_rules.push(Rule::new(
+                INBOUND_CHAIN,
+                &["-p", "tcp", "-m", "tcp", "--dport", dport, "-j", "RETURN"],
+            ));
         }
         let to_inbound = self.inbound_port.to_string();
-        chain_rules.push(Rule::new(INBOUND_CHAIN, &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &to_inbound]));
+        chain_rules.push(Rule::new(
+            INBOUND_CHAIN,
+            &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &to_inbound],
+        ));
 
         if let Some(outbound_port) = self.outbound_port {
             chains.push(OUTBOUND_CHAIN);
             let uid = self.proxy_uid.to_string();
             let to_outbound = outbound_port.to_string();
             chain_rules.extend([
-                Rule::new(OUTBOUND_CHAIN, &["-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]),
+                Rule::new(
+                    OUTBOUND_CHAIN,
+                    &["-m", "owner", "--uid-owner", &uid, "-j", "RETURN"],
+                ),
                 Rule::new(OUTBOUND_CHAIN, &["-o", "lo", "-j", "RETURN"]),
-                Rule::new(OUTBOUND_CHAIN, &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &to_outbound]),
+                Rule::new(
+                    OUTBOUND_CHAIN,
+                    &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &to_outbound],
+                ),
             ]);
             jumps.push(Rule::new("OUTPUT", &["-p", "tcp", "-j", OUTBOUND_CHAIN]));
         }
-        NatRules { chains, chain_rules, jumps }
+        NatRules {
+            chains,
+            chain_rules,
+            jumps,
+        }
     }
 }
 
@@ -131,7 +148,9 @@ impl RestoreScript {
 
     /// The line with 1-based number `n`, as iptables-restore reports it.
     pub fn line(&self, n: usize) -> Option<&str> {
-        n.checked_sub(1).and_then(|i| self.lines.get(i)).map(String::as_str)
+        n.checked_sub(1)
+            .and_then(|i| self.lines.get(i))
+            .map(String::as_str)
     }
 }
 
@@ -196,7 +215,12 @@ mod tests {
     fn outbound_rules_exempt_the_proxy_uid_and_loopback() {
         let rules = plan("", Some(4140)).rules();
         assert_eq!(rules.chains, [INBOUND_CHAIN, OUTBOUND_CHAIN]);
-        let lines: Vec<String> = rules.chain_rules.iter().chain(&rules.jumps).map(Rule::line).collect();
+        let lines: Vec<String> = rules
+            .chain_rules
+            .iter()
+            .chain(&rules.jumps)
+            .map(Rule::line)
+            .collect();
         assert_eq!(
             lines,
             [
@@ -216,11 +240,23 @@ mod tests {
     fn rerun_does_not_add_the_jumps_twice() {
         let rules = plan("22", Some(4140)).rules();
         let first = rules.restore_script("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n");
-        assert!(first.lines.iter().any(|l| l == "-A PREROUTING -p tcp -j PORTCULLIS_INBOUND"));
+        assert!(
+            first
+                .lines
+                .iter()
+                .any(|l| l == "-A PREROUTING -p tcp -j PORTCULLIS_INBOUND")
+        );
         // What iptables-save prints after the first run.
-        let after_first = first.text().replace("*nat\n", "*nat\n:PREROUTING ACCEPT [0:0]\n");
+        let after_first = first
+            .text()
+            .replace("*nat\n", "*nat\n:PREROUTING ACCEPT [0:0]\n");
         let second = rules.restore_script(&after_first);
-        assert!(!second.lines.iter().any(|l| l.starts_with("-A PREROUTING") || l.starts_with("-A OUTPUT")));
+        assert!(
+            !second
+                .lines
+                .iter()
+                .any(|l| l.starts_with("-A PREROUTING") || l.starts_with("-A OUTPUT"))
+        );
         // Our chains are still declared and flushed, so their contents are replaced.
         assert!(second.lines.contains(&"-F PORTCULLIS_INBOUND".to_owned()));
         assert_eq!(second.line(1), Some("*nat"));

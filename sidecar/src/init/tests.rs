@@ -39,14 +39,24 @@ fn fake_tools(dir: &Path) -> (PathBuf, PathBuf) {
     let restore = script(
         dir,
         "iptables-restore",
-        &format!("[ \"$1\" = --noflush ] || exit 9\ncat >> {}", state.display()),
+        &format!(
+            "[ \"$1\" = --noflush ] || exit 9\ncat >> {}",
+            state.display()
+        ),
     );
     (save, restore)
 }
 
 #[test]
 fn args_as_the_injector_writes_them_parse() {
-    let args = parse(&["--inbound-port", "4143", "--proxy-uid", "2102", "--skip-inbound-ports", "22,9000-9010"]);
+    let args = parse(&[
+        "--inbound-port",
+        "4143",
+        "--proxy-uid",
+        "2102",
+        "--skip-inbound-ports",
+        "22,9000-9010",
+    ]);
     assert_eq!(args.inbound_port, 4143);
     assert_eq!(args.admin_port, 4191);
     assert_eq!(args.proxy_uid, 2102);
@@ -61,11 +71,21 @@ fn args_as_the_injector_writes_them_parse() {
 
 #[test]
 fn dry_run_touches_nothing() {
-    let args = parse(&["--dry-run", "--iptables-save", "/nonexistent/save", "--iptables-restore", "/nonexistent/restore"]);
+    let args = parse(&[
+        "--dry-run",
+        "--iptables-save",
+        "/nonexistent/save",
+        "--iptables-restore",
+        "/nonexistent/restore",
+    ]);
     let InitOutcome::DryRun(script) = run_init(&args).unwrap() else {
         panic!("not a dry run");
     };
-    assert!(script.lines.contains(&"-A PORTCULLIS_INBOUND -p tcp -j REDIRECT --to-ports 4143".to_owned()));
+    assert!(
+        script
+            .lines
+            .contains(&"-A PORTCULLIS_INBOUND -p tcp -j REDIRECT --to-ports 4143".to_owned())
+    );
 }
 
 #[test]
@@ -81,13 +101,34 @@ fn applies_once_and_a_rerun_adds_no_second_jump() {
         restore.to_str().unwrap(),
     ];
     let args = parse(&argv);
-    let InitOutcome::Applied(first) = run_init(&args).unwrap() else { panic!("dry run") };
-    assert!(first.lines.contains(&"-A PREROUTING -p tcp -j PORTCULLIS_INBOUND".to_owned()));
-    let InitOutcome::Applied(second) = run_init(&args).unwrap() else { panic!("dry run") };
-    assert!(!second.lines.iter().any(|l| l.starts_with("-A PREROUTING")), "{second:?}");
+    let InitOutcome::Applied(first) = run_init(&args).unwrap() else {
+        panic!("dry run")
+    };
+    assert!(
+        first
+            .lines
+            .contains(&"-A PREROUTING -p tcp -j PORTCULLIS_INBOUND".to_owned())
+    );
+    let InitOutcome::Applied(second) = run_init(&args).unwrap() else {
+        panic!("dry run")
+    };
+    assert!(
+        !second.lines.iter().any(|l| l.starts_with("-A PREROUTING")),
+        "{second:?}"
+    );
     let state = std::fs::read_to_string(dir.path().join("state")).unwrap();
-    assert_eq!(state.matches("-A PREROUTING -p tcp -j PORTCULLIS_INBOUND").count(), 1, "{state}");
-    assert_eq!(state.matches("--dport 22 -j RETURN").count(), 2, "rules replaced on each run");
+    assert_eq!(
+        state
+            .matches("-A PREROUTING -p tcp -j PORTCULLIS_INBOUND")
+            .count(),
+        1,
+        "{state}"
+    );
+    assert_eq!(
+        state.matches("--dport 22 -j RETURN").count(),
+        2,
+        "rules replaced on each run"
+    );
 }
 
 #[test]
@@ -100,11 +141,18 @@ fn a_failing_rule_is_named_with_the_fix() {
         "failing-restore",
         "cat > /dev/null\necho \"iptables-restore v1.8.7 (legacy): Couldn't load target \\`REDIRECT':No such file or directory\" >&2\necho >&2\necho 'Error occurred at line: 6' >&2\nexit 1",
     );
-    let args = parse(&["--iptables-save", save.to_str().unwrap(), "--iptables-restore", restore.to_str().unwrap()]);
+    let args = parse(&[
+        "--iptables-save",
+        save.to_str().unwrap(),
+        "--iptables-restore",
+        restore.to_str().unwrap(),
+    ]);
     let err = run_init(&args).unwrap_err();
     let message = err.to_string();
     assert!(
-        message.starts_with("rule `-A PORTCULLIS_INBOUND -p tcp -j REDIRECT --to-ports 4143` failed: "),
+        message.starts_with(
+            "rule `-A PORTCULLIS_INBOUND -p tcp -j REDIRECT --to-ports 4143` failed: "
+        ),
         "{message}"
     );
     assert!(message.contains("xt_REDIRECT"), "{message}");
@@ -124,7 +172,10 @@ fn missing_privileges_say_net_admin() {
 
     let args = parse(&["--iptables-save", "/nonexistent/iptables-save"]);
     let message = run_init(&args).unwrap_err().to_string();
-    assert!(message.contains("install the iptables package"), "{message}");
+    assert!(
+        message.contains("install the iptables package"),
+        "{message}"
+    );
 }
 
 /// A scratch network namespace held open by `unshare -n sleep`, entered with nsenter.
@@ -143,7 +194,9 @@ impl ScratchNetns {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        if !works("unshare", &["-n", "iptables-save", "-t", "nat"]) || !works("nsenter", &["--version"]) {
+        if !works("unshare", &["-n", "iptables-save", "-t", "nat"])
+            || !works("nsenter", &["--version"])
+        {
             eprintln!("skipping: needs unshare -n (CAP_SYS_ADMIN), nsenter and iptables");
             return None;
         }
@@ -157,7 +210,11 @@ impl ScratchNetns {
     }
 
     fn wrapper(&self, dir: &Path, tool: &str) -> PathBuf {
-        script(dir, tool, &format!("exec nsenter -t {} -n {tool} \"$@\"", self.holder.id()))
+        script(
+            dir,
+            tool,
+            &format!("exec nsenter -t {} -n {tool} \"$@\"", self.holder.id()),
+        )
     }
 }
 
@@ -170,7 +227,9 @@ impl Drop for ScratchNetns {
 
 #[test]
 fn real_iptables_in_a_scratch_network_namespace() {
-    let Some(netns) = ScratchNetns::new() else { return };
+    let Some(netns) = ScratchNetns::new() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let save = netns.wrapper(dir.path(), "iptables-save");
     let restore = netns.wrapper(dir.path(), "iptables-restore");
@@ -186,7 +245,10 @@ fn real_iptables_in_a_scratch_network_namespace() {
     ]);
     run_init(&args).unwrap();
     run_init(&args).unwrap(); // an init container restart
-    let output = std::process::Command::new(&save).args(["-t", "nat"]).output().unwrap();
+    let output = std::process::Command::new(&save)
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
     let nat = String::from_utf8_lossy(&output.stdout);
     let ours: Vec<&str> = nat.lines().filter(|l| l.starts_with("-A ")).collect();
     assert_eq!(

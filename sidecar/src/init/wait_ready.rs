@@ -75,8 +75,8 @@ fn probe(addr: SocketAddr) -> std::io::Result<u16> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]
     fn waits_until_ready_answers_200() {
@@ -96,11 +96,18 @@ mod tests {
                     }
                 }
                 let n = counter.fetch_add(1, Ordering::SeqCst);
-                let status = if n < 2 { "503 Service Unavailable" } else { "200 OK" };
+                let status = if n < 2 {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
                 let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
             }
         });
-        let args = WaitReadyArgs { admin_addr: addr, timeout: Duration::from_secs(10) };
+        let args = WaitReadyArgs {
+            admin_addr: addr,
+            timeout: Duration::from_secs(10),
+        };
         run_wait_ready(&args).unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 3);
     }
@@ -110,7 +117,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let args = WaitReadyArgs { admin_addr: addr, timeout: Duration::from_millis(300) };
+        let args = WaitReadyArgs {
+            admin_addr: addr,
+            timeout: Duration::from_millis(300),
+        };
         let err = run_wait_ready(&args).unwrap_err();
         assert!(err.to_string().contains("not ready"), "{err}");
     }

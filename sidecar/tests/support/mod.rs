@@ -4,8 +4,10 @@
 
 pub mod ca;
 pub mod client;
+pub mod cluster;
 pub mod demo_process;
 pub mod logs;
+pub mod operator;
 pub mod policy_server;
 
 use std::{
@@ -206,6 +208,8 @@ impl Harness {
             trusted_proxies: options.trusted_proxies,
             limits: options.limits,
             keys: KeySettings::default(),
+            audit: None,
+            outbound: None,
         };
         let proxy = proxy::start(config, options.audit).await.unwrap();
         Self {

@@ -1,5 +1,10 @@
 //! `proxy.yaml`, parsed once into typed values. Every error names the field and says
-//! how to fix it; code below this module never parses a string.
+//! how to fix it; code below this module never parses a string. [`env`] does the same
+//! for the injected pod's environment (`run --config-from-env`), [`audit`] for the
+//! `audit:` section.
+
+pub mod audit;
+pub mod env;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -52,6 +57,47 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// API-key verification settings.
     pub keys: KeySettings,
+    /// The tamper-evident audit trail; `None`: one tracing line per request.
+    pub audit: Option<audit::AuditConfig>,
+    /// The plain-HTTP listener for the app's outgoing calls; `None`: off.
+    pub outbound: Option<OutboundConfig>,
+}
+
+/// The outbound listener: the local app sends plain HTTP to it, naming the destination
+/// in the absolute URI or `Host`; the proxy forwards over mTLS to the destination's
+/// inbound proxy.
+#[derive(Clone, Debug)]
+pub struct OutboundConfig {
+    /// Address to listen on (127.0.0.1:4140: only the pod's own containers).
+    pub listen: SocketAddr,
+    /// The port the destination's proxy listens on (4143).
+    pub peer_port: u16,
+    /// Keep the destination's port instead of rewriting it to `peer_port` (for
+    /// destinations whose inbound redirect catches every port, e.g. Services).
+    pub keep_port: bool,
+    /// Time to open the TCP connection and finish the TLS handshake.
+    pub connect_timeout: Duration,
+    /// Time for the destination to answer with a response head.
+    pub request_timeout: Duration,
+    /// Peers must hold a workload ID in this trust domain. `None`: the trust domain of
+    /// our own certificate.
+    pub trust_domain: Option<crate::identity::TrustDomain>,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((
+                [127, 0, 0, 1],
+                portcullis_crds::annotations::PROXY_OUTBOUND_PORT,
+            )),
+            peer_port: portcullis_crds::annotations::PROXY_INBOUND_PORT,
+            keep_port: false,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            trust_domain: None,
+        }
+    }
 }
 
 /// The inbound listener.
@@ -217,6 +263,19 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     keys: RawKeys,
+    audit: Option<audit::RawAudit>,
+    outbound: Option<RawOutbound>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOutbound {
+    listen: Option<String>,
+    peer_port: Option<u32>,
+    keep_port: Option<bool>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    trust_domain: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,14 +348,19 @@ struct RawKeys {
 
 /// Collects field errors so one run reports every problem.
 #[derive(Default)]
-struct Problems(Vec<String>);
+pub(crate) struct Problems(pub(crate) Vec<String>);
 
 impl Problems {
-    fn add(&mut self, field: &str, problem: impl std::fmt::Display) {
+    pub(crate) fn add(&mut self, field: &str, problem: impl std::fmt::Display) {
         self.0.push(format!("{field}: {problem}"));
     }
 
-    fn duration(&mut self, field: &str, text: Option<&String>, default: Duration) -> Duration {
+    pub(crate) fn duration(
+        &mut self,
+        field: &str,
+        text: Option<&String>,
+        default: Duration,
+    ) -> Duration {
         let Some(text) = text else { return default };
         match humantime::parse_duration(text) {
             Ok(d) if !d.is_zero() => d,
@@ -316,7 +380,12 @@ impl Problems {
         }
     }
 
-    fn socket(&mut self, field: &str, text: Option<&String>, default: SocketAddr) -> SocketAddr {
+    pub(crate) fn socket(
+        &mut self,
+        field: &str,
+        text: Option<&String>,
+        default: SocketAddr,
+    ) -> SocketAddr {
         let Some(text) = text else { return default };
         text.parse().unwrap_or_else(|_| {
             self.add(field, format!("{text:?} is not an address; write IP:port, e.g. \"0.0.0.0:4143\" or \"[::]:4143\""));
@@ -324,14 +393,14 @@ impl Problems {
         })
     }
 
-    fn required<T>(&mut self, field: &str, value: Option<T>, hint: &str) -> Option<T> {
+    pub(crate) fn required<T>(&mut self, field: &str, value: Option<T>, hint: &str) -> Option<T> {
         if value.is_none() {
             self.add(field, format!("is required; {hint}"));
         }
         value
     }
 
-    fn positive(&mut self, field: &str, value: Option<usize>, default: usize) -> usize {
+    pub(crate) fn positive(&mut self, field: &str, value: Option<usize>, default: usize) -> usize {
         match value {
             Some(0) => {
                 self.add(field, "must be at least 1");
@@ -558,6 +627,9 @@ impl RawConfig {
             ),
         };
 
+        let audit = self.audit.map(|raw| raw.validate(&mut p));
+        let outbound = self.outbound.map(|raw| parse_outbound(&mut p, raw));
+
         match (p.0.is_empty(), upstream, tls, policy) {
             (true, Some(upstream), Some(tls), Some(policy)) => Ok(ProxyConfig {
                 inbound,
@@ -569,10 +641,83 @@ impl RawConfig {
                 trusted_proxies,
                 limits,
                 keys,
+                audit,
+                outbound,
             }),
             _ => Err(ConfigError::Invalid(p.0)),
         }
     }
+}
+
+fn parse_outbound(p: &mut Problems, raw: RawOutbound) -> OutboundConfig {
+    let defaults = OutboundConfig::default();
+    let peer_port = match raw.peer_port {
+        None => defaults.peer_port,
+        Some(port @ 1..=65535) => port as u16,
+        Some(other) => {
+            p.add(
+                "outbound.peerPort",
+                format!("{other} is not a TCP port; use 1-65535 (the peers' inbound port, 4143)"),
+            );
+            defaults.peer_port
+        }
+    };
+    let trust_domain = raw.trust_domain.and_then(|td| {
+        crate::identity::TrustDomain::new(td)
+            .map_err(|e| p.add("outbound.trustDomain", e))
+            .ok()
+    });
+    OutboundConfig {
+        listen: p.socket("outbound.listen", raw.listen.as_ref(), defaults.listen),
+        peer_port,
+        keep_port: raw.keep_port.unwrap_or(false),
+        connect_timeout: p.duration(
+            "outbound.connectTimeout",
+            raw.connect_timeout.as_ref(),
+            defaults.connect_timeout,
+        ),
+        request_timeout: p.duration(
+            "outbound.requestTimeout",
+            raw.request_timeout.as_ref(),
+            defaults.request_timeout,
+        ),
+        trust_domain,
+    }
+}
+
+/// Parses `https://HOST[:PORT]` (no path) into host and port (default 8090); `field`
+/// names the setting in errors.
+pub(crate) fn parse_https_authority(
+    p: &mut Problems,
+    field: &str,
+    url: &str,
+) -> Option<(String, u16)> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        p.add(
+            field,
+            format!("{url:?} must start with https:// (the operator endpoints are mTLS only)"),
+        );
+        return None;
+    };
+    let authority = rest.trim_end_matches('/');
+    let uri: Option<http::uri::Authority> = authority.parse().ok();
+    let Some(authority) = uri.filter(|a| !a.host().is_empty() && !authority.contains('/')) else {
+        p.add(
+            field,
+            format!("{url:?} must be https://HOST[:PORT] with no path"),
+        );
+        return None;
+    };
+    Some((
+        authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        authority
+            .port_u16()
+            .unwrap_or(portcullis_crds::annotations::POLICY_PORT),
+    ))
 }
 
 fn parse_stream(p: &mut Problems, raw: RawStream) -> Option<StreamSource> {
@@ -592,22 +737,7 @@ fn parse_stream(p: &mut Problems, raw: RawStream) -> Option<StreamSource> {
         raw.max_backoff.as_ref(),
         Duration::from_secs(30),
     );
-    let Some(rest) = url.strip_prefix("https://") else {
-        p.add(
-            "policy.stream.url",
-            format!("{url:?} must start with https:// (the policy stream is mTLS only)"),
-        );
-        return None;
-    };
-    let authority = rest.trim_end_matches('/');
-    let uri: Option<http::uri::Authority> = authority.parse().ok();
-    let Some(authority) = uri.filter(|a| !a.host().is_empty() && !authority.contains('/')) else {
-        p.add(
-            "policy.stream.url",
-            format!("{url:?} must be https://HOST[:PORT] with no path"),
-        );
-        return None;
-    };
+    let (host, port) = parse_https_authority(p, "policy.stream.url", &url)?;
     if !portcullis_crds::scope::is_dns_label(&tenant) {
         p.add(
             "policy.stream.tenant",
@@ -616,14 +746,8 @@ fn parse_stream(p: &mut Problems, raw: RawStream) -> Option<StreamSource> {
         return None;
     }
     Some(StreamSource {
-        host: authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port: authority
-            .port_u16()
-            .unwrap_or(portcullis_crds::annotations::POLICY_PORT),
+        host,
+        port,
         tenant,
         min_backoff,
         max_backoff,
@@ -717,7 +841,7 @@ policy: {file: /policy.json}
 
     #[test]
     fn the_documented_example_parses() {
-        let text = include_str!("../examples/proxy.yaml");
+        let text = include_str!("../../examples/proxy.yaml");
         let config = ProxyConfig::parse(text, "examples/proxy.yaml").unwrap();
         assert_eq!(config.upstream.app_port, 8080);
         assert_eq!(config.limits.max_header_bytes, 16384);
@@ -736,6 +860,16 @@ policy: {file: /policy.json}
         let config = ProxyConfig::parse(&uncommented, "uncommented").unwrap();
         assert!(matches!(config.policy, PolicySource::Stream(_)));
         assert_eq!(config.scopes_map.map(|m| m.len()), Some(2));
+        // So do the outbound and audit sections.
+        let sections: String = text
+            .lines()
+            .skip_while(|l| *l != "# outbound:")
+            .filter(|l| *l == "# outbound:" || *l == "# audit:" || l.starts_with("#   "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let extra = ProxyConfig::parse(&format!("{text}\n{sections}"), "sections").unwrap();
+        assert_eq!(extra.outbound.unwrap().peer_port, 4143);
+        assert_eq!(extra.audit.unwrap().sinks.len(), 4);
     }
 
     #[test]

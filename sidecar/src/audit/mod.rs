@@ -4,6 +4,15 @@
 //! classification makes audit fail closed, a hook that refuses turns the answer into
 //! 503 `audit_unavailable`, and a hook that says it is unavailable stops requests
 //! before they reach the app.
+//!
+//! [`trail::AuditTrail`] is the tamper-evident hook (portcullis-audit's writer);
+//! [`sinks`] builds it from `proxy.yaml`, [`cluster`] in an injected pod with the
+//! tenant's data key from [`dek`].
+
+pub mod cluster;
+pub mod dek;
+pub mod sinks;
+pub mod trail;
 
 use std::{net::IpAddr, time::Duration};
 

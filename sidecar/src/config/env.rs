@@ -1,0 +1,428 @@
+//! `run --config-from-env`: the injected pod's configuration, from the variables the
+//! operator's injector sets (operator/src/webhook/inject/mod.rs, "Proxy environment").
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `POD_NAME`, `POD_NAMESPACE`, `PORTCULLIS_SERVICE_ACCOUNT` | who we are (downward API) | required |
+//! | `PORTCULLIS_APP_PORT` | the app's port on 127.0.0.1 | none: inbound answers 502 |
+//! | `PORTCULLIS_INBOUND_MODE` | `mtls`, `apikey`, `mtls-or-apikey`, `mtls-and-apikey` | `mtls-or-apikey` |
+//! | `PORTCULLIS_SCOPES_MAP` | JSON scope → routes, replaces the tenant's | the tenant's |
+//! | `PORTCULLIS_IDENTITY_URL` | the operator's identity service, `https://host:8443` | required |
+//! | `PORTCULLIS_POLICY_URL` | the operator's policy server, `https://host:8090` | required |
+//! | `PORTCULLIS_TOKEN_PATH` | the projected ServiceAccount token | `/var/run/secrets/portcullis.dev/identity/token` |
+//! | `PORTCULLIS_TRUST_BUNDLE` | PEM roots (the trust-bundle ConfigMap) | `/var/run/portcullis.dev/trust-bundle/ca-bundle.crt` |
+//! | `PORTCULLIS_DATA_DIR` | writable directory (encrypted audit under `audit/`) | `/var/lib/portcullis` |
+//! | `PORTCULLIS_EXIT_WHEN_APP_EXITS` | `true`: exit 0 once the app port stops accepting | `false` |
+//! | `PORTCULLIS_APP_EXIT_GRACE` | how long the app port must stay closed | `5s` |
+//! | `PORTCULLIS_TRUST_DOMAIN` | SPIFFE trust domain | `cluster.local` |
+//! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
+//! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound keeps the destination port instead of 4143 | `false` |
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use portcullis_audit::CheckpointPolicy;
+use portcullis_crds::{InboundMode, scope::ScopeMap};
+
+use super::{
+    AdminConfig, ConfigError, InboundConfig, KeySettings, Limits, OutboundConfig, Problems,
+    UpstreamConfig, parse_https_authority, parse_scopes_annotation,
+};
+use crate::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
+
+/// Where the projected identity token is mounted by the injector.
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/portcullis.dev/identity/token";
+/// Where the trust-bundle ConfigMap is mounted by the injector.
+pub const DEFAULT_TRUST_BUNDLE: &str = "/var/run/portcullis.dev/trust-bundle/ca-bundle.crt";
+/// The proxy's writable directory in an injected pod.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/portcullis";
+/// The trust domain when `PORTCULLIS_TRUST_DOMAIN` is not set.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// An operator endpoint reached over mTLS with the workload certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorEndpoint {
+    /// Host name (also the TLS server name the operator's certificate must carry).
+    pub host: String,
+    /// Port (8090).
+    pub port: u16,
+}
+
+/// Audit settings of an injected proxy (sinks are fixed: stdout, plus the encrypted
+/// file under the data dir when the operator hands out the tenant's key).
+#[derive(Clone, Debug)]
+pub struct ClusterAudit {
+    /// When signed checkpoints are written.
+    pub checkpoint: CheckpointPolicy,
+    /// How long to keep asking for the tenant's data key at start before running with
+    /// stdout only.
+    pub key_wait: Duration,
+    /// How often the data key is asked for again (it rotates weekly).
+    pub key_refresh: Duration,
+}
+
+impl Default for ClusterAudit {
+    fn default() -> Self {
+        Self {
+            checkpoint: CheckpointPolicy::default(),
+            key_wait: Duration::from_secs(5),
+            key_refresh: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Everything an injected proxy needs, validated.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The pod (audit records, chain ids).
+    pub pod_name: String,
+    /// Our SPIFFE ID: trust domain, namespace, ServiceAccount.
+    pub workload: WorkloadId,
+    /// The tenant to use when the certificate names none.
+    pub tenant: Option<String>,
+    /// The app's port; `None` when the pod declares none.
+    pub app_port: Option<u16>,
+    /// The inbound TLS listener.
+    pub inbound: InboundConfig,
+    /// `/live`, `/ready`, `/metrics`, `/identity`.
+    pub admin: AdminConfig,
+    /// The outbound listener.
+    pub outbound: OutboundConfig,
+    /// The pod's route map override.
+    pub scopes_map: Option<ScopeMap>,
+    /// The identity service.
+    pub identity: IdentityEndpoint,
+    /// The policy server (also serves the tenant's audit key).
+    pub policy: OperatorEndpoint,
+    /// First policy-stream reconnect delay.
+    pub policy_min_backoff: Duration,
+    /// Longest policy-stream reconnect delay.
+    pub policy_max_backoff: Duration,
+    /// The projected ServiceAccount token.
+    pub token_path: PathBuf,
+    /// The mounted trust bundle (bootstrap roots).
+    pub trust_bundle: PathBuf,
+    /// Writable directory.
+    pub data_dir: PathBuf,
+    /// Exit once the app port has stopped accepting for this long (Jobs).
+    pub exit_when_app_exits: Option<Duration>,
+    /// How often the app port is probed for that.
+    pub app_probe_interval: Duration,
+    /// Certificate renewal.
+    pub renewal: RenewalSettings,
+    /// Connection and request limits.
+    pub limits: Limits,
+    /// API-key verification.
+    pub keys: KeySettings,
+    /// Timeouts towards the app.
+    pub upstream_connect_timeout: Duration,
+    /// Idle pooled connections to the app.
+    pub upstream_pool_idle_timeout: Duration,
+    /// Audit.
+    pub audit: ClusterAudit,
+}
+
+impl ClusterConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup` (tests pass a map). Every problem is reported,
+    /// each naming its variable and the fix.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut p = Problems::default();
+        let from_injector =
+            "set by the Portcullis injector; run the proxy in an injected pod or set it by hand";
+
+        let pod_name = p.required("POD_NAME", get("POD_NAME"), from_injector);
+        let namespace = p.required("POD_NAMESPACE", get("POD_NAMESPACE"), from_injector);
+        let service_account = p.required(
+            "PORTCULLIS_SERVICE_ACCOUNT",
+            get("PORTCULLIS_SERVICE_ACCOUNT"),
+            from_injector,
+        );
+        let trust_domain =
+            get("PORTCULLIS_TRUST_DOMAIN").unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        let trust_domain = TrustDomain::new(trust_domain)
+            .map_err(|e| {
+                p.add(
+                    "PORTCULLIS_TRUST_DOMAIN",
+                    format!("{e}; it must match the operator's --trust-domain"),
+                )
+            })
+            .ok();
+        let workload = match (trust_domain, &namespace, &service_account) {
+            (Some(td), Some(ns), Some(sa)) => WorkloadId::new(td, ns.clone(), sa.clone())
+                .map_err(|e| {
+                    p.add(
+                        "POD_NAMESPACE/PORTCULLIS_SERVICE_ACCOUNT",
+                        format!("{e}; they must be the pod's namespace and serviceAccountName"),
+                    )
+                })
+                .ok(),
+            _ => None,
+        };
+
+        let tenant = get("PORTCULLIS_TENANT");
+        if let Some(t) = &tenant
+            && !portcullis_crds::scope::is_dns_label(t)
+        {
+            p.add(
+                "PORTCULLIS_TENANT",
+                format!("{t:?} is not a tenant name (a DNS label); unset it to use the certificate's tenant"),
+            );
+        }
+        let app_port = get("PORTCULLIS_APP_PORT").and_then(|text| match text.parse::<u16>() {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                p.add(
+                    "PORTCULLIS_APP_PORT",
+                    format!("{text:?} is not a TCP port; use 1-65535 (annotation portcullis.dev/app-port)"),
+                );
+                None
+            }
+        });
+        let mode = match get("PORTCULLIS_INBOUND_MODE") {
+            None => InboundMode::MtlsOrApikey,
+            Some(text) => text.parse().unwrap_or_else(|e: String| {
+                p.add(
+                    "PORTCULLIS_INBOUND_MODE",
+                    format!("{e} (annotation portcullis.dev/inbound-mode)"),
+                );
+                InboundMode::MtlsOrApikey
+            }),
+        };
+        let scopes_map = get("PORTCULLIS_SCOPES_MAP").and_then(|text| {
+            parse_scopes_annotation(&text)
+                .map_err(|e| p.add("PORTCULLIS_SCOPES_MAP", e))
+                .ok()
+        });
+        if let Some(map) = &scopes_map {
+            for (scope, rules) in map {
+                for (i, rule) in rules.iter().enumerate() {
+                    if let Err(e) = rule.validate() {
+                        p.add(&format!("PORTCULLIS_SCOPES_MAP {scope}[{i}].path"), e);
+                    }
+                }
+            }
+        }
+        let identity = p
+            .required(
+                "PORTCULLIS_IDENTITY_URL",
+                get("PORTCULLIS_IDENTITY_URL"),
+                "the operator's identity service, e.g. https://portcullis-operator.portcullis-system.svc:8443",
+            )
+            .and_then(|url| {
+                IdentityEndpoint::parse(&url)
+                    .map_err(|e| p.add("PORTCULLIS_IDENTITY_URL", format!("{e}; write https://HOST:8443")))
+                    .ok()
+            });
+        let policy = p
+            .required(
+                "PORTCULLIS_POLICY_URL",
+                get("PORTCULLIS_POLICY_URL"),
+                "the operator's policy server, e.g. https://portcullis-operator.portcullis-system.svc:8090",
+            )
+            .and_then(|url| parse_https_authority(&mut p, "PORTCULLIS_POLICY_URL", &url))
+            .map(|(host, port)| OperatorEndpoint { host, port });
+
+        let flag = |p: &mut Problems, name: &str| match get(name).as_deref() {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(v) => {
+                p.add(name, format!("{v:?} is not a boolean; write true or false"));
+                false
+            }
+        };
+        let exit_grace = p.duration(
+            "PORTCULLIS_APP_EXIT_GRACE",
+            get("PORTCULLIS_APP_EXIT_GRACE").as_ref(),
+            Duration::from_secs(5),
+        );
+        let exit_when_app_exits =
+            flag(&mut p, "PORTCULLIS_EXIT_WHEN_APP_EXITS").then_some(exit_grace);
+        let outbound = OutboundConfig {
+            keep_port: flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT"),
+            ..OutboundConfig::default()
+        };
+
+        let path = |name: &str, default: &str| {
+            PathBuf::from(get(name).unwrap_or_else(|| default.to_owned()))
+        };
+        let token_path = path("PORTCULLIS_TOKEN_PATH", DEFAULT_TOKEN_PATH);
+        let trust_bundle = path("PORTCULLIS_TRUST_BUNDLE", DEFAULT_TRUST_BUNDLE);
+        let data_dir = path("PORTCULLIS_DATA_DIR", DEFAULT_DATA_DIR);
+
+        match (p.0.is_empty(), pod_name, workload, identity, policy) {
+            (true, Some(pod_name), Some(workload), Some(identity), Some(policy)) => Ok(Self {
+                pod_name,
+                workload,
+                tenant,
+                app_port,
+                inbound: InboundConfig {
+                    listen: SocketAddr::from((
+                        [0, 0, 0, 0],
+                        portcullis_crds::annotations::PROXY_INBOUND_PORT,
+                    )),
+                    mode,
+                    peers_need_mapped_route: false,
+                },
+                admin: AdminConfig {
+                    listen: SocketAddr::from((
+                        [0, 0, 0, 0],
+                        portcullis_crds::annotations::PROXY_ADMIN_PORT,
+                    )),
+                },
+                outbound,
+                scopes_map,
+                identity,
+                policy,
+                policy_min_backoff: Duration::from_millis(250),
+                policy_max_backoff: Duration::from_secs(30),
+                token_path,
+                trust_bundle,
+                data_dir,
+                exit_when_app_exits,
+                app_probe_interval: Duration::from_secs(1),
+                renewal: RenewalSettings::default(),
+                limits: Limits::default(),
+                keys: KeySettings::default(),
+                upstream_connect_timeout: Duration::from_secs(1),
+                upstream_pool_idle_timeout: Duration::from_secs(90),
+                audit: ClusterAudit::default(),
+            }),
+            _ => Err(ConfigError::Invalid(p.0)),
+        }
+    }
+
+    /// The upstream settings for `app_port`.
+    pub fn upstream(&self, app_port: u16) -> UpstreamConfig {
+        UpstreamConfig {
+            app_port,
+            connect_timeout: self.upstream_connect_timeout,
+            pool_idle_timeout: self.upstream_pool_idle_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn injected() -> HashMap<&'static str, &'static str> {
+        HashMap::from([
+            ("POD_NAME", "api-7d9f"),
+            ("POD_NAMESPACE", "acme-prod"),
+            ("PORTCULLIS_SERVICE_ACCOUNT", "api"),
+            ("PORTCULLIS_APP_PORT", "8080"),
+            (
+                "PORTCULLIS_IDENTITY_URL",
+                "https://portcullis-operator.portcullis-system.svc:8443",
+            ),
+            (
+                "PORTCULLIS_POLICY_URL",
+                "https://portcullis-operator.portcullis-system.svc:8090",
+            ),
+            (
+                "PORTCULLIS_TOKEN_PATH",
+                "/var/run/secrets/portcullis.dev/identity/token",
+            ),
+            (
+                "PORTCULLIS_TRUST_BUNDLE",
+                "/var/run/portcullis.dev/trust-bundle/ca-bundle.crt",
+            ),
+            ("PORTCULLIS_DATA_DIR", "/var/lib/portcullis"),
+        ])
+    }
+
+    fn parse(vars: &HashMap<&str, &str>) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::from_lookup(|name| vars.get(name).map(|v| (*v).to_owned()))
+    }
+
+    #[test]
+    fn the_injected_environment_parses_with_contract_defaults() {
+        let config = parse(&injected()).unwrap();
+        assert_eq!(
+            config.workload.to_string(),
+            "spiffe://cluster.local/ns/acme-prod/sa/api"
+        );
+        assert_eq!(config.app_port, Some(8080));
+        assert_eq!(config.inbound.listen.port(), 4143);
+        assert_eq!(config.admin.listen.port(), 4191);
+        assert_eq!(config.outbound.listen.to_string(), "127.0.0.1:4140");
+        assert_eq!(config.inbound.mode, InboundMode::MtlsOrApikey);
+        assert_eq!(
+            config.policy,
+            OperatorEndpoint {
+                host: "portcullis-operator.portcullis-system.svc".into(),
+                port: 8090
+            }
+        );
+        assert!(config.exit_when_app_exits.is_none());
+        assert!(config.tenant.is_none());
+        assert!(!config.outbound.keep_port);
+    }
+
+    #[test]
+    fn optional_variables_are_honoured() {
+        let mut vars = injected();
+        vars.remove("PORTCULLIS_APP_PORT");
+        vars.extend([
+            ("PORTCULLIS_INBOUND_MODE", "mtls-and-apikey"),
+            (
+                "PORTCULLIS_SCOPES_MAP",
+                r#"{"identify":[{"methods":["POST"],"path":"/v1/identify"}]}"#,
+            ),
+            ("PORTCULLIS_EXIT_WHEN_APP_EXITS", "true"),
+            ("PORTCULLIS_APP_EXIT_GRACE", "2s"),
+            ("PORTCULLIS_TRUST_DOMAIN", "prod.acme"),
+            ("PORTCULLIS_TENANT", "acme"),
+            ("PORTCULLIS_OUTBOUND_KEEP_PORT", "true"),
+        ]);
+        let config = parse(&vars).unwrap();
+        assert_eq!(config.app_port, None);
+        assert_eq!(config.inbound.mode, InboundMode::MtlsAndApikey);
+        assert_eq!(config.scopes_map.unwrap().len(), 1);
+        assert_eq!(config.exit_when_app_exits, Some(Duration::from_secs(2)));
+        assert_eq!(config.workload.trust_domain().as_str(), "prod.acme");
+        assert_eq!(config.tenant.as_deref(), Some("acme"));
+        assert!(config.outbound.keep_port);
+    }
+
+    #[test]
+    fn every_problem_names_its_variable() {
+        let mut vars = injected();
+        vars.remove("POD_NAME");
+        vars.extend([
+            ("PORTCULLIS_APP_PORT", "http"),
+            ("PORTCULLIS_INBOUND_MODE", "tls"),
+            ("PORTCULLIS_POLICY_URL", "http://op:8090"),
+            ("PORTCULLIS_IDENTITY_URL", "op:8443"),
+            ("PORTCULLIS_EXIT_WHEN_APP_EXITS", "yes please"),
+            ("PORTCULLIS_SCOPES_MAP", "{not json"),
+            ("PORTCULLIS_TRUST_DOMAIN", "Bad Domain"),
+        ]);
+        let err = parse(&vars).unwrap_err().to_string();
+        for needle in [
+            "POD_NAME: is required",
+            "PORTCULLIS_APP_PORT",
+            "PORTCULLIS_INBOUND_MODE",
+            "PORTCULLIS_POLICY_URL",
+            "PORTCULLIS_IDENTITY_URL",
+            "PORTCULLIS_EXIT_WHEN_APP_EXITS",
+            "PORTCULLIS_SCOPES_MAP",
+            "PORTCULLIS_TRUST_DOMAIN",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+}
