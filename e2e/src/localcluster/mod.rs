@@ -9,6 +9,7 @@
 //! returns `Ok(None)` after printing which is missing.
 
 mod network;
+mod operator;
 mod pod;
 
 use std::{
@@ -21,6 +22,7 @@ use kube::Api;
 use tempfile::TempDir;
 
 pub use network::{Bridge, PodNetns};
+pub use operator::OperatorProcess;
 pub use pod::RunningPod;
 
 use crate::envtest::EnvTest;

@@ -9,7 +9,7 @@ use std::{
     io,
     net::Ipv4Addr,
     path::Path,
-    process::Command,
+    process::{Child, ChildStdin, Command, Stdio},
     sync::atomic::{AtomicU8, Ordering},
 };
 
@@ -33,11 +33,21 @@ pub(crate) fn ip(args: &[&str]) -> io::Result<()> {
     }
 }
 
+/// Removes the bridge `$1` and every namespace named `$2*` once its stdin closes: when
+/// the bridge drops, or when the test process exits without running destructors (a
+/// bridge shared through a `static`).
+const JANITOR: &str = r#"
+cat >/dev/null
+for n in $(ip netns list | awk '{print $1}' | grep "^$2"); do ip netns del "$n"; done
+ip link del "$1" 2>/dev/null
+"#;
+
 /// The bridge every pod of this process is attached to.
 pub struct Bridge {
     name: String,
     octet: u8,
     next_host: AtomicU8,
+    janitor: Option<(Child, ChildStdin)>,
 }
 
 impl Bridge {
@@ -51,10 +61,18 @@ impl Bridge {
         let octet = u8::try_from(pid % 200 + 20).unwrap_or(20);
         let _ = ip(&["link", "del", &name]);
         ip(&["link", "add", &name, "type", "bridge"])?;
+        let mut janitor = Command::new("sh")
+            .args(["-c", JANITOR, "portcullis-bridge-janitor", &name, &format!("{NETNS_PREFIX}{pid}-")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let lifeline = janitor.stdin.take().ok_or_else(|| io::Error::other("janitor has no stdin"))?;
         let bridge = Self {
             name,
             octet,
             next_host: AtomicU8::new(2),
+            janitor: Some((janitor, lifeline)),
         };
         ip(&["addr", "add", &format!("{}/24", bridge.gateway()), "dev", &bridge.name])?;
         ip(&["link", "set", &bridge.name, "up"])?;
@@ -97,7 +115,10 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.name]);
+        if let Some((mut janitor, lifeline)) = self.janitor.take() {
+            drop(lifeline);
+            let _ = janitor.wait();
+        }
     }
 }
 
