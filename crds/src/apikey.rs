@@ -38,7 +38,7 @@ pub fn secret_name(api_key_name: &str) -> String {
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
     printcolumn = r#"{"name":"Scopes","type":"string","jsonPath":".spec.scopes"}"#,
     printcolumn = r#"{"name":"Key","type":"string","jsonPath":".status.prefix"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

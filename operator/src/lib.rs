@@ -2,3 +2,21 @@
 //! authority and identity service, admission webhooks and the policy server.
 
 pub mod crdgen;
+pub mod admin;
+pub mod clock;
+pub mod context;
+pub mod controller;
+pub mod dek;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod policy;
+pub mod rbac;
+pub mod run;
+pub mod serve;
+pub mod stores;
+pub mod ca;
+pub mod envelope;
+pub mod identity;
+pub mod trust_bundle;
+pub mod webhook;

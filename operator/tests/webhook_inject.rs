@@ -456,3 +456,17 @@ fn generated_pod_names_read_well_in_messages() {
     value["metadata"] = json!({"generateName": "web-7d9c-", "namespace": "acme-prod"});
     assert!(refusal(&decide_json(&value, &required(), OLD)).starts_with("pod acme-prod/web-7d9c-<generated> cannot"));
 }
+
+#[test]
+fn the_trust_domain_reaches_the_proxy_only_when_it_is_not_cluster_local() {
+    let value = pod_json(json!({}), None);
+    let proxy_env = |settings: &InjectSettings| {
+        let decision = decide(&pod(&value), "acme-prod", &enabled(), settings, OLD);
+        let pod: Pod = serde_json::from_value(patched(&value, &decision)).unwrap();
+        env_of(container(&pod.spec.unwrap().containers, "portcullis-proxy"))
+    };
+    assert!(!proxy_env(&settings()).contains_key("PORTCULLIS_TRUST_DOMAIN"));
+    let mut other = settings();
+    other.trust_domain = "prod.acme".into();
+    assert_eq!(proxy_env(&other).get("PORTCULLIS_TRUST_DOMAIN").map(String::as_str), Some("prod.acme"));
+}

@@ -462,6 +462,25 @@ impl CertificateAuthority {
         Ok(events)
     }
 
+    /// Takes over `state` as loaded from the Secrets when its roots or intermediate
+    /// differ from ours (another replica rotated); subscribers are notified then.
+    /// Returns whether anything changed.
+    pub fn adopt(&self, state: CaState) -> bool {
+        let changed = {
+            let mut current = self.lock();
+            let same = current.trust_bundle_pem() == state.trust_bundle_pem()
+                && current.intermediate().fingerprint() == state.intermediate().fingerprint();
+            if !same {
+                *current = state;
+            }
+            !same
+        };
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        changed
+    }
+
     /// The trust bundle PEM.
     pub fn trust_bundle_pem(&self) -> String {
         self.lock().trust_bundle_pem()

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -18,12 +17,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use portcullis_sidecar::identity::clock;
 use portcullis_sidecar::identity::protocol::CERTIFICATE_PATH;
 use portcullis_sidecar::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason};
 use rustls::ServerConfig;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -33,13 +29,21 @@ use super::authenticator::{Refusal, WorkloadAuthenticator, authenticate};
 use super::authority::CertificateAuthority;
 use super::csr::validate_csr;
 use super::metrics::IdentityMetrics;
+use super::serving::{CaServingCertificate, service_names};
+
+/// The operator's Service (the chart's default release name).
+pub const DEFAULT_SERVICE: &str = "portcullis-operator";
+/// The operator's namespace when `POD_NAMESPACE` is not set.
+pub const DEFAULT_NAMESPACE: &str = "portcullis-system";
 
 /// Where and as whom the identity service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityServiceConfig {
     /// Listen address (0.0.0.0:8443).
     pub listen: SocketAddr,
-    /// DNS names (or IPs) in the service's certificate: the Service name(s) sidecars use.
+    /// DNS names (or IPs) in the service's certificate: the Service name(s) sidecars use
+    /// (default `portcullis-operator.portcullis-system.svc[.cluster.local]`; see
+    /// [`service_names`]).
     pub server_names: Vec<String>,
     /// Largest accepted request body (64 KiB).
     pub max_body_bytes: usize,
@@ -51,10 +55,7 @@ impl Default for IdentityServiceConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            server_names: vec![
-                "portcullis-identity.portcullis-system.svc".into(),
-                "portcullis-identity.portcullis-system.svc.cluster.local".into(),
-            ],
+            server_names: service_names(DEFAULT_SERVICE, DEFAULT_NAMESPACE, &[]),
             max_body_bytes: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -185,7 +186,7 @@ impl IdentityService {
         self: Arc<Self>,
         config: IdentityServiceConfig,
     ) -> Result<BoundIdentityService, CaError> {
-        let slot = Arc::new(ServerCertSlot::new(&self.ca, &config.server_names)?);
+        let slot = Arc::new(CaServingCertificate::new(&self.ca, &config.server_names)?);
         let mut tls =
             ServerConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])
@@ -230,69 +231,13 @@ fn refusal_response(refusal: &Refusal) -> Response<Full<Bytes>> {
     )
 }
 
-/// The service's own certificate, re-issued at half-life and after every CA rotation.
-struct ServerCertSlot {
-    current: ArcSwap<(Arc<CertifiedKey>, jiff::Timestamp)>,
-    names: Vec<String>,
-}
-
-impl std::fmt::Debug for ServerCertSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerCertSlot")
-            .field("names", &self.names)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerCertSlot {
-    fn new(ca: &CertificateAuthority, names: &[String]) -> Result<Self, CaError> {
-        let first = Self::issue(ca, names)?;
-        Ok(Self {
-            current: ArcSwap::from_pointee(first),
-            names: names.to_vec(),
-        })
-    }
-
-    /// A certificate and the time to replace it (half its lifetime).
-    fn issue(
-        ca: &CertificateAuthority,
-        names: &[String],
-    ) -> Result<(Arc<CertifiedKey>, jiff::Timestamp), CaError> {
-        let cert = ca.issue_server_certificate(names)?;
-        let key = portcullis_sidecar::identity::tls::provider()
-            .key_provider
-            .load_private_key(cert.key.into())
-            .map_err(|e| CaError::Tls(e.to_string()))?;
-        let half = clock::until(cert.not_before, cert.not_after) / 2;
-        Ok((
-            Arc::new(CertifiedKey::new(cert.chain, key)),
-            clock::add(cert.not_before, half),
-        ))
-    }
-
-    fn refresh(&self, ca: &CertificateAuthority) -> Result<(), CaError> {
-        self.current.store(Arc::new(Self::issue(ca, &self.names)?));
-        Ok(())
-    }
-
-    fn refresh_at(&self) -> jiff::Timestamp {
-        self.current.load().1
-    }
-}
-
-impl ResolvesServerCert for ServerCertSlot {
-    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load().0.clone())
-    }
-}
-
 /// A bound, not yet serving, identity service.
 pub struct BoundIdentityService {
     service: Arc<IdentityService>,
     listener: TcpListener,
     local_addr: SocketAddr,
     acceptor: TlsAcceptor,
-    slot: Arc<ServerCertSlot>,
+    slot: Arc<CaServingCertificate>,
     config: IdentityServiceConfig,
 }
 
@@ -320,9 +265,11 @@ impl BoundIdentityService {
             config,
             ..
         } = self;
-        tokio::spawn(keep_server_cert_fresh(
-            service.clone(),
-            slot,
+        let metrics = service.metrics.clone();
+        let ca = service.ca.clone();
+        tokio::spawn(slot.keep_fresh(
+            service.ca.clone(),
+            move || metrics.set_ca_expiry(ca.expiry()),
             shutdown.clone(),
         ));
         let graceful = GracefulShutdown::new();
@@ -375,27 +322,5 @@ impl BoundIdentityService {
             tracing::warn!("identity service connections did not drain in 10 s");
         }
         Ok(())
-    }
-}
-
-async fn keep_server_cert_fresh(
-    service: Arc<IdentityService>,
-    slot: Arc<ServerCertSlot>,
-    shutdown: CancellationToken,
-) {
-    let ca = &service.ca;
-    let mut changes = ca.subscribe();
-    loop {
-        let wait = clock::until(ca.clock().now(), slot.refresh_at()).max(Duration::from_millis(10));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(wait) => {}
-        }
-        service.metrics.set_ca_expiry(ca.expiry());
-        if let Err(e) = slot.refresh(ca) {
-            tracing::error!(error = %e, "re-issuing the identity service certificate failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
     }
 }

@@ -18,7 +18,8 @@
 //! tokio::spawn(run_rotation(ca.clone(), Some(store), Duration::from_secs(60), shutdown.clone()));
 //! let metrics = IdentityMetrics::register(&mut registry);
 //! let service = Arc::new(IdentityService::new(ca.clone(), Arc::new(KubeAuthenticator::new(client.clone())), metrics));
-//! let bound = service.bind(IdentityServiceConfig::default()).await?;
+//! let config = IdentityServiceConfig { server_names: service_names(&service_name, &ns, &extra_sans), ..IdentityServiceConfig::default() };
+//! let bound = service.bind(config).await?;
 //! tokio::spawn(bound.serve(shutdown.clone()));
 //! // on ca.subscribe() changes and tenant namespace changes:
 //! publish_trust_bundle(client, &tenant_namespaces, &ca.trust_bundle_pem()).await?;
@@ -33,6 +34,7 @@ pub mod identity_service;
 pub mod metrics;
 pub mod persist;
 pub mod rotation;
+pub mod serving;
 pub mod settings;
 
 #[cfg(test)]
@@ -51,6 +53,7 @@ pub use identity_service::{BoundIdentityService, IdentityService, IdentityServic
 pub use metrics::IdentityMetrics;
 pub use persist::{CaSecretStore, INTERMEDIATE_SECRET, ROOT_SECRET};
 pub use rotation::run_rotation;
+pub use serving::{CaServingCertificate, service_names};
 pub use settings::CaSettings;
 
 use crate::envelope::EnvelopeError;

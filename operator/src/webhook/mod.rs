@@ -19,7 +19,7 @@
 //! webhook::serve(addr, certificates.server_config()?, state, shutdown).await?;
 //! ```
 //!
-//! or all of it at once with [`run`].
+//! or all of it at once with [`run`] ([`start`] on a bound listener).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -131,16 +131,65 @@ pub struct WebhookSettings {
     pub inject: InjectSettings,
     /// Escalation-check exemptions.
     pub validator: ValidatorSettings,
+    /// When set, the operator applies both webhook configurations itself (field
+    /// manager [`CONFIGURATION_MANAGER`]) pointing at this target — e.g. a URL when it
+    /// runs outside the cluster. `None`: the Helm chart owns them and the operator only
+    /// patches their `caBundle`.
+    pub configurations: Option<config::WebhookConfigSettings>,
 }
 
-/// Starts the certificates (CA Secret, leaf, caBundle), keeps them fresh, and serves
-/// the webhooks until `shutdown`. Admin audit events go to `audit`.
+/// Field manager of the webhook configurations the operator applies itself; distinct
+/// from the one that owns `caBundle`, so neither apply removes the other's fields.
+pub const CONFIGURATION_MANAGER: &str = "portcullis-operator-webhooks";
+
+/// Server-side applies the two configurations under the names in `tls`.
+pub async fn apply_configurations(
+    client: &kube::Client,
+    configurations: &config::WebhookConfigSettings,
+    tls: &WebhookTlsSettings,
+) -> Result<(), WebhookError> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    use kube::api::{Api, Patch, PatchParams};
+    let params = PatchParams::apply(CONFIGURATION_MANAGER).force();
+    let mut mutating = config::mutating(configurations);
+    mutating.metadata.name = Some(tls.mutating_configuration.clone());
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(&tls.mutating_configuration, &params, &Patch::Apply(&mutating))
+        .await?;
+    let mut validating = config::validating(configurations);
+    validating.metadata.name = Some(tls.validating_configuration.clone());
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .patch(&tls.validating_configuration, &params, &Patch::Apply(&validating))
+        .await?;
+    Ok(())
+}
+
+/// Binds `settings.addr` and serves the webhooks until `shutdown` (see [`start`]).
 pub async fn run(
     client: kube::Client,
     settings: WebhookSettings,
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
+    let addr = settings.addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WebhookError::Bind { addr, source })?;
+    start(client, listener, settings, audit, shutdown).await?.await
+}
+
+/// Everything up to serving: the API server version, the configurations (when the
+/// operator owns them), the certificates (CA Secret, leaf, `caBundle`) and their
+/// refresh task. Returns the server, to be awaited (it runs until `shutdown`).
+pub async fn start(
+    client: kube::Client,
+    listener: tokio::net::TcpListener,
+    settings: WebhookSettings,
+    audit: Arc<dyn AdminAuditSink>,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = Result<(), WebhookError>> + Send + 'static, WebhookError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let server_version = ServerVersion::detect(&client).await?;
     tracing::info!(
@@ -149,11 +198,20 @@ pub async fn run(
         "injecting the proxy as a {}",
         if server_version.supports_native_sidecars() { "native sidecar" } else { "regular container" }
     );
+    if let Some(configurations) = &settings.configurations {
+        apply_configurations(&client, configurations, &settings.tls).await?;
+        tracing::info!(target = ?configurations.target, "webhook configurations applied");
+    }
     let certificates = WebhookCertificates::start(client.clone(), settings.tls, clock.clone()).await?;
     tokio::spawn(certificates.clone().run(shutdown.clone()));
     let state = WebhookState {
         clock,
         ..WebhookState::new(client, settings.inject, settings.validator, server_version).with_audit(audit)
     };
-    serve(settings.addr, certificates.server_config()?, Arc::new(state), shutdown).await
+    let tls = certificates.server_config()?;
+    Ok(async move {
+        // Keeps the certificates (and their refresh task's handle) alive while serving.
+        let _certificates = certificates;
+        serve_on(listener, tls, Arc::new(state), ServerLimits::default(), shutdown).await
+    })
 }

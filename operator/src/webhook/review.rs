@@ -14,7 +14,9 @@ use super::WebhookState;
 use super::audit::AdminAuditEvent;
 use super::inject::{Decision, decide};
 use super::validate::lookup::{catalogue, namespace_roles, tenant_claims};
-use super::validate::{Change, Operation, Refusal, Requester, validate_api_key, validate_role, validate_tenant};
+use super::validate::{
+    Change, Operation, Refusal, Requester, ValidatorSettings, validate_api_key, validate_role, validate_tenant,
+};
 
 fn deny(request: &AdmissionRequest<DynamicObject>, message: impl Into<String>, code: u16, reason: &str) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
@@ -162,7 +164,9 @@ async fn check_api_key(state: &WebhookState, request: &AdmissionRequest<DynamicO
     let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
     let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
     let requester = Requester::from_user_info(&request.user_info);
-    Ok(validate_api_key(&change(request, operation, &objects), &requester, &roles, &catalogue, &state.validator))
+    let change = change(request, operation, &objects);
+    let decide = |settings: &ValidatorSettings| validate_api_key(&change, &requester, &roles, &catalogue, settings);
+    decide_with_admin_fallback(state, request, &requester, decide).await
 }
 
 async fn check_role(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
@@ -172,7 +176,35 @@ async fn check_role(state: &WebhookState, request: &AdmissionRequest<DynamicObje
     let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
     let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
     let requester = Requester::from_user_info(&request.user_info);
-    Ok(validate_role(&change(request, operation, &objects), &requester, &roles, &catalogue, &state.validator))
+    let change = change(request, operation, &objects);
+    let decide = |settings: &ValidatorSettings| validate_role(&change, &requester, &roles, &catalogue, settings);
+    decide_with_admin_fallback(state, request, &requester, decide).await
+}
+
+/// Runs `decide` with the configured exemptions; when that refuses with 403 (the
+/// escalation check) a requester who is a cluster admin however bound — the API
+/// server's authorizer says they may `*` `*` in `portcullis.dev` — is exempt too, and
+/// `decide` runs again with them exempt. `system:masters` never needs the round trip.
+async fn decide_with_admin_fallback(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    requester: &Requester,
+    decide: impl Fn(&ValidatorSettings) -> Result<(), Refusal>,
+) -> Checked {
+    let refusal = match decide(&state.validator) {
+        Err(refusal) if refusal.code == 403 && !state.validator.is_privileged(requester) => refusal,
+        decided => return Ok(decided),
+    };
+    match state.lookup.is_portcullis_admin(&request.user_info).await {
+        Ok(true) => {
+            tracing::debug!(user = %requester.username, "exempt from the escalation check: cluster admin by SubjectAccessReview");
+            let mut exempt = state.validator.clone();
+            exempt.privileged_users.push(requester.username.clone());
+            Ok(decide(&exempt))
+        }
+        Ok(false) => Ok(Err(refusal)),
+        Err(e) => Err(Box::new(unavailable(request, e))),
+    }
 }
 
 async fn check_tenant(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {

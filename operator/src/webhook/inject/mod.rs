@@ -57,7 +57,8 @@
 //! port name, else the first container's first TCP port; absent when the pod has none),
 //! `PORTCULLIS_INBOUND_MODE` and `PORTCULLIS_SCOPES_MAP` (from their annotations, when
 //! set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
-//! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, and in regular-container mode for
+//! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, `PORTCULLIS_TRUST_DOMAIN` (only when
+//! the trust domain is not `cluster.local`), and in regular-container mode for
 //! run-to-completion pods `PORTCULLIS_EXIT_WHEN_APP_EXITS`.
 
 use std::collections::BTreeMap;
@@ -158,7 +159,13 @@ pub struct InjectSettings {
     pub token_expiration_seconds: i64,
     /// Redirect outbound TCP to the proxy's outbound port too (off: only inbound).
     pub redirect_outbound: bool,
+    /// The SPIFFE trust domain (`cluster.local`); pods get `PORTCULLIS_TRUST_DOMAIN`
+    /// when it is another.
+    pub trust_domain: String,
 }
+
+/// The trust domain the proxy assumes when `PORTCULLIS_TRUST_DOMAIN` is not set.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 impl InjectSettings {
     /// Defaults for an operator in `operator_namespace` whose Service is `service`.
@@ -176,6 +183,7 @@ impl InjectSettings {
             excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
             token_expiration_seconds: 3600,
             redirect_outbound: false,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use portcullis_crds::annotations::{IDENTITY_AUDIENCE, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
 
-use super::{InjectSettings, PodPlan};
+use super::{DEFAULT_TRUST_DOMAIN, InjectSettings, PodPlan};
 
 /// The injected proxy container.
 pub const PROXY_CONTAINER: &str = "portcullis-proxy";
@@ -164,6 +164,10 @@ pub(super) fn proxy_container(plan: &PodPlan, settings: &InjectSettings, native:
         env("PORTCULLIS_TRUST_BUNDLE", format!("{TRUST_BUNDLE_MOUNT}/{TRUST_BUNDLE_KEY}")),
         env("PORTCULLIS_DATA_DIR", DATA_MOUNT),
     ]);
+    // The proxy assumes cluster.local; say so only when it differs.
+    if settings.trust_domain != DEFAULT_TRUST_DOMAIN {
+        env_vars.push(env("PORTCULLIS_TRUST_DOMAIN", settings.trust_domain.clone()));
+    }
     if !native && plan.run_to_completion {
         env_vars.push(env("PORTCULLIS_EXIT_WHEN_APP_EXITS", "true"));
     }

@@ -1,14 +1,16 @@
 //! What the webhooks read from the API server: namespace labels, a namespace's Roles,
-//! the Tenants. A trait so the admission handlers run against fixtures in tests;
+//! the Tenants, and whether a user is a cluster admin (SubjectAccessReview). A trait so the admission handlers run against fixtures in tests;
 //! [`KubeLookup`] is the real thing (plain GET/LIST per admission — admin changes are
 //! rare and pods need one namespace GET).
 
 use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
+use k8s_openapi::api::authentication::v1::UserInfo;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, PostParams};
 use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_crds::{Role, Tenant};
 
@@ -34,6 +36,14 @@ pub trait ClusterLookup: Send + Sync {
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
     /// Every Tenant.
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>>;
+    /// Whether the API server's authorizer lets `user` do anything (`*`) to every
+    /// resource (`*`) of `portcullis.dev`, cluster-wide — a cluster admin however
+    /// bound (e.g. kubeadm's `kubeadm:cluster-admins` group). Asked only when the
+    /// escalation check would refuse. Default: no one.
+    fn is_portcullis_admin<'a>(&'a self, user: &'a UserInfo) -> BoxFuture<'a, Result<bool, LookupError>> {
+        let _ = user;
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// [`ClusterLookup`] over a kube client.
@@ -89,6 +99,39 @@ impl ClusterLookup for KubeLookup {
             let list = api.list(&ListParams::default()).await.map_err(failed("tenants"))?;
             Ok(list.items)
         })
+    }
+
+    fn is_portcullis_admin<'a>(&'a self, user: &'a UserInfo) -> BoxFuture<'a, Result<bool, LookupError>> {
+        Box::pin(async move {
+            let review = portcullis_admin_review(user);
+            let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+            let reviewed = api
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(failed("a SubjectAccessReview"))?;
+            Ok(reviewed.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
+        })
+    }
+}
+
+/// The SubjectAccessReview asking whether `user` may `*` `*` in group `portcullis.dev`
+/// cluster-wide.
+pub fn portcullis_admin_review(user: &UserInfo) -> SubjectAccessReview {
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            uid: user.uid.clone(),
+            extra: user.extra.clone(),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(portcullis_crds::GROUP.into()),
+                resource: Some("*".into()),
+                verb: Some("*".into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
     }
 }
 

@@ -14,9 +14,12 @@
 //!   requester holds `roles:manage` and every permission and scope the role would grant.
 //! - Tenant: field validation; no namespace another Tenant owns.
 //!
-//! Cluster admins (group `system:masters`), the operator's own ServiceAccount and the
-//! control plane's controllers (which delete everything in a namespace being deleted)
-//! are exempt from the escalation checks, never from validation.
+//! Cluster admins, the operator's own ServiceAccount and the control plane's
+//! controllers (which delete everything in a namespace being deleted) are exempt from
+//! the escalation checks, never from validation. `system:masters` is exempt by group;
+//! any other user whom a SubjectAccessReview allows `*` on `*` in `portcullis.dev`
+//! cluster-wide (e.g. kubeadm's `kubeadm:cluster-admins`, bound to `cluster-admin`) is
+//! exempt too — asked only when the check would otherwise refuse ([`lookup`]).
 //!
 //! Each refusal's message is what `kubectl` prints after
 //! `admission webhook "validate.portcullis.dev" denied the request: `.

@@ -1,0 +1,202 @@
+//! The three controllers and their wiring: what each watches and which objects a change
+//! of another kind re-queues. Each runs until `shutdown` and then finishes the
+//! reconciles in flight.
+
+pub mod apikey;
+pub mod key_lifecycle;
+pub mod role;
+pub mod tenant;
+pub mod tenant_dek;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
+use kube::runtime::controller::{Config, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use portcullis_crds::{ApiKey, Role, Tenant, tenant::TENANT_LABEL};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::Context;
+use crate::stores::Stores;
+
+/// Runs the Tenant, Role and ApiKey controllers until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    tokio::join!(
+        run_tenants(ctx.clone(), shutdown.clone()),
+        run_roles(ctx.clone(), shutdown.clone()),
+        run_api_keys(ctx, shutdown),
+    );
+}
+
+fn log_result<K: kube::Resource, E: std::fmt::Display, Q: std::fmt::Display>(
+    result: Result<
+        (ObjectRef<K>, kube::runtime::controller::Action),
+        kube::runtime::controller::Error<E, Q>,
+    >,
+) -> futures::future::Ready<()> {
+    match result {
+        Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+        // The error policy has logged reconcile failures already.
+        Err(kube::runtime::controller::Error::ReconcilerFailed(_, object)) => {
+            tracing::debug!(%object, "reconcile failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "controller"),
+    }
+    futures::future::ready(())
+}
+
+/// Tenants for a namespace event: those that name it, select namespaces, or label it.
+fn tenants_for_namespace(
+    tenants: &kube::runtime::reflector::Store<Tenant>,
+    ns: &Namespace,
+) -> Vec<ObjectRef<Tenant>> {
+    let name = ns.name_any();
+    let label = ns.labels().get(TENANT_LABEL).cloned();
+    tenants
+        .state()
+        .iter()
+        .filter(|t| {
+            t.spec.namespaces.contains(&name)
+                || t.spec.namespace_selector.is_some()
+                || label.as_deref() == t.metadata.name.as_deref()
+        })
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+fn tenant_of(stores: &Stores, namespace: Option<String>) -> Option<ObjectRef<Tenant>> {
+    stores
+        .tenant_of_namespace(&namespace?)
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+}
+
+async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    // One at a time: two tenants racing for one namespace must not both win it.
+    let config = Config::default()
+        .concurrency(1)
+        .debounce(Duration::from_millis(300));
+    let controller = Controller::new(
+        Api::<Tenant>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config);
+    let tenants = controller.store();
+    let (by_key, by_role) = (ctx.stores.clone(), ctx.stores.clone());
+    controller
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            move |ns| tenants_for_namespace(&tenants, &ns),
+        )
+        .watches(
+            Api::<ApiKey>::all(client.clone()),
+            watcher::Config::default(),
+            move |key| tenant_of(&by_key, key.namespace()),
+        )
+        // Built-in Roles (re-created when deleted) and the counts in the status.
+        .watches(
+            Api::<Role>::all(client),
+            watcher::Config::default(),
+            move |role| tenant_of(&by_role, role.namespace()),
+        )
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(tenant::reconcile, tenant::error_policy, ctx)
+        .for_each(log_result)
+        .await;
+}
+
+async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let owned = watcher::Config::default().labels(crate::rbac::ROLE_LABEL);
+    let controller = Controller::new(Api::<Role>::all(client.clone()), watcher::Config::default());
+    let roles = controller.store();
+    let siblings = roles.clone();
+    controller
+        .owns(Api::<RbacRole>::all(client.clone()), owned.clone())
+        .owns(Api::<RoleBinding>::all(client.clone()), owned)
+        // A parent's change can change every Role of its namespace.
+        .watches(
+            Api::<Role>::all(client.clone()),
+            watcher::Config::default(),
+            move |changed| {
+                let ns = changed.namespace();
+                siblings
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace() == ns && r.name_any() != changed.name_any())
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        // The catalogue (for allScopes) and the binding live on the Tenant.
+        .watches(
+            Api::<Tenant>::all(client),
+            watcher::Config::default(),
+            move |tenant| {
+                let namespaces = Stores::namespaces_of(&tenant);
+                roles
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace().is_some_and(|ns| namespaces.contains(&ns)))
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(role::reconcile, role::error_policy, ctx)
+        .for_each(log_result)
+        .await;
+}
+
+async fn run_api_keys(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        Api::<ApiKey>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let keys = controller.store();
+    let by_tenant = keys.clone();
+    controller
+        .owns(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(key_lifecycle::SECRET_LABEL),
+        )
+        // A role change can grant or withdraw a key's scopes (directly or by inheritance,
+        // so every key of the namespace is looked at again).
+        .watches(
+            Api::<Role>::all(client.clone()),
+            watcher::Config::default(),
+            move |role| {
+                let ns = role.namespace();
+                keys.state()
+                    .iter()
+                    .filter(|k| k.namespace() == ns)
+                    .map(|k| ObjectRef::from_obj(k.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        // The tenant binds the namespace and holds the catalogue and defaults.
+        .watches(
+            Api::<Tenant>::all(client),
+            watcher::Config::default(),
+            move |tenant| {
+                let namespaces = Stores::namespaces_of(&tenant);
+                by_tenant
+                    .state()
+                    .iter()
+                    .filter(|k| k.namespace().is_some_and(|ns| namespaces.contains(&ns)))
+                    .map(|k| ObjectRef::from_obj(k.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(apikey::reconcile, apikey::error_policy, ctx)
+        .for_each(log_result)
+        .await;
+}

@@ -1,0 +1,574 @@
+//! Tenant controller: binds namespaces (labels them `portcullis.dev/tenant=<name>`,
+//! never taking one from another tenant), keeps the built-in Roles in each, keeps the
+//! tenant's DEK current, and reports it all in the status.
+//!
+//! A finalizer removes the namespace labels when the Tenant is deleted (labels on
+//! objects the Tenant does not own are cleanup that owner references cannot do). The
+//! built-in Roles are owned by the Tenant and garbage-collected. The DEK Secret is
+//! deliberately kept: deleting a Tenant must not shred its audit archive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::Selector;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use portcullis_crds::{
+    Role, Tenant, TenantStatus,
+    annotations::FIELD_MANAGER,
+    conditions,
+    role::{BUILTIN_ROLES, builtin_role, role_object_name},
+    tenant::TENANT_LABEL,
+};
+
+use super::tenant_dek;
+use crate::clock;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::metrics::Kind;
+
+/// Finalizer that removes namespace labels on deletion.
+pub const FINALIZER: &str = "portcullis.dev/tenant-cleanup";
+/// Label on built-in Roles.
+pub const BUILTIN_LABEL: &str = "portcullis.dev/builtin";
+/// Namespaces a selector never binds.
+const PROTECTED_NAMESPACES: [&str; 4] =
+    ["kube-system", "kube-public", "kube-node-lease", "default"];
+
+/// Reconciles one Tenant.
+pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(Kind::Tenant);
+    let api: Api<Tenant> = Api::all(ctx.client.clone());
+    let key = object_key(&tenant);
+    let result = finalizer(&api, FINALIZER, tenant, |event| async {
+        match event {
+            Finalizer::Apply(t) => TenantReconciler::new(&t, &ctx)?.apply().await,
+            Finalizer::Cleanup(t) => TenantReconciler::new(&t, &ctx)?.cleanup().await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        ctx.succeeded(&key).await;
+    }
+    result
+}
+
+/// Counts the failure and backs off.
+pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.error_policy(Kind::Tenant, &object_key(&tenant), error)
+}
+
+fn object_key(tenant: &Tenant) -> String {
+    format!("Tenant/{}", tenant.name_any())
+}
+
+/// Which namespaces to label, keep, release, and which cannot be had.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespacePlan {
+    /// Unlabelled: label them.
+    pub bind: Vec<String>,
+    /// Already ours.
+    pub keep: Vec<String>,
+    /// Labelled for another tenant: (namespace, that tenant).
+    pub claimed: Vec<(String, String)>,
+    /// Listed but not existing.
+    pub missing: Vec<String>,
+    /// Ours but no longer wanted: remove the label.
+    pub release: Vec<String>,
+}
+
+impl NamespacePlan {
+    /// Decides from the wanted names, the current tenant label of each existing wanted
+    /// namespace, and the namespaces currently labelled for this tenant.
+    pub fn new(
+        tenant: &str,
+        wanted: &BTreeSet<String>,
+        labels: &BTreeMap<String, Option<String>>,
+        currently_ours: &BTreeSet<String>,
+    ) -> Self {
+        let mut plan = Self::default();
+        for ns in wanted {
+            match labels.get(ns) {
+                None => plan.missing.push(ns.clone()),
+                Some(None) => plan.bind.push(ns.clone()),
+                Some(Some(owner)) if owner.is_empty() => plan.bind.push(ns.clone()),
+                Some(Some(owner)) if owner == tenant => plan.keep.push(ns.clone()),
+                Some(Some(owner)) => plan.claimed.push((ns.clone(), owner.clone())),
+            }
+        }
+        plan.release = currently_ours.difference(wanted).cloned().collect();
+        plan
+    }
+
+    /// The namespaces bound once the plan is carried out.
+    pub fn bound(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.bind.iter().chain(&self.keep).cloned().collect();
+        all.sort();
+        all
+    }
+
+    /// The problem to report, if any: a claimed namespace first, then missing ones.
+    pub fn problem(&self, tenant: &str) -> Option<Error> {
+        if !self.claimed.is_empty() {
+            let each: Vec<String> = self
+                .claimed
+                .iter()
+                .map(|(ns, other)| {
+                    format!("namespace {ns} is already bound to tenant {other}; tenant {tenant} does not take it over")
+                })
+                .collect();
+            return Some(Error::NamespaceClaimed(each.join("; ")));
+        }
+        if !self.missing.is_empty() {
+            return Some(Error::NamespaceNotFound(format!(
+                "namespaces not found: {}",
+                self.missing.join(", ")
+            )));
+        }
+        None
+    }
+}
+
+/// The spec of a built-in Role as the operator applies it: only the fields it owns, so
+/// subjects people add to built-in Roles survive.
+pub fn builtin_role_manifest(
+    name: &str,
+    namespace: &str,
+    tenant: &str,
+    owner: &OwnerReference,
+) -> Option<serde_json::Value> {
+    let spec = builtin_role(name)?;
+    Some(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "Role",
+        "metadata": {
+            "name": role_object_name(name),
+            "namespace": namespace,
+            "labels": {TENANT_LABEL: tenant, BUILTIN_LABEL: "true"},
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "inherits": spec.inherits,
+            "permissions": spec.permissions,
+            "allScopes": spec.all_scopes,
+        },
+    }))
+}
+
+struct TenantReconciler<'a> {
+    tenant: &'a Tenant,
+    ctx: &'a Context,
+    name: String,
+    namespaces: Api<Namespace>,
+}
+
+impl<'a> TenantReconciler<'a> {
+    fn new(tenant: &'a Tenant, ctx: &'a Context) -> Result<Self> {
+        Ok(Self {
+            name: tenant
+                .metadata
+                .name
+                .clone()
+                .ok_or(Error::MissingObjectKey("name"))?,
+            namespaces: Api::all(ctx.client.clone()),
+            tenant,
+            ctx,
+        })
+    }
+
+    async fn apply(&self) -> Result<Action> {
+        let now = self.ctx.clock.now();
+        if let Err(errors) = self.tenant.spec.validate() {
+            let error = Error::InvalidSpec(errors);
+            let previous = self.previous();
+            let status = self.status(
+                previous.namespaces,
+                previous.active_dek_version,
+                Some(&error),
+            );
+            self.apply_status(&status).await?;
+            self.announce_problem(&error).await;
+            return Err(error);
+        }
+
+        let plan = self.plan_namespaces().await?;
+        for ns in &plan.bind {
+            self.label(ns, Some(&self.name)).await?;
+            self.ctx
+                .event(
+                    &self.reference(),
+                    false,
+                    "NamespaceBound",
+                    format!("namespace {ns} bound to tenant {}", self.name),
+                )
+                .await;
+        }
+        for ns in &plan.release {
+            self.label(ns, None).await?;
+            self.remove_builtin_roles(ns).await?;
+            self.ctx
+                .event(
+                    &self.reference(),
+                    false,
+                    "NamespaceReleased",
+                    format!("namespace {ns} released"),
+                )
+                .await;
+        }
+        let bound = plan.bound();
+        for ns in &bound {
+            self.ensure_builtin_roles(ns).await?;
+        }
+
+        let spec = &self.tenant.spec;
+        let retention = Duration::from_secs(u64::from(spec.retention_days()) * 86_400);
+        let dek = tenant_dek::ensure(
+            self.ctx,
+            &self.name,
+            spec.encryption.dek_rotation.get(),
+            retention,
+        )
+        .await?;
+        if let Some(version) = dek.created {
+            let (reason, note) = if version == 1 {
+                ("DekCreated", "data-encryption key v1 created".to_owned())
+            } else {
+                (
+                    "DekRotated",
+                    format!("data-encryption key rotated to v{version}"),
+                )
+            };
+            self.ctx.event(&self.reference(), false, reason, note).await;
+        }
+        if !dek.pruned.is_empty() {
+            let versions: Vec<String> = dek.pruned.iter().map(|v| format!("v{v}")).collect();
+            let note = format!(
+                "DEK versions {} dropped: past the audit retention",
+                versions.join(", ")
+            );
+            self.ctx
+                .event(&self.reference(), false, "DekPruned", note)
+                .await;
+        }
+
+        let problem = plan.problem(&self.name);
+        let status = self.status(bound, Some(dek.active), problem.as_ref());
+        self.apply_status(&status).await?;
+        if let Some(error) = problem {
+            self.announce_problem(&error).await;
+            return Err(error);
+        }
+        let wait = clock::until(now, dek.next_event).min(self.ctx.settings.resync);
+        Ok(Action::requeue(wait + Duration::from_millis(50)))
+    }
+
+    async fn cleanup(&self) -> Result<Action> {
+        for ns in self.labelled_ours().await? {
+            self.label(&ns, None).await?;
+        }
+        self.ctx
+            .event(
+                &self.reference(),
+                false,
+                "NamespacesReleased",
+                "tenant deleted: namespace labels removed".into(),
+            )
+            .await;
+        Ok(Action::await_change())
+    }
+
+    fn reference(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        self.tenant.object_ref(&())
+    }
+
+    fn previous(&self) -> TenantStatus {
+        self.tenant.status.clone().unwrap_or_default()
+    }
+
+    async fn labelled_ours(&self) -> Result<BTreeSet<String>> {
+        let lp = ListParams::default().labels(&format!("{TENANT_LABEL}={}", self.name));
+        Ok(self
+            .namespaces
+            .list_metadata(&lp)
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect())
+    }
+
+    async fn plan_namespaces(&self) -> Result<NamespacePlan> {
+        let spec = &self.tenant.spec;
+        let mut labels: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let tenant_label = |n: &Namespace| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(TENANT_LABEL).cloned())
+        };
+        for name in &spec.namespaces {
+            wanted.insert(name.clone());
+            if let Some(ns) = self.namespaces.get_opt(name).await? {
+                labels.insert(name.clone(), tenant_label(&ns));
+            }
+        }
+        if let Some(selector) = &spec.namespace_selector {
+            let empty = selector
+                .match_labels
+                .as_ref()
+                .is_none_or(BTreeMap::is_empty)
+                && selector
+                    .match_expressions
+                    .as_ref()
+                    .is_none_or(Vec::is_empty);
+            // An empty selector would bind every namespace of the cluster: it binds none.
+            if !empty {
+                let selector = Selector::try_from(selector.clone()).map_err(|e| {
+                    Error::InvalidSpec(portcullis_crds::FieldErrors(vec![
+                        portcullis_crds::FieldError::new("spec.namespaceSelector", e.to_string()),
+                    ]))
+                })?;
+                let found = self
+                    .namespaces
+                    .list(&ListParams::default().labels_from(&selector))
+                    .await?;
+                for ns in found.items {
+                    let Some(name) = ns.metadata.name.clone() else {
+                        continue;
+                    };
+                    if PROTECTED_NAMESPACES.contains(&name.as_str())
+                        || name == self.ctx.settings.namespace
+                    {
+                        continue;
+                    }
+                    wanted.insert(name.clone());
+                    labels.insert(name, tenant_label(&ns));
+                }
+            }
+        }
+        Ok(NamespacePlan::new(
+            &self.name,
+            &wanted,
+            &labels,
+            &self.labelled_ours().await?,
+        ))
+    }
+
+    /// Sets (`Some`) or removes (`None`) the tenant label of a namespace.
+    async fn label(&self, namespace: &str, tenant: Option<&str>) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {TENANT_LABEL: tenant}}});
+        match self
+            .namespaces
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if tenant.is_none() && crate::error::is_api_code(&e, 404) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies the built-in Roles of a namespace. Always sent (an unchanged apply writes
+    /// nothing): the caches may not have seen a deleted one yet.
+    async fn ensure_builtin_roles(&self, namespace: &str) -> Result<()> {
+        let owner = self
+            .tenant
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingObjectKey("uid"))?;
+        let roles: Api<Role> = Api::namespaced(self.ctx.client.clone(), namespace);
+        // Parents first (Viewer ... Owner), so each Role finds what it inherits.
+        for name in BUILTIN_ROLES.iter().rev() {
+            let Some(manifest) = builtin_role_manifest(name, namespace, &self.name, &owner) else {
+                continue;
+            };
+            roles
+                .patch(
+                    &role_object_name(name),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&manifest),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_builtin_roles(&self, namespace: &str) -> Result<()> {
+        let roles: Api<Role> = Api::namespaced(self.ctx.client.clone(), namespace);
+        let uid = self.tenant.metadata.uid.clone().unwrap_or_default();
+        for name in BUILTIN_ROLES {
+            let object = role_object_name(name);
+            let Some(role) = roles.get_opt(&object).await? else {
+                continue;
+            };
+            if role.owner_references().iter().any(|o| o.uid == uid) {
+                match roles.delete(&object, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(e) if crate::error::is_api_code(&e, 404) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn status(
+        &self,
+        namespaces: Vec<String>,
+        active_dek_version: Option<u32>,
+        problem: Option<&Error>,
+    ) -> TenantStatus {
+        let prev = self.previous();
+        let generation = self.tenant.metadata.generation;
+        let keys = self.ctx.stores.keys_in_any(&namespaces).len();
+        let roles = self.ctx.stores.roles_in_any(&namespaces).len();
+        let now = Time(self.ctx.clock.now());
+        let ready = match problem {
+            Some(e) => conditions::ready(
+                false,
+                e.metric_label(),
+                e.to_string(),
+                generation,
+                &prev.conditions,
+                now,
+            ),
+            None => conditions::ready(
+                true,
+                "Bound",
+                format!(
+                    "{} namespace(s) bound; data-encryption key v{} active",
+                    namespaces.len(),
+                    active_dek_version.unwrap_or_default()
+                ),
+                generation,
+                &prev.conditions,
+                now,
+            ),
+        };
+        TenantStatus {
+            conditions: vec![ready],
+            namespaces,
+            active_dek_version,
+            api_keys: u32::try_from(keys).unwrap_or(u32::MAX),
+            roles: u32::try_from(roles).unwrap_or(u32::MAX),
+            observed_generation: generation,
+        }
+    }
+
+    async fn apply_status(&self, status: &TenantStatus) -> Result<()> {
+        if self.tenant.status.as_ref() == Some(status) {
+            return Ok(());
+        }
+        let api: Api<Tenant> = Api::all(self.ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1",
+            "kind": "Tenant",
+            "status": status,
+        });
+        api.patch_status(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A Warning Event when the problem is new (not on every retry).
+    async fn announce_problem(&self, error: &Error) {
+        let before = conditions::find_ready(&self.previous().conditions)
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        if before == Some((error.metric_label().to_owned(), error.to_string())) {
+            return;
+        }
+        self.ctx
+            .event(
+                &self.reference(),
+                true,
+                error.metric_label(),
+                error.to_string(),
+            )
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn plan_binds_free_keeps_ours_and_never_takes_over() {
+        let labels = BTreeMap::from([
+            ("free".to_owned(), None),
+            ("ours".to_owned(), Some("acme".to_owned())),
+            ("theirs".to_owned(), Some("globex".to_owned())),
+        ]);
+        let plan = NamespacePlan::new(
+            "acme",
+            &set(&["free", "ours", "theirs", "ghost"]),
+            &labels,
+            &set(&["ours", "old"]),
+        );
+        assert_eq!(plan.bind, ["free"]);
+        assert_eq!(plan.keep, ["ours"]);
+        assert_eq!(plan.claimed, [("theirs".to_owned(), "globex".to_owned())]);
+        assert_eq!(plan.missing, ["ghost"]);
+        assert_eq!(plan.release, ["old"]);
+        assert_eq!(plan.bound(), ["free", "ours"]);
+        let problem = plan
+            .problem("acme")
+            .map(|e| (e.metric_label(), e.to_string()));
+        let (reason, message) = problem.unwrap_or_default();
+        assert_eq!(reason, "NamespaceClaimed");
+        assert!(
+            message.contains("theirs") && message.contains("globex") && message.contains("acme"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_namespaces_are_reported_after_claims() {
+        let plan = NamespacePlan::new("acme", &set(&["ghost"]), &BTreeMap::new(), &BTreeSet::new());
+        assert_eq!(
+            plan.problem("acme").map(|e| e.metric_label()),
+            Some("NamespaceNotFound")
+        );
+        let fine = NamespacePlan::new(
+            "acme",
+            &set(&["a"]),
+            &BTreeMap::from([("a".to_owned(), None)]),
+            &BTreeSet::new(),
+        );
+        assert!(fine.problem("acme").is_none());
+    }
+
+    #[test]
+    fn builtin_manifests_leave_subjects_to_people() {
+        let owner = OwnerReference {
+            api_version: "portcullis.dev/v1alpha1".into(),
+            kind: "Tenant".into(),
+            name: "acme".into(),
+            uid: "uid".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let manifest =
+            builtin_role_manifest("Developer", "acme-prod", "acme", &owner).unwrap_or_default();
+        assert_eq!(manifest["metadata"]["name"], "developer");
+        assert_eq!(manifest["spec"]["inherits"], serde_json::json!(["viewer"]));
+        assert_eq!(manifest["spec"]["allScopes"], true);
+        assert!(manifest["spec"].get("subjects").is_none());
+        assert!(manifest["spec"].get("scopes").is_none());
+        assert!(builtin_role_manifest("Janitor", "acme-prod", "acme", &owner).is_none());
+    }
+}

@@ -1,0 +1,199 @@
+//! mTLS for the policy server: the server certificate comes from the CA's intermediate
+//! (the operator's Service names plus extra SANs), client certificates are required
+//! and must chain to the CA's trust bundle — both followed across CA rotations without
+//! a restart — and [`client_tenant`] reads the tenant a verified client certificate
+//! names, which is the only tenant it may read.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use portcullis_sidecar::identity::{SpiffeId, TrustDomain};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use tokio_util::sync::CancellationToken;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::ca::{CaError, CaServingCertificate, CertificateAuthority};
+
+/// Verifies client certificates against the CA's current trust bundle; rebuilt (one
+/// atomic swap) after every CA rotation, so handshakes in flight keep the old roots.
+pub struct TrustBundleVerifier {
+    current: ArcSwap<Arc<dyn ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for TrustBundleVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustBundleVerifier").finish_non_exhaustive()
+    }
+}
+
+fn verifier_for(ca: &CertificateAuthority) -> Result<Arc<dyn ClientCertVerifier>, CaError> {
+    let roots: Vec<CertificateDer<'static>> = ca.with_state(|state| {
+        state
+            .trust_bundle()
+            .iter()
+            .map(|c| c.der().clone())
+            .collect()
+    });
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots);
+    if added == 0 {
+        return Err(CaError::Tls("the trust bundle holds no usable root".into()));
+    }
+    WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        portcullis_sidecar::identity::tls::provider(),
+    )
+    .build()
+    .map_err(|e| CaError::Tls(e.to_string()))
+}
+
+impl TrustBundleVerifier {
+    /// A verifier for `ca`'s trust bundle now.
+    pub fn new(ca: &CertificateAuthority) -> Result<Self, CaError> {
+        Ok(Self {
+            current: ArcSwap::from_pointee(verifier_for(ca)?),
+        })
+    }
+
+    /// Follows `ca`'s trust bundle now.
+    pub fn rebuild(&self, ca: &CertificateAuthority) -> Result<(), CaError> {
+        self.current.store(Arc::new(verifier_for(ca)?));
+        Ok(())
+    }
+}
+
+impl ClientCertVerifier for TrustBundleVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; sidecars hold exactly one certificate.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().supported_verify_schemes()
+    }
+}
+
+/// The policy server's TLS: a configuration to serve with, and what keeps it current.
+pub struct PolicyServerTls {
+    /// TLS 1.3 only, client certificate required, ALPN h2 and http/1.1.
+    pub config: Arc<ServerConfig>,
+    certificate: Arc<CaServingCertificate>,
+    verifier: Arc<TrustBundleVerifier>,
+}
+
+impl std::fmt::Debug for PolicyServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyServerTls")
+            .field("certificate", &self.certificate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyServerTls {
+    /// A server certificate for `names` from `ca`, and client verification against
+    /// `ca`'s trust bundle.
+    pub fn new(ca: &CertificateAuthority, names: &[String]) -> Result<Self, CaError> {
+        let certificate = Arc::new(CaServingCertificate::new(ca, names)?);
+        let verifier = Arc::new(TrustBundleVerifier::new(ca)?);
+        let mut config =
+            ServerConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| CaError::Tls(e.to_string()))?
+                .with_client_cert_verifier(verifier.clone())
+                .with_cert_resolver(certificate.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // A resumed session would carry a client identity proved earlier; every
+        // connection must present a certificate valid now.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Self {
+            config: Arc::new(config),
+            certificate,
+            verifier,
+        })
+    }
+
+    /// Re-issues the server certificate at half-life and follows every CA rotation
+    /// (new trust bundle for client verification, new server certificate) until
+    /// `shutdown`.
+    pub async fn keep_fresh(self, ca: Arc<CertificateAuthority>, shutdown: CancellationToken) {
+        let verifier = self.verifier.clone();
+        let rebuild_from = ca.clone();
+        self.certificate
+            .clone()
+            .keep_fresh(
+                ca,
+                move || {
+                    if let Err(e) = verifier.rebuild(&rebuild_from) {
+                        tracing::error!(error = %e, "following the new trust bundle failed; clients are checked against the previous one");
+                    }
+                },
+                shutdown,
+            )
+            .await;
+    }
+}
+
+/// The tenant a client certificate names: its `spiffe://<trust_domain>/tenant/<t>` URI
+/// SAN. `None` when the leaf carries none (or of another trust domain) or has two.
+pub fn client_tenant(chain: &[CertificateDer<'_>], trust_domain: &TrustDomain) -> Option<String> {
+    let leaf = chain.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut tenants = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) => match uri.parse::<SpiffeId>() {
+            Ok(SpiffeId::Tenant(id)) if id.trust_domain() == trust_domain => {
+                Some(id.tenant().to_owned())
+            }
+            _ => None,
+        },
+        _ => None,
+    });
+    let tenant = tenants.next()?;
+    tenants.next().is_none().then_some(tenant)
+}

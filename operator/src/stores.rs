@@ -1,0 +1,189 @@
+//! Read-only caches of Tenants, Roles and ApiKeys, kept by reflectors on every replica
+//! (leader or not): the policy compiler reads them, and the controllers use them to look
+//! across objects (a key's tenant and roles) without extra API calls.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use portcullis_crds::{ApiKey, Role, Tenant, role::RoleSpec};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The three caches.
+#[derive(Clone)]
+pub struct Stores {
+    /// Every Tenant.
+    pub tenants: Store<Tenant>,
+    /// Every Role in every namespace.
+    pub roles: Store<Role>,
+    /// Every ApiKey in every namespace.
+    pub keys: Store<ApiKey>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores")
+            .field("tenants", &self.tenants.len())
+            .field("roles", &self.roles.len())
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+/// The writers behind [`Stores`], for tests that fill caches by hand.
+pub struct StoreWriters {
+    /// Tenants.
+    pub tenants: Writer<Tenant>,
+    /// Roles.
+    pub roles: Writer<Role>,
+    /// ApiKeys.
+    pub keys: Writer<ApiKey>,
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    tokio::spawn(async move {
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
+        .take_until(shutdown.cancelled_owned());
+        stream
+            .for_each(|event| {
+                match event {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
+                    }
+                }
+                futures::future::ready(())
+            })
+            .await;
+    })
+}
+
+impl Stores {
+    /// Empty caches and their writers.
+    pub fn new() -> (Self, StoreWriters) {
+        let (tenants, tw) = reflector::store();
+        let (roles, rw) = reflector::store();
+        let (keys, kw) = reflector::store();
+        (
+            Self {
+                tenants,
+                roles,
+                keys,
+            },
+            StoreWriters {
+                tenants: tw,
+                roles: rw,
+                keys: kw,
+            },
+        )
+    }
+
+    /// Starts the reflectors; `changed` is notified on every event.
+    pub fn start(
+        client: &Client,
+        changed: Arc<Notify>,
+        shutdown: &CancellationToken,
+    ) -> (Self, Vec<JoinHandle<()>>) {
+        let (stores, writers) = Self::new();
+        let tasks = vec![
+            reflect(
+                Api::<Tenant>::all(client.clone()),
+                writers.tenants,
+                changed.clone(),
+                shutdown.clone(),
+            ),
+            reflect(
+                Api::<Role>::all(client.clone()),
+                writers.roles,
+                changed.clone(),
+                shutdown.clone(),
+            ),
+            reflect(
+                Api::<ApiKey>::all(client.clone()),
+                writers.keys,
+                changed,
+                shutdown.clone(),
+            ),
+        ];
+        (stores, tasks)
+    }
+
+    /// Resolves once every cache has had its initial list. kube-runtime wakes only one
+    /// waiter per store: call this from one task only.
+    pub async fn wait_until_ready(&self) -> bool {
+        self.tenants.wait_until_ready().await.is_ok()
+            && self.roles.wait_until_ready().await.is_ok()
+            && self.keys.wait_until_ready().await.is_ok()
+    }
+
+    /// The Tenant that has bound `namespace` (its `status.namespaces` lists it).
+    pub fn tenant_of_namespace(&self, namespace: &str) -> Option<Arc<Tenant>> {
+        self.tenants.find(|t| {
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.namespaces.iter().any(|n| n == namespace))
+        })
+    }
+
+    /// The namespaces a Tenant has bound.
+    pub fn namespaces_of(tenant: &Tenant) -> Vec<String> {
+        tenant
+            .status
+            .as_ref()
+            .map(|s| s.namespaces.clone())
+            .unwrap_or_default()
+    }
+
+    /// Roles of one namespace, by object name.
+    pub fn roles_in(&self, namespace: &str) -> BTreeMap<String, RoleSpec> {
+        self.roles
+            .state()
+            .iter()
+            .filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
+            .filter_map(|r| Some((r.metadata.name.clone()?, r.spec.clone())))
+            .collect()
+    }
+
+    /// Roles in any of `namespaces`.
+    pub fn roles_in_any(&self, namespaces: &[String]) -> Vec<Arc<Role>> {
+        self.roles.state_filter(|r| {
+            r.metadata
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| namespaces.contains(ns))
+        })
+    }
+
+    /// ApiKeys in any of `namespaces`.
+    pub fn keys_in_any(&self, namespaces: &[String]) -> Vec<Arc<ApiKey>> {
+        self.keys.state_filter(|k| {
+            k.metadata
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| namespaces.contains(ns))
+        })
+    }
+}

@@ -1,0 +1,208 @@
+//! The policy server over mTLS on loopback, as the operator runs it: a client
+//! certificate from the CA is required, and a workload may read only the tenant its
+//! certificate names (anything else: 403 with a JSON body).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use jiff::Timestamp;
+use portcullis_crds::PolicyBundle;
+use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
+use portcullis_operator::policy::PolicyHub;
+use portcullis_operator::policy::server::{Access, PolicyApi, serve_api};
+use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
+use portcullis_sidecar::identity::{SystemClock, TenantId, TrustDomain, WorkloadId, WorkloadKey};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn new_ca() -> Arc<CertificateAuthority> {
+    let settings = CaSettings::new(td());
+    let state = CaState::generate(&settings, Timestamp::now()).unwrap();
+    Arc::new(CertificateAuthority::new(settings, state, Arc::new(SystemClock)))
+}
+
+/// A workload certificate (leaf + intermediate) and its key, for `tenant`.
+fn workload_identity(
+    ca: &CertificateAuthority,
+    tenant: &str,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let workload = WorkloadId::new(td(), format!("{tenant}-prod"), "web").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let csr = validate_csr(&key.csr_pem(&workload).unwrap(), &workload).unwrap();
+    let issued = ca
+        .issue(&csr, &workload, &TenantId::new(td(), tenant).unwrap())
+        .unwrap();
+    let chain = CertificateDer::pem_slice_iter(format!("{}{}", issued.certificate, issued.chain).as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    (chain, key.private_key_der())
+}
+
+fn roots(ca: &CertificateAuthority) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.trust_bundle_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    roots
+}
+
+fn client_config(
+    ca: &CertificateAuthority,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Arc<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(ca));
+    Arc::new(match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    hub: Arc<PolicyHub>,
+    ca: Arc<CertificateAuthority>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start() -> Server {
+    let ca = new_ca();
+    let tls = PolicyServerTls::new(&ca, &["127.0.0.1".to_owned(), "policy.test".to_owned()]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = Arc::new(PolicyHub::default());
+    let shutdown = CancellationToken::new();
+    let api = PolicyApi {
+        hub: hub.clone(),
+        access: Access::TenantCertificate(td()),
+        audit_keys: None,
+    };
+    let config = tls.config.clone();
+    tokio::spawn(tls.keep_fresh(ca.clone(), shutdown.clone()));
+    tokio::spawn(serve_api(listener, api, Some(config), shutdown.clone()));
+    for tenant in ["acme", "globex"] {
+        hub.publish(
+            PolicyBundle {
+                tenant: tenant.into(),
+                ..PolicyBundle::default()
+            },
+            Vec::new(),
+            Timestamp::now(),
+        );
+    }
+    Server { addr, hub, ca, shutdown }
+}
+
+/// GET `path`; the status and, for a watch, the first line (else the whole body).
+async fn get(server: &Server, config: Arc<ClientConfig>, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect(server.addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .map_err(|_| "no response".to_owned())?
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+        if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+        if path.ends_with("/watch") && bytes.contains(&b'\n') {
+            break;
+        }
+    }
+    Ok((status, bytes))
+}
+
+#[tokio::test]
+async fn a_workload_watches_its_own_tenant() {
+    let server = start().await;
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    let (status, body) = get(&server, config.clone(), "/v1/policy/acme/watch").await.unwrap();
+    assert_eq!(status, 200);
+    let line = body.split(|b| *b == b'\n').next().unwrap();
+    let bundle: PolicyBundle = serde_json::from_slice(line).unwrap();
+    assert_eq!(bundle.tenant, "acme");
+    assert_eq!(Some(bundle.version), server.hub.current("acme").map(|b| b.version));
+
+    let (status, body) = get(&server, config, "/debug/policy").await.unwrap();
+    assert_eq!(status, 200);
+    let summary: Value = serde_json::from_slice(&body).unwrap();
+    assert!(summary.get("acme").is_some(), "{summary}");
+    assert!(summary.get("globex").is_none(), "another tenant's summary leaked: {summary}");
+}
+
+#[tokio::test]
+async fn another_tenant_is_forbidden_with_a_json_reason() {
+    let server = start().await;
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    for path in ["/v1/policy/globex/watch", "/v1/policy/globex", "/v1/audit-key/globex"] {
+        let (status, body) = get(&server, config.clone(), path).await.unwrap();
+        assert_eq!(status, 403, "{path}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["reason"], "WrongTenant", "{path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("\"globex\""), "{body}");
+    }
+    // Its own tenant's audit key: not served by this server (no DEK source), not refused.
+    let (status, _) = get(&server, config, "/v1/audit-key/acme").await.unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
+    let server = start().await;
+    let result = get(&server, client_config(&server.ca, None), "/v1/policy/acme/watch").await;
+    assert!(result.is_err(), "answered without a client certificate: {result:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_in_the_handshake() {
+    let server = start().await;
+    let stranger = new_ca();
+    let mut config = (*client_config(&server.ca, Some(workload_identity(&stranger, "acme")))).clone();
+    config.alpn_protocols.clear();
+    let result = get(&server, Arc::new(config), "/v1/policy/acme/watch").await;
+    assert!(result.is_err(), "answered a certificate of another CA: {result:?}");
+}
+
+#[test]
+fn the_tenant_comes_from_the_tenant_uri_san_of_the_trust_domain() {
+    let ca = new_ca();
+    let (chain, _) = workload_identity(&ca, "acme");
+    assert_eq!(client_tenant(&chain, &td()).as_deref(), Some("acme"));
+    assert_eq!(client_tenant(&chain, &TrustDomain::new("other.domain").unwrap()), None);
+    assert_eq!(client_tenant(&[], &td()), None);
+}
