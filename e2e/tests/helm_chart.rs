@@ -1455,6 +1455,7 @@ enum Probe {
     WatchRoleBindings,
     DeleteRoleBinding,
     CreateTokenReview,
+    CreateSubjectAccessReview,
     CreateEvent,
     PatchEventSeries,
     CreateLease,
@@ -1466,7 +1467,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 53] = [
+    const ALL: [Probe; 54] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -1512,6 +1513,7 @@ impl Probe {
         Self::WatchRoleBindings,
         Self::DeleteRoleBinding,
         Self::CreateTokenReview,
+        Self::CreateSubjectAccessReview,
         Self::CreateEvent,
         Self::PatchEventSeries,
         Self::CreateLease,
@@ -1588,6 +1590,12 @@ impl Probe {
             WatchRoleBindings => vec![need(RBAC, "rolebindings", "watch")],
             DeleteRoleBinding => vec![need(RBAC, "rolebindings", "delete")],
             CreateTokenReview => vec![need("authentication.k8s.io", "tokenreviews", "create")],
+            // The validating webhook asks whether a requester is a cluster admin.
+            CreateSubjectAccessReview => vec![need(
+                "authorization.k8s.io",
+                "subjectaccessreviews",
+                "create",
+            )],
             CreateEvent => vec![need("events.k8s.io", "events", "create")],
             PatchEventSeries => vec![need("events.k8s.io", "events", "patch")],
             CreateLease => vec![need("coordination.k8s.io", "leases", "create")],
@@ -1873,6 +1881,19 @@ impl Probe {
                     ..TokenReview::default()
                 };
                 Api::<TokenReview>::all(sa)
+                    .create(&PostParams::default(), &review)
+                    .await?;
+                Ok(())
+            }
+            CreateSubjectAccessReview => {
+                let user = k8s_openapi::api::authentication::v1::UserInfo {
+                    username: Some("kubernetes-admin".into()),
+                    groups: Some(vec!["kubeadm:cluster-admins".into()]),
+                    ..Default::default()
+                };
+                let review =
+                    portcullis_operator::webhook::validate::lookup::portcullis_admin_review(&user);
+                Api::<SubjectAccessReview>::all(sa)
                     .create(&PostParams::default(), &review)
                     .await?;
                 Ok(())
@@ -2474,6 +2495,12 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
     let _ = leases
         .delete("portcullis-operator", &DeleteParams::default())
         .await;
+    // install_and_upgrade left a placeholder root CA Secret (to show helm keeps it); a
+    // real operator refuses to start on a CA it cannot read, so let it make its own.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &release.namespace);
+    for name in ["portcullis-ca-root", "portcullis-ca-intermediate"] {
+        let _ = secrets.delete(name, &DeleteParams::default()).await;
+    }
 
     let child = tokio::process::Command::new(&binary)
         .arg("run")
@@ -2482,6 +2509,8 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
         .env("POD_NAME", "portcullis-operator-e2e")
         .env("PORTCULLIS_METRICS_ADDR", "127.0.0.1:0")
         .env("PORTCULLIS_POLICY_ADDR", "127.0.0.1:0")
+        .env("PORTCULLIS_IDENTITY_ADDR", "127.0.0.1:0")
+        .env("PORTCULLIS_WEBHOOK_ADDR", "127.0.0.1:0")
         .env("PORTCULLIS_LEADER_ELECTION", "true")
         .env("PORTCULLIS_LEASE_NAME", "portcullis-operator")
         .env("PORTCULLIS_KEY_HASH_COST", "4")
@@ -2561,6 +2590,16 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
         .await?;
         // The KEK it created on first start, in its namespace.
         Api::<Secret>::namespaced(admin.clone(), &release.namespace).get("portcullis-kek").await?;
+        // Its CA, and the trust bundle it published into the tenant namespace.
+        for name in ["portcullis-ca-root", "portcullis-ca-intermediate", "portcullis-webhook-ca"] {
+            Api::<Secret>::namespaced(admin.clone(), &release.namespace).get(name).await?;
+        }
+        wait_for("the trust-bundle ConfigMap", Duration::from_secs(30), || async {
+            Ok(Api::<ConfigMap>::namespaced(admin.clone(), &tenant_ns)
+                .get_opt("portcullis-trust-bundle")
+                .await?)
+        })
+        .await?;
         Ok::<(), anyhow::Error>(())
     }
     .await;

@@ -1,9 +1,9 @@
 //! The CA at run time: loaded (or created) at start, rotated by the leader, and kept in
-//! step on every replica — each one signs with its in-memory copy, so a replica that
-//! did not rotate re-reads the Secrets every check interval and adopts what the leader
-//! saved.
+//! step on every replica — each one signs with its in-memory copy, so the other
+//! replicas re-read the Secrets every check interval and adopt what the leader saved.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kube::Client;
@@ -105,13 +105,17 @@ impl CaRuntime {
         run_rotation(self.ca, Some(store), self.check_interval, term).await;
     }
 
-    /// On every replica until `shutdown`: re-reads the Secrets every check interval and
-    /// adopts a CA rotated elsewhere.
-    pub async fn follow(self, shutdown: CancellationToken) {
+    /// Until `shutdown`, while not `leading`: re-reads the Secrets every check interval
+    /// and adopts a CA rotated by the leader. (The leader re-reads when its term starts
+    /// and is then the only writer.)
+    pub async fn follow(self, leading: Arc<AtomicBool>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(self.check_interval) => {}
+            }
+            if leading.load(Ordering::Relaxed) {
+                continue;
             }
             if let Err(e) = self.reload().await {
                 tracing::warn!(error = %e, "re-reading the CA Secrets failed");

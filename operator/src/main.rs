@@ -96,8 +96,8 @@ struct RunArgs {
     /// Do not serve the admission webhooks.
     #[arg(long, env = "PORTCULLIS_NO_WEBHOOKS", conflicts_with = "webhook_url")]
     no_webhooks: bool,
-    /// Serve the policy server over plain HTTP, to anyone, without the tenant check.
-    /// For debugging only: never in a cluster.
+    /// Serve the policy server over plain HTTP, to anyone, without the tenant check
+    /// (audit keys are then not served). For debugging only: never in a cluster.
     #[arg(long, env = "PORTCULLIS_POLICY_INSECURE_DEBUG")]
     policy_insecure_debug: bool,
     /// Name of the MutatingWebhookConfiguration whose caBundle the operator keeps.
@@ -202,7 +202,9 @@ fn trust_domain(value: &str) -> Result<TrustDomain, String> {
 }
 
 fn positive_duration(value: &str) -> Result<DurationSpec, String> {
-    let duration: DurationSpec = value.parse().map_err(|e: portcullis_crds::duration::DurationError| e.to_string())?;
+    let duration: DurationSpec = value
+        .parse()
+        .map_err(|e: portcullis_crds::duration::DurationError| e.to_string())?;
     if duration.get().is_zero() {
         return Err("must be longer than zero".into());
     }
@@ -212,7 +214,9 @@ fn positive_duration(value: &str) -> Result<DurationSpec, String> {
 fn is_dns_label(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 63
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !value.starts_with('-')
         && !value.ends_with('-')
 }
@@ -278,13 +282,23 @@ fn proxy_resources(value: &str) -> Result<ProxyResources, String> {
     let quantity = |q: Option<String>, default: String| -> Result<String, String> {
         match q {
             None => Ok(default),
-            Some(q) if !q.is_empty() && q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') => Ok(q),
+            Some(q)
+                if !q.is_empty() && q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') =>
+            {
+                Ok(q)
+            }
             Some(q) => Err(format!("{q:?} is not a Kubernetes quantity")),
         }
     };
     let defaults = ProxyResources::default();
-    let requests = parsed.requests.unwrap_or(Amounts { cpu: None, memory: None });
-    let limits = parsed.limits.unwrap_or(Amounts { cpu: None, memory: None });
+    let requests = parsed.requests.unwrap_or(Amounts {
+        cpu: None,
+        memory: None,
+    });
+    let limits = parsed.limits.unwrap_or(Amounts {
+        cpu: None,
+        memory: None,
+    });
     Ok(ProxyResources {
         cpu_request: quantity(requests.cpu, defaults.cpu_request)?,
         memory_request: quantity(requests.memory, defaults.memory_request)?,
@@ -318,7 +332,9 @@ impl RunArgs {
             Some(pod) => format!("{pod}-{:08x}", rand::random::<u32>()),
             None => run::default_identity(),
         };
-        let namespace = dns_label(&self.namespace).map_err(|e| anyhow::anyhow!("--namespace (POD_NAMESPACE) {:?}: {e}", self.namespace))?;
+        let namespace = dns_label(&self.namespace).map_err(|e| {
+            anyhow::anyhow!("--namespace (POD_NAMESPACE) {:?}: {e}", self.namespace)
+        })?;
         let mut settings = OperatorSettings::new(&namespace, &identity);
         settings.metrics_addr = self.metrics_addr;
         settings.policy_addr = self.policy_addr;
@@ -334,10 +350,14 @@ impl RunArgs {
         settings.lease.renew_deadline = self.renew_deadline.get();
         settings.lease.retry_period = self.retry_period.get();
         if settings.lease.renew_deadline >= settings.lease.lease_duration {
-            anyhow::bail!("--renew-deadline (PORTCULLIS_RENEW_DEADLINE) must be shorter than --lease-duration (PORTCULLIS_LEASE_DURATION)");
+            anyhow::bail!(
+                "--renew-deadline (PORTCULLIS_RENEW_DEADLINE) must be shorter than --lease-duration (PORTCULLIS_LEASE_DURATION)"
+            );
         }
         if settings.lease.retry_period >= settings.lease.renew_deadline {
-            anyhow::bail!("--retry-period (PORTCULLIS_RETRY_PERIOD) must be shorter than --renew-deadline (PORTCULLIS_RENEW_DEADLINE)");
+            anyhow::bail!(
+                "--retry-period (PORTCULLIS_RETRY_PERIOD) must be shorter than --renew-deadline (PORTCULLIS_RENEW_DEADLINE)"
+            );
         }
         settings.kek_secret.clone_from(&self.kek_secret);
 
@@ -360,20 +380,28 @@ impl RunArgs {
             let mut webhooks = WebhookRunSettings::new(&namespace, &self.service_name);
             webhooks.addr = self.webhook_addr;
             webhooks.url.clone_from(&self.webhook_url);
-            webhooks.mutating_configuration.clone_from(&self.mutating_webhook_name);
-            webhooks.validating_configuration.clone_from(&self.validating_webhook_name);
+            webhooks
+                .mutating_configuration
+                .clone_from(&self.mutating_webhook_name);
+            webhooks
+                .validating_configuration
+                .clone_from(&self.validating_webhook_name);
             if let Some(account) = &self.service_account {
                 webhooks.service_account.clone_from(account);
             }
             let inject = &mut webhooks.inject;
             inject.proxy_image.clone_from(&self.proxy_image);
-            inject.image_pull_policy.clone_from(&self.proxy_image_pull_policy);
+            inject
+                .image_pull_policy
+                .clone_from(&self.proxy_image_pull_policy);
             if let Some(resources) = &self.proxy_resources {
                 inject.resources = resources.clone();
             }
             inject.redirect_outbound = self.redirect_outbound;
             inject.token_expiration_seconds = self.token_expiration_seconds;
-            inject.excluded_namespaces.clone_from(&self.excluded_namespaces);
+            inject
+                .excluded_namespaces
+                .clone_from(&self.excluded_namespaces);
             if let Some(url) = &self.identity_url {
                 inject.identity_url.clone_from(url);
             }
@@ -471,7 +499,10 @@ mod tests {
     /// these flags (clap reads `PORTCULLIS_*` too).
     fn parse(args: &[&str]) -> Result<Box<RunArgs>, String> {
         let argv = ["portcullis-operator", "run"].iter().chain(args);
-        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Run(args) => Ok(args),
             _ => Err("not run".into()),
         }
@@ -500,34 +531,79 @@ mod tests {
         assert_eq!(w.mutating_configuration, "portcullis-injector");
         assert_eq!(w.validating_configuration, "portcullis-validator");
         assert_eq!(w.service_account, "portcullis-operator");
-        assert_eq!(w.inject.identity_url, "https://portcullis-operator.portcullis-system.svc:8443");
-        assert_eq!(w.inject.policy_url, "https://portcullis-operator.portcullis-system.svc:8090");
+        assert_eq!(
+            w.inject.identity_url,
+            "https://portcullis-operator.portcullis-system.svc:8443"
+        );
+        assert_eq!(
+            w.inject.policy_url,
+            "https://portcullis-operator.portcullis-system.svc:8090"
+        );
         assert_eq!(w.inject.token_expiration_seconds, 3600);
-        assert_eq!(w.inject.excluded_namespaces, ["kube-system", "kube-public", "kube-node-lease"]);
+        assert_eq!(
+            w.inject.excluded_namespaces,
+            ["kube-system", "kube-public", "kube-node-lease"]
+        );
         assert_eq!(
             s.serving_names(),
-            ["portcullis-operator.portcullis-system.svc", "portcullis-operator.portcullis-system.svc.cluster.local"]
+            [
+                "portcullis-operator.portcullis-system.svc",
+                "portcullis-operator.portcullis-system.svc.cluster.local"
+            ]
         );
     }
 
     #[test]
     fn the_local_cluster_flags_are_taken() {
         let s = settings(&[
-            "--namespace", "pc-system", "--service-name", "pc",
-            "--identity-addr", "0.0.0.0:31443", "--policy-addr", "0.0.0.0:31090",
-            "--webhook-addr", "127.0.0.1:31943", "--metrics-addr", "127.0.0.1:31080",
-            "--extra-san", "127.0.0.1", "--extra-san", "10.200.0.1",
-            "--identity-url", "https://10.200.0.1:31443", "--policy-url", "https://10.200.0.1:31090/",
-            "--webhook-url", "https://127.0.0.1:31943", "--proxy-image", "portcullis-proxy:local",
-            "--key-hash-cost", "4", "--trust-domain", "prod.acme",
-            "--proxy-resources", r#"{"requests":{"cpu":"5m"},"limits":{"memory":"64Mi"}}"#,
-            "--excluded-namespaces", "kube-system,monitoring", "--redirect-outbound", "true",
-            "--token-expiration-seconds", "7200", "--proxy-image-pull-policy", "Never",
+            "--namespace",
+            "pc-system",
+            "--service-name",
+            "pc",
+            "--identity-addr",
+            "0.0.0.0:31443",
+            "--policy-addr",
+            "0.0.0.0:31090",
+            "--webhook-addr",
+            "127.0.0.1:31943",
+            "--metrics-addr",
+            "127.0.0.1:31080",
+            "--extra-san",
+            "127.0.0.1",
+            "--extra-san",
+            "10.200.0.1",
+            "--identity-url",
+            "https://10.200.0.1:31443",
+            "--policy-url",
+            "https://10.200.0.1:31090/",
+            "--webhook-url",
+            "https://127.0.0.1:31943",
+            "--proxy-image",
+            "portcullis-proxy:local",
+            "--key-hash-cost",
+            "4",
+            "--trust-domain",
+            "prod.acme",
+            "--proxy-resources",
+            r#"{"requests":{"cpu":"5m"},"limits":{"memory":"64Mi"}}"#,
+            "--excluded-namespaces",
+            "kube-system,monitoring",
+            "--redirect-outbound",
+            "true",
+            "--token-expiration-seconds",
+            "7200",
+            "--proxy-image-pull-policy",
+            "Never",
         ]);
         assert_eq!(s.extra_sans, ["127.0.0.1", "10.200.0.1"]);
         assert_eq!(
             s.serving_names(),
-            ["pc.pc-system.svc", "pc.pc-system.svc.cluster.local", "127.0.0.1", "10.200.0.1"]
+            [
+                "pc.pc-system.svc",
+                "pc.pc-system.svc.cluster.local",
+                "127.0.0.1",
+                "10.200.0.1"
+            ]
         );
         assert_eq!(s.reconcile.hash_cost, 4);
         assert_eq!(s.ca.trust_domain.as_str(), "prod.acme");
@@ -557,14 +633,23 @@ mod tests {
     #[test]
     fn the_reserved_defaults_are_accepted_and_validated() {
         let args = parse(&[
-            "--default-key-expiry", "30d",
-            "--default-rate-limit", r#"{"requests":10,"per":"1s","burst":5}"#,
-            "--default-audit-sinks", r#"[{"stdout":{}}]"#,
-            "--default-audit-retention-days", "2555", "--dek-rotation", "1d",
+            "--default-key-expiry",
+            "30d",
+            "--default-rate-limit",
+            r#"{"requests":10,"per":"1s","burst":5}"#,
+            "--default-audit-sinks",
+            r#"[{"stdout":{}}]"#,
+            "--default-audit-retention-days",
+            "2555",
+            "--dek-rotation",
+            "1d",
         ])
         .unwrap();
         assert_eq!(args.default_key_expiry.get().as_secs(), 30 * 86_400);
-        assert_eq!(args.default_rate_limit.as_ref().map(|r| r.requests), Some(10));
+        assert_eq!(
+            args.default_rate_limit.as_ref().map(|r| r.requests),
+            Some(10)
+        );
         assert!(args.default_audit_sinks.is_some());
         assert!(args.settings().is_ok());
     }
@@ -593,9 +678,17 @@ mod tests {
             let message = parse(&[flag, value]).map(drop).unwrap_err();
             assert!(message.contains(flag), "{flag} {value}: {message}");
         }
-        let message = parse(&["--renew-deadline", "20s"]).unwrap().settings().unwrap_err().to_string();
+        let message = parse(&["--renew-deadline", "20s"])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("--renew-deadline"), "{message}");
-        let message = parse(&["--root-rotation-period", "48h"]).unwrap().settings().unwrap_err().to_string();
+        let message = parse(&["--root-rotation-period", "48h"])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("--root-rotation-period"), "{message}");
     }
 }

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::ca::{
-    CaError, CaSettings, IdentityMetrics, IdentityService, IdentityServiceConfig, KubeAuthenticator,
-    service_names,
+    CaError, CaSettings, IdentityMetrics, IdentityService, IdentityServiceConfig,
+    KubeAuthenticator, service_names,
 };
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
@@ -121,8 +121,9 @@ pub struct OperatorSettings {
     pub metrics_addr: SocketAddr,
     /// Policy server address.
     pub policy_addr: SocketAddr,
-    /// Serve the policy server over plain HTTP to anyone, without the tenant check
-    /// (debugging only; `--policy-insecure-debug`). Off: mTLS, tenant checked.
+    /// Serve the policy server over plain HTTP to anyone, without the tenant check and
+    /// without audit keys (debugging only; `--policy-insecure-debug`). Off: mTLS,
+    /// client certificate required, tenant checked.
     pub policy_insecure_debug: bool,
     /// Identity service address.
     pub identity_addr: SocketAddr,
@@ -196,7 +197,11 @@ impl OperatorSettings {
 
     /// The names in every serving certificate.
     pub fn serving_names(&self) -> Vec<String> {
-        service_names(&self.service_name, &self.reconcile.namespace, &self.extra_sans)
+        service_names(
+            &self.service_name,
+            &self.reconcile.namespace,
+            &self.extra_sans,
+        )
     }
 }
 
@@ -297,7 +302,11 @@ pub fn with_bound_port(url: &str, port: u16) -> String {
             let host = uri.host().unwrap_or_default();
             let scheme = uri.scheme_str().unwrap_or("https");
             let path = uri.path_and_query().map_or("", |p| p.as_str());
-            let path = if path == "/" && !url.ends_with('/') { "" } else { path };
+            let path = if path == "/" && !url.ends_with('/') {
+                ""
+            } else {
+                path
+            };
             format!("{scheme}://{host}:{port}{path}")
         }
         _ => url.to_owned(),
@@ -316,8 +325,16 @@ pub async fn start(
     tracing::info!(kek = %kek.id(), namespace = %namespace, "key-encryption key loaded");
     let (metrics_listener, metrics_addr) = bind(settings.metrics_addr, "metrics endpoint").await?;
     let (policy_listener, policy_addr) = bind(settings.policy_addr, "policy server").await?;
-    let webhook_listener = match &settings.webhooks {
-        Some(w) => Some(bind(w.addr, "webhook server").await?),
+    // Reserved now (its port goes into the webhook URL), listening once ready.
+    let webhook_socket = match &settings.webhooks {
+        Some(w) => {
+            let socket = webhook::reserve(w.addr)?;
+            let addr = socket.local_addr().map_err(|source| Error::Io {
+                context: format!("reading the webhook server address ({})", w.addr),
+                source,
+            })?;
+            Some((socket, addr))
+        }
         None => None,
     };
 
@@ -396,12 +413,15 @@ pub async fn start(
         } else {
             Access::Open
         },
-        audit_keys: Some(AuditKeys::new(
-            client.clone(),
-            &namespace,
-            kek.clone(),
-            Some(stores.tenants.clone()),
-        )),
+        // Key material never goes out over plain HTTP.
+        audit_keys: policy_tls.is_some().then(|| {
+            AuditKeys::new(
+                client.clone(),
+                &namespace,
+                kek.clone(),
+                Some(stores.tenants.clone()),
+            )
+        }),
     };
     let policy_config = policy_tls.as_ref().map(|t| t.config.clone());
     if let Some(policy_tls) = policy_tls {
@@ -428,13 +448,12 @@ pub async fn start(
         ca: ca.clone(),
         check_interval: settings.ca_check_interval,
     };
-    tasks.spawn(ca_runtime.clone().follow(shutdown.clone()));
 
-    let webhook_addr = match (settings.webhooks.clone(), webhook_listener) {
-        (Some(webhooks), Some((listener, addr))) => {
+    let webhook_addr = match (settings.webhooks.clone(), webhook_socket) {
+        (Some(webhooks), Some((socket, addr))) => {
             let serve = webhook::start(
                 client.clone(),
-                listener,
+                socket,
                 webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr),
                 Arc::new(TracingAuditSink),
                 shutdown.clone(),
@@ -476,6 +495,8 @@ pub async fn start(
         stores.tenants.clone(),
         tenants_changed,
     );
+    let leading = Arc::new(AtomicBool::new(false));
+    tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
     let lead = {
         let ctx = context.clone();
         move |term: CancellationToken| {
@@ -491,7 +512,6 @@ pub async fn start(
             }
         }
     };
-    let leading = Arc::new(AtomicBool::new(false));
     let token = shutdown.clone();
     let flag = leading.clone();
     if settings.leader_election {
@@ -584,8 +604,14 @@ mod tests {
 
     #[test]
     fn urls_with_port_zero_get_the_bound_port() {
-        assert_eq!(with_bound_port("https://127.0.0.1:0", 31443), "https://127.0.0.1:31443");
-        assert_eq!(with_bound_port("https://127.0.0.1:0/hooks", 9), "https://127.0.0.1:9/hooks");
+        assert_eq!(
+            with_bound_port("https://127.0.0.1:0", 31443),
+            "https://127.0.0.1:31443"
+        );
+        assert_eq!(
+            with_bound_port("https://127.0.0.1:0/hooks", 9),
+            "https://127.0.0.1:9/hooks"
+        );
         assert_eq!(
             with_bound_port("https://op.ns.svc:8443", 31443),
             "https://op.ns.svc:8443",
@@ -602,7 +628,10 @@ mod tests {
         assert_eq!(s.identity_addr.port(), 8443);
         assert_eq!(
             s.serving_names(),
-            ["portcullis-operator.portcullis-system.svc", "portcullis-operator.portcullis-system.svc.cluster.local"]
+            [
+                "portcullis-operator.portcullis-system.svc",
+                "portcullis-operator.portcullis-system.svc.cluster.local"
+            ]
         );
         assert!(s.ca.validate().is_ok());
     }

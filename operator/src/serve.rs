@@ -97,31 +97,33 @@ pub async fn serve<F, Fut>(
                         )
                         .await
                 }
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let certificates = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .filter(|chain| !chain.is_empty())
-                            .map(|chain| PeerCertificates(chain.to_vec().into()));
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection(TokioIo::new(tls), service(certificates))
-                                    .into_owned(),
-                            )
-                            .await
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let certificates = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .filter(|chain| !chain.is_empty())
+                                .map(|chain| PeerCertificates(chain.to_vec().into()));
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection(TokioIo::new(tls), service(certificates))
+                                        .into_owned(),
+                                )
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -40,7 +40,8 @@ pub struct TrustBundlePublisher {
 
 impl std::fmt::Debug for TrustBundlePublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustBundlePublisher").finish_non_exhaustive()
+        f.debug_struct("TrustBundlePublisher")
+            .finish_non_exhaustive()
     }
 }
 

@@ -31,7 +31,11 @@ fn td() -> TrustDomain {
 fn new_ca() -> Arc<CertificateAuthority> {
     let settings = CaSettings::new(td());
     let state = CaState::generate(&settings, Timestamp::now()).unwrap();
-    Arc::new(CertificateAuthority::new(settings, state, Arc::new(SystemClock)))
+    Arc::new(CertificateAuthority::new(
+        settings,
+        state,
+        Arc::new(SystemClock),
+    ))
 }
 
 /// A workload certificate (leaf + intermediate) and its key, for `tenant`.
@@ -45,9 +49,11 @@ fn workload_identity(
     let issued = ca
         .issue(&csr, &workload, &TenantId::new(td(), tenant).unwrap())
         .unwrap();
-    let chain = CertificateDer::pem_slice_iter(format!("{}{}", issued.certificate, issued.chain).as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
+    let chain = CertificateDer::pem_slice_iter(
+        format!("{}{}", issued.certificate, issued.chain).as_bytes(),
+    )
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap();
     (chain, key.private_key_der())
 }
 
@@ -63,10 +69,11 @@ fn client_config(
     ca: &CertificateAuthority,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots(ca));
+    let builder =
+        ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(ca));
     Arc::new(match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
         None => builder.with_no_client_auth(),
@@ -88,7 +95,8 @@ impl Drop for Server {
 
 async fn start() -> Server {
     let ca = new_ca();
-    let tls = PolicyServerTls::new(&ca, &["127.0.0.1".to_owned(), "policy.test".to_owned()]).unwrap();
+    let tls =
+        PolicyServerTls::new(&ca, &["127.0.0.1".to_owned(), "policy.test".to_owned()]).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hub = Arc::new(PolicyHub::default());
@@ -111,12 +119,23 @@ async fn start() -> Server {
             Timestamp::now(),
         );
     }
-    Server { addr, hub, ca, shutdown }
+    Server {
+        addr,
+        hub,
+        ca,
+        shutdown,
+    }
 }
 
 /// GET `path`; the status and, for a watch, the first line (else the whole body).
-async fn get(server: &Server, config: Arc<ClientConfig>, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let tcp = TcpStream::connect(server.addr).await.map_err(|e| e.to_string())?;
+async fn get(
+    server: &Server,
+    config: Arc<ClientConfig>,
+    path: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect(server.addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
@@ -151,30 +170,45 @@ async fn get(server: &Server, config: Arc<ClientConfig>, path: &str) -> Result<(
 async fn a_workload_watches_its_own_tenant() {
     let server = start().await;
     let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
-    let (status, body) = get(&server, config.clone(), "/v1/policy/acme/watch").await.unwrap();
+    let (status, body) = get(&server, config.clone(), "/v1/policy/acme/watch")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let line = body.split(|b| *b == b'\n').next().unwrap();
     let bundle: PolicyBundle = serde_json::from_slice(line).unwrap();
     assert_eq!(bundle.tenant, "acme");
-    assert_eq!(Some(bundle.version), server.hub.current("acme").map(|b| b.version));
+    assert_eq!(
+        Some(bundle.version),
+        server.hub.current("acme").map(|b| b.version)
+    );
 
     let (status, body) = get(&server, config, "/debug/policy").await.unwrap();
     assert_eq!(status, 200);
     let summary: Value = serde_json::from_slice(&body).unwrap();
     assert!(summary.get("acme").is_some(), "{summary}");
-    assert!(summary.get("globex").is_none(), "another tenant's summary leaked: {summary}");
+    assert!(
+        summary.get("globex").is_none(),
+        "another tenant's summary leaked: {summary}"
+    );
 }
 
 #[tokio::test]
 async fn another_tenant_is_forbidden_with_a_json_reason() {
     let server = start().await;
     let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
-    for path in ["/v1/policy/globex/watch", "/v1/policy/globex", "/v1/audit-key/globex"] {
+    for path in [
+        "/v1/policy/globex/watch",
+        "/v1/policy/globex",
+        "/v1/audit-key/globex",
+    ] {
         let (status, body) = get(&server, config.clone(), path).await.unwrap();
         assert_eq!(status, 403, "{path}");
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["reason"], "WrongTenant", "{path}: {body}");
-        assert!(body["error"].as_str().unwrap().contains("\"globex\""), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("\"globex\""),
+            "{body}"
+        );
     }
     // Its own tenant's audit key: not served by this server (no DEK source), not refused.
     let (status, _) = get(&server, config, "/v1/audit-key/acme").await.unwrap();
@@ -184,18 +218,30 @@ async fn another_tenant_is_forbidden_with_a_json_reason() {
 #[tokio::test]
 async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
     let server = start().await;
-    let result = get(&server, client_config(&server.ca, None), "/v1/policy/acme/watch").await;
-    assert!(result.is_err(), "answered without a client certificate: {result:?}");
+    let result = get(
+        &server,
+        client_config(&server.ca, None),
+        "/v1/policy/acme/watch",
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "answered without a client certificate: {result:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_in_the_handshake() {
     let server = start().await;
     let stranger = new_ca();
-    let mut config = (*client_config(&server.ca, Some(workload_identity(&stranger, "acme")))).clone();
+    let mut config =
+        (*client_config(&server.ca, Some(workload_identity(&stranger, "acme")))).clone();
     config.alpn_protocols.clear();
     let result = get(&server, Arc::new(config), "/v1/policy/acme/watch").await;
-    assert!(result.is_err(), "answered a certificate of another CA: {result:?}");
+    assert!(
+        result.is_err(),
+        "answered a certificate of another CA: {result:?}"
+    );
 }
 
 #[test]
@@ -203,6 +249,9 @@ fn the_tenant_comes_from_the_tenant_uri_san_of_the_trust_domain() {
     let ca = new_ca();
     let (chain, _) = workload_identity(&ca, "acme");
     assert_eq!(client_tenant(&chain, &td()).as_deref(), Some("acme"));
-    assert_eq!(client_tenant(&chain, &TrustDomain::new("other.domain").unwrap()), None);
+    assert_eq!(
+        client_tenant(&chain, &TrustDomain::new("other.domain").unwrap()),
+        None
+    );
     assert_eq!(client_tenant(&[], &td()), None);
 }

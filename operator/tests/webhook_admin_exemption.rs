@@ -16,7 +16,9 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
-use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError, portcullis_admin_review};
+use portcullis_operator::webhook::validate::lookup::{
+    ClusterLookup, LookupError, portcullis_admin_review,
+};
 use portcullis_operator::webhook::{ValidatorSettings, WebhookState, review_admin};
 use portcullis_sidecar::identity::SystemClock;
 use serde_json::{Value, json};
@@ -33,8 +35,16 @@ struct Cluster {
 }
 
 impl ClusterLookup for Cluster {
-    fn namespace_labels<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
-        Box::pin(async { Ok(Some(BTreeMap::from([("portcullis.dev/tenant".to_owned(), "acme".to_owned())]))) })
+    fn namespace_labels<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
+        Box::pin(async {
+            Ok(Some(BTreeMap::from([(
+                "portcullis.dev/tenant".to_owned(),
+                "acme".to_owned(),
+            )])))
+        })
     }
     fn roles<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>> {
         Box::pin(async { Ok(Vec::new()) })
@@ -48,7 +58,10 @@ impl ClusterLookup for Cluster {
             .unwrap()])
         })
     }
-    fn is_portcullis_admin<'a>(&'a self, user: &'a UserInfo) -> BoxFuture<'a, Result<bool, LookupError>> {
+    fn is_portcullis_admin<'a>(
+        &'a self,
+        user: &'a UserInfo,
+    ) -> BoxFuture<'a, Result<bool, LookupError>> {
         self.asked.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             if self.broken {
@@ -57,16 +70,27 @@ impl ClusterLookup for Cluster {
                     source: kube::Error::Service("connection refused".into()),
                 });
             }
-            Ok(user.username.as_ref().is_some_and(|u| self.admins.contains(u)))
+            Ok(user
+                .username
+                .as_ref()
+                .is_some_and(|u| self.admins.contains(u)))
         })
     }
 }
 
-fn state(cluster: Arc<Cluster>) -> (WebhookState, mpsc::UnboundedReceiver<portcullis_operator::webhook::AdminAuditEvent>) {
+fn state(
+    cluster: Arc<Cluster>,
+) -> (
+    WebhookState,
+    mpsc::UnboundedReceiver<portcullis_operator::webhook::AdminAuditEvent>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let state = WebhookState {
         inject: InjectSettings::new("proxy:test", "portcullis-system", "portcullis-operator"),
-        server_version: ServerVersion { major: 1, minor: 20 },
+        server_version: ServerVersion {
+            major: 1,
+            minor: 20,
+        },
         validator: ValidatorSettings::new("portcullis-system", "portcullis-operator"),
         lookup: cluster,
         audit: Arc::new(tx),
@@ -112,12 +136,18 @@ async fn a_kubeadm_cluster_admin_is_exempt_and_audited_but_not_on_dry_runs() {
 
     let response = review_admin(&state, &create_key("kubernetes-admin", admin, true)).await;
     assert!(response.allowed, "{:?}", response.result);
-    assert!(audit.try_recv().is_err(), "a dry run is not an admin change");
+    assert!(
+        audit.try_recv().is_err(),
+        "a dry run is not an admin change"
+    );
 
     let response = review_admin(&state, &create_key("kubernetes-admin", admin, false)).await;
     assert!(response.allowed, "{:?}", response.result);
     let event = audit.try_recv().unwrap();
-    assert_eq!((event.action.as_str(), event.principal.as_str()), ("admin.key.create", "user:kubernetes-admin"));
+    assert_eq!(
+        (event.action.as_str(), event.principal.as_str()),
+        ("admin.key.create", "user:kubernetes-admin")
+    );
     assert_eq!(cluster.asked.load(Ordering::Relaxed), 2);
 }
 
@@ -125,7 +155,11 @@ async fn a_kubeadm_cluster_admin_is_exempt_and_audited_but_not_on_dry_runs() {
 async fn anyone_else_is_still_refused_with_403() {
     let cluster = cluster(&["kubernetes-admin"], false);
     let (state, mut audit) = state(cluster.clone());
-    let response = review_admin(&state, &create_key("mallory", &["kubeadm:cluster-admins-not"], false)).await;
+    let response = review_admin(
+        &state,
+        &create_key("mallory", &["kubeadm:cluster-admins-not"], false),
+    )
+    .await;
     assert_eq!((response.allowed, response.result.code), (false, 403));
     assert!(audit.try_recv().is_err());
 }
@@ -142,7 +176,11 @@ async fn system_masters_needs_no_access_review() {
 #[tokio::test]
 async fn an_unreachable_authorizer_is_a_503_not_a_verdict() {
     let (state, _audit) = state(cluster(&["kubernetes-admin"], true));
-    let response = review_admin(&state, &create_key("kubernetes-admin", &["kubeadm:cluster-admins"], false)).await;
+    let response = review_admin(
+        &state,
+        &create_key("kubernetes-admin", &["kubeadm:cluster-admins"], false),
+    )
+    .await;
     assert_eq!((response.allowed, response.result.code), (false, 503));
 }
 

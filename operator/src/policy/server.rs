@@ -104,7 +104,11 @@ pub async fn serve_api(
 }
 
 /// The caller's verdict for `tenant`: `Ok` or the denial to send.
-fn authorize(api: &PolicyApi, req: &Request<Incoming>, tenant: &str) -> Result<(), Box<Response<Body>>> {
+fn authorize(
+    api: &PolicyApi,
+    req: &Request<Incoming>,
+    tenant: &str,
+) -> Result<(), Box<Response<Body>>> {
     let Access::TenantCertificate(trust_domain) = &api.access else {
         return Ok(());
     };
@@ -142,7 +146,11 @@ fn valid_tenant(tenant: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-async fn route(api: &PolicyApi, req: &Request<Incoming>, shutdown: CancellationToken) -> Response<Body> {
+async fn route(
+    api: &PolicyApi,
+    req: &Request<Incoming>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
     if req.method() != Method::GET {
         return serve::error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
@@ -170,7 +178,11 @@ async fn route(api: &PolicyApi, req: &Request<Incoming>, shutdown: CancellationT
         }
         return match &api.audit_keys {
             Some(keys) => keys.answer(tenant).await,
-            None => denial(StatusCode::NOT_FOUND, "audit keys are not served here", "NotServed"),
+            None => denial(
+                StatusCode::NOT_FOUND,
+                "audit keys are not served here",
+                "NotServed",
+            ),
         };
     }
     let Some(rest) = path.strip_prefix("/v1/policy/") else {

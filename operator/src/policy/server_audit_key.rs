@@ -61,7 +61,12 @@ pub(crate) fn denial(status: StatusCode, error: &str, reason: &str) -> Response<
 impl AuditKeys {
     /// Reads DEK Secrets in `namespace` through `client`, unwrapping with `kek`;
     /// `tenants` (the Tenant cache) supplies `retentionDays`.
-    pub fn new(client: Client, namespace: &str, kek: Arc<Kek>, tenants: Option<Store<Tenant>>) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        kek: Arc<Kek>,
+        tenants: Option<Store<Tenant>>,
+    ) -> Self {
         Self {
             client,
             namespace: namespace.to_owned(),

@@ -12,7 +12,9 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -26,7 +28,8 @@ pub struct TrustBundleVerifier {
 
 impl std::fmt::Debug for TrustBundleVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustBundleVerifier").finish_non_exhaustive()
+        f.debug_struct("TrustBundleVerifier")
+            .finish_non_exhaustive()
     }
 }
 
@@ -185,15 +188,19 @@ pub fn client_tenant(chain: &[CertificateDer<'_>], trust_domain: &TrustDomain) -
     let leaf = chain.first()?;
     let (_, cert) = X509Certificate::from_der(leaf).ok()?;
     let san = cert.subject_alternative_name().ok()??;
-    let mut tenants = san.value.general_names.iter().filter_map(|name| match name {
-        GeneralName::URI(uri) => match uri.parse::<SpiffeId>() {
-            Ok(SpiffeId::Tenant(id)) if id.trust_domain() == trust_domain => {
-                Some(id.tenant().to_owned())
-            }
+    let mut tenants = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => match uri.parse::<SpiffeId>() {
+                Ok(SpiffeId::Tenant(id)) if id.trust_domain() == trust_domain => {
+                    Some(id.tenant().to_owned())
+                }
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    });
+        });
     let tenant = tenants.next()?;
     tenants.next().is_none().then_some(tenant)
 }

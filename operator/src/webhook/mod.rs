@@ -166,6 +166,22 @@ pub async fn apply_configurations(
     Ok(())
 }
 
+/// Reserves `addr` for the webhook server without listening yet (so the port is known
+/// — e.g. for a URL — but nothing connects before the certificates are in place).
+pub fn reserve(addr: SocketAddr) -> Result<tokio::net::TcpSocket, WebhookError> {
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    };
+    bind(addr).map_err(|source| WebhookError::Bind { addr, source })
+}
+
 /// Binds `settings.addr` and serves the webhooks until `shutdown` (see [`start`]).
 pub async fn run(
     client: kube::Client,
@@ -173,19 +189,18 @@ pub async fn run(
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
-    let addr = settings.addr;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| WebhookError::Bind { addr, source })?;
-    start(client, listener, settings, audit, shutdown).await?.await
+    let socket = reserve(settings.addr)?;
+    start(client, socket, settings, audit, shutdown).await?.await
 }
 
-/// Everything up to serving: the API server version, the configurations (when the
-/// operator owns them), the certificates (CA Secret, leaf, `caBundle`) and their
-/// refresh task. Returns the server, to be awaited (it runs until `shutdown`).
+/// Everything up to serving: the API server version, the certificates (CA Secret,
+/// leaf, `caBundle`) and their refresh task, the configurations (when the operator owns
+/// them, applied with the `caBundle` already in, so the API server never sees them
+/// without it), and only then listening on `socket` — a connection accepted means the
+/// webhooks are ready. Returns the server, to be awaited (it runs until `shutdown`).
 pub async fn start(
     client: kube::Client,
-    listener: tokio::net::TcpListener,
+    socket: tokio::net::TcpSocket,
     settings: WebhookSettings,
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
@@ -198,19 +213,26 @@ pub async fn start(
         "injecting the proxy as a {}",
         if server_version.supports_native_sidecars() { "native sidecar" } else { "regular container" }
     );
+    let certificates = WebhookCertificates::start(client.clone(), settings.tls.clone(), clock.clone()).await?;
     if let Some(configurations) = &settings.configurations {
-        apply_configurations(&client, configurations, &settings.tls).await?;
+        let configurations = config::WebhookConfigSettings {
+            ca_bundle: certificates.ca_bundle_pem().await,
+            ..configurations.clone()
+        };
+        apply_configurations(&client, &configurations, &settings.tls).await?;
         tracing::info!(target = ?configurations.target, "webhook configurations applied");
     }
-    let certificates = WebhookCertificates::start(client.clone(), settings.tls, clock.clone()).await?;
     tokio::spawn(certificates.clone().run(shutdown.clone()));
     let state = WebhookState {
         clock,
         ..WebhookState::new(client, settings.inject, settings.validator, server_version).with_audit(audit)
     };
     let tls = certificates.server_config()?;
+    let listener = socket
+        .listen(1024)
+        .map_err(|source| WebhookError::Bind { addr: settings.addr, source })?;
     Ok(async move {
-        // Keeps the certificates (and their refresh task's handle) alive while serving.
+        // Keeps the certificates alive while serving.
         let _certificates = certificates;
         serve_on(listener, tls, Arc::new(state), ServerLimits::default(), shutdown).await
     })
