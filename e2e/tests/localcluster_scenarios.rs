@@ -120,15 +120,25 @@ impl Fixture {
             Ok(config_maps.get_opt("portcullis-trust-bundle").await?)
         })
         .await?;
-        for sa in ["server", "caller"] {
-            let account = ServiceAccount {
-                metadata: ObjectMeta {
-                    name: Some(sa.into()),
-                    ..ObjectMeta::default()
-                },
-                ..ServiceAccount::default()
-            };
-            Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &account).await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+        for sa in ["server", "caller", "default"] {
+            if sa != "default" {
+                let account = ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some(sa.into()),
+                        ..ObjectMeta::default()
+                    },
+                    ..ServiceAccount::default()
+                };
+                accounts.create(&PostParams::default(), &account).await?;
+            }
+            // The 1.20 ServiceAccount admission plugin refuses pods until the
+            // controller-manager has given the account its token Secret.
+            eventually(&format!("a token Secret for ServiceAccount {sa}"), Duration::from_secs(30), || async {
+                let secrets = accounts.get_opt(sa).await?.and_then(|a| a.secrets).unwrap_or_default();
+                Ok((!secrets.is_empty()).then_some(()))
+            })
+            .await?;
         }
         self.create_pod(&ns, app_pod("server", "server", 8080, &[])).await?;
         self.create_pod(&ns, client_pod("client")).await?;

@@ -1,8 +1,10 @@
 //! `PolicyCompiler`: a pure function from a tenant, its ApiKeys and its Roles to the
 //! [`PolicyBundle`] its sidecars enforce.
 //!
-//! A key is in the bundle when it is `Active`, not revoked (the spec is trusted as soon
-//! as it changes, before the ApiKey controller catches up), not expired, every allowlist
+//! A revoked key stays in the bundle as a tombstone (its hash, no scopes, `revoked`) so
+//! the proxy can tell its holder the key was revoked rather than unknown; the spec is
+//! trusted as soon as it changes, before the ApiKey controller catches up. Any other
+//! key is in the bundle when it is `Active`, not expired, every allowlist
 //! entry parses, and its role still resolves. Its scopes are those it asks for that the
 //! role grants and the catalogue defines. Previous tokens of a rotated key are added
 //! until their `validUntil`. Everything left out is listed with the reason.
@@ -18,6 +20,20 @@ use portcullis_crds::{
     role::{self, RoleSpec},
     token::KeyId,
 };
+
+/// A revoked key as the proxy sees it: the hash (so only its holder learns the state),
+/// no scopes, `revoked`.
+fn tombstone(name: String, hash: String) -> KeyPolicy {
+    KeyPolicy {
+        name,
+        hash,
+        scopes: BTreeSet::new(),
+        rate_limit: RateLimitPolicy::default(),
+        ip_allowlist: Vec::new(),
+        expires_at: None,
+        revoked: true,
+    }
+}
 
 /// A key the compiler left out, and why (shown by `policy dump` and the debug endpoint).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -118,6 +134,15 @@ impl PolicyCompiler {
             let status = key.status.clone().unwrap_or_default();
             if key.spec.revoked {
                 exclude("revoked".into());
+                let issued = status.key_id.as_deref().map(KeyId::parse);
+                if let (Some(Ok(key_id)), Some(hash)) = (issued, status.hash.clone()) {
+                    bundle.keys.insert(key_id, tombstone(name.clone(), hash));
+                }
+                for retired in &status.previous_keys {
+                    if let Ok(retired_id) = KeyId::parse(&retired.key_id) {
+                        bundle.keys.insert(retired_id, tombstone(name.clone(), retired.hash.clone()));
+                    }
+                }
                 continue;
             }
             if status.state != KeyState::Active {
@@ -333,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn revoked_expired_and_inactive_keys_are_left_out() {
+    fn revoked_keys_are_tombstones_and_expired_or_inactive_keys_are_left_out() {
         let mut revoked = key("revoked", "bbbbbbbbbbbb", &["identify"]);
         revoked.spec.revoked = true; // status still Active: the spec wins at once
         let mut expired = key("expired", "cccccccccccc", &["identify"]);
@@ -352,8 +377,12 @@ mod tests {
         ]);
         assert_eq!(
             compiled.bundle.keys.keys().collect::<Vec<_>>(),
-            [&id("eeeeeeeeeeee")]
+            [&id("bbbbbbbbbbbb"), &id("eeeeeeeeeeee")]
         );
+        let tombstone = &compiled.bundle.keys[&id("bbbbbbbbbbbb")];
+        assert!(tombstone.revoked);
+        assert!(tombstone.scopes.is_empty(), "a revoked key grants nothing");
+        assert!(!compiled.bundle.keys[&id("eeeeeeeeeeee")].revoked);
         let reasons: BTreeMap<_, _> = compiled
             .excluded
             .iter()
