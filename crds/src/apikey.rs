@@ -162,7 +162,10 @@ impl ApiKeySpec {
             if let Err(e) = scope.validate() {
                 errors.push(format!("spec.scopes[{i}]"), e.to_string());
             } else if !seen.insert(scope.as_str()) {
-                errors.push(format!("spec.scopes[{i}]"), format!("scope {scope} is listed twice"));
+                errors.push(
+                    format!("spec.scopes[{i}]"),
+                    format!("scope {scope} is listed twice"),
+                );
             }
         }
         for (i, cidr) in self.ip_allowlist.iter().enumerate() {
@@ -171,7 +174,10 @@ impl ApiKeySpec {
             }
         }
         if self.expires_after.is_some() && self.expires_at.is_some() {
-            errors.push("spec.expiresAt", "set either expiresAfter or expiresAt, not both");
+            errors.push(
+                "spec.expiresAt",
+                "set either expiresAfter or expiresAt, not both",
+            );
         }
         if let Some(limit) = &self.rate_limit {
             if limit.requests == 0 {
@@ -185,7 +191,11 @@ impl ApiKeySpec {
     }
 
     /// When a token issued at `issued_at` expires, given the tenant's default lifetime.
-    pub fn expiry(&self, issued_at: jiff::Timestamp, tenant_default: DurationSpec) -> jiff::Timestamp {
+    pub fn expiry(
+        &self,
+        issued_at: jiff::Timestamp,
+        tenant_default: DurationSpec,
+    ) -> jiff::Timestamp {
         if let Some(at) = &self.expires_at {
             return at.0;
         }
@@ -250,7 +260,10 @@ mod tests {
             1_000_000 + 90 * 86_400
         );
         s.expires_after = Some(DurationSpec::minutes(5));
-        assert_eq!(s.expiry(issued, DurationSpec::days(90)).as_second(), 1_000_300);
+        assert_eq!(
+            s.expiry(issued, DurationSpec::days(90)).as_second(),
+            1_000_300
+        );
         s.expires_after = None;
         s.expires_at = Some(Time(jiff::Timestamp::from_second(42).unwrap()));
         assert_eq!(s.expiry(issued, DurationSpec::days(90)).as_second(), 42);

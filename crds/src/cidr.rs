@@ -18,7 +18,9 @@ pub struct Cidr(String);
 
 /// Why an allowlist entry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid CIDR {text:?}: write an address and prefix length such as 10.0.0.0/8 or 2001:db8::/32")]
+#[error(
+    "invalid CIDR {text:?}: write an address and prefix length such as 10.0.0.0/8 or 2001:db8::/32"
+)]
 pub struct CidrError {
     /// The refused text.
     pub text: String,
@@ -83,7 +85,10 @@ mod tests {
 
     #[test]
     fn parses_v4_and_v6() {
-        assert_eq!(Cidr::new("10.0.0.0/8").parse().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            Cidr::new("10.0.0.0/8").parse().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert_eq!(
             Cidr::new("2001:db8::/32").parse().unwrap().to_string(),
             "2001:db8::/32"
@@ -92,7 +97,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed_entries_with_a_hint() {
-        for bad in ["10.0.0.0", "10.0.0.0/33", "300.1.1.1/8", "2001:db8::/129", "", "any"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "300.1.1.1/8",
+            "2001:db8::/129",
+            "",
+            "any",
+        ] {
             let err = Cidr::new(bad).parse().unwrap_err();
             assert_eq!(err.text, bad);
             assert!(err.to_string().contains("10.0.0.0/8"));

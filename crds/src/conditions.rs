@@ -52,7 +52,14 @@ mod tests {
     #[test]
     fn transition_time_is_kept_while_status_is_unchanged() {
         let first = ready(true, "Issued", "ok", Some(1), &[], at(10));
-        let again = ready(true, "Issued", "still ok", Some(2), std::slice::from_ref(&first), at(20));
+        let again = ready(
+            true,
+            "Issued",
+            "still ok",
+            Some(2),
+            std::slice::from_ref(&first),
+            at(20),
+        );
         assert_eq!(again.last_transition_time, at(10));
         assert_eq!(again.observed_generation, Some(2));
         let flipped = ready(false, "Expired", "gone", Some(2), &[again], at(30));
@@ -60,6 +67,9 @@ mod tests {
         assert_eq!(flipped.status, "False");
         assert!(!is_ready(std::slice::from_ref(&flipped)));
         assert!(is_ready(&[first]));
-        assert_eq!(find_ready(&[flipped]).map(|c| c.reason.as_str()), Some("Expired"));
+        assert_eq!(
+            find_ready(&[flipped]).map(|c| c.reason.as_str()),
+            Some("Expired")
+        );
     }
 }

@@ -16,7 +16,9 @@ pub struct DurationSpec(Duration);
 
 /// Why a duration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {text:?}: use a number and a unit (ms, s, m, h, d, w), e.g. 90d or 1h30m")]
+#[error(
+    "invalid duration {text:?}: use a number and a unit (ms, s, m, h, d, w), e.g. 90d or 1h30m"
+)]
 pub struct DurationError {
     /// The refused text.
     pub text: String,
@@ -175,7 +177,12 @@ mod tests {
 
     #[test]
     fn display_is_canonical_and_round_trips() {
-        for (text, canonical) in [("90d", "90d"), ("60m", "1h"), ("1500ms", "1s500ms"), ("0s", "0s")] {
+        for (text, canonical) in [
+            ("90d", "90d"),
+            ("60m", "1h"),
+            ("1500ms", "1s500ms"),
+            ("0s", "0s"),
+        ] {
             let d: DurationSpec = text.parse().unwrap();
             assert_eq!(d.to_string(), canonical);
             assert_eq!(canonical.parse::<DurationSpec>().unwrap(), d);

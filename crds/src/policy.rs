@@ -186,6 +186,11 @@ mod tests {
         ] {
             assert_eq!(mode.as_str().parse::<InboundMode>().unwrap(), mode);
         }
-        assert!("tls".parse::<InboundMode>().unwrap_err().contains("mtls-or-apikey"));
+        assert!(
+            "tls"
+                .parse::<InboundMode>()
+                .unwrap_err()
+                .contains("mtls-or-apikey")
+        );
     }
 }

@@ -48,7 +48,9 @@ pub struct RoleSpec {
 }
 
 /// An admin action a role may allow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum Permission {
     /// Read ApiKeys (never their secrets).
     #[serde(rename = "keys:read")]
@@ -114,7 +116,9 @@ pub struct Subject {
 }
 
 /// The kinds of subject Kubernetes RBAC knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum SubjectKind {
     /// A user, as the API server authenticates it.
     User,
@@ -205,10 +209,19 @@ pub enum InheritanceError {
 }
 
 /// Resolves `role` against the roles of its namespace (object name → spec).
-pub fn resolve(role: &str, roles: &BTreeMap<String, RoleSpec>) -> Result<EffectiveRole, InheritanceError> {
+pub fn resolve(
+    role: &str,
+    roles: &BTreeMap<String, RoleSpec>,
+) -> Result<EffectiveRole, InheritanceError> {
     let mut effective = EffectiveRole::default();
     let mut path = Vec::new();
-    visit(&role_object_name(role), roles, &mut path, &mut BTreeSet::new(), &mut effective)?;
+    visit(
+        &role_object_name(role),
+        roles,
+        &mut path,
+        &mut BTreeSet::new(),
+        &mut effective,
+    )?;
     Ok(effective)
 }
 
@@ -233,7 +246,8 @@ fn visit(
             parent: name.to_owned(),
         });
     };
-    into.scopes.extend(spec.scopes.iter().map(|s| s.as_str().to_owned()));
+    into.scopes
+        .extend(spec.scopes.iter().map(|s| s.as_str().to_owned()));
     into.all_scopes |= spec.all_scopes;
     into.permissions.extend(spec.permissions.iter().copied());
     path.push(name.to_owned());
@@ -255,7 +269,10 @@ impl RoleSpec {
         }
         for (i, parent) in self.inherits.iter().enumerate() {
             if !crate::scope::is_dns_label(&role_object_name(parent)) {
-                errors.push(format!("spec.inherits[{i}]"), format!("{parent:?} is not a role name"));
+                errors.push(
+                    format!("spec.inherits[{i}]"),
+                    format!("{parent:?} is not a role name"),
+                );
             }
         }
         for (i, subject) in self.subjects.iter().enumerate() {
@@ -298,22 +315,41 @@ mod tests {
         );
         assert!(!viewer.all_scopes);
         let admin = resolve("admin", &roles).unwrap();
-        assert!(admin.permissions.contains(&Permission::AuditRead), "from Analyst");
-        assert!(admin.permissions.contains(&Permission::KeysCreate), "from Developer");
-        assert!(admin.permissions.contains(&Permission::RolesRead), "from Viewer, twice removed");
+        assert!(
+            admin.permissions.contains(&Permission::AuditRead),
+            "from Analyst"
+        );
+        assert!(
+            admin.permissions.contains(&Permission::KeysCreate),
+            "from Developer"
+        );
+        assert!(
+            admin.permissions.contains(&Permission::RolesRead),
+            "from Viewer, twice removed"
+        );
         let analyst = resolve("Analyst", &roles).unwrap();
         assert!(!analyst.permissions.contains(&Permission::KeysCreate));
         assert!(!analyst.grants_scope("identify"));
-        assert!(resolve("Developer", &roles).unwrap().grants_scope("identify"));
+        assert!(
+            resolve("Developer", &roles)
+                .unwrap()
+                .grants_scope("identify")
+        );
     }
 
     #[test]
     fn custom_role_inherits_scopes() {
         let mut roles = builtins();
         roles.insert("reader".into(), custom(&[], &["signals"]));
-        roles.insert("data-engineer".into(), custom(&["reader", "Analyst"], &["identify"]));
+        roles.insert(
+            "data-engineer".into(),
+            custom(&["reader", "Analyst"], &["identify"]),
+        );
         let role = resolve("data-engineer", &roles).unwrap();
-        assert_eq!(role.scopes, BTreeSet::from(["identify".to_owned(), "signals".to_owned()]));
+        assert_eq!(
+            role.scopes,
+            BTreeSet::from(["identify".to_owned(), "signals".to_owned()])
+        );
         assert!(role.permissions.contains(&Permission::AuditRead));
         assert!(!role.grants_scope("events"));
     }
@@ -325,7 +361,10 @@ mod tests {
         roles.insert("b".into(), custom(&["c"], &[]));
         roles.insert("c".into(), custom(&["A"], &[]));
         let err = resolve("a", &roles).unwrap_err();
-        assert_eq!(err, InheritanceError::Cycle(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+        assert_eq!(
+            err,
+            InheritanceError::Cycle(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+        );
         assert_eq!(err.to_string(), "inheritance cycle: a -> b -> c -> a");
     }
 
@@ -341,7 +380,9 @@ mod tests {
                 parent: "ghost".into()
             }
         );
-        assert!(matches!(resolve("nobody", &roles), Err(InheritanceError::MissingParent { parent, .. }) if parent == "nobody"));
+        assert!(
+            matches!(resolve("nobody", &roles), Err(InheritanceError::MissingParent { parent, .. }) if parent == "nobody")
+        );
     }
 
     #[test]

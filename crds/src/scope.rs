@@ -16,7 +16,9 @@ pub struct ScopeName(String);
 
 /// Why a scope name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid scope name {text:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")]
+#[error(
+    "invalid scope name {text:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+)]
 pub struct ScopeNameError {
     /// The refused text.
     pub text: String,
@@ -95,7 +97,9 @@ pub fn is_dns_label(text: &str) -> bool {
 }
 
 /// An HTTP method a route matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 #[allow(clippy::upper_case_acronyms)]
 pub enum HttpMethod {
@@ -163,7 +167,11 @@ impl RouteRule {
         if !self.path.starts_with('/') {
             return Err(format!("path {:?} must start with '/'", self.path));
         }
-        if self.path.chars().any(|c| c.is_whitespace() || c == '?' || c == '#') {
+        if self
+            .path
+            .chars()
+            .any(|c| c.is_whitespace() || c == '?' || c == '#')
+        {
             return Err(format!(
                 "path {:?} must not contain spaces, '?' or '#': match the path only",
                 self.path
@@ -226,9 +234,18 @@ mod tests {
 
     fn demo_scopes() -> ScopeMap {
         ScopeMap::from([
-            ("identify".to_owned(), vec![RouteRule::new(&[POST], "/v1/identify")]),
-            ("events".to_owned(), vec![RouteRule::new(&[GET, POST], "/v1/events/*")]),
-            ("signals".to_owned(), vec![RouteRule::new(&[GET], "/v1/signals*")]),
+            (
+                "identify".to_owned(),
+                vec![RouteRule::new(&[POST], "/v1/identify")],
+            ),
+            (
+                "events".to_owned(),
+                vec![RouteRule::new(&[GET, POST], "/v1/events/*")],
+            ),
+            (
+                "signals".to_owned(),
+                vec![RouteRule::new(&[GET], "/v1/signals*")],
+            ),
         ])
     }
 
@@ -270,13 +287,26 @@ mod tests {
         let mut scopes = demo_scopes();
         scopes.insert("everything".into(), vec![RouteRule::new(&[], "/v1/*")]);
         assert_eq!(scope_for(&scopes, "POST", "/v1/identify"), Some("identify"));
-        assert_eq!(scope_for(&scopes, "PUT", "/v1/identify"), Some("everything"));
+        assert_eq!(
+            scope_for(&scopes, "PUT", "/v1/identify"),
+            Some("everything")
+        );
     }
 
     #[test]
     fn route_validation_explains_the_problem() {
         assert!(RouteRule::new(&[], "/ok/*").validate().is_ok());
-        assert!(RouteRule::new(&[], "v1").validate().unwrap_err().contains("must start with '/'"));
-        assert!(RouteRule::new(&[], "/a?b=1").validate().unwrap_err().contains("path only"));
+        assert!(
+            RouteRule::new(&[], "v1")
+                .validate()
+                .unwrap_err()
+                .contains("must start with '/'")
+        );
+        assert!(
+            RouteRule::new(&[], "/a?b=1")
+                .validate()
+                .unwrap_err()
+                .contains("path only")
+        );
     }
 }

@@ -64,7 +64,20 @@ pub struct TenantSpec {
 }
 
 /// How sensitive a tenant's data is (DESIGN.md §6).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
 pub enum DataClassification {
     /// TLS only.
     Public,
@@ -309,7 +322,10 @@ impl TenantSpec {
                 );
             }
             if rules.is_empty() {
-                errors.push(format!("spec.scopes.{name}"), "a scope needs at least one route");
+                errors.push(
+                    format!("spec.scopes.{name}"),
+                    "a scope needs at least one route",
+                );
             }
             for (i, rule) in rules.iter().enumerate() {
                 if let Err(message) = RouteRule::validate(rule) {

@@ -272,7 +272,10 @@ mod tests {
         let token = ApiToken::generate();
         let text = token.expose_secret();
         let upper_id = format!("ak_ABCDEFGHIJKL{}", &text[15..]);
-        assert_eq!(ApiToken::parse(&upper_id).unwrap_err(), TokenError::BadKeyId);
+        assert_eq!(
+            ApiToken::parse(&upper_id).unwrap_err(),
+            TokenError::BadKeyId
+        );
         let no_sep = format!("{}-{}", &text[..15], &text[16..]);
         assert_eq!(ApiToken::parse(&no_sep).unwrap_err(), TokenError::BadKeyId);
         let bad_char = format!("{}!{}", &text[..20], &text[21..]);

@@ -896,7 +896,11 @@ async fn policy_watch_sees_a_revocation_within_a_second() -> Result<()> {
             .context("no bundle after the revocation")??;
         assert!(next.version > version, "versions rise");
         // The key stays as a tombstone so the proxy can say it was revoked.
-        if next.keys.iter().any(|(k, p)| k.as_str() == key_id && p.revoked && p.scopes.is_empty()) {
+        if next
+            .keys
+            .iter()
+            .any(|(k, p)| k.as_str() == key_id && p.revoked && p.scopes.is_empty())
+        {
             break revoked_at.elapsed();
         }
     };

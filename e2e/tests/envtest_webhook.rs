@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role as RbacRole, RoleBinding, RoleRef, Subject};
 use kube::Client;
@@ -22,8 +24,8 @@ use portcullis_crds::{ApiKey, Role, Tenant};
 use portcullis_e2e::envtest::{self, EnvTest};
 use portcullis_operator::webhook::config::{self, WebhookConfigSettings, WebhookTarget};
 use portcullis_operator::webhook::{
-    AdminAuditEvent, AdminAuditSink, InjectSettings, ServerLimits, ServerVersion, ValidatorSettings,
-    WebhookCertificates, WebhookState, WebhookTlsSettings, serve_on,
+    AdminAuditEvent, AdminAuditSink, InjectSettings, ServerLimits, ServerVersion,
+    ValidatorSettings, WebhookCertificates, WebhookState, WebhookTlsSettings, serve_on,
 };
 use portcullis_sidecar::identity::SystemClock;
 use serde_json::json;
@@ -45,7 +47,11 @@ impl AdminAuditSink for CollectedAudit {
 impl CollectedAudit {
     fn lines_for(&self, object: &str) -> Vec<String> {
         let events = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        events.iter().filter(|e| e.object == object).map(ToString::to_string).collect()
+        events
+            .iter()
+            .filter(|e| e.object == object)
+            .map(ToString::to_string)
+            .collect()
     }
 }
 
@@ -77,7 +83,11 @@ async fn setup() -> Result<Option<(&'static EnvTest, &'static Webhook)>> {
 async fn start_webhook(env: &'static EnvTest) -> Result<Webhook> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<Webhook>>();
     std::thread::spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
             Ok(runtime) => runtime,
             Err(e) => {
                 let _ = ready_tx.send(Err(e.into()));
@@ -103,7 +113,12 @@ async fn start_webhook(env: &'static EnvTest) -> Result<Webhook> {
     Ok(webhook)
 }
 
-type ServerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), portcullis_operator::webhook::WebhookError>> + Send>>;
+type ServerFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<(), portcullis_operator::webhook::WebhookError>>
+            + Send,
+    >,
+>;
 
 async fn prepare(env: &'static EnvTest) -> Result<(Webhook, ServerFuture)> {
     let client = env.client()?;
@@ -121,19 +136,28 @@ async fn prepare(env: &'static EnvTest) -> Result<(Webhook, ServerFuture)> {
     let params = PatchParams::apply(E2E_MANAGER).force();
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mutating
-        .patch(config::MUTATING_CONFIGURATION, &params, &Patch::Apply(config::mutating(&settings)))
+        .patch(
+            config::MUTATING_CONFIGURATION,
+            &params,
+            &Patch::Apply(config::mutating(&settings)),
+        )
         .await
         .context("installing the MutatingWebhookConfiguration")?;
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     validating
-        .patch(config::VALIDATING_CONFIGURATION, &params, &Patch::Apply(config::validating(&settings)))
+        .patch(
+            config::VALIDATING_CONFIGURATION,
+            &params,
+            &Patch::Apply(config::validating(&settings)),
+        )
         .await
         .context("installing the ValidatingWebhookConfiguration")?;
 
     // The operator: its CA Secret, serving leaf and the caBundle patch.
     let mut tls = WebhookTlsSettings::new(&operator_namespace, "portcullis-operator");
     tls.extra_sans = vec!["127.0.0.1".into()];
-    let certificates = WebhookCertificates::start(client.clone(), tls, Arc::new(SystemClock)).await?;
+    let certificates =
+        WebhookCertificates::start(client.clone(), tls, Arc::new(SystemClock)).await?;
     let server_version = ServerVersion::detect(&client).await?;
     let audit = Arc::new(CollectedAudit::default());
     let state = WebhookState::new(
@@ -175,7 +199,9 @@ async fn wait_until_the_api_server_uses_the_webhook(env: &EnvTest) -> Result<()>
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let last = match pods.create(&dry_run, &app_pod("probe", None)).await {
-            Ok(pod) if container_names(&pod).contains(&"portcullis-proxy".to_owned()) => return Ok(()),
+            Ok(pod) if container_names(&pod).contains(&"portcullis-proxy".to_owned()) => {
+                return Ok(());
+            }
             Ok(_) => "created without the proxy".to_owned(),
             Err(e) => e.to_string(),
         };
@@ -190,7 +216,11 @@ async fn label_namespace(client: &Client, ns: &str, labels: &[(&str, &str)]) -> 
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
-        .patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": labels}})),
+        )
         .await?;
     Ok(())
 }
@@ -206,7 +236,10 @@ async fn opted_in_namespace(env: &EnvTest, prefix: &str, level: &str) -> Result<
     let accounts: Api<ServiceAccount> = Api::namespaced(client, &ns);
     let deadline = Instant::now() + Duration::from_secs(30);
     while accounts.get_opt("default").await?.is_none() {
-        ensure!(Instant::now() < deadline, "no default ServiceAccount in {ns}");
+        ensure!(
+            Instant::now() < deadline,
+            "no default ServiceAccount in {ns}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(ns)
@@ -227,7 +260,10 @@ fn app_pod(name: &str, annotations: Option<BTreeMap<String, String>>) -> Pod {
 }
 
 fn container_names(pod: &Pod) -> Vec<String> {
-    pod.spec.iter().flat_map(|s| s.containers.iter().map(|c| c.name.clone())).collect()
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect()
 }
 
 fn init_container_names(pod: &Pod) -> Vec<String> {
@@ -239,7 +275,9 @@ fn init_container_names(pod: &Pod) -> Vec<String> {
 
 #[tokio::test]
 async fn a_pod_in_an_opted_in_namespace_is_stored_with_the_proxy() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     ensure!(
         !webhook.server_version.supports_native_sidecars(),
         "envtest is 1.20: expected regular-container mode, got {:?}",
@@ -247,7 +285,8 @@ async fn a_pod_in_an_opted_in_namespace_is_stored_with_the_proxy() -> Result<()>
     );
     let ns = opted_in_namespace(env, "inject", "enabled").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
-    pods.create(&PostParams::default(), &app_pod("web", None)).await?;
+    pods.create(&PostParams::default(), &app_pod("web", None))
+        .await?;
 
     let stored = pods.get("web").await?;
     assert_eq!(container_names(&stored), ["portcullis-proxy", "app"]);
@@ -255,18 +294,35 @@ async fn a_pod_in_an_opted_in_namespace_is_stored_with_the_proxy() -> Result<()>
     let spec = stored.spec.clone().context("no spec")?;
     let proxy = &spec.containers[0];
     assert_eq!(proxy.restart_policy, None, "no native sidecar on 1.20");
-    assert!(proxy.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()).is_some(), "postStart waits for /ready");
+    assert!(
+        proxy
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.post_start.as_ref())
+            .is_some(),
+        "postStart waits for /ready"
+    );
     let env_vars: BTreeMap<String, String> = proxy
         .env
         .iter()
         .flatten()
         .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
         .collect();
-    assert_eq!(env_vars.get("PORTCULLIS_APP_PORT").map(String::as_str), Some("8080"));
+    assert_eq!(
+        env_vars.get("PORTCULLIS_APP_PORT").map(String::as_str),
+        Some("8080")
+    );
 
     let init = &spec.init_containers.clone().unwrap_or_default()[0];
-    let capabilities = init.security_context.as_ref().and_then(|s| s.capabilities.clone()).unwrap_or_default();
-    assert_eq!(capabilities.add, Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]));
+    let capabilities = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        capabilities.add,
+        Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()])
+    );
 
     let volumes = spec.volumes.clone().unwrap_or_default();
     let token = volumes
@@ -279,14 +335,28 @@ async fn a_pod_in_an_opted_in_namespace_is_stored_with_the_proxy() -> Result<()>
         .context("no projected identity token")?;
     assert_eq!(token.audience.as_deref(), Some("portcullis.dev/identity"));
     assert_eq!(token.expiration_seconds, Some(3600));
-    let bundle = volumes.iter().find(|v| v.name == "portcullis-trust-bundle").context("no trust bundle volume")?;
-    assert_eq!(bundle.config_map.as_ref().map(|c| c.name.as_str()), Some("portcullis-trust-bundle"));
+    let bundle = volumes
+        .iter()
+        .find(|v| v.name == "portcullis-trust-bundle")
+        .context("no trust bundle volume")?;
+    assert_eq!(
+        bundle.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("portcullis-trust-bundle")
+    );
     let annotations = stored.metadata.annotations.clone().unwrap_or_default();
-    assert!(annotations.contains_key("portcullis.dev/injected"), "{annotations:?}");
+    assert!(
+        annotations.contains_key("portcullis.dev/injected"),
+        "{annotations:?}"
+    );
 
     // A Tenant-owned namespace (labelled by the operator) injects without the inject label.
     let tenant_ns = opted_in_namespace(env, "tenant-inject", "").await?;
-    label_namespace(&env.client()?, &tenant_ns, &[("portcullis.dev/tenant", "acme")]).await?;
+    label_namespace(
+        &env.client()?,
+        &tenant_ns,
+        &[("portcullis.dev/tenant", "acme")],
+    )
+    .await?;
     let tenant_pods: Api<Pod> = Api::namespaced(env.client()?, &tenant_ns);
     let created = create_when_selector_seen(&tenant_pods, "web").await?;
     assert_eq!(container_names(&created)[0], "portcullis-proxy");
@@ -299,36 +369,56 @@ async fn create_when_selector_seen(pods: &Api<Pod>, name: &str) -> Result<Pod> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let pod = pods
-            .create(&PostParams { dry_run: true, ..PostParams::default() }, &app_pod(name, None))
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                },
+                &app_pod(name, None),
+            )
             .await?;
         if container_names(&pod).contains(&"portcullis-proxy".to_owned()) {
-            return Ok(pods.create(&PostParams::default(), &app_pod(name, None)).await?);
+            return Ok(pods
+                .create(&PostParams::default(), &app_pod(name, None))
+                .await?);
         }
-        ensure!(Instant::now() < deadline, "never injected: {:?}", container_names(&pod));
+        ensure!(
+            Instant::now() < deadline,
+            "never injected: {:?}",
+            container_names(&pod)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test]
 async fn opt_out_and_not_opted_in_pods_are_stored_unchanged() -> Result<()> {
-    let Some((env, _)) = setup().await? else { return Ok(()) };
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
     let ns = opted_in_namespace(env, "optout", "enabled").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
     let annotations = BTreeMap::from([("portcullis.dev/inject".to_owned(), "disabled".to_owned())]);
-    let created = pods.create(&PostParams::default(), &app_pod("batch", Some(annotations))).await?;
+    let created = pods
+        .create(&PostParams::default(), &app_pod("batch", Some(annotations)))
+        .await?;
     assert_eq!(container_names(&created), ["app"]);
     assert!(init_container_names(&created).is_empty());
 
     let plain = opted_in_namespace(env, "plain", "").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &plain);
-    let created = pods.create(&PostParams::default(), &app_pod("web", None)).await?;
+    let created = pods
+        .create(&PostParams::default(), &app_pod("web", None))
+        .await?;
     assert_eq!(container_names(&created), ["app"]);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_namespace_requiring_injection_refuses_host_network_pods() -> Result<()> {
-    let Some((env, _)) = setup().await? else { return Ok(()) };
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
     let ns = opted_in_namespace(env, "required", "required").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
     let mut pod = app_pod("node-agent", None);
@@ -373,25 +463,36 @@ async fn tenant_namespace(env: &EnvTest) -> Result<String> {
             }
         }
     }))?;
-    tenants.create(&PostParams::default(), &tenant).await.context("creating the Tenant")?;
+    tenants
+        .create(&PostParams::default(), &tenant)
+        .await
+        .context("creating the Tenant")?;
     let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
     let role: Role = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "Role",
         "metadata": {"name": "ingest-writer"},
         "spec": {"scopes": ["identify"], "permissions": ["keys:create"], "subjects": [{"kind": "User", "name": "alice"}]}
     }))?;
-    roles.create(&PostParams::default(), &role).await.context("creating the Role")?;
+    roles
+        .create(&PostParams::default(), &role)
+        .await
+        .context("creating the Role")?;
 
     let rbac_roles: Api<RbacRole> = Api::namespaced(admin.clone(), &ns);
     rbac_roles
         .create(
             &PostParams::default(),
             &RbacRole {
-                metadata: ObjectMeta { name: Some("apikey-writer".into()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some("apikey-writer".into()),
+                    ..ObjectMeta::default()
+                },
                 rules: Some(vec![PolicyRule {
                     api_groups: Some(vec!["portcullis.dev".into()]),
                     resources: Some(vec!["apikeys".into()]),
-                    verbs: ["get", "list", "create", "update", "patch", "delete"].map(String::from).to_vec(),
+                    verbs: ["get", "list", "create", "update", "patch", "delete"]
+                        .map(String::from)
+                        .to_vec(),
                     ..PolicyRule::default()
                 }]),
             },
@@ -402,7 +503,10 @@ async fn tenant_namespace(env: &EnvTest) -> Result<String> {
         .create(
             &PostParams::default(),
             &RoleBinding {
-                metadata: ObjectMeta { name: Some("apikey-writers".into()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some("apikey-writers".into()),
+                    ..ObjectMeta::default()
+                },
                 role_ref: RoleRef {
                     api_group: "rbac.authorization.k8s.io".into(),
                     kind: "Role".into(),
@@ -442,7 +546,9 @@ async fn refusal(api: &Api<ApiKey>, key: &ApiKey) -> Result<(u16, String)> {
 
 #[tokio::test]
 async fn a_scope_beyond_the_role_is_refused_with_the_message_kubectl_shows() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     let ns = tenant_namespace(env).await?;
     let alice: Api<ApiKey> = Api::namespaced(env.client_for_user("alice", &[])?, &ns);
     let key = api_key("ingest", "ingest-writer", &["identify", "events"])?;
@@ -450,11 +556,19 @@ async fn a_scope_beyond_the_role_is_refused_with_the_message_kubectl_shows() -> 
                     in Role \"ingest-writer\" or remove it from spec.scopes";
     let (code, message) = refusal(&alice, &key).await?;
     assert_eq!(code, 422);
-    assert_eq!(message, format!("admission webhook \"validate.portcullis.dev\" denied the request: {expected}"));
+    assert_eq!(
+        message,
+        format!("admission webhook \"validate.portcullis.dev\" denied the request: {expected}")
+    );
 
     // The same through kubectl, as alice: kubectl prints a 422 without field causes as
     // "The request is invalid: <message>" (causes would hide the message behind field paths).
-    if std::process::Command::new("kubectl").arg("version").arg("--client").output().is_ok() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_ok()
+    {
         let kubeconfig = env.kubeconfig_for_user("alice", &[])?;
         let mut child = std::process::Command::new("kubectl")
             .arg("--kubeconfig")
@@ -481,17 +595,23 @@ async fn a_scope_beyond_the_role_is_refused_with_the_message_kubectl_shows() -> 
     } else {
         eprintln!("kubectl not found: checked the API error only");
     }
-    assert!(webhook.audit.lines_for(&format!("{ns}/ingest")).is_empty(), "refusals are not audited");
+    assert!(
+        webhook.audit.lines_for(&format!("{ns}/ingest")).is_empty(),
+        "refusals are not audited"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn a_user_holding_keys_create_succeeds_and_others_are_told_what_they_miss() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     let ns = tenant_namespace(env).await?;
 
     let bob: Api<ApiKey> = Api::namespaced(env.client_for_user("bob", &[])?, &ns);
-    let (code, message) = refusal(&bob, &api_key("ingest", "ingest-writer", &["identify"])?).await?;
+    let (code, message) =
+        refusal(&bob, &api_key("ingest", "ingest-writer", &["identify"])?).await?;
     assert_eq!(code, 403);
     assert!(
         message.ends_with(&format!(
@@ -503,29 +623,50 @@ async fn a_user_holding_keys_create_succeeds_and_others_are_told_what_they_miss(
     );
 
     let alice: Api<ApiKey> = Api::namespaced(env.client_for_user("alice", &[])?, &ns);
-    alice.create(&PostParams::default(), &api_key("ingest", "ingest-writer", &["identify"])?).await?;
+    alice
+        .create(
+            &PostParams::default(),
+            &api_key("ingest", "ingest-writer", &["identify"])?,
+        )
+        .await?;
     let lines = webhook.audit.lines_for(&format!("{ns}/ingest"));
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].ends_with(" | admin.key.create | user:alice | 201"), "{lines:?}");
+    assert!(
+        lines[0].ends_with(" | admin.key.create | user:alice | 201"),
+        "{lines:?}"
+    );
 
     // alice may not hand out a scope she does not hold, even one the role grants.
     let (code, message) = refusal(&alice, &api_key("wide", "Developer", &["events"])?).await?;
     assert_eq!(code, 403);
-    assert!(message.contains("user \"alice\" may not grant scope \"events\""), "{message}");
+    assert!(
+        message.contains("user \"alice\" may not grant scope \"events\""),
+        "{message}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn a_cluster_admin_creates_any_valid_key() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     let ns = tenant_namespace(env).await?;
     let admin: Api<ApiKey> = Api::namespaced(env.client()?, &ns);
     // Developer has no object yet: built-in roles exist before the operator creates them.
     admin
-        .create(&PostParams::default(), &api_key("ops", "Developer", &["identify", "events", "signals"])?)
+        .create(
+            &PostParams::default(),
+            &api_key("ops", "Developer", &["identify", "events", "signals"])?,
+        )
         .await?;
     let lines = webhook.audit.lines_for(&format!("{ns}/ops"));
-    assert!(lines.iter().any(|l| l.ends_with(" | admin.key.create | user:envtest-admin | 201")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(" | admin.key.create | user:envtest-admin | 201")),
+        "{lines:?}"
+    );
     // Still validated: a scope outside the tenant's catalogue.
     let (code, _) = refusal(&admin, &api_key("typo", "Developer", &["identfy"])?).await?;
     assert_eq!(code, 422);
@@ -534,14 +675,26 @@ async fn a_cluster_admin_creates_any_valid_key() -> Result<()> {
 
 #[tokio::test]
 async fn the_operator_patched_the_ca_bundle_with_server_side_apply() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     let client = env.client()?;
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let config = mutating.get(config::MUTATING_CONFIGURATION).await?;
     let bundle = webhook.certificates.ca_bundle_pem().await;
     for hook in config.webhooks.iter().flatten() {
-        let patched = hook.client_config.ca_bundle.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-        assert_eq!(String::from_utf8_lossy(&patched), bundle, "webhook {}", hook.name);
+        let patched = hook
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|b| b.0.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            String::from_utf8_lossy(&patched),
+            bundle,
+            "webhook {}",
+            hook.name
+        );
     }
     let managers: Vec<String> = config
         .metadata
@@ -550,10 +703,17 @@ async fn the_operator_patched_the_ca_bundle_with_server_side_apply() -> Result<(
         .flatten()
         .filter_map(|m| m.manager.clone())
         .collect();
-    assert!(managers.contains(&"portcullis-operator".to_owned()), "{managers:?}");
-    assert!(managers.contains(&E2E_MANAGER.to_owned()), "the chart's fields stay the chart's: {managers:?}");
+    assert!(
+        managers.contains(&"portcullis-operator".to_owned()),
+        "{managers:?}"
+    );
+    assert!(
+        managers.contains(&E2E_MANAGER.to_owned()),
+        "the chart's fields stay the chart's: {managers:?}"
+    );
     // The CA lives in the operator's namespace.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &webhook.operator_namespace);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client, &webhook.operator_namespace);
     assert!(secrets.get_opt("portcullis-webhook-ca").await?.is_some());
     Ok(())
 }
@@ -567,21 +727,29 @@ async fn served_certificate(webhook: &Webhook) -> Result<Vec<u8>> {
     for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         roots.add(cert?)?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", webhook.port)).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1")?, tcp)
         .await?;
-    let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?;
+    let der = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate")?;
     Ok(der.to_vec())
 }
 
 #[tokio::test]
 async fn rotating_the_serving_certificate_fails_no_admission() -> Result<()> {
-    let Some((env, webhook)) = setup().await? else { return Ok(()) };
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
     let ns = opted_in_namespace(env, "rotation", "enabled").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
     let before = served_certificate(webhook).await?;
@@ -607,7 +775,10 @@ async fn rotating_the_serving_certificate_fails_no_admission() -> Result<()> {
     let total = 30;
     for i in 0..total {
         let name = format!("web-{i}");
-        match pods.create(&PostParams::default(), &app_pod(&name, None)).await {
+        match pods
+            .create(&PostParams::default(), &app_pod(&name, None))
+            .await
+        {
             Ok(pod) if container_names(&pod)[0] == "portcullis-proxy" => {}
             Ok(pod) => failures.push(format!("{name}: not injected: {:?}", container_names(&pod))),
             Err(e) => failures.push(format!("{name}: {e}")),
@@ -616,8 +787,15 @@ async fn rotating_the_serving_certificate_fails_no_admission() -> Result<()> {
     rotating.store(false, std::sync::atomic::Ordering::Relaxed);
     let count = rotations.await??;
     let after = served_certificate(webhook).await?;
-    assert!(failures.is_empty(), "{} of {total} admissions failed: {failures:?}", failures.len());
-    assert!(count >= 3, "only {count} rotations happened during the admissions");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} admissions failed: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        count >= 3,
+        "only {count} rotations happened during the admissions"
+    );
     assert_ne!(before, after, "the served certificate did not change");
     Ok(())
 }

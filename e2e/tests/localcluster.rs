@@ -14,10 +14,15 @@ use serde_json::json;
 /// The shared envtest and a pod runner on it, or `None` (reason printed) where this
 /// machine lacks the assets, root or network tools.
 async fn cluster() -> anyhow::Result<Option<(&'static EnvTest, LocalCluster)>> {
-    let Some(env) = envtest::shared().await? else { return Ok(None) };
+    let Some(env) = envtest::shared().await? else {
+        return Ok(None);
+    };
     let target = target_dir().ok_or_else(|| anyhow::anyhow!("cannot find the target directory"))?;
     let binaries = [
-        ("pod-app", std::path::PathBuf::from(env!("CARGO_BIN_EXE_pod-app"))),
+        (
+            "pod-app",
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_pod-app")),
+        ),
         ("portcullis-proxy", target.join("portcullis-proxy")),
     ];
     Ok(LocalCluster::start(env, &binaries)?.map(|c| (env, c)))
@@ -56,18 +61,23 @@ async fn wait_for_listener(from: &RunningPod, url: &str) -> anyhow::Result<serde
 
 #[tokio::test]
 async fn pods_run_as_processes_in_their_own_network_namespaces() -> anyhow::Result<()> {
-    let Some((env, cluster)) = cluster().await? else { return Ok(()) };
+    let Some((env, cluster)) = cluster().await? else {
+        return Ok(());
+    };
     let ns = env.create_namespace("plain").await?;
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
-    pods.create(&PostParams::default(), &app_pod("server", 8080)?).await?;
-    pods.create(&PostParams::default(), &app_pod("client", 8081)?).await?;
+    pods.create(&PostParams::default(), &app_pod("server", 8080)?)
+        .await?;
+    pods.create(&PostParams::default(), &app_pod("client", 8081)?)
+        .await?;
     let server = cluster.run_pod(&ns, "server").await?;
     let client = cluster.run_pod(&ns, "client").await?;
     assert_ne!(server.ip(), client.ip());
 
     let answer = wait_for_listener(&client, &format!("http://{}:8080/hello", server.ip())).await?;
     assert_eq!(answer["status"], 200, "{answer}");
-    let echoed: serde_json::Value = serde_json::from_str(answer["body"].as_str().unwrap_or_default())?;
+    let echoed: serde_json::Value =
+        serde_json::from_str(answer["body"].as_str().unwrap_or_default())?;
     assert_eq!(echoed["path"], "/hello");
 
     // The runner reports the pod running with its address, as a kubelet would.

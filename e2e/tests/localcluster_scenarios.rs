@@ -43,21 +43,45 @@ async fn fixture() -> anyhow::Result<Option<&'static Fixture>> {
 }
 
 async fn start_fixture() -> anyhow::Result<Option<Fixture>> {
-    let Some(env) = envtest::shared().await? else { return Ok(None) };
+    let Some(env) = envtest::shared().await? else {
+        return Ok(None);
+    };
     let target = target_dir().ok_or_else(|| anyhow::anyhow!("cannot find the target directory"))?;
-    let (proxy, operator) = (target.join("portcullis-proxy"), target.join("portcullis-operator"));
+    let (proxy, operator) = (
+        target.join("portcullis-proxy"),
+        target.join("portcullis-operator"),
+    );
     for binary in [&proxy, &operator] {
         if !binary.exists() {
-            eprintln!("skipping: {} is not built; run cargo test --workspace", binary.display());
+            eprintln!(
+                "skipping: {} is not built; run cargo test --workspace",
+                binary.display()
+            );
             return Ok(None);
         }
     }
-    let binaries = [("pod-app", PathBuf::from(env!("CARGO_BIN_EXE_pod-app"))), ("portcullis-proxy", proxy)];
-    let Some(cluster) = LocalCluster::start(env, &binaries)? else { return Ok(None) };
+    let binaries = [
+        ("pod-app", PathBuf::from(env!("CARGO_BIN_EXE_pod-app"))),
+        ("portcullis-proxy", proxy),
+    ];
+    let Some(cluster) = LocalCluster::start(env, &binaries)? else {
+        return Ok(None);
+    };
     env.install_crds().await?;
     let system = env.create_namespace("portcullis-system").await?;
-    let operator = OperatorProcess::start(env, &operator, &system, cluster.gateway(), &cluster.dir().join("operator")).await?;
-    Ok(Some(Fixture { env, cluster, operator }))
+    let operator = OperatorProcess::start(
+        env,
+        &operator,
+        &system,
+        cluster.gateway(),
+        &cluster.dir().join("operator"),
+    )
+    .await?;
+    Ok(Some(Fixture {
+        env,
+        cluster,
+        operator,
+    }))
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, failing after `limit`.
@@ -108,17 +132,30 @@ impl Fixture {
                 "identify": [{"methods": ["POST"], "path": "/v1/identify"}],
                 "events": [{"methods": ["GET", "POST"], "path": "/v1/events/*"}]}},
         }))?;
-        Api::<Tenant>::all(client.clone()).create(&PostParams::default(), &tenant).await?;
+        Api::<Tenant>::all(client.clone())
+            .create(&PostParams::default(), &tenant)
+            .await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        eventually("the operator to label the namespace", Duration::from_secs(30), || async {
-            let labels = namespaces.get(&ns).await?.metadata.labels.unwrap_or_default();
-            Ok(labels.get("portcullis.dev/tenant").cloned())
-        })
+        eventually(
+            "the operator to label the namespace",
+            Duration::from_secs(30),
+            || async {
+                let labels = namespaces
+                    .get(&ns)
+                    .await?
+                    .metadata
+                    .labels
+                    .unwrap_or_default();
+                Ok(labels.get("portcullis.dev/tenant").cloned())
+            },
+        )
         .await?;
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-        eventually("the trust bundle ConfigMap", Duration::from_secs(30), || async {
-            Ok(config_maps.get_opt("portcullis-trust-bundle").await?)
-        })
+        eventually(
+            "the trust bundle ConfigMap",
+            Duration::from_secs(30),
+            || async { Ok(config_maps.get_opt("portcullis-trust-bundle").await?) },
+        )
         .await?;
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
         for sa in ["server", "caller", "default"] {
@@ -134,13 +171,22 @@ impl Fixture {
             }
             // The 1.20 ServiceAccount admission plugin refuses pods until the
             // controller-manager has given the account its token Secret.
-            eventually(&format!("a token Secret for ServiceAccount {sa}"), Duration::from_secs(30), || async {
-                let secrets = accounts.get_opt(sa).await?.and_then(|a| a.secrets).unwrap_or_default();
-                Ok((!secrets.is_empty()).then_some(()))
-            })
+            eventually(
+                &format!("a token Secret for ServiceAccount {sa}"),
+                Duration::from_secs(30),
+                || async {
+                    let secrets = accounts
+                        .get_opt(sa)
+                        .await?
+                        .and_then(|a| a.secrets)
+                        .unwrap_or_default();
+                    Ok((!secrets.is_empty()).then_some(()))
+                },
+            )
             .await?;
         }
-        self.create_pod(&ns, app_pod("server", "server", 8080, &[])).await?;
+        self.create_pod(&ns, app_pod("server", "server", 8080, &[]))
+            .await?;
         self.create_pod(&ns, client_pod("client")).await?;
         let server = self.cluster.run_pod(&ns, "server").await?;
         let client = self.cluster.run_pod(&ns, "client").await?;
@@ -149,7 +195,9 @@ impl Fixture {
 
     async fn create_pod(&self, ns: &str, pod: Value) -> anyhow::Result<Pod> {
         let pod: Pod = serde_json::from_value(pod)?;
-        Ok(Api::<Pod>::namespaced(self.client()?, ns).create(&PostParams::default(), &pod).await?)
+        Ok(Api::<Pod>::namespaced(self.client()?, ns)
+            .create(&PostParams::default(), &pod)
+            .await?)
     }
 
     /// Creates an ApiKey and returns its token once the operator has issued it.
@@ -158,22 +206,39 @@ impl Fixture {
         let key: ApiKey = serde_json::from_value(json!({
             "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
             "metadata": {"name": name}, "spec": spec}))?;
-        Api::<ApiKey>::namespaced(client.clone(), ns).create(&PostParams::default(), &key).await?;
+        Api::<ApiKey>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &key)
+            .await?;
         let secrets: Api<Secret> = Api::namespaced(client, ns);
         let secret = format!("{name}-key");
-        eventually(&format!("the Secret {secret}"), Duration::from_secs(30), || async {
-            let token = secrets
-                .get_opt(&secret)
-                .await?
-                .and_then(|s| s.data)
-                .and_then(|d| d.get("token").map(|t| String::from_utf8_lossy(&t.0).into_owned()));
-            Ok(token)
-        })
+        eventually(
+            &format!("the Secret {secret}"),
+            Duration::from_secs(30),
+            || async {
+                let token = secrets
+                    .get_opt(&secret)
+                    .await?
+                    .and_then(|s| s.data)
+                    .and_then(|d| {
+                        d.get("token")
+                            .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+                    });
+                Ok(token)
+            },
+        )
         .await
     }
 
-    fn kubectl(&self, kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        Ok(std::process::Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output()?)
+    fn kubectl(
+        &self,
+        kubeconfig: &std::path::Path,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()?)
     }
 }
 
@@ -207,13 +272,22 @@ async fn request(from: &RunningPod, url: &str, extra: &[&str]) -> anyhow::Result
     let mut args = vec!["request", url];
     args.extend_from_slice(extra);
     let out = from.exec(0, "pod-app", &args).await?;
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| anyhow::anyhow!("pod-app printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!(
+            "pod-app printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// An HTTPS request from the client pod to the server pod's app port (which the init
 /// step redirects to the proxy), trusting the tenant's bundle.
-async fn call(pods: &TenantPods, method: &str, path: &str, key: Option<&str>) -> anyhow::Result<Value> {
+async fn call(
+    pods: &TenantPods,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+) -> anyhow::Result<Value> {
     let url = format!("https://{}:8080{path}", pods.server.ip());
     let cacert = pods.client.volume_dir("trust").join("ca-bundle.crt");
     let cacert = cacert.to_string_lossy().into_owned();
@@ -226,19 +300,31 @@ async fn call(pods: &TenantPods, method: &str, path: &str, key: Option<&str>) ->
 }
 
 fn echoed(answer: &Value) -> anyhow::Result<Value> {
-    Ok(serde_json::from_str(answer["body"].as_str().unwrap_or_default())?)
+    Ok(serde_json::from_str(
+        answer["body"].as_str().unwrap_or_default(),
+    )?)
 }
 
 #[tokio::test]
-async fn injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+async fn injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy()
+-> anyhow::Result<()> {
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("inject").await?;
 
     // The webhook mutated the pod: init step first, proxy before the app (1.20 has no
     // native sidecars), projected identity token.
-    let stored = Api::<Pod>::namespaced(fx.client()?, &pods.ns).get("server").await?;
+    let stored = Api::<Pod>::namespaced(fx.client()?, &pods.ns)
+        .get("server")
+        .await?;
     let spec = stored.spec.unwrap_or_default();
-    let init: Vec<_> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    let init: Vec<_> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(init, ["portcullis-init"], "{init:?}");
     assert_eq!(spec.containers[0].name, "portcullis-proxy");
     assert_eq!(spec.containers[1].name, "app");
@@ -246,56 +332,113 @@ async fn injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy()
     // The proxy holds a certificate from the identity service (real projected token).
     let identity = request(&pods.server, "http://127.0.0.1:4191/identity", &[]).await?;
     assert_eq!(identity["status"], 200, "{identity}");
-    assert!(identity["body"].as_str().unwrap_or_default().contains("BEGIN CERTIFICATE"));
+    assert!(
+        identity["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("BEGIN CERTIFICATE")
+    );
 
     // A valid key crosses the proxy; the app sees the masked principal, never the key.
-    let token = fx.api_key(&pods.ns, "ingest", json!({"role": "Developer", "scopes": ["identify"]})).await?;
-    let answer = eventually("the key to reach the proxy", Duration::from_secs(10), || async {
-        let answer = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
-        Ok((answer["status"] == 200).then_some(answer))
-    })
+    let token = fx
+        .api_key(
+            &pods.ns,
+            "ingest",
+            json!({"role": "Developer", "scopes": ["identify"]}),
+        )
+        .await?;
+    let answer = eventually(
+        "the key to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            let answer = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
+            Ok((answer["status"] == 200).then_some(answer))
+        },
+    )
     .await?;
     let seen = echoed(&answer)?;
-    let principal = seen["headers"]["x-portcullis-principal"].as_str().unwrap_or_default();
+    let principal = seen["headers"]["x-portcullis-principal"]
+        .as_str()
+        .unwrap_or_default();
     assert!(principal.starts_with("key:ak_***"), "{seen}");
-    assert!(seen["headers"].get("authorization").is_none(), "the key reached the app: {seen}");
+    assert!(
+        seen["headers"].get("authorization").is_none(),
+        "the key reached the app: {seen}"
+    );
 
     // A scope the key lacks: 403 naming the reason.
     let denied = call(&pods, "GET", "/v1/events/1", Some(&token)).await?;
     assert_eq!(denied["status"], 403, "{denied}");
-    assert!(denied["body"].as_str().unwrap_or_default().contains("reason"), "{denied}");
+    assert!(
+        denied["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reason"),
+        "{denied}"
+    );
 
     // Plain HTTP to the app port lands on the TLS proxy, not the app...
-    let direct = request(&pods.client, &format!("http://{}:8080/v1/identify", pods.server.ip()), &["-X", "POST"]).await?;
-    assert_ne!(direct["status"], 200, "the app answered a direct plain connection: {direct}");
+    let direct = request(
+        &pods.client,
+        &format!("http://{}:8080/v1/identify", pods.server.ip()),
+        &["-X", "POST"],
+    )
+    .await?;
+    assert_ne!(
+        direct["status"], 200,
+        "the app answered a direct plain connection: {direct}"
+    );
     // ...although the app listens there (seen from inside its own pod).
-    let inside = request(&pods.server, "http://127.0.0.1:8080/v1/identify", &["-X", "POST"]).await?;
+    let inside = request(
+        &pods.server,
+        "http://127.0.0.1:8080/v1/identify",
+        &["-X", "POST"],
+    )
+    .await?;
     assert_eq!(inside["status"], 200, "{inside}");
     Ok(())
 }
 
 #[tokio::test]
 async fn rate_limit_and_ip_allowlist_are_enforced_per_key() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("limits").await?;
     let client_ip = pods.client.ip().to_string();
     let limited = fx
-        .api_key(&pods.ns, "limited", json!({"role": "Developer", "scopes": ["identify"],
-            "rateLimit": {"requests": 2, "per": "1m", "burst": 1}}))
+        .api_key(
+            &pods.ns,
+            "limited",
+            json!({"role": "Developer", "scopes": ["identify"],
+            "rateLimit": {"requests": 2, "per": "1m", "burst": 1}}),
+        )
         .await?;
     let here = fx
-        .api_key(&pods.ns, "here", json!({"role": "Developer", "scopes": ["identify"],
-            "ipAllowlist": [format!("{client_ip}/32")]}))
+        .api_key(
+            &pods.ns,
+            "here",
+            json!({"role": "Developer", "scopes": ["identify"],
+            "ipAllowlist": [format!("{client_ip}/32")]}),
+        )
         .await?;
     let elsewhere = fx
-        .api_key(&pods.ns, "elsewhere", json!({"role": "Developer", "scopes": ["identify"],
-            "ipAllowlist": ["10.255.255.0/24", "2001:db8::/32"]}))
+        .api_key(
+            &pods.ns,
+            "elsewhere",
+            json!({"role": "Developer", "scopes": ["identify"],
+            "ipAllowlist": ["10.255.255.0/24", "2001:db8::/32"]}),
+        )
         .await?;
 
-    let ok = eventually("the allowlisted key to be served", Duration::from_secs(10), || async {
-        let a = call(&pods, "POST", "/v1/identify", Some(&here)).await?;
-        Ok((a["status"] == 200).then_some(a))
-    })
+    let ok = eventually(
+        "the allowlisted key to be served",
+        Duration::from_secs(10),
+        || async {
+            let a = call(&pods, "POST", "/v1/identify", Some(&here)).await?;
+            Ok((a["status"] == 200).then_some(a))
+        },
+    )
     .await?;
     assert_eq!(ok["status"], 200);
     let outside = call(&pods, "POST", "/v1/identify", Some(&elsewhere)).await?;
@@ -311,17 +454,29 @@ async fn rate_limit_and_ip_allowlist_are_enforced_per_key() -> anyhow::Result<()
             break;
         }
     }
-    let limited_answer = limited_answer.ok_or_else(|| anyhow::anyhow!("never rate limited: {statuses:?}"))?;
-    assert!(limited_answer["headers"].get("retry-after").is_some(), "{limited_answer}");
+    let limited_answer =
+        limited_answer.ok_or_else(|| anyhow::anyhow!("never rate limited: {statuses:?}"))?;
+    assert!(
+        limited_answer["headers"].get("retry-after").is_some(),
+        "{limited_answer}"
+    );
     assert!(statuses.contains(&200), "{statuses:?}");
     Ok(())
 }
 
 #[tokio::test]
 async fn revoked_key_is_refused_within_a_second_of_kubectl_patch() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("revoke").await?;
-    let token = fx.api_key(&pods.ns, "doomed", json!({"role": "Developer", "scopes": ["identify"]})).await?;
+    let token = fx
+        .api_key(
+            &pods.ns,
+            "doomed",
+            json!({"role": "Developer", "scopes": ["identify"]}),
+        )
+        .await?;
     eventually("the key to be served", Duration::from_secs(10), || async {
         let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
         Ok((a["status"] == 200).then_some(()))
@@ -329,27 +484,57 @@ async fn revoked_key_is_refused_within_a_second_of_kubectl_patch() -> anyhow::Re
     .await?;
     let patch = fx.kubectl(
         fx.env.kubeconfig_path(),
-        &["-n", &pods.ns, "patch", "ak", "doomed", "--type", "merge", "-p", r#"{"spec":{"revoked":true}}"#],
+        &[
+            "-n",
+            &pods.ns,
+            "patch",
+            "ak",
+            "doomed",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"revoked":true}}"#,
+        ],
     )?;
-    assert!(patch.status.success(), "{}", String::from_utf8_lossy(&patch.stderr));
+    assert!(
+        patch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&patch.stderr)
+    );
     let patched = Instant::now();
-    let refused = eventually("the revoked key to be refused", Duration::from_secs(5), || async {
-        let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
-        Ok((a["status"] == 401 || a["status"] == 403).then_some(a))
-    })
+    let refused = eventually(
+        "the revoked key to be refused",
+        Duration::from_secs(5),
+        || async {
+            let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
+            Ok((a["status"] == 401 || a["status"] == 403).then_some(a))
+        },
+    )
     .await?;
     let latency = patched.elapsed();
     eprintln!("revocation reached the proxy in {latency:?}");
-    assert!(refused["body"].as_str().unwrap_or_default().contains("revoked"), "{refused}");
-    assert!(latency < Duration::from_secs(1), "revocation took {latency:?}");
+    assert!(
+        refused["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{refused}"
+    );
+    assert!(
+        latency < Duration::from_secs(1),
+        "revocation took {latency:?}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn mtls_between_injected_pods_carries_the_spiffe_principal() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("mtls").await?;
-    fx.create_pod(&pods.ns, app_pod("caller", "caller", 8080, &[])).await?;
+    fx.create_pod(&pods.ns, app_pod("caller", "caller", 8080, &[]))
+        .await?;
     let caller = fx.cluster.run_pod(&pods.ns, "caller").await?;
     // The caller's app speaks plain HTTP to its own proxy's outbound port, which opens
     // mTLS to the server's proxy with the caller's workload certificate.
@@ -358,15 +543,27 @@ async fn mtls_between_injected_pods_carries_the_spiffe_principal() -> anyhow::Re
     assert_eq!(answer["status"], 200, "{answer}");
     let seen = echoed(&answer)?;
     let expected = format!("spiffe://cluster.local/ns/{}/sa/caller", pods.ns);
-    assert_eq!(seen["headers"]["x-portcullis-principal"], expected.as_str(), "{seen}");
+    assert_eq!(
+        seen["headers"]["x-portcullis-principal"],
+        expected.as_str(),
+        "{seen}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn audit_records_every_request_and_the_chain_verifies() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("audit").await?;
-    let token = fx.api_key(&pods.ns, "audited", json!({"role": "Developer", "scopes": ["identify"]})).await?;
+    let token = fx
+        .api_key(
+            &pods.ns,
+            "audited",
+            json!({"role": "Developer", "scopes": ["identify"]}),
+        )
+        .await?;
     eventually("the key to be served", Duration::from_secs(10), || async {
         let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
         Ok((a["status"] == 200).then_some(()))
@@ -375,15 +572,23 @@ async fn audit_records_every_request_and_the_chain_verifies() -> anyhow::Result<
     let denied = call(&pods, "GET", "/v1/events/1", Some(&token)).await?;
     assert_eq!(denied["status"], 403);
 
-    let records = eventually("audit records in the proxy's output", Duration::from_secs(10), || async {
-        let log = pods.server.logs("portcullis-proxy", 5000);
-        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with('{') && l.contains("\"prev_hash\"")).collect();
-        let has_denial = lines.iter().any(|l| l.contains("\"deny\""));
-        Ok((has_denial && lines.len() >= 2).then(|| lines.join("\n")))
-    })
+    let records = eventually(
+        "audit records in the proxy's output",
+        Duration::from_secs(10),
+        || async {
+            let log = pods.server.logs("portcullis-proxy", 5000);
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.starts_with('{') && l.contains("\"prev_hash\""))
+                .collect();
+            let has_denial = lines.iter().any(|l| l.contains("\"deny\""));
+            Ok((has_denial && lines.len() >= 2).then(|| lines.join("\n")))
+        },
+    )
     .await?;
-    let report = portcullis_audit::verify::verify_jsonl(&records, "proxy stdout", Default::default())
-        .map_err(|problem| anyhow::anyhow!("audit chain does not verify: {problem}"))?;
+    let report =
+        portcullis_audit::verify::verify_jsonl(&records, "proxy stdout", Default::default())
+            .map_err(|problem| anyhow::anyhow!("audit chain does not verify: {problem}"))?;
     assert!(report.records >= 2, "{report:?}");
     assert!(records.contains("key:ak_***"), "{records}");
     let log = pods.server.logs("portcullis-proxy", 5000);
@@ -393,27 +598,48 @@ async fn audit_records_every_request_and_the_chain_verifies() -> anyhow::Result<
 
 #[tokio::test]
 async fn opt_out_annotation_is_respected() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let pods = fx.tenant("optout").await?;
     let created = fx
-        .create_pod(&pods.ns, app_pod("plain", "server", 8081, &[("portcullis.dev/inject", "disabled")]))
+        .create_pod(
+            &pods.ns,
+            app_pod(
+                "plain",
+                "server",
+                8081,
+                &[("portcullis.dev/inject", "disabled")],
+            ),
+        )
         .await?;
     let spec = created.spec.unwrap_or_default();
     assert!(spec.init_containers.is_none(), "{:?}", spec.init_containers);
     assert_eq!(spec.containers.len(), 1);
     let plain = fx.cluster.run_pod(&pods.ns, "plain").await?;
     let answer = eventually("the plain app", Duration::from_secs(10), || async {
-        let a = request(&pods.client, &format!("http://{}:8081/anything", plain.ip()), &[]).await?;
+        let a = request(
+            &pods.client,
+            &format!("http://{}:8081/anything", plain.ip()),
+            &[],
+        )
+        .await?;
         Ok((a["status"] == 200).then_some(a))
     })
     .await?;
-    assert!(echoed(&answer)?["headers"].get("x-portcullis-principal").is_none());
+    assert!(
+        echoed(&answer)?["headers"]
+            .get("x-portcullis-principal")
+            .is_none()
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn webhook_refuses_an_over_scoped_key_with_the_kubectl_message() -> anyhow::Result<()> {
-    let Some(fx) = fixture().await? else { return Ok(()) };
+    let Some(fx) = fixture().await? else {
+        return Ok(());
+    };
     let client = fx.client()?;
     let ns = fx.env.create_namespace("webhook").await?;
     let tenant: Tenant = serde_json::from_value(json!({
@@ -421,22 +647,44 @@ async fn webhook_refuses_an_over_scoped_key_with_the_kubectl_message() -> anyhow
         "spec": {"namespaces": [ns], "scopes": {
             "identify": [{"methods": ["POST"], "path": "/v1/identify"}],
             "events": [{"methods": ["GET"], "path": "/v1/events/*"}]}}}))?;
-    Api::<Tenant>::all(client.clone()).create(&PostParams::default(), &tenant).await?;
+    Api::<Tenant>::all(client.clone())
+        .create(&PostParams::default(), &tenant)
+        .await?;
     let role = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Role",
         "metadata": {"name": "reader", "namespace": ns},
         "spec": {"scopes": ["identify"], "permissions": ["keys:create", "keys:read"],
                  "subjects": [{"kind": "User", "name": "alice"}]}});
     let role_file = fx.cluster.dir().join(format!("{ns}-role.json"));
     std::fs::write(&role_file, role.to_string())?;
-    let applied = fx.kubectl(fx.env.kubeconfig_path(), &["apply", "-f", &role_file.to_string_lossy()])?;
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let applied = fx.kubectl(
+        fx.env.kubeconfig_path(),
+        &["apply", "-f", &role_file.to_string_lossy()],
+    )?;
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
 
     // alice gets kubectl access from the Role (the operator's RBAC), then asks for more
     // scopes than it grants.
     let alice = fx.env.kubeconfig_for_user("alice", &[])?;
     eventually("alice's RBAC", Duration::from_secs(30), || async {
-        let out = fx.kubectl(&alice, &["auth", "can-i", "create", "apikeys.portcullis.dev", "-n", &ns])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().eq("yes").then_some(()))
+        let out = fx.kubectl(
+            &alice,
+            &[
+                "auth",
+                "can-i",
+                "create",
+                "apikeys.portcullis.dev",
+                "-n",
+                &ns,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .eq("yes")
+            .then_some(()))
     })
     .await?;
     let key = json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
@@ -458,6 +706,10 @@ async fn webhook_refuses_an_over_scoped_key_with_the_kubectl_message() -> anyhow
         "spec": {"role": "reader", "scopes": ["identify"]}});
     std::fs::write(&key_file, fine.to_string())?;
     let admitted = fx.kubectl(&alice, &["create", "-f", &key_file.to_string_lossy()])?;
-    assert!(admitted.status.success(), "{}", String::from_utf8_lossy(&admitted.stderr));
+    assert!(
+        admitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
     Ok(())
 }

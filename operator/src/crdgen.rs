@@ -78,9 +78,18 @@ mod tests {
         let key = ApiKey::crd();
         assert_eq!(key.spec.scope, "Namespaced");
         assert_eq!(key.spec.names.short_names, Some(vec!["ak".to_owned()]));
-        assert_eq!(Role::crd().spec.names.short_names, Some(vec!["pcrole".to_owned()]));
+        assert_eq!(
+            Role::crd().spec.names.short_names,
+            Some(vec!["pcrole".to_owned()])
+        );
         let version = &key.spec.versions[0];
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         let columns: Vec<_> = version
             .additional_printer_columns
             .iter()

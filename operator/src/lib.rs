@@ -1,13 +1,16 @@
 //! The Portcullis operator: controllers for Tenant, Role and ApiKey, the certificate
 //! authority and identity service, admission webhooks and the policy server.
 
-pub mod crdgen;
 pub mod admin;
+pub mod ca;
 pub mod clock;
 pub mod context;
 pub mod controller;
+pub mod crdgen;
 pub mod dek;
+pub mod envelope;
 pub mod error;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
@@ -15,8 +18,5 @@ pub mod rbac;
 pub mod run;
 pub mod serve;
 pub mod stores;
-pub mod ca;
-pub mod envelope;
-pub mod identity;
 pub mod trust_bundle;
 pub mod webhook;

@@ -8,7 +8,8 @@ use portcullis_operator::webhook::tls::rotation::bundle_patch;
 use serde_json::{Value, json};
 
 fn in_cluster() -> Value {
-    let mut settings = WebhookConfigSettings::in_cluster("portcullis-system", "portcullis-operator");
+    let mut settings =
+        WebhookConfigSettings::in_cluster("portcullis-system", "portcullis-operator");
     settings.ca_bundle = "PEM".into();
     serde_json::to_value(config::mutating(&settings)).unwrap()
 }
@@ -71,7 +72,10 @@ fn the_validator_covers_the_portcullis_resources_but_not_their_status() {
     assert_eq!(webhook["failurePolicy"], "Fail");
     assert_eq!(webhook["sideEffects"], "None");
     assert_eq!(webhook["timeoutSeconds"], 5);
-    assert_eq!(webhook["clientConfig"], json!({"url": "https://127.0.0.1:9443/validate"}));
+    assert_eq!(
+        webhook["clientConfig"],
+        json!({"url": "https://127.0.0.1:9443/validate"})
+    );
     assert_eq!(
         webhook["rules"],
         json!([
@@ -81,7 +85,10 @@ fn the_validator_covers_the_portcullis_resources_but_not_their_status() {
              "resources": ["tenants"], "scope": "Cluster"}
         ])
     );
-    assert!(webhook.get("namespaceSelector").is_none(), "every namespace's keys and roles are validated");
+    assert!(
+        webhook.get("namespaceSelector").is_none(),
+        "every namespace's keys and roles are validated"
+    );
 }
 
 #[test]
@@ -89,7 +96,10 @@ fn the_bundle_patch_owns_only_ca_bundles() {
     let patch = bundle_patch(
         "MutatingWebhookConfiguration",
         "portcullis-injector",
-        &["inject.portcullis.dev".into(), "tenant-inject.portcullis.dev".into()],
+        &[
+            "inject.portcullis.dev".into(),
+            "tenant-inject.portcullis.dev".into(),
+        ],
         "PEM",
     );
     assert_eq!(

@@ -12,8 +12,14 @@ use portcullis_operator::webhook::inject::{
 use serde_json::{Value, json};
 
 const IMAGE: &str = "ghcr.io/portcullis-dev/portcullis-proxy:test";
-const OLD: ServerVersion = ServerVersion { major: 1, minor: 20 };
-const NEW: ServerVersion = ServerVersion { major: 1, minor: 29 };
+const OLD: ServerVersion = ServerVersion {
+    major: 1,
+    minor: 20,
+};
+const NEW: ServerVersion = ServerVersion {
+    major: 1,
+    minor: 29,
+};
 
 fn settings() -> InjectSettings {
     let mut settings = InjectSettings::new(IMAGE, "portcullis-system", "portcullis-operator");
@@ -22,7 +28,10 @@ fn settings() -> InjectSettings {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 fn enabled() -> BTreeMap<String, String> {
@@ -55,7 +64,11 @@ fn pod(value: &Value) -> Pod {
     serde_json::from_value(value.clone()).unwrap()
 }
 
-fn decide_json(value: &Value, ns_labels: &BTreeMap<String, String>, server: ServerVersion) -> Decision {
+fn decide_json(
+    value: &Value,
+    ns_labels: &BTreeMap<String, String>,
+    server: ServerVersion,
+) -> Decision {
     decide(&pod(value), "acme-prod", ns_labels, &settings(), server)
 }
 
@@ -70,7 +83,9 @@ fn patched(value: &Value, decision: &Decision) -> Value {
 }
 
 fn container<'a>(list: &'a [Container], name: &str) -> &'a Container {
-    list.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
+    list.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
 }
 
 fn env_of(container: &Container) -> BTreeMap<String, String> {
@@ -174,28 +189,57 @@ fn regular_container_mode_patch_is_exact() {
     let spec = injected.spec.unwrap();
     let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["portcullis-proxy", "app"]);
-    assert!(spec.containers[0].restart_policy.is_none(), "no native sidecar below 1.29");
+    assert!(
+        spec.containers[0].restart_policy.is_none(),
+        "no native sidecar below 1.29"
+    );
 }
 
 #[test]
 fn native_sidecar_on_1_29_is_the_second_init_container_with_a_startup_probe() {
     let value = pod_json(json!({}), None);
     let decision = decide_json(&value, &enabled(), NEW);
-    let Decision::Inject { patch, .. } = &decision else { panic!("not injected") };
+    let Decision::Inject { patch, .. } = &decision else {
+        panic!("not injected")
+    };
     let paths: Vec<String> = patch.0.iter().map(|op| op.path().to_string()).collect();
-    assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/metadata/annotations"]);
+    assert_eq!(
+        paths,
+        [
+            "/spec/initContainers",
+            "/spec/volumes",
+            "/metadata/annotations"
+        ]
+    );
 
     let spec = pod(&patched(&value, &decision)).spec.unwrap();
-    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(init, ["portcullis-init", "portcullis-proxy"]);
     let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["app"]);
-    let proxy = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-proxy");
+    let proxy = container(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        "portcullis-proxy",
+    );
     assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
     let startup = proxy.startup_probe.as_ref().unwrap();
     let get = startup.http_get.as_ref().unwrap();
-    assert_eq!((get.path.as_deref(), &get.port), (Some("/ready"), &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(4191)));
-    assert!(proxy.lifecycle.is_none(), "no postStart hook for native sidecars");
+    assert_eq!(
+        (get.path.as_deref(), &get.port),
+        (
+            Some("/ready"),
+            &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(4191)
+        )
+    );
+    assert!(
+        proxy.lifecycle.is_none(),
+        "no postStart hook for native sidecars"
+    );
 }
 
 #[test]
@@ -208,7 +252,9 @@ fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
         Some(json!({"team": "payments"})),
     );
     let decision = decide_json(&value, &enabled(), NEW);
-    let Decision::Inject { patch, .. } = &decision else { panic!("not injected") };
+    let Decision::Inject { patch, .. } = &decision else {
+        panic!("not injected")
+    };
     let paths: Vec<String> = patch.0.iter().map(|op| op.path().to_string()).collect();
     assert_eq!(
         paths,
@@ -224,9 +270,23 @@ fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
     );
     let injected = pod(&patched(&value, &decision));
     let spec = injected.spec.as_ref().unwrap();
-    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(init, ["portcullis-init", "portcullis-proxy", "migrate"], "the redirect is in place before migrate runs");
-    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        init,
+        ["portcullis-init", "portcullis-proxy", "migrate"],
+        "the redirect is in place before migrate runs"
+    );
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
     assert_eq!(volumes[0], "config");
     assert_eq!(volumes.len(), 5);
     let annotations = injected.metadata.annotations.unwrap();
@@ -259,21 +319,36 @@ fn namespaces_decide_whether_pods_are_injected() {
     };
     // No labels, or a Tenant namespace that opted out.
     assert_eq!(decide_json(&value, &labels(&[]), OLD), not_opted_in);
-    let opted_out_tenant = labels(&[("portcullis.dev/tenant", "acme"), ("portcullis.dev/inject", "disabled")]);
+    let opted_out_tenant = labels(&[
+        ("portcullis.dev/tenant", "acme"),
+        ("portcullis.dev/inject", "disabled"),
+    ]);
     assert_eq!(decide_json(&value, &opted_out_tenant, OLD), not_opted_in);
     // Namespaces without a Tenant: only with inject=enabled. Tenant namespaces: by default.
-    assert!(matches!(decide_json(&value, &enabled(), OLD), Decision::Inject { .. }));
+    assert!(matches!(
+        decide_json(&value, &enabled(), OLD),
+        Decision::Inject { .. }
+    ));
     let tenant = labels(&[("portcullis.dev/tenant", "acme")]);
-    assert!(matches!(decide_json(&value, &tenant, OLD), Decision::Inject { .. }));
+    assert!(matches!(
+        decide_json(&value, &tenant, OLD),
+        Decision::Inject { .. }
+    ));
     // Never kube-system or the operator's own namespace, whatever their labels.
     for namespace in ["kube-system", "portcullis-system"] {
-        assert_eq!(decide(&pod(&value), namespace, &required(), &settings(), OLD), not_opted_in);
+        assert_eq!(
+            decide(&pod(&value), namespace, &required(), &settings(), OLD),
+            not_opted_in
+        );
     }
 }
 
 #[test]
 fn pod_opt_out_is_respected_unless_the_namespace_requires_injection() {
-    let value = pod_json(json!({}), Some(json!({"portcullis.dev/inject": "disabled"})));
+    let value = pod_json(
+        json!({}),
+        Some(json!({"portcullis.dev/inject": "disabled"})),
+    );
     assert_eq!(
         decide_json(&value, &enabled(), OLD),
         Decision::Admit {
@@ -293,11 +368,22 @@ fn pod_opt_out_is_respected_unless_the_namespace_requires_injection() {
 fn host_network_pods_are_not_injected_and_refused_where_injection_is_required() {
     let value = pod_json(json!({"hostNetwork": true}), None);
     let decision = decide_json(&value, &enabled(), OLD);
-    assert!(matches!(decision, Decision::Admit { reason: NotInjected::Unsupported, .. }), "{decision:?}");
+    assert!(
+        matches!(
+            decision,
+            Decision::Admit {
+                reason: NotInjected::Unsupported,
+                ..
+            }
+        ),
+        "{decision:?}"
+    );
     assert_eq!(
         warnings(&decision),
-        ["portcullis: pod acme-prod/web admitted without the proxy: it uses hostNetwork, so the init step's \
-          iptables rules would redirect the node's own traffic"]
+        [
+            "portcullis: pod acme-prod/web admitted without the proxy: it uses hostNetwork, so the init step's \
+          iptables rules would redirect the node's own traffic"
+        ]
     );
     assert_eq!(
         refusal(&decide_json(&value, &required(), OLD)),
@@ -329,8 +415,12 @@ fn a_container_already_named_portcullis_proxy_is_refused() {
 #[test]
 fn app_port_comes_from_the_annotation_by_number_or_name_else_the_first_port() {
     let app_port = |value: &Value| {
-        let spec = pod(&patched(value, &decide_json(value, &enabled(), OLD))).spec.unwrap();
-        env_of(container(&spec.containers, "portcullis-proxy")).get("PORTCULLIS_APP_PORT").cloned()
+        let spec = pod(&patched(value, &decide_json(value, &enabled(), OLD)))
+            .spec
+            .unwrap();
+        env_of(container(&spec.containers, "portcullis-proxy"))
+            .get("PORTCULLIS_APP_PORT")
+            .cloned()
     };
     let default = pod_json(json!({}), None);
     assert_eq!(app_port(&default).as_deref(), Some("8080"));
@@ -349,8 +439,10 @@ fn app_port_comes_from_the_annotation_by_number_or_name_else_the_first_port() {
     unknown["metadata"]["annotations"] = json!({"portcullis.dev/app-port": "grpc"});
     assert_eq!(
         warnings(&decide_json(&unknown, &enabled(), OLD)),
-        ["portcullis: pod acme-prod/web admitted without the proxy: annotation portcullis.dev/app-port names \
-          port \"grpc\", which no container declares"]
+        [
+            "portcullis: pod acme-prod/web admitted without the proxy: annotation portcullis.dev/app-port names \
+          port \"grpc\", which no container declares"
+        ]
     );
     let mut zero = named.clone();
     zero["metadata"]["annotations"] = json!({"portcullis.dev/app-port": "0"});
@@ -362,8 +454,10 @@ fn app_port_comes_from_the_annotation_by_number_or_name_else_the_first_port() {
     let decision = decide_json(&portless, &enabled(), OLD);
     assert_eq!(
         warnings(&decision),
-        ["portcullis: pod acme-prod/web declares no container port and no portcullis.dev/app-port; the proxy \
-          will refuse inbound traffic"]
+        [
+            "portcullis: pod acme-prod/web declares no container port and no portcullis.dev/app-port; the proxy \
+          will refuse inbound traffic"
+        ]
     );
     assert_eq!(app_port(&portless), None);
 }
@@ -378,26 +472,60 @@ fn annotations_reach_the_init_step_and_the_proxy() {
             "portcullis.dev/scopes-map": "{\"identify\":[{\"methods\":[\"POST\"],\"path\":\"/v1/identify\"}]}"
         })),
     );
-    let spec = pod(&patched(&value, &decide_json(&value, &enabled(), OLD))).spec.unwrap();
-    let init = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-init");
+    let spec = pod(&patched(&value, &decide_json(&value, &enabled(), OLD)))
+        .spec
+        .unwrap();
+    let init = container(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        "portcullis-init",
+    );
     assert_eq!(
         init.args.clone().unwrap(),
-        ["init", "--inbound-port", "4143", "--proxy-uid", "2102", "--skip-inbound-ports", "22,9000-9010"]
+        [
+            "init",
+            "--inbound-port",
+            "4143",
+            "--proxy-uid",
+            "2102",
+            "--skip-inbound-ports",
+            "22,9000-9010"
+        ]
     );
     let env = env_of(container(&spec.containers, "portcullis-proxy"));
     assert_eq!(env["PORTCULLIS_INBOUND_MODE"], "mtls-and-apikey");
     assert!(env["PORTCULLIS_SCOPES_MAP"].contains("/v1/identify"));
 
     for (annotation, bad, expected) in [
-        ("portcullis.dev/skip-inbound-ports", "ssh", "annotation portcullis.dev/skip-inbound-ports: \"ssh\" is not a port"),
-        ("portcullis.dev/inbound-mode", "tls", "unknown inbound mode \"tls\""),
-        ("portcullis.dev/scopes-map", "{not json", "is not a JSON scope map"),
+        (
+            "portcullis.dev/skip-inbound-ports",
+            "ssh",
+            "annotation portcullis.dev/skip-inbound-ports: \"ssh\" is not a port",
+        ),
+        (
+            "portcullis.dev/inbound-mode",
+            "tls",
+            "unknown inbound mode \"tls\"",
+        ),
+        (
+            "portcullis.dev/scopes-map",
+            "{not json",
+            "is not a JSON scope map",
+        ),
     ] {
         let value = pod_json(json!({}), Some(json!({ annotation: bad })));
         let message = refusal(&decide_json(&value, &required(), OLD));
         assert!(message.contains(expected), "{message}");
         let decision = decide_json(&value, &enabled(), OLD);
-        assert!(matches!(decision, Decision::Admit { reason: NotInjected::Unsupported, .. }), "{decision:?}");
+        assert!(
+            matches!(
+                decision,
+                Decision::Admit {
+                    reason: NotInjected::Unsupported,
+                    ..
+                }
+            ),
+            "{decision:?}"
+        );
     }
 }
 
@@ -405,32 +533,51 @@ fn annotations_reach_the_init_step_and_the_proxy() {
 fn ports_and_volumes_the_proxy_needs_make_a_pod_unsupported() {
     let mut port_clash = pod_json(json!({}), None);
     port_clash["spec"]["containers"][0]["ports"] = json!([{"containerPort": 4143}]);
-    assert!(refusal(&decide_json(&port_clash, &required(), OLD)).contains("container port 4143 is one the proxy listens on"));
+    assert!(
+        refusal(&decide_json(&port_clash, &required(), OLD))
+            .contains("container port 4143 is one the proxy listens on")
+    );
 
-    let volume_clash = pod_json(json!({"volumes": [{"name": "portcullis-data", "emptyDir": {}}]}), None);
-    assert!(refusal(&decide_json(&volume_clash, &required(), OLD)).contains("volume name \"portcullis-data\" is reserved"));
+    let volume_clash = pod_json(
+        json!({"volumes": [{"name": "portcullis-data", "emptyDir": {}}]}),
+        None,
+    );
+    assert!(
+        refusal(&decide_json(&volume_clash, &required(), OLD))
+            .contains("volume name \"portcullis-data\" is reserved")
+    );
 }
 
 #[test]
 fn job_pods_exit_with_the_app() {
     let mut job = pod_json(json!({"restartPolicy": "Never"}), None);
-    job["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": "1"}]);
+    job["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": "1"}]);
 
     // Regular-container mode: the proxy is told, and the user is warned of the limitation.
     let decision = decide_json(&job, &enabled(), OLD);
     assert_eq!(
         warnings(&decision),
-        ["portcullis: API server < 1.29: the proxy is a regular container and exits only once it sees the app exit"]
+        [
+            "portcullis: API server < 1.29: the proxy is a regular container and exits only once it sees the app exit"
+        ]
     );
     let spec = pod(&patched(&job, &decision)).spec.unwrap();
     let env = env_of(container(&spec.containers, "portcullis-proxy"));
-    assert_eq!(env.get("PORTCULLIS_EXIT_WHEN_APP_EXITS").map(String::as_str), Some("true"));
+    assert_eq!(
+        env.get("PORTCULLIS_EXIT_WHEN_APP_EXITS")
+            .map(String::as_str),
+        Some("true")
+    );
 
     // Native sidecars stop by themselves once the Job's containers finish.
     let decision = decide_json(&job, &enabled(), NEW);
     assert!(warnings(&decision).is_empty());
     let spec = pod(&patched(&job, &decision)).spec.unwrap();
-    let env = env_of(container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-proxy"));
+    let env = env_of(container(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        "portcullis-proxy",
+    ));
     assert!(!env.contains_key("PORTCULLIS_EXIT_WHEN_APP_EXITS"));
 }
 
@@ -445,16 +592,28 @@ fn resources_and_outbound_redirection_are_configurable() {
     let spec = pod(&patched(&value, &decision)).spec.unwrap();
     let proxy = container(&spec.containers, "portcullis-proxy");
     let resources = serde_json::to_value(proxy.resources.as_ref().unwrap()).unwrap();
-    assert_eq!(resources, json!({"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}));
-    let init = container(spec.init_containers.as_deref().unwrap_or_default(), "portcullis-init");
-    assert_eq!(init.args.as_ref().unwrap()[5..], ["--outbound-port".to_owned(), "4140".to_owned()]);
+    assert_eq!(
+        resources,
+        json!({"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}})
+    );
+    let init = container(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        "portcullis-init",
+    );
+    assert_eq!(
+        init.args.as_ref().unwrap()[5..],
+        ["--outbound-port".to_owned(), "4140".to_owned()]
+    );
 }
 
 #[test]
 fn generated_pod_names_read_well_in_messages() {
     let mut value = pod_json(json!({"hostNetwork": true}), None);
     value["metadata"] = json!({"generateName": "web-7d9c-", "namespace": "acme-prod"});
-    assert!(refusal(&decide_json(&value, &required(), OLD)).starts_with("pod acme-prod/web-7d9c-<generated> cannot"));
+    assert!(
+        refusal(&decide_json(&value, &required(), OLD))
+            .starts_with("pod acme-prod/web-7d9c-<generated> cannot")
+    );
 }
 
 #[test]
@@ -468,5 +627,10 @@ fn the_trust_domain_reaches_the_proxy_only_when_it_is_not_cluster_local() {
     assert!(!proxy_env(&settings()).contains_key("PORTCULLIS_TRUST_DOMAIN"));
     let mut other = settings();
     other.trust_domain = "prod.acme".into();
-    assert_eq!(proxy_env(&other).get("PORTCULLIS_TRUST_DOMAIN").map(String::as_str), Some("prod.acme"));
+    assert_eq!(
+        proxy_env(&other)
+            .get("PORTCULLIS_TRUST_DOMAIN")
+            .map(String::as_str),
+        Some("prod.acme")
+    );
 }

@@ -16,7 +16,9 @@ use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::tls::{ServingCertificate, WebhookCa, server_config};
 use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError};
-use portcullis_operator::webhook::{ServerLimits, TracingAuditSink, ValidatorSettings, WebhookState, serve_on};
+use portcullis_operator::webhook::{
+    ServerLimits, TracingAuditSink, ValidatorSettings, WebhookState, serve_on,
+};
 use portcullis_sidecar::identity::SystemClock;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
@@ -29,8 +31,16 @@ use tokio_util::sync::CancellationToken;
 struct OneNamespace;
 
 impl ClusterLookup for OneNamespace {
-    fn namespace_labels<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
-        Box::pin(async { Ok(Some(BTreeMap::from([("portcullis.dev/inject".to_owned(), "enabled".to_owned())]))) })
+    fn namespace_labels<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
+        Box::pin(async {
+            Ok(Some(BTreeMap::from([(
+                "portcullis.dev/inject".to_owned(),
+                "enabled".to_owned(),
+            )])))
+        })
     }
     fn roles<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>> {
         Box::pin(async { Ok(Vec::new()) })
@@ -53,11 +63,16 @@ const DAY: Duration = Duration::from_secs(86_400);
 async fn start(limits: ServerLimits) -> Server {
     let now = jiff::Timestamp::now();
     let ca = WebhookCa::generate(now, 365 * DAY).unwrap();
-    let leaf = ca.issue_leaf(&["127.0.0.1".into(), "localhost".into()], now, 30 * DAY).unwrap();
+    let leaf = ca
+        .issue_leaf(&["127.0.0.1".into(), "localhost".into()], now, 30 * DAY)
+        .unwrap();
     let serving = Arc::new(ServingCertificate::new(leaf));
     let state = Arc::new(WebhookState {
         inject: InjectSettings::new("proxy:test", "portcullis-system", "portcullis-operator"),
-        server_version: ServerVersion { major: 1, minor: 20 },
+        server_version: ServerVersion {
+            major: 1,
+            minor: 20,
+        },
         validator: ValidatorSettings::new("portcullis-system", "portcullis-operator"),
         lookup: Arc::new(OneNamespace),
         audit: Arc::new(TracingAuditSink),
@@ -69,16 +84,31 @@ async fn start(limits: ServerLimits) -> Server {
     let tls = server_config(serving.clone()).unwrap();
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { serve_on(listener, tls, state, limits, shutdown).await.unwrap() }
+        async move {
+            serve_on(listener, tls, state, limits, shutdown)
+                .await
+                .unwrap()
+        }
     });
-    Server { addr, ca, serving, shutdown, task }
+    Server {
+        addr,
+        ca,
+        serving,
+        shutdown,
+        task,
+    }
 }
 
-fn client_config(ca_pem: &str, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
+fn client_config(
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
     let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
         .with_protocol_versions(versions)
         .unwrap()
@@ -95,8 +125,13 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>, String), String> {
-    let tcp = TcpStream::connect(server.addr).await.map_err(|e| e.to_string())?;
-    let connector = TlsConnector::from(client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]));
+    let tcp = TcpStream::connect(server.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = TlsConnector::from(client_config(
+        server.ca.cert_pem(),
+        &[&rustls::version::TLS13],
+    ));
     let tls = connector
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
@@ -119,9 +154,18 @@ async fn post(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
     Ok((status, body, fingerprint))
 }
 
@@ -159,9 +203,15 @@ fn admitted_with_patch(body: &[u8], uid: &str) -> bool {
 #[tokio::test]
 async fn reviews_are_answered_over_tls_13() {
     let server = start(ServerLimits::default()).await;
-    let (status, body, _) = post(&server, "POST", "/inject", pod_review("u-1")).await.unwrap();
+    let (status, body, _) = post(&server, "POST", "/inject", pod_review("u-1"))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(admitted_with_patch(&body, "u-1"), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        admitted_with_patch(&body, "u-1"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 
     // A validating review for something that is not ours is allowed untouched.
     let other = serde_json::to_vec(&json!({
@@ -177,7 +227,10 @@ async fn reviews_are_answered_over_tls_13() {
     assert_eq!(review["response"]["allowed"], true);
 
     server.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), server.task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server.task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -187,10 +240,24 @@ async fn bad_requests_get_http_errors() {
         ..ServerLimits::default()
     })
     .await;
-    assert_eq!(post(&server, "POST", "/nope", Vec::new()).await.unwrap().0, 404);
-    assert_eq!(post(&server, "GET", "/inject", Vec::new()).await.unwrap().0, 405);
-    assert_eq!(post(&server, "POST", "/inject", b"{not json".to_vec()).await.unwrap().0, 400);
-    let (status, body, _) = post(&server, "POST", "/inject", vec![b' '; 65 * 1024]).await.unwrap();
+    assert_eq!(
+        post(&server, "POST", "/nope", Vec::new()).await.unwrap().0,
+        404
+    );
+    assert_eq!(
+        post(&server, "GET", "/inject", Vec::new()).await.unwrap().0,
+        405
+    );
+    assert_eq!(
+        post(&server, "POST", "/inject", b"{not json".to_vec())
+            .await
+            .unwrap()
+            .0,
+        400
+    );
+    let (status, body, _) = post(&server, "POST", "/inject", vec![b' '; 65 * 1024])
+        .await
+        .unwrap();
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     server.shutdown.cancel();
 }
@@ -199,9 +266,17 @@ async fn bad_requests_get_http_errors() {
 async fn tls_12_clients_are_refused() {
     let server = start(ServerLimits::default()).await;
     let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let connector = TlsConnector::from(client_config(server.ca.cert_pem(), &[&rustls::version::TLS12]));
-    let result = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await;
-    assert!(result.is_err(), "a TLS 1.2-only client must not get a session");
+    let connector = TlsConnector::from(client_config(
+        server.ca.cert_pem(),
+        &[&rustls::version::TLS12],
+    ));
+    let result = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await;
+    assert!(
+        result.is_err(),
+        "a TLS 1.2-only client must not get a session"
+    );
     server.shutdown.cancel();
 }
 
@@ -214,8 +289,13 @@ async fn rotating_the_serving_certificate_drops_no_review() {
     let fingerprints = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let mut clients = Vec::new();
     for worker in 0..4 {
-        let (server, stop, ok, failures, fingerprints) =
-            (server.clone(), stop.clone(), ok.clone(), failures.clone(), fingerprints.clone());
+        let (server, stop, ok, failures, fingerprints) = (
+            server.clone(),
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+            fingerprints.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let mut n = 0;
             while !stop.is_cancelled() {
@@ -226,10 +306,10 @@ async fn rotating_the_serving_certificate_drops_no_review() {
                         ok.fetch_add(1, Ordering::Relaxed);
                         fingerprints.lock().unwrap().insert(fingerprint);
                     }
-                    Ok((status, body, _)) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("{uid}: {status} {}", String::from_utf8_lossy(&body))),
+                    Ok((status, body, _)) => failures.lock().unwrap().push(format!(
+                        "{uid}: {status} {}",
+                        String::from_utf8_lossy(&body)
+                    )),
                     Err(e) => failures.lock().unwrap().push(format!("{uid}: {e}")),
                 }
             }
@@ -238,7 +318,10 @@ async fn rotating_the_serving_certificate_drops_no_review() {
     let rotations = 10;
     for _ in 0..rotations {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let leaf = server.ca.issue_leaf(&["127.0.0.1".into()], jiff::Timestamp::now(), 30 * DAY).unwrap();
+        let leaf = server
+            .ca
+            .issue_leaf(&["127.0.0.1".into()], jiff::Timestamp::now(), 30 * DAY)
+            .unwrap();
         server.serving.swap(leaf);
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -247,8 +330,18 @@ async fn rotating_the_serving_certificate_drops_no_review() {
         client.await.unwrap();
     }
     let failures = failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} failed reviews: {failures:?}", failures.len());
-    assert!(ok.load(Ordering::Relaxed) > rotations, "too few reviews to mean anything");
-    assert!(fingerprints.lock().unwrap().len() > 1, "the served certificate never changed");
+    assert!(
+        failures.is_empty(),
+        "{} failed reviews: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > rotations,
+        "too few reviews to mean anything"
+    );
+    assert!(
+        fingerprints.lock().unwrap().len() > 1,
+        "the served certificate never changed"
+    );
     server.shutdown.cancel();
 }

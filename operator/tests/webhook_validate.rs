@@ -14,8 +14,8 @@ use portcullis_operator::webhook::audit::AdminAuditEvent;
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError};
 use portcullis_operator::webhook::validate::{
-    Catalogue, Change, NamespaceRoles, Operation, Requester, TenantClaims, ValidatorSettings, validate_api_key,
-    validate_role, validate_tenant,
+    Catalogue, Change, NamespaceRoles, Operation, Requester, TenantClaims, ValidatorSettings,
+    validate_api_key, validate_role, validate_tenant,
 };
 use portcullis_operator::webhook::{WebhookState, review_admin, review_pod};
 use portcullis_sidecar::identity::ManualClock;
@@ -79,10 +79,16 @@ fn role_objects() -> Vec<Role> {
             json!({"scopes": ["signals"], "permissions": ["keys:create"],
                    "subjects": [{"kind": "User", "name": "alice"}]}),
         ),
-        role("analyst", json!({"inherits": ["viewer"], "permissions": ["audit:read"],
-                                "subjects": [{"kind": "Group", "name": "acme-analysts"}]})),
-        role("team-lead", json!({"inherits": ["Developer"], "permissions": ["roles:manage"],
-                                  "subjects": [{"kind": "User", "name": "erin"}]})),
+        role(
+            "analyst",
+            json!({"inherits": ["viewer"], "permissions": ["audit:read"],
+                                "subjects": [{"kind": "Group", "name": "acme-analysts"}]}),
+        ),
+        role(
+            "team-lead",
+            json!({"inherits": ["Developer"], "permissions": ["roles:manage"],
+                                  "subjects": [{"kind": "User", "name": "erin"}]}),
+        ),
     ]
 }
 
@@ -111,7 +117,10 @@ fn erin() -> Requester {
     Requester::new("erin", &["system:authenticated"])
 }
 fn cluster_admin() -> Requester {
-    Requester::new("kubernetes-admin", &["system:masters", "system:authenticated"])
+    Requester::new(
+        "kubernetes-admin",
+        &["system:masters", "system:authenticated"],
+    )
 }
 
 fn create<'a, T>(name: &'a str, object: &'a T) -> Change<'a, T> {
@@ -145,7 +154,8 @@ fn delete<'a, T>(name: &'a str, old: &'a T) -> Change<'a, T> {
 }
 
 fn check_key(change: &Change<'_, ApiKey>, who: &Requester) -> Result<(), (u16, String)> {
-    validate_api_key(change, who, &roles(), &catalogue(), &exempt()).map_err(|r| (r.code, r.message))
+    validate_api_key(change, who, &roles(), &catalogue(), &exempt())
+        .map_err(|r| (r.code, r.message))
 }
 
 fn check_role(change: &Change<'_, Role>, who: &Requester) -> Result<(), (u16, String)> {
@@ -156,10 +166,16 @@ fn check_role(change: &Change<'_, Role>, who: &Requester) -> Result<(), (u16, St
 
 #[test]
 fn api_key_field_errors_are_named() {
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["identify"], "ipAllowlist": ["10.0.0.300/8"]}));
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify"], "ipAllowlist": ["10.0.0.300/8"]}),
+    );
     let (code, message) = check_key(&create("ingest", &key), &cluster_admin()).unwrap_err();
     assert_eq!(code, 422);
-    assert!(message.starts_with("ApiKey \"ingest\" is invalid: spec.ipAllowlist[0]: "), "{message}");
+    assert!(
+        message.starts_with("ApiKey \"ingest\" is invalid: spec.ipAllowlist[0]: "),
+        "{message}"
+    );
     assert!(message.contains("10.0.0.300/8"), "{message}");
 }
 
@@ -176,7 +192,16 @@ fn the_role_must_exist_but_built_ins_always_do() {
     // A fresh namespace: no Role objects yet, the built-ins still resolve.
     let empty = NamespaceRoles::new(NS, []);
     let key = api_key("ingest", json!({"role": "Owner", "scopes": ["identify"]}));
-    assert!(validate_api_key(&create("ingest", &key), &cluster_admin(), &empty, &catalogue(), &exempt()).is_ok());
+    assert!(
+        validate_api_key(
+            &create("ingest", &key),
+            &cluster_admin(),
+            &empty,
+            &catalogue(),
+            &exempt()
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -184,11 +209,23 @@ fn scopes_beyond_the_role_are_refused_with_the_fix() {
     // A Developer role whose object was narrowed to two scopes: the message of the design.
     let narrowed = NamespaceRoles::new(
         NS,
-        [role("developer", json!({"scopes": ["identify", "events"], "permissions": ["keys:create"]}))],
+        [role(
+            "developer",
+            json!({"scopes": ["identify", "events"], "permissions": ["keys:create"]}),
+        )],
     );
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["identify", "admin"]}));
-    let refusal = validate_api_key(&create("ingest", &key), &cluster_admin(), &narrowed, &catalogue(), &exempt())
-        .unwrap_err();
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify", "admin"]}),
+    );
+    let refusal = validate_api_key(
+        &create("ingest", &key),
+        &cluster_admin(),
+        &narrowed,
+        &catalogue(),
+        &exempt(),
+    )
+    .unwrap_err();
     assert_eq!(refusal.code, 422);
     assert_eq!(
         refusal.message,
@@ -205,14 +242,26 @@ fn scopes_beyond_the_role_are_refused_with_the_fix() {
     );
 
     // Every missing scope is reported.
-    let key = api_key("reader", json!({"role": "data-reader", "scopes": ["identify", "signals", "events"]}));
+    let key = api_key(
+        "reader",
+        json!({"role": "data-reader", "scopes": ["identify", "signals", "events"]}),
+    );
     let (_, message) = check_key(&create("reader", &key), &cluster_admin()).unwrap_err();
-    assert_eq!(message.matches("which role \"data-reader\" does not grant").count(), 2, "{message}");
+    assert_eq!(
+        message
+            .matches("which role \"data-reader\" does not grant")
+            .count(),
+        2,
+        "{message}"
+    );
 }
 
 #[test]
 fn creating_a_key_needs_keys_create_and_every_scope() {
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["identify", "events"]}));
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify", "events"]}),
+    );
     assert_eq!(check_key(&create("ingest", &key), &david()), Ok(()));
 
     let (code, message) = check_key(&create("ingest", &key), &carol()).unwrap_err();
@@ -232,7 +281,10 @@ fn creating_a_key_needs_keys_create_and_every_scope() {
          in namespace \"acme-prod\" grants them (you hold: data-reader); ask a tenant admin for a Role with \
          them, or remove them from spec.scopes"
     );
-    let own = api_key("signals", json!({"role": "data-reader", "scopes": ["signals"]}));
+    let own = api_key(
+        "signals",
+        json!({"role": "data-reader", "scopes": ["signals"]}),
+    );
     assert_eq!(check_key(&create("signals", &own), &alice()), Ok(()));
 
     let stranger = Requester::new("mallory", &["system:authenticated"]);
@@ -242,7 +294,10 @@ fn creating_a_key_needs_keys_create_and_every_scope() {
 
 #[test]
 fn cluster_admins_and_the_operator_are_exempt_from_escalation_checks_only() {
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["identify"]}));
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    );
     let operator = Requester::new(
         "system:serviceaccount:portcullis-system:portcullis-operator",
         &["system:serviceaccounts"],
@@ -250,49 +305,104 @@ fn cluster_admins_and_the_operator_are_exempt_from_escalation_checks_only() {
     for who in [cluster_admin(), operator] {
         assert_eq!(check_key(&create("ingest", &key), &who), Ok(()));
         let bad = api_key("ingest", json!({"role": "Developer", "scopes": ["admin"]}));
-        assert_eq!(check_key(&create("ingest", &bad), &who).unwrap_err().0, 422, "validation still applies");
+        assert_eq!(
+            check_key(&create("ingest", &bad), &who).unwrap_err().0,
+            422,
+            "validation still applies"
+        );
     }
 }
 
 #[test]
 fn updates_need_the_permission_of_what_changes() {
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["signals"]}));
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["signals"]}),
+    );
     let mut rotated = key.clone();
     rotated.spec.rotate = 1;
     let (_, message) = check_key(&update("ingest", &key, &rotated), &alice()).unwrap_err();
-    assert!(message.starts_with("user \"alice\" may not rotate ApiKey \"ingest\": that needs permission keys:rotate"), "{message}");
-    assert_eq!(check_key(&update("ingest", &key, &rotated), &david()), Ok(()));
+    assert!(
+        message.starts_with(
+            "user \"alice\" may not rotate ApiKey \"ingest\": that needs permission keys:rotate"
+        ),
+        "{message}"
+    );
+    assert_eq!(
+        check_key(&update("ingest", &key, &rotated), &david()),
+        Ok(())
+    );
 
     let mut revoked = key.clone();
     revoked.spec.revoked = true;
     let (_, message) = check_key(&update("ingest", &key, &revoked), &alice()).unwrap_err();
-    assert!(message.contains("needs permission keys:revoke"), "{message}");
+    assert!(
+        message.contains("needs permission keys:revoke"),
+        "{message}"
+    );
     // Un-revoking re-issues the grant.
     let (_, message) = check_key(&update("ingest", &revoked, &key), &carol()).unwrap_err();
-    assert!(message.starts_with("user \"carol\" may not change ApiKey \"ingest\""), "{message}");
+    assert!(
+        message.starts_with("user \"carol\" may not change ApiKey \"ingest\""),
+        "{message}"
+    );
 
     // Adding a scope needs only the added scope.
-    let base = api_key("ingest", json!({"role": "Developer", "scopes": ["identify"]}));
-    let widened = api_key("ingest", json!({"role": "Developer", "scopes": ["identify", "signals"]}));
-    assert_eq!(check_key(&update("ingest", &base, &widened), &alice()), Ok(()));
-    let widened_more = api_key("ingest", json!({"role": "Developer", "scopes": ["identify", "events"]}));
-    assert!(check_key(&update("ingest", &base, &widened_more), &alice()).unwrap_err().1.contains("scope \"events\""));
+    let base = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    );
+    let widened = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify", "signals"]}),
+    );
+    assert_eq!(
+        check_key(&update("ingest", &base, &widened), &alice()),
+        Ok(())
+    );
+    let widened_more = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify", "events"]}),
+    );
+    assert!(
+        check_key(&update("ingest", &base, &widened_more), &alice())
+            .unwrap_err()
+            .1
+            .contains("scope \"events\"")
+    );
 
     // Metadata only (labels, the operator's finalizer): nothing to check.
     let mut labelled = base.clone();
     labelled.metadata.labels = Some(BTreeMap::from([("team".into(), "x".into())]));
-    assert_eq!(check_key(&update("ingest", &base, &labelled), &Requester::new("anyone", &[])), Ok(()));
+    assert_eq!(
+        check_key(
+            &update("ingest", &base, &labelled),
+            &Requester::new("anyone", &[])
+        ),
+        Ok(())
+    );
 }
 
 #[test]
 fn deleting_a_key_needs_keys_revoke() {
-    let key = api_key("ingest", json!({"role": "Developer", "scopes": ["identify"]}));
+    let key = api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    );
     let (code, message) = check_key(&delete("ingest", &key), &alice()).unwrap_err();
     assert_eq!(code, 403);
-    assert!(message.starts_with("user \"alice\" may not delete ApiKey \"ingest\": that needs permission keys:revoke"), "{message}");
+    assert!(
+        message.starts_with(
+            "user \"alice\" may not delete ApiKey \"ingest\": that needs permission keys:revoke"
+        ),
+        "{message}"
+    );
     assert_eq!(check_key(&delete("ingest", &key), &david()), Ok(()));
     // The namespace controller deleting everything in a namespace being deleted.
-    let gc = Requester::new("system:serviceaccount:kube-system:namespace-controller", &[]);
+    let gc = Requester::new(
+        "system:serviceaccount:kube-system:namespace-controller",
+        &[],
+    );
     assert_eq!(check_key(&delete("ingest", &key), &gc), Ok(()));
 }
 
@@ -303,7 +413,14 @@ fn role_inheritance_must_resolve() {
     let a = role("a", json!({"inherits": ["b"]}));
     let b = role("b", json!({"inherits": ["a"]}));
     let with_b = NamespaceRoles::new(NS, [b]);
-    let refusal = validate_role(&create("a", &a), &cluster_admin(), &with_b, &catalogue(), &exempt()).unwrap_err();
+    let refusal = validate_role(
+        &create("a", &a),
+        &cluster_admin(),
+        &with_b,
+        &catalogue(),
+        &exempt(),
+    )
+    .unwrap_err();
     assert_eq!(refusal.code, 422);
     assert_eq!(
         refusal.message,
@@ -321,16 +438,27 @@ fn role_inheritance_must_resolve() {
     let invalid = role("x", json!({"scopes": ["Not A Scope"]}));
     let (code, message) = check_role(&create("x", &invalid), &cluster_admin()).unwrap_err();
     assert_eq!(code, 422);
-    assert!(message.starts_with("Role \"x\" is invalid: spec.scopes[0]: "), "{message}");
+    assert!(
+        message.starts_with("Role \"x\" is invalid: spec.scopes[0]: "),
+        "{message}"
+    );
 }
 
 #[test]
 fn a_role_may_only_grant_what_its_author_holds() {
-    let reader = role("reader", json!({"scopes": ["identify"], "permissions": ["keys:create"]}));
+    let reader = role(
+        "reader",
+        json!({"scopes": ["identify"], "permissions": ["keys:create"]}),
+    );
     // alice lacks roles:manage.
     let (code, message) = check_role(&create("reader", &reader), &alice()).unwrap_err();
     assert_eq!(code, 403);
-    assert!(message.starts_with("user \"alice\" may not create Role \"reader\": that needs permission roles:manage"), "{message}");
+    assert!(
+        message.starts_with(
+            "user \"alice\" may not create Role \"reader\": that needs permission roles:manage"
+        ),
+        "{message}"
+    );
     // erin (Developer + roles:manage) may grant what Developer has...
     assert_eq!(check_role(&create("reader", &reader), &erin()), Ok(()));
     // ...but not audit:read, which she does not hold.
@@ -343,10 +471,20 @@ fn a_role_may_only_grant_what_its_author_holds() {
          your Roles in namespace \"acme-prod\" grants (you hold: team-lead); a Role may only grant what its \
          author holds — remove them from the Role or ask a tenant owner to make this change"
     );
-    assert_eq!(check_role(&create("auditor", &auditor), &cluster_admin()), Ok(()));
+    assert_eq!(
+        check_role(&create("auditor", &auditor), &cluster_admin()),
+        Ok(())
+    );
 
-    let (_, message) = check_role(&delete("data-reader", &role("data-reader", json!({}))), &alice()).unwrap_err();
-    assert!(message.contains("may not delete Role \"data-reader\""), "{message}");
+    let (_, message) = check_role(
+        &delete("data-reader", &role("data-reader", json!({}))),
+        &alice(),
+    )
+    .unwrap_err();
+    assert!(
+        message.contains("may not delete Role \"data-reader\""),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------- Tenant
@@ -367,14 +505,27 @@ fn a_namespace_owned_by_another_tenant_is_refused_naming_it() {
     let mut claims = TenantClaims::new(&[acme()]);
     claims.claim("acme-staging", "acme");
     let grown = tenant("acme", json!({"namespaces": ["acme-prod", "acme-staging"]}));
-    assert_eq!(validate_tenant(&update("acme", &acme(), &grown), &claims), Ok(()));
+    assert_eq!(
+        validate_tenant(&update("acme", &acme(), &grown), &claims),
+        Ok(())
+    );
     // A namespace labelled for another tenant (bound through its selector).
     claims.claim("payments", "initech");
     let more = tenant("acme", json!({"namespaces": ["payments"]}));
-    assert!(validate_tenant(&update("acme", &acme(), &more), &claims).unwrap_err().message.contains("Tenant \"initech\""));
+    assert!(
+        validate_tenant(&update("acme", &acme(), &more), &claims)
+            .unwrap_err()
+            .message
+            .contains("Tenant \"initech\"")
+    );
 
     let bad = tenant("acme", json!({"namespaces": ["Bad_NS"]}));
-    assert_eq!(validate_tenant(&create("acme", &bad), &claims).unwrap_err().code, 422);
+    assert_eq!(
+        validate_tenant(&create("acme", &bad), &claims)
+            .unwrap_err()
+            .code,
+        422
+    );
 }
 
 // ---------------------------------------------------------------- the handler
@@ -387,12 +538,20 @@ struct FixtureCluster {
 }
 
 impl ClusterLookup for FixtureCluster {
-    fn namespace_labels<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
+    fn namespace_labels<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
         Box::pin(async move { Ok(self.namespaces.get(namespace).cloned()) })
     }
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>> {
         Box::pin(async move {
-            Ok(self.roles.iter().filter(|r| r.metadata.namespace.as_deref() == Some(namespace)).cloned().collect())
+            Ok(self
+                .roles
+                .iter()
+                .filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
+                .cloned()
+                .collect())
         })
     }
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>> {
@@ -412,7 +571,10 @@ fn state() -> (WebhookState, mpsc::UnboundedReceiver<AdminAuditEvent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let state = WebhookState {
         inject: InjectSettings::new("proxy:test", "portcullis-system", "portcullis-operator"),
-        server_version: ServerVersion { major: 1, minor: 20 },
+        server_version: ServerVersion {
+            major: 1,
+            minor: 20,
+        },
         validator: exempt(),
         lookup: Arc::new(cluster),
         audit: Arc::new(tx),
@@ -421,10 +583,22 @@ fn state() -> (WebhookState, mpsc::UnboundedReceiver<AdminAuditEvent>) {
     (state, rx)
 }
 
-fn request(kind: &str, resource: &str, operation: &str, user: &str, object: Value, old: Value, dry_run: bool) -> AdmissionRequest<DynamicObject> {
+fn request(
+    kind: &str,
+    resource: &str,
+    operation: &str,
+    user: &str,
+    object: Value,
+    old: Value,
+    dry_run: bool,
+) -> AdmissionRequest<DynamicObject> {
     let group = if kind == "Pod" { "" } else { "portcullis.dev" };
     let version = if kind == "Pod" { "v1" } else { "v1alpha1" };
-    let name = object["metadata"]["name"].as_str().or(old["metadata"]["name"].as_str()).unwrap_or("").to_owned();
+    let name = object["metadata"]["name"]
+        .as_str()
+        .or(old["metadata"]["name"].as_str())
+        .unwrap_or("")
+        .to_owned();
     let review: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -448,8 +622,24 @@ fn request(kind: &str, resource: &str, operation: &str, user: &str, object: Valu
 #[tokio::test]
 async fn the_refusal_message_is_what_kubectl_prints_and_admitted_changes_are_audited() {
     let (state, mut audit) = state();
-    let key = serde_json::to_value(api_key("ingest", json!({"role": "data-reader", "scopes": ["signals", "admin"]}))).unwrap();
-    let response = review_admin(&state, &request("ApiKey", "apikeys", "CREATE", "david@acme", key, Value::Null, false)).await;
+    let key = serde_json::to_value(api_key(
+        "ingest",
+        json!({"role": "data-reader", "scopes": ["signals", "admin"]}),
+    ))
+    .unwrap();
+    let response = review_admin(
+        &state,
+        &request(
+            "ApiKey",
+            "apikeys",
+            "CREATE",
+            "david@acme",
+            key,
+            Value::Null,
+            false,
+        ),
+    )
+    .await;
     assert!(!response.allowed);
     assert_eq!(response.result.code, 422);
     assert_eq!(response.result.reason, "Invalid");
@@ -461,27 +651,107 @@ async fn the_refusal_message_is_what_kubectl_prints_and_admitted_changes_are_aud
     assert_eq!(response.uid, "7c4e0f7a-0000-4000-8000-000000000001");
     assert!(audit.try_recv().is_err(), "refused changes are not audited");
 
-    let key = serde_json::to_value(api_key("ingest", json!({"role": "Developer", "scopes": ["identify"]}))).unwrap();
-    let response = review_admin(&state, &request("ApiKey", "apikeys", "CREATE", "alice", key.clone(), Value::Null, false)).await;
-    assert_eq!((response.allowed, response.result.code, response.result.reason.as_str()), (false, 403, "Forbidden"));
+    let key = serde_json::to_value(api_key(
+        "ingest",
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    ))
+    .unwrap();
+    let response = review_admin(
+        &state,
+        &request(
+            "ApiKey",
+            "apikeys",
+            "CREATE",
+            "alice",
+            key.clone(),
+            Value::Null,
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (
+            response.allowed,
+            response.result.code,
+            response.result.reason.as_str()
+        ),
+        (false, 403, "Forbidden")
+    );
 
-    let response = review_admin(&state, &request("ApiKey", "apikeys", "CREATE", "david@acme", key.clone(), Value::Null, true)).await;
+    let response = review_admin(
+        &state,
+        &request(
+            "ApiKey",
+            "apikeys",
+            "CREATE",
+            "david@acme",
+            key.clone(),
+            Value::Null,
+            true,
+        ),
+    )
+    .await;
     assert!(response.allowed);
-    assert!(audit.try_recv().is_err(), "dry runs change nothing and are not audited");
+    assert!(
+        audit.try_recv().is_err(),
+        "dry runs change nothing and are not audited"
+    );
 
-    let response = review_admin(&state, &request("ApiKey", "apikeys", "CREATE", "david@acme", key.clone(), Value::Null, false)).await;
+    let response = review_admin(
+        &state,
+        &request(
+            "ApiKey",
+            "apikeys",
+            "CREATE",
+            "david@acme",
+            key.clone(),
+            Value::Null,
+            false,
+        ),
+    )
+    .await;
     assert!(response.allowed, "{response:?}");
     let event = audit.try_recv().unwrap();
-    assert_eq!(event.to_string(), "2026-03-16 14:22:01 | admin.key.create | user:david@acme | 201");
+    assert_eq!(
+        event.to_string(),
+        "2026-03-16 14:22:01 | admin.key.create | user:david@acme | 201"
+    );
     assert_eq!(event.object, "acme-prod/ingest");
 
-    let response = review_admin(&state, &request("ApiKey", "apikeys", "DELETE", "david@acme", Value::Null, key, false)).await;
+    let response = review_admin(
+        &state,
+        &request(
+            "ApiKey",
+            "apikeys",
+            "DELETE",
+            "david@acme",
+            Value::Null,
+            key,
+            false,
+        ),
+    )
+    .await;
     assert!(response.allowed);
     let event = audit.try_recv().unwrap();
-    assert_eq!((event.action.as_str(), event.status), ("admin.key.delete", 200));
+    assert_eq!(
+        (event.action.as_str(), event.status),
+        ("admin.key.delete", 200)
+    );
 
     let reader = serde_json::to_value(role("reader", json!({"scopes": ["signals"]}))).unwrap();
-    let response = review_admin(&state, &request("Role", "roles", "CREATE", "erin", reader, Value::Null, false)).await;
+    let response = review_admin(
+        &state,
+        &request(
+            "Role",
+            "roles",
+            "CREATE",
+            "erin",
+            reader,
+            Value::Null,
+            false,
+        ),
+    )
+    .await;
     assert!(response.allowed, "{response:?}");
     assert_eq!(audit.try_recv().unwrap().action, "admin.role.create");
 }
@@ -494,7 +764,19 @@ async fn the_pod_handler_returns_a_json_patch() {
         "metadata": {"name": "web", "namespace": NS},
         "spec": {"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 8080}]}]}
     });
-    let response = review_pod(&state, &request("Pod", "pods", "CREATE", "david@acme", pod, Value::Null, false)).await;
+    let response = review_pod(
+        &state,
+        &request(
+            "Pod",
+            "pods",
+            "CREATE",
+            "david@acme",
+            pod,
+            Value::Null,
+            false,
+        ),
+    )
+    .await;
     assert!(response.allowed);
     let review = serde_json::to_value(response.into_review()).unwrap();
     assert_eq!(review["response"]["patchType"], "JSONPatch");
@@ -506,4 +788,3 @@ async fn the_pod_handler_returns_a_json_patch() {
     assert_eq!(patch[0]["path"], "/spec/initContainers");
     assert_eq!(patch[1]["value"]["name"], "portcullis-proxy");
 }
-

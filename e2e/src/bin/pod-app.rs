@@ -59,7 +59,11 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { port } => {
             let shutdown = CancellationToken::new();
-            let bound = portcullis_sidecar::echo::start(SocketAddr::from(([0, 0, 0, 0], port)), shutdown.clone()).await?;
+            let bound = portcullis_sidecar::echo::start(
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                shutdown.clone(),
+            )
+            .await?;
             eprintln!("pod-app: echo listening on {bound}");
             tokio::signal::ctrl_c().await?;
             shutdown.cancel();
@@ -82,8 +86,11 @@ async fn main() -> anyhow::Result<()> {
                 key,
                 skip_hostname_check,
             };
-            let outcome =
-                tokio::time::timeout(Duration::from_secs(timeout_seconds), request(&url, &method, &headers, &tls, via.as_deref())).await;
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(timeout_seconds),
+                request(&url, &method, &headers, &tls, via.as_deref()),
+            )
+            .await;
             match outcome {
                 Ok(Ok(json)) => {
                     println!("{json}");
@@ -109,14 +116,24 @@ struct Tls {
     skip_hostname_check: bool,
 }
 
-async fn request(url: &str, method: &str, headers: &[String], tls: &Tls, via: Option<&str>) -> anyhow::Result<serde_json::Value> {
+async fn request(
+    url: &str,
+    method: &str,
+    headers: &[String],
+    tls: &Tls,
+    via: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let uri: http::Uri = url.parse().context("bad URL")?;
     let host = uri.host().context("URL has no host")?.to_owned();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp = match via {
-        Some(proxy) => tokio::net::TcpStream::connect(proxy).await.context("connect to --via")?,
-        None => tokio::net::TcpStream::connect((host.as_str(), port)).await.context("connect")?,
+        Some(proxy) => tokio::net::TcpStream::connect(proxy)
+            .await
+            .context("connect to --via")?,
+        None => tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .context("connect")?,
     };
     // Through a proxy the request line carries the whole URL (absolute form).
     let target = match via {
@@ -128,14 +145,19 @@ async fn request(url: &str, method: &str, headers: &[String], tls: &Tls, via: Op
         .uri(target)
         .header(http::header::HOST, format!("{host}:{port}"));
     for header in headers {
-        let (name, value) = header.split_once(':').context("headers are 'Name: value'")?;
+        let (name, value) = header
+            .split_once(':')
+            .context("headers are 'Name: value'")?;
         builder = builder.header(name.trim(), value.trim());
     }
     let request = builder.body(Full::new(Bytes::new()))?;
     let response = if https {
         let config = client_config(tls)?;
         let name = ServerName::try_from(host.clone())?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS handshake")?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .context("TLS handshake")?;
         send(TokioIo::new(stream), request).await?
     } else {
         send(TokioIo::new(tcp), request).await?
@@ -147,16 +169,28 @@ async fn send<I>(io: I, request: http::Request<Full<Bytes>>) -> anyhow::Result<s
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.context("HTTP handshake")?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .context("HTTP handshake")?;
     tokio::spawn(connection);
     let response = sender.send_request(request).await.context("no response")?;
     let status = response.status().as_u16();
     let mut headers = BTreeMap::new();
     for (name, value) in response.headers() {
-        headers.insert(name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned());
+        headers.insert(
+            name.to_string(),
+            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        );
     }
-    let body = response.into_body().collect().await.context("reading body")?.to_bytes();
-    Ok(serde_json::json!({"status": status, "headers": headers, "body": String::from_utf8_lossy(&body)}))
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading body")?
+        .to_bytes();
+    Ok(
+        serde_json::json!({"status": status, "headers": headers, "body": String::from_utf8_lossy(&body)}),
+    )
 }
 
 fn client_config(tls: &Tls) -> anyhow::Result<rustls::ClientConfig> {
@@ -167,9 +201,12 @@ fn client_config(tls: &Tls) -> anyhow::Result<rustls::ClientConfig> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions = rustls::ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let versions = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = if tls.skip_hostname_check {
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()?;
         versions
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
@@ -199,9 +236,13 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
             )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
             other => other,
         }

@@ -68,12 +68,17 @@ impl LocalCluster {
     /// Starts the runner on an envtest, with `binaries` (command name → host path)
     /// available to pods as commands. `Ok(None)` (after printing why) when this machine
     /// cannot create network namespaces.
-    pub fn start(env: &'static EnvTest, binaries: &[(&str, PathBuf)]) -> Result<Option<Self>, LocalClusterError> {
+    pub fn start(
+        env: &'static EnvTest,
+        binaries: &[(&str, PathBuf)],
+    ) -> Result<Option<Self>, LocalClusterError> {
         if let Some(reason) = missing_requirement() {
             eprintln!("skipping local-cluster tier: {reason}");
             return Ok(None);
         }
-        let dir = tempfile::Builder::new().prefix("portcullis-local-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-local-")
+            .tempdir()?;
         let bin = dir.path().join("bin");
         std::fs::create_dir_all(&bin)?;
         for (name, path) in binaries {
@@ -83,7 +88,10 @@ impl LocalCluster {
             std::os::unix::fs::symlink(path, bin.join(name))?;
         }
         // Pods run as other users: they must be able to reach the binaries and files.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         Ok(Some(Self {
             env,
             bridge: Bridge::create()?,
@@ -98,8 +106,15 @@ impl LocalCluster {
 
     /// Runs an admitted pod: reads it back from the API server (as mutated by the
     /// webhooks), and starts it. The returned handle stops it when dropped.
-    pub async fn run_pod(&self, namespace: &str, name: &str) -> Result<RunningPod, LocalClusterError> {
-        let client = self.env.client().map_err(|e| LocalClusterError::Unsupported(e.to_string()))?;
+    pub async fn run_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<RunningPod, LocalClusterError> {
+        let client = self
+            .env
+            .client()
+            .map_err(|e| LocalClusterError::Unsupported(e.to_string()))?;
         let pod: Pod = Api::namespaced(client.clone(), namespace).get(name).await?;
         if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
             return Err(LocalClusterError::Unsupported(format!(
@@ -138,7 +153,9 @@ fn missing_requirement() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            return Some(format!("{tool} is not installed (apt-get install iproute2 iptables util-linux)"));
+            return Some(format!(
+                "{tool} is not installed (apt-get install iproute2 iptables util-linux)"
+            ));
         }
     }
     None

@@ -62,19 +62,34 @@ impl Bridge {
         let _ = ip(&["link", "del", &name]);
         ip(&["link", "add", &name, "type", "bridge"])?;
         let mut janitor = Command::new("sh")
-            .args(["-c", JANITOR, "portcullis-bridge-janitor", &name, &format!("{NETNS_PREFIX}{pid}-")])
+            .args([
+                "-c",
+                JANITOR,
+                "portcullis-bridge-janitor",
+                &name,
+                &format!("{NETNS_PREFIX}{pid}-"),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let lifeline = janitor.stdin.take().ok_or_else(|| io::Error::other("janitor has no stdin"))?;
+        let lifeline = janitor
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("janitor has no stdin"))?;
         let bridge = Self {
             name,
             octet,
             next_host: AtomicU8::new(2),
             janitor: Some((janitor, lifeline)),
         };
-        ip(&["addr", "add", &format!("{}/24", bridge.gateway()), "dev", &bridge.name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", bridge.gateway()),
+            "dev",
+            &bridge.name,
+        ])?;
         ip(&["link", "set", &bridge.name, "up"])?;
         Ok(bridge)
     }
@@ -90,7 +105,9 @@ impl Bridge {
     pub fn add_pod(&self) -> io::Result<PodNetns> {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed);
         if host >= 250 {
-            return Err(io::Error::other("the local cluster ran out of pod addresses (248)"));
+            return Err(io::Error::other(
+                "the local cluster ran out of pod addresses (248)",
+            ));
         }
         let pid = std::process::id();
         let name = format!("{NETNS_PREFIX}{pid}-{host}");
@@ -101,14 +118,32 @@ impl Bridge {
             name: name.clone(),
             address,
         };
-        ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside])?;
+        ip(&[
+            "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+        ])?;
         ip(&["link", "set", &inside, "netns", &name])?;
         ip(&["link", "set", &outside, "master", &self.name])?;
         ip(&["link", "set", &outside, "up"])?;
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        ip(&["-n", &name, "addr", "add", &format!("{address}/24"), "dev", &inside])?;
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            &inside,
+        ])?;
         ip(&["-n", &name, "link", "set", &inside, "up"])?;
-        ip(&["-n", &name, "route", "add", "default", "via", &self.gateway().to_string()])?;
+        ip(&[
+            "-n",
+            &name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ])?;
         Ok(netns)
     }
 }
@@ -161,7 +196,10 @@ fn remove_stale() {
             }
         }
     }
-    if let Ok(out) = Command::new("ip").args(["-o", "link", "show", "type", "bridge"]).output() {
+    if let Ok(out) = Command::new("ip")
+        .args(["-o", "link", "show", "type", "bridge"])
+        .output()
+    {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split(':').nth(1).unwrap_or_default().trim();
             if let Some(pid) = name.strip_prefix(BRIDGE_PREFIX)

@@ -69,7 +69,10 @@ impl OperatorProcess {
             ("--webhook-addr", format!("127.0.0.1:{webhook_port}")),
             ("--extra-san", "127.0.0.1".to_owned()),
             ("--extra-san", gateway.to_string()),
-            ("--identity-url", format!("https://{gateway}:{identity_port}")),
+            (
+                "--identity-url",
+                format!("https://{gateway}:{identity_port}"),
+            ),
             ("--policy-url", format!("https://{gateway}:{policy_port}")),
             ("--webhook-url", format!("https://127.0.0.1:{webhook_port}")),
             ("--proxy-image", "portcullis-proxy:local".to_owned()),
@@ -79,7 +82,14 @@ impl OperatorProcess {
             args.push(flag.into());
             args.push(value.into());
         }
-        let process = Supervised::spawn("portcullis-operator", Path::new("env"), &args, dir, &log, &dir.join("pids"))?;
+        let process = Supervised::spawn(
+            "portcullis-operator",
+            Path::new("env"),
+            &args,
+            dir,
+            &log,
+            &dir.join("pids"),
+        )?;
         let operator = Self {
             process,
             log,
@@ -97,8 +107,13 @@ impl OperatorProcess {
     async fn wait_ready(&self) -> Result<(), LocalClusterError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let webhook = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.webhook_port)).await.is_ok();
-            let identity = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.identity_port)).await.is_ok();
+            let webhook = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.webhook_port))
+                .await
+                .is_ok();
+            let identity =
+                tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.identity_port))
+                    .await
+                    .is_ok();
             if webhook && identity {
                 return Ok(());
             }

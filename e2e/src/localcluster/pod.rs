@@ -70,13 +70,29 @@ impl RunningPod {
     }
 
     /// Runs `program args` in the pod's network namespace as `uid` and returns its output.
-    pub async fn exec(&self, uid: u32, program: &str, args: &[&str]) -> Result<std::process::Output, LocalClusterError> {
+    pub async fn exec(
+        &self,
+        uid: u32,
+        program: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output, LocalClusterError> {
         let mut command = tokio::process::Command::new("ip");
         command.args(["netns", "exec", self.netns.name()]);
         if uid != 0 {
-            command.args(["setpriv", "--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups"]);
+            command.args([
+                "setpriv",
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+                "--clear-groups",
+            ]);
         }
-        command.arg(program).args(args).env("PATH", &self.path_env).kill_on_drop(true);
+        command
+            .arg(program)
+            .args(args)
+            .env("PATH", &self.path_env)
+            .kill_on_drop(true);
         let output = tokio::time::timeout(STEP_TIMEOUT, command.output())
             .await
             .map_err(|_| LocalClusterError::Timeout(format!("exec {program} in {}", self.key)))??;
@@ -106,23 +122,30 @@ impl PodStart<'_> {
             .clone()
             .ok_or_else(|| LocalClusterError::Unsupported(format!("pod {key} has no spec")))?;
         fs::create_dir_all(&self.dir)?;
-        let path_env = OsString::from(format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", self.bin_dir.display()));
+        let path_env = OsString::from(format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            self.bin_dir.display()
+        ));
         let mut pod = RunningPod {
             key: key.clone(),
             processes: Vec::new(),
-            netns: self
-                .netns
-                .take()
-                .ok_or_else(|| LocalClusterError::Unsupported(format!("pod {key} was already started")))?,
+            netns: self.netns.take().ok_or_else(|| {
+                LocalClusterError::Unsupported(format!("pod {key} was already started"))
+            })?,
             dir: self.dir.clone(),
             path_env,
         };
-        let volumes = self.materialise_volumes(&spec.volumes.clone().unwrap_or_default(), &ns).await?;
+        let volumes = self
+            .materialise_volumes(&spec.volumes.clone().unwrap_or_default(), &ns)
+            .await?;
         let pod_uid_default = spec.security_context.as_ref().and_then(|s| s.run_as_user);
         let fields = FieldValues {
             name: name.clone(),
             namespace: ns.clone(),
-            service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+            service_account: spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             pod_ip: pod.ip().to_string(),
         };
 
@@ -131,14 +154,20 @@ impl PodStart<'_> {
             let native_sidecar = container.restart_policy.as_deref() == Some("Always");
             if native_sidecar {
                 pod.processes.push(plan.spawn(&pod, &container.name)?);
-                self.wait_post_start(&pod, container, &volumes, &fields).await?;
+                self.wait_post_start(&pod, container, &volumes, &fields)
+                    .await?;
             } else {
-                let output = plan.run_to_completion(&pod).await.map_err(|e| LocalClusterError::InitFailed {
-                    pod: key.clone(),
-                    container: container.name.clone(),
-                    output: e.to_string(),
+                let output = plan.run_to_completion(&pod).await.map_err(|e| {
+                    LocalClusterError::InitFailed {
+                        pod: key.clone(),
+                        container: container.name.clone(),
+                        output: e.to_string(),
+                    }
                 })?;
-                fs::write(pod.dir.join(format!("{}.log", container.name)), [&output.stdout[..], &output.stderr[..]].concat())?;
+                fs::write(
+                    pod.dir.join(format!("{}.log", container.name)),
+                    [&output.stdout[..], &output.stderr[..]].concat(),
+                )?;
                 if !output.status.success() {
                     return Err(LocalClusterError::InitFailed {
                         pod: key,
@@ -151,13 +180,15 @@ impl PodStart<'_> {
         for container in &spec.containers {
             let plan = ProcessPlan::new(container, &volumes, &fields, pod_uid_default)?;
             pod.processes.push(plan.spawn(&pod, &container.name)?);
-            self.wait_post_start(&pod, container, &volumes, &fields).await?;
+            self.wait_post_start(&pod, container, &volumes, &fields)
+                .await?;
         }
 
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let status = json!({"status": {"phase": "Running", "podIP": pod.ip().to_string(),
             "podIPs": [{"ip": pod.ip().to_string()}], "hostIP": "127.0.0.1"}});
-        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
         Ok(pod)
     }
 
@@ -181,7 +212,10 @@ impl PodStart<'_> {
         let Some((program, args)) = command.split_first() else {
             return Ok(());
         };
-        let args: Vec<String> = args.iter().map(|a| fields.rewrite(a, volumes, container)).collect();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| fields.rewrite(a, volumes, container))
+            .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let started = Instant::now();
         let output = pod.exec(0, program, &args).await?;
@@ -200,7 +234,11 @@ impl PodStart<'_> {
     }
 
     /// Writes each volume into a directory and returns volume name → directory.
-    async fn materialise_volumes(&self, volumes: &[Volume], ns: &str) -> Result<BTreeMap<String, PathBuf>, LocalClusterError> {
+    async fn materialise_volumes(
+        &self,
+        volumes: &[Volume],
+        ns: &str,
+    ) -> Result<BTreeMap<String, PathBuf>, LocalClusterError> {
         let mut dirs = BTreeMap::new();
         for volume in volumes {
             let dir = self.dir.join("volumes").join(&volume.name);
@@ -209,15 +247,19 @@ impl PodStart<'_> {
             if let Some(projected) = &volume.projected {
                 for source in projected.sources.iter().flatten() {
                     if let Some(token) = &source.service_account_token {
-                        let jwt = self.request_token(ns, token.audience.clone(), token.expiration_seconds).await?;
+                        let jwt = self
+                            .request_token(ns, token.audience.clone(), token.expiration_seconds)
+                            .await?;
                         write_file(&dir.join(&token.path), jwt.as_bytes())?;
                     }
                     if let Some(cm) = &source.config_map {
-                        self.write_config_map(ns, &cm.name, cm.items.as_deref(), &dir).await?;
+                        self.write_config_map(ns, &cm.name, cm.items.as_deref(), &dir)
+                            .await?;
                     }
                 }
             } else if let Some(cm) = &volume.config_map {
-                self.write_config_map(ns, &cm.name, cm.items.as_deref(), &dir).await?;
+                self.write_config_map(ns, &cm.name, cm.items.as_deref(), &dir)
+                    .await?;
             } else if let Some(secret) = &volume.secret {
                 let name = secret.secret_name.clone().unwrap_or_default();
                 let secret: Secret = Api::namespaced(self.client.clone(), ns).get(&name).await?;
@@ -257,9 +299,16 @@ impl PodStart<'_> {
     }
 
     /// A projected token from the real TokenRequest API, bound to this Pod.
-    async fn request_token(&self, ns: &str, audience: Option<String>, expiration: Option<i64>) -> Result<String, LocalClusterError> {
+    async fn request_token(
+        &self,
+        ns: &str,
+        audience: Option<String>,
+        expiration: Option<i64>,
+    ) -> Result<String, LocalClusterError> {
         let spec = self.pod.spec.as_ref();
-        let sa = spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        let sa = spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
         let request = TokenRequest {
             metadata: ObjectMeta::default(),
             spec: TokenRequestSpec {
@@ -276,11 +325,12 @@ impl PodStart<'_> {
             status: None,
         };
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        let response = sas.create_token_request(&sa, &PostParams::default(), &request).await?;
-        response
-            .status
-            .map(|s| s.token)
-            .ok_or_else(|| LocalClusterError::Unsupported(format!("TokenRequest for {ns}/{sa} returned no token")))
+        let response = sas
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await?;
+        response.status.map(|s| s.token).ok_or_else(|| {
+            LocalClusterError::Unsupported(format!("TokenRequest for {ns}/{sa} returned no token"))
+        })
     }
 }
 
@@ -313,7 +363,12 @@ impl FieldValues {
     }
 
     /// Rewrites container paths under a volume mount to the host directory behind it.
-    fn rewrite(&self, value: &str, volumes: &BTreeMap<String, PathBuf>, container: &Container) -> String {
+    fn rewrite(
+        &self,
+        value: &str,
+        volumes: &BTreeMap<String, PathBuf>,
+        container: &Container,
+    ) -> String {
         let mut mounts: Vec<_> = container.volume_mounts.iter().flatten().collect();
         // Longest mount path first so nested mounts win.
         mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_path.len()));
@@ -360,7 +415,11 @@ impl ProcessPlan {
         for var in container.env.iter().flatten() {
             let value = match (&var.value, &var.value_from) {
                 (Some(v), _) => fields.rewrite(v, volumes, container),
-                (None, Some(from)) => match from.field_ref.as_ref().and_then(|f| fields.get(&f.field_path)) {
+                (None, Some(from)) => match from
+                    .field_ref
+                    .as_ref()
+                    .and_then(|f| fields.get(&f.field_path))
+                {
                     Some(v) => v.to_owned(),
                     None => continue,
                 },
@@ -376,7 +435,10 @@ impl ProcessPlan {
             .unwrap_or(0);
         Ok(Self {
             program: program.clone(),
-            args: args.iter().map(|a| fields.rewrite(a, volumes, container)).collect(),
+            args: args
+                .iter()
+                .map(|a| fields.rewrite(a, volumes, container))
+                .collect(),
             env,
             uid: u32::try_from(uid).unwrap_or(0),
         })
@@ -385,7 +447,10 @@ impl ProcessPlan {
     /// `ip` arguments that run the container in the pod's namespace with exactly its
     /// environment, as its user.
     fn ip_args(&self, pod: &RunningPod) -> Vec<OsString> {
-        let mut args: Vec<OsString> = ["netns", "exec", pod.netns(), "env", "-i"].iter().map(OsString::from).collect();
+        let mut args: Vec<OsString> = ["netns", "exec", pod.netns(), "env", "-i"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         let mut path = OsString::from("PATH=");
         path.push(&pod.path_env);
         args.push(path);
@@ -395,7 +460,14 @@ impl ProcessPlan {
         }
         if self.uid != 0 {
             let uid = self.uid.to_string();
-            for a in ["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups"] {
+            for a in [
+                "setpriv",
+                "--reuid",
+                &uid,
+                "--regid",
+                &uid,
+                "--clear-groups",
+            ] {
                 args.push(a.into());
             }
         }
@@ -405,7 +477,10 @@ impl ProcessPlan {
     }
 
     /// Runs an init container to completion (bounded).
-    async fn run_to_completion(&self, pod: &RunningPod) -> Result<std::process::Output, LocalClusterError> {
+    async fn run_to_completion(
+        &self,
+        pod: &RunningPod,
+    ) -> Result<std::process::Output, LocalClusterError> {
         let mut command = tokio::process::Command::new("ip");
         command.args(self.ip_args(pod)).kill_on_drop(true);
         tokio::time::timeout(STEP_TIMEOUT, command.output())
@@ -419,6 +494,13 @@ impl ProcessPlan {
         let args = self.ip_args(pod);
         let log = pod.dir.join(format!("{container}.log"));
         let pids = pod.dir.join("pids");
-        Ok(Supervised::spawn("pod-container", Path::new("ip"), &args, &pod.dir, &log, &pids)?)
+        Ok(Supervised::spawn(
+            "pod-container",
+            Path::new("ip"),
+            &args,
+            &pod.dir,
+            &log,
+            &pids,
+        )?)
     }
 }

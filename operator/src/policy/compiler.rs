@@ -140,7 +140,9 @@ impl PolicyCompiler {
                 }
                 for retired in &status.previous_keys {
                     if let Ok(retired_id) = KeyId::parse(&retired.key_id) {
-                        bundle.keys.insert(retired_id, tombstone(name.clone(), retired.hash.clone()));
+                        bundle
+                            .keys
+                            .insert(retired_id, tombstone(name.clone(), retired.hash.clone()));
                     }
                 }
                 continue;

@@ -76,6 +76,9 @@ mod tests {
             object: "acme-prod/ingest".into(),
             time: "2026-03-16T14:22:01.734Z".parse().unwrap(),
         };
-        assert_eq!(event.to_string(), "2026-03-16 14:22:01 | admin.key.create | user:david@acme | 201");
+        assert_eq!(
+            event.to_string(),
+            "2026-03-16 14:22:01 | admin.key.create | user:david@acme | 201"
+        );
     }
 }

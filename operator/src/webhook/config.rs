@@ -24,8 +24,8 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference, ValidatingWebhook,
-    ValidatingWebhookConfiguration, WebhookClientConfig,
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
@@ -91,9 +91,14 @@ impl WebhookConfigSettings {
     }
 
     fn client_config(&self, path: &str) -> WebhookClientConfig {
-        let ca_bundle = (!self.ca_bundle.is_empty()).then(|| ByteString(self.ca_bundle.clone().into_bytes()));
+        let ca_bundle =
+            (!self.ca_bundle.is_empty()).then(|| ByteString(self.ca_bundle.clone().into_bytes()));
         match &self.target {
-            WebhookTarget::Service { namespace, name, port } => WebhookClientConfig {
+            WebhookTarget::Service {
+                namespace,
+                name,
+                port,
+            } => WebhookClientConfig {
                 ca_bundle,
                 service: Some(ServiceReference {
                     namespace: namespace.clone(),
@@ -116,7 +121,11 @@ impl WebhookConfigSettings {
         if self.operator_namespace != "kube-system" {
             excluded.push(self.operator_namespace.clone());
         }
-        requirement(NAMESPACE_NAME_LABEL, "NotIn", &excluded.iter().map(String::as_str).collect::<Vec<_>>())
+        requirement(
+            NAMESPACE_NAME_LABEL,
+            "NotIn",
+            &excluded.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     }
 }
 
@@ -128,18 +137,31 @@ fn requirement(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequi
     }
 }
 
-fn rule(api_groups: &[&str], resources: &[&str], operations: &[&str], scope: &str) -> RuleWithOperations {
+fn rule(
+    api_groups: &[&str],
+    resources: &[&str],
+    operations: &[&str],
+    scope: &str,
+) -> RuleWithOperations {
     let strings = |items: &[&str]| Some(items.iter().map(|s| (*s).to_owned()).collect());
     RuleWithOperations {
         api_groups: strings(api_groups),
-        api_versions: strings(if api_groups == [""] { &["v1"] } else { &["v1alpha1"] }),
+        api_versions: strings(if api_groups == [""] {
+            &["v1"]
+        } else {
+            &["v1alpha1"]
+        }),
         operations: strings(operations),
         resources: strings(resources),
         scope: Some(scope.into()),
     }
 }
 
-fn mutating_webhook(name: &str, settings: &WebhookConfigSettings, selector: Vec<LabelSelectorRequirement>) -> MutatingWebhook {
+fn mutating_webhook(
+    name: &str,
+    settings: &WebhookConfigSettings,
+    selector: Vec<LabelSelectorRequirement>,
+) -> MutatingWebhook {
     MutatingWebhook {
         name: name.into(),
         admission_review_versions: vec!["v1".into()],
@@ -160,7 +182,10 @@ fn mutating_webhook(name: &str, settings: &WebhookConfigSettings, selector: Vec<
 
 /// `portcullis-injector`.
 pub fn mutating(settings: &WebhookConfigSettings) -> MutatingWebhookConfiguration {
-    let opted_in = vec![requirement(INJECT, "In", &["enabled", "required"]), settings.never_system()];
+    let opted_in = vec![
+        requirement(INJECT, "In", &["enabled", "required"]),
+        settings.never_system(),
+    ];
     let tenant = vec![
         requirement(TENANT_LABEL, "Exists", &[]),
         requirement(INJECT, "NotIn", &["enabled", "required", "disabled"]),
@@ -192,8 +217,18 @@ pub fn validating(settings: &WebhookConfigSettings) -> ValidatingWebhookConfigur
             failure_policy: Some("Fail".into()),
             match_policy: Some("Equivalent".into()),
             rules: Some(vec![
-                rule(&[portcullis_crds::GROUP], &["apikeys", "roles"], &["CREATE", "UPDATE", "DELETE"], "Namespaced"),
-                rule(&[portcullis_crds::GROUP], &["tenants"], &["CREATE", "UPDATE", "DELETE"], "Cluster"),
+                rule(
+                    &[portcullis_crds::GROUP],
+                    &["apikeys", "roles"],
+                    &["CREATE", "UPDATE", "DELETE"],
+                    "Namespaced",
+                ),
+                rule(
+                    &[portcullis_crds::GROUP],
+                    &["tenants"],
+                    &["CREATE", "UPDATE", "DELETE"],
+                    "Cluster",
+                ),
             ]),
             side_effects: "None".into(),
             timeout_seconds: Some(5),

@@ -59,7 +59,9 @@ pub enum WebhookError {
     #[error("webhook certificate: {0}")]
     Certificate(String),
     /// The CA Secret exists but cannot be read; delete it to have a new CA made.
-    #[error("Secret portcullis-webhook-ca is unreadable ({0}); delete it and the operator makes a new CA")]
+    #[error(
+        "Secret portcullis-webhook-ca is unreadable ({0}); delete it and the operator makes a new CA"
+    )]
     CorruptCaSecret(String),
     /// rustls refused the configuration.
     #[error("webhook TLS configuration: {0}")]
@@ -156,12 +158,20 @@ pub async fn apply_configurations(
     let mut mutating = config::mutating(configurations);
     mutating.metadata.name = Some(tls.mutating_configuration.clone());
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(&tls.mutating_configuration, &params, &Patch::Apply(&mutating))
+        .patch(
+            &tls.mutating_configuration,
+            &params,
+            &Patch::Apply(&mutating),
+        )
         .await?;
     let mut validating = config::validating(configurations);
     validating.metadata.name = Some(tls.validating_configuration.clone());
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .patch(&tls.validating_configuration, &params, &Patch::Apply(&validating))
+        .patch(
+            &tls.validating_configuration,
+            &params,
+            &Patch::Apply(&validating),
+        )
         .await?;
     Ok(())
 }
@@ -190,7 +200,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
     let socket = reserve(settings.addr)?;
-    start(client, socket, settings, audit, shutdown).await?.await
+    start(client, socket, settings, audit, shutdown)
+        .await?
+        .await
 }
 
 /// Everything up to serving: the API server version, the certificates (CA Secret,
@@ -204,16 +216,24 @@ pub async fn start(
     settings: WebhookSettings,
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
-) -> Result<impl std::future::Future<Output = Result<(), WebhookError>> + Send + 'static, WebhookError> {
+) -> Result<
+    impl std::future::Future<Output = Result<(), WebhookError>> + Send + 'static,
+    WebhookError,
+> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let server_version = ServerVersion::detect(&client).await?;
     tracing::info!(
         ?server_version,
         native_sidecars = server_version.supports_native_sidecars(),
         "injecting the proxy as a {}",
-        if server_version.supports_native_sidecars() { "native sidecar" } else { "regular container" }
+        if server_version.supports_native_sidecars() {
+            "native sidecar"
+        } else {
+            "regular container"
+        }
     );
-    let certificates = WebhookCertificates::start(client.clone(), settings.tls.clone(), clock.clone()).await?;
+    let certificates =
+        WebhookCertificates::start(client.clone(), settings.tls.clone(), clock.clone()).await?;
     if let Some(configurations) = &settings.configurations {
         let configurations = config::WebhookConfigSettings {
             ca_bundle: certificates.ca_bundle_pem().await,
@@ -225,15 +245,24 @@ pub async fn start(
     tokio::spawn(certificates.clone().run(shutdown.clone()));
     let state = WebhookState {
         clock,
-        ..WebhookState::new(client, settings.inject, settings.validator, server_version).with_audit(audit)
+        ..WebhookState::new(client, settings.inject, settings.validator, server_version)
+            .with_audit(audit)
     };
     let tls = certificates.server_config()?;
-    let listener = socket
-        .listen(1024)
-        .map_err(|source| WebhookError::Bind { addr: settings.addr, source })?;
+    let listener = socket.listen(1024).map_err(|source| WebhookError::Bind {
+        addr: settings.addr,
+        source,
+    })?;
     Ok(async move {
         // Keeps the certificates alive while serving.
         let _certificates = certificates;
-        serve_on(listener, tls, Arc::new(state), ServerLimits::default(), shutdown).await
+        serve_on(
+            listener,
+            tls,
+            Arc::new(state),
+            ServerLimits::default(),
+            shutdown,
+        )
+        .await
     })
 }

@@ -15,10 +15,16 @@ use super::audit::AdminAuditEvent;
 use super::inject::{Decision, decide};
 use super::validate::lookup::{catalogue, namespace_roles, tenant_claims};
 use super::validate::{
-    Change, Operation, Refusal, Requester, ValidatorSettings, validate_api_key, validate_role, validate_tenant,
+    Change, Operation, Refusal, Requester, ValidatorSettings, validate_api_key, validate_role,
+    validate_tenant,
 };
 
-fn deny(request: &AdmissionRequest<DynamicObject>, message: impl Into<String>, code: u16, reason: &str) -> AdmissionResponse {
+fn deny(
+    request: &AdmissionRequest<DynamicObject>,
+    message: impl Into<String>,
+    code: u16,
+    reason: &str,
+) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
     response.allowed = false;
     response.result = Status::failure(&message.into(), reason).with_code(code);
@@ -30,7 +36,10 @@ fn refuse(request: &AdmissionRequest<DynamicObject>, refusal: Refusal) -> Admiss
     deny(request, refusal.message, refusal.code, reason)
 }
 
-fn unavailable(request: &AdmissionRequest<DynamicObject>, error: impl std::fmt::Display) -> AdmissionResponse {
+fn unavailable(
+    request: &AdmissionRequest<DynamicObject>,
+    error: impl std::fmt::Display,
+) -> AdmissionResponse {
     tracing::warn!(uid = %request.uid, %error, "admission lookup failed");
     deny(
         request,
@@ -45,7 +54,10 @@ fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, serde_json::E
 }
 
 /// The mutating webhook: sidecar injection for pods.
-pub async fn review_pod(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+pub async fn review_pod(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
     let allow = AdmissionResponse::from(request);
     let (KubeOperation::Create, Some(object)) = (&request.operation, &request.object) else {
         return allow;
@@ -63,16 +75,31 @@ pub async fn review_pod(state: &WebhookState, request: &AdmissionRequest<Dynamic
         Err(e) => {
             // Unreadable here means unreadable to the proxy too; leave it to the API server.
             let mut response = allow;
-            response.warnings = Some(vec![format!("portcullis: pod not injected: cannot read it: {e}")]);
+            response.warnings = Some(vec![format!(
+                "portcullis: pod not injected: cannot read it: {e}"
+            )]);
             return response;
         }
     };
-    match decide(&pod, &namespace, &labels, &state.inject, state.server_version) {
+    match decide(
+        &pod,
+        &namespace,
+        &labels,
+        &state.inject,
+        state.server_version,
+    ) {
         Decision::Inject { patch, warnings } => {
             tracing::debug!(uid = %request.uid, %namespace, "injecting the proxy");
             let response = match allow.with_patch(patch) {
                 Ok(response) => response,
-                Err(e) => return deny(request, format!("portcullis: cannot encode the patch: {e}"), 500, "InternalError"),
+                Err(e) => {
+                    return deny(
+                        request,
+                        format!("portcullis: cannot encode the patch: {e}"),
+                        500,
+                        "InternalError",
+                    );
+                }
             };
             with_warnings(response, warnings)
         }
@@ -92,7 +119,10 @@ fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> Admi
 }
 
 /// The validating webhook: Tenant, Role and ApiKey rules, and the admin audit event.
-pub async fn review_admin(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+pub async fn review_admin(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
     let operation = match request.operation {
         KubeOperation::Create => Operation::Create,
         KubeOperation::Update => Operation::Update,
@@ -111,7 +141,9 @@ pub async fn review_admin(state: &WebhookState, request: &AdmissionRequest<Dynam
     match result {
         Ok(Ok(())) => {
             if !request.dry_run && is_admin_change(request, operation) {
-                state.audit.record(audit_event(state, request, noun, operation));
+                state
+                    .audit
+                    .record(audit_event(state, request, noun, operation));
             }
             AdmissionResponse::from(request)
         }
@@ -127,19 +159,21 @@ struct Objects<T> {
     old: Option<T>,
 }
 
-fn objects<T: DeserializeOwned>(request: &AdmissionRequest<DynamicObject>) -> Result<Objects<T>, Box<AdmissionResponse>> {
+fn objects<T: DeserializeOwned>(
+    request: &AdmissionRequest<DynamicObject>,
+) -> Result<Objects<T>, Box<AdmissionResponse>> {
     let read = |o: &Option<DynamicObject>| -> Result<Option<T>, Box<AdmissionResponse>> {
-        o.as_ref()
-            .map(typed::<T>)
-            .transpose()
-            .map_err(|e| {
-                Box::new(deny(
-                    request,
-                    format!("{} {:?} cannot be read: {e}", request.kind.kind, request.name),
-                    422,
-                    "Invalid",
-                ))
-            })
+        o.as_ref().map(typed::<T>).transpose().map_err(|e| {
+            Box::new(deny(
+                request,
+                format!(
+                    "{} {:?} cannot be read: {e}",
+                    request.kind.kind, request.name
+                ),
+                422,
+                "Invalid",
+            ))
+        })
     };
     Ok(Objects {
         object: read(&request.object)?,
@@ -147,7 +181,11 @@ fn objects<T: DeserializeOwned>(request: &AdmissionRequest<DynamicObject>) -> Re
     })
 }
 
-fn change<'a, T>(request: &'a AdmissionRequest<DynamicObject>, operation: Operation, objects: &'a Objects<T>) -> Change<'a, T> {
+fn change<'a, T>(
+    request: &'a AdmissionRequest<DynamicObject>,
+    operation: Operation,
+    objects: &'a Objects<T>,
+) -> Change<'a, T> {
     Change {
         operation,
         name: &request.name,
@@ -157,27 +195,47 @@ fn change<'a, T>(request: &'a AdmissionRequest<DynamicObject>, operation: Operat
     }
 }
 
-async fn check_api_key(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+async fn check_api_key(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    operation: Operation,
+) -> Checked {
     let objects = objects::<ApiKey>(request)?;
     let namespace = request.namespace.clone().unwrap_or_default();
     let lookup = state.lookup.as_ref();
-    let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
-    let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let roles = namespace_roles(lookup, &namespace)
+        .await
+        .map_err(|e| Box::new(unavailable(request, e)))?;
+    let catalogue = catalogue(lookup, &namespace)
+        .await
+        .map_err(|e| Box::new(unavailable(request, e)))?;
     let requester = Requester::from_user_info(&request.user_info);
     let change = change(request, operation, &objects);
-    let decide = |settings: &ValidatorSettings| validate_api_key(&change, &requester, &roles, &catalogue, settings);
+    let decide = |settings: &ValidatorSettings| {
+        validate_api_key(&change, &requester, &roles, &catalogue, settings)
+    };
     decide_with_admin_fallback(state, request, &requester, decide).await
 }
 
-async fn check_role(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+async fn check_role(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    operation: Operation,
+) -> Checked {
     let objects = objects::<Role>(request)?;
     let namespace = request.namespace.clone().unwrap_or_default();
     let lookup = state.lookup.as_ref();
-    let roles = namespace_roles(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
-    let catalogue = catalogue(lookup, &namespace).await.map_err(|e| Box::new(unavailable(request, e)))?;
+    let roles = namespace_roles(lookup, &namespace)
+        .await
+        .map_err(|e| Box::new(unavailable(request, e)))?;
+    let catalogue = catalogue(lookup, &namespace)
+        .await
+        .map_err(|e| Box::new(unavailable(request, e)))?;
     let requester = Requester::from_user_info(&request.user_info);
     let change = change(request, operation, &objects);
-    let decide = |settings: &ValidatorSettings| validate_role(&change, &requester, &roles, &catalogue, settings);
+    let decide = |settings: &ValidatorSettings| {
+        validate_role(&change, &requester, &roles, &catalogue, settings)
+    };
     decide_with_admin_fallback(state, request, &requester, decide).await
 }
 
@@ -207,13 +265,24 @@ async fn decide_with_admin_fallback(
     }
 }
 
-async fn check_tenant(state: &WebhookState, request: &AdmissionRequest<DynamicObject>, operation: Operation) -> Checked {
+async fn check_tenant(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    operation: Operation,
+) -> Checked {
     let objects = objects::<Tenant>(request)?;
-    let namespaces = objects.object.as_ref().map(|t| t.spec.namespaces.clone()).unwrap_or_default();
+    let namespaces = objects
+        .object
+        .as_ref()
+        .map(|t| t.spec.namespaces.clone())
+        .unwrap_or_default();
     let claims = tenant_claims(state.lookup.as_ref(), &namespaces)
         .await
         .map_err(|e| Box::new(unavailable(request, e)))?;
-    Ok(validate_tenant(&change(request, operation, &objects), &claims))
+    Ok(validate_tenant(
+        &change(request, operation, &objects),
+        &claims,
+    ))
 }
 
 /// Creations and deletions always; updates when the spec, labels or annotations

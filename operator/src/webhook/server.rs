@@ -111,17 +111,18 @@ pub async fn serve_on(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let header_read_timeout = limits.header_read_timeout;
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
@@ -152,23 +153,36 @@ pub async fn serve_on(
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.into())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
-async fn route(request: Request<Incoming>, state: &WebhookState, limits: &ServerLimits) -> Response<Full<Bytes>> {
+async fn route(
+    request: Request<Incoming>,
+    state: &WebhookState,
+    limits: &ServerLimits,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let kind = match path.as_str() {
         INJECT_PATH => Kind::Inject,
         VALIDATE_PATH => Kind::Validate,
-        _ => return text(StatusCode::NOT_FOUND, "not found: use POST /inject or POST /validate\n"),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: use POST /inject or POST /validate\n",
+            );
+        }
     };
     if request.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
     }
-    let body = match Limited::new(request.into_body(), limits.max_body_bytes).collect().await {
+    let body = match Limited::new(request.into_body(), limits.max_body_bytes)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(e) => {
             let status = if e.is::<http_body_util::LengthLimitError>() {
@@ -181,7 +195,12 @@ async fn route(request: Request<Incoming>, state: &WebhookState, limits: &Server
     };
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
         Ok(review) => review,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}\n")),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("not an AdmissionReview: {e}\n"),
+            );
+        }
     };
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(request) => request,
@@ -195,17 +214,22 @@ async fn route(request: Request<Incoming>, state: &WebhookState, limits: &Server
     })
     .await;
     let response = reviewed.unwrap_or_else(|_| {
-        AdmissionResponse::from(&request).deny("portcullis webhook timed out reading cluster state; retry shortly")
+        AdmissionResponse::from(&request)
+            .deny("portcullis webhook timed out reading cluster state; retry shortly")
     });
     match serde_json::to_vec(&response.into_review()) {
         Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             response
         }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the response: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the response: {e}\n"),
+        ),
     }
 }
 

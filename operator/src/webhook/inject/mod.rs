@@ -65,7 +65,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::version::Info;
-use portcullis_crds::annotations::{APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS};
+use portcullis_crds::annotations::{
+    APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS,
+};
 use portcullis_crds::policy::InboundMode;
 use portcullis_crds::scope::ScopeMap;
 use portcullis_crds::tenant::TENANT_LABEL;
@@ -75,8 +77,9 @@ mod patch;
 mod sidecar;
 
 pub use sidecar::{
-    DATA_MOUNT, DATA_VOLUME, IDENTITY_TOKEN_MOUNT, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER, PROXY_CONTAINER,
-    TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT, TRUST_BUNDLE_VOLUME, XTABLES_LOCK_VOLUME,
+    DATA_MOUNT, DATA_VOLUME, IDENTITY_TOKEN_MOUNT, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER,
+    PROXY_CONTAINER, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT,
+    TRUST_BUNDLE_VOLUME, XTABLES_LOCK_VOLUME,
 };
 
 /// Pod annotation the injector sets to its version on every pod it injects.
@@ -96,8 +99,14 @@ pub enum InjectionLevel {
 
 impl InjectionLevel {
     /// The level of `namespace` with `labels`.
-    pub fn of(namespace: &str, labels: &BTreeMap<String, String>, settings: &InjectSettings) -> Self {
-        if settings.excluded_namespaces.iter().any(|n| n == namespace) || namespace == settings.operator_namespace {
+    pub fn of(
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        settings: &InjectSettings,
+    ) -> Self {
+        if settings.excluded_namespaces.iter().any(|n| n == namespace)
+            || namespace == settings.operator_namespace
+        {
             return Self::Off;
         }
         match labels.get(INJECT).map(String::as_str) {
@@ -180,7 +189,11 @@ impl InjectSettings {
             identity_url: format!("https://{service}.{operator_namespace}.svc:{IDENTITY_PORT}"),
             policy_url: format!("https://{service}.{operator_namespace}.svc:{POLICY_PORT}"),
             operator_namespace: operator_namespace.into(),
-            excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-public".into(),
+                "kube-node-lease".into(),
+            ],
             token_expiration_seconds: 3600,
             redirect_outbound: false,
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
@@ -199,7 +212,10 @@ pub struct ServerVersion {
 
 impl ServerVersion {
     /// The first version whose API server keeps `restartPolicy: Always` on init containers.
-    pub const NATIVE_SIDECARS: Self = Self { major: 1, minor: 29 };
+    pub const NATIVE_SIDECARS: Self = Self {
+        major: 1,
+        minor: 29,
+    };
 
     /// From `/version`; minors such as `"27+"` (managed clusters) are read by their
     /// digits. `None` when the fields are not numbers.
@@ -307,13 +323,22 @@ pub fn decide(
     }
 
     let spec = pod.spec.clone().unwrap_or_default();
-    let init_names = spec.init_containers.iter().flatten().map(|c| c.name.as_str());
-    let names: Vec<&str> = init_names.chain(spec.containers.iter().map(|c| c.name.as_str())).collect();
+    let init_names = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str());
+    let names: Vec<&str> = init_names
+        .chain(spec.containers.iter().map(|c| c.name.as_str()))
+        .collect();
     let has_proxy = names.contains(&PROXY_CONTAINER);
     if has_proxy && annotations.contains_key(INJECTED) {
         return admit(NotInjected::AlreadyInjected, None);
     }
-    if let Some(reserved) = names.iter().find(|n| **n == PROXY_CONTAINER || **n == INIT_CONTAINER) {
+    if let Some(reserved) = names
+        .iter()
+        .find(|n| **n == PROXY_CONTAINER || **n == INIT_CONTAINER)
+    {
         return Decision::Refuse {
             message: format!(
                 "{who} has a container named {reserved:?}, a name Portcullis reserves for the containers \
@@ -352,7 +377,9 @@ pub fn decide(
             },
             _ => admit(
                 NotInjected::Unsupported,
-                Some(format!("portcullis: {who} admitted without the proxy: {reason}")),
+                Some(format!(
+                    "portcullis: {who} admitted without the proxy: {reason}"
+                )),
             ),
         },
     }
@@ -386,7 +413,12 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
     if spec.containers.is_empty() {
         return Err(Unsupported("it has no containers".into()));
     }
-    let all_containers = || spec.init_containers.iter().flatten().chain(&spec.containers);
+    let all_containers = || {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+    };
     let declared_ports = || all_containers().flat_map(|c| c.ports.iter().flatten());
     for port in declared_ports() {
         if [PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_ADMIN_PORT]
@@ -401,7 +433,10 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
     }
     for volume in spec.volumes.iter().flatten() {
         if sidecar::VOLUME_NAMES.contains(&volume.name.as_str()) {
-            return Err(Unsupported(format!("volume name {:?} is reserved for Portcullis", volume.name)));
+            return Err(Unsupported(format!(
+                "volume name {:?} is reserved for Portcullis",
+                volume.name
+            )));
         }
     }
 
@@ -424,12 +459,16 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
     };
     let scopes_map = match annotations.get(SCOPES_MAP) {
         Some(value) => {
-            let map: ScopeMap = serde_json::from_str(value)
-                .map_err(|e| Unsupported(format!("annotation {SCOPES_MAP} is not a JSON scope map: {e}")))?;
+            let map: ScopeMap = serde_json::from_str(value).map_err(|e| {
+                Unsupported(format!(
+                    "annotation {SCOPES_MAP} is not a JSON scope map: {e}"
+                ))
+            })?;
             for (scope, rules) in &map {
                 for rule in rules {
-                    rule.validate()
-                        .map_err(|e| Unsupported(format!("annotation {SCOPES_MAP}, scope {scope:?}: {e}")))?;
+                    rule.validate().map_err(|e| {
+                        Unsupported(format!("annotation {SCOPES_MAP}, scope {scope:?}: {e}"))
+                    })?;
                 }
             }
             Some(value.clone())
@@ -448,8 +487,11 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         .iter()
         .flatten()
         .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"));
-    let run_to_completion =
-        owned_by_job || matches!(spec.restart_policy.as_deref(), Some("Never") | Some("OnFailure"));
+    let run_to_completion = owned_by_job
+        || matches!(
+            spec.restart_policy.as_deref(),
+            Some("Never") | Some("OnFailure")
+        );
     Ok(PodPlan {
         app_port,
         inbound_mode,
@@ -468,7 +510,9 @@ fn resolve_app_port<'a>(
     if value.chars().all(|c| c.is_ascii_digit()) {
         return match value.parse::<u16>() {
             Ok(port) if port > 0 => Ok(port),
-            _ => Err(Unsupported(format!("annotation {APP_PORT}: {value:?} is not a port (1-65535)"))),
+            _ => Err(Unsupported(format!(
+                "annotation {APP_PORT}: {value:?} is not a port (1-65535)"
+            ))),
         };
     }
     declared
@@ -493,11 +537,35 @@ mod tests {
             minor: minor.into(),
             ..Info::default()
         };
-        assert_eq!(ServerVersion::from_info(&info("1", "20")), Some(ServerVersion { major: 1, minor: 20 }));
-        assert_eq!(ServerVersion::from_info(&info("1", "29+")), Some(ServerVersion { major: 1, minor: 29 }));
+        assert_eq!(
+            ServerVersion::from_info(&info("1", "20")),
+            Some(ServerVersion {
+                major: 1,
+                minor: 20
+            })
+        );
+        assert_eq!(
+            ServerVersion::from_info(&info("1", "29+")),
+            Some(ServerVersion {
+                major: 1,
+                minor: 29
+            })
+        );
         assert_eq!(ServerVersion::from_info(&info("", "")), None);
-        assert!(!ServerVersion { major: 1, minor: 28 }.supports_native_sidecars());
-        assert!(ServerVersion { major: 1, minor: 29 }.supports_native_sidecars());
+        assert!(
+            !ServerVersion {
+                major: 1,
+                minor: 28
+            }
+            .supports_native_sidecars()
+        );
+        assert!(
+            ServerVersion {
+                major: 1,
+                minor: 29
+            }
+            .supports_native_sidecars()
+        );
         assert!(ServerVersion { major: 2, minor: 0 }.supports_native_sidecars());
     }
 }

@@ -39,7 +39,10 @@ pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native
             ops.push(add(&["spec", "initContainers", &i.to_string()], container));
         }
     } else {
-        ops.push(add(&["spec", "initContainers"], Value::Array(front_of_init)));
+        ops.push(add(
+            &["spec", "initContainers"],
+            Value::Array(front_of_init),
+        ));
     }
     if !native {
         ops.push(add(&["spec", "containers", "0"], proxy));
@@ -47,7 +50,11 @@ pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native
 
     let volumes: Vec<Value> = sidecar::volumes(settings).iter().map(json).collect();
     if spec.and_then(|s| s.volumes.as_ref()).is_some() {
-        ops.extend(volumes.into_iter().map(|v| add(&["spec", "volumes", "-"], v)));
+        ops.extend(
+            volumes
+                .into_iter()
+                .map(|v| add(&["spec", "volumes", "-"], v)),
+        );
     } else {
         ops.push(add(&["spec", "volumes"], Value::Array(volumes)));
     }
@@ -56,7 +63,10 @@ pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native
     if pod.metadata.annotations.is_some() {
         ops.push(add(&["metadata", "annotations", INJECTED], version));
     } else {
-        ops.push(add(&["metadata", "annotations"], serde_json::json!({ INJECTED: version })));
+        ops.push(add(
+            &["metadata", "annotations"],
+            serde_json::json!({ INJECTED: version }),
+        ));
     }
     Patch(ops)
 }

@@ -3,13 +3,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use portcullis_crds::annotations::{IDENTITY_AUDIENCE, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+use portcullis_crds::annotations::{
+    IDENTITY_AUDIENCE, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+};
 
 use super::{DEFAULT_TRUST_DOMAIN, InjectSettings, PodPlan};
 
@@ -37,7 +40,12 @@ pub const DATA_MOUNT: &str = "/var/lib/portcullis";
 pub const XTABLES_LOCK_VOLUME: &str = "portcullis-xtables-lock";
 
 /// Every volume name the injector adds.
-pub(super) const VOLUME_NAMES: [&str; 4] = [IDENTITY_TOKEN_VOLUME, TRUST_BUNDLE_VOLUME, DATA_VOLUME, XTABLES_LOCK_VOLUME];
+pub(super) const VOLUME_NAMES: [&str; 4] = [
+    IDENTITY_TOKEN_VOLUME,
+    TRUST_BUNDLE_VOLUME,
+    DATA_VOLUME,
+    XTABLES_LOCK_VOLUME,
+];
 
 const PROXY_BINARY: &str = "portcullis-proxy";
 /// How long the startup probe / postStart hook wait for the proxy.
@@ -142,7 +150,11 @@ fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe 
 }
 
 /// `portcullis-proxy`: a native sidecar (`native`) or the first regular container.
-pub(super) fn proxy_container(plan: &PodPlan, settings: &InjectSettings, native: bool) -> Container {
+pub(super) fn proxy_container(
+    plan: &PodPlan,
+    settings: &InjectSettings,
+    native: bool,
+) -> Container {
     let mut env_vars = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -160,13 +172,22 @@ pub(super) fn proxy_container(plan: &PodPlan, settings: &InjectSettings, native:
     env_vars.extend([
         env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
         env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),
-        env("PORTCULLIS_TOKEN_PATH", format!("{IDENTITY_TOKEN_MOUNT}/token")),
-        env("PORTCULLIS_TRUST_BUNDLE", format!("{TRUST_BUNDLE_MOUNT}/{TRUST_BUNDLE_KEY}")),
+        env(
+            "PORTCULLIS_TOKEN_PATH",
+            format!("{IDENTITY_TOKEN_MOUNT}/token"),
+        ),
+        env(
+            "PORTCULLIS_TRUST_BUNDLE",
+            format!("{TRUST_BUNDLE_MOUNT}/{TRUST_BUNDLE_KEY}"),
+        ),
         env("PORTCULLIS_DATA_DIR", DATA_MOUNT),
     ]);
     // The proxy assumes cluster.local; say so only when it differs.
     if settings.trust_domain != DEFAULT_TRUST_DOMAIN {
-        env_vars.push(env("PORTCULLIS_TRUST_DOMAIN", settings.trust_domain.clone()));
+        env_vars.push(env(
+            "PORTCULLIS_TRUST_DOMAIN",
+            settings.trust_domain.clone(),
+        ));
     }
     if !native && plan.run_to_completion {
         env_vars.push(env("PORTCULLIS_EXIT_WHEN_APP_EXITS", "true"));
@@ -190,7 +211,10 @@ pub(super) fn proxy_container(plan: &PodPlan, settings: &InjectSettings, native:
         command: Some(strings(&[PROXY_BINARY])),
         args: Some(strings(&["run", "--config-from-env"])),
         env: Some(env_vars),
-        ports: Some(vec![port("pc-inbound", PROXY_INBOUND_PORT), port("pc-admin", PROXY_ADMIN_PORT)]),
+        ports: Some(vec![
+            port("pc-inbound", PROXY_INBOUND_PORT),
+            port("pc-admin", PROXY_ADMIN_PORT),
+        ]),
         resources: Some(resources(settings)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
@@ -35,7 +35,8 @@ fn certificate_error(what: &str) -> impl FnOnce(rcgen::Error) -> WebhookError + 
 /// Sets notBefore/notAfter (rcgen takes `time` types; built from the epoch so this
 /// crate needs no `time` dependency).
 fn set_validity(params: &mut CertificateParams, from: Timestamp, until: Timestamp) {
-    let since_epoch = |ts: Timestamp| Duration::from_secs(u64::try_from(ts.as_second()).unwrap_or(0));
+    let since_epoch =
+        |ts: Timestamp| Duration::from_secs(u64::try_from(ts.as_second()).unwrap_or(0));
     params.not_before = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(from);
     params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(until);
 }
@@ -94,21 +95,33 @@ impl std::fmt::Debug for WebhookCa {
 impl WebhookCa {
     /// A new CA valid from `now` for `lifetime`.
     pub fn generate(now: Timestamp, lifetime: Duration) -> Result<Self, WebhookError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(certificate_error("CA key"))?;
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(certificate_error("CA key"))?;
         let serial = random_serial();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "Portcullis");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Portcullis");
         params.distinguished_name.push(
             DnType::CommonName,
-            format!("Portcullis webhook CA {}", hex::encode(&serial.to_bytes()[..4])),
+            format!(
+                "Portcullis webhook CA {}",
+                hex::encode(&serial.to_bytes()[..4])
+            ),
         );
         params.serial_number = Some(serial);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let not_after = plus(now, lifetime);
         set_validity(&mut params, minus(now, BACKDATE), not_after);
-        let cert = params.self_signed(&key).map_err(certificate_error("CA certificate"))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(certificate_error("CA certificate"))?;
         Ok(Self {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -129,30 +142,48 @@ impl WebhookCa {
         let text = |key: &str| -> Result<Option<String>, WebhookError> {
             data.get(key)
                 .map(|b| {
-                    String::from_utf8(b.0.clone())
-                        .map_err(|_| WebhookError::CorruptCaSecret(format!("{key} is not UTF-8 PEM")))
+                    String::from_utf8(b.0.clone()).map_err(|_| {
+                        WebhookError::CorruptCaSecret(format!("{key} is not UTF-8 PEM"))
+                    })
                 })
                 .transpose()
         };
-        let cert_pem = text(CA_CERT_KEY)?.ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_CERT_KEY}")))?;
-        let key_pem = text(CA_KEY_KEY)?.ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}")))?;
-        KeyPair::from_pem(&key_pem).map_err(|e| WebhookError::CorruptCaSecret(format!("{CA_KEY_KEY}: {e}")))?;
+        let cert_pem = text(CA_CERT_KEY)?
+            .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_CERT_KEY}")))?;
+        let key_pem = text(CA_KEY_KEY)?
+            .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}")))?;
+        KeyPair::from_pem(&key_pem)
+            .map_err(|e| WebhookError::CorruptCaSecret(format!("{CA_KEY_KEY}: {e}")))?;
         let not_after = not_after(&cert_pem)?;
         let previous = match text(PREVIOUS_CA_CERT_KEY)? {
             Some(pem) if !pem.is_empty() => Some((pem.clone(), not_after_or_epoch(&pem))),
             _ => None,
         };
-        Ok(Self { cert_pem, key_pem, not_after, previous })
+        Ok(Self {
+            cert_pem,
+            key_pem,
+            not_after,
+            previous,
+        })
     }
 
     /// The Secret's data.
     pub fn to_secret_data(&self) -> BTreeMap<String, ByteString> {
         let mut data = BTreeMap::from([
-            (CA_CERT_KEY.to_owned(), ByteString(self.cert_pem.clone().into_bytes())),
-            (CA_KEY_KEY.to_owned(), ByteString(self.key_pem.clone().into_bytes())),
+            (
+                CA_CERT_KEY.to_owned(),
+                ByteString(self.cert_pem.clone().into_bytes()),
+            ),
+            (
+                CA_KEY_KEY.to_owned(),
+                ByteString(self.key_pem.clone().into_bytes()),
+            ),
         ]);
         if let Some((pem, _)) = &self.previous {
-            data.insert(PREVIOUS_CA_CERT_KEY.to_owned(), ByteString(pem.clone().into_bytes()));
+            data.insert(
+                PREVIOUS_CA_CERT_KEY.to_owned(),
+                ByteString(pem.clone().into_bytes()),
+            );
         }
         data
     }
@@ -185,14 +216,25 @@ impl WebhookCa {
     }
 
     /// A serving leaf for `sans` (DNS names or IP addresses), valid for `lifetime`.
-    pub fn issue_leaf(&self, sans: &[String], now: Timestamp, lifetime: Duration) -> Result<ServingLeaf, WebhookError> {
+    pub fn issue_leaf(
+        &self,
+        sans: &[String],
+        now: Timestamp,
+        lifetime: Duration,
+    ) -> Result<ServingLeaf, WebhookError> {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(certificate_error("CA key"))?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(certificate_error("CA certificate"))?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(certificate_error("serving key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)
+            .map_err(certificate_error("CA certificate"))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(certificate_error("serving key"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "Portcullis");
-        params.distinguished_name.push(DnType::CommonName, "portcullis-webhook");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Portcullis");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "portcullis-webhook");
         params.serial_number = Some(random_serial());
         params.subject_alt_names = sans
             .iter()
@@ -211,11 +253,15 @@ impl WebhookCa {
         // Never outlive the CA: a leaf past its issuer's expiry would fail verification.
         let not_after = plus(now, lifetime).min(self.not_after);
         set_validity(&mut params, minus(now, BACKDATE), not_after);
-        let cert = params.signed_by(&key, &issuer).map_err(certificate_error("serving certificate"))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(certificate_error("serving certificate"))?;
         let provider = portcullis_sidecar::identity::tls::provider();
         let signing_key = provider
             .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
             .map_err(|e| WebhookError::Certificate(format!("loading the serving key: {e}")))?;
         let der = cert.der().clone();
         Ok(ServingLeaf {
@@ -242,7 +288,9 @@ pub struct ServingLeaf {
 
 impl std::fmt::Debug for ServingLeaf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServingLeaf").field("not_after", &self.not_after).finish_non_exhaustive()
+        f.debug_struct("ServingLeaf")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 

@@ -119,7 +119,9 @@ impl ResolvesServerCert for ServingCertificate {
 
 /// A TLS 1.3 server configuration (ALPN h2, http/1.1) that serves whatever leaf
 /// `certificate` holds at handshake time.
-pub fn server_config(certificate: Arc<ServingCertificate>) -> Result<Arc<ServerConfig>, WebhookError> {
+pub fn server_config(
+    certificate: Arc<ServingCertificate>,
+) -> Result<Arc<ServerConfig>, WebhookError> {
     let provider = portcullis_sidecar::identity::tls::provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -138,7 +140,10 @@ mod tests {
     #[test]
     fn sans_cover_the_service_and_extras_once() {
         let mut settings = WebhookTlsSettings::new("portcullis-system", "portcullis-webhook");
-        settings.extra_sans = vec!["127.0.0.1".into(), "portcullis-webhook.portcullis-system.svc".into()];
+        settings.extra_sans = vec![
+            "127.0.0.1".into(),
+            "portcullis-webhook.portcullis-system.svc".into(),
+        ];
         assert_eq!(
             settings.sans(),
             [
@@ -167,10 +172,15 @@ mod tests {
         assert_eq!(back.bundle_pem(t8), next.bundle_pem(t8));
         assert_eq!(back.not_after().as_second(), next.not_after().as_second());
 
-        let leaf = next.issue_leaf(&["127.0.0.1".into(), "a.b.svc".into()], t8, 30 * day).unwrap();
+        let leaf = next
+            .issue_leaf(&["127.0.0.1".into(), "a.b.svc".into()], t8, 30 * day)
+            .unwrap();
         assert!(leaf.issued_by(&next));
         assert!(!leaf.issued_by(&ca));
-        assert!(leaf.not_after() <= next.not_after(), "a leaf never outlives its CA");
+        assert!(
+            leaf.not_after() <= next.not_after(),
+            "a leaf never outlives its CA"
+        );
     }
 
     #[test]
@@ -178,7 +188,13 @@ mod tests {
         let mut data = WebhookCa::generate(jiff::Timestamp::now(), Duration::from_secs(3600))
             .unwrap()
             .to_secret_data();
-        data.insert(ca::CA_KEY_KEY.into(), k8s_openapi::ByteString(b"not a key".to_vec()));
-        assert!(matches!(WebhookCa::from_secret_data(&data), Err(WebhookError::CorruptCaSecret(_))));
+        data.insert(
+            ca::CA_KEY_KEY.into(),
+            k8s_openapi::ByteString(b"not a key".to_vec()),
+        );
+        assert!(matches!(
+            WebhookCa::from_secret_data(&data),
+            Err(WebhookError::CorruptCaSecret(_))
+        ));
     }
 }

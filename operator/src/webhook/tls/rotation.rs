@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use portcullis_crds::annotations::FIELD_MANAGER;
@@ -83,8 +85,11 @@ impl WebhookCertificates {
         patch_ca_bundles(&self.client, &self.settings, &loaded.bundle_pem(now)).await?;
         let leaf = self.serving.current();
         if !leaf.issued_by(&loaded) || leaf.needs_renewal(now, self.settings.leaf_renew_before) {
-            self.serving
-                .swap(loaded.issue_leaf(&self.settings.sans(), now, self.settings.leaf_lifetime)?);
+            self.serving.swap(loaded.issue_leaf(
+                &self.settings.sans(),
+                now,
+                self.settings.leaf_lifetime,
+            )?);
             tracing::info!("webhook serving certificate renewed");
         }
         *ca = loaded;
@@ -94,7 +99,11 @@ impl WebhookCertificates {
     /// Issues and serves a new leaf now, whatever its age.
     pub async fn rotate_leaf(&self) -> Result<(), WebhookError> {
         let ca = self.ca.lock().await;
-        let leaf = ca.issue_leaf(&self.settings.sans(), self.clock.now(), self.settings.leaf_lifetime)?;
+        let leaf = ca.issue_leaf(
+            &self.settings.sans(),
+            self.clock.now(),
+            self.settings.leaf_lifetime,
+        )?;
         self.serving.swap(leaf);
         Ok(())
     }
@@ -105,7 +114,9 @@ impl WebhookCertificates {
         let renew_at = leaf.not_after().as_second()
             - i64::try_from(self.settings.leaf_renew_before.as_secs()).unwrap_or(i64::MAX);
         let until = u64::try_from(renew_at - self.clock.now().as_second()).unwrap_or(0);
-        self.settings.check_interval.min(Duration::from_secs(until.max(1)))
+        self.settings
+            .check_interval
+            .min(Duration::from_secs(until.max(1)))
     }
 
     /// Refreshes until `shutdown`; failures are logged and retried after a minute.
@@ -141,7 +152,13 @@ async fn load_or_create_ca(
         metadata: ObjectMeta {
             name: Some(settings.ca_secret.clone()),
             namespace: Some(settings.namespace.clone()),
-            labels: Some([("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned())].into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    FIELD_MANAGER.to_owned(),
+                )]
+                .into(),
+            ),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -184,9 +201,14 @@ async fn renew_ca_if_due(
     let next = current.renewed(now, settings.ca_lifetime)?;
     secret.data = Some(next.to_secret_data());
     // resourceVersion is kept: a concurrent renewal makes this a 409, and we use theirs.
-    match secrets.replace(&settings.ca_secret, &PostParams::default(), &secret).await {
+    match secrets
+        .replace(&settings.ca_secret, &PostParams::default(), &secret)
+        .await
+    {
         Ok(_) => {
-            tracing::info!("renewed the webhook CA; the previous one stays trusted until it expires");
+            tracing::info!(
+                "renewed the webhook CA; the previous one stays trusted until it expires"
+            );
             Ok(next)
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -206,21 +228,51 @@ pub async fn patch_ca_bundles(
 ) -> Result<(), WebhookError> {
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     if let Some(config) = mutating.get_opt(&settings.mutating_configuration).await? {
-        let names: Vec<String> = config.webhooks.iter().flatten().map(|w| w.name.clone()).collect();
-        let patch = bundle_patch("MutatingWebhookConfiguration", &settings.mutating_configuration, &names, bundle_pem);
+        let names: Vec<String> = config
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.name.clone())
+            .collect();
+        let patch = bundle_patch(
+            "MutatingWebhookConfiguration",
+            &settings.mutating_configuration,
+            &names,
+            bundle_pem,
+        );
         mutating
-            .patch(&settings.mutating_configuration, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .patch(
+                &settings.mutating_configuration,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await?;
     } else {
         tracing::debug!(name = %settings.mutating_configuration, "no MutatingWebhookConfiguration to patch yet");
     }
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(config) = validating.get_opt(&settings.validating_configuration).await? {
-        let names: Vec<String> = config.webhooks.iter().flatten().map(|w| w.name.clone()).collect();
-        let patch =
-            bundle_patch("ValidatingWebhookConfiguration", &settings.validating_configuration, &names, bundle_pem);
+    if let Some(config) = validating
+        .get_opt(&settings.validating_configuration)
+        .await?
+    {
+        let names: Vec<String> = config
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.name.clone())
+            .collect();
+        let patch = bundle_patch(
+            "ValidatingWebhookConfiguration",
+            &settings.validating_configuration,
+            &names,
+            bundle_pem,
+        );
         validating
-            .patch(&settings.validating_configuration, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .patch(
+                &settings.validating_configuration,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await?;
     } else {
         tracing::debug!(name = %settings.validating_configuration, "no ValidatingWebhookConfiguration to patch yet");
@@ -229,7 +281,12 @@ pub async fn patch_ca_bundles(
 }
 
 /// The apply configuration that owns only `webhooks[*].clientConfig.caBundle`.
-pub fn bundle_patch(kind: &str, name: &str, webhooks: &[String], bundle_pem: &str) -> serde_json::Value {
+pub fn bundle_patch(
+    kind: &str,
+    name: &str,
+    webhooks: &[String],
+    bundle_pem: &str,
+) -> serde_json::Value {
     use base64::Engine as _;
     let ca_bundle = base64::engine::general_purpose::STANDARD.encode(bundle_pem);
     serde_json::json!({

@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use portcullis_crds::role::{Permission, role_object_name};
 use portcullis_crds::{ApiKey, ApiKeySpec};
 
-use super::{Catalogue, Change, NamespaceRoles, Operation, Refusal, Requester, ValidatorSettings, quoted_list};
+use super::{
+    Catalogue, Change, NamespaceRoles, Operation, Refusal, Requester, ValidatorSettings,
+    quoted_list,
+};
 
 /// Checks an ApiKey change. `roles` and `catalogue` describe the key's namespace now.
 pub fn validate_api_key(
@@ -18,10 +21,18 @@ pub fn validate_api_key(
 ) -> Result<(), Refusal> {
     let name = change.name;
     let privileged = settings.is_privileged(requester);
-    let Some(key) = change.object.filter(|_| change.operation != Operation::Delete) else {
+    let Some(key) = change
+        .object
+        .filter(|_| change.operation != Operation::Delete)
+    else {
         // Deleting a key ends its use: the same permission as revoking it.
         if !privileged {
-            require_permission(requester, roles, Permission::KeysRevoke, &format!("delete ApiKey {name:?}"))?;
+            require_permission(
+                requester,
+                roles,
+                Permission::KeysRevoke,
+                &format!("delete ApiKey {name:?}"),
+            )?;
         }
         return Ok(());
     };
@@ -44,7 +55,10 @@ pub fn validate_api_key(
         )));
     }
     let role = roles.resolve(&spec.role).map_err(|e| {
-        Refusal::invalid(format!("ApiKey {name:?} names role {:?}, which cannot be resolved: {e}", spec.role))
+        Refusal::invalid(format!(
+            "ApiKey {name:?} names role {:?}, which cannot be resolved: {e}",
+            spec.role
+        ))
     })?;
     let mut problems = Vec::new();
     for scope in &spec.scopes {
@@ -76,7 +90,10 @@ pub fn validate_api_key(
     for (permission, action) in needed_permissions(name, spec, old) {
         require_permission(requester, roles, permission, &action)?;
     }
-    let old_scopes: BTreeSet<&str> = old.iter().flat_map(|o| o.scopes.iter().map(|s| s.as_str())).collect();
+    let old_scopes: BTreeSet<&str> = old
+        .iter()
+        .flat_map(|o| o.scopes.iter().map(|s| s.as_str()))
+        .collect();
     let holdings = roles.held_by(requester);
     let missing: Vec<&str> = spec
         .scopes
@@ -85,7 +102,11 @@ pub fn validate_api_key(
         .filter(|s| !old_scopes.contains(s) && !catalogue.held(&holdings, s))
         .collect();
     if !missing.is_empty() {
-        let (noun, pronoun) = if missing.len() == 1 { ("scope", "it") } else { ("scopes", "them") };
+        let (noun, pronoun) = if missing.len() == 1 {
+            ("scope", "it")
+        } else {
+            ("scopes", "them")
+        };
         return Err(Refusal::forbidden(format!(
             "user {:?} may not grant {noun} {} to ApiKey {name:?}: none of your Roles in namespace {:?} \
              grants {pronoun} (you hold: {}); ask a tenant admin for a Role with {pronoun}, or remove {pronoun} \
@@ -100,7 +121,11 @@ pub fn validate_api_key(
 }
 
 /// The permissions a create or update needs, each with the action for the message.
-fn needed_permissions(name: &str, spec: &ApiKeySpec, old: Option<&ApiKeySpec>) -> Vec<(Permission, String)> {
+fn needed_permissions(
+    name: &str,
+    spec: &ApiKeySpec,
+    old: Option<&ApiKeySpec>,
+) -> Vec<(Permission, String)> {
     let Some(old) = old else {
         return vec![(Permission::KeysCreate, format!("create ApiKey {name:?}"))];
     };

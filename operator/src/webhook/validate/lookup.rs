@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::UserInfo;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -30,8 +32,10 @@ pub struct LookupError {
 /// Reads the cluster state the webhooks decide on.
 pub trait ClusterLookup: Send + Sync {
     /// The labels of `namespace`; `None` when it does not exist.
-    fn namespace_labels<'a>(&'a self, namespace: &'a str)
-    -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>>;
+    fn namespace_labels<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>>;
     /// The Role objects in `namespace`.
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
     /// Every Tenant.
@@ -40,7 +44,10 @@ pub trait ClusterLookup: Send + Sync {
     /// resource (`*`) of `portcullis.dev`, cluster-wide — a cluster admin however
     /// bound (e.g. kubeadm's `kubeadm:cluster-admins` group). Asked only when the
     /// escalation check would refuse. Default: no one.
-    fn is_portcullis_admin<'a>(&'a self, user: &'a UserInfo) -> BoxFuture<'a, Result<bool, LookupError>> {
+    fn is_portcullis_admin<'a>(
+        &'a self,
+        user: &'a UserInfo,
+    ) -> BoxFuture<'a, Result<bool, LookupError>> {
         let _ = user;
         Box::pin(async { Ok(false) })
     }
@@ -77,7 +84,10 @@ impl ClusterLookup for KubeLookup {
     ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
         Box::pin(async move {
             let api: Api<Namespace> = Api::all(self.client.clone());
-            let found = api.get_opt(namespace).await.map_err(failed(format!("namespace {namespace}")))?;
+            let found = api
+                .get_opt(namespace)
+                .await
+                .map_err(failed(format!("namespace {namespace}")))?;
             Ok(found.map(|ns| ns.metadata.labels.unwrap_or_default()))
         })
     }
@@ -96,12 +106,18 @@ impl ClusterLookup for KubeLookup {
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>> {
         Box::pin(async move {
             let api: Api<Tenant> = Api::all(self.client.clone());
-            let list = api.list(&ListParams::default()).await.map_err(failed("tenants"))?;
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .map_err(failed("tenants"))?;
             Ok(list.items)
         })
     }
 
-    fn is_portcullis_admin<'a>(&'a self, user: &'a UserInfo) -> BoxFuture<'a, Result<bool, LookupError>> {
+    fn is_portcullis_admin<'a>(
+        &'a self,
+        user: &'a UserInfo,
+    ) -> BoxFuture<'a, Result<bool, LookupError>> {
         Box::pin(async move {
             let review = portcullis_admin_review(user);
             let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
@@ -109,7 +125,9 @@ impl ClusterLookup for KubeLookup {
                 .create(&PostParams::default(), &review)
                 .await
                 .map_err(failed("a SubjectAccessReview"))?;
-            Ok(reviewed.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
+            Ok(reviewed
+                .status
+                .is_some_and(|s| s.allowed && s.denied != Some(true)))
         })
     }
 }
@@ -136,24 +154,48 @@ pub fn portcullis_admin_review(user: &UserInfo) -> SubjectAccessReview {
 }
 
 /// The Roles of `namespace` (built-ins included).
-pub async fn namespace_roles(lookup: &dyn ClusterLookup, namespace: &str) -> Result<NamespaceRoles, LookupError> {
-    Ok(NamespaceRoles::new(namespace, lookup.roles(namespace).await?))
+pub async fn namespace_roles(
+    lookup: &dyn ClusterLookup,
+    namespace: &str,
+) -> Result<NamespaceRoles, LookupError> {
+    Ok(NamespaceRoles::new(
+        namespace,
+        lookup.roles(namespace).await?,
+    ))
 }
 
 /// The scope catalogue of the tenant owning `namespace`: by the namespace's tenant
 /// label, else by a Tenant listing it.
-pub async fn catalogue(lookup: &dyn ClusterLookup, namespace: &str) -> Result<Catalogue, LookupError> {
-    let labels = lookup.namespace_labels(namespace).await?.unwrap_or_default();
+pub async fn catalogue(
+    lookup: &dyn ClusterLookup,
+    namespace: &str,
+) -> Result<Catalogue, LookupError> {
+    let labels = lookup
+        .namespace_labels(namespace)
+        .await?
+        .unwrap_or_default();
     let tenants = lookup.tenants().await?;
-    let by_label = labels
-        .get(TENANT_LABEL)
-        .and_then(|name| tenants.iter().find(|t| t.metadata.name.as_deref() == Some(name.as_str())));
-    let by_list = || tenants.iter().find(|t| t.spec.namespaces.iter().any(|n| n == namespace));
-    Ok(by_label.or_else(by_list).map(Catalogue::of).unwrap_or_default())
+    let by_label = labels.get(TENANT_LABEL).and_then(|name| {
+        tenants
+            .iter()
+            .find(|t| t.metadata.name.as_deref() == Some(name.as_str()))
+    });
+    let by_list = || {
+        tenants
+            .iter()
+            .find(|t| t.spec.namespaces.iter().any(|n| n == namespace))
+    };
+    Ok(by_label
+        .or_else(by_list)
+        .map(Catalogue::of)
+        .unwrap_or_default())
 }
 
 /// Every tenant's claims plus the tenant labels of `namespaces`.
-pub async fn tenant_claims(lookup: &dyn ClusterLookup, namespaces: &[String]) -> Result<TenantClaims, LookupError> {
+pub async fn tenant_claims(
+    lookup: &dyn ClusterLookup,
+    namespaces: &[String],
+) -> Result<TenantClaims, LookupError> {
     let mut claims = TenantClaims::new(&lookup.tenants().await?);
     for namespace in namespaces {
         if let Some(labels) = lookup.namespace_labels(namespace).await?

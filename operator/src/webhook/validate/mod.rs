@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::authentication::v1::UserInfo;
 use portcullis_crds::role::{
-    BUILTIN_ROLES, EffectiveRole, InheritanceError, Permission, Role, RoleSpec, SubjectKind, builtin_role,
-    resolve, role_object_name,
+    BUILTIN_ROLES, EffectiveRole, InheritanceError, Permission, Role, RoleSpec, SubjectKind,
+    builtin_role, resolve, role_object_name,
 };
 
 mod apikey;
@@ -100,7 +100,10 @@ impl ValidatorSettings {
 
     /// Whether `requester` skips the escalation checks.
     pub fn is_privileged(&self, requester: &Requester) -> bool {
-        requester.groups.iter().any(|g| self.privileged_groups.contains(g))
+        requester
+            .groups
+            .iter()
+            .any(|g| self.privileged_groups.contains(g))
             || self.privileged_users.contains(&requester.username)
             || self
                 .privileged_user_prefixes
@@ -120,15 +123,24 @@ pub struct Refusal {
 
 impl Refusal {
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: 422 }
+        Self {
+            message: message.into(),
+            code: 422,
+        }
     }
 
     pub(crate) fn forbidden(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: 403 }
+        Self {
+            message: message.into(),
+            code: 403,
+        }
     }
 
     pub(crate) fn conflict(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: 409 }
+        Self {
+            message: message.into(),
+            code: 409,
+        }
     }
 
     /// The Kubernetes `Status.reason` for the code.
@@ -192,7 +204,11 @@ impl Holdings {
 
     /// `developer, data-reader` or `none`, for messages.
     pub fn describe(&self) -> String {
-        if self.roles.is_empty() { "none".to_owned() } else { self.roles.join(", ") }
+        if self.roles.is_empty() {
+            "none".to_owned()
+        } else {
+            self.roles.join(", ")
+        }
     }
 }
 
@@ -273,9 +289,9 @@ impl NamespaceRoles {
         let builtins = builtin_specs();
         let mut order = BUILTIN_ROLES;
         order.reverse(); // weakest first: Viewer, Analyst, Developer, Admin, Owner
-        order
-            .into_iter()
-            .find(|name| resolve(name, &builtins).is_ok_and(|r| r.permissions.contains(&permission)))
+        order.into_iter().find(|name| {
+            resolve(name, &builtins).is_ok_and(|r| r.permissions.contains(&permission))
+        })
     }
 }
 
@@ -308,7 +324,11 @@ impl Catalogue {
     /// Whether `role` grants `scope` here.
     pub fn role_grants(&self, role: &EffectiveRole, scope: &str) -> bool {
         role.scopes.contains(scope)
-            || (role.all_scopes && self.scopes.as_ref().is_none_or(|known| known.contains(scope)))
+            || (role.all_scopes
+                && self
+                    .scopes
+                    .as_ref()
+                    .is_none_or(|known| known.contains(scope)))
     }
 
     /// Whether `holdings` let their holder grant `scope` here.
@@ -319,5 +339,9 @@ impl Catalogue {
 
 /// `"a"` or `"a", "b"`, for messages.
 pub(crate) fn quoted_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    items.into_iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .into_iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -5,7 +5,10 @@ use portcullis_crds::Role;
 use portcullis_crds::role::{InheritanceError, Permission};
 
 use super::apikey::require_permission;
-use super::{Catalogue, Change, NamespaceRoles, Operation, Refusal, Requester, ValidatorSettings, quoted_list};
+use super::{
+    Catalogue, Change, NamespaceRoles, Operation, Refusal, Requester, ValidatorSettings,
+    quoted_list,
+};
 
 /// Checks a Role change. `roles` are the namespace's Roles before the change.
 pub fn validate_role(
@@ -17,9 +20,17 @@ pub fn validate_role(
 ) -> Result<(), Refusal> {
     let name = change.name;
     let privileged = settings.is_privileged(requester);
-    let Some(role) = change.object.filter(|_| change.operation != Operation::Delete) else {
+    let Some(role) = change
+        .object
+        .filter(|_| change.operation != Operation::Delete)
+    else {
         if !privileged {
-            require_permission(requester, roles, Permission::RolesManage, &format!("delete Role {name:?}"))?;
+            require_permission(
+                requester,
+                roles,
+                Permission::RolesManage,
+                &format!("delete Role {name:?}"),
+            )?;
         }
         return Ok(());
     };
@@ -46,8 +57,17 @@ pub fn validate_role(
     if privileged {
         return Ok(());
     }
-    let verb = if change.operation == Operation::Create { "create" } else { "change" };
-    require_permission(requester, roles, Permission::RolesManage, &format!("{verb} Role {name:?}"))?;
+    let verb = if change.operation == Operation::Create {
+        "create"
+    } else {
+        "change"
+    };
+    require_permission(
+        requester,
+        roles,
+        Permission::RolesManage,
+        &format!("{verb} Role {name:?}"),
+    )?;
     let holdings = roles.held_by(requester);
     let missing_permissions: Vec<&str> = effective
         .permissions

@@ -18,7 +18,9 @@ impl TenantClaims {
     pub fn new(tenants: &[Tenant]) -> Self {
         let mut claims = Self::default();
         for tenant in tenants {
-            let Some(name) = tenant.metadata.name.as_deref() else { continue };
+            let Some(name) = tenant.metadata.name.as_deref() else {
+                continue;
+            };
             let bound = tenant.status.iter().flat_map(|s| s.namespaces.iter());
             for namespace in tenant.spec.namespaces.iter().chain(bound) {
                 claims.claim(namespace, name);
@@ -29,19 +31,27 @@ impl TenantClaims {
 
     /// Records that `tenant` owns `namespace` (e.g. from the namespace's label).
     pub fn claim(&mut self, namespace: &str, tenant: &str) {
-        self.owners.entry(namespace.to_owned()).or_insert_with(|| tenant.to_owned());
+        self.owners
+            .entry(namespace.to_owned())
+            .or_insert_with(|| tenant.to_owned());
     }
 
     /// The tenant owning `namespace`, other than `except`.
     pub fn other_owner(&self, namespace: &str, except: &str) -> Option<&str> {
-        self.owners.get(namespace).map(String::as_str).filter(|owner| *owner != except)
+        self.owners
+            .get(namespace)
+            .map(String::as_str)
+            .filter(|owner| *owner != except)
     }
 }
 
 /// Checks a Tenant change against the claims of every tenant.
 pub fn validate_tenant(change: &Change<'_, Tenant>, claims: &TenantClaims) -> Result<(), Refusal> {
     let name = change.name;
-    let Some(tenant) = change.object.filter(|_| change.operation != Operation::Delete) else {
+    let Some(tenant) = change
+        .object
+        .filter(|_| change.operation != Operation::Delete)
+    else {
         return Ok(());
     };
     if change.old_object.map(|o| &o.spec) == Some(&tenant.spec) {
