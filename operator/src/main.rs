@@ -31,7 +31,7 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run the operator: controllers (while leader), policy server, metrics.
+    /// Run the operator: identity service, policy server, webhooks, metrics, and the controllers and CA rotation while leader.
     Run(Box<RunArgs>),
     /// Inspect compiled policy.
     Policy {
