@@ -55,6 +55,8 @@ struct StateLabels {
 /// Every metric the operator exports, registered in one [`Registry`].
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// The identity service's certificates issued, refusals and CA expiry.
+    pub identity: crate::ca::IdentityMetrics,
     reconciles: Family<KindLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
@@ -71,7 +73,11 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("portcullis_operator");
+        // The identity metrics carry their own `portcullis_identity_` names; the
+        // controllers' live under `portcullis_operator_`. One registry, one encoding.
+        let mut root = Registry::default();
+        let identity = crate::ca::IdentityMetrics::register(&mut root);
+        let registry = root.sub_registry_with_prefix("portcullis_operator");
         let reconciles = Family::<KindLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
@@ -104,7 +110,8 @@ impl Default for Metrics {
             policy_publishes.clone(),
         );
         Self {
-            registry: Arc::new(registry),
+            registry: Arc::new(root),
+            identity,
             reconciles,
             failures,
             duration,
@@ -214,7 +221,12 @@ mod tests {
         );
         metrics.set_api_keys([(KeyState::Active, 2)]);
         metrics.set_leader(true);
+        metrics.identity.issued();
         let text = metrics.encode();
+        assert!(
+            text.contains("portcullis_identity_certificates_issued_total 1"),
+            "identity metrics are exported beside the controllers': {text}"
+        );
         assert!(
             text.contains(r#"portcullis_operator_reconciles_total{kind="ApiKey"} 1"#),
             "{text}"

@@ -25,8 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::ca::{
-    CaError, CaSettings, IdentityMetrics, IdentityService, IdentityServiceConfig,
-    KubeAuthenticator, service_names,
+    CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, service_names,
 };
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
@@ -345,11 +344,11 @@ pub async fn start(
         "certificate authority loaded"
     );
     let names = settings.serving_names();
+    let metrics = Arc::new(Metrics::default());
     let identity_service = Arc::new(IdentityService::new(
         ca.clone(),
         Arc::new(KubeAuthenticator::new(client.clone())),
-        // Counted here; exported once the metrics registry takes extra collectors.
-        IdentityMetrics::default(),
+        metrics.identity.clone(),
     ));
     let identity_service = identity_service
         .bind(IdentityServiceConfig {
@@ -367,7 +366,6 @@ pub async fn start(
     };
 
     let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
     let (stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
