@@ -1,31 +1,41 @@
-//! Portcullis benchmarks. `quick`: a bounded closed-loop load, side by side in one run,
-//! against the echo app directly (plain HTTP/1.1) and through the proxy (TLS 1.3 +
-//! API key, the demo setup). Loopback only; every run is capped in requests and time.
+//! Portcullis benchmarks.
+//!
+//! - `quick`: direct vs the in-process demo proxy, closed loop, in seconds.
+//! - `all [--quick]`: the upstream alone, Portcullis (API key, mTLS, audit log), nginx
+//!   and HAProxy side by side in one run on pinned cores; one table (see RESULTS.md).
+//! - `load`: the load generator on its own against any 127.0.0.1 target.
+//!
+//! Loopback only; every run is capped in requests and time.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+mod all;
+mod keys;
+mod load;
+mod procfs;
+mod quick;
+mod servers;
+mod stats;
 
-use anyhow::Context;
-use bytes::Bytes;
-use clap::{Parser, Subcommand};
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use portcullis_crds::RateLimitPolicy;
-use portcullis_sidecar::{audit::AuditHook, demo};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "portcullis-bench", about = "Portcullis load generator")]
+#[command(
+    name = "portcullis-bench",
+    about = "Portcullis load generator and side-by-side benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// Each connection sends again as soon as it has an answer (max throughput).
+    Closed,
+    /// Constant rate; latency from the intended send time.
+    Open,
 }
 
 #[derive(Subcommand)]
@@ -42,226 +52,257 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         max_seconds: u64,
     },
-}
-
-/// Audit off the measured path: the benchmark measures the proxy, not log output.
-struct NoAudit;
-
-impl AuditHook for NoAudit {
-    fn record(
-        &self,
-        _event: portcullis_sidecar::audit::RequestOutcome,
-    ) -> Result<(), portcullis_sidecar::audit::AuditRefused> {
-        Ok(())
-    }
-}
-
-#[derive(Clone)]
-enum Target {
-    Direct(std::net::SocketAddr),
-    Proxy {
-        addr: std::net::SocketAddr,
-        tls: Arc<rustls::ClientConfig>,
-        key: String,
+    /// Everything side by side: direct, Portcullis, nginx, HAProxy; prints one table.
+    All {
+        /// Seconds per measurement instead of tens of seconds.
+        #[arg(long)]
+        quick: bool,
+        /// The portcullis-proxy binary (default: next to this binary).
+        #[arg(long)]
+        proxy_bin: Option<PathBuf>,
+        /// Keys in the big policy bundle (generated once at bcrypt cost 4, then cached).
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        /// Keep-alive connections for the request loads.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Open-loop rates (requests/s), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000u32, 5000])]
+        rates: Vec<u32>,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Niceness for the generator and the servers, e.g. -10 to keep concurrent
+        /// builds from adding scheduling noise (negative needs root). 0: unchanged.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        nice: i32,
+    },
+    /// The load generator alone, against one target on 127.0.0.1.
+    Load {
+        /// Target address (loopback only).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Use TLS 1.3, trusting this CA (PEM); plain HTTP when absent.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Client certificate and key (PEM) for mTLS.
+        #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+        client_cert: Vec<PathBuf>,
+        /// Sent as X-API-Key.
+        #[arg(long, env = "PORTCULLIS_BENCH_KEY")]
+        api_key: Option<String>,
+        /// Request path.
+        #[arg(long, default_value = "/v1/events/1")]
+        path: String,
+        /// closed or open.
+        #[arg(long, value_enum, default_value_t = Mode::Closed)]
+        mode: Mode,
+        /// Open loop: requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Requests at most.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Seconds at most.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Parses a policy bundle file and prints `<ms> <rss bytes> <peak rss bytes>` (used by
+    /// `all` as a child process to split the 100k-key RSS into parser and policy).
+    #[command(hide = true)]
+    BundleMemory {
+        #[arg(long)]
+        file: PathBuf,
+        /// `yaml`: the sidecar's own reader (serde_yaml); `json`: serde_json.
+        #[arg(long)]
+        parser: String,
+    },
+    /// The echo upstream (used by `all` as a child process).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
     },
 }
 
-struct Outcome {
-    requests: u64,
-    errors: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
-}
-
-type Sender = http1::SendRequest<Empty<Bytes>>;
-
-async fn connect(target: &Target) -> anyhow::Result<Sender> {
-    match target {
-        Target::Direct(addr) => {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            Ok(sender)
-        }
-        Target::Proxy { addr, tls, .. } => {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(ServerName::try_from("localhost")?, tcp)
-                .await?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            Ok(sender)
-        }
-    }
-}
-
-fn request(target: &Target) -> anyhow::Result<http::Request<Empty<Bytes>>> {
-    let mut builder = http::Request::get("/v1/events/1").header("host", "localhost");
-    if let Target::Proxy { key, .. } = target {
-        builder = builder.header("x-api-key", key.as_str());
-    }
-    Ok(builder.body(Empty::new())?)
-}
-
-async fn one(sender: &mut Sender, target: &Target) -> anyhow::Result<()> {
-    sender.ready().await?;
-    let response = sender.send_request(request(target)?).await?;
-    anyhow::ensure!(response.status() == 200, "status {}", response.status());
-    response.into_body().collect().await?;
+fn loopback(addr: &SocketAddr) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "{addr}: benchmarks target loopback addresses only"
+    );
     Ok(())
 }
 
-async fn run(
-    target: Target,
-    connections: usize,
-    requests: u64,
-    cap: Duration,
-) -> anyhow::Result<Outcome> {
-    // Warm-up: open connections, fill the pool and the verified-key cache.
-    let mut senders = Vec::new();
-    for _ in 0..connections {
-        let mut sender = connect(&target).await?;
-        for _ in 0..20 {
-            one(&mut sender, &target).await?;
-        }
-        senders.push(sender);
-    }
-    let issued = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + cap;
-    let mut tasks = Vec::new();
-    for mut sender in senders {
-        let (target, issued, errors) = (target.clone(), issued.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            while issued.fetch_add(1, Ordering::Relaxed) < requests && Instant::now() < deadline {
-                let t = Instant::now();
-                if one(&mut sender, &target).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    sender = connect(&target).await?;
-                    continue;
-                }
-                latency.record(t.elapsed().as_micros().max(1) as u64)?;
-            }
-            anyhow::Ok(latency)
-        }));
-    }
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for task in tasks {
-        latency.add(task.await??)?;
-    }
-    Ok(Outcome {
-        requests: latency.len(),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: started.elapsed(),
-        latency,
-    })
-}
-
-fn rps(o: &Outcome) -> f64 {
-    o.requests as f64 / o.elapsed.as_secs_f64()
-}
-
-fn print(name: &str, o: &Outcome) {
-    println!(
-        "{name:<28} {:>8} req  {:>6} err  {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms",
-        o.requests,
-        o.errors,
-        rps(o),
-        o.latency.value_at_quantile(0.50) as f64 / 1000.0,
-        o.latency.value_at_quantile(0.99) as f64 / 1000.0,
-    );
-}
-
-async fn quick(connections: usize, requests: u64, max_seconds: u64) -> anyhow::Result<()> {
-    let options = demo::DemoOptions {
-        inbound_port: 0,
-        admin_port: 0,
-        rate_limit: RateLimitPolicy {
-            requests: u32::MAX,
-            per_ms: 1_000,
-            burst: u32::MAX,
-        },
-        ..demo::DemoOptions::default()
-    };
-    let demo = demo::start(options, Arc::new(NoAudit))
-        .await
-        .context("starting the demo proxy")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&demo.ca)? {
-        roots.add(cert?)?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let key = demo
-        .keys
-        .iter()
-        .find(|(scope, _)| scope == "events")
-        .map(|(_, token)| token.clone())
-        .context("demo has an events key")?;
-    let cap = Duration::from_secs(max_seconds);
-    println!(
-        "quick: {connections} connections, {requests} requests per target (cap {max_seconds}s), GET /v1/events/1, loopback, HTTP/1.1 keep-alive"
-    );
-    let direct = run(Target::Direct(demo.echo_addr), connections, requests, cap).await?;
-    let proxied = run(
-        Target::Proxy {
-            addr: demo.proxy.inbound_addr,
-            tls: Arc::new(tls),
-            key,
-        },
+async fn load(command: Command) -> anyhow::Result<()> {
+    let Command::Load {
+        addr,
+        ca,
+        client_cert,
+        api_key,
+        path,
+        mode,
+        rate,
         connections,
         requests,
-        cap,
-    )
-    .await?;
-    print("direct (plain HTTP)", &direct);
-    print("proxy (TLS 1.3 + API key)", &proxied);
+        seconds,
+    } = command
+    else {
+        return Ok(());
+    };
+    loopback(&addr)?;
+    let tls = match &ca {
+        None => None,
+        Some(ca) => {
+            let auth = match client_cert.as_slice() {
+                [cert, key] => Some((cert.as_path(), key.as_path())),
+                _ => None,
+            };
+            Some(load::client_config(ca, load::Verify::Roots, auth, false)?)
+        }
+    };
+    let headers = match api_key {
+        Some(key) => vec![(
+            http::HeaderName::from_static("x-api-key"),
+            http::HeaderValue::from_str(&key)?,
+        )],
+        None => vec![],
+    };
+    let target = load::Target {
+        name: addr.to_string(),
+        addr,
+        tls,
+        headers,
+        path,
+    };
+    let bounds = load::Bounds {
+        count: requests,
+        time: Duration::from_secs(seconds),
+    };
+    let result = match mode {
+        Mode::Closed => load::closed_loop(&target, connections, bounds, "closed").await?,
+        Mode::Open => {
+            load::open_loop(&target, connections, f64::from(rate), bounds, "open").await?
+        }
+    };
+    let s = stats::summary(&result.latency);
     println!(
-        "ratio proxy/direct: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
-        rps(&proxied) / rps(&direct),
-        proxied.latency.value_at_quantile(0.5) as f64
-            / direct.latency.value_at_quantile(0.5).max(1) as f64,
-        proxied.latency.value_at_quantile(0.99) as f64
-            / direct.latency.value_at_quantile(0.99).max(1) as f64,
+        "{} ok, {} errors, {} missed, {:.0} req/s; latency µs p50 {} p99 {} p99.9 {} max {}{}",
+        result.ok,
+        result.errors,
+        result.missed,
+        result.rps(),
+        s.p50,
+        s.p99,
+        s.p999,
+        s.max,
+        if matches!(mode, Mode::Open) {
+            " (from intended send time)"
+        } else {
+            ""
+        }
     );
-    println!(
-        "key cache hits {}, misses {}",
-        demo.proxy
-            .metrics
-            .sample("portcullis_key_cache_hits_total")
-            .unwrap_or(0.0),
-        demo.proxy
-            .metrics
-            .sample("portcullis_key_cache_misses_total")
-            .unwrap_or(0.0)
-    );
-    demo.proxy.shutdown_token().cancel();
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Quick {
-                connections,
-                requests,
-                max_seconds,
-            } => quick(connections, requests, max_seconds).await,
+    match cli.command {
+        Command::Quick {
+            connections,
+            requests,
+            max_seconds,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(quick::quick(connections, requests, max_seconds))
         }
-    })
+        Command::All {
+            quick,
+            proxy_bin,
+            keys: n,
+            connections,
+            rates,
+            out,
+            nice,
+        } => {
+            // The big bundle first, on both cores, before this process is pinned.
+            eprintln!(
+                "preparing {n} keys (bcrypt cost {}; cached in {})",
+                keys::BENCH_COST,
+                keys::cache_dir().display()
+            );
+            let (prepared, generated_in) = keys::cached_keys(n, &keys::cache_dir())?;
+            all::pin_self("0", nice)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let options = all::AllOptions {
+                quick,
+                proxy_bin,
+                connections,
+                rates,
+                out,
+                nice,
+            };
+            runtime.block_on(all::run(
+                options,
+                keys::PreparedKeys {
+                    keys: prepared,
+                    generated_in,
+                },
+            ))
+        }
+        command @ Command::Load { .. } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(load(command))
+        }
+        Command::BundleMemory { file, parser } => {
+            let started = std::time::Instant::now();
+            let bundle = match parser.as_str() {
+                "yaml" => portcullis_sidecar::policy::file::read_bundle(&file)?,
+                _ => {
+                    serde_json::from_slice::<portcullis_crds::PolicyBundle>(&std::fs::read(&file)?)?
+                }
+            };
+            let took = started.elapsed();
+            let status = std::fs::read_to_string("/proc/self/status")?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
+            println!(
+                "{} {} {} {}",
+                took.as_millis(),
+                field("VmRSS:"),
+                field("VmHWM:"),
+                bundle.keys.len()
+            );
+            Ok(())
+        }
+        Command::Echo { listen } => {
+            loopback(&listen)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                portcullis_sidecar::echo::start(listen, shutdown.clone()).await?;
+                // Runs until the runner stops it (SIGTERM by pid).
+                std::future::pending::<()>().await;
+                anyhow::Ok(())
+            })
+        }
+    }
 }
