@@ -711,5 +711,28 @@ async fn webhook_refuses_an_over_scoped_key_with_the_kubectl_message() -> anyhow
         "{}",
         String::from_utf8_lossy(&admitted.stderr)
     );
+
+    // The admitted change is an admin audit record in the operator's hash chain.
+    let object = format!("{ns}/modest");
+    let chain = eventually(
+        "the admin audit record",
+        Duration::from_secs(10),
+        || async {
+            let log = fx.operator.logs(20_000);
+            let records: Vec<&str> = log
+                .lines()
+                .filter(|l| l.starts_with('{') && l.contains("\"prev_hash\""))
+                .collect();
+            let found = records.iter().any(|l| {
+                l.contains("\"action\":\"admin.key.create\"")
+                    && l.contains("\"principal\":\"user:alice\"")
+                    && l.contains(&object)
+            });
+            Ok(found.then(|| records.join("\n")))
+        },
+    )
+    .await?;
+    portcullis_audit::verify::verify_jsonl(&chain, "operator stdout", Default::default())
+        .map_err(|problem| anyhow::anyhow!("admin audit chain does not verify: {problem}"))?;
     Ok(())
 }

@@ -42,7 +42,7 @@ use crate::stores::Stores;
 use crate::trust_bundle::TrustBundlePublisher;
 use crate::webhook::config::{WebhookConfigSettings, WebhookTarget};
 use crate::webhook::{
-    self, InjectSettings, TracingAuditSink, ValidatorSettings, WebhookError, WebhookSettings,
+    self, ChainedAdminAudit, InjectSettings, ValidatorSettings, WebhookError, WebhookSettings,
     WebhookTlsSettings,
 };
 
@@ -72,6 +72,9 @@ pub enum StartError {
     /// The settings do not fit together.
     #[error("settings: {0}")]
     Settings(String),
+    /// The admin audit chain.
+    #[error(transparent)]
+    AdminAudit(#[from] crate::webhook::AdminAuditError),
 }
 
 /// The admission webhooks of a replica.
@@ -453,7 +456,7 @@ pub async fn start(
                 client.clone(),
                 socket,
                 webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr),
-                Arc::new(TracingAuditSink),
+                Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
                 shutdown.clone(),
             )
             .await?;

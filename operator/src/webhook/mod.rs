@@ -28,6 +28,7 @@ use portcullis_sidecar::identity::{Clock, SystemClock};
 use tokio_util::sync::CancellationToken;
 
 pub mod audit;
+pub mod audit_chain;
 pub mod config;
 pub mod inject;
 mod review;
@@ -36,6 +37,7 @@ pub mod tls;
 pub mod validate;
 
 pub use audit::{AdminAuditEvent, AdminAuditSink, TracingAuditSink};
+pub use audit_chain::{AdminAuditError, ChainedAdminAudit};
 pub use inject::{Decision, InjectSettings, ServerVersion};
 pub use review::{review_admin, review_pod};
 pub use server::{ServerLimits, serve, serve_on};
