@@ -10,13 +10,6 @@ use std::{
 };
 
 use anyhow::Context;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-
-/// The SPIFFE ID of the benchmark's client certificate.
-pub const CLIENT_SPIFFE_ID: &str = "spiffe://bench.local/ns/bench/sa/loadgen";
 
 /// PEM files of the benchmark PKI.
 #[derive(Clone, Debug)]
@@ -35,55 +28,10 @@ pub struct Pki {
     pub client_key: PathBuf,
 }
 
-fn validity(params: &mut CertificateParams) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + now.saturating_sub(Duration::from_secs(3600));
-    params.not_after = epoch + now + Duration::from_secs(7 * 24 * 3600);
-}
-
-/// Writes a CA, a server and a client certificate (all ECDSA P-256 / SHA-256) to `dir`.
+/// Writes a CA, a server and a client certificate (all ECDSA P-256 / SHA-256) to `dir`:
+/// the demo's throwaway PKI, so every server under test presents the same kind of key.
 pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name
-        .push(DnType::CommonName, "Portcullis bench CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut ca);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::default();
-    server.distinguished_name = DistinguishedName::new();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    server.subject_alt_names = vec![
-        SanType::DnsName("localhost".try_into()?),
-        SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
-    ];
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut server);
-    let server_cert = server.signed_by(&server_key, &issuer)?;
-
-    let client_key = KeyPair::generate()?;
-    let mut client = CertificateParams::default();
-    client.distinguished_name = DistinguishedName::new();
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "bench client");
-    client.subject_alt_names = vec![SanType::URI(CLIENT_SPIFFE_ID.try_into()?)];
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut client);
-    let client_cert = client.signed_by(&client_key, &issuer)?;
-
+    let pems = portcullis_sidecar::demo::certificates()?;
     let pki = Pki {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
@@ -92,15 +40,15 @@ pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
         client_cert: dir.join("client.pem"),
         client_key: dir.join("client-key.pem"),
     };
-    std::fs::write(&pki.ca, ca_cert.pem())?;
-    std::fs::write(&pki.server_cert, server_cert.pem())?;
-    std::fs::write(&pki.server_key, server_key.serialize_pem())?;
+    std::fs::write(&pki.ca, &pems.ca)?;
+    std::fs::write(&pki.server_cert, &pems.server_cert)?;
+    std::fs::write(&pki.server_key, &pems.server_key)?;
     std::fs::write(
         &pki.server_combined,
-        format!("{}{}", server_cert.pem(), server_key.serialize_pem()),
+        format!("{}{}", pems.server_cert, pems.server_key),
     )?;
-    std::fs::write(&pki.client_cert, client_cert.pem())?;
-    std::fs::write(&pki.client_key, client_key.serialize_pem())?;
+    std::fs::write(&pki.client_cert, &pems.client_cert)?;
+    std::fs::write(&pki.client_key, &pems.client_key)?;
     Ok(pki)
 }
 

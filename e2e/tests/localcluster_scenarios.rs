@@ -299,6 +299,16 @@ async fn call(
     request(&pods.client, &url, &args).await
 }
 
+/// Waits until `token` gets a 200 for `POST /v1/identify` (the operator has issued it
+/// and the proxy holds a policy with it) and returns that answer.
+async fn until_served(pods: &TenantPods, token: &str) -> anyhow::Result<Value> {
+    eventually("the key to be served", Duration::from_secs(10), || async {
+        let answer = call(pods, "POST", "/v1/identify", Some(token)).await?;
+        Ok((answer["status"] == 200).then_some(answer))
+    })
+    .await
+}
+
 fn echoed(answer: &Value) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(
         answer["body"].as_str().unwrap_or_default(),
@@ -347,15 +357,7 @@ async fn injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy()
             json!({"role": "Developer", "scopes": ["identify"]}),
         )
         .await?;
-    let answer = eventually(
-        "the key to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            let answer = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
-            Ok((answer["status"] == 200).then_some(answer))
-        },
-    )
-    .await?;
+    let answer = until_served(&pods, &token).await?;
     let seen = echoed(&answer)?;
     let principal = seen["headers"]["x-portcullis-principal"]
         .as_str()
@@ -431,16 +433,7 @@ async fn rate_limit_and_ip_allowlist_are_enforced_per_key() -> anyhow::Result<()
         )
         .await?;
 
-    let ok = eventually(
-        "the allowlisted key to be served",
-        Duration::from_secs(10),
-        || async {
-            let a = call(&pods, "POST", "/v1/identify", Some(&here)).await?;
-            Ok((a["status"] == 200).then_some(a))
-        },
-    )
-    .await?;
-    assert_eq!(ok["status"], 200);
+    until_served(&pods, &here).await?;
     let outside = call(&pods, "POST", "/v1/identify", Some(&elsewhere)).await?;
     assert_eq!(outside["status"], 403, "{outside}");
 
@@ -477,11 +470,7 @@ async fn revoked_key_is_refused_within_a_second_of_kubectl_patch() -> anyhow::Re
             json!({"role": "Developer", "scopes": ["identify"]}),
         )
         .await?;
-    eventually("the key to be served", Duration::from_secs(10), || async {
-        let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
-        Ok((a["status"] == 200).then_some(()))
-    })
-    .await?;
+    until_served(&pods, &token).await?;
     let patch = fx.kubectl(
         fx.env.kubeconfig_path(),
         &[
@@ -564,11 +553,7 @@ async fn audit_records_every_request_and_the_chain_verifies() -> anyhow::Result<
             json!({"role": "Developer", "scopes": ["identify"]}),
         )
         .await?;
-    eventually("the key to be served", Duration::from_secs(10), || async {
-        let a = call(&pods, "POST", "/v1/identify", Some(&token)).await?;
-        Ok((a["status"] == 200).then_some(()))
-    })
-    .await?;
+    until_served(&pods, &token).await?;
     let denied = call(&pods, "GET", "/v1/events/1", Some(&token)).await?;
     assert_eq!(denied["status"], 403);
 
@@ -718,7 +703,8 @@ async fn webhook_refuses_an_over_scoped_key_with_the_kubectl_message() -> anyhow
         "the admin audit record",
         Duration::from_secs(10),
         || async {
-            let log = fx.operator.logs(20_000);
+            // The whole log: the chain starts at its first line, not in the tail.
+            let log = std::fs::read_to_string(fx.operator.log_path())?;
             let records: Vec<&str> = log
                 .lines()
                 .filter(|l| l.starts_with('{') && l.contains("\"prev_hash\""))

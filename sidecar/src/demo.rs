@@ -184,15 +184,24 @@ fn validity(params: &mut CertificateParams) {
     params.not_after = epoch + now + Duration::from_secs(30 * 24 * 3600);
 }
 
-struct Pems {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-    client_cert: String,
-    client_key: String,
+/// A throwaway PKI as PEM: an ECDSA P-256 CA, a server certificate for localhost and
+/// 127.0.0.1, and a client certificate with a SPIFFE ID. Used by the demo and the
+/// benchmarks.
+pub struct DemoPki {
+    /// CA certificate.
+    pub ca: String,
+    /// Server certificate (localhost, 127.0.0.1, spiffe://demo.local/ns/demo/sa/server).
+    pub server_cert: String,
+    /// Server key, PKCS#8.
+    pub server_key: String,
+    /// Client certificate (`spiffe://demo.local/ns/demo/sa/client`).
+    pub client_cert: String,
+    /// Client key, PKCS#8.
+    pub client_key: String,
 }
 
-fn certificates() -> Result<Pems, rcgen::Error> {
+/// Makes a fresh [`DemoPki`], valid from an hour ago for a week.
+pub fn certificates() -> Result<DemoPki, rcgen::Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.distinguished_name = DistinguishedName::new();
@@ -232,7 +241,7 @@ fn certificates() -> Result<Pems, rcgen::Error> {
     validity(&mut client);
     let client_cert = client.signed_by(&client_key, &issuer)?;
 
-    Ok(Pems {
+    Ok(DemoPki {
         ca: ca_cert.pem(),
         server_cert: server_cert.pem(),
         server_key: server_key.serialize_pem(),

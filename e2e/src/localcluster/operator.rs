@@ -132,6 +132,11 @@ impl OperatorProcess {
         log_tail(&self.log, lines)
     }
 
+    /// The operator's whole log (stdout and stderr), e.g. to read its audit chain.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.exited().is_none()
