@@ -317,6 +317,7 @@ mod tests {
             active_dek_version: Some(3),
             api_keys: 4,
             roles: 5,
+            unprotected_pods: vec![],
             observed_generation: None,
         });
         let now = 1_000 * 86_400;

@@ -289,6 +289,11 @@ pub struct TenantStatus {
     /// Number of Roles in the tenant's namespaces.
     #[serde(default)]
     pub roles: u32,
+    /// Pods in the tenant's namespaces running without the proxy and not opted out
+    /// (`namespace/name`, at most 20): created before the namespace was bound, while
+    /// the webhook was away, or by someone who removed the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected_pods: Vec<String>,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

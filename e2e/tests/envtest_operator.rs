@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
@@ -964,6 +964,69 @@ async fn leader_election_hands_over_when_the_leader_stops() -> Result<()> {
         lease_holder(&h.client).await?,
         None,
         "released on graceful shutdown"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_running_without_the_proxy_are_reported_on_the_tenant() -> Result<()> {
+    let Some(h) = harness().await? else {
+        return Ok(());
+    };
+    let _operator = start_operator(&h, "unprotected-test").await?;
+    let ns = h.env.create_namespace("bare").await?;
+    // The 1.20 ServiceAccount admission plugin wants the token Secret first.
+    let accounts: Api<ServiceAccount> = Api::namespaced(h.client.clone(), &ns);
+    eventually("the default ServiceAccount's token", WAIT, || async {
+        let secrets = accounts.get_opt("default").await?.and_then(|a| a.secrets);
+        Ok(secrets.filter(|s| !s.is_empty()))
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(h.client.clone(), &ns);
+    for (name, annotations) in [
+        ("bare", json!({})),
+        ("opted-out", json!({"portcullis.dev/inject": "disabled"})),
+    ] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    let name = unique("exposed");
+    create_tenant(&h.client, &name, &[&ns]).await?;
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    let protected = |t: &Tenant| {
+        t.status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == "Protected")
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let exposed = eventually("the unprotected pod on the Tenant", WAIT, || async {
+        let t = tenants.get(&name).await?;
+        let listed = t.status.clone().unwrap_or_default().unprotected_pods;
+        Ok((listed == [format!("{ns}/bare")]).then_some(t))
+    })
+    .await?;
+    assert_eq!(
+        protected(&exposed),
+        Some(("False".into(), "PodsWithoutProxy".into()))
+    );
+    // Deleting the pod clears the report (the pod watch wakes the Tenant).
+    pods.delete("bare", &Default::default()).await?;
+    let cleared = eventually("the report to clear", WAIT, || async {
+        let t = tenants.get(&name).await?;
+        Ok(t.status
+            .clone()
+            .unwrap_or_default()
+            .unprotected_pods
+            .is_empty()
+            .then_some(t))
+    })
+    .await?;
+    assert_eq!(
+        protected(&cleared),
+        Some(("True".into(), "AllPodsProxied".into()))
     );
     Ok(())
 }

@@ -48,6 +48,11 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -63,6 +68,7 @@ pub struct Metrics {
     api_keys: Family<StateLabels, Gauge>,
     leader: Gauge,
     policy_publishes: Counter,
+    unprotected_pods: Family<TenantLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,6 +92,12 @@ impl Default for Metrics {
         let api_keys = Family::<StateLabels, Gauge>::default();
         let leader = Gauge::default();
         let policy_publishes = Counter::default();
+        let unprotected_pods = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "unprotected_pods",
+            "Pods of a tenant's namespaces running without the proxy",
+            unprotected_pods.clone(),
+        );
         registry.register("reconciles", "Reconciliations by kind", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -118,6 +130,7 @@ impl Default for Metrics {
             api_keys,
             leader,
             policy_publishes,
+            unprotected_pods,
         }
     }
 }
@@ -187,6 +200,15 @@ impl Metrics {
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    /// Pods of `tenant`'s namespaces that run without the proxy.
+    pub fn set_unprotected_pods(&self, tenant: &str, count: usize) {
+        self.unprotected_pods
+            .get_or_create(&TenantLabels {
+                tenant: tenant.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts a published policy version.

@@ -7,12 +7,13 @@ pub mod key_lifecycle;
 pub mod role;
 pub mod tenant;
 pub mod tenant_dek;
+pub mod unprotected;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -87,7 +88,7 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
     )
     .with_config(config);
     let tenants = controller.store();
-    let (by_key, by_role) = (ctx.stores.clone(), ctx.stores.clone());
+    let (by_key, by_role, by_pod) = (ctx.stores.clone(), ctx.stores.clone(), ctx.stores.clone());
     controller
         .watches(
             Api::<Namespace>::all(client.clone()),
@@ -101,9 +102,22 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
         )
         // Built-in Roles (re-created when deleted) and the counts in the status.
         .watches(
-            Api::<Role>::all(client),
+            Api::<Role>::all(client.clone()),
             watcher::Config::default(),
             move |role| tenant_of(&by_role, role.namespace()),
+        )
+        // Pods without the proxy are reported on their Tenant; pods with it never
+        // trigger a reconcile, so ordinary pod churn costs nothing here.
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            move |pod| {
+                if unprotected::lacks_proxy(&pod) {
+                    tenant_of(&by_pod, pod.namespace())
+                } else {
+                    None
+                }
+            },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(tenant::reconcile, tenant::error_policy, ctx)

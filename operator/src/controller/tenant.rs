@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::Selector;
@@ -26,7 +26,7 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
-use super::tenant_dek;
+use super::{tenant_dek, unprotected};
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -190,6 +190,7 @@ impl<'a> TenantReconciler<'a> {
             let status = self.status(
                 previous.namespaces,
                 previous.active_dek_version,
+                previous.unprotected_pods,
                 Some(&error),
             );
             self.apply_status(&status).await?;
@@ -257,8 +258,10 @@ impl<'a> TenantReconciler<'a> {
                 .await;
         }
 
+        let unprotected = self.unprotected_pods(&bound).await?;
+        self.announce_unprotected(&unprotected).await;
         let problem = plan.problem(&self.name);
-        let status = self.status(bound, Some(dek.active), problem.as_ref());
+        let status = self.status(bound, Some(dek.active), unprotected, problem.as_ref());
         self.apply_status(&status).await?;
         if let Some(error) = problem {
             self.announce_problem(&error).await;
@@ -418,10 +421,40 @@ impl<'a> TenantReconciler<'a> {
         Ok(())
     }
 
+    /// Pods of the bound namespaces running without the proxy.
+    async fn unprotected_pods(&self, namespaces: &[String]) -> Result<Vec<String>> {
+        let mut pods = Vec::new();
+        for ns in namespaces {
+            let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), ns);
+            pods.extend(api.list(&ListParams::default()).await?.items);
+        }
+        let names = unprotected::unprotected(&pods);
+        self.ctx
+            .metrics
+            .set_unprotected_pods(&self.name, names.len());
+        Ok(names)
+    }
+
+    /// A Warning Event when the set of unprotected pods changes to a non-empty one.
+    async fn announce_unprotected(&self, names: &[String]) {
+        if names.is_empty() || self.previous().unprotected_pods == names {
+            return;
+        }
+        let note = format!(
+            "{} pod(s) run without the Portcullis proxy: {}; delete them so they are re-created with it, or annotate them portcullis.dev/inject: disabled",
+            names.len(),
+            names.join(", ")
+        );
+        self.ctx
+            .event(&self.reference(), true, "PodsWithoutProxy", note)
+            .await;
+    }
+
     fn status(
         &self,
         namespaces: Vec<String>,
         active_dek_version: Option<u32>,
+        unprotected_pods: Vec<String>,
         problem: Option<&Error>,
     ) -> TenantStatus {
         let prev = self.previous();
@@ -436,7 +469,7 @@ impl<'a> TenantReconciler<'a> {
                 e.to_string(),
                 generation,
                 &prev.conditions,
-                now,
+                now.clone(),
             ),
             None => conditions::ready(
                 true,
@@ -448,15 +481,40 @@ impl<'a> TenantReconciler<'a> {
                 ),
                 generation,
                 &prev.conditions,
-                now,
+                now.clone(),
             ),
         };
+        // A separate condition: the tenant works, but some of its pods are exposed.
+        let protected = if unprotected_pods.is_empty() {
+            protected_condition(
+                true,
+                "AllPodsProxied",
+                "every pod runs the proxy".into(),
+                generation,
+                &prev.conditions,
+                now,
+            )
+        } else {
+            protected_condition(
+                false,
+                "PodsWithoutProxy",
+                format!(
+                    "{} pod(s) without the proxy: {}",
+                    unprotected_pods.len(),
+                    unprotected_pods.join(", ")
+                ),
+                generation,
+                &prev.conditions,
+                now,
+            )
+        };
         TenantStatus {
-            conditions: vec![ready],
+            conditions: vec![ready, protected],
             namespaces,
             active_dek_version,
             api_keys: u32::try_from(keys).unwrap_or(u32::MAX),
             roles: u32::try_from(roles).unwrap_or(u32::MAX),
+            unprotected_pods,
             observed_generation: generation,
         }
     }
@@ -497,6 +555,33 @@ impl<'a> TenantReconciler<'a> {
             .await;
     }
 }
+
+/// The `Protected` condition: `lastTransitionTime` kept while its status holds.
+fn protected_condition(
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    now: Time,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == PROTECTED && c.status == status)
+        .map_or(now, |c| c.last_transition_time.clone());
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: PROTECTED.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Condition type reporting pods that run without the proxy.
+pub const PROTECTED: &str = "Protected";
 
 #[cfg(test)]
 mod tests {
