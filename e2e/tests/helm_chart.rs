@@ -1446,6 +1446,7 @@ enum Probe {
     WatchConfigMaps,
     GetPod,
     ListPods,
+    WatchPods,
     ApplyGeneratedRole,
     ApplyGeneratedRoleBinding,
     ListRbacRoles,
@@ -1467,7 +1468,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 54] = [
+    const ALL: [Probe; 55] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -1504,6 +1505,7 @@ impl Probe {
         Self::WatchConfigMaps,
         Self::GetPod,
         Self::ListPods,
+        Self::WatchPods,
         Self::ApplyGeneratedRole,
         Self::ApplyGeneratedRoleBinding,
         Self::ListRbacRoles,
@@ -1570,6 +1572,7 @@ impl Probe {
             WatchConfigMaps => vec![need("", "configmaps", "watch")],
             GetPod => vec![need("", "pods", "get")],
             ListPods => vec![need("", "pods", "list")],
+            WatchPods => vec![need("", "pods", "watch")],
             ApplyGeneratedRole => {
                 let mut needs = rule_needs(&generated_rules());
                 needs.extend([need(RBAC, "roles", "patch"), need(RBAC, "roles", "create")]);
@@ -1817,6 +1820,7 @@ impl Probe {
                 Ok(())
             }
             ListPods => list_one(Api::<Pod>::all(sa)).await,
+            WatchPods => watch_once(Api::<Pod>::all(sa), None).await,
             ApplyGeneratedRole => {
                 let name = format!("portcullis:probe-{}", suffix());
                 let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
