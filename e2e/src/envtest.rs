@@ -736,7 +736,41 @@ impl EnvTest {
         let created = namespaces
             .create(&PostParams::default(), &namespace)
             .await?;
-        Ok(created.metadata.name.unwrap_or_default())
+        let name = created.metadata.name.unwrap_or_default();
+        if self.has_controller_manager() {
+            self.wait_for_default_token(&name).await?;
+        }
+        Ok(name)
+    }
+
+    /// Waits until the controller-manager has given namespace `ns` its `default`
+    /// ServiceAccount with a token Secret: until then the 1.20 ServiceAccount admission
+    /// plugin refuses every pod there ("No API token found").
+    async fn wait_for_default_token(&self, ns: &str) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + CONTROLLER_MANAGER_TIMEOUT;
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client()?, ns);
+        let mut last_error = format!("no token Secret for {ns}/default yet");
+        loop {
+            match accounts.get_opt("default").await {
+                Ok(Some(sa)) if sa.secrets.as_ref().is_some_and(|s| !s.is_empty()) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => last_error = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::NotReady {
+                    what: "kube-controller-manager gave the namespace no default ServiceAccount token",
+                    waited: CONTROLLER_MANAGER_TIMEOUT,
+                    last_error,
+                    log_name: "kube-controller-manager",
+                    log_tail: self
+                        .controller_manager
+                        .as_ref()
+                        .map(|p| p.log_tail(LOG_TAIL_LINES))
+                        .unwrap_or_default(),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// The path of the admin kubeconfig (`KUBECONFIG=... kubectl ...` works).
