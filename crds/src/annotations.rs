@@ -10,6 +10,9 @@ pub const APP_PORT: &str = "portcullis.dev/app-port";
 pub const SCOPES_MAP: &str = "portcullis.dev/scopes-map";
 /// Pod annotation: comma-separated inbound ports that bypass the proxy.
 pub const SKIP_INBOUND_PORTS: &str = "portcullis.dev/skip-inbound-ports";
+/// Pod label the injector sets (`"true"`) on every pod it injects, so NetworkPolicies
+/// can select the pods that run the proxy.
+pub const INJECTED_LABEL: &str = "portcullis.dev/injected";
 
 /// Proxy inbound port.
 pub const PROXY_INBOUND_PORT: u16 = 4143;

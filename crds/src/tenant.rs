@@ -61,6 +61,36 @@ pub struct TenantSpec {
     /// Data-encryption key settings.
     #[serde(default)]
     pub encryption: EncryptionSpec,
+    /// The `portcullis-inbound` NetworkPolicy kept in each of the tenant's namespaces,
+    /// selecting pods that run the proxy: `ProxiedTcp` admits TCP only (all of it reaches
+    /// the proxy), `ProxyPortOnly` admits ports 4143 and 4191 only, `Unmanaged` keeps none.
+    #[serde(default)]
+    pub network_policy: NetworkPolicyMode,
+}
+
+/// Which ingress the operator's NetworkPolicy (`portcullis-inbound`, one per tenant
+/// namespace) admits to pods that run the proxy. Pods without the proxy (opted out,
+/// host network) are never selected by it.
+///
+/// NetworkPolicy is enforced on the pod's original destination port, before the pod's
+/// own iptables rules hand inbound TCP to the proxy; so "only through the proxy" means
+/// "only TCP" for clients that dial the app's ports, and "only port 4143" only for
+/// clients that dial the proxy itself (other Portcullis proxies, or Services whose
+/// `targetPort` is 4143).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum NetworkPolicyMode {
+    /// Admit TCP only: every TCP port is redirected to the proxy inside the pod (except
+    /// the pod's `portcullis.dev/skip-inbound-ports`); UDP and SCTP, which the proxy
+    /// cannot see, are refused.
+    #[default]
+    ProxiedTcp,
+    /// Admit only the proxy's inbound port (4143) and its admin port (4191: probes,
+    /// metrics). For tenants whose callers are all Portcullis proxies or reach the pods
+    /// through Services that target port 4143. Node-local traffic (the kubelet's
+    /// probes) is admitted by Kubernetes regardless.
+    ProxyPortOnly,
+    /// The operator keeps no NetworkPolicy (and deletes the one it kept).
+    Unmanaged,
 }
 
 /// How sensitive a tenant's data is (DESIGN.md §6).

@@ -133,6 +133,7 @@ async fn each_kind_round_trips_with_server_side_defaults() -> anyhow::Result<()>
     assert_eq!(spec["defaults"]["keyExpiry"], "90d", "{spec}");
     assert_eq!(spec["encryption"]["dekRotation"], "7d", "{spec}");
     assert_eq!(spec["dataClassification"], "Internal", "{spec}");
+    assert_eq!(spec["networkPolicy"], "ProxiedTcp", "{spec}");
     let listed = tenants.list(&ListParams::default()).await?;
     assert!(
         listed

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
@@ -1028,5 +1029,137 @@ async fn pods_running_without_the_proxy_are_reported_on_the_tenant() -> Result<(
         protected(&cleared),
         Some(("True".into(), "AllPodsProxied".into()))
     );
+    Ok(())
+}
+
+/// The ingress ports of the tenant's NetworkPolicy in `ns`, `None` while there is none.
+async fn inbound_policy_ports(client: &Client, ns: &str) -> Result<Option<serde_json::Value>> {
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    Ok(policies
+        .get_opt("portcullis-inbound")
+        .await?
+        .map(|p| serde_json::to_value(p.spec.unwrap_or_default().ingress).unwrap_or_default()))
+}
+
+async fn set_network_policy(client: &Client, tenant: &str, mode: &str) -> Result<()> {
+    Api::<Tenant>::all(client.clone())
+        .patch(
+            tenant,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"networkPolicy": mode}})),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tenant_namespaces_get_a_network_policy_admitting_only_proxied_traffic() -> Result<()> {
+    let Some(h) = harness().await? else {
+        return Ok(());
+    };
+    let _operator = start_operator(&h, "netpol-test").await?;
+    let (tenant, ns) = tenant_with_namespace(&h, "netpol").await?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(h.client.clone(), &ns);
+    let tcp_only = json!([{"ports": [{"protocol": "TCP"}]}]);
+    let proxy_ports = json!([{"ports": [
+        {"protocol": "TCP", "port": 4143}, {"protocol": "TCP", "port": 4191}]}]);
+
+    // Default: every TCP port (all redirected to the proxy in the pod), nothing else,
+    // for the pods that carry the injector's label.
+    let policy = eventually("the NetworkPolicy", WAIT, || async {
+        policies
+            .get_opt("portcullis-inbound")
+            .await
+            .map_err(Into::into)
+    })
+    .await?;
+    let spec = policy.spec.clone().unwrap_or_default();
+    assert_eq!(serde_json::to_value(&spec.ingress)?, tcp_only);
+    assert_eq!(
+        serde_json::to_value(&spec.pod_selector)?,
+        json!({"matchExpressions": [{"key": "portcullis.dev/injected", "operator": "Exists"}]})
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    let tenant_uid = Api::<Tenant>::all(h.client.clone())
+        .get(&tenant)
+        .await?
+        .metadata
+        .uid;
+    assert_eq!(
+        policy.metadata.owner_references.unwrap_or_default()[0].uid,
+        tenant_uid.unwrap_or_default(),
+        "owned by the Tenant, so deleting the Tenant deletes it"
+    );
+
+    // The stricter mode narrows it to the proxy's own ports.
+    set_network_policy(&h.client, &tenant, "ProxyPortOnly").await?;
+    eventually("the proxy-port-only policy", WAIT, || async {
+        let ports = inbound_policy_ports(&h.client, &ns).await?;
+        Ok((ports.as_ref() == Some(&proxy_ports)).then_some(()))
+    })
+    .await?;
+
+    // Deleted by hand, it comes back.
+    policies
+        .delete("portcullis-inbound", &DeleteParams::default())
+        .await?;
+    eventually("the deleted policy to come back", WAIT, || async {
+        let ports = inbound_policy_ports(&h.client, &ns).await?;
+        Ok((ports.as_ref() == Some(&proxy_ports)).then_some(()))
+    })
+    .await?;
+
+    // Unmanaged: the operator removes its policy and keeps none.
+    set_network_policy(&h.client, &tenant, "Unmanaged").await?;
+    eventually("the policy to be removed", WAIT, || async {
+        Ok(inbound_policy_ports(&h.client, &ns)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+
+    // A policy of that name the tenant does not own is never deleted (its label wakes
+    // the Tenant, which stays Unmanaged).
+    let theirs: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "portcullis-inbound", "namespace": ns,
+                     "labels": {TENANT_LABEL: tenant}},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}))?;
+    policies.create(&PostParams::default(), &theirs).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        policies.get_opt("portcullis-inbound").await?.is_some(),
+        "someone else's policy was deleted"
+    );
+    policies
+        .delete("portcullis-inbound", &DeleteParams::default())
+        .await?;
+
+    // Back to the default, then the namespace leaves the tenant: its policy goes too.
+    set_network_policy(&h.client, &tenant, "ProxiedTcp").await?;
+    eventually("the default policy again", WAIT, || async {
+        let ports = inbound_policy_ports(&h.client, &ns).await?;
+        Ok((ports.as_ref() == Some(&tcp_only)).then_some(()))
+    })
+    .await?;
+    Api::<Tenant>::all(h.client.clone())
+        .patch(
+            &tenant,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"namespaces": []}})),
+        )
+        .await?;
+    eventually(
+        "the released namespace's policy to be removed",
+        WAIT,
+        || async {
+            Ok(inbound_policy_ports(&h.client, &ns)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+
     Ok(())
 }

@@ -37,6 +37,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, ObjectReference, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role as RbacRole, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
@@ -1402,6 +1403,16 @@ where
     Ok(())
 }
 
+/// A NetworkPolicy like the operator's `portcullis-inbound`.
+fn probe_network_policy(name: &str, ns: &str) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"podSelector": {"matchExpressions": [
+                        {"key": "portcullis.dev/injected", "operator": "Exists"}]},
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{"ports": [{"protocol": "TCP"}]}]}})
+}
+
 fn merge_annotation() -> Patch<Value> {
     Patch::Merge(json!({"metadata": {"annotations": {"portcullis.dev/probe": suffix()}}}))
 }
@@ -1444,6 +1455,11 @@ enum Probe {
     GetConfigMap,
     ListConfigMaps,
     WatchConfigMaps,
+    ApplyNetworkPolicy,
+    GetNetworkPolicy,
+    ListNetworkPolicies,
+    WatchNetworkPolicies,
+    DeleteNetworkPolicy,
     GetPod,
     ListPods,
     WatchPods,
@@ -1468,7 +1484,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 55] = [
+    const ALL: [Probe; 60] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -1503,6 +1519,11 @@ impl Probe {
         Self::GetConfigMap,
         Self::ListConfigMaps,
         Self::WatchConfigMaps,
+        Self::ApplyNetworkPolicy,
+        Self::GetNetworkPolicy,
+        Self::ListNetworkPolicies,
+        Self::WatchNetworkPolicies,
+        Self::DeleteNetworkPolicy,
         Self::GetPod,
         Self::ListPods,
         Self::WatchPods,
@@ -1531,6 +1552,7 @@ impl Probe {
         const PC: &str = "portcullis.dev";
         const RBAC: &str = "rbac.authorization.k8s.io";
         const WEBHOOKS: &str = "admissionregistration.k8s.io";
+        const NET: &str = "networking.k8s.io";
         use Probe::*;
         match self {
             ListTenants => vec![need(PC, "tenants", "list")],
@@ -1570,6 +1592,14 @@ impl Probe {
             GetConfigMap => vec![need("", "configmaps", "get")],
             ListConfigMaps => vec![need("", "configmaps", "list")],
             WatchConfigMaps => vec![need("", "configmaps", "watch")],
+            ApplyNetworkPolicy => vec![
+                need(NET, "networkpolicies", "patch"),
+                need(NET, "networkpolicies", "create"),
+            ],
+            GetNetworkPolicy => vec![need(NET, "networkpolicies", "get")],
+            ListNetworkPolicies => vec![need(NET, "networkpolicies", "list")],
+            WatchNetworkPolicies => vec![need(NET, "networkpolicies", "watch")],
+            DeleteNetworkPolicy => vec![need(NET, "networkpolicies", "delete")],
             GetPod => vec![need("", "pods", "get")],
             ListPods => vec![need("", "pods", "list")],
             WatchPods => vec![need("", "pods", "watch")],
@@ -1813,6 +1843,40 @@ impl Probe {
             }
             ListConfigMaps => list_one(Api::<ConfigMap>::all(sa)).await,
             WatchConfigMaps => watch_once(Api::<ConfigMap>::all(sa), None).await,
+            ApplyNetworkPolicy => {
+                // A fresh name each time: the apply creates it, as in a new namespace.
+                let name = format!("portcullis-inbound-{}", suffix());
+                Api::<NetworkPolicy>::namespaced(sa, ns)
+                    .patch(
+                        &name,
+                        &PatchParams::apply(OPERATOR_FIELD_MANAGER),
+                        &Patch::Apply(probe_network_policy(&name, ns)),
+                    )
+                    .await?;
+                Ok(())
+            }
+            GetNetworkPolicy => {
+                Api::<NetworkPolicy>::namespaced(sa, ns)
+                    .get_opt("portcullis-inbound")
+                    .await?;
+                Ok(())
+            }
+            ListNetworkPolicies => list_one(Api::<NetworkPolicy>::all(sa)).await,
+            WatchNetworkPolicies => watch_once(Api::<NetworkPolicy>::all(sa), None).await,
+            DeleteNetworkPolicy => {
+                let name = format!("doomed-{}", suffix());
+                Api::<NetworkPolicy>::namespaced(admin, ns)
+                    .patch(
+                        &name,
+                        &PatchParams::apply("portcullis-e2e-admin"),
+                        &Patch::Apply(probe_network_policy(&name, ns)),
+                    )
+                    .await?;
+                Api::<NetworkPolicy>::namespaced(sa, ns)
+                    .delete(&name, &DeleteParams::default())
+                    .await?;
+                Ok(())
+            }
             GetPod => {
                 Api::<Pod>::namespaced(sa, ns)
                     .get_opt("no-such-pod")

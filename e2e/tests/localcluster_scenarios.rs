@@ -10,6 +10,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api,
     api::{ObjectMeta, PostParams},
@@ -309,6 +310,38 @@ async fn until_served(pods: &TenantPods, token: &str) -> anyhow::Result<Value> {
     .await
 }
 
+/// Whether the tenant's `portcullis-inbound` NetworkPolicy in `ns` selects `pod`.
+async fn selected_by_inbound_policy(
+    client: kube::Client,
+    ns: &str,
+    pod: &str,
+) -> anyhow::Result<bool> {
+    use kube::core::{Selector, SelectorExt as _};
+    let policy = eventually(
+        "the tenant's NetworkPolicy",
+        Duration::from_secs(20),
+        || async {
+            Ok(Api::<NetworkPolicy>::namespaced(client.clone(), ns)
+                .get_opt("portcullis-inbound")
+                .await?)
+        },
+    )
+    .await?;
+    let selector: Selector = policy
+        .spec
+        .unwrap_or_default()
+        .pod_selector
+        .unwrap_or_default()
+        .try_into()?;
+    let labels = Api::<Pod>::namespaced(client, ns)
+        .get(pod)
+        .await?
+        .metadata
+        .labels
+        .unwrap_or_default();
+    Ok(selector.matches(&labels))
+}
+
 fn echoed(answer: &Value) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(
         answer["body"].as_str().unwrap_or_default(),
@@ -398,6 +431,9 @@ async fn injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy()
     )
     .await?;
     assert_eq!(inside["status"], 200, "{inside}");
+    // The namespace's NetworkPolicy (TCP only: every TCP port lands on the proxy)
+    // selects the injected pod by the label the webhook set.
+    assert!(selected_by_inbound_policy(fx.client()?, &pods.ns, "server").await?);
     Ok(())
 }
 
@@ -617,6 +653,8 @@ async fn opt_out_annotation_is_respected() -> anyhow::Result<()> {
             .get("x-portcullis-principal")
             .is_none()
     );
+    // The tenant's NetworkPolicy leaves the opted-out pod alone.
+    assert!(!selected_by_inbound_policy(fx.client()?, &pods.ns, "plain").await?);
     Ok(())
 }
 

@@ -180,7 +180,8 @@ fn regular_container_mode_patch_is_exact() {
             {"name": "portcullis-data", "emptyDir": {}},
             {"name": "portcullis-xtables-lock", "emptyDir": {}}
         ]},
-        {"op": "add", "path": "/metadata/annotations", "value": {"portcullis.dev/injected": "0.1.0-test"}}
+        {"op": "add", "path": "/metadata/annotations", "value": {"portcullis.dev/injected": "0.1.0-test"}},
+        {"op": "add", "path": "/metadata/labels", "value": {"portcullis.dev/injected": "true"}}
     ]);
     assert_eq!(serde_json::to_value(&patch).unwrap(), expected);
 
@@ -208,7 +209,8 @@ fn native_sidecar_on_1_29_is_the_second_init_container_with_a_startup_probe() {
         [
             "/spec/initContainers",
             "/spec/volumes",
-            "/metadata/annotations"
+            "/metadata/annotations",
+            "/metadata/labels"
         ]
     );
 
@@ -244,13 +246,14 @@ fn native_sidecar_on_1_29_is_the_second_init_container_with_a_startup_probe() {
 
 #[test]
 fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
-    let value = pod_json(
+    let mut value = pod_json(
         json!({
             "initContainers": [{"name": "migrate", "image": "acme/migrate:1"}],
             "volumes": [{"name": "config", "configMap": {"name": "web-config"}}]
         }),
         Some(json!({"team": "payments"})),
     );
+    value["metadata"]["labels"] = json!({"app": "web"});
     let decision = decide_json(&value, &enabled(), NEW);
     let Decision::Inject { patch, .. } = &decision else {
         panic!("not injected")
@@ -265,7 +268,8 @@ fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
             "/spec/volumes/-",
             "/spec/volumes/-",
             "/spec/volumes/-",
-            "/metadata/annotations/portcullis.dev~1injected"
+            "/metadata/annotations/portcullis.dev~1injected",
+            "/metadata/labels/portcullis.dev~1injected"
         ]
     );
     let injected = pod(&patched(&value, &decision));
@@ -292,6 +296,10 @@ fn existing_arrays_get_inserts_and_our_init_container_runs_first() {
     let annotations = injected.metadata.annotations.unwrap();
     assert_eq!(annotations["team"], "payments");
     assert_eq!(annotations[INJECTED], "0.1.0-test");
+    // The pod's own labels stay; ours lets the tenant's NetworkPolicy select it.
+    let labels = injected.metadata.labels.unwrap();
+    assert_eq!(labels["app"], "web");
+    assert_eq!(labels["portcullis.dev/injected"], "true");
 }
 
 #[test]

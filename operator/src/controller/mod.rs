@@ -7,6 +7,7 @@ pub mod key_lifecycle;
 pub mod role;
 pub mod tenant;
 pub mod tenant_dek;
+pub mod tenant_network;
 pub mod unprotected;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -105,6 +107,15 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
             Api::<Role>::all(client.clone()),
             watcher::Config::default(),
             move |role| tenant_of(&by_role, role.namespace()),
+        )
+        // Its NetworkPolicies, put back when edited or deleted.
+        .watches(
+            Api::<NetworkPolicy>::all(client.clone()),
+            watcher::Config::default().labels(TENANT_LABEL),
+            |policy| {
+                let tenant = policy.labels().get(TENANT_LABEL)?;
+                Some(ObjectRef::<Tenant>::new(tenant))
+            },
         )
         // Pods without the proxy are reported on their Tenant; pods with it never
         // trigger a reconcile, so ordinary pod churn costs nothing here.

@@ -1,10 +1,11 @@
 //! Tenant controller: binds namespaces (labels them `portcullis.dev/tenant=<name>`,
 //! never taking one from another tenant), keeps the built-in Roles in each, keeps the
-//! tenant's DEK current, and reports it all in the status.
+//! tenant's DEK current, keeps the `portcullis-inbound` NetworkPolicy in each namespace
+//! (see [`tenant_network`]), and reports it all in the status.
 //!
 //! A finalizer removes the namespace labels when the Tenant is deleted (labels on
 //! objects the Tenant does not own are cleanup that owner references cannot do). The
-//! built-in Roles are owned by the Tenant and garbage-collected. The DEK Secret is
+//! built-in Roles and NetworkPolicies are owned by the Tenant and garbage-collected. The DEK Secret is
 //! deliberately kept: deleting a Tenant must not shred its audit archive.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +27,7 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
-use super::{tenant_dek, unprotected};
+use super::{tenant_dek, tenant_network, unprotected};
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -213,6 +214,7 @@ impl<'a> TenantReconciler<'a> {
         for ns in &plan.release {
             self.label(ns, None).await?;
             self.remove_builtin_roles(ns).await?;
+            tenant_network::remove(self.ctx, ns, &self.owner()?.uid).await?;
             self.ctx
                 .event(
                     &self.reference(),
@@ -223,8 +225,17 @@ impl<'a> TenantReconciler<'a> {
                 .await;
         }
         let bound = plan.bound();
+        let owner = self.owner()?;
         for ns in &bound {
             self.ensure_builtin_roles(ns).await?;
+            tenant_network::ensure(
+                self.ctx,
+                self.tenant.spec.network_policy,
+                ns,
+                &self.name,
+                &owner,
+            )
+            .await?;
         }
 
         let spec = &self.tenant.spec;
@@ -284,6 +295,13 @@ impl<'a> TenantReconciler<'a> {
             )
             .await;
         Ok(Action::await_change())
+    }
+
+    /// The owner reference of the objects the Tenant keeps in its namespaces.
+    fn owner(&self) -> Result<OwnerReference> {
+        self.tenant
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingObjectKey("uid"))
     }
 
     fn reference(&self) -> k8s_openapi::api::core::v1::ObjectReference {
@@ -381,10 +399,7 @@ impl<'a> TenantReconciler<'a> {
     /// Applies the built-in Roles of a namespace. Always sent (an unchanged apply writes
     /// nothing): the caches may not have seen a deleted one yet.
     async fn ensure_builtin_roles(&self, namespace: &str) -> Result<()> {
-        let owner = self
-            .tenant
-            .controller_owner_ref(&())
-            .ok_or(Error::MissingObjectKey("uid"))?;
+        let owner = self.owner()?;
         let roles: Api<Role> = Api::namespaced(self.ctx.client.clone(), namespace);
         // Parents first (Viewer ... Owner), so each Role finds what it inherits.
         for name in BUILTIN_ROLES.iter().rev() {

@@ -6,6 +6,7 @@
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::Pod;
+use portcullis_crds::annotations::INJECTED_LABEL;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -60,13 +61,28 @@ pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native
     }
 
     let version = Value::String(settings.version.clone());
-    if pod.metadata.annotations.is_some() {
-        ops.push(add(&["metadata", "annotations", INJECTED], version));
-    } else {
-        ops.push(add(
-            &["metadata", "annotations"],
-            serde_json::json!({ INJECTED: version }),
-        ));
-    }
+    ops.push(add_entry(
+        "annotations",
+        pod.metadata.annotations.is_some(),
+        INJECTED,
+        version,
+    ));
+    // The label lets the tenant's NetworkPolicy select exactly the pods with the proxy.
+    ops.push(add_entry(
+        "labels",
+        pod.metadata.labels.is_some(),
+        INJECTED_LABEL,
+        Value::String("true".into()),
+    ));
     Patch(ops)
+}
+
+/// Adds `key: value` to the metadata map `map` (`labels`, `annotations`), creating the
+/// map when the pod has none.
+fn add_entry(map: &str, exists: bool, key: &str, value: Value) -> PatchOperation {
+    if exists {
+        add(&["metadata", map, key], value)
+    } else {
+        add(&["metadata", map], serde_json::json!({ key: value }))
+    }
 }
