@@ -114,37 +114,10 @@ impl ApiToken {
 
     /// Parses a presented token, refusing malformed ones without hashing anything.
     pub fn parse(text: &str) -> Result<Self, TokenError> {
-        if !text.starts_with(PREFIX) {
-            return Err(TokenError::WrongPrefix);
-        }
-        if text.len() != TOKEN_LEN {
-            return Err(TokenError::BadLength {
-                expected: TOKEN_LEN,
-                actual: text.chars().count(),
-            });
-        }
-        // Everything valid is ASCII; checking first keeps the byte slicing below safe.
-        if !text.is_ascii() {
-            return Err(TokenError::BadCharacters);
-        }
-        let bytes = text.as_bytes();
-        let id_end = PREFIX.len() + KEY_ID_LEN;
-        let key_id = KeyId::parse(&text[PREFIX.len()..id_end])?;
-        if bytes[id_end] != b'_' {
-            return Err(TokenError::BadKeyId);
-        }
-        // base62 is exactly the ASCII letters and digits; a range check beats a table scan
-        // on the hot path (every request with a key).
-        if !bytes[id_end + 1..].iter().all(u8::is_ascii_alphanumeric) {
-            return Err(TokenError::BadCharacters);
-        }
-        let (body, sum) = text.split_at(TOKEN_LEN - CHECKSUM_LEN);
-        if checksum(body).as_bytes().ct_eq(sum.as_bytes()).unwrap_u8() != 1 {
-            return Err(TokenError::BadChecksum);
-        }
+        let key_id = check(text)?;
         Ok(Self {
             text: text.to_owned(),
-            key_id,
+            key_id: KeyId(key_id.to_owned()),
         })
     }
 
@@ -187,6 +160,44 @@ impl fmt::Display for ApiToken {
     }
 }
 
+/// Checks a presented token's shape, alphabets and checksum without hashing or
+/// allocating, and returns its key id. [`ApiToken::parse`] is this plus an owned copy;
+/// the sidecar calls this on every request and parses only when bcrypt has to run.
+pub fn check(text: &str) -> Result<&str, TokenError> {
+    if !text.starts_with(PREFIX) {
+        return Err(TokenError::WrongPrefix);
+    }
+    if text.len() != TOKEN_LEN {
+        return Err(TokenError::BadLength {
+            expected: TOKEN_LEN,
+            actual: text.chars().count(),
+        });
+    }
+    // Everything valid is ASCII; checking first keeps the byte slicing below safe.
+    if !text.is_ascii() {
+        return Err(TokenError::BadCharacters);
+    }
+    let bytes = text.as_bytes();
+    let id_end = PREFIX.len() + KEY_ID_LEN;
+    let key_id = &text[PREFIX.len()..id_end];
+    if !key_id.bytes().all(is_base32) {
+        return Err(TokenError::BadKeyId);
+    }
+    if bytes[id_end] != b'_' {
+        return Err(TokenError::BadKeyId);
+    }
+    // base62 is exactly the ASCII letters and digits; a range check beats a table scan
+    // on the hot path (every request with a key).
+    if !bytes[id_end + 1..].iter().all(u8::is_ascii_alphanumeric) {
+        return Err(TokenError::BadCharacters);
+    }
+    let (body, sum) = text.split_at(TOKEN_LEN - CHECKSUM_LEN);
+    if checksum_digits(body).ct_eq(sum.as_bytes()).unwrap_u8() != 1 {
+        return Err(TokenError::BadChecksum);
+    }
+    Ok(key_id)
+}
+
 /// Masks any presented string the way logs show keys: `ak_***` plus its last 3 characters.
 /// Strings too short to hide anything are masked whole.
 pub fn mask(text: &str) -> String {
@@ -204,14 +215,19 @@ fn is_base32(b: u8) -> bool {
 }
 
 /// CRC32 of `body` as 6 base62 digits (62^6 > 2^32).
-fn checksum(body: &str) -> String {
+fn checksum_digits(body: &str) -> [u8; CHECKSUM_LEN] {
     let mut value = u64::from(crc32fast::hash(body.as_bytes()));
     let mut digits = [b'0'; CHECKSUM_LEN];
     for slot in digits.iter_mut().rev() {
         *slot = BASE62[(value % 62) as usize];
         value /= 62;
     }
-    digits.iter().map(|&b| b as char).collect()
+    digits
+}
+
+/// [`checksum_digits`] as text.
+fn checksum(body: &str) -> String {
+    checksum_digits(body).iter().map(|&b| b as char).collect()
 }
 
 #[cfg(test)]
@@ -328,6 +344,22 @@ mod tests {
         for b in 0..=u8::MAX {
             assert_eq!(is_base32(b), BASE32.contains(&b), "byte {b}");
             assert_eq!(b.is_ascii_alphanumeric(), BASE62.contains(&b), "byte {b}");
+        }
+    }
+
+    #[test]
+    fn check_agrees_with_parse_and_returns_the_key_id() {
+        let token = ApiToken::generate();
+        let text = token.expose_secret();
+        assert_eq!(check(text), Ok(token.key_id().as_str()));
+        let typo = format!(
+            "{}{}",
+            &text[..TOKEN_LEN - 1],
+            if text.ends_with('a') { 'b' } else { 'a' }
+        );
+        for bad in [typo.as_str(), "", "ak_short", &text[..TOKEN_LEN - 1]] {
+            assert_eq!(check(bad).err(), ApiToken::parse(bad).err(), "{bad:?}");
+            assert!(check(bad).is_err());
         }
     }
 

@@ -4,13 +4,16 @@
 //! key holders: they may call any route, unless `inbound.peersNeedMappedRoute` is set,
 //! which closes unmapped routes to them too.
 
-use portcullis_crds::{PolicyBundle, scope::ScopeMap};
+use portcullis_crds::scope::ScopeMap;
 
-use crate::deny::{Denial, Reason};
+use crate::{
+    deny::{Denial, Reason},
+    policy::CompiledPolicy,
+};
 
 /// The scope a request needs, if its route maps to one.
 pub fn route_scope<'a>(
-    bundle: &'a PolicyBundle,
+    bundle: &'a CompiledPolicy,
     scopes_override: Option<&'a ScopeMap>,
     method: &str,
     path: &str,
@@ -22,14 +25,15 @@ pub fn route_scope<'a>(
 }
 
 /// Whether a key holding `granted` may call a route needing `needed`.
-pub fn authorize_key<'a, I>(
+pub fn authorize_key<I>(
     granted: I,
     needed: Option<&str>,
     method: &str,
     path: &str,
 ) -> Result<(), Denial>
 where
-    I: IntoIterator<Item = &'a String>,
+    I: IntoIterator,
+    I::Item: AsRef<str>,
 {
     let Some(needed) = needed else {
         return Err(Denial::new(
@@ -39,7 +43,7 @@ where
             ),
         ));
     };
-    if granted.into_iter().any(|s| s == needed) {
+    if granted.into_iter().any(|s| s.as_ref() == needed) {
         Ok(())
     } else {
         Err(Denial::new(
@@ -73,7 +77,10 @@ pub fn authorize_peer(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use portcullis_crds::scope::{HttpMethod, RouteRule};
+    use portcullis_crds::{
+        PolicyBundle,
+        scope::{HttpMethod, RouteRule},
+    };
 
     #[test]
     fn keys_need_the_route_scope_and_the_message_names_it() {
@@ -99,6 +106,7 @@ mod tests {
             )]),
             ..PolicyBundle::default()
         };
+        let bundle = CompiledPolicy::from(bundle);
         let local = ScopeMap::from([("local".into(), vec![RouteRule::new(&[], "/v1/*")])]);
         assert_eq!(
             route_scope(&bundle, None, "GET", "/v1/events/1"),

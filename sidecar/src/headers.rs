@@ -30,8 +30,8 @@ pub struct Forwarded<'a> {
     pub principal: &'a str,
     /// The tenant.
     pub tenant: &'a str,
-    /// The key's scopes.
-    pub scopes: Option<String>,
+    /// The key's scopes, comma-separated.
+    pub scopes: Option<&'a str>,
 }
 
 /// Removes hop-by-hop headers, keeping `Connection: upgrade` + `Upgrade` when
@@ -85,7 +85,7 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, keep_upgr
     };
     set(X_PORTCULLIS_PRINCIPAL, forwarded.principal);
     set(X_PORTCULLIS_TENANT, forwarded.tenant);
-    if let Some(scopes) = &forwarded.scopes {
+    if let Some(scopes) = forwarded.scopes {
         set(X_PORTCULLIS_SCOPES, scopes);
     }
 }
@@ -117,7 +117,7 @@ mod tests {
         let forwarded = Forwarded {
             principal: "key:ak_***cret",
             tenant: "acme",
-            scopes: Some("events".into()),
+            scopes: Some("events"),
         };
         to_upstream(&mut headers, &forwarded, false);
         assert!(headers.get(header::AUTHORIZATION).is_none());

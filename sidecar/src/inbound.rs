@@ -9,7 +9,7 @@
 //! valid and then decides scopes); `mtls-and-apikey` needs both and scopes come from
 //! the key. A `Restricted` tenant always gets `mtls-and-apikey`, whatever is configured.
 
-use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
+use std::{borrow::Cow, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
 use http::{HeaderMap, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -26,7 +26,7 @@ use crate::{
     deny::{Denial, Reason},
     headers::{self, Forwarded},
     metrics::Metrics,
-    policy::PolicyStore,
+    policy::{CompiledPolicy, PolicyStore},
     ratelimit::{RateLimits, Verdict},
     upstream::{self, Upstream},
 };
@@ -75,17 +75,18 @@ impl std::fmt::Debug for Inbound {
 /// What is known about a request so far, for its audit record.
 struct Facts {
     tenant: String,
-    principal: String,
-    action: String,
+    principal: Cow<'static, str>,
+    action: Cow<'static, str>,
     client_ip: IpAddr,
     fails_closed: bool,
 }
 
 /// A request that may pass.
 struct Admitted {
-    principal: String,
-    tenant: String,
-    scopes: Option<String>,
+    /// The policy it was admitted under (for the tenant header).
+    policy: Arc<CompiledPolicy>,
+    /// The key's scopes, comma-separated, shared by every key holding the same set.
+    scopes: Option<Arc<str>>,
     rate: Option<Verdict>,
 }
 
@@ -97,6 +98,25 @@ pub fn effective_mode(configured: InboundMode, classification: DataClassificatio
         DataClassification::Restricted => InboundMode::MtlsAndApikey,
         _ => configured,
     }
+}
+
+fn log_denial(
+    reason: Reason,
+    status: u16,
+    principal: &str,
+    client_ip: IpAddr,
+    method: &str,
+    path: &str,
+) {
+    tracing::info!(
+        reason = reason.as_str(),
+        status,
+        principal = %principal,
+        client_ip = %client_ip,
+        method = %method,
+        path = %path,
+        "request denied"
+    );
 }
 
 fn content_length(headers: &HeaderMap) -> u64 {
@@ -134,8 +154,8 @@ impl Inbound {
         let bytes_in = content_length(request.headers());
         let mut facts = Facts {
             tenant: String::new(),
-            principal: "anonymous".to_owned(),
-            action: "api.unmapped".to_owned(),
+            principal: Cow::Borrowed("anonymous"),
+            action: Cow::Borrowed("api.unmapped"),
             client_ip: conn.peer.ip().to_canonical(),
             fails_closed: false,
         };
@@ -148,7 +168,8 @@ impl Inbound {
             Ok(admitted) => {
                 let client_upgrade =
                     wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-                self.forward(request, admitted, client_upgrade).await
+                self.forward(request, admitted, &facts.principal, client_upgrade)
+                    .await
             }
         };
         let (mut response, reason) = match outcome {
@@ -159,16 +180,31 @@ impl Inbound {
             }
         };
         let latency = started.elapsed();
-        let mut status = response.status().as_u16();
-        let mut reason = reason;
+        let status = response.status().as_u16();
+        if reason != Reason::Allowed {
+            log_denial(
+                reason,
+                status,
+                &facts.principal,
+                facts.client_ip,
+                &method,
+                &path,
+            );
+        }
+        // The record takes the request's strings; copies are kept only for the one case
+        // that logs after recording (an allowed request the audit log fails closed on).
+        let kept = (facts.fails_closed && reason == Reason::Allowed)
+            .then(|| (facts.principal.clone(), method.clone(), path.clone()));
+        let fails_closed = facts.fails_closed;
+        let client_ip = facts.client_ip;
         let record = RequestOutcome {
             timestamp,
-            tenant: facts.tenant.clone(),
-            principal: facts.principal.clone(),
-            action: facts.action.clone(),
-            client_ip: facts.client_ip,
-            method: method.clone(),
-            path: path.clone(),
+            tenant: facts.tenant,
+            principal: facts.principal.into_owned(),
+            action: facts.action.into_owned(),
+            client_ip,
+            method,
+            path,
             status,
             latency,
             bytes_in,
@@ -180,9 +216,11 @@ impl Inbound {
             },
             reason: reason.as_str(),
         };
+        let mut reason = reason;
+        let mut status = status;
         if let Err(refused) = self.audit.record(record) {
-            tracing::warn!(error = %refused, fails_closed = facts.fails_closed, "audit hook refused a record");
-            if facts.fails_closed && reason == Reason::Allowed {
+            tracing::warn!(error = %refused, fails_closed, "audit hook refused a record");
+            if let Some((principal, method, path)) = kept {
                 response = Denial::new(
                     Reason::AuditUnavailable,
                     "this tenant requires an audit record for every request and the audit log cannot be written; retry later",
@@ -190,18 +228,8 @@ impl Inbound {
                 .into_response();
                 reason = Reason::AuditUnavailable;
                 status = response.status().as_u16();
+                log_denial(reason, status, &principal, client_ip, &method, &path);
             }
-        }
-        if reason != Reason::Allowed {
-            tracing::info!(
-                reason = reason.as_str(),
-                status,
-                principal = %facts.principal,
-                client_ip = %facts.client_ip,
-                method = %method,
-                path = %path,
-                "request denied"
-            );
         }
         self.metrics.request(reason, status, latency.as_secs_f64());
         Ok(response)
@@ -222,7 +250,7 @@ impl Inbound {
                 "this service has not received its access policy yet; retry in a few seconds",
             ));
         };
-        facts.tenant = bundle.tenant.clone();
+        facts.tenant.clone_from(&bundle.tenant);
         facts.fails_closed = bundle.classification.audit_fails_closed();
         facts.client_ip =
             allowlist::client_ip(conn.peer.ip(), request.headers(), &settings.trusted_proxies)?;
@@ -274,15 +302,17 @@ impl Inbound {
         }
         let scope =
             authorize::route_scope(&bundle, settings.scopes_override.as_ref(), method, path);
-        facts.action = format!("api.{}", scope.unwrap_or("unmapped"));
+        if let Some(scope) = scope {
+            facts.action = Cow::Owned(format!("api.{scope}"));
+        }
 
         let Some(presented) = key else {
             let peer = peer.unwrap_or_default();
-            facts.principal = peer.to_owned();
+            facts.principal = Cow::Owned(peer.to_owned());
             authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
-            return self.audit_gate(facts).map(|()| Admitted {
-                principal: peer.to_owned(),
-                tenant: bundle.tenant.clone(),
+            self.audit_gate(facts)?;
+            return Ok(Admitted {
+                policy: bundle,
                 scopes: None,
                 rate: None,
             });
@@ -290,10 +320,10 @@ impl Inbound {
 
         let verified = self
             .keys
-            .verify(&presented, &bundle, jiff::Timestamp::now())
+            .verify(presented, &bundle, jiff::Timestamp::now())
             .await?;
-        facts.principal = format!("key:{}", verified.masked);
-        if !allowlist::permits(&verified.policy.ip_allowlist, facts.client_ip) {
+        facts.principal = Cow::Owned(format!("key:{}", verified.masked));
+        if !allowlist::permits(verified.policy.ip_allowlist(), facts.client_ip) {
             return Err(Denial::new(
                 Reason::IpNotAllowedForKey,
                 format!(
@@ -302,10 +332,11 @@ impl Inbound {
                 ),
             ));
         }
-        authorize::authorize_key(&verified.policy.scopes, scope, method, path)?;
+        let scopes = verified.policy.scopes();
+        authorize::authorize_key(scopes.iter(), scope, method, path)?;
         let verdict = self
             .limits
-            .check(&verified.key_id, &verified.policy.rate_limit, &bundle);
+            .check(verified.key_id, verified.policy.rate_limit(), &bundle);
         if !verdict.allowed {
             let mut denial = Denial::new(
                 Reason::RateLimited,
@@ -315,18 +346,10 @@ impl Inbound {
             return Err(denial);
         }
         self.audit_gate(facts)?;
+        let scopes = Some(scopes.joined().clone());
         Ok(Admitted {
-            principal: facts.principal.clone(),
-            tenant: bundle.tenant.clone(),
-            scopes: Some(
-                verified
-                    .policy
-                    .scopes
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
+            policy: bundle.clone(),
+            scopes,
             rate: Some(verdict),
         })
     }
@@ -345,13 +368,14 @@ impl Inbound {
         &self,
         request: Request<Incoming>,
         admitted: Admitted,
+        principal: &str,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, Denial> {
         let (mut parts, body) = request.into_parts();
         let forwarded = Forwarded {
-            principal: &admitted.principal,
-            tenant: &admitted.tenant,
-            scopes: admitted.scopes.clone(),
+            principal,
+            tenant: &admitted.policy.tenant,
+            scopes: admitted.scopes.as_deref(),
         };
         headers::to_upstream(&mut parts.headers, &forwarded, client_upgrade.is_some());
         let request = Request::from_parts(parts, body.map_err(Into::into).boxed());
@@ -366,9 +390,7 @@ impl Inbound {
         }
         headers::strip_hop_by_hop(response.headers_mut(), switching);
         if let Some(verdict) = admitted.rate {
-            for (name, value) in verdict.headers() {
-                response.headers_mut().insert(name, value);
-            }
+            verdict.insert_headers(response.headers_mut());
         }
         Ok(response.map(|body| body.map_err(Into::into).boxed()))
     }

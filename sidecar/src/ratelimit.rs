@@ -22,7 +22,9 @@ use governor::{
     state::{InMemoryState, NotKeyed},
 };
 use http::{HeaderName, HeaderValue};
-use portcullis_crds::{KeyId, PolicyBundle, RateLimitPolicy};
+use portcullis_crds::RateLimitPolicy;
+
+use crate::policy::CompiledPolicy;
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 
@@ -53,7 +55,18 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Verdict {
     /// `RateLimit-*` headers, plus `Retry-After` when refused.
     pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        let mut headers = vec![
+        self.entries().collect()
+    }
+
+    /// Sets [`Self::headers`] on `map`, replacing any of the same names.
+    pub fn insert_headers(&self, map: &mut http::HeaderMap) {
+        for (name, value) in self.entries() {
+            map.insert(name, value);
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
+        let limits = [
             (
                 HeaderName::from_static("ratelimit-limit"),
                 HeaderValue::from(self.limit),
@@ -67,20 +80,20 @@ impl Verdict {
                 HeaderValue::from(ceil_secs(self.reset)),
             ),
         ];
-        if let Some(wait) = self.retry_after {
-            headers.push((
+        let retry = self.retry_after.map(|wait| {
+            (
                 http::header::RETRY_AFTER,
                 HeaderValue::from(ceil_secs(wait).max(1)),
-            ));
-        }
-        headers
+            )
+        });
+        limits.into_iter().chain(retry)
     }
 }
 
 /// Every key's limiter.
 pub struct RateLimits<C: Clock = DefaultClock> {
     clock: C,
-    limiters: ArcSwap<HashMap<KeyId, Arc<Entry<C>>>>,
+    limiters: ArcSwap<HashMap<Box<str>, Arc<Entry<C>>>>,
     writer: Mutex<()>,
 }
 
@@ -115,8 +128,8 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
-    /// Takes one request from `key`'s allowance under `policy`.
-    pub fn check(&self, key: &KeyId, policy: &RateLimitPolicy, bundle: &PolicyBundle) -> Verdict {
+    /// Takes one request from the allowance of the key with id `key` under `policy`.
+    pub fn check(&self, key: &str, policy: &RateLimitPolicy, bundle: &CompiledPolicy) -> Verdict {
         let entry = match self.limiters.load().get(key) {
             Some(entry) if entry.policy == *policy => entry.clone(),
             _ => self.rebuild(key, policy, bundle),
@@ -161,9 +174,9 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     fn rebuild(
         &self,
-        key: &KeyId,
+        key: &str,
         policy: &RateLimitPolicy,
-        bundle: &PolicyBundle,
+        bundle: &CompiledPolicy,
     ) -> Arc<Entry<C>> {
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // Another request may have built it while we waited.
@@ -179,14 +192,14 @@ impl<C: Clock + Clone> RateLimits<C> {
                     .with_middleware::<StateInformationMiddleware>()
             }),
         });
-        let mut next: HashMap<KeyId, Arc<Entry<C>>> = self
+        let mut next: HashMap<Box<str>, Arc<Entry<C>>> = self
             .limiters
             .load()
             .iter()
-            .filter(|(id, _)| bundle.keys.contains_key(*id))
+            .filter(|(id, _)| bundle.contains_key(id))
             .map(|(id, e)| (id.clone(), e.clone()))
             .collect();
-        next.insert(key.clone(), entry.clone());
+        next.insert(Box::from(key), entry.clone());
         self.limiters.store(Arc::new(next));
         entry
     }
@@ -202,14 +215,14 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
 
-    fn key() -> KeyId {
-        KeyId::parse("abcdefgh2345").unwrap()
+    fn key() -> &'static str {
+        "abcdefgh2345"
     }
 
-    fn bundle() -> PolicyBundle {
-        let mut bundle = PolicyBundle::default();
+    fn bundle() -> CompiledPolicy {
+        let mut bundle = portcullis_crds::PolicyBundle::default();
         bundle.keys.insert(
-            key(),
+            portcullis_crds::KeyId::parse(key()).unwrap(),
             portcullis_crds::KeyPolicy {
                 name: "a/b".into(),
                 hash: String::new(),
@@ -220,7 +233,7 @@ mod tests {
                 revoked: false,
             },
         );
-        bundle
+        bundle.into()
     }
 
     #[test]
@@ -232,17 +245,17 @@ mod tests {
             per_ms: 60_000,
             burst: 2,
         };
-        let first = limits.check(&key(), &policy, &bundle());
+        let first = limits.check(key(), &policy, &bundle());
         assert!(first.allowed);
         assert_eq!((first.limit, first.remaining), (2, 1));
-        assert!(limits.check(&key(), &policy, &bundle()).allowed);
-        let refused = limits.check(&key(), &policy, &bundle());
+        assert!(limits.check(key(), &policy, &bundle()).allowed);
+        let refused = limits.check(key(), &policy, &bundle());
         assert!(!refused.allowed);
         assert_eq!(refused.retry_after, Some(Duration::from_secs(1)));
         let headers = refused.headers();
         assert!(headers.iter().any(|(n, v)| n == "retry-after" && v == "1"));
         clock.advance(Duration::from_secs(1));
-        assert!(limits.check(&key(), &policy, &bundle()).allowed);
+        assert!(limits.check(key(), &policy, &bundle()).allowed);
     }
 
     #[test]
@@ -254,19 +267,19 @@ mod tests {
             per_ms: 3_600_000,
             burst: 1,
         };
-        assert!(limits.check(&key(), &tight, &bundle()).allowed);
-        assert!(!limits.check(&key(), &tight, &bundle()).allowed);
+        assert!(limits.check(key(), &tight, &bundle()).allowed);
+        assert!(!limits.check(key(), &tight, &bundle()).allowed);
         let loose = RateLimitPolicy {
             requests: 100,
             per_ms: 1_000,
             burst: 10,
         };
-        assert!(limits.check(&key(), &loose, &bundle()).allowed);
+        assert!(limits.check(key(), &loose, &bundle()).allowed);
         let zero = RateLimitPolicy {
             requests: 0,
             per_ms: 1_000,
             burst: 10,
         };
-        assert!(!limits.check(&key(), &zero, &bundle()).allowed);
+        assert!(!limits.check(key(), &zero, &bundle()).allowed);
     }
 }

@@ -16,7 +16,8 @@ pub fn is_bearer(value: &[u8]) -> bool {
 
 /// The key presented, if any. Different keys in the two headers (or repeated headers)
 /// are refused as `conflicting_keys`; a value that is not text is `malformed_key`.
-pub fn presented_key(headers: &HeaderMap) -> Result<Option<String>, Denial> {
+/// Borrows from `headers`: nothing is copied.
+pub fn presented_key(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
     let bearer = headers
         .get_all(header::AUTHORIZATION)
         .iter()
@@ -43,7 +44,7 @@ pub fn presented_key(headers: &HeaderMap) -> Result<Option<String>, Denial> {
     match found {
         None => Ok(None),
         Some(bytes) => match std::str::from_utf8(bytes) {
-            Ok(text) if !text.is_empty() => Ok(Some(text.to_owned())),
+            Ok(text) if !text.is_empty() => Ok(Some(text)),
             _ => Err(Denial::new(
                 Reason::MalformedKey,
                 "the API key header is empty or not text; send the key exactly as issued (ak_...)",
@@ -72,21 +73,15 @@ mod tests {
     #[test]
     fn bearer_and_x_api_key_are_both_read() {
         assert_eq!(
-            presented_key(&headers(&[("authorization", "Bearer ak_1")]))
-                .unwrap()
-                .as_deref(),
+            presented_key(&headers(&[("authorization", "Bearer ak_1")])).unwrap(),
             Some("ak_1")
         );
         assert_eq!(
-            presented_key(&headers(&[("authorization", "bearer  ak_1 ")]))
-                .unwrap()
-                .as_deref(),
+            presented_key(&headers(&[("authorization", "bearer  ak_1 ")])).unwrap(),
             Some("ak_1")
         );
         assert_eq!(
-            presented_key(&headers(&[("x-api-key", "ak_2")]))
-                .unwrap()
-                .as_deref(),
+            presented_key(&headers(&[("x-api-key", "ak_2")])).unwrap(),
             Some("ak_2")
         );
         assert_eq!(
@@ -99,7 +94,7 @@ mod tests {
     #[test]
     fn agreeing_headers_pass_and_different_keys_conflict() {
         let same = headers(&[("authorization", "Bearer ak_1"), ("x-api-key", "ak_1")]);
-        assert_eq!(presented_key(&same).unwrap().as_deref(), Some("ak_1"));
+        assert_eq!(presented_key(&same).unwrap(), Some("ak_1"));
         let different = headers(&[("authorization", "Bearer ak_1"), ("x-api-key", "ak_2")]);
         assert_eq!(
             presented_key(&different).unwrap_err().reason,

@@ -8,4 +8,4 @@ pub mod verify;
 
 pub use cache::VerifiedKeyCache;
 pub use extract::presented_key;
-pub use verify::{KeyVerifier, VerifiedKey};
+pub use verify::{KeyVerifier, MaskedKey, VerifiedKey};

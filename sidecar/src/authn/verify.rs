@@ -14,24 +14,67 @@ use std::{
 };
 
 use jiff::Timestamp;
-use portcullis_crds::{ApiToken, KeyId, KeyPolicy, PolicyBundle};
+use portcullis_crds::{ApiToken, token};
 use tokio::sync::{Semaphore, watch};
 
 use super::cache::{CacheKey, VerifiedKeyCache, cache_key};
 use crate::{
     deny::{Denial, Reason},
     metrics::Metrics,
+    policy::{CompiledPolicy, KeyRef},
 };
 
-/// A key that passed every check.
-#[derive(Clone, Debug)]
-pub struct VerifiedKey {
+/// `ak_***` and the last 3 characters of a presented key, inline (no allocation);
+/// the form for headers, logs and audit, same as `portcullis_crds::token::mask`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MaskedKey {
+    text: [u8; 9],
+    len: u8,
+}
+
+impl MaskedKey {
+    /// The mask of `presented` (a checked key: ASCII).
+    pub fn of(presented: &str) -> Self {
+        let mut text = *b"ak_******";
+        let tail = presented.as_bytes().last_chunk::<3>();
+        match tail {
+            // Too short to hide anything, or a tail that is not plain ASCII (never the
+            // case for a checked key): masked whole, like `token::mask`.
+            Some(tail) if presented.len() >= 12 && tail.is_ascii() => {
+                text[6..].copy_from_slice(tail);
+                Self { text, len: 9 }
+            }
+            _ => Self { text, len: 6 },
+        }
+    }
+
+    /// As text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..usize::from(self.len)]).unwrap_or("ak_***")
+    }
+}
+
+impl std::fmt::Display for MaskedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for MaskedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// A key that passed every check, borrowed from the policy it was checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifiedKey<'a> {
     /// Its public id.
-    pub key_id: KeyId,
+    pub key_id: &'a str,
     /// `ak_***xyz`, for headers, logs and audit.
-    pub masked: String,
+    pub masked: MaskedKey,
     /// Its policy at the time of the check.
-    pub policy: KeyPolicy,
+    pub policy: KeyRef<'a>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +94,13 @@ pub struct KeyVerifier {
     pending: Mutex<HashMap<CacheKey, watch::Receiver<Option<Outcome>>>>,
 }
 
+fn malformed(e: token::TokenError) -> Denial {
+    Denial::new(
+        Reason::MalformedKey,
+        format!("{e}; send the key exactly as issued (ak_...)"),
+    )
+}
+
 impl KeyVerifier {
     /// A verifier with `workers` concurrent bcrypt checks, each request waiting at most
     /// `wait` for one, and a cache of `cache_capacity` verified keys.
@@ -64,33 +114,27 @@ impl KeyVerifier {
         }
     }
 
-    /// Checks `presented` against `bundle` at time `now`.
-    pub async fn verify(
+    /// Checks `presented` against `policy` at time `now`. A cache hit allocates nothing.
+    pub async fn verify<'p>(
         self: &Arc<Self>,
         presented: &str,
-        bundle: &PolicyBundle,
+        policy: &'p CompiledPolicy,
         now: Timestamp,
-    ) -> Result<VerifiedKey, Denial> {
-        let token = ApiToken::parse(presented).map_err(|e| {
-            Denial::new(
-                Reason::MalformedKey,
-                format!("{e}; send the key exactly as issued (ak_...)"),
-            )
-        })?;
-        let Some(policy) = bundle.keys.get(token.key_id()) else {
+    ) -> Result<VerifiedKey<'p>, Denial> {
+        let key_id = token::check(presented).map_err(malformed)?;
+        let Some(key) = policy.key(key_id) else {
             return Err(Denial::new(
                 Reason::UnknownKey,
                 "this API key is not known to this service; check you are calling the right tenant or ask for a new key",
             ));
         };
-        let digest = cache_key(token.expose_secret(), token.key_id().as_str(), &policy.hash);
+        let digest = cache_key(presented, key_id, key.hash());
         let hit = self.cache.contains(&digest);
         self.metrics.key_cache(hit);
         if !hit {
-            match self
-                .verify_once(digest, token.clone(), policy.hash.clone())
-                .await
-            {
+            // Owned copies only for the bcrypt task, which may outlive this request.
+            let token = ApiToken::parse(presented).map_err(malformed)?;
+            match self.verify_once(digest, token, key.hash().to_owned()).await {
                 Outcome::Valid => {}
                 Outcome::Invalid => {
                     return Err(Denial::new(
@@ -108,22 +152,22 @@ impl KeyVerifier {
             }
         }
         // Only the holder of the secret learns the key's state.
-        if policy.revoked {
+        if key.revoked() {
             return Err(Denial::new(
                 Reason::KeyRevoked,
                 "this API key was revoked; ask a key admin for a new one",
             ));
         }
-        if policy.expires_at.is_some_and(|at| at <= now) {
+        if key.expires_at().is_some_and(|at| at <= now) {
             return Err(Denial::new(
                 Reason::KeyExpired,
                 "this API key has expired; rotate it or ask for a new one",
             ));
         }
         Ok(VerifiedKey {
-            key_id: token.key_id().clone(),
-            masked: token.masked(),
-            policy: policy.clone(),
+            key_id: key.key_id(),
+            masked: MaskedKey::of(presented),
+            policy: key,
         })
     }
 
@@ -196,7 +240,7 @@ impl KeyVerifier {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use portcullis_crds::RateLimitPolicy;
+    use portcullis_crds::{KeyPolicy, PolicyBundle, RateLimitPolicy};
 
     use super::*;
 
@@ -220,6 +264,10 @@ mod tests {
         }
     }
 
+    fn compiled(bundle: &PolicyBundle) -> CompiledPolicy {
+        CompiledPolicy::from(bundle.clone())
+    }
+
     fn verifier(metrics: &Metrics) -> Arc<KeyVerifier> {
         Arc::new(KeyVerifier::new(
             2,
@@ -234,17 +282,21 @@ mod tests {
         let metrics = Metrics::new();
         let verifier = verifier(&metrics);
         let token = ApiToken::generate();
-        let bundle = bundle_with(&token, false, None);
+        let bundle = compiled(&bundle_with(&token, false, None));
         let now = Timestamp::now();
         let key = verifier
             .verify(token.expose_secret(), &bundle, now)
             .await
             .unwrap();
-        assert_eq!(key.masked, token.masked());
-        verifier
+        assert_eq!(key.masked.as_str(), token.masked());
+        let key = verifier
             .verify(token.expose_secret(), &bundle, now)
             .await
             .unwrap();
+        assert_eq!(key.masked.as_str(), token.masked());
+        assert_eq!(key.key_id, token.key_id().as_str());
+        assert_eq!(key.policy.name(), "acme/k");
+        assert!(key.policy.scopes().contains("events"));
         assert_eq!(metrics.sample("portcullis_key_cache_hits_total"), Some(1.0));
         assert_eq!(
             metrics.sample("portcullis_key_cache_misses_total"),
@@ -259,16 +311,18 @@ mod tests {
         let token = ApiToken::generate();
         let now = Timestamp::now();
         let bundle = bundle_with(&token, false, None);
-        let reason = |r: Result<VerifiedKey, Denial>| r.unwrap_err().reason;
+        fn reason(r: Result<VerifiedKey<'_>, Denial>) -> Reason {
+            r.unwrap_err().reason
+        }
         assert_eq!(
-            reason(verifier.verify("ak_short", &bundle, now).await),
+            reason(verifier.verify("ak_short", &compiled(&bundle), now).await),
             Reason::MalformedKey
         );
         let stranger = ApiToken::generate();
         assert_eq!(
             reason(
                 verifier
-                    .verify(stranger.expose_secret(), &bundle, now)
+                    .verify(stranger.expose_secret(), &compiled(&bundle), now)
                     .await
             ),
             Reason::UnknownKey
@@ -280,20 +334,24 @@ mod tests {
         assert_eq!(
             reason(
                 verifier
-                    .verify(stranger.expose_secret(), &forged_bundle, now)
+                    .verify(stranger.expose_secret(), &compiled(&forged_bundle), now)
                     .await
             ),
             Reason::InvalidKey
         );
         // Cached, then revoked: refused on the next request.
         verifier
-            .verify(token.expose_secret(), &bundle, now)
+            .verify(token.expose_secret(), &compiled(&bundle), now)
             .await
             .unwrap();
         let mut revoked = bundle.clone();
         revoked.keys.values_mut().for_each(|k| k.revoked = true);
         assert_eq!(
-            reason(verifier.verify(token.expose_secret(), &revoked, now).await),
+            reason(
+                verifier
+                    .verify(token.expose_secret(), &compiled(&revoked), now)
+                    .await
+            ),
             Reason::KeyRevoked
         );
         let mut expired = bundle.clone();
@@ -302,7 +360,11 @@ mod tests {
             .values_mut()
             .for_each(|k| k.expires_at = Some(now));
         assert_eq!(
-            reason(verifier.verify(token.expose_secret(), &expired, now).await),
+            reason(
+                verifier
+                    .verify(token.expose_secret(), &compiled(&expired), now)
+                    .await
+            ),
             Reason::KeyExpired
         );
     }
@@ -318,12 +380,30 @@ mod tests {
         ));
         let _held = verifier.workers.clone().acquire_owned().await.unwrap();
         let token = ApiToken::generate();
-        let bundle = bundle_with(&token, false, None);
+        let bundle = compiled(&bundle_with(&token, false, None));
         let denial = verifier
             .verify(token.expose_secret(), &bundle, Timestamp::now())
             .await
             .unwrap_err();
         assert_eq!(denial.reason, Reason::Busy);
         assert_eq!(metrics.sample("portcullis_bcrypt_busy_total"), Some(1.0));
+    }
+
+    #[test]
+    fn masked_keys_match_the_token_mask() {
+        let token = ApiToken::generate();
+        for text in [token.expose_secret(), "ak_short", "", "ak_0123456789xyz"] {
+            assert_eq!(
+                MaskedKey::of(text).as_str(),
+                portcullis_crds::token::mask(text),
+                "{text:?}"
+            );
+        }
+        // Never reached for a checked key; hides everything rather than split a char.
+        assert_eq!(MaskedKey::of("ak_0123456789é").as_str(), "ak_***");
+        assert_eq!(
+            format!("{}", MaskedKey::of(token.expose_secret())),
+            token.masked()
+        );
     }
 }

@@ -7,9 +7,10 @@ use std::{
 };
 
 use portcullis_crds::PolicyBundle;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use super::{Install, PolicyStore};
+use super::{CompiledPolicy, Install, PolicyStore};
 use crate::metrics::Metrics;
 
 /// Why a policy file could not be used.
@@ -37,6 +38,16 @@ pub enum PolicyFileError {
 
 /// Reads a bundle from `path`.
 pub fn read_bundle(path: &Path) -> Result<PolicyBundle, PolicyFileError> {
+    read(path)
+}
+
+/// Reads a bundle from `path` straight into the form the proxy holds: the keys never
+/// exist as a `PolicyBundle` map, so a large policy costs its compact size, not ~4x.
+pub fn read_policy(path: &Path) -> Result<CompiledPolicy, PolicyFileError> {
+    read(path)
+}
+
+fn read<T: DeserializeOwned>(path: &Path) -> Result<T, PolicyFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
         path: path.to_owned(),
         source,
@@ -61,8 +72,8 @@ fn fingerprint(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Loads `path` once into `store`; errors are logged and counted, never fatal.
 pub fn load_into(path: &Path, store: &PolicyStore, metrics: &Metrics) {
-    match read_bundle(path) {
-        Ok(bundle) => match store.install(bundle) {
+    match read_policy(path) {
+        Ok(policy) => match store.install(policy) {
             Install::Installed { version } => {
                 tracing::info!(version, path = %path.display(), "policy loaded");
                 metrics.policy_update("file", "installed", Some(version));
@@ -139,6 +150,12 @@ mod tests {
         assert_eq!(store.load().unwrap().version, 2);
         assert!(
             read_bundle(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("PolicyBundle")
+        );
+        assert!(
+            read_policy(&path)
                 .unwrap_err()
                 .to_string()
                 .contains("PolicyBundle")

@@ -5,8 +5,9 @@
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
-use portcullis_crds::PolicyBundle;
 use tokio::sync::watch;
+
+use super::CompiledPolicy;
 
 /// What [`PolicyStore::install`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +29,7 @@ pub enum Install {
 /// The current policy bundle, swapped atomically; cheap to clone.
 #[derive(Clone, Default)]
 pub struct PolicyStore {
-    current: Arc<ArcSwapOption<PolicyBundle>>,
+    current: Arc<ArcSwapOption<CompiledPolicy>>,
     // Serialises writers only; readers never take it.
     writer: Arc<Mutex<()>>,
     changes: Arc<watch::Sender<u64>>,
@@ -49,7 +50,7 @@ impl PolicyStore {
     }
 
     /// The bundle in force. Lock-free.
-    pub fn load(&self) -> Option<Arc<PolicyBundle>> {
+    pub fn load(&self) -> Option<Arc<CompiledPolicy>> {
         self.current.load_full()
     }
 
@@ -58,8 +59,10 @@ impl PolicyStore {
         self.current.load().is_some()
     }
 
-    /// Installs `bundle` if it is newer than the one in force.
-    pub fn install(&self, bundle: PolicyBundle) -> Install {
+    /// Installs `bundle` (a `PolicyBundle` or an already compiled policy) if it is newer
+    /// than the one in force.
+    pub fn install(&self, bundle: impl Into<CompiledPolicy>) -> Install {
+        let bundle = bundle.into();
         let _guard = self
             .writer
             .lock()
@@ -87,6 +90,8 @@ impl PolicyStore {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use portcullis_crds::PolicyBundle;
+
     use super::*;
 
     fn bundle(version: u64) -> PolicyBundle {

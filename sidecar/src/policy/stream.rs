@@ -10,12 +10,11 @@ use bytes::{Buf, BytesMut};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use portcullis_crds::PolicyBundle;
 use rand::Rng;
 use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
-use super::{Install, PolicyStore};
+use super::{CompiledPolicy, Install, PolicyStore};
 use crate::{config::StreamSource, metrics::Metrics, tls::ClientConfigSource};
 
 /// A bundle larger than this is refused (and the connection dropped).
@@ -152,7 +151,7 @@ fn apply_line(line: &[u8], tenant: &str, store: &PolicyStore, metrics: &Metrics)
     if line.is_empty() {
         return false; // keep-alive
     }
-    let bundle: PolicyBundle = match serde_json::from_slice(line) {
+    let bundle: CompiledPolicy = match serde_json::from_slice(line) {
         Ok(bundle) => bundle,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring a policy stream line that is not a PolicyBundle");
@@ -185,6 +184,8 @@ fn apply_line(line: &[u8], tenant: &str, store: &PolicyStore, metrics: &Metrics)
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use portcullis_crds::PolicyBundle;
+
     use super::*;
 
     #[test]
