@@ -2,7 +2,7 @@
 //! (leader or not): the policy compiler reads them, and the controllers use them to look
 //! across objects (a key's tenant and roles) without extra API calls.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -177,6 +177,15 @@ impl Stores {
         })
     }
 
+    /// Every Role and ApiKey, grouped by namespace: one pass over each cache, so work
+    /// for every Tenant costs the size of the caches once, not once per Tenant.
+    pub fn by_namespace(&self) -> ByNamespace {
+        ByNamespace {
+            keys: group_by_namespace(self.keys.state()),
+            roles: group_by_namespace(self.roles.state()),
+        }
+    }
+
     /// ApiKeys in any of `namespaces`.
     pub fn keys_in_any(&self, namespaces: &[String]) -> Vec<Arc<ApiKey>> {
         self.keys.state_filter(|k| {
@@ -185,5 +194,89 @@ impl Stores {
                 .as_ref()
                 .is_some_and(|ns| namespaces.contains(ns))
         })
+    }
+}
+
+/// The Roles and ApiKeys of the caches at one moment, by namespace.
+#[derive(Debug, Default)]
+pub struct ByNamespace {
+    keys: HashMap<String, Vec<Arc<ApiKey>>>,
+    roles: HashMap<String, Vec<Arc<Role>>>,
+}
+
+impl ByNamespace {
+    /// ApiKeys in any of `namespaces`.
+    pub fn keys_in_any(&self, namespaces: &[String]) -> Vec<Arc<ApiKey>> {
+        gather(&self.keys, namespaces)
+    }
+
+    /// Roles in any of `namespaces`.
+    pub fn roles_in_any(&self, namespaces: &[String]) -> Vec<Arc<Role>> {
+        gather(&self.roles, namespaces)
+    }
+}
+
+fn group_by_namespace<K: Resource>(objects: Vec<Arc<K>>) -> HashMap<String, Vec<Arc<K>>> {
+    let mut grouped: HashMap<String, Vec<Arc<K>>> = HashMap::new();
+    for object in objects {
+        if let Some(ns) = object.meta().namespace.clone() {
+            grouped.entry(ns).or_default().push(object);
+        }
+    }
+    grouped
+}
+
+fn gather<K>(grouped: &HashMap<String, Vec<Arc<K>>>, namespaces: &[String]) -> Vec<Arc<K>> {
+    namespaces
+        .iter()
+        .filter_map(|ns| grouped.get(ns))
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn key(namespace: &str, name: &str) -> Arc<ApiKey> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"role": "Developer", "scopes": ["identify"]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn names(keys: &[Arc<ApiKey>]) -> BTreeSet<String> {
+        keys.iter()
+            .map(|k| k.metadata.name.clone().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn grouped_keys_are_those_of_the_asked_namespaces_only() {
+        let grouped = ByNamespace {
+            keys: group_by_namespace(vec![
+                key("a", "k1"),
+                key("b", "k2"),
+                key("a", "k3"),
+                key("c", "k4"),
+            ]),
+            ..ByNamespace::default()
+        };
+        let asked = ["a".to_owned(), "b".to_owned(), "missing".to_owned()];
+        assert_eq!(
+            names(&grouped.keys_in_any(&asked)),
+            BTreeSet::from(["k1".to_owned(), "k2".to_owned(), "k3".to_owned()])
+        );
+        assert!(grouped.keys_in_any(&[]).is_empty());
+        assert!(grouped.roles_in_any(&asked).is_empty());
     }
 }

@@ -38,10 +38,11 @@ pub fn compile_all(
 ) -> Option<Timestamp> {
     let mut next: Option<Timestamp> = None;
     let mut live = Vec::new();
+    let grouped = stores.by_namespace();
     for tenant in stores.tenants.state() {
         let namespaces = Stores::namespaces_of(&tenant);
-        let keys = stores.keys_in_any(&namespaces);
-        let roles = stores.roles_in_any(&namespaces);
+        let keys = grouped.keys_in_any(&namespaces);
+        let roles = grouped.roles_in_any(&namespaces);
         let compiled = PolicyCompiler.compile(&tenant, &keys, &roles, now);
         if let Some(at) = compiled.next_change {
             next = Some(next.map_or(at, |n| n.min(at)));

@@ -15,8 +15,8 @@ use super::audit::AdminAuditEvent;
 use super::inject::{Decision, decide};
 use super::validate::lookup::{catalogue, namespace_roles, tenant_claims};
 use super::validate::{
-    Change, Operation, Refusal, Requester, ValidatorSettings, validate_api_key, validate_role,
-    validate_tenant,
+    Change, Operation, Refusal, Requester, TenantClaims, ValidatorSettings, validate_api_key,
+    validate_role, validate_tenant,
 };
 
 fn deny(
@@ -276,9 +276,17 @@ async fn check_tenant(
         .as_ref()
         .map(|t| t.spec.namespaces.clone())
         .unwrap_or_default();
-    let claims = tenant_claims(state.lookup.as_ref(), &namespaces)
-        .await
-        .map_err(|e| Box::new(unavailable(request, e)))?;
+    // Only a new or changed spec is checked against the other Tenants; the operator's
+    // finalizer and label bookkeeping must not cost a LIST of every Tenant.
+    let spec_unchanged =
+        objects.old.as_ref().map(|o| &o.spec) == objects.object.as_ref().map(|t| &t.spec);
+    let claims = if spec_unchanged || operation == Operation::Delete {
+        TenantClaims::new(&[])
+    } else {
+        tenant_claims(state.lookup.as_ref(), &namespaces)
+            .await
+            .map_err(|e| Box::new(unavailable(request, e)))?
+    };
     Ok(validate_tenant(
         &change(request, operation, &objects),
         &claims,

@@ -1,7 +1,9 @@
 //! What the webhooks read from the API server: namespace labels, a namespace's Roles,
 //! the Tenants, and whether a user is a cluster admin (SubjectAccessReview). A trait so the admission handlers run against fixtures in tests;
 //! [`KubeLookup`] is the real thing (plain GET/LIST per admission — admin changes are
-//! rare and pods need one namespace GET).
+//! rare and pods need one namespace GET). A namespace's Tenant is read by name from its
+//! label, so an ApiKey or Role admission costs one small GET however many Tenants exist;
+//! only namespaces not yet labelled fall back to listing every Tenant.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +42,17 @@ pub trait ClusterLookup: Send + Sync {
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
     /// Every Tenant.
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>>;
+    /// The Tenant called `name`; `None` when it does not exist. Default: searched in
+    /// [`tenants`](Self::tenants).
+    fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
+        Box::pin(async move {
+            Ok(self
+                .tenants()
+                .await?
+                .into_iter()
+                .find(|t| t.metadata.name.as_deref() == Some(name)))
+        })
+    }
     /// Whether the API server's authorizer lets `user` do anything (`*`) to every
     /// resource (`*`) of `portcullis.dev`, cluster-wide — a cluster admin however
     /// bound (e.g. kubeadm's `kubeadm:cluster-admins` group). Asked only when the
@@ -114,6 +127,15 @@ impl ClusterLookup for KubeLookup {
         })
     }
 
+    fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
+        Box::pin(async move {
+            let api: Api<Tenant> = Api::all(self.client.clone());
+            api.get_opt(name)
+                .await
+                .map_err(failed(format!("tenant {name}")))
+        })
+    }
+
     fn is_portcullis_admin<'a>(
         &'a self,
         user: &'a UserInfo,
@@ -174,19 +196,15 @@ pub async fn catalogue(
         .namespace_labels(namespace)
         .await?
         .unwrap_or_default();
+    if let Some(name) = labels.get(TENANT_LABEL)
+        && let Some(tenant) = lookup.tenant(name).await?
+    {
+        return Ok(Catalogue::of(&tenant));
+    }
     let tenants = lookup.tenants().await?;
-    let by_label = labels.get(TENANT_LABEL).and_then(|name| {
-        tenants
-            .iter()
-            .find(|t| t.metadata.name.as_deref() == Some(name.as_str()))
-    });
-    let by_list = || {
-        tenants
-            .iter()
-            .find(|t| t.spec.namespaces.iter().any(|n| n == namespace))
-    };
-    Ok(by_label
-        .or_else(by_list)
+    Ok(tenants
+        .iter()
+        .find(|t| t.spec.namespaces.iter().any(|n| n == namespace))
         .map(Catalogue::of)
         .unwrap_or_default())
 }
