@@ -4,12 +4,15 @@
 //! - `all [--quick]`: the upstream alone, Portcullis (API key, mTLS, audit log), nginx
 //!   and HAProxy side by side in one run on pinned cores; one table (see RESULTS.md).
 //! - `load`: the load generator on its own against any 127.0.0.1 target.
+//! - `operator`: operator-scale figures against envtest and the real operator binary
+//!   (10k ApiKeys and a cold start, 1k Tenants, 1k workload certificates, revocation).
 //!
 //! Loopback only; every run is capped in requests and time.
 
 mod all;
 mod keys;
 mod load;
+mod operator_scale;
 mod procfs;
 mod quick;
 mod servers;
@@ -77,6 +80,9 @@ enum Command {
         #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
         nice: i32,
     },
+    /// Operator-scale figures: a real API server (envtest, needs KUBEBUILDER_ASSETS) and
+    /// the real operator binary; prints progress, then one table.
+    Operator(operator_scale::Options),
     /// The load generator alone, against one target on 127.0.0.1.
     Load {
         /// Target address (loopback only).
@@ -116,7 +122,8 @@ enum Command {
     BundleMemory {
         #[arg(long)]
         file: PathBuf,
-        /// `yaml`: the sidecar's own reader (serde_yaml); `json`: serde_json.
+        /// `sidecar`: the proxy's reader, straight into the form it holds
+        /// (`policy::file::read_policy`); `wire`: serde_json into a `PolicyBundle`.
         #[arg(long)]
         parser: String,
     },
@@ -257,6 +264,13 @@ fn main() -> anyhow::Result<()> {
                 },
             ))
         }
+        Command::Operator(options) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(operator_scale::run(options))
+        }
         command @ Command::Load { .. } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -265,10 +279,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::BundleMemory { file, parser } => {
             let started = std::time::Instant::now();
-            let bundle = match parser.as_str() {
-                "yaml" => portcullis_sidecar::policy::file::read_bundle(&file)?,
+            let keys = match parser.as_str() {
+                "sidecar" => portcullis_sidecar::policy::file::read_policy(&file)?.key_count(),
                 _ => {
                     serde_json::from_slice::<portcullis_crds::PolicyBundle>(&std::fs::read(&file)?)?
+                        .keys
+                        .len()
                 }
             };
             let took = started.elapsed();
@@ -287,7 +303,7 @@ fn main() -> anyhow::Result<()> {
                 took.as_millis(),
                 field("VmRSS:"),
                 field("VmHWM:"),
-                bundle.keys.len()
+                keys
             );
             Ok(())
         }

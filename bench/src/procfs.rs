@@ -16,13 +16,29 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
 
 /// `VmRSS` in bytes from the text of `/proc/<pid>/status`.
 pub fn parse_vmrss_bytes(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    parse_status_bytes(status, "VmRSS")
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in bytes.
+pub fn parse_status_bytes(status: &str, field: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let mut parts = line[field.len() + 1..].split_whitespace();
     let value: u64 = parts.next()?.parse().ok()?;
     match parts.next() {
         Some("kB") | None => Some(value * 1024),
         _ => None,
     }
+}
+
+/// Resident memory of one process now (`VmRSS`) and at its peak (`VmHWM`), in bytes.
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some((
+        parse_status_bytes(&status, "VmRSS")?,
+        parse_status_bytes(&status, "VmHWM")?,
+    ))
 }
 
 /// Child pids listed in a `/proc/<pid>/task/<tid>/children` file.
@@ -129,6 +145,8 @@ mod tests {
             "Name:\tportcullis-prox\nVmPeak:\t  9000 kB\nVmRSS:\t    7300 kB\nThreads:\t2\n";
         assert_eq!(parse_vmrss_bytes(status), Some(7300 * 1024));
         assert_eq!(parse_vmrss_bytes("Name:\tkthreadd\n"), None);
+        let status = "VmHWMx:\t1 kB\nVmHWM:\t  81234 kB\nVmRSS:\t 60000 kB\n";
+        assert_eq!(parse_status_bytes(status, "VmHWM"), Some(81234 * 1024));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use kube::Api;
 use tempfile::TempDir;
 
 pub use network::{Bridge, PodNetns};
-pub use operator::OperatorProcess;
+pub use operator::{OperatorOptions, OperatorProcess};
 pub use pod::RunningPod;
 
 use crate::envtest::EnvTest;

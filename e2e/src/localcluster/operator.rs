@@ -22,6 +22,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct OperatorProcess {
     process: Supervised,
     log: std::path::PathBuf,
+    pids: std::path::PathBuf,
     /// The namespace it keeps its CA, KEK and Lease in.
     pub namespace: String,
     /// Identity service port (on every address).
@@ -32,6 +33,24 @@ pub struct OperatorProcess {
     pub webhook_port: u16,
     /// Metrics and health port (127.0.0.1).
     pub metrics_port: u16,
+}
+
+/// What [`OperatorProcess::start_with`] may change from the test defaults.
+#[derive(Clone, Debug)]
+pub struct OperatorOptions {
+    /// `--key-hash-cost` (4: fast; production's default is 10).
+    pub key_hash_cost: u32,
+    /// `RUST_LOG` of the operator.
+    pub log_filter: String,
+}
+
+impl Default for OperatorOptions {
+    fn default() -> Self {
+        Self {
+            key_hash_cost: 4,
+            log_filter: "info,portcullis_operator=debug".to_owned(),
+        }
+    }
 }
 
 fn free_port(ip: Ipv4Addr) -> Result<u16, LocalClusterError> {
@@ -48,6 +67,26 @@ impl OperatorProcess {
         gateway: Ipv4Addr,
         dir: &Path,
     ) -> Result<Self, LocalClusterError> {
+        Self::start_with(
+            env,
+            binary,
+            namespace,
+            gateway,
+            dir,
+            &OperatorOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Self::start`] with `options` instead of the test defaults.
+    pub async fn start_with(
+        env: &EnvTest,
+        binary: &Path,
+        namespace: &str,
+        gateway: Ipv4Addr,
+        dir: &Path,
+        options: &OperatorOptions,
+    ) -> Result<Self, LocalClusterError> {
         let identity_port = free_port(Ipv4Addr::UNSPECIFIED)?;
         let policy_port = free_port(Ipv4Addr::UNSPECIFIED)?;
         let webhook_port = free_port(Ipv4Addr::LOCALHOST)?;
@@ -58,7 +97,7 @@ impl OperatorProcess {
         let mut args: Vec<OsString> = vec![
             format!("KUBECONFIG={}", env.kubeconfig_path().display()).into(),
             format!("POD_NAMESPACE={namespace}").into(),
-            "RUST_LOG=info,portcullis_operator=debug".into(),
+            format!("RUST_LOG={}", options.log_filter).into(),
             binary.into(),
             "run".into(),
         ];
@@ -76,23 +115,27 @@ impl OperatorProcess {
             ("--policy-url", format!("https://{gateway}:{policy_port}")),
             ("--webhook-url", format!("https://127.0.0.1:{webhook_port}")),
             ("--proxy-image", "portcullis-proxy:local".to_owned()),
-            ("--key-hash-cost", "4".to_owned()),
+            ("--key-hash-cost", options.key_hash_cost.to_string()),
         ];
         for (flag, value) in flags {
             args.push(flag.into());
             args.push(value.into());
         }
+        let pids = dir.join("pids");
+        // A fresh list: `pid` reads the one process this start spawns.
+        let _ = std::fs::remove_file(&pids);
         let process = Supervised::spawn(
             "portcullis-operator",
             Path::new("env"),
             &args,
             dir,
             &log,
-            &dir.join("pids"),
+            &pids,
         )?;
         let operator = Self {
             process,
             log,
+            pids,
             namespace: namespace.to_owned(),
             identity_port,
             policy_port,
@@ -135,6 +178,18 @@ impl OperatorProcess {
     /// The operator's whole log (stdout and stderr), e.g. to read its audit chain.
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// The operator's process id (`env` execs the binary, so it is the operator's own),
+    /// e.g. to read its memory from `/proc/<pid>/status`.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pids)
+            .ok()?
+            .lines()
+            .last()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Whether the process is still running.
