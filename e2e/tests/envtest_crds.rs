@@ -257,5 +257,15 @@ async fn schema_refuses_bad_objects_naming_the_field() -> anyhow::Result<()> {
     .await?;
     assert!(message.contains("spec.dataClassification"), "{message}");
     assert!(message.contains("Restricted"), "{message}");
+
+    let message = refusal(
+        &tenants,
+        json!({"apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+               "metadata": {"name": format!("netpol-{ns}")},
+               "spec": {"networkPolicy": "DenyAll"}}),
+    )
+    .await?;
+    assert!(message.contains("spec.networkPolicy"), "{message}");
+    assert!(message.contains("ProxyPortOnly"), "{message}");
     Ok(())
 }

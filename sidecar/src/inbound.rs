@@ -172,7 +172,7 @@ impl Inbound {
                     .await
             }
         };
-        let (mut response, reason) = match outcome {
+        let (mut response, mut reason) = match outcome {
             Ok(response) => (response, Reason::Allowed),
             Err(denial) => {
                 let reason = denial.reason;
@@ -180,7 +180,7 @@ impl Inbound {
             }
         };
         let latency = started.elapsed();
-        let status = response.status().as_u16();
+        let mut status = response.status().as_u16();
         if reason != Reason::Allowed {
             log_denial(
                 reason,
@@ -216,8 +216,6 @@ impl Inbound {
             },
             reason: reason.as_str(),
         };
-        let mut reason = reason;
-        let mut status = status;
         if let Err(refused) = self.audit.record(record) {
             tracing::warn!(error = %refused, fails_closed, "audit hook refused a record");
             if let Some((principal, method, path)) = kept {

@@ -211,10 +211,11 @@ impl<'a> TenantReconciler<'a> {
                 )
                 .await;
         }
+        let owner = self.owner()?;
         for ns in &plan.release {
             self.label(ns, None).await?;
             self.remove_builtin_roles(ns).await?;
-            tenant_network::remove(self.ctx, ns, &self.owner()?.uid).await?;
+            tenant_network::remove(self.ctx, ns, &owner.uid).await?;
             self.ctx
                 .event(
                     &self.reference(),
@@ -225,7 +226,6 @@ impl<'a> TenantReconciler<'a> {
                 .await;
         }
         let bound = plan.bound();
-        let owner = self.owner()?;
         for ns in &bound {
             self.ensure_builtin_roles(ns).await?;
             tenant_network::ensure(

@@ -271,11 +271,6 @@ async fn check_tenant(
     operation: Operation,
 ) -> Checked {
     let objects = objects::<Tenant>(request)?;
-    let namespaces = objects
-        .object
-        .as_ref()
-        .map(|t| t.spec.namespaces.clone())
-        .unwrap_or_default();
     // Only a new or changed spec is checked against the other Tenants; the operator's
     // finalizer and label bookkeeping must not cost a LIST of every Tenant.
     let spec_unchanged =
@@ -283,7 +278,11 @@ async fn check_tenant(
     let claims = if spec_unchanged || operation == Operation::Delete {
         TenantClaims::new(&[])
     } else {
-        tenant_claims(state.lookup.as_ref(), &namespaces)
+        let namespaces = objects
+            .object
+            .as_ref()
+            .map_or(&[][..], |t| t.spec.namespaces.as_slice());
+        tenant_claims(state.lookup.as_ref(), namespaces)
             .await
             .map_err(|e| Box::new(unavailable(request, e)))?
     };
