@@ -55,6 +55,13 @@ pub enum Reason {
     UpstreamTimeout,
     /// The request cannot be forwarded as sent.
     BadRequest,
+    /// The path is ambiguous (encoded separators, backslashes, NUL, dot segments with
+    /// parameters) or climbs above `/`.
+    UnsafePath,
+    /// The request body is over `limits.maxRequestBodyBytes`.
+    BodyTooLarge,
+    /// The request has more header fields than `limits.maxHeaders`.
+    TooManyHeaders,
     /// Outbound: the request names no destination (no absolute URI, no Host).
     DestinationRequired,
     /// Outbound: no workload certificate to present yet.
@@ -95,6 +102,9 @@ impl Reason {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BadRequest => "bad_request",
+            Self::UnsafePath => "unsafe_path",
+            Self::BodyTooLarge => "body_too_large",
+            Self::TooManyHeaders => "too_many_headers",
             Self::DestinationRequired => "destination_required",
             Self::IdentityUnavailable => "identity_unavailable",
             Self::PeerUnreachable => "peer_unreachable",
@@ -107,9 +117,12 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Allowed => StatusCode::OK,
-            Self::ConflictingKeys | Self::BadRequest | Self::DestinationRequired => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::ConflictingKeys
+            | Self::BadRequest
+            | Self::UnsafePath
+            | Self::DestinationRequired => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::CredentialsRequired
             | Self::ClientCertificateRequired
             | Self::NoWorkloadIdentity

@@ -1,5 +1,5 @@
 //! A small echo app for the demo and benchmarks: answers every request with JSON
-//! holding the method, path, headers it received (so `X-Portcullis-*` are visible) and
+//! holding the method, path, query, headers it received (so `X-Portcullis-*` are visible) and
 //! the body; an `Upgrade` request gets 101 and its bytes echoed back.
 
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr};
@@ -37,6 +37,7 @@ async fn echo(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
     }
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
+    let query = request.uri().query().map(str::to_owned);
     let mut headers = BTreeMap::<String, String>::new();
     for (name, value) in request.headers() {
         headers.insert(
@@ -55,6 +56,7 @@ async fn echo(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
     let json = serde_json::json!({
         "method": method,
         "path": path,
+        "query": query,
         "headers": headers,
         "body": String::from_utf8_lossy(&body.to_bytes()),
     });

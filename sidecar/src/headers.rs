@@ -1,5 +1,6 @@
-//! Headers between the client and the app: the key headers and every client-sent
-//! `X-Portcullis-*` header are removed (so an app can trust the ones we set), hop-by-hop
+//! Headers between the client and the app: the key headers, every client-sent
+//! `X-Portcullis-*` header and every header name holding `_` are removed (so an app can
+//! trust the ones we set, however it spells header names), hop-by-hop
 //! headers are dropped, and the principal, tenant and scopes are added.
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -70,9 +71,15 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, keep_upgr
     {
         headers.remove(header::AUTHORIZATION);
     }
+    // Names with "_" are dropped whole, as nginx does by default: CGI-style
+    // frameworks (PHP, WSGI, Rack) read `X_Portcullis_Principal` as the header we set,
+    // and `_` spellings of any other header an app trusts are just as forgeable.
     let ours: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-portcullis-"))
+        .filter(|name| {
+            let name = name.as_str();
+            name.starts_with("x-portcullis-") || name.contains('_')
+        })
         .cloned()
         .collect();
     for name in ours {
@@ -108,6 +115,9 @@ mod tests {
             HeaderValue::from_static("spiffe://evil"),
         );
         headers.insert("x-portcullis-admin", HeaderValue::from_static("true"));
+        headers.insert("x_portcullis_principal", HeaderValue::from_static("admin"));
+        headers.insert("x-portcullis_tenant", HeaderValue::from_static("evil"));
+        headers.insert("x_other", HeaderValue::from_static("1"));
         headers.insert(
             header::CONNECTION,
             HeaderValue::from_static("close, x-drop-me"),
@@ -123,6 +133,7 @@ mod tests {
         assert!(headers.get(header::AUTHORIZATION).is_none());
         assert!(headers.get("x-api-key").is_none());
         assert!(headers.get("x-portcullis-admin").is_none());
+        assert!(headers.keys().all(|name| !name.as_str().contains('_')));
         assert!(headers.get("x-drop-me").is_none());
         assert!(headers.get(header::CONNECTION).is_none());
         assert_eq!(headers["x-portcullis-principal"], "key:ak_***cret");

@@ -12,7 +12,7 @@
 use std::{borrow::Cow, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
 use http::{HeaderMap, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use portcullis_crds::{DataClassification, InboundMode, scope::ScopeMap};
 
@@ -26,6 +26,7 @@ use crate::{
     deny::{Denial, Reason},
     headers::{self, Forwarded},
     metrics::Metrics,
+    path,
     policy::{CompiledPolicy, PolicyStore},
     ratelimit::{RateLimits, Verdict},
     upstream::{self, Upstream},
@@ -44,6 +45,11 @@ pub struct InboundSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Time for the app's response head.
     pub request_timeout: std::time::Duration,
+    /// Header fields a request may carry (checked here for HTTP/2; hyper's HTTP/1
+    /// parser enforces the same number).
+    pub max_headers: usize,
+    /// Bytes a request body may hold, declared or streamed.
+    pub max_request_body_bytes: usize,
 }
 
 /// Everything a request needs; shared by all connections.
@@ -119,6 +125,13 @@ fn log_denial(
     );
 }
 
+fn body_too_large(limit: usize) -> Denial {
+    Denial::new(
+        Reason::BodyTooLarge,
+        format!("the request body is over {limit} bytes, this service's limit; send a smaller body"),
+    )
+}
+
 fn content_length(headers: &HeaderMap) -> u64 {
     headers
         .get(header::CONTENT_LENGTH)
@@ -150,6 +163,9 @@ impl Inbound {
         let started = Instant::now();
         let timestamp = jiff::Timestamp::now();
         let method = request.method().as_str().to_owned();
+        // Everything below (scopes, audit, the app) sees the normalised path; a refused
+        // path is audited as sent.
+        let unsafe_path = path::normalize_request(&mut request).err();
         let path = request.uri().path().to_owned();
         let bytes_in = content_length(request.headers());
         let mut facts = Facts {
@@ -160,10 +176,14 @@ impl Inbound {
             fails_closed: false,
         };
 
-        let outcome = match self
-            .admit(&request, &conn, &mut facts, &method, &path)
-            .await
-        {
+        let admitted = match self.check_shape(&request, unsafe_path, bytes_in) {
+            Ok(()) => {
+                self.admit(&request, &conn, &mut facts, &method, &path)
+                    .await
+            }
+            Err(denial) => Err(denial),
+        };
+        let outcome = match admitted {
             Err(denial) => Err(denial),
             Ok(admitted) => {
                 let client_upgrade =
@@ -231,6 +251,34 @@ impl Inbound {
         }
         self.metrics.request(reason, status, latency.as_secs_f64());
         Ok(response)
+    }
+
+    /// Refusals that need no credentials: a path that cannot be judged safely, too
+    /// many header fields (HTTP/2 has no parser limit on their number), a declared
+    /// body over the limit.
+    fn check_shape(
+        &self,
+        request: &Request<Incoming>,
+        unsafe_path: Option<path::PathRefusal>,
+        declared_body: u64,
+    ) -> Result<(), Denial> {
+        if let Some(refusal) = unsafe_path {
+            return Err(Denial::new(Reason::UnsafePath, refusal.message()));
+        }
+        let settings = &self.settings;
+        if request.headers().len() > settings.max_headers {
+            return Err(Denial::new(
+                Reason::TooManyHeaders,
+                format!(
+                    "the request has more than {} header fields; send fewer",
+                    settings.max_headers
+                ),
+            ));
+        }
+        if declared_body > settings.max_request_body_bytes as u64 {
+            return Err(body_too_large(settings.max_request_body_bytes));
+        }
+        Ok(())
     }
 
     async fn admit(
@@ -376,11 +424,18 @@ impl Inbound {
             scopes: admitted.scopes.as_deref(),
         };
         headers::to_upstream(&mut parts.headers, &forwarded, client_upgrade.is_some());
-        let request = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        // A streamed (chunked, or HTTP/2 without content-length) body is cut off at
+        // the limit, so the proxy never holds more than a frame of it.
+        let limit = self.settings.max_request_body_bytes;
+        let request = Request::from_parts(parts, Limited::new(body, limit).boxed());
         let mut response = self
             .upstream
             .forward(request, self.settings.request_timeout)
-            .await?;
+            .await
+            .map_err(|denial| match denial.reason {
+                Reason::BodyTooLarge => body_too_large(limit),
+                _ => denial,
+            })?;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(client) = client_upgrade {
             let app = hyper::upgrade::on(&mut response);

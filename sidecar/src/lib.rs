@@ -24,6 +24,7 @@ pub mod init;
 pub mod metrics;
 pub mod operator_client;
 pub mod outbound;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;

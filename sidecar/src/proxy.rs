@@ -191,6 +191,8 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
             scopes_override: scopes_map,
             trusted_proxies,
             request_timeout: limits.request_timeout,
+            max_headers: limits.max_headers,
+            max_request_body_bytes: limits.max_request_body_bytes,
         },
         policy: policy.clone(),
         keys: Arc::new(KeyVerifier::new(

@@ -95,6 +95,10 @@ impl Upstream {
                     timeout.as_secs()
                 ),
             )),
+            Ok(Err(e)) if body_over_limit(&e) => Err(Denial::new(
+                Reason::BodyTooLarge,
+                "the request body is over this service's limit; send a smaller body",
+            )),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream request failed");
                 Err(Denial::new(
@@ -105,6 +109,19 @@ impl Upstream {
             Ok(Ok(response)) => Ok(response),
         }
     }
+}
+
+/// Whether forwarding failed because the request body passed its limit
+/// (`http_body_util::Limited`), which is the client's fault, not the app's.
+fn body_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Pumps bytes between the client's and the app's upgraded connections.

@@ -176,6 +176,14 @@ pub struct StreamSource {
 pub struct Limits {
     /// Open inbound connections at most.
     pub max_connections: usize,
+    /// Open inbound connections from one source address at most, so one client cannot
+    /// hold every slot (default: a quarter of `max_connections`). Peers listed in
+    /// `trustedProxies` (an ingress speaking for many clients) are exempt.
+    pub max_connections_per_source: usize,
+    /// Request header fields at most, on HTTP/1 and HTTP/2 alike (431 above).
+    pub max_headers: usize,
+    /// Request body size at most, declared or streamed (413 above).
+    pub max_request_body_bytes: usize,
     /// Request head size at most (431 above).
     pub max_header_bytes: usize,
     /// Time to complete a TLS handshake.
@@ -205,6 +213,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_source: 10_000 / 4,
+            max_headers: 100,
+            max_request_body_bytes: 10 * 1024 * 1024,
             max_header_bytes: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
@@ -330,6 +341,9 @@ struct RawStream {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    max_headers: Option<usize>,
+    max_request_body_bytes: Option<usize>,
     max_header_bytes: Option<usize>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
@@ -575,11 +589,27 @@ impl RawConfig {
                 "must be at least 8192 (the HTTP/1 parser's minimum buffer)",
             );
         }
+        let max_connections = p.positive(
+            "limits.maxConnections",
+            l.max_connections,
+            defaults_limits.max_connections,
+        );
         let limits = Limits {
-            max_connections: p.positive(
-                "limits.maxConnections",
-                l.max_connections,
-                defaults_limits.max_connections,
+            max_connections,
+            max_connections_per_source: p.positive(
+                "limits.maxConnectionsPerSource",
+                l.max_connections_per_source,
+                (max_connections / 4).max(1),
+            ),
+            max_headers: p.positive(
+                "limits.maxHeaders",
+                l.max_headers,
+                defaults_limits.max_headers,
+            ),
+            max_request_body_bytes: p.positive(
+                "limits.maxRequestBodyBytes",
+                l.max_request_body_bytes,
+                defaults_limits.max_request_body_bytes,
             ),
             max_header_bytes: max_header_bytes.max(8192),
             handshake_timeout: p.duration(

@@ -156,6 +156,23 @@ impl TestClient {
 
     pub async fn tls(&self, h2: bool) -> std::io::Result<TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(self.addr).await?;
+        self.handshake(tcp, h2).await
+    }
+
+    /// A TLS connection whose TCP socket is bound to `source` first (Linux routes all
+    /// of 127.0.0.0/8 to the loopback interface, so 127.0.0.2 is a second client).
+    pub async fn tls_from(
+        &self,
+        source: std::net::IpAddr,
+        h2: bool,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = socket.connect(self.addr).await?;
+        self.handshake(tcp, h2).await
+    }
+
+    async fn handshake(&self, tcp: TcpStream, h2: bool) -> std::io::Result<TlsStream<TcpStream>> {
         let config = if h2 { self.h2.clone() } else { self.h1.clone() };
         tokio_rustls::TlsConnector::from(config)
             .connect(self.server_name.clone(), tcp)
@@ -180,6 +197,24 @@ impl TestClient {
             "server did not negotiate h2"
         );
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// An HTTP/2 connection that sends a PING every `interval`, even with no request
+    /// open: the traffic of a client that only keeps its connection warm.
+    pub async fn h2_pinging(
+        &self,
+        interval: std::time::Duration,
+    ) -> Result<http2::SendRequest<Full<Bytes>>, BoxError> {
+        let stream = self.tls(true).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(interval * 10)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(conn);
         Ok(sender)
     }
