@@ -1,32 +1,30 @@
-//! Accepting inbound connections: a connection semaphore (max connections), the TLS
-//! handshake under a deadline, the peer's SPIFFE ID, then HTTP/1.1 or HTTP/2 by ALPN
-//! with header size and header read limits, an idle watchdog, and graceful drain.
+//! Accepting inbound connections: a connection semaphore (max connections) and a cap
+//! per source address, the TLS handshake under a deadline, the peer's SPIFFE ID, then
+//! HTTP/1.1 or HTTP/2 by ALPN with header size, count and read limits, an idle
+//! watchdog that only requests reset, and graceful drain.
 
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-    task::{Context, Poll},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Limits, inbound::Inbound, metrics::Metrics, tls};
+use crate::{
+    config::Limits,
+    idle::{self, Activity},
+    inbound::Inbound,
+    metrics::Metrics,
+    per_source::SourceSlots,
+    tls,
+};
 
 /// What the connection tells every request on it.
 #[derive(Debug)]
@@ -37,124 +35,8 @@ pub struct ConnInfo {
     pub peer_id: Option<String>,
     /// Whether a (verified) client certificate was presented at all.
     pub client_cert: bool,
-    /// Traffic and in-flight requests, for the idle watchdog.
+    /// Requests in flight, for the idle watchdog.
     pub activity: Arc<Activity>,
-}
-
-/// Last traffic and requests in flight on one connection.
-#[derive(Debug)]
-pub struct Activity {
-    origin: Instant,
-    last_ms: AtomicU64,
-    in_flight: AtomicUsize,
-}
-
-/// Decrements the in-flight count when a request's handling ends.
-#[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-        })
-    }
-
-    fn touch(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    /// Marks a request as in flight until the guard drops.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-        InFlight(self.clone())
-    }
-
-    /// Resolves once the connection has had no traffic and no request for `idle`.
-    async fn idle(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet_for = self.origin.elapsed().saturating_sub(last);
-            if quiet_for >= idle && self.in_flight.load(Ordering::Relaxed) == 0 {
-                return;
-            }
-            tokio::time::sleep(
-                idle.saturating_sub(quiet_for)
-                    .max(Duration::from_millis(50)),
-            )
-            .await;
-        }
-    }
-}
-
-/// Records traffic on the wrapped stream.
-struct ActivityIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -187,7 +69,7 @@ pub async fn serve(
 ) {
     let builder = Arc::new(http_builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let per_source = SourceSlots::new(limits.max_connections_per_source);
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -204,7 +86,24 @@ pub async fn serve(
                 }
             },
         };
-        let watcher = graceful.watcher();
+        // An ingress or load balancer in trustedProxies speaks for many clients.
+        let source = peer.ip().to_canonical();
+        let exempt = inbound
+            .settings
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&source));
+        let source_slot = match exempt {
+            true => None,
+            false => match per_source.try_take(source) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(%peer, "source holds its connection cap; closing");
+                    metrics.connection_refused("per_source_limit");
+                    continue;
+                }
+            },
+        };
         let task = Connection {
             acceptor: acceptor.clone(),
             inbound: inbound.clone(),
@@ -214,8 +113,8 @@ pub async fn serve(
             shutdown: shutdown.clone(),
         };
         tokio::spawn(async move {
-            let _permit = permit;
-            task.run(tcp, peer, watcher).await;
+            let _slots = (permit, source_slot);
+            task.run(tcp, peer).await;
         });
     }
     drop(listener);
@@ -223,7 +122,9 @@ pub async fn serve(
         deadline_s = limits.drain_timeout.as_secs(),
         "draining inbound connections"
     );
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+    // Every connection holds a slot until it has closed; all slots back means drained.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -241,12 +142,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
-        self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        watcher: hyper_util::server::graceful::Watcher,
-    ) {
+    async fn run(self, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let stream =
             match tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp))
@@ -278,22 +174,21 @@ impl Connection {
         });
         let inbound = self.inbound.clone();
         let service = service_fn(move |request| inbound.clone().handle(request, conn.clone()));
-        let io = TokioIo::new(ActivityIo {
-            inner: stream,
-            activity: activity.clone(),
-        });
         let gauge = self.metrics.connections_open().clone();
         gauge.inc();
-        let connection = watcher.watch(self.builder.serve_connection_with_upgrades(io, service));
-        tokio::select! {
-            result = connection => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            }
-            _ = activity.idle(self.limits.idle_timeout) => {
-                tracing::debug!(%peer, "closing idle connection");
-            }
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let served = idle::serve_connection(
+            connection,
+            &activity,
+            self.limits.idle_timeout,
+            &self.shutdown,
+            self.limits.drain_timeout,
+        )
+        .await;
+        if let Err(e) = served {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
         gauge.dec();
     }

@@ -25,6 +25,7 @@ use crate::{
     body::ProxyBody,
     deny::{Denial, Reason},
     headers::{self, Forwarded},
+    idle::InFlightBody,
     metrics::Metrics,
     path,
     policy::{CompiledPolicy, PolicyStore},
@@ -159,7 +160,7 @@ impl Inbound {
         mut request: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let _in_flight = conn.activity.request_started();
+        let in_flight = conn.activity.request_started();
         let started = Instant::now();
         let timestamp = jiff::Timestamp::now();
         let method = request.method().as_str().to_owned();
@@ -250,7 +251,7 @@ impl Inbound {
             }
         }
         self.metrics.request(reason, status, latency.as_secs_f64());
-        Ok(response)
+        Ok(response.map(|body| InFlightBody::new(body, in_flight)))
     }
 
     /// Refusals that need no credentials: a path that cannot be judged safely, too

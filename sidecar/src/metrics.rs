@@ -67,6 +67,7 @@ struct Inner {
     cert_expiry: Gauge,
     cert_not_after: AtomicI64,
     connections_open: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
     cert_reloads: Family<SourceLabels, Counter>,
     outbound_requests: Family<OutboundLabels, Counter>,
 }
@@ -107,6 +108,7 @@ impl Metrics {
         let policy_updates = Family::<SourceLabels, Counter>::default();
         let cert_expiry = Gauge::default();
         let connections_open = Gauge::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
         let cert_reloads = Family::<SourceLabels, Counter>::default();
         let outbound_requests = Family::<OutboundLabels, Counter>::default();
         registry.register(
@@ -170,6 +172,11 @@ impl Metrics {
             connections_open.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Inbound connections closed at accept, by reason (per_source_limit: the source already holds limits.maxConnectionsPerSource)",
+            connections_refused.clone(),
+        );
+        registry.register(
             "cert_reloads",
             "Certificate and trust bundle reloads by result",
             cert_reloads.clone(),
@@ -195,6 +202,7 @@ impl Metrics {
                 cert_expiry,
                 cert_not_after: AtomicI64::new(0),
                 connections_open,
+                connections_refused,
                 cert_reloads,
                 outbound_requests,
             }),
@@ -227,7 +235,15 @@ impl Metrics {
         self.inner.handshakes.inc();
     }
 
-    /// Counts a failed handshake.
+    /// Counts a connection closed at accept, by reason.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a failed TLS handshake by kind.
     pub fn handshake_failed(&self, reason: &'static str) {
         self.inner
             .handshake_failures

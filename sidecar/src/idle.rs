@@ -1,0 +1,154 @@
+//! When a connection is idle, and closing it then. Idle means no request in flight and
+//! none started or finished for the idle timeout; bytes on the wire do not count, so
+//! HTTP/2 PINGs (ours or the client's) cannot keep a connection, and its slot, alive.
+//! Used by every listener (inbound, outbound, admin).
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use hyper_util::server::graceful::GracefulConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{BoxError, ProxyBody};
+
+/// The last request start or end, and requests in flight, on one connection.
+#[derive(Debug)]
+pub struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Decrements the in-flight count when a request's handling ends.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    /// A connection that has just opened (the idle clock starts now).
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Marks a request as in flight until the guard drops.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight, and none started or
+    /// finished, for `idle`.
+    pub async fn idle(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet_for = self.origin.elapsed().saturating_sub(last);
+            if quiet_for >= idle && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(
+                idle.saturating_sub(quiet_for)
+                    .max(Duration::from_millis(50)),
+            )
+            .await;
+        }
+    }
+}
+
+/// How long a connection told to close (idle, or draining after the last request)
+/// gets to say goodbye (HTTP/2 GOAWAY and its PING round trip) before it is dropped.
+const GOODBYE: Duration = Duration::from_secs(2);
+
+/// Serves `connection` until it ends; once it is idle for `idle`, or on `shutdown`,
+/// closes it gracefully (HTTP/2: GOAWAY; HTTP/1: close after the request in flight),
+/// giving in-flight requests up to `drain` on shutdown.
+pub async fn serve_connection<C>(
+    connection: C,
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &CancellationToken,
+    drain: Duration,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut connection = std::pin::pin!(connection);
+    let grace = tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = activity.idle(idle) => {
+            tracing::debug!("closing idle connection");
+            GOODBYE
+        }
+        _ = shutdown.cancelled() => drain,
+    };
+    connection.as_mut().graceful_shutdown();
+    tokio::time::timeout(grace, connection)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// A response body that keeps its request in flight until it is fully sent, so a
+/// long download or event stream is not taken for an idle connection.
+pub struct InFlightBody {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl InFlightBody {
+    /// `body`, holding `in_flight` until it ends or is dropped.
+    pub fn new(body: ProxyBody, in_flight: InFlight) -> ProxyBody {
+        if body.is_end_stream() {
+            return body;
+        }
+        BodyExt::boxed(Self {
+            body,
+            _in_flight: in_flight,
+        })
+    }
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
