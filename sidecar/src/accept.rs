@@ -39,7 +39,9 @@ pub struct ConnInfo {
     pub activity: Arc<Activity>,
 }
 
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// The HTTP server settings every proxied listener shares: header size, count and
+/// read time limits, and HTTP/2 keep-alive PINGs to find dead peers.
+pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -179,14 +181,21 @@ impl Connection {
         let connection = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let served = idle::serve_connection(
-            connection,
+        let mut connection = std::pin::pin!(connection);
+        let limits = &self.limits;
+        let closing = idle::close_signal(
             &activity,
-            self.limits.idle_timeout,
+            limits.idle_timeout,
             &self.shutdown,
-            self.limits.drain_timeout,
-        )
-        .await;
+            limits.drain_timeout,
+        );
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            grace = closing => {
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(grace, connection).await.unwrap_or(Ok(()))
+            }
+        };
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }

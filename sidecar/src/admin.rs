@@ -1,19 +1,26 @@
-//! The admin server (port 4191, plain HTTP/1.1): `/live` (the process answers),
+//! The admin server (port 4191, plain HTTP/1.1, bounded like every listener: a
+//! connection cap, a per-source cap, a header read timeout and an idle timeout):
+//! `/live` (the process answers),
 //! `/ready` (a certificate, a policy and the audit trail are in place), `/metrics`
 //! (Prometheus), `/identity` (the certificate chain the proxy presents, PEM, public
 //! material only; `kubectl portcullis identity inspect --admin-url`).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     body::{ProxyBody, full},
+    idle::{self, Activity},
     metrics::Metrics,
+    per_source::SourceSlots,
     policy::PolicyStore,
 };
 
@@ -96,6 +103,16 @@ fn route(
     }
 }
 
+/// Open admin connections at most (probes and scrapes need a handful).
+pub const MAX_CONNECTIONS: usize = 128;
+/// Open admin connections from one source at most, so a flood from one address
+/// cannot crowd out the kubelet's probes.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+/// Time to send a request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection with no request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -103,34 +120,59 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
     loop {
-        let (tcp, _) = tokio::select! {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+        };
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(_) => continue,
             },
         };
-        let readiness = readiness.clone();
-        let metrics = metrics.clone();
+        let Some(source_slot) = per_source.try_take(peer.ip()) else {
+            metrics.connection_refused("admin_per_source_limit");
+            continue;
+        };
+        let (readiness, metrics) = (readiness.clone(), metrics.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = route(&request, &readiness, &metrics);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connection).await;
-                }
-            }
+            let _slots = (permit, source_slot);
+            serve_connection(tcp, readiness, metrics, shutdown).await;
         });
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    readiness: Readiness,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let activity = Activity::new();
+    let service = service_fn({
+        let activity = activity.clone();
+        move |request| {
+            let _in_flight = activity.request_started();
+            let response = route(&request, &readiness, &metrics);
+            async move { Ok::<_, Infallible>(response) }
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tcp), service);
+    let mut connection = std::pin::pin!(connection);
+    let closing = idle::close_signal(&activity, IDLE_TIMEOUT, &shutdown, idle::GOODBYE);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        grace = closing => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(grace, connection).await;
+        }
     }
 }

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use hyper_util::server::graceful::GracefulConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxError, ProxyBody};
@@ -83,34 +82,27 @@ impl Activity {
 
 /// How long a connection told to close (idle, or draining after the last request)
 /// gets to say goodbye (HTTP/2 GOAWAY and its PING round trip) before it is dropped.
-const GOODBYE: Duration = Duration::from_secs(2);
+pub const GOODBYE: Duration = Duration::from_secs(2);
 
-/// Serves `connection` until it ends; once it is idle for `idle`, or on `shutdown`,
-/// closes it gracefully (HTTP/2: GOAWAY; HTTP/1: close after the request in flight),
-/// giving in-flight requests up to `drain` on shutdown.
-pub async fn serve_connection<C>(
-    connection: C,
+/// Resolves when a connection should be told to close, with the time it gets to close
+/// gracefully: after `idle` without a request ([`GOODBYE`]), or on `shutdown` (`drain`,
+/// for its requests in flight). The caller then calls `graceful_shutdown` (HTTP/2:
+/// GOAWAY; HTTP/1: close after the request in flight) and awaits the connection that
+/// long. (A generic driver over `GracefulConnection` trips rustc's higher-ranked
+/// `Send` check inside `tokio::spawn`, so each listener keeps its own three lines.)
+pub async fn close_signal(
     activity: &Activity,
     idle: Duration,
     shutdown: &CancellationToken,
     drain: Duration,
-) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
-    let mut connection = std::pin::pin!(connection);
-    let grace = tokio::select! {
-        result = connection.as_mut() => return result,
+) -> Duration {
+    tokio::select! {
         _ = activity.idle(idle) => {
             tracing::debug!("closing idle connection");
             GOODBYE
         }
         _ = shutdown.cancelled() => drain,
-    };
-    connection.as_mut().graceful_shutdown();
-    tokio::time::timeout(grace, connection)
-        .await
-        .unwrap_or(Ok(()))
+    }
 }
 
 /// A response body that keeps its request in flight until it is fully sent, so a

@@ -129,7 +129,9 @@ fn log_denial(
 fn body_too_large(limit: usize) -> Denial {
     Denial::new(
         Reason::BodyTooLarge,
-        format!("the request body is over {limit} bytes, this service's limit; send a smaller body"),
+        format!(
+            "the request body is over {limit} bytes, this service's limit; send a smaller body"
+        ),
     )
 }
 

@@ -27,18 +27,23 @@ use http_body_util::BodyExt;
 use hyper::{body::Incoming, client::conn::http2, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    accept,
     body::ProxyBody,
-    config::OutboundConfig,
+    config::{Limits, OutboundConfig},
     deny::{Denial, Reason},
     headers,
     identity::{WorkloadId, tls::peer_identity},
+    idle::{self, Activity, InFlightBody},
     metrics::Metrics,
     tls::ClientConfigSource,
 };
@@ -354,21 +359,21 @@ fn to_peer(
 }
 
 /// Serves the outbound listener until `shutdown`, then lets requests finish for up to
-/// `drain`.
+/// `limits.drain_timeout`. Bounded like the inbound listener: at most
+/// `limits.max_connections`, header read and idle timeouts, HTTP/2 keep-alive.
 pub async fn serve(
     listener: TcpListener,
     outbound: Arc<Outbound>,
-    drain: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(accept::http_builder(&limits));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+        };
         let tcp = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -381,19 +386,51 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let outbound = outbound.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (outbound, builder) = (outbound.clone(), builder.clone());
+        let (limits, shutdown) = (limits.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| outbound.clone().handle(request));
-            let connection = watcher.watch(builder.serve_connection(TokioIo::new(tcp), service));
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "outbound client connection ended with an error");
-            }
+            let _permit = permit;
+            serve_connection(tcp, outbound, builder, limits, shutdown).await;
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all)).await;
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    outbound: Arc<Outbound>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let activity = Activity::new();
+    let service = service_fn({
+        let activity = activity.clone();
+        move |request| {
+            let in_flight = activity.request_started();
+            let handled = outbound.clone().handle(request);
+            async move {
+                let response = handled.await?;
+                Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
+            }
+        }
+    });
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    let (idle_timeout, drain) = (limits.idle_timeout, limits.drain_timeout);
+    let mut connection = std::pin::pin!(connection);
+    let closing = idle::close_signal(&activity, idle_timeout, &shutdown, drain);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        grace = closing => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(grace, connection).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "outbound client connection ended with an error");
+    }
 }
 
 #[cfg(test)]

@@ -199,7 +199,14 @@ mod tests {
 
     #[test]
     fn normal_paths_are_borrowed_unchanged() {
-        for path in ["/", "/v1/events/1", "/v1/events/", "/a%20b", "/caf\u{e9}", "*"] {
+        for path in [
+            "/",
+            "/v1/events/1",
+            "/v1/events/",
+            "/a%20b",
+            "/caf\u{e9}",
+            "*",
+        ] {
             assert!(matches!(normalize(path), Ok(Cow::Borrowed(p)) if p == path));
         }
     }
@@ -207,7 +214,10 @@ mod tests {
     #[test]
     fn dot_segments_are_removed() {
         assert_eq!(ok("/v1/events/../signals"), "/v1/signals");
-        assert_eq!(ok("/v1/events/../../admin/secrets.txt"), "/admin/secrets.txt");
+        assert_eq!(
+            ok("/v1/events/../../admin/secrets.txt"),
+            "/admin/secrets.txt"
+        );
         assert_eq!(ok("/v1/./events/./1"), "/v1/events/1");
         assert_eq!(ok("/v1/events/.."), "/v1/");
         assert_eq!(ok("/v1/events/."), "/v1/events/");
@@ -252,8 +262,14 @@ mod tests {
         assert_eq!(refused("/v1/events/1%00.json"), PathRefusal::EncodedNul);
         assert_eq!(refused("/v1/%zz"), PathRefusal::MalformedEscape);
         assert_eq!(refused("/v1/%2"), PathRefusal::MalformedEscape);
-        assert_eq!(refused("/v1/events/..;/admin"), PathRefusal::DotSegmentParameters);
-        assert_eq!(refused("/v1/events/.;x/1"), PathRefusal::DotSegmentParameters);
+        assert_eq!(
+            refused("/v1/events/..;/admin"),
+            PathRefusal::DotSegmentParameters
+        );
+        assert_eq!(
+            refused("/v1/events/.;x/1"),
+            PathRefusal::DotSegmentParameters
+        );
         assert_eq!(ok("/v1/events/1;v=2"), "/v1/events/1;v=2");
         assert_eq!(refused("v1/events"), PathRefusal::NotAbsolute);
     }
@@ -261,7 +277,10 @@ mod tests {
     #[test]
     fn climbing_above_the_root_is_refused_not_clamped() {
         assert_eq!(refused("/.."), PathRefusal::AboveRoot);
-        assert_eq!(refused("/v1/events/../../../etc/passwd"), PathRefusal::AboveRoot);
+        assert_eq!(
+            refused("/v1/events/../../../etc/passwd"),
+            PathRefusal::AboveRoot
+        );
         assert_eq!(refused("/v1/../../x"), PathRefusal::AboveRoot);
     }
 }

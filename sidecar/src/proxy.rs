@@ -213,9 +213,13 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
         None => None,
         Some((settings, tls_source)) => {
             let (listener, address) = bind("outbound", settings.listen).await?;
-            let drain = limits.drain_timeout;
             let path = Arc::new(Outbound::new(settings, tls_source, metrics.clone()));
-            tasks.spawn(outbound::serve(listener, path, drain, shutdown.clone()));
+            tasks.spawn(outbound::serve(
+                listener,
+                path,
+                limits.clone(),
+                shutdown.clone(),
+            ));
             Some(address)
         }
     };

@@ -198,7 +198,12 @@ async fn repeated_slashes_and_unreserved_escapes_are_normalised_and_the_query_ke
             &[("x-api-key", h.token("events"))],
         )
         .await;
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let echoed = reply.json();
     assert_eq!(echoed["path"], "/v1/events/1");
     assert_eq!(echoed["query"], "next=..%2f..%2fadmin&x=1");
@@ -247,7 +252,12 @@ async fn oversized_declared_bodies_are_refused_with_413() {
     let reply = client
         .post("/v1/events/1", &[("x-api-key", key)], &body)
         .await;
-    assert_denied(&reply, 413, "body_too_large", "a declared body over the limit");
+    assert_denied(
+        &reply,
+        413,
+        "body_too_large",
+        "a declared body over the limit",
+    );
     let fits = "x".repeat(BODY_LIMIT);
     let reply = client
         .post("/v1/events/1", &[("x-api-key", key)], &fits)
@@ -464,20 +474,81 @@ async fn alert_for(h: &Harness, hello: &[u8]) -> u8 {
     answer[6]
 }
 
+/// rustls answers a ClientHello without `signature_algorithms` with
+/// `handshake_failure` before it looks at the version (rustls 0.23,
+/// `server/hs.rs`), so old clients that omit it (OpenSSL below TLS 1.2) see
+/// `handshake_failure`; every other pre-1.3 hello gets `protocol_version`. Either
+/// way the alert is fatal and no ServerHello is sent.
 #[tokio::test]
 async fn legacy_client_hellos_are_refused_with_a_fatal_alert() {
     let (h, _) = harness(|_| {}).await;
+    let mut seen = Vec::new();
     for (name, version) in [
         ("TLS 1.0", [3, 1]),
         ("TLS 1.1", [3, 2]),
         ("TLS 1.2", [3, 3]),
     ] {
-        let alert = alert_for(&h, &legacy_client_hello(version, true)).await;
-        assert_eq!(alert, PROTOCOL_VERSION, "{name} with signature_algorithms");
-        let alert = alert_for(&h, &legacy_client_hello(version, false)).await;
-        assert_eq!(
-            alert, PROTOCOL_VERSION,
-            "{name} without signature_algorithms (HANDSHAKE_FAILURE is {HANDSHAKE_FAILURE})"
-        );
+        for signature_algorithms in [true, false] {
+            let alert = alert_for(&h, &legacy_client_hello(version, signature_algorithms)).await;
+            seen.push((name, signature_algorithms, alert));
+        }
     }
+    let expected: Vec<(&str, bool, u8)> = ["TLS 1.0", "TLS 1.1", "TLS 1.2"]
+        .into_iter()
+        .flat_map(|name| {
+            [
+                (name, true, PROTOCOL_VERSION),
+                (name, false, HANDSHAKE_FAILURE),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        seen, expected,
+        "(version, signature_algorithms sent, alert)"
+    );
+}
+
+async fn tcp_from(source: Ipv4Addr, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(IpAddr::V4(source), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Sends `GET /live` and returns what came back before the connection closed.
+async fn live_on(tcp: &mut tokio::net::TcpStream) -> String {
+    let _ = tcp
+        .write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut out))
+        .await
+        .expect("the admin listener neither answered nor closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_every_admin_connection() {
+    let (h, _) = harness(|_| {}).await;
+    let admin = h.proxy.admin_addr;
+    let cap = portcullis_sidecar::admin::MAX_CONNECTIONS_PER_SOURCE;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(tcp_from(Ipv4Addr::new(127, 0, 0, 1), admin).await);
+    }
+    let mut over = tcp_from(Ipv4Addr::new(127, 0, 0, 1), admin).await;
+    let answer = live_on(&mut over).await;
+    assert!(
+        !answer.contains("200"),
+        "a source over the admin cap was served: {answer}"
+    );
+    support::wait_until(|| {
+        h.metric("portcullis_connections_refused_total{reason=\"admin_per_source_limit\"}") == 1.0
+    })
+    .await;
+    // The kubelet, from another address, still gets its probe answered.
+    let mut probe = tcp_from(Ipv4Addr::new(127, 0, 0, 2), admin).await;
+    assert!(live_on(&mut probe).await.starts_with("HTTP/1.1 200"));
+    drop(held);
 }
