@@ -3,7 +3,9 @@
 //! Configs are built from a certificate resolver, a client-certificate verifier and
 //! trust roots, so they can be fed from PEM files ([`crate::certs`], standalone and
 //! demo) or from the workload identity store, and both swap certificates without a
-//! restart. TLS 1.3 only: a TLS 1.2 ClientHello gets a `protocol_version` alert.
+//! restart. TLS 1.3 only: an older ClientHello gets a `protocol_version` alert, or
+//! `handshake_failure` when it lacks `signature_algorithms` (rustls checks that first;
+//! OpenSSL clients below TLS 1.2 omit it).
 
 use std::sync::{Arc, OnceLock};
 

@@ -844,6 +844,16 @@ policy: {file: /policy.json}
     }
 
     #[test]
+    fn per_source_cap_defaults_to_a_quarter_of_max_connections() {
+        let text = format!("{MINIMAL}limits: {{maxConnections: 40}}\n");
+        let config = ProxyConfig::parse(&text, "p.yaml").unwrap();
+        assert_eq!(config.limits.max_connections_per_source, 10);
+        let text = format!("{MINIMAL}limits: {{maxConnections: 2, maxConnectionsPerSource: 0}}\n");
+        let err = ProxyConfig::parse(&text, "p.yaml").unwrap_err().to_string();
+        assert!(err.contains("limits.maxConnectionsPerSource"), "{err}");
+    }
+
+    #[test]
     fn stream_source_parses_host_port_and_tenant() {
         let text = MINIMAL.replace(
             "policy: {file: /policy.json}",
@@ -875,6 +885,9 @@ policy: {file: /policy.json}
         let config = ProxyConfig::parse(text, "examples/proxy.yaml").unwrap();
         assert_eq!(config.upstream.app_port, 8080);
         assert_eq!(config.limits.max_header_bytes, 16384);
+        assert_eq!(config.limits.max_connections_per_source, 2500);
+        assert_eq!(config.limits.max_headers, 100);
+        assert_eq!(config.limits.max_request_body_bytes, 10 * 1024 * 1024);
         // The commented-out alternatives parse too.
         let uncommented = text
             .replace(
