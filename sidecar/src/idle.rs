@@ -114,7 +114,7 @@ pub struct InFlightBody {
 
 impl InFlightBody {
     /// `body`, holding `in_flight` until it ends or is dropped.
-    pub fn new(body: ProxyBody, in_flight: InFlight) -> ProxyBody {
+    pub fn wrap(body: ProxyBody, in_flight: InFlight) -> ProxyBody {
         if body.is_end_stream() {
             return body;
         }

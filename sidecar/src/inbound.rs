@@ -253,7 +253,7 @@ impl Inbound {
             }
         }
         self.metrics.request(reason, status, latency.as_secs_f64());
-        Ok(response.map(|body| InFlightBody::new(body, in_flight)))
+        Ok(response.map(|body| InFlightBody::wrap(body, in_flight)))
     }
 
     /// Refusals that need no credentials: a path that cannot be judged safely, too

@@ -413,7 +413,7 @@ async fn serve_connection(
             let handled = outbound.clone().handle(request);
             async move {
                 let response = handled.await?;
-                Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
+                Ok::<_, Infallible>(response.map(|body| InFlightBody::wrap(body, in_flight)))
             }
         }
     });
