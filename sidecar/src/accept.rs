@@ -181,7 +181,6 @@ impl Connection {
         let connection = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let mut connection = std::pin::pin!(connection);
         let limits = &self.limits;
         let closing = idle::close_signal(
             &activity,
@@ -189,13 +188,7 @@ impl Connection {
             &self.shutdown,
             limits.drain_timeout,
         );
-        let served = tokio::select! {
-            served = connection.as_mut() => served,
-            grace = closing => {
-                connection.as_mut().graceful_shutdown();
-                tokio::time::timeout(grace, connection).await.unwrap_or(Ok(()))
-            }
-        };
+        let served = idle::serve_until_closed!(connection, closing);
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }

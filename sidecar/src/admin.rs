@@ -166,13 +166,6 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(tcp), service);
-    let mut connection = std::pin::pin!(connection);
     let closing = idle::close_signal(&activity, IDLE_TIMEOUT, &shutdown, idle::GOODBYE);
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        grace = closing => {
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(grace, connection).await;
-        }
-    }
+    let _ = idle::serve_until_closed!(connection, closing);
 }

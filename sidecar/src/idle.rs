@@ -88,8 +88,7 @@ pub const GOODBYE: Duration = Duration::from_secs(2);
 /// gracefully: after `idle` without a request ([`GOODBYE`]), or on `shutdown` (`drain`,
 /// for its requests in flight). The caller then calls `graceful_shutdown` (HTTP/2:
 /// GOAWAY; HTTP/1: close after the request in flight) and awaits the connection that
-/// long. (A generic driver over `GracefulConnection` trips rustc's higher-ranked
-/// `Send` check inside `tokio::spawn`, so each listener keeps its own three lines.)
+/// long; [`serve_until_closed!`] does both.
 pub async fn close_signal(
     activity: &Activity,
     idle: Duration,
@@ -104,6 +103,25 @@ pub async fn close_signal(
         _ = shutdown.cancelled() => drain,
     }
 }
+
+/// Serves a hyper connection until it ends, or until `$closing` (a
+/// [`close_signal`]) resolves: then closes it gracefully (HTTP/2: GOAWAY) and waits
+/// the grace period it gave. A macro, not a function generic over
+/// `GracefulConnection`: that trips rustc's higher-ranked `Send` check in
+/// `tokio::spawn`.
+macro_rules! serve_until_closed {
+    ($connection:expr, $closing:expr) => {{
+        let mut connection = std::pin::pin!($connection);
+        tokio::select! {
+            served = connection.as_mut() => served,
+            grace = $closing => {
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(grace, connection).await.unwrap_or(Ok(()))
+            }
+        }
+    }};
+}
+pub(crate) use serve_until_closed;
 
 /// A response body that keeps its request in flight until it is fully sent, so a
 /// long download or event stream is not taken for an idle connection.

@@ -419,15 +419,8 @@ async fn serve_connection(
     });
     let connection = builder.serve_connection(TokioIo::new(tcp), service);
     let (idle_timeout, drain) = (limits.idle_timeout, limits.drain_timeout);
-    let mut connection = std::pin::pin!(connection);
     let closing = idle::close_signal(&activity, idle_timeout, &shutdown, drain);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        grace = closing => {
-            connection.as_mut().graceful_shutdown();
-            tokio::time::timeout(grace, connection).await.unwrap_or(Ok(()))
-        }
-    };
+    let served = idle::serve_until_closed!(connection, closing);
     if let Err(e) = served {
         tracing::debug!(error = %e, "outbound client connection ended with an error");
     }

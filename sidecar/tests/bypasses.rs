@@ -67,6 +67,17 @@ fn assert_denied(reply: &client::Reply, status: u16, reason: &str, path: &str) {
     );
 }
 
+/// `path` is refused with 400 `unsafe_path` and an error naming `says`.
+async fn assert_unsafe(client: &support::TestClient, key: &str, path: &str, says: &str) {
+    let reply = client.get(path, &[("x-api-key", key)]).await;
+    assert_denied(&reply, 400, "unsafe_path", path);
+    let error = reply.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains(says), "{path}: {error}");
+}
+
 #[tokio::test]
 async fn dot_segments_cannot_escape_the_scoped_prefix() {
     let (h, records) = harness(|_| {}).await;
@@ -94,9 +105,7 @@ async fn encoded_slashes_cannot_escape_the_scoped_prefix() {
         "/v1/events/..%5c..%5cadmin%5csecrets.txt",
         "/v1/events/%2e%2e/%2E%2E/admin/secrets.txt",
     ] {
-        let reply = client.get(path, &[("x-api-key", key)]).await;
-        assert_denied(&reply, 400, "unsafe_path", path);
-        assert!(reply.json()["error"].as_str().unwrap().contains("encoded"));
+        assert_unsafe(&client, key, path, "encoded").await;
         let record = records.last();
         assert_eq!(record.decision, Decision::Deny);
         assert_eq!(record.reason, "unsafe_path");
@@ -162,13 +171,8 @@ async fn absolute_form_targets_cannot_reach_another_scope() {
 async fn paths_climbing_above_the_root_are_refused() {
     let (h, _) = harness(|_| {}).await;
     let key = h.token("events");
-    let path = "/v1/events/../../../etc/passwd";
-    let reply = h
-        .client(Identity::Anonymous)
-        .get(path, &[("x-api-key", key)])
-        .await;
-    assert_denied(&reply, 400, "unsafe_path", path);
-    assert!(reply.json()["error"].as_str().unwrap().contains("above"));
+    let client = h.client(Identity::Anonymous);
+    assert_unsafe(&client, key, "/v1/events/../../../etc/passwd", "above").await;
 }
 
 #[tokio::test]
@@ -176,15 +180,14 @@ async fn backslashes_nul_and_dot_segment_parameters_are_refused() {
     let (h, _) = harness(|_| {}).await;
     let key = h.token("events");
     let client = h.client(Identity::Anonymous);
-    for path in [
-        "/v1/events/..\\..\\admin",
-        "/v1/events/1%00.json",
-        "/v1/events/..;/..;/signals",
-        "/v1/events/.;/1",
-        "/v1/events/%zz",
+    for (path, says) in [
+        ("/v1/events/..\\..\\admin", "backslash"),
+        ("/v1/events/1%00.json", "NUL"),
+        ("/v1/events/..;/..;/signals", "parameters"),
+        ("/v1/events/.;/1", "parameters"),
+        ("/v1/events/%zz", "hex digits"),
     ] {
-        let reply = client.get(path, &[("x-api-key", key)]).await;
-        assert_denied(&reply, 400, "unsafe_path", path);
+        assert_unsafe(&client, key, path, says).await;
     }
 }
 
@@ -360,6 +363,26 @@ async fn idle_h2_connections_that_only_ping_cannot_starve_a_real_client() {
     support::wait_until(|| squatters.iter().all(|s| s.is_closed())).await;
 }
 
+/// A GET on a new HTTP/1.1 connection from `source`, and the connection.
+async fn get_from(
+    client: &support::TestClient,
+    source: IpAddr,
+    key: &str,
+) -> Result<
+    (
+        http1::SendRequest<http_body_util::Full<Bytes>>,
+        client::Reply,
+    ),
+    client::BoxError,
+> {
+    let stream = client.tls_from(source, false).await?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = client::request("GET", "/v1/events/1", &[("x-api-key", key)], "");
+    let reply = client::send_on(&mut sender, request).await?;
+    Ok((sender, reply))
+}
+
 #[tokio::test]
 async fn one_source_cannot_take_every_connection_slot() {
     let (h, _) = harness(|l| {
@@ -372,30 +395,12 @@ async fn one_source_cannot_take_every_connection_slot() {
     let first = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
     let mut held = Vec::new();
     for _ in 0..2 {
-        let stream = client.tls_from(first, false).await.unwrap();
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(conn);
-        let reply = client::send_on(
-            &mut sender,
-            client::request("GET", "/v1/events/1", &[("x-api-key", key)], ""),
-        )
-        .await
-        .unwrap();
+        let (sender, reply) = get_from(&client, first, key).await.unwrap();
         assert_eq!(reply.status, 200);
         held.push(sender);
     }
     // A third connection from the same source is closed at once.
-    let third = async {
-        let stream = client.tls_from(first, false).await?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        client::send_on(
-            &mut sender,
-            client::request("GET", "/v1/events/1", &[("x-api-key", key)], ""),
-        )
-        .await
-    };
-    let third = tokio::time::timeout(Duration::from_secs(20), third)
+    let third = tokio::time::timeout(Duration::from_secs(20), get_from(&client, first, key))
         .await
         .expect("the proxy neither served nor closed the third connection");
     assert!(
@@ -409,15 +414,7 @@ async fn one_source_cannot_take_every_connection_slot() {
 
     // Another source still gets a slot.
     let second = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-    let stream = client.tls_from(second, false).await.unwrap();
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    let reply = client::send_on(
-        &mut sender,
-        client::request("GET", "/v1/events/1", &[("x-api-key", key)], ""),
-    )
-    .await
-    .unwrap();
+    let (_, reply) = get_from(&client, second, key).await.unwrap();
     assert_eq!(reply.status, 200);
     drop(held);
 }
