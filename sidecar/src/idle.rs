@@ -162,3 +162,31 @@ impl Body for InFlightBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn in_flight(activity: &Activity) -> usize {
+        activity.in_flight.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_response_body_keeps_its_request_in_flight_until_it_is_sent() {
+        let activity = Activity::new();
+        let body = InFlightBody::wrap(crate::body::full("streamed"), activity.request_started());
+        assert_eq!(
+            in_flight(&activity),
+            1,
+            "the handler returned, the body did not"
+        );
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&sent[..], b"streamed");
+        assert_eq!(in_flight(&activity), 0);
+        // An empty body ends with its response head.
+        let empty = InFlightBody::wrap(crate::body::empty(), activity.request_started());
+        assert_eq!(in_flight(&activity), 0);
+        drop(empty);
+    }
+}
