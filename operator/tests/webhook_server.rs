@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod flood;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,9 +127,18 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>, String), String> {
-    let tcp = TcpStream::connect(server.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    post_from(server, flood::ATTACKER, method, path, body).await
+}
+
+/// [`post`] from `source`.
+async fn post_from(
+    server: &Server,
+    source: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>, String), String> {
+    let tcp = flood::connect_from(source, server.addr).await;
     let connector = TlsConnector::from(client_config(
         server.ca.cert_pem(),
         &[&rustls::version::TLS13],
@@ -342,6 +353,97 @@ async fn rotating_the_serving_certificate_drops_no_review() {
     assert!(
         fingerprints.lock().unwrap().len() > 1,
         "the served certificate never changed"
+    );
+    server.shutdown.cancel();
+}
+
+/// Small caps and short idle time, so a test can exceed them.
+fn tight_limits() -> ServerLimits {
+    let mut limits = ServerLimits::default();
+    limits.connections.max_connections = 8;
+    limits.connections.max_connections_per_source = 8;
+    limits.connections.idle_timeout = Duration::from_millis(300);
+    limits.connections.handshake_timeout = Duration::from_secs(60);
+    limits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_source_cannot_freeze_admission() {
+    let server = start(tight_limits()).await;
+    let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
+    // Three times the cap: silent TCP, idle TLS, HTTP/2 that only pings.
+    let _flood = flood::flood(server.addr, &config, "127.0.0.1", 8).await;
+    let answered = tokio::time::timeout(
+        flood::HANG,
+        post_from(
+            &server,
+            flood::BYSTANDER,
+            "POST",
+            "/inject",
+            pod_review("u-victim"),
+        ),
+    )
+    .await
+    .expect("the admission review hung behind idle connections")
+    .unwrap();
+    assert_eq!(answered.0, 200);
+    assert!(admitted_with_patch(&answered.1, "u-victim"));
+    server.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_hold_more_than_its_share_of_connections() {
+    let mut limits = tight_limits();
+    limits.connections.max_connections = 64;
+    limits.connections.max_connections_per_source = 4;
+    let server = start(limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(flood::connect_from(flood::ATTACKER, server.addr).await);
+    }
+    // The fifth and sixth are closed at once (long before the handshake timeout).
+    assert!(flood::closed_by_server(&mut silent[5]).await);
+    assert!(flood::closed_by_server(&mut silent[4]).await);
+    let answered = tokio::time::timeout(
+        flood::HANG,
+        post_from(
+            &server,
+            flood::BYSTANDER,
+            "POST",
+            "/inject",
+            pod_review("u-2"),
+        ),
+    )
+    .await
+    .expect("another source is still served")
+    .unwrap();
+    assert_eq!(answered.0, 200);
+    server.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_even_while_pinging() {
+    let server = start(tight_limits()).await;
+    let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
+    let (_sender, driver) = flood::pinging_h2(flood::ATTACKER, server.addr, &config, "127.0.0.1")
+        .await
+        .unwrap();
+    assert!(
+        flood::h2_closed_by_server(driver).await,
+        "an HTTP/2 connection that only pings is never closed"
+    );
+    let mut idle_h1 = flood::tls_from(
+        flood::ATTACKER,
+        server.addr,
+        &config,
+        "127.0.0.1",
+        b"http/1.1",
+    )
+    .await
+    .unwrap();
+    assert!(
+        flood::closed_by_server(&mut idle_h1).await,
+        "an idle HTTP/1.1 connection is never closed"
     );
     server.shutdown.cancel();
 }
