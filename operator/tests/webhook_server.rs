@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::tls::{ServingCertificate, WebhookCa, server_config};
@@ -154,10 +153,6 @@ async fn post_from(
         .and_then(|c| c.first())
         .map(|c| hex::encode(Sha256::digest(c)))
         .unwrap_or_default();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
     let request = http::Request::builder()
         .method(method)
         .uri(path)
@@ -165,18 +160,7 @@ async fn post_from(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes()
-        .to_vec();
+    let (status, body) = flood::send_h1(tls, request).await?;
     Ok((status, body, fingerprint))
 }
 
@@ -367,25 +351,25 @@ fn tight_limits() -> ServerLimits {
     limits
 }
 
+/// A pod review from [`flood::BYSTANDER`]: the status and body.
+async fn bystander_review(server: &Server, uid: &str) -> (u16, Vec<u8>) {
+    let (status, body, _) = tokio::time::timeout(
+        flood::HANG,
+        post_from(server, flood::BYSTANDER, "POST", "/inject", pod_review(uid)),
+    )
+    .await
+    .expect("the admission review hung behind other connections")
+    .unwrap();
+    (status, body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_one_source_cannot_freeze_admission() {
     let server = start(tight_limits()).await;
     let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
     // Three times the cap: silent TCP, idle TLS, HTTP/2 that only pings.
     let _flood = flood::flood(server.addr, &config, "127.0.0.1", 8).await;
-    let answered = tokio::time::timeout(
-        flood::HANG,
-        post_from(
-            &server,
-            flood::BYSTANDER,
-            "POST",
-            "/inject",
-            pod_review("u-victim"),
-        ),
-    )
-    .await
-    .expect("the admission review hung behind idle connections")
-    .unwrap();
+    let answered = bystander_review(&server, "u-victim").await;
     assert_eq!(answered.0, 200);
     assert!(admitted_with_patch(&answered.1, "u-victim"));
     server.shutdown.cancel();
@@ -404,19 +388,7 @@ async fn one_source_cannot_hold_more_than_its_share_of_connections() {
     // The fifth and sixth are closed at once (long before the handshake timeout).
     assert!(flood::closed_by_server(&mut silent[5]).await);
     assert!(flood::closed_by_server(&mut silent[4]).await);
-    let answered = tokio::time::timeout(
-        flood::HANG,
-        post_from(
-            &server,
-            flood::BYSTANDER,
-            "POST",
-            "/inject",
-            pod_review("u-2"),
-        ),
-    )
-    .await
-    .expect("another source is still served")
-    .unwrap();
+    let answered = bystander_review(&server, "u-2").await;
     assert_eq!(answered.0, 200);
     server.shutdown.cancel();
 }
@@ -425,11 +397,8 @@ async fn one_source_cannot_hold_more_than_its_share_of_connections() {
 async fn idle_connections_are_closed_even_while_pinging() {
     let server = start(tight_limits()).await;
     let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
-    let (_sender, driver) = flood::pinging_h2(flood::ATTACKER, server.addr, &config, "127.0.0.1")
-        .await
-        .unwrap();
     assert!(
-        flood::h2_closed_by_server(driver).await,
+        flood::pinging_h2_is_closed(server.addr, &config, "127.0.0.1").await,
         "an HTTP/2 connection that only pings is never closed"
     );
     let mut idle_h1 = flood::tls_from(

@@ -166,11 +166,14 @@ pub async fn serve_with<F, Fut>(
         };
         let accepted = Accepted {
             stream,
-            peer,
+            http: Http {
+                peer,
+                connection: slot.connection.clone(),
+                limits: limits.clone(),
+                shutdown: shutdown.clone(),
+            },
             slot,
             acceptor: acceptor.clone(),
-            limits: limits.clone(),
-            shutdown: shutdown.clone(),
         };
         tasks.spawn(accepted.serve(handler.clone()));
     }
@@ -187,11 +190,10 @@ pub async fn serve_with<F, Fut>(
 /// One admitted connection, before the handshake.
 struct Accepted {
     stream: TcpStream,
-    peer: SocketAddr,
+    http: Http,
+    /// Its place in the registry, held until the connection ends.
     slot: Slot,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    limits: Arc<ConnectionLimits>,
-    shutdown: CancellationToken,
 }
 
 impl Accepted {
@@ -202,23 +204,18 @@ impl Accepted {
     {
         let Self {
             stream,
-            peer,
+            http,
             slot,
             acceptor,
-            limits,
-            shutdown,
         } = self;
-        let connection = slot.connection.clone();
         let Some(acceptor) = acceptor else {
-            let http = Http {
-                peer,
-                connection,
-                limits,
-                shutdown,
-            };
-            return http.serve(stream, None, handler).await;
+            http.serve(stream, None, handler).await;
+            drop(slot);
+            return;
         };
-        let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
+        let peer = http.peer;
+        let handshake =
+            tokio::time::timeout(http.limits.handshake_timeout, acceptor.accept(stream));
         let tls = tokio::select! {
             done = handshake => match done {
                 Ok(Ok(tls)) => tls,
@@ -231,11 +228,11 @@ impl Accepted {
                     return;
                 }
             },
-            () = connection.evicted() => {
+            () = http.connection.evicted() => {
                 tracing::debug!(%peer, "connection evicted during the TLS handshake");
                 return;
             }
-            () = shutdown.cancelled() => return,
+            () = http.shutdown.cancelled() => return,
         };
         let certificates = tls
             .get_ref()
@@ -243,12 +240,6 @@ impl Accepted {
             .peer_certificates()
             .filter(|chain| !chain.is_empty())
             .map(|chain| PeerCertificates(chain.to_vec().into()));
-        let http = Http {
-            peer,
-            connection,
-            limits,
-            shutdown,
-        };
         http.serve(tls, certificates, handler).await;
         drop(slot);
     }

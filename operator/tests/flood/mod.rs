@@ -154,10 +154,18 @@ pub async fn request_from(
     server_name: &str,
     request: http::Request<http_body_util::Full<Bytes>>,
 ) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::BodyExt as _;
     let tls = tls_from(source, addr, config, server_name, b"http/1.1")
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    send_h1(tls, request).await
+}
+
+/// One HTTP/1.1 request on `tls`: the status and body.
+pub async fn send_h1(
+    tls: TlsStream<TcpStream>,
+    request: http::Request<http_body_util::Full<Bytes>>,
+) -> Result<(u16, Vec<u8>), String> {
+    use http_body_util::BodyExt as _;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -175,4 +183,17 @@ pub async fn request_from(
         .to_bytes()
         .to_vec();
     Ok((status, body))
+}
+
+/// Whether the server closes an HTTP/2 connection that only pings (every 100 ms)
+/// within [`HANG`].
+pub async fn pinging_h2_is_closed(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    server_name: &str,
+) -> bool {
+    let (_sender, driver) = pinging_h2(ATTACKER, addr, config, server_name)
+        .await
+        .unwrap();
+    h2_closed_by_server(driver).await
 }
