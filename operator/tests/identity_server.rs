@@ -6,7 +6,6 @@
 mod flood;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -80,16 +79,6 @@ async fn start(limits: ConnectionLimits) -> Server {
     }
 }
 
-fn tight_limits() -> ConnectionLimits {
-    ConnectionLimits {
-        max_connections: 8,
-        max_connections_per_source: 8,
-        idle_timeout: Duration::from_millis(300),
-        handshake_timeout: Duration::from_secs(60),
-        ..ConnectionLimits::default()
-    }
-}
-
 /// A certificate request from [`flood::BYSTANDER`] (a malformed one: any answer shows
 /// the service is reachable); the status and the refusal reason.
 async fn bystander_asks(server: &Server) -> (u16, Value) {
@@ -110,7 +99,7 @@ async fn bystander_asks(server: &Server) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_lock_workloads_out_of_identity() {
-    let server = start(tight_limits()).await;
+    let server = start(flood::tight_limits()).await;
     let _flood = flood::flood(server.addr, &server.client, NAME, 8).await;
     let (status, body) = bystander_asks(&server).await;
     assert_eq!(status, 400, "{body}");
@@ -119,7 +108,7 @@ async fn idle_connections_cannot_lock_workloads_out_of_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_identity_connections_are_closed_even_while_pinging() {
-    let server = start(tight_limits()).await;
+    let server = start(flood::tight_limits()).await;
     assert!(
         flood::pinging_h2_is_closed(server.addr, &server.client, NAME).await,
         "an HTTP/2 connection that only pings is never closed"
@@ -131,7 +120,7 @@ async fn one_source_cannot_hold_more_than_its_share_of_identity_connections() {
     let server = start(ConnectionLimits {
         max_connections: 64,
         max_connections_per_source: 4,
-        ..tight_limits()
+        ..flood::tight_limits()
     })
     .await;
     let mut silent = Vec::new();

@@ -269,16 +269,6 @@ fn the_tenant_comes_from_the_tenant_uri_san_of_the_trust_domain() {
     assert_eq!(client_tenant(&[], &td()), None);
 }
 
-fn tight_limits() -> ConnectionLimits {
-    ConnectionLimits {
-        max_connections: 8,
-        max_connections_per_source: 8,
-        idle_timeout: Duration::from_millis(300),
-        handshake_timeout: Duration::from_secs(60),
-        ..ConnectionLimits::default()
-    }
-}
-
 /// `GET /v1/policy/acme` from [`flood::BYSTANDER`] as a workload of acme.
 async fn bystander_reads_policy(server: &Server) -> u16 {
     let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
@@ -298,7 +288,7 @@ async fn bystander_reads_policy(server: &Server) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_lock_sidecars_out_of_policy() {
-    let server = start_with(tight_limits()).await;
+    let server = start_with(flood::tight_limits()).await;
     let attacker = client_config(&server.ca, Some(workload_identity(&server.ca, "globex")));
     let _flood = flood::flood(server.addr, &attacker, "127.0.0.1", 8).await;
     assert_eq!(bystander_reads_policy(&server).await, 200);
@@ -306,7 +296,7 @@ async fn idle_connections_cannot_lock_sidecars_out_of_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_policy_connections_are_closed_even_while_pinging() {
-    let server = start_with(tight_limits()).await;
+    let server = start_with(flood::tight_limits()).await;
     let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
     assert!(
         flood::pinging_h2_is_closed(server.addr, &config, "127.0.0.1").await,
@@ -316,7 +306,7 @@ async fn idle_policy_connections_are_closed_even_while_pinging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_watch_is_not_idle() {
-    let server = start_with(tight_limits()).await;
+    let server = start_with(flood::tight_limits()).await;
     let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
     // Two bundles over one watch, the second long after the idle timeout.
     let tls = flood::tls_from(

@@ -343,12 +343,10 @@ async fn rotating_the_serving_certificate_drops_no_review() {
 
 /// Small caps and short idle time, so a test can exceed them.
 fn tight_limits() -> ServerLimits {
-    let mut limits = ServerLimits::default();
-    limits.connections.max_connections = 8;
-    limits.connections.max_connections_per_source = 8;
-    limits.connections.idle_timeout = Duration::from_millis(300);
-    limits.connections.handshake_timeout = Duration::from_secs(60);
-    limits
+    ServerLimits {
+        connections: flood::tight_limits(),
+        ..ServerLimits::default()
+    }
 }
 
 /// A pod review from [`flood::BYSTANDER`]: the status and body.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_operator::serve::ConnectionLimits;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
@@ -25,6 +26,18 @@ pub const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 pub const BYSTANDER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// How long a test waits for something the server must do before calling it a hang.
 pub const HANG: Duration = Duration::from_secs(10);
+
+/// Caps of 8 connections (8 from one source), idle after 300 ms, and a TLS handshake
+/// timeout (60 s) long enough that it never closes a connection during a test.
+pub fn tight_limits() -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: 8,
+        max_connections_per_source: 8,
+        idle_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_secs(60),
+        ..ConnectionLimits::default()
+    }
+}
 
 /// A TCP connection to `addr` from `source`.
 pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
