@@ -715,6 +715,98 @@ fn helm_template_renders_the_contract() -> Result<()> {
     Ok(())
 }
 
+/// The rendered NetworkPolicy's ingress rules as (ports, peers).
+fn network_policy_rules(objects: &[Value], name: &str) -> Result<Vec<(Vec<String>, Vec<Value>)>> {
+    let policy = find(objects, "NetworkPolicy", name)?;
+    Ok(policy["spec"]["ingress"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|rule| {
+            let ports = rule["ports"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p["port"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            let peers = rule["from"].as_array().cloned().unwrap_or_default();
+            (ports, peers)
+        })
+        .collect())
+}
+
+#[test]
+fn only_the_api_server_and_meshed_pods_reach_the_operator_ports() -> Result<()> {
+    let Some(helm) = Helm::find() else {
+        return Ok(());
+    };
+    let objects = helm.render(&[])?;
+    let policy = find(&objects, "NetworkPolicy", "portcullis-operator")?;
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    let rules = network_policy_rules(&objects, "portcullis-operator")?;
+    assert_eq!(rules.len(), 3, "{rules:?}");
+    // Every container port is covered by exactly one rule; nothing else gets in.
+    let deployment = find(&objects, "Deployment", "portcullis-operator")?;
+    let mut named: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    named.sort();
+    let mut covered: Vec<String> = rules.iter().flat_map(|(p, _)| p.clone()).collect();
+    covered.sort();
+    assert_eq!(covered, named);
+    // The webhooks: by default every address (the API server's is not known in
+    // general), as ipBlocks only — so `except` can carve out pod CIDRs.
+    let (ports, peers) = &rules[0];
+    assert_eq!(ports, &["webhook"]);
+    assert_eq!(
+        peers,
+        &[
+            json!({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+            json!({"ipBlock": {"cidr": "::/0"}})
+        ]
+    );
+    // Identity and policy: only injected pods, in any namespace.
+    let (ports, peers) = &rules[1];
+    assert_eq!(ports, &["identity", "policy"]);
+    assert_eq!(
+        peers,
+        &[
+            json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"portcullis.dev/injected": "true"}}})
+        ]
+    );
+    // Metrics and health: anyone by default (kubelet probes, Prometheus anywhere).
+    let (ports, peers) = &rules[2];
+    assert_eq!(ports, &["metrics"]);
+    assert!(peers.is_empty());
+
+    // Pod CIDRs carved out per address family; the policy can be turned off.
+    let carved = helm.render(&[
+        "--set",
+        "networkPolicy.webhook.except={10.244.0.0/16,fd00:10:244::/56}",
+    ])?;
+    let (_, peers) = &network_policy_rules(&carved, "portcullis-operator")?[0];
+    assert_eq!(
+        peers,
+        &[
+            json!({"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}),
+            json!({"ipBlock": {"cidr": "::/0", "except": ["fd00:10:244::/56"]}})
+        ]
+    );
+    let off = helm.render(&["--set", "networkPolicy.enabled=false"])?;
+    assert_eq!(kinds(&off, "NetworkPolicy"), 0);
+    Ok(())
+}
+
 #[test]
 fn helm_template_follows_non_default_values() -> Result<()> {
     let Some(helm) = Helm::find() else {
@@ -783,6 +875,18 @@ fn helm_template_follows_non_default_values() -> Result<()> {
         assert_eq!(hook["timeoutSeconds"], 5);
         assert_eq!(hook["clientConfig"]["service"]["name"], "pc-operator");
     }
+    let rules = network_policy_rules(&objects, "pc-operator")?;
+    assert_eq!(
+        rules[0].1,
+        [
+            json!({"ipBlock": {"cidr": "10.0.0.0/24", "except": ["10.0.0.128/25"]}}),
+            json!({"ipBlock": {"cidr": "fd00:10::/64"}})
+        ]
+    );
+    assert_eq!(
+        rules[2].1,
+        [json!({"namespaceSelector": {"matchLabels": {"team": "monitoring"}}})]
+    );
     let monitor = find(&objects, "ServiceMonitor", "pc-operator")?;
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "15s");
@@ -798,7 +902,7 @@ fn schema_refuses_bad_values_naming_the_field() -> Result<()> {
     };
     let chart = chart_dir();
     let chart = chart.to_string_lossy();
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
         ("replicas=-1", &["/replicas", "minimum"]),
         (
             "identity.rotationPeriod=3days",
@@ -820,6 +924,13 @@ fn schema_refuses_bad_values_naming_the_field() -> Result<()> {
         (
             "apiKeys.defaultRateLimit.per=soon",
             &["/apiKeys/defaultRateLimit/per", "does not match pattern"],
+        ),
+        (
+            "networkPolicy.webhook.apiServerCIDRs={apiserver.example.com}",
+            &[
+                "/networkPolicy/webhook/apiServerCIDRs/0",
+                "does not match pattern",
+            ],
         ),
     ];
     for (set, expected) in cases {
@@ -1074,6 +1185,18 @@ async fn install_and_upgrade(env: &'static EnvTest, helm: &Helm) -> Result<Relea
         .await
         .context("PodDisruptionBudget")?;
     ensure!(pdb.data["spec"]["minAvailable"] == 1, "PDB {:?}", pdb.data);
+    // The API server accepted the chart's NetworkPolicy as rendered.
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.clone(), &namespace);
+    let policy = policies
+        .get("portcullis-operator")
+        .await
+        .context("the operator's NetworkPolicy")?;
+    let ingress = policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.clone())
+        .unwrap_or_default();
+    ensure!(ingress.len() == 3, "NetworkPolicy ingress {ingress:?}");
     let cluster_roles: Api<ClusterRole> = Api::all(admin.clone());
     cluster_roles.get("portcullis-operator").await?;
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod flood;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +16,9 @@ use jiff::Timestamp;
 use portcullis_crds::PolicyBundle;
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
 use portcullis_operator::policy::PolicyHub;
-use portcullis_operator::policy::server::{Access, PolicyApi, serve_api};
+use portcullis_operator::policy::server::{Access, PolicyApi, serve_api_with};
 use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
+use portcullis_operator::serve::ConnectionLimits;
 use portcullis_sidecar::identity::{SystemClock, TenantId, TrustDomain, WorkloadId, WorkloadKey};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -94,6 +97,10 @@ impl Drop for Server {
 }
 
 async fn start() -> Server {
+    start_with(ConnectionLimits::default()).await
+}
+
+async fn start_with(limits: ConnectionLimits) -> Server {
     let ca = new_ca();
     let tls =
         PolicyServerTls::new(&ca, &["127.0.0.1".to_owned(), "policy.test".to_owned()]).unwrap();
@@ -108,7 +115,13 @@ async fn start() -> Server {
     };
     let config = tls.config.clone();
     tokio::spawn(tls.keep_fresh(ca.clone(), shutdown.clone()));
-    tokio::spawn(serve_api(listener, api, Some(config), shutdown.clone()));
+    tokio::spawn(serve_api_with(
+        listener,
+        api,
+        Some(config),
+        limits,
+        shutdown.clone(),
+    ));
     for tenant in ["acme", "globex"] {
         hub.publish(
             PolicyBundle {
@@ -254,4 +267,88 @@ fn the_tenant_comes_from_the_tenant_uri_san_of_the_trust_domain() {
         None
     );
     assert_eq!(client_tenant(&[], &td()), None);
+}
+
+/// `GET /v1/policy/acme` from [`flood::BYSTANDER`] as a workload of acme.
+async fn bystander_reads_policy(server: &Server) -> u16 {
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    let request = http::Request::get("/v1/policy/acme")
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    tokio::time::timeout(
+        flood::HANG,
+        flood::request_from(flood::BYSTANDER, server.addr, &config, "127.0.0.1", request),
+    )
+    .await
+    .expect("the policy server hung behind idle connections")
+    .unwrap()
+    .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_lock_sidecars_out_of_policy() {
+    let server = start_with(flood::tight_limits()).await;
+    let attacker = client_config(&server.ca, Some(workload_identity(&server.ca, "globex")));
+    let _flood = flood::flood(server.addr, &attacker, "127.0.0.1", 8).await;
+    assert_eq!(bystander_reads_policy(&server).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_policy_connections_are_closed_even_while_pinging() {
+    let server = start_with(flood::tight_limits()).await;
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    assert!(
+        flood::pinging_h2_is_closed(server.addr, &config, "127.0.0.1").await,
+        "an HTTP/2 connection that only pings is never closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_watch_is_not_idle() {
+    let server = start_with(flood::tight_limits()).await;
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    // Two bundles over one watch, the second long after the idle timeout.
+    let tls = flood::tls_from(
+        flood::ATTACKER,
+        server.addr,
+        &config,
+        "127.0.0.1",
+        b"http/1.1",
+    )
+    .await
+    .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            http::Request::get("/v1/policy/acme/watch")
+                .header("host", "127.0.0.1")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    // Past the idle timeout (300 ms) with the watch open: still delivered.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    server.hub.publish(
+        PolicyBundle {
+            tenant: "acme".into(),
+            classification: portcullis_crds::DataClassification::Restricted,
+            ..PolicyBundle::default()
+        },
+        Vec::new(),
+        Timestamp::now(),
+    );
+    let second = tokio::time::timeout(flood::HANG, body.frame())
+        .await
+        .expect("the watch was cut")
+        .unwrap()
+        .unwrap();
+    assert!(second.is_data(), "the watch ended instead of delivering");
 }

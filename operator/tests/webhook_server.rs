@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod flood;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::tls::{ServingCertificate, WebhookCa, server_config};
@@ -125,9 +126,18 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>, String), String> {
-    let tcp = TcpStream::connect(server.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    post_from(server, flood::ATTACKER, method, path, body).await
+}
+
+/// [`post`] from `source`.
+async fn post_from(
+    server: &Server,
+    source: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>, String), String> {
+    let tcp = flood::connect_from(source, server.addr).await;
     let connector = TlsConnector::from(client_config(
         server.ca.cert_pem(),
         &[&rustls::version::TLS13],
@@ -143,10 +153,6 @@ async fn post(
         .and_then(|c| c.first())
         .map(|c| hex::encode(Sha256::digest(c)))
         .unwrap_or_default();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
     let request = http::Request::builder()
         .method(method)
         .uri(path)
@@ -154,18 +160,7 @@ async fn post(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes()
-        .to_vec();
+    let (status, body) = flood::send_h1(tls, request).await?;
     Ok((status, body, fingerprint))
 }
 
@@ -342,6 +337,80 @@ async fn rotating_the_serving_certificate_drops_no_review() {
     assert!(
         fingerprints.lock().unwrap().len() > 1,
         "the served certificate never changed"
+    );
+    server.shutdown.cancel();
+}
+
+/// Small caps and short idle time, so a test can exceed them.
+fn tight_limits() -> ServerLimits {
+    ServerLimits {
+        connections: flood::tight_limits(),
+        ..ServerLimits::default()
+    }
+}
+
+/// A pod review from [`flood::BYSTANDER`]: the status and body.
+async fn bystander_review(server: &Server, uid: &str) -> (u16, Vec<u8>) {
+    let (status, body, _) = tokio::time::timeout(
+        flood::HANG,
+        post_from(server, flood::BYSTANDER, "POST", "/inject", pod_review(uid)),
+    )
+    .await
+    .expect("the admission review hung behind other connections")
+    .unwrap();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_source_cannot_freeze_admission() {
+    let server = start(tight_limits()).await;
+    let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
+    // Three times the cap: silent TCP, idle TLS, HTTP/2 that only pings.
+    let _flood = flood::flood(server.addr, &config, "127.0.0.1", 8).await;
+    let answered = bystander_review(&server, "u-victim").await;
+    assert_eq!(answered.0, 200);
+    assert!(admitted_with_patch(&answered.1, "u-victim"));
+    server.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_hold_more_than_its_share_of_connections() {
+    let mut limits = tight_limits();
+    limits.connections.max_connections = 64;
+    limits.connections.max_connections_per_source = 4;
+    let server = start(limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(flood::connect_from(flood::ATTACKER, server.addr).await);
+    }
+    // The fifth and sixth are closed at once (long before the handshake timeout).
+    assert!(flood::closed_by_server(&mut silent[5]).await);
+    assert!(flood::closed_by_server(&mut silent[4]).await);
+    let answered = bystander_review(&server, "u-2").await;
+    assert_eq!(answered.0, 200);
+    server.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_even_while_pinging() {
+    let server = start(tight_limits()).await;
+    let config = client_config(server.ca.cert_pem(), &[&rustls::version::TLS13]);
+    assert!(
+        flood::pinging_h2_is_closed(server.addr, &config, "127.0.0.1").await,
+        "an HTTP/2 connection that only pings is never closed"
+    );
+    let mut idle_h1 = flood::tls_from(
+        flood::ATTACKER,
+        server.addr,
+        &config,
+        "127.0.0.1",
+        b"http/1.1",
+    )
+    .await
+    .unwrap();
+    assert!(
+        flood::closed_by_server(&mut idle_h1).await,
+        "an idle HTTP/1.1 connection is never closed"
     );
     server.shutdown.cancel();
 }

@@ -4,24 +4,17 @@
 //! identity ([`authenticate`]); the CSR only contributes its public key
 //! ([`validate_csr`]); the CA signs ([`CertificateAuthority::issue`]).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use portcullis_sidecar::identity::protocol::CERTIFICATE_PATH;
 use portcullis_sidecar::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::CaError;
@@ -30,6 +23,7 @@ use super::authority::CertificateAuthority;
 use super::csr::validate_csr;
 use super::metrics::IdentityMetrics;
 use super::serving::{CaServingCertificate, service_names};
+use crate::serve::{self, ConnectionLimits};
 
 /// The operator's Service (the chart's default release name).
 pub const DEFAULT_SERVICE: &str = "portcullis-operator";
@@ -47,8 +41,8 @@ pub struct IdentityServiceConfig {
     pub server_names: Vec<String>,
     /// Largest accepted request body (64 KiB).
     pub max_body_bytes: usize,
-    /// How long a client may take to finish the TLS handshake (10 s).
-    pub handshake_timeout: Duration,
+    /// Handshake, header, idle and keep-alive time, connection caps, drain.
+    pub limits: ConnectionLimits,
 }
 
 impl Default for IdentityServiceConfig {
@@ -57,7 +51,7 @@ impl Default for IdentityServiceConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             server_names: service_names(DEFAULT_SERVICE, DEFAULT_NAMESPACE, &[]),
             max_body_bytes: 64 * 1024,
-            handshake_timeout: Duration::from_secs(10),
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -203,7 +197,7 @@ impl IdentityService {
             service: self,
             listener,
             local_addr,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            tls: Arc::new(tls),
             slot,
             config,
         })
@@ -236,7 +230,7 @@ pub struct BoundIdentityService {
     service: Arc<IdentityService>,
     listener: TcpListener,
     local_addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
     slot: Arc<CaServingCertificate>,
     config: IdentityServiceConfig,
 }
@@ -255,12 +249,12 @@ impl BoundIdentityService {
         self.local_addr
     }
 
-    /// Serves until `shutdown`, then drains open connections (up to 10 s).
+    /// Serves until `shutdown`, then drains open connections (bounded).
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), CaError> {
         let Self {
             service,
             listener,
-            acceptor,
+            tls,
             slot,
             config,
             ..
@@ -272,55 +266,17 @@ impl BoundIdentityService {
             move || metrics.set_ca_expiry(ca.expiry()),
             shutdown.clone(),
         ));
-        let graceful = GracefulShutdown::new();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "identity service accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let acceptor = acceptor.clone();
+        let max_body = config.max_body_bytes;
+        let handler = move |request| {
             let service = service.clone();
-            let max_body = config.max_body_bytes;
-            let handshake_timeout = config.handshake_timeout;
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "identity service TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "identity service TLS handshake timed out");
-                        return;
-                    }
-                };
-                let handler = service_fn(move |request| {
-                    let service = service.clone();
-                    async move { Ok::<_, Infallible>(service.respond(request, max_body).await) }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let connection = builder.serve_connection(TokioIo::new(tls), handler);
-                if let Err(e) = watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "identity service connection ended with an error");
-                }
-            });
-        }
-        drop(listener);
-        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("identity service connections did not drain in 10 s");
-        }
+            async move {
+                service
+                    .respond(request, max_body)
+                    .await
+                    .map(BodyExt::boxed_unsync)
+            }
+        };
+        serve::serve_with(listener, Some(tls), handler, config.limits, shutdown).await;
         Ok(())
     }
 }

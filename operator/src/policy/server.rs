@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::PolicyHub;
 use super::server_audit_key::{AuditKeys, denial};
 use super::server_tls::client_tenant;
-use crate::serve::{self, Body, PeerCertificates};
+use crate::serve::{self, Body, ConnectionLimits, PeerCertificates};
 
 /// Content type of the watch stream.
 pub const NDJSON: &str = "application/x-ndjson";
@@ -88,9 +88,20 @@ pub async fn serve_api(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
+    serve_api_with(listener, api, tls, ConnectionLimits::default(), shutdown).await;
+}
+
+/// [`serve_api`] within `limits`.
+pub async fn serve_api_with(
+    listener: TcpListener,
+    api: PolicyApi,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
     let api = Arc::new(api);
     let streams_end = shutdown.clone();
-    serve::serve(
+    serve::serve_with(
         listener,
         tls,
         move |req| {
@@ -98,6 +109,7 @@ pub async fn serve_api(
             let streams_end = streams_end.clone();
             async move { route(&api, &req, streams_end).await }
         },
+        limits,
         shutdown,
     )
     .await;

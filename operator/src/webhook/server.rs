@@ -1,58 +1,46 @@
 //! The HTTPS server the API server calls: `POST /inject` (mutating) and
 //! `POST /validate` (validating), AdmissionReview v1 in and out, over TLS 1.3 with
-//! HTTP/1.1 or HTTP/2. Bounded: request bodies, handshake, header and request time,
-//! concurrent connections; drains on shutdown.
+//! HTTP/1.1 or HTTP/2. Bounded: request bodies and review time here, connections by the
+//! shared server ([`crate::serve`]: handshake, header, idle and keep-alive time, caps in
+//! all and per source that evict idle connections rather than stop accepting); drains
+//! on shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{INJECT_PATH, VALIDATE_PATH};
 use super::review::{review_admin, review_pod};
 use super::{WebhookError, WebhookState};
+use crate::serve::{self, ConnectionLimits};
 
 /// Limits of the webhook server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
     /// Largest AdmissionReview accepted (object + old object; etcd caps objects at 1.5 MiB).
     pub max_body_bytes: usize,
-    /// Time allowed for the TLS handshake.
-    pub handshake_timeout: Duration,
-    /// Time allowed to read request headers.
-    pub header_read_timeout: Duration,
     /// Time allowed for one review (the API server gives up after `timeoutSeconds`).
     pub request_timeout: Duration,
-    /// Connections served at once; more wait in the accept queue.
-    pub max_connections: usize,
-    /// Time open connections get to finish on shutdown.
-    pub drain_timeout: Duration,
+    /// Handshake, header, idle and keep-alive time, connection caps, drain.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_body_bytes: 6 * 1024 * 1024,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
-            max_connections: 512,
-            drain_timeout: Duration::from_secs(10),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -78,75 +66,21 @@ pub async fn serve_on(
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
-    let acceptor = TlsAcceptor::from(tls);
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let limits = Arc::new(limits);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "admission webhooks listening");
     }
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
+    let connections = limits.connections.clone();
+    let limits = Arc::new(limits);
+    let handler = move |request| {
         let state = state.clone();
         let limits = limits.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let header_read_timeout = limits.header_read_timeout;
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                let limits = limits.clone();
-                async move { Ok::<_, Infallible>(route(request, &state, &limits).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.drain_timeout) => {
-            tracing::warn!("webhook connections still open after the drain timeout");
+        async move {
+            route(request, &state, &limits)
+                .await
+                .map(BodyExt::boxed_unsync)
         }
-    }
+    };
+    serve::serve_with(listener, Some(tls), handler, connections, shutdown).await;
     Ok(())
 }
 
