@@ -318,7 +318,7 @@ impl Inbound {
 
         let verified = self
             .keys
-            .verify(presented, &bundle, jiff::Timestamp::now())
+            .verify(presented, &bundle, facts.client_ip, jiff::Timestamp::now())
             .await?;
         facts.principal = Cow::Owned(format!("key:{}", verified.masked));
         if !allowlist::permits(verified.policy.ip_allowlist(), facts.client_ip) {

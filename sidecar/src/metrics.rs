@@ -60,6 +60,7 @@ struct Inner {
     handshake_failures: Family<ReasonLabels, Counter>,
     key_cache_hits: Counter,
     key_cache_misses: Counter,
+    key_verifications: Counter,
     bcrypt_in_flight: Gauge,
     bcrypt_busy: Counter,
     policy_version: Gauge,
@@ -101,6 +102,7 @@ impl Metrics {
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         let key_cache_hits = Counter::default();
         let key_cache_misses = Counter::default();
+        let key_verifications = Counter::default();
         let bcrypt_in_flight = Gauge::default();
         let bcrypt_busy = Counter::default();
         let policy_version = Gauge::default();
@@ -138,6 +140,11 @@ impl Metrics {
             "key_cache_misses",
             "API keys that needed a bcrypt verification",
             key_cache_misses.clone(),
+        );
+        registry.register(
+            "key_verifications",
+            "bcrypt verifications run (the CPU a key check costs)",
+            key_verifications.clone(),
         );
         registry.register(
             "bcrypt_in_flight",
@@ -188,6 +195,7 @@ impl Metrics {
                 handshake_failures,
                 key_cache_hits,
                 key_cache_misses,
+                key_verifications,
                 bcrypt_in_flight,
                 bcrypt_busy,
                 policy_version,
@@ -242,6 +250,11 @@ impl Metrics {
         } else {
             self.inner.key_cache_misses.inc();
         }
+    }
+
+    /// Counts one bcrypt verification started.
+    pub fn key_verification(&self) {
+        self.inner.key_verifications.inc();
     }
 
     /// Tracks running bcrypt verifications.

@@ -54,6 +54,14 @@ pub fn workload_signer(credentials: &Credentials) -> Option<CheckpointSigner> {
         SignerIdentity {
             spiffe_id: Some(credentials.workload().to_string()),
             certificate_der: Some(credentials.leaf().to_vec()),
+            // So `audit verify` can chain the leaf to the trust bundle's roots.
+            intermediates_der: credentials
+                .certified_key()
+                .cert
+                .iter()
+                .skip(1)
+                .map(|c| c.to_vec())
+                .collect(),
         },
     )
     .map_err(|e| tracing::error!(error = %e, "workload key cannot sign audit checkpoints"))
@@ -155,6 +163,7 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
         None => match process_signer(SignerIdentity {
             spiffe_id: None,
             certificate_der: None,
+            intermediates_der: Vec::new(),
         }) {
             Ok(signer) => signer,
             Err(e) => {

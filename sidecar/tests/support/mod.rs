@@ -296,3 +296,43 @@ pub async fn wait_until(mut condition: impl FnMut() -> bool) {
     let tail = &logs[logs.len().saturating_sub(4000)..];
     panic!("condition not met within 10s; last logs:\n{tail}");
 }
+
+/// A checksum-valid token under `real`'s key id with a fresh random secret: a wrong
+/// guess the format check cannot tell from the real key.
+pub fn forged_key(real: &str) -> String {
+    let other = ApiToken::generate();
+    let body = format!(
+        "ak_{}_{}",
+        &real[3..15],
+        &other.expose_secret()[16..16 + 43]
+    );
+    fix_checksum(&body)
+}
+
+pub fn fix_checksum(body: &str) -> String {
+    // Generate tokens until one has this exact body is impossible; instead recompute the
+    // CRC the way the token module does (CRC32 as 6 base62 digits).
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut value = u64::from(crc32(body.as_bytes()));
+    let mut digits = [b'0'; 6];
+    for slot in digits.iter_mut().rev() {
+        *slot = BASE62[(value % 62) as usize];
+        value /= 62;
+    }
+    format!("{body}{}", String::from_utf8(digits.to_vec()).unwrap())
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
