@@ -336,6 +336,8 @@ async fn audit_is_chained_signed_masked_and_encrypted() {
 #[tokio::test]
 async fn fail_closed_tenant_refuses_while_the_audit_sink_fails() {
     let op = FakeOperator::start("cluster.local", TENANT).await;
+    // A fail-closed tenant's pod serves only with its data key (issue 15).
+    op.set_audit_key(1, [7u8; 32]);
     let (policy, tokens) = bundle(1, DataClassification::Confidential);
     op.publish(policy);
     let (app, _app_stop) = echo_app().await;
@@ -475,4 +477,93 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
     );
     stop(client).await;
     stop(server).await;
+}
+
+#[tokio::test]
+async fn a_confidential_pod_without_its_data_key_refuses_and_says_so_until_the_key_arrives() {
+    let op = FakeOperator::start("cluster.local", TENANT).await;
+    let (policy, tokens) = bundle(1, DataClassification::Confidential);
+    op.publish(policy);
+    let (app, _app_stop) = echo_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = environment(
+        &op,
+        dir.path(),
+        "api-0",
+        "acme-prod",
+        "api",
+        Some(app.port()),
+    );
+    let (proxy, _stdout) = cluster::start(cluster::config(&vars)).await;
+    // Asked for the key and waited past the 2 s the test config gives it.
+    wait_until(|| {
+        op.state
+            .audit_key_requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let ready = admin_get(proxy.admin_addr, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(
+        ready.contains(r#""auditReason":"waiting_for_data_key""#),
+        "{ready}"
+    );
+    assert_eq!(
+        proxy.metrics.sample("portcullis_audit_data_key_missing"),
+        Some(1.0)
+    );
+    let client = mesh_client_config(&op);
+    let headers = [("x-api-key", tokens["events"].expose_secret())];
+    let refused = inbound_request(&client, proxy.inbound_addr, "GET", "/v1/events/1", &headers)
+        .await
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.reason().as_str()),
+        (503, "audit_unavailable")
+    );
+
+    // The key arrives: ready, serving, and the metric clears.
+    op.set_audit_key(1, [7u8; 32]);
+    wait_ready(&proxy).await;
+    let served = inbound_request(&client, proxy.inbound_addr, "GET", "/v1/events/1", &headers)
+        .await
+        .unwrap();
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        proxy.metrics.sample("portcullis_audit_data_key_missing"),
+        Some(0.0)
+    );
+    stop(proxy).await;
+}
+
+#[tokio::test]
+async fn an_internal_pod_without_its_data_key_serves_stdout_only_and_reports_it() {
+    let op = FakeOperator::start("cluster.local", TENANT).await;
+    let (policy, tokens) = bundle(1, DataClassification::Internal);
+    op.publish(policy);
+    let (app, _app_stop) = echo_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = environment(
+        &op,
+        dir.path(),
+        "api-0",
+        "acme-prod",
+        "api",
+        Some(app.port()),
+    );
+    let (proxy, _stdout) = cluster::start(cluster::config(&vars)).await;
+    wait_ready(&proxy).await;
+    let client = mesh_client_config(&op);
+    let headers = [("x-api-key", tokens["events"].expose_secret())];
+    let served = inbound_request(&client, proxy.inbound_addr, "GET", "/v1/events/1", &headers)
+        .await
+        .unwrap();
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        proxy.metrics.sample("portcullis_audit_data_key_missing"),
+        Some(1.0)
+    );
+    stop(proxy).await;
 }

@@ -63,6 +63,8 @@ pub struct Options {
     pub policy_stream: bool,
     /// With `policy_stream`: start with the server down.
     pub stream_server_down: bool,
+    /// Forward to this port instead of the built-in echo app.
+    pub app_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             classification: DataClassification::Internal,
             policy_stream: false,
             stream_server_down: false,
+            app_port: None,
         }
     }
 }
@@ -193,7 +196,7 @@ impl Harness {
                 listen: "127.0.0.1:0".parse().unwrap(),
             },
             upstream: UpstreamConfig {
-                app_port: echo.port(),
+                app_port: options.app_port.unwrap_or(echo.port()),
                 connect_timeout: Duration::from_secs(1),
                 pool_idle_timeout: Duration::from_secs(30),
             },
