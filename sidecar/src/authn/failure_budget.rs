@@ -91,15 +91,10 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         (bucket.tokens + gained).min(self.burst())
     }
 
-    /// Whether `key` has charges outstanding (a recent failure or a check running).
-    pub fn charged(&self, key: &K, now: Instant) -> bool {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)
-            .is_some_and(|bucket| self.refilled(*bucket, now) < self.burst())
-    }
-
-    /// Takes one token, or says how long until one is back.
-    pub fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
+    /// Takes one token, or says how long until one is back. `Ok(true)` when nothing
+    /// was charged before (no recent failure, no check running): a first-seen key.
+    /// One lock for both, so concurrent first attempts cannot all count as first.
+    pub fn take(&self, key: &K, now: Instant) -> Result<bool, Duration> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let tokens = map
             .get(key)
@@ -107,6 +102,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         if tokens < 1.0 {
             return Err(self.limit.refill.mul_f64(1.0 - tokens));
         }
+        let first = tokens >= self.burst();
         if map.len() >= self.capacity && !map.contains_key(key) {
             // Full buckets carry no information; drop them first, then anyone.
             map.retain(|_, bucket| self.refilled(*bucket, now) < self.burst());
@@ -123,7 +119,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 updated: now,
             },
         );
-        Ok(())
+        Ok(first)
     }
 
     /// Gives back a token taken for a check that did not fail.
@@ -177,10 +173,8 @@ mod tests {
     fn burst_then_refused_until_refilled() {
         let b = buckets();
         let t0 = Instant::now();
-        assert!(!b.charged(&"k", t0));
-        b.take(&"k", t0).unwrap();
-        assert!(b.charged(&"k", t0));
-        b.take(&"k", t0).unwrap();
+        assert!(b.take(&"k", t0).unwrap(), "first seen");
+        assert!(!b.take(&"k", t0).unwrap(), "charged now");
         let wait = b.take(&"k", t0).unwrap_err();
         assert_eq!(wait, Duration::from_secs(10));
         b.take(&"k", t0 + Duration::from_secs(10)).unwrap();
@@ -191,10 +185,9 @@ mod tests {
         let b = buckets();
         let t0 = Instant::now();
         for _ in 0..5 {
-            b.take(&"k", t0).unwrap();
+            assert!(b.take(&"k", t0).unwrap(), "each check starts clear");
             b.refund(&"k", t0);
         }
-        assert!(!b.charged(&"k", t0));
     }
 
     #[test]

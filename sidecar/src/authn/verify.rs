@@ -134,7 +134,9 @@ impl Workers {
         let shared = self.shared.clone().acquire_owned();
         match lane {
             Lane::Charged => shared.await.ok(),
+            // Shared first: the reserve is kept for when the shared permits are taken.
             Lane::FirstSeen => tokio::select! {
+                biased;
                 permit = shared => permit.ok(),
                 permit = self.reserved.clone().acquire_owned() => permit.ok(),
             },
@@ -279,18 +281,17 @@ impl KeyVerifier {
         let now = Instant::now();
         let id = KeyIdBytes::try_from(key_id.as_bytes()).unwrap_or([0; token::KEY_ID_LEN]);
         let client = client_bucket(client_ip);
-        let lane = if self.per_key.charged(&id, now) {
-            Lane::Charged
-        } else {
-            Lane::FirstSeen
-        };
         self.per_client
             .take(&client, now)
             .map_err(too_many_failures)?;
-        if let Err(wait) = self.per_key.take(&id, now) {
-            self.per_client.refund(&client, now);
-            return Err(too_many_failures(wait));
-        }
+        let lane = match self.per_key.take(&id, now) {
+            Ok(true) => Lane::FirstSeen,
+            Ok(false) => Lane::Charged,
+            Err(wait) => {
+                self.per_client.refund(&client, now);
+                return Err(too_many_failures(wait));
+            }
+        };
         let Some((key, digest)) = known else {
             return Err(wrong_key());
         };
