@@ -53,6 +53,10 @@ pub struct SignerInfo {
     /// The workload certificate (base64 DER), when known. Its key must be `public_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// The intermediates that issued `certificate` (base64 DER, issuer of the leaf
+    /// first), so a verifier holding only the roots can build the chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
 }
 
 /// A signed statement that record `seq` of chain `chain_id` had hash `hash`.
@@ -82,6 +86,8 @@ pub struct SignerIdentity {
     pub spiffe_id: Option<String>,
     /// The workload certificate, DER.
     pub certificate_der: Option<Vec<u8>>,
+    /// The intermediates that issued it, DER, issuer of the leaf first.
+    pub intermediates_der: Vec<Vec<u8>>,
 }
 
 /// Signs checkpoints with an ECDSA P-256 key. `Debug` never shows the key.
@@ -112,6 +118,11 @@ impl CheckpointSigner {
             public_key: B64.encode(key_pair.public_key().as_ref()),
             spiffe_id: identity.spiffe_id,
             certificate: identity.certificate_der.map(|der| B64.encode(der)),
+            chain: identity
+                .intermediates_der
+                .iter()
+                .map(|der| B64.encode(der))
+                .collect(),
         };
         Ok(CheckpointSigner {
             key_pair,
@@ -270,6 +281,7 @@ mod tests {
             SignerIdentity {
                 spiffe_id: Some("spiffe://td/ns/a/sa/b".into()),
                 certificate_der: None,
+                intermediates_der: Vec::new(),
             },
         )
     }

@@ -44,5 +44,7 @@ pub use error::Error;
 pub use keyring::{DataKey, KeyRing};
 pub use record::{AuditRecord, ByteCounts, Decision};
 pub use secret::Secret;
-pub use verify::{Location, Problem, Verifier, VerifyOptions, VerifyReport};
-pub use writer::{Accepted, AuditWriter, FailureMode, SubmitError, WriterConfig, WriterStats};
+pub use verify::{Location, Problem, TrustBundle, Verifier, VerifyOptions, VerifyReport};
+pub use writer::{
+    Accepted, AuditWriter, FailureMode, RecordSlot, SubmitError, WriterConfig, WriterStats,
+};

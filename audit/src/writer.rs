@@ -88,6 +88,30 @@ pub enum SubmitError {
     Closed,
 }
 
+/// Room for one record in the writer's queue, from [`AuditWriter::try_reserve`]. Filling
+/// it cannot fail; dropping it unfilled gives the room back.
+pub struct RecordSlot {
+    permit: mpsc::OwnedPermit<AuditRecord>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RecordSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordSlot").finish_non_exhaustive()
+    }
+}
+
+impl RecordSlot {
+    /// Queues `record` in the reserved room.
+    pub fn fill(self, record: AuditRecord) {
+        self.shared
+            .counters
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
+        self.permit.send(record);
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     submitted: AtomicU64,
@@ -199,6 +223,29 @@ impl AuditWriter {
                 }
                 Ok(Accepted::Dropped)
             }
+        }
+    }
+
+    /// Holds room in the queue for one record before the action it records happens, so
+    /// a fail-closed caller can refuse up front instead of acting and then failing to
+    /// record. Refused when the queue is full, a sink is refusing batches (the write
+    /// path is not known to work) or the writer has shut down.
+    pub fn try_reserve(&self) -> Result<RecordSlot, SubmitError> {
+        let c = &self.shared.counters;
+        let refuse = |error| {
+            c.refused.fetch_add(1, Ordering::Relaxed);
+            error
+        };
+        if c.sinks_blocked.load(Ordering::Relaxed) {
+            return Err(refuse(SubmitError::Unavailable));
+        }
+        match self.tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(RecordSlot {
+                permit,
+                shared: self.shared.clone(),
+            }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(refuse(SubmitError::Unavailable)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(refuse(SubmitError::Closed)),
         }
     }
 

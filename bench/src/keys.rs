@@ -15,6 +15,9 @@ use portcullis_crds::{
 };
 use portcullis_sidecar::{authn::KeyVerifier, metrics::Metrics, policy::CompiledPolicy};
 
+/// The address the bench's key checks come from (budgets are per client).
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// bcrypt cost of generated keys (production uses `portcullis_crds::token::HASH_COST`).
 pub const BENCH_COST: u32 = 4;
 
@@ -175,12 +178,12 @@ async fn time_hits(
     // The form the proxy holds (compiled once per policy, outside the timed loop).
     let bundle = &CompiledPolicy::from(bundle.clone());
     verifier
-        .verify(token, bundle, now)
+        .verify(token, bundle, CLIENT, now)
         .await
         .map_err(|d| anyhow::anyhow!("bench key refused: {:?}", d.reason))?;
     let started = Instant::now();
     for _ in 0..iterations {
-        let key = verifier.verify(token, bundle, now).await;
+        let key = verifier.verify(token, bundle, CLIENT, now).await;
         std::hint::black_box(&key);
     }
     Ok(started.elapsed().as_nanos() as f64 / f64::from(iterations))
@@ -205,7 +208,12 @@ async fn time_misses(cost: u32, iterations: u32) -> anyhow::Result<f64> {
         ));
         let started = Instant::now();
         verifier
-            .verify(token.expose_secret(), &bundle, jiff::Timestamp::now())
+            .verify(
+                token.expose_secret(),
+                &bundle,
+                CLIENT,
+                jiff::Timestamp::now(),
+            )
             .await
             .map_err(|d| anyhow::anyhow!("miss refused: {:?}", d.reason))?;
         total += started.elapsed();
@@ -323,7 +331,12 @@ mod tests {
             Metrics::new(),
         ));
         let key = verifier
-            .verify(token.expose_secret(), &bundle, jiff::Timestamp::now())
+            .verify(
+                token.expose_secret(),
+                &bundle,
+                CLIENT,
+                jiff::Timestamp::now(),
+            )
             .await
             .unwrap();
         assert!(key.policy.scopes().contains("events"));

@@ -1,13 +1,14 @@
 //! `audit verify` and `audit export`.
 
 use crate::Outcome;
-use crate::cli::{ExportArgs, ExportFormat, KeyArgs, VerifyArgs};
+use crate::check::probes::TRUST_BUNDLE;
+use crate::cli::{ClusterArgs, ExportArgs, ExportFormat, KeyArgs, VerifyArgs};
 use anyhow::{Context, bail};
 use base64::Engine as _;
 use portcullis_audit::files::{ExportFilter, export_path, verify_path};
 use portcullis_audit::format::csv::CsvExport;
 use portcullis_audit::keyring::parse_key_material;
-use portcullis_audit::{KeyRing, VerifyOptions};
+use portcullis_audit::{KeyRing, TrustBundle, VerifyOptions};
 use std::io::Write;
 use std::path::Path;
 
@@ -53,13 +54,78 @@ fn trusted_key_from_cert(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
-/// `kubectl portcullis audit verify`.
+/// What to do when no signer can be trusted.
+const HOW_TO_TRUST: &str = "pass --trust-bundle FILE (the ca-bundle.crt of ConfigMap portcullis-trust-bundle) for offline use, --trusted-key/--trusted-cert to pin a standalone proxy's signer, or --insecure-any-signer to skip the signer check";
+
+/// Whether `verify` must read the trust bundle from the cluster: nothing else says
+/// whom to trust.
+pub fn needs_cluster_bundle(args: &VerifyArgs) -> bool {
+    args.trusted_keys.is_empty()
+        && args.trusted_certs.is_empty()
+        && args.trust_bundle.is_none()
+        && !args.insecure_any_signer
+}
+
+/// The PEM of ConfigMap `portcullis-trust-bundle` in the command's namespace.
+pub async fn cluster_trust_bundle(cluster: &ClusterArgs) -> anyhow::Result<Vec<u8>> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (name, key) = TRUST_BUNDLE;
+    let cluster = crate::cluster::Cluster::connect(cluster)
+        .await
+        .with_context(|| {
+            format!("cannot reach the cluster to read ConfigMap {name}; {HOW_TO_TRUST}")
+        })?;
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(cluster.client, &cluster.namespace);
+    let configmap = api.get(name).await.with_context(|| {
+        format!(
+            "cannot read ConfigMap {name} in namespace {} (use -n with a tenant namespace); {HOW_TO_TRUST}",
+            cluster.namespace
+        )
+    })?;
+    configmap
+        .data
+        .and_then(|mut data| data.remove(key))
+        .map(String::into_bytes)
+        .with_context(|| format!("ConfigMap {name} has no {key}; {HOW_TO_TRUST}"))
+}
+
+fn trust_bundle(pem: &[u8], from: &str) -> anyhow::Result<TrustBundle> {
+    TrustBundle::from_pem(pem)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{from} is not a usable trust bundle; {HOW_TO_TRUST}"))
+}
+
+/// `kubectl portcullis audit verify`. `cluster_bundle` is the cluster's trust bundle
+/// PEM, read by the caller when [`needs_cluster_bundle`].
 pub fn verify(
     args: &VerifyArgs,
+    cluster_bundle: Option<Vec<u8>>,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
     let keys = load_keys(&args.keys)?;
+    let bundle = match (&args.trust_bundle, cluster_bundle) {
+        (Some(path), _) => {
+            let pem = std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read trust bundle {}: check the path",
+                    path.display()
+                )
+            })?;
+            Some(trust_bundle(&pem, &path.display().to_string())?)
+        }
+        (None, Some(pem)) => Some(trust_bundle(
+            &pem,
+            "the cluster's ConfigMap portcullis-trust-bundle",
+        )?),
+        (None, None) => None,
+    };
+    if args.insecure_any_signer {
+        writeln!(
+            err,
+            "warning: --insecure-any-signer: checkpoint signers are not checked; a rewritten trail re-signed with any key passes"
+        )?;
+    }
     let mut trusted_keys = Vec::new();
     for key in &args.trusted_keys {
         let bytes = base64::engine::general_purpose::STANDARD
@@ -70,9 +136,10 @@ pub fn verify(
     for path in &args.trusted_certs {
         trusted_keys.push(trusted_key_from_cert(path)?);
     }
-    let pinned = !trusted_keys.is_empty();
+    let checked = !trusted_keys.is_empty() || bundle.is_some();
     let options = VerifyOptions {
         trusted_keys,
+        trust_bundle: bundle,
         allow_pruned_start: args.allow_pruned_start,
     };
     let result = verify_path(&args.path, keys.as_ref(), options, |n| {
@@ -106,16 +173,26 @@ pub fn verify(
                     err,
                     "warning: no checkpoints found; records after the last one are not protected against truncation"
                 )?;
-            } else if !pinned {
+            } else if !checked {
                 writeln!(
                     err,
-                    "note: checkpoint signatures verified against their embedded keys; pass --trusted-cert or --trusted-key to check who signed"
+                    "note: checkpoint signatures verified against their embedded keys only; {HOW_TO_TRUST}"
                 )?;
             }
             Ok(Outcome::Clean)
         }
         Err(problem) => {
             writeln!(out, "FAILED: {problem}")?;
+            if matches!(
+                problem,
+                portcullis_audit::Problem::SignerNotInTrustBundle { .. }
+                    | portcullis_audit::Problem::UntrustedSigner { .. }
+            ) {
+                writeln!(
+                    err,
+                    "hint: this trail was not signed by a workload of this cluster (or the signer you pinned); if you trust its signer anyway, {HOW_TO_TRUST}"
+                )?;
+            }
             Ok(Outcome::Findings)
         }
     }

@@ -323,6 +323,14 @@ pub struct VerifyArgs {
     /// Accept only checkpoints signed by this certificate's key (PEM or DER); repeatable.
     #[arg(long = "trusted-cert", value_name = "FILE")]
     pub trusted_certs: Vec<PathBuf>,
+    /// Check checkpoint signers against this trust bundle (PEM, the `ca-bundle.crt` of
+    /// ConfigMap portcullis-trust-bundle) instead of reading it from the cluster.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_any_signer")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Accept checkpoints signed by any key: proves only that the trail is
+    /// self-consistent, not who wrote it.
+    #[arg(long)]
+    pub insecure_any_signer: bool,
     /// Allow chains whose oldest records were removed by retention.
     #[arg(long)]
     pub allow_pruned_start: bool,

@@ -1,6 +1,7 @@
 //! `kubectl-portcullis`: the kubectl plugin for Portcullis.
 //!
-//! - `audit verify|export`: check and export audit trails (local files, no cluster).
+//! - `audit verify|export`: check and export audit trails (local files; `verify` reads
+//!   the cluster's trust bundle unless given one or a pinned signer).
 //! - `key create|rotate|revoke|show|list`: API keys, with the token printed only by the
 //!   commands whose job it is.
 //! - `tenant status`, `identity inspect`, `check`: what the operator made of the cluster.
@@ -41,7 +42,9 @@ pub fn run(
     err: &mut dyn std::io::Write,
 ) -> anyhow::Result<Outcome> {
     match cli.command {
-        Command::Audit(cli::AuditCommand::Verify(args)) => audit::verify(&args, out, err),
+        Command::Audit(cli::AuditCommand::Verify(args)) if !audit::needs_cluster_bundle(&args) => {
+            audit::verify(&args, None, out, err)
+        }
         Command::Audit(cli::AuditCommand::Export(args)) => audit::export(&args, out, err),
         command => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -68,7 +71,16 @@ pub async fn run_async(
     use cli::{IdentityCommand, KeyCommand, TenantCommand};
     let connect = || cluster::Cluster::connect(&cli.cluster);
     let outcome = match &cli.command {
-        Command::Audit(cli::AuditCommand::Verify(args)) => return audit::verify(args, out, err),
+        Command::Audit(cli::AuditCommand::Verify(args)) => {
+            let bundle = if audit::needs_cluster_bundle(args) {
+                // Local mistakes are reported before the cluster is asked.
+                audit::load_keys(&args.keys)?;
+                Some(audit::cluster_trust_bundle(&cli.cluster).await?)
+            } else {
+                None
+            };
+            return audit::verify(args, bundle, out, err);
+        }
         Command::Audit(cli::AuditCommand::Export(args)) => return audit::export(args, out, err),
         Command::Key(KeyCommand::Create(args)) => {
             key::create(&connect().await?, args, out, err).await

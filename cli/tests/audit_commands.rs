@@ -75,14 +75,14 @@ fn verify_reports_ok_with_counts() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_jsonl(&dir.path().join("audit.jsonl"), &trail(&signer()?)?)?;
     let path = dir.path().to_string_lossy().into_owned();
-    let (outcome, out, err) = run_args(&["audit", "verify", &path])?;
+    let (outcome, out, err) = run_args(&["audit", "verify", "--insecure-any-signer", &path])?;
     assert_eq!(outcome, Outcome::Clean);
     assert!(
         out.starts_with("OK: 10 records, 2 checkpoints, 1 chain(s)"),
         "{out}"
     );
     assert!(out.contains("chain api-0-chain: seq 0..=9"), "{out}");
-    assert!(err.contains("--trusted-cert"), "{err}");
+    assert!(err.contains("warning: --insecure-any-signer"), "{err}");
     Ok(())
 }
 
@@ -95,7 +95,12 @@ fn verify_names_file_line_and_seq_of_the_first_problem() -> TestResult {
     }
     let file = dir.path().join("audit.jsonl");
     write_jsonl(&file, &entries)?;
-    let (outcome, out, _) = run_args(&["audit", "verify", &file.to_string_lossy()])?;
+    let (outcome, out, _) = run_args(&[
+        "audit",
+        "verify",
+        "--insecure-any-signer",
+        &file.to_string_lossy(),
+    ])?;
     assert_eq!(outcome, Outcome::Findings);
     assert!(
         out.starts_with("FAILED: ") && out.contains("audit.jsonl:4") && out.contains("seq 3"),
@@ -118,6 +123,149 @@ fn verify_pins_the_signer() -> TestResult {
     let (bad, out, _) = run_args(&["audit", "verify", "--trusted-key", &b64(&other), &path])?;
     assert_eq!(bad, Outcome::Findings);
     assert!(out.contains("untrusted key"), "{out}");
+    Ok(())
+}
+
+/// A root, an intermediate and a workload leaf (client auth, SPIFFE URI SAN) whose key
+/// signs checkpoints the way an in-cluster proxy does.
+struct TestPki {
+    root_pem: String,
+    signer: CheckpointSigner,
+}
+
+fn pki(name: &str) -> Result<TestPki, Box<dyn std::error::Error>> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca = |cn: String, depth: u8| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(depth));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params
+    };
+    let root_key = KeyPair::generate()?;
+    let root = ca(format!("{name} root"), 1);
+    let root_cert = root.self_signed(&root_key)?;
+    let root_issuer = Issuer::new(root, root_key);
+    let int_key = KeyPair::generate()?;
+    let int = ca(format!("{name} intermediate"), 0);
+    let int_cert = int.signed_by(&int_key, &root_issuer)?;
+    let int_issuer = Issuer::new(int, int_key);
+    let leaf_key = KeyPair::generate()?;
+    let spiffe = "spiffe://cluster.local/ns/acme-prod/sa/api";
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.not_before = rcgen::date_time_ymd(2026, 1, 1);
+    leaf.not_after = rcgen::date_time_ymd(2027, 1, 1);
+    let leaf_cert = leaf.signed_by(&leaf_key, &int_issuer)?;
+    let signer = CheckpointSigner::from_pkcs8(
+        &leaf_key.serialize_der(),
+        SignerIdentity {
+            spiffe_id: Some(spiffe.into()),
+            certificate_der: Some(leaf_cert.der().to_vec()),
+            intermediates_der: vec![int_cert.der().to_vec()],
+        },
+    )?;
+    Ok(TestPki {
+        root_pem: root_cert.pem(),
+        signer,
+    })
+}
+
+#[test]
+fn checkpoints_signed_outside_the_trust_bundle_fail_verify() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (cluster, forger) = (pki("cluster")?, pki("self-made")?);
+    let bundle = dir.path().join("ca-bundle.crt");
+    std::fs::write(&bundle, &cluster.root_pem)?;
+    let bundle = bundle.to_string_lossy().into_owned();
+    let honest = dir.path().join("honest");
+    let forged = dir.path().join("forged");
+    std::fs::create_dir_all(&honest)?;
+    std::fs::create_dir_all(&forged)?;
+    write_jsonl(&honest.join("a.jsonl"), &trail(&cluster.signer)?)?;
+    write_jsonl(&forged.join("a.jsonl"), &trail(&forger.signer)?)?;
+
+    let (ok, out, err) = run_args(&[
+        "audit",
+        "verify",
+        "--trust-bundle",
+        &bundle,
+        &honest.to_string_lossy(),
+    ])?;
+    assert_eq!(ok, Outcome::Clean, "{out}{err}");
+    assert!(!err.contains("embedded keys only"), "{err}");
+
+    let (bad, out, err) = run_args(&[
+        "audit",
+        "verify",
+        "--trust-bundle",
+        &bundle,
+        &forged.to_string_lossy(),
+    ])?;
+    assert_eq!(bad, Outcome::Findings);
+    assert!(
+        out.contains("not signed by a workload certificate of the trust bundle"),
+        "{out}"
+    );
+    assert!(
+        err.contains("--trust-bundle FILE"),
+        "the fix is named: {err}"
+    );
+
+    // A bare key (no certificate) is not trusted either.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir_all(&bare)?;
+    write_jsonl(&bare.join("a.jsonl"), &trail(&signer()?)?)?;
+    let (bare, out, _) = run_args(&[
+        "audit",
+        "verify",
+        "--trust-bundle",
+        &bundle,
+        &bare.to_string_lossy(),
+    ])?;
+    assert_eq!(bare, Outcome::Findings, "{out}");
+    Ok(())
+}
+
+#[test]
+fn verify_without_a_trust_anchor_refuses_instead_of_accepting_any_signer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_jsonl(
+        &dir.path().join("a.jsonl"),
+        &trail(&pki("self-made")?.signer)?,
+    )?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let missing = dir.path().join("no-kubeconfig");
+    // No cluster to read the trust bundle from, no bundle, no pinned key: refused,
+    // saying how to fix it (the old code said OK for any signer).
+    let refused = run_args(&[
+        "audit",
+        "verify",
+        "--kubeconfig",
+        &missing.to_string_lossy(),
+        &path,
+    ]);
+    let message = match refused {
+        Ok((outcome, out, _)) => {
+            panic!("verify must not pass without a trust anchor: {outcome:?} {out}")
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains("portcullis-trust-bundle") && message.contains("--trust-bundle FILE"),
+        "{message}"
+    );
     Ok(())
 }
 
@@ -174,7 +322,12 @@ fn export_json_keeps_records_verbatim() -> TestResult {
         .filter(|l| !l.contains("\"type\":\"checkpoint\""))
         .collect();
     assert_eq!(exported.lines().collect::<Vec<_>>(), records_only);
-    let (verified, _, _) = run_args(&["audit", "verify", &dest.to_string_lossy()])?;
+    let (verified, _, _) = run_args(&[
+        "audit",
+        "verify",
+        "--insecure-any-signer",
+        &dest.to_string_lossy(),
+    ])?;
     assert_eq!(verified, Outcome::Clean);
     Ok(())
 }
@@ -228,7 +381,7 @@ fn binary_verifies_encrypted_segments_and_exits_by_outcome() -> TestResult {
     std::fs::write(&ring_file, ring.to_json())?;
 
     let ok = Command::new(bin)
-        .args(["audit", "verify", "--key-ring"])
+        .args(["audit", "verify", "--insecure-any-signer", "--key-ring"])
         .arg(&ring_file)
         .arg(&segs)
         .output()?;
@@ -241,7 +394,7 @@ fn binary_verifies_encrypted_segments_and_exits_by_outcome() -> TestResult {
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("OK: 10 records, 2 checkpoints"));
 
     let no_keys = Command::new(bin)
-        .args(["audit", "verify"])
+        .args(["audit", "verify", "--insecure-any-signer"])
         .arg(&segs)
         .output()?;
     assert_eq!(no_keys.status.code(), Some(2));
@@ -250,7 +403,7 @@ fn binary_verifies_encrypted_segments_and_exits_by_outcome() -> TestResult {
     let wrong = dir.path().join("wrong.key");
     std::fs::write(&wrong, [9u8; 32])?;
     let bad = Command::new(bin)
-        .args(["audit", "verify", "--dek-file"])
+        .args(["audit", "verify", "--insecure-any-signer", "--dek-file"])
         .arg(&wrong)
         .arg(&segs)
         .output()?;

@@ -17,6 +17,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    audit::AuditReadiness,
     body::{ProxyBody, full},
     idle::{self, Activity},
     metrics::Metrics,
@@ -31,8 +32,8 @@ pub struct Readiness {
     pub policy: PolicyStore,
     /// Whether a serving certificate is loaded.
     pub certificate: Arc<dyn Fn() -> bool + Send + Sync>,
-    /// Whether the audit trail takes records.
-    pub audit: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the audit trail takes records, and if not why.
+    pub audit: Arc<dyn Fn() -> AuditReadiness + Send + Sync>,
     /// The certificate chain presented, as PEM (`None` before the first one).
     pub identity: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
@@ -72,9 +73,13 @@ fn route(
         "/ready" => {
             let policy = readiness.policy.load().map(|b| b.version);
             let certificate = (readiness.certificate)();
-            let audit = (readiness.audit)();
+            let audit_state = (readiness.audit)();
+            let audit = audit_state == AuditReadiness::Ready;
             let ready = policy.is_some() && certificate && audit;
-            let body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate, "audit": audit});
+            let mut body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate, "audit": audit});
+            if !audit {
+                body["auditReason"] = audit_state.as_str().into();
+            }
             let status = if ready {
                 StatusCode::OK
             } else {

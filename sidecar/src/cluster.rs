@@ -7,7 +7,9 @@
 //! (tenant from the certificate's `spiffe://<td>/tenant/<t>` SAN, else
 //! `PORTCULLIS_TENANT`) and start the audit trail. `/ready` turns true with a
 //! certificate, a first policy and the audit trail; if the operator goes away later the
-//! last good policy stays in force.
+//! last good policy stays in force. A Confidential or Restricted tenant's pod also waits
+//! for the tenant's data key: until it arrives requests are refused and `/ready` says
+//! `waiting_for_data_key`.
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
@@ -248,6 +250,7 @@ pub async fn start(
             data_dir: config.data_dir.clone(),
             settings: config.audit.clone(),
             stdout: audit_stdout,
+            metrics: metrics.clone(),
         },
         shutdown.clone(),
     ));
@@ -284,7 +287,7 @@ pub async fn start(
         },
         audit: {
             let trail = trail.clone();
-            Arc::new(move || trail.is_running())
+            Arc::new(move || trail.readiness())
         },
         identity: {
             let store = store.clone();

@@ -25,10 +25,12 @@ pub enum Reason {
     ConflictingKeys,
     /// The key is not in the `ak_<id>_<secret><checksum>` format.
     MalformedKey,
-    /// No key with that id in the current policy.
-    UnknownKey,
-    /// The key id exists but the secret does not match.
+    /// No such key: an unknown key id or a wrong secret (one answer for both, so it
+    /// does not tell which key ids exist).
     InvalidKey,
+    /// Too many wrong keys from this client or for this key id lately; refused before
+    /// any bcrypt runs.
+    TooManyFailedKeys,
     /// The key is past its expiry.
     KeyExpired,
     /// The key was revoked.
@@ -87,7 +89,6 @@ impl Reason {
             Self::ApiKeyRequired => "api_key_required",
             Self::ConflictingKeys => "conflicting_keys",
             Self::MalformedKey => "malformed_key",
-            Self::UnknownKey => "unknown_key",
             Self::InvalidKey => "invalid_key",
             Self::KeyExpired => "key_expired",
             Self::KeyRevoked => "key_revoked",
@@ -96,6 +97,7 @@ impl Reason {
             Self::NoScopeForRoute => "no_scope_for_route",
             Self::MissingScope => "missing_scope",
             Self::RateLimited => "rate_limited",
+            Self::TooManyFailedKeys => "too_many_failed_keys",
             Self::Busy => "busy",
             Self::PolicyUnavailable => "policy_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
@@ -128,7 +130,6 @@ impl Reason {
             | Self::NoWorkloadIdentity
             | Self::ApiKeyRequired
             | Self::MalformedKey
-            | Self::UnknownKey
             | Self::InvalidKey
             | Self::KeyExpired
             | Self::KeyRevoked => StatusCode::UNAUTHORIZED,
@@ -136,7 +137,7 @@ impl Reason {
             | Self::IpNotAllowedForKey
             | Self::NoScopeForRoute
             | Self::MissingScope => StatusCode::FORBIDDEN,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::TooManyFailedKeys => StatusCode::TOO_MANY_REQUESTS,
             Self::Busy
             | Self::PolicyUnavailable
             | Self::AuditUnavailable

@@ -19,7 +19,7 @@ use portcullis_crds::{DataClassification, InboundMode, scope::ScopeMap};
 use crate::{
     accept::ConnInfo,
     allowlist,
-    audit::{AuditHook, Decision, RequestOutcome},
+    audit::{AuditHook, Decision, RequestOutcome, Reservation},
     authn::{KeyVerifier, presented_key},
     authorize,
     body::ProxyBody,
@@ -86,6 +86,8 @@ struct Facts {
     action: Cow<'static, str>,
     client_ip: IpAddr,
     fails_closed: bool,
+    /// Room for the record, held from before forwarding (fail-closed tenants).
+    reserved: Option<Reservation>,
 }
 
 /// A request that may pass.
@@ -177,6 +179,7 @@ impl Inbound {
             action: Cow::Borrowed("api.unmapped"),
             client_ip: conn.peer.ip().to_canonical(),
             fails_closed: false,
+            reserved: None,
         };
 
         let admitted = match self.check_shape(&request, unsafe_path, bytes_in) {
@@ -220,6 +223,7 @@ impl Inbound {
             .then(|| (facts.principal.clone(), method.clone(), path.clone()));
         let fails_closed = facts.fails_closed;
         let client_ip = facts.client_ip;
+        let reserved = facts.reserved.take();
         let record = RequestOutcome {
             timestamp,
             tenant: facts.tenant,
@@ -239,7 +243,11 @@ impl Inbound {
             },
             reason: reason.as_str(),
         };
-        if let Err(refused) = self.audit.record(record) {
+        let recorded = match reserved {
+            Some(reserved) => self.audit.record_reserved(reserved, record),
+            None => self.audit.record(record),
+        };
+        if let Err(refused) = recorded {
             tracing::warn!(error = %refused, fails_closed, "audit hook refused a record");
             if let Some((principal, method, path)) = kept {
                 response = Denial::new(
@@ -369,7 +377,7 @@ impl Inbound {
 
         let verified = self
             .keys
-            .verify(presented, &bundle, jiff::Timestamp::now())
+            .verify(presented, &bundle, facts.client_ip, jiff::Timestamp::now())
             .await?;
         facts.principal = Cow::Owned(format!("key:{}", verified.masked));
         if !allowlist::permits(verified.policy.ip_allowlist(), facts.client_ip) {
@@ -403,12 +411,18 @@ impl Inbound {
         })
     }
 
-    fn audit_gate(&self, facts: &Facts) -> Result<(), Denial> {
-        if facts.fails_closed && !self.audit.available() {
-            return Err(Denial::new(
-                Reason::AuditUnavailable,
-                "this tenant requires an audit record for every request and the audit log is unavailable; retry later",
-            ));
+    /// Fail-closed tenants: the record's room is reserved before the app sees the
+    /// request, so no request reaches the app that cannot be audited.
+    fn audit_gate(&self, facts: &mut Facts) -> Result<(), Denial> {
+        if facts.fails_closed {
+            let reserved = self.audit.reserve().map_err(|refused| {
+                tracing::warn!(error = %refused, "audit cannot take a record; refusing before the app");
+                Denial::new(
+                    Reason::AuditUnavailable,
+                    "this tenant requires an audit record for every request and the audit log is unavailable; retry later",
+                )
+            })?;
+            facts.reserved = Some(reserved);
         }
         Ok(())
     }

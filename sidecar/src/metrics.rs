@@ -60,6 +60,8 @@ struct Inner {
     handshake_failures: Family<ReasonLabels, Counter>,
     key_cache_hits: Counter,
     key_cache_misses: Counter,
+    key_verifications: Counter,
+    audit_data_key_missing: Gauge,
     bcrypt_in_flight: Gauge,
     bcrypt_busy: Counter,
     policy_version: Gauge,
@@ -102,6 +104,8 @@ impl Metrics {
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         let key_cache_hits = Counter::default();
         let key_cache_misses = Counter::default();
+        let key_verifications = Counter::default();
+        let audit_data_key_missing = Gauge::default();
         let bcrypt_in_flight = Gauge::default();
         let bcrypt_busy = Counter::default();
         let policy_version = Gauge::default();
@@ -140,6 +144,16 @@ impl Metrics {
             "key_cache_misses",
             "API keys that needed a bcrypt verification",
             key_cache_misses.clone(),
+        );
+        registry.register(
+            "key_verifications",
+            "bcrypt verifications run (the CPU a key check costs)",
+            key_verifications.clone(),
+        );
+        registry.register(
+            "audit_data_key_missing",
+            "1 while the pod has no tenant data key: fail-closed tenants refuse requests, others audit to stdout only",
+            audit_data_key_missing.clone(),
         );
         registry.register(
             "bcrypt_in_flight",
@@ -195,6 +209,8 @@ impl Metrics {
                 handshake_failures,
                 key_cache_hits,
                 key_cache_misses,
+                key_verifications,
+                audit_data_key_missing,
                 bcrypt_in_flight,
                 bcrypt_busy,
                 policy_version,
@@ -258,6 +274,16 @@ impl Metrics {
         } else {
             self.inner.key_cache_misses.inc();
         }
+    }
+
+    /// Counts one bcrypt verification started.
+    pub fn key_verification(&self) {
+        self.inner.key_verifications.inc();
+    }
+
+    /// Whether the pod runs without its tenant's data key.
+    pub fn audit_data_key_missing(&self, missing: bool) {
+        self.inner.audit_data_key_missing.set(i64::from(missing));
     }
 
     /// Tracks running bcrypt verifications.

@@ -381,9 +381,9 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
         audit: match &trail {
             Some(trail) => {
                 let trail = trail.clone();
-                Arc::new(move || trail.is_running())
+                Arc::new(move || trail.readiness())
             }
-            None => Arc::new(|| true),
+            None => Arc::new(|| crate::audit::AuditReadiness::Ready),
         },
         identity: {
             let credentials = credentials.clone();

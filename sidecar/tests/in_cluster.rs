@@ -336,6 +336,8 @@ async fn audit_is_chained_signed_masked_and_encrypted() {
 #[tokio::test]
 async fn fail_closed_tenant_refuses_while_the_audit_sink_fails() {
     let op = FakeOperator::start("cluster.local", TENANT).await;
+    // A fail-closed tenant's pod serves only with its data key (issue 15).
+    op.set_audit_key(1, [7u8; 32]);
     let (policy, tokens) = bundle(1, DataClassification::Confidential);
     op.publish(policy);
     let (app, _app_stop) = echo_app().await;
@@ -475,4 +477,102 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
     );
     stop(client).await;
     stop(server).await;
+}
+
+/// A pod of a tenant of `classification` whose operator has no data key to hand out
+/// (yet), and a GET with a key the tenant knows.
+struct KeylessPod {
+    op: FakeOperator,
+    proxy: RunningProxy,
+    key: String,
+    _app_stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl KeylessPod {
+    async fn start(classification: DataClassification) -> Self {
+        let op = FakeOperator::start("cluster.local", TENANT).await;
+        let (policy, tokens) = bundle(1, classification);
+        op.publish(policy);
+        let (app, app_stop) = echo_app().await;
+        let dir = tempfile::tempdir().unwrap();
+        let vars = environment(
+            &op,
+            dir.path(),
+            "api-0",
+            "acme-prod",
+            "api",
+            Some(app.port()),
+        );
+        let (proxy, _stdout) = cluster::start(cluster::config(&vars)).await;
+        Self {
+            op,
+            proxy,
+            key: tokens["events"].expose_secret().to_owned(),
+            _app_stop: app_stop,
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self) -> support::Reply {
+        let headers = [("x-api-key", self.key.as_str())];
+        inbound_request(
+            &mesh_client_config(&self.op),
+            self.proxy.inbound_addr,
+            "GET",
+            "/v1/events/1",
+            &headers,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn key_missing(&self) -> Option<f64> {
+        self.proxy
+            .metrics
+            .sample("portcullis_audit_data_key_missing")
+    }
+}
+
+#[tokio::test]
+async fn a_confidential_pod_without_its_data_key_refuses_and_says_so_until_the_key_arrives() {
+    let pod = KeylessPod::start(DataClassification::Confidential).await;
+    // Asked for the key and waited past the 2 s the test config gives it.
+    wait_until(|| {
+        pod.op
+            .state
+            .audit_key_requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let ready = admin_get(pod.proxy.admin_addr, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(
+        ready.contains(r#""auditReason":"waiting_for_data_key""#),
+        "{ready}"
+    );
+    assert_eq!(pod.key_missing(), Some(1.0));
+    let refused = pod.get().await;
+    assert_eq!(
+        (refused.status, refused.reason().as_str()),
+        (503, "audit_unavailable")
+    );
+
+    // The key arrives: ready, serving, and the metric clears.
+    pod.op.set_audit_key(1, [7u8; 32]);
+    wait_ready(&pod.proxy).await;
+    assert_eq!(pod.get().await.status, 200);
+    assert_eq!(pod.key_missing(), Some(0.0));
+    stop(pod.proxy).await;
+}
+
+#[tokio::test]
+async fn an_internal_pod_without_its_data_key_serves_stdout_only_and_reports_it() {
+    let pod = KeylessPod::start(DataClassification::Internal).await;
+    wait_ready(&pod.proxy).await;
+    assert_eq!(pod.get().await.status, 200);
+    assert_eq!(pod.key_missing(), Some(1.0));
+    stop(pod.proxy).await;
 }

@@ -11,13 +11,16 @@
 //! the next seq ([`Problem::MissingRecords`] for a gap, [`Problem::Reordered`] when a seq
 //! comes after a higher one) and `prev_hash` equal to the previous hash
 //! ([`Problem::BrokenLink`]). Each checkpoint must verify ([`Problem::BadCheckpointSignature`]),
-//! be signed by a trusted key when keys are pinned, match the record it names
+//! be signed by a trusted key when keys are pinned, chain to the trust bundle when one is
+//! given ([`Problem::SignerNotInTrustBundle`]), match the record it names
 //! ([`Problem::CheckpointMismatch`]) and name a record that is present
 //! ([`Problem::Truncated`]).
 
 mod problem;
+mod signer_trust;
 
 pub use problem::{Location, Problem};
+pub use signer_trust::TrustBundle;
 
 use crate::canonical::{GENESIS_HASH, record_hash_of_value};
 use crate::checkpoint::{CheckpointFault, verify_checkpoint_value};
@@ -33,6 +36,9 @@ pub struct VerifyOptions {
     /// Public keys (uncompressed SEC1 points) allowed to sign checkpoints. Empty: any key
     /// whose signature verifies (the checkpoint is then only self-consistent).
     pub trusted_keys: Vec<Vec<u8>>,
+    /// When set, every checkpoint must be signed by a certificate chaining to this
+    /// bundle ([`Problem::SignerNotInTrustBundle`] otherwise).
+    pub trust_bundle: Option<TrustBundle>,
     /// Accept chains whose first present record is not seq 0 (older segments removed by
     /// retention). The first present record's `prev_hash` is then taken on trust.
     pub allow_pruned_start: bool,
@@ -168,6 +174,16 @@ impl Verifier {
                     location: location.clone(),
                 });
             }
+        }
+        if let Some(bundle) = &self.options.trust_bundle
+            && let Err(detail) = bundle.check(&checkpoint.signer, checkpoint.timestamp)
+        {
+            self.report(Problem::SignerNotInTrustBundle {
+                chain_id: checkpoint.chain_id.clone(),
+                seq: checkpoint.seq,
+                location: location.clone(),
+                detail,
+            });
         }
         self.checkpoint_count += 1;
         self.chains

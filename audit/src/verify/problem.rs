@@ -140,6 +140,21 @@ pub enum Problem {
         /// Where.
         location: Location,
     },
+    /// A checkpoint verifies but its signer's certificate does not chain to the trust
+    /// bundle: anyone could have signed it.
+    #[error(
+        "{location}: checkpoint for seq {seq} of chain {chain_id} is not signed by a workload certificate of the trust bundle: {detail}"
+    )]
+    SignerNotInTrustBundle {
+        /// Chain.
+        chain_id: String,
+        /// The seq the checkpoint names.
+        seq: u64,
+        /// Where.
+        location: Location,
+        /// Why the chain does not verify.
+        detail: String,
+    },
     /// A checkpoint names a record whose hash differs.
     #[error(
         "{location}: checkpoint for seq {seq} of chain {chain_id} says hash {checkpoint_hash}, the record hashes to {record_hash}"
@@ -182,6 +197,7 @@ impl Problem {
             | Problem::Reordered { location, .. }
             | Problem::BadCheckpointSignature { location, .. }
             | Problem::UntrustedSigner { location, .. }
+            | Problem::SignerNotInTrustBundle { location, .. }
             | Problem::CheckpointMismatch { location, .. }
             | Problem::Truncated { location, .. } => location,
         }
@@ -196,6 +212,7 @@ impl Problem {
             | Problem::Reordered { seq, .. }
             | Problem::BadCheckpointSignature { seq, .. }
             | Problem::UntrustedSigner { seq, .. }
+            | Problem::SignerNotInTrustBundle { seq, .. }
             | Problem::CheckpointMismatch { seq, .. } => Some(*seq),
             Problem::MissingRecords { expected_seq, .. } => Some(*expected_seq),
             Problem::Truncated { checkpoint_seq, .. } => Some(*checkpoint_seq),

@@ -21,6 +21,7 @@ pub fn signer() -> Result<CheckpointSigner, portcullis_audit::Error> {
         SignerIdentity {
             spiffe_id: Some("spiffe://cluster.local/ns/acme-prod/sa/api".into()),
             certificate_der: None,
+            intermediates_der: Vec::new(),
         },
     )
 }

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use super::certs::{Workload, roots};
 use super::cluster::Budget;
 
+/// The address the bench's key checks come from (budgets are per client).
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// Longest wait for one revocation to arrive.
 const PER_KEY: Duration = Duration::from_secs(30);
 
@@ -131,7 +134,10 @@ async fn revoke_keys(
             .load()
             .ok_or_else(|| anyhow::anyhow!("policy store emptied"))?;
         // Warm: the token verifies (and is cached) before the revocation.
-        if let Err(d) = verifier.verify(&token, &bundle, Timestamp::now()).await {
+        if let Err(d) = verifier
+            .verify(&token, &bundle, CLIENT, Timestamp::now())
+            .await
+        {
             figure.anomalies.push(format!(
                 "{name}: refused before revocation: {}",
                 d.reason.as_str()
@@ -146,7 +152,9 @@ async fn revoke_keys(
         figure.patch_calls.push(started.elapsed());
         let refused = loop {
             if let Some(bundle) = store.load()
-                && let Err(d) = verifier.verify(&token, &bundle, Timestamp::now()).await
+                && let Err(d) = verifier
+                    .verify(&token, &bundle, CLIENT, Timestamp::now())
+                    .await
             {
                 break Some((started.elapsed(), d.reason));
             }

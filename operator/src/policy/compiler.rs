@@ -2,8 +2,10 @@
 //! [`PolicyBundle`] its sidecars enforce.
 //!
 //! A revoked key stays in the bundle as a tombstone (its hash, no scopes, `revoked`) so
-//! the proxy can tell its holder the key was revoked rather than unknown; the spec is
-//! trusted as soon as it changes, before the ApiKey controller catches up. Any other
+//! the proxy can tell its holder the key was revoked rather than unknown, for
+//! [`TOMBSTONE_GRACE`] after the controller recorded the revocation, then it is left
+//! out; the spec is trusted as soon as it changes, before the ApiKey controller catches
+//! up. Any other
 //! key is in the bundle when it is `Active`, not expired, every allowlist
 //! entry parses, and its role still resolves. Its scopes are those it asks for that the
 //! role grants and the catalogue defines. Previous tokens of a rotated key are added
@@ -21,18 +23,33 @@ use portcullis_crds::{
     token::KeyId,
 };
 
+/// How long a revoked key stays in the bundle as a tombstone after the ApiKey
+/// controller recorded the revocation. After that the key is simply unknown: sidecars
+/// stop bcrypt-checking it, so revoked keys cannot be used to burn their CPU forever.
+pub const TOMBSTONE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_hours(7 * 24);
+
 /// A revoked key as the proxy sees it: the hash (so only its holder learns the state),
-/// no scopes, `revoked`.
-fn tombstone(name: String, hash: String) -> KeyPolicy {
+/// no scopes, `revoked`, and as `expiresAt` the end of its grace (sidecars treat a
+/// tombstone past it as unknown, even on a stale policy).
+fn tombstone(name: String, hash: String, grace_ends: Option<Timestamp>) -> KeyPolicy {
     KeyPolicy {
         name,
         hash,
         scopes: BTreeSet::new(),
         rate_limit: RateLimitPolicy::default(),
         ip_allowlist: Vec::new(),
-        expires_at: None,
+        expires_at: grace_ends,
         revoked: true,
     }
+}
+
+/// When the controller recorded the revocation: the `Ready` condition's transition
+/// time once the status says `Revoked`. `None` while only the spec says so.
+fn revoked_at(status: &portcullis_crds::ApiKeyStatus) -> Option<Timestamp> {
+    if status.state != KeyState::Revoked {
+        return None;
+    }
+    portcullis_crds::conditions::find_ready(&status.conditions).map(|c| c.last_transition_time.0)
 }
 
 /// A key the compiler left out, and why (shown by `policy dump` and the debug endpoint).
@@ -133,16 +150,27 @@ impl PolicyCompiler {
             };
             let status = key.status.clone().unwrap_or_default();
             if key.spec.revoked {
+                let grace_ends = revoked_at(&status).map(|at| at + TOMBSTONE_GRACE);
+                if let Some(ends) = grace_ends {
+                    if ends <= now {
+                        exclude("revoked (tombstone dropped after its grace)".into());
+                        continue;
+                    }
+                    note_change(ends);
+                }
                 exclude("revoked".into());
                 let issued = status.key_id.as_deref().map(KeyId::parse);
                 if let (Some(Ok(key_id)), Some(hash)) = (issued, status.hash.clone()) {
-                    bundle.keys.insert(key_id, tombstone(name.clone(), hash));
+                    bundle
+                        .keys
+                        .insert(key_id, tombstone(name.clone(), hash, grace_ends));
                 }
                 for retired in &status.previous_keys {
                     if let Ok(retired_id) = KeyId::parse(&retired.key_id) {
-                        bundle
-                            .keys
-                            .insert(retired_id, tombstone(name.clone(), retired.hash.clone()));
+                        bundle.keys.insert(
+                            retired_id,
+                            tombstone(name.clone(), retired.hash.clone(), grace_ends),
+                        );
                     }
                 }
                 continue;
@@ -393,6 +421,47 @@ mod tests {
         assert_eq!(reasons["acme-prod/revoked"], "revoked");
         assert_eq!(reasons["acme-prod/expired"], "expired");
         assert_eq!(reasons["acme-prod/pending"], "state is Pending");
+    }
+
+    #[test]
+    fn revoked_keys_leave_the_bundle_after_their_grace() {
+        let revoked_key = |revoked_secs_ago: i64| {
+            let mut k = key("revoked", "bbbbbbbbbbbb", &["identify"]);
+            k.spec.revoked = true;
+            if let Some(s) = k.status.as_mut() {
+                s.state = KeyState::Revoked;
+                s.conditions = vec![portcullis_crds::conditions::ready(
+                    false,
+                    "Revoked",
+                    "revoked",
+                    None,
+                    &[],
+                    secs(-revoked_secs_ago),
+                )];
+            }
+            k
+        };
+        let grace = TOMBSTONE_GRACE.as_secs();
+        let fresh = compile(vec![revoked_key(60)]);
+        let tombstone = &fresh.bundle.keys[&id("bbbbbbbbbbbb")];
+        assert!(tombstone.revoked);
+        let ends = now() + TOMBSTONE_GRACE - jiff::SignedDuration::from_secs(60);
+        assert_eq!(
+            tombstone.expires_at,
+            Some(ends),
+            "sidecars learn when it lapses"
+        );
+        assert_eq!(fresh.next_change, Some(ends), "recompiled when it lapses");
+
+        let lapsed = compile(vec![revoked_key(grace)]);
+        assert!(
+            lapsed.bundle.keys.is_empty(),
+            "no hash left to bcrypt-check"
+        );
+        assert_eq!(
+            lapsed.excluded[0].reason,
+            "revoked (tombstone dropped after its grace)"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The audit trail of an injected proxy: stdout JSON lines always, plus segments under
 //! `<data dir>/audit` encrypted with the tenant's data key when the operator hands it
-//! out ([`super::dek`]). Checkpoints are signed with the workload key, the certificate
+//! out ([`super::dek`]). Without the key a fail-closed (Confidential, Restricted)
+//! tenant's trail does not start: requests are refused until the key arrives; other
+//! tenants run stdout-only, and both say so (log, `portcullis_audit_data_key_missing`). Checkpoints are signed with the workload key, the certificate
 //! and SPIFFE ID riding along, and the signer follows every certificate rotation.
 
 use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
@@ -23,6 +25,7 @@ use super::{
 use crate::{
     config::env::{ClusterAudit, OperatorEndpoint},
     identity::{CertificateStore, Credentials},
+    metrics::Metrics,
     policy::PolicyStore,
     tls::ClientConfigSource,
 };
@@ -45,6 +48,8 @@ pub struct ClusterAuditParts {
     pub settings: ClusterAudit,
     /// Where the JSON lines go (the process's stdout in a pod).
     pub stdout: Box<dyn Write + Send>,
+    /// Where a missing data key is reported.
+    pub metrics: Metrics,
 }
 
 /// A checkpoint signer holding the workload key, naming its certificate and SPIFFE ID.
@@ -54,6 +59,14 @@ pub fn workload_signer(credentials: &Credentials) -> Option<CheckpointSigner> {
         SignerIdentity {
             spiffe_id: Some(credentials.workload().to_string()),
             certificate_der: Some(credentials.leaf().to_vec()),
+            // So `audit verify` can chain the leaf to the trust bundle's roots.
+            intermediates_der: credentials
+                .certified_key()
+                .cert
+                .iter()
+                .skip(1)
+                .map(|c| c.to_vec())
+                .collect(),
         },
     )
     .map_err(|e| tracing::error!(error = %e, "workload key cannot sign audit checkpoints"))
@@ -98,6 +111,28 @@ async fn first_keys(
     }
 }
 
+/// Asks for the tenant's keys until they come (or `shutdown`): a fail-closed tenant's
+/// pod serves nothing until then, so it keeps asking, backing off to 5 s.
+async fn keys_eventually(
+    operator: &OperatorEndpoint,
+    tls: &ClientConfigSource,
+    tenant: &str,
+    shutdown: &CancellationToken,
+) -> Option<TenantKeys> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        match dek::fetch(operator, tls, tenant).await {
+            Ok(keys) => return Some(keys),
+            Err(e) => tracing::debug!(error = %e, "tenant data key still not available"),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 fn open_file_sink(data_dir: &std::path::Path, keys: &TenantKeys) -> Option<FileSink> {
     let mut config = FileSinkConfig::new(data_dir.join("audit"));
     if let Some(days) = keys.retention_days {
@@ -130,22 +165,49 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
         data_dir,
         settings,
         stdout,
+        metrics,
         ..
     } = parts;
+    let fails_closed = bundle.classification.audit_fails_closed();
     let keys = tokio::select! {
         _ = shutdown.cancelled() => return,
         keys = first_keys(&operator, &tls, settings.key_wait, &tenant) => keys,
     };
-    let file = match keys {
-        Ok(keys) => open_file_sink(&data_dir, &keys).map(|sink| (sink, keys.active.version())),
-        Err(e) => {
-            tracing::warn!(
+    let keys = match keys {
+        Ok(keys) => Some(keys),
+        Err(e) if fails_closed => {
+            // Stdout alone is not the durable, encrypted log this tenant requires: hold
+            // the trail back, so requests are refused and /ready says why.
+            metrics.audit_data_key_missing(true);
+            trail.set_waiting_for_data_key(true);
+            tracing::error!(
+                tenant = %tenant,
+                classification = ?bundle.classification,
                 error = %e,
-                "audit: no tenant data key from the operator, so no encrypted file sink; records go to stdout only"
+                "AUDIT DATA KEY MISSING: refusing every request (503 audit_unavailable, /ready false) until the operator hands out the tenant's data key; check the operator's logs and the Tenant's status"
+            );
+            let keys = keys_eventually(&operator, &tls, &tenant, &shutdown).await;
+            let Some(keys) = keys else { return };
+            tracing::info!(tenant = %tenant, "tenant data key arrived; audit trail starting");
+            trail.set_waiting_for_data_key(false);
+            Some(keys)
+        }
+        Err(e) => {
+            metrics.audit_data_key_missing(true);
+            tracing::warn!(
+                tenant = %tenant,
+                error = %e,
+                "AUDIT DATA KEY MISSING: no tenant data key from the operator, so no encrypted file sink; records go to stdout only"
             );
             None
         }
     };
+    if keys.is_some() {
+        metrics.audit_data_key_missing(false);
+    }
+    let file = keys.and_then(|keys| {
+        open_file_sink(&data_dir, &keys).map(|sink| (sink, keys.active.version()))
+    });
     let mut sinks: Vec<Arc<dyn Sink>> = vec![trail.watch(Arc::new(StdoutSink::to_writer(stdout)))];
     if let Some((sink, _)) = &file {
         sinks.push(trail.watch(Arc::new(sink.clone())));
@@ -155,6 +217,7 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
         None => match process_signer(SignerIdentity {
             spiffe_id: None,
             certificate_der: None,
+            intermediates_der: Vec::new(),
         }) {
             Ok(signer) => signer,
             Err(e) => {
@@ -173,7 +236,7 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
     tracing::info!(
         tenant = %tenant,
         encrypted_file = file.is_some(),
-        fail_closed = bundle.classification.audit_fails_closed(),
+        fail_closed = fails_closed,
         "audit trail started; checkpoints signed with the workload key"
     );
 

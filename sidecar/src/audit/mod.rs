@@ -1,9 +1,10 @@
 //! The audit seam: one [`RequestOutcome`] per request, allowed or denied, handed to an
 //! [`AuditHook`]. The default hook writes the human line of DESIGN.md §6 through
 //! tracing; the tamper-evident audit writer plugs in here. When the tenant's data
-//! classification makes audit fail closed, a hook that refuses turns the answer into
-//! 503 `audit_unavailable`, and a hook that says it is unavailable stops requests
-//! before they reach the app.
+//! classification makes audit fail closed, room for the record is reserved before the
+//! request is forwarded ([`AuditHook::reserve`]): a hook that cannot promise the record
+//! stops the request before it reaches the app (503 `audit_unavailable`), and the
+//! reserved room is filled once the answer is known.
 //!
 //! [`trail::AuditTrail`] is the tamper-evident hook (portcullis-audit's writer);
 //! [`sinks`] builds it from `proxy.yaml`, [`cluster`] in an injected pod with the
@@ -67,10 +68,55 @@ pub struct RequestOutcome {
     pub reason: &'static str,
 }
 
+/// Whether the audit trail takes records, and if not why: the `/ready` answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditReadiness {
+    /// Running.
+    Ready,
+    /// Waiting for the certificate and the first policy.
+    Starting,
+    /// A fail-closed tenant's pod without the tenant's data key: requests are refused
+    /// until the operator hands it out.
+    WaitingForDataKey,
+    /// Shut down (draining).
+    ShutDown,
+}
+
+impl AuditReadiness {
+    /// The snake_case reason for `/ready`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Starting => "starting",
+            Self::WaitingForDataKey => "waiting_for_data_key",
+            Self::ShutDown => "shut_down",
+        }
+    }
+}
+
 /// The hook refused to record.
 #[derive(Debug, thiserror::Error)]
 #[error("audit record refused: {0}")]
 pub struct AuditRefused(pub String);
+
+/// Room for one request's record, held from before the request is forwarded until it
+/// is recorded ([`AuditHook::reserve`]). Dropping it unused gives the room back.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    slot: Option<portcullis_audit::RecordSlot>,
+}
+
+impl Reservation {
+    /// A reservation backed by room in an audit writer's queue.
+    pub fn in_writer(slot: portcullis_audit::RecordSlot) -> Self {
+        Self { slot: Some(slot) }
+    }
+
+    /// The writer's slot, when there is one.
+    pub fn into_slot(self) -> Option<portcullis_audit::RecordSlot> {
+        self.slot
+    }
+}
 
 /// Receives one record per request.
 pub trait AuditHook: Send + Sync + 'static {
@@ -81,6 +127,27 @@ pub trait AuditHook: Send + Sync + 'static {
     /// are refused before reaching the app.
     fn available(&self) -> bool {
         true
+    }
+
+    /// For fail-closed tenants, before forwarding: makes sure the request's record can
+    /// be written, holding room for it. Refused: the request must not reach the app.
+    /// The default has no room to hold and only asks [`AuditHook::available`].
+    fn reserve(&self) -> Result<Reservation, AuditRefused> {
+        if self.available() {
+            Ok(Reservation::default())
+        } else {
+            Err(AuditRefused("the audit log is unavailable".into()))
+        }
+    }
+
+    /// Records an outcome in the room `reserved` for it.
+    fn record_reserved(
+        &self,
+        reserved: Reservation,
+        event: RequestOutcome,
+    ) -> Result<(), AuditRefused> {
+        drop(reserved);
+        self.record(event)
     }
 }
 

@@ -196,13 +196,16 @@ pub fn signer_for_tls_files(tls: &TlsFiles) -> Result<CheckpointSigner, AuditSet
         let key_pem = std::fs::read(&tls.private_key).ok()?;
         let key = PrivatePkcs8KeyDer::from_pem_slice(&key_pem).ok()?;
         let cert_pem = std::fs::read(&tls.certificate).ok()?;
-        let leaf = CertificateDer::pem_slice_iter(&cert_pem).next()?.ok()?;
+        let mut chain = CertificateDer::pem_slice_iter(&cert_pem);
+        let leaf = chain.next()?.ok()?;
+        let intermediates_der = chain.flatten().map(|c| c.to_vec()).collect();
         let spiffe_id = crate::tls::peer_spiffe_id(Some(std::slice::from_ref(&leaf)));
         CheckpointSigner::from_pkcs8(
             key.secret_pkcs8_der(),
             SignerIdentity {
                 spiffe_id,
                 certificate_der: Some(leaf.to_vec()),
+                intermediates_der,
             },
         )
         .ok()

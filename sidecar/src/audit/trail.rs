@@ -7,9 +7,10 @@
 //! records of the requests before that wait in a bounded buffer and are chained first.
 //! Until the writer runs, and while any sink refuses batches, the trail says it is
 //! unavailable, so fail-closed tenants refuse requests (503 `audit_unavailable`)
-//! instead of serving them unaudited. A record the writer does not queue is refused;
-//! the inbound path turns that into 503 for fail-closed tenants and lets fail-open
-//! tenants through.
+//! instead of serving them unaudited. For those tenants the inbound path reserves the
+//! record's room in the writer's queue before forwarding and fills it after, so a
+//! request whose record could not be queued never reaches the app. A record the writer
+//! does not queue is refused; fail-open tenants are let through.
 
 use std::{
     sync::{
@@ -26,7 +27,7 @@ use portcullis_audit::{
 };
 use portcullis_crds::DataClassification;
 
-use super::{AuditHook, AuditRefused, Decision, RequestOutcome};
+use super::{AuditHook, AuditReadiness, AuditRefused, Decision, RequestOutcome, Reservation};
 
 /// Records kept while the writer is not running yet.
 pub const MAX_PENDING: usize = 10_000;
@@ -124,6 +125,7 @@ pub struct AuditTrail {
     pending: Mutex<Vec<AuditRecord>>,
     failing_sinks: Mutex<Vec<Arc<AtomicBool>>>,
     shut_down: AtomicBool,
+    waiting_for_data_key: AtomicBool,
 }
 
 impl std::fmt::Debug for AuditTrail {
@@ -144,6 +146,7 @@ impl AuditTrail {
             pending: Mutex::new(Vec::new()),
             failing_sinks: Mutex::new(Vec::new()),
             shut_down: AtomicBool::new(false),
+            waiting_for_data_key: AtomicBool::new(false),
         })
     }
 
@@ -184,6 +187,25 @@ impl AuditTrail {
             }
         }
         tracing::info!(pod = %self.pod, "audit trail running");
+    }
+
+    /// Marks the trail as held back for the tenant's data key (fail-closed tenants), so
+    /// `/ready` says why it is not ready.
+    pub fn set_waiting_for_data_key(&self, waiting: bool) {
+        self.waiting_for_data_key.store(waiting, Ordering::SeqCst);
+    }
+
+    /// For `/ready`.
+    pub fn readiness(&self) -> AuditReadiness {
+        if self.shut_down.load(Ordering::SeqCst) {
+            AuditReadiness::ShutDown
+        } else if self.is_running() {
+            AuditReadiness::Ready
+        } else if self.waiting_for_data_key.load(Ordering::SeqCst) {
+            AuditReadiness::WaitingForDataKey
+        } else {
+            AuditReadiness::Starting
+        }
     }
 
     /// Whether the writer runs.
@@ -236,6 +258,32 @@ impl AuditHook for AuditTrail {
         }
         pending.push(record);
         Ok(())
+    }
+
+    fn reserve(&self) -> Result<Reservation, AuditRefused> {
+        let writer = self
+            .writer
+            .get()
+            .filter(|_| self.available())
+            .ok_or_else(|| AuditRefused("audit trail not running or a sink is failing".into()))?;
+        writer
+            .try_reserve()
+            .map(Reservation::in_writer)
+            .map_err(|e| AuditRefused(e.to_string()))
+    }
+
+    fn record_reserved(
+        &self,
+        reserved: Reservation,
+        event: RequestOutcome,
+    ) -> Result<(), AuditRefused> {
+        match reserved.into_slot() {
+            Some(slot) => {
+                slot.fill(to_record(&self.pod, event));
+                Ok(())
+            }
+            None => self.record(event),
+        }
     }
 
     fn available(&self) -> bool {
