@@ -52,6 +52,7 @@ pub fn bundle(version: u64, keys: BTreeMap<KeyId, KeyPolicy>) -> PolicyBundle {
         scopes: portcullis_sidecar::demo::demo_scopes(),
         tenant_ip_allowlist: vec![],
         keys,
+        ..PolicyBundle::default()
     }
 }
 
