@@ -21,6 +21,15 @@ async fn purge(client: &TestClient) -> support::Reply {
         .unwrap()
 }
 
+fn assert_refused(reply: &support::Reply, status: u16, reason: &str) {
+    assert_eq!(
+        (reply.status, reply.reason().as_str()),
+        (status, reason),
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
+
 fn error_of(reply: &support::Reply) -> String {
     reply.json()["error"]
         .as_str()
@@ -34,12 +43,7 @@ async fn a_peer_of_another_tenant_cannot_call_an_admin_route() {
     let globex = "spiffe://test.local/ns/globex-prod/sa/api";
     let peer = h.client(Identity::Certificate(h.ca.workload(globex, Some("globex"))));
     let denied = purge(&peer).await;
-    assert_eq!(
-        (denied.status, denied.reason().as_str()),
-        (403, "peer_tenant_not_allowed"),
-        "{}",
-        String::from_utf8_lossy(&denied.body)
-    );
+    assert_refused(&denied, 403, "peer_tenant_not_allowed");
     let error = error_of(&denied);
     assert!(
         error.contains("globex") && error.contains("spec.allowedPeers"),
@@ -61,12 +65,7 @@ async fn a_peer_of_another_trust_domain_cannot_call_an_admin_route() {
     let foreign = "spiffe://evil.example/ns/acme/sa/proxy";
     let peer = h.client(Identity::Certificate(h.ca.workload(foreign, Some("acme"))));
     let denied = purge(&peer).await;
-    assert_eq!(
-        (denied.status, denied.reason().as_str()),
-        (403, "peer_trust_domain_not_allowed"),
-        "{}",
-        String::from_utf8_lossy(&denied.body)
-    );
+    assert_refused(&denied, 403, "peer_trust_domain_not_allowed");
     let error = error_of(&denied);
     assert!(
         error.contains("evil.example") && error.contains("test.local"),
@@ -81,12 +80,7 @@ async fn a_tenant_uri_alone_is_no_workload_identity() {
         h.ca.with_uris(&["spiffe://test.local/tenant/acme".to_owned()]),
     ));
     let denied = purge(&peer).await;
-    assert_eq!(
-        (denied.status, denied.reason().as_str()),
-        (401, "no_workload_identity"),
-        "{}",
-        String::from_utf8_lossy(&denied.body)
-    );
+    assert_refused(&denied, 401, "no_workload_identity");
 }
 
 #[tokio::test]
@@ -116,12 +110,7 @@ policy: {{file: {policy}}}
     );
     support::wait_until(|| running.policy.load().is_some()).await;
     let denied = purge(&peer).await;
-    assert_eq!(
-        (denied.status, denied.reason().as_str()),
-        (403, "no_scope_for_route"),
-        "{}",
-        String::from_utf8_lossy(&denied.body)
-    );
+    assert_refused(&denied, 403, "no_scope_for_route");
     assert!(
         error_of(&denied).contains("spec.scopes"),
         "{}",
@@ -198,12 +187,7 @@ async fn a_certificate_of_a_deleted_pod_is_refused() {
     })
     .await;
     let denied = peer.get("/v1/events/1", &[]).await;
-    assert_eq!(
-        (denied.status, denied.reason().as_str()),
-        (403, "peer_certificate_revoked"),
-        "{}",
-        String::from_utf8_lossy(&denied.body)
-    );
+    assert_refused(&denied, 403, "peer_certificate_revoked");
     assert!(error_of(&denied).contains(&serial));
     // Another certificate of the same workload (the new pod's) is fine.
     let renewed = h.client(Identity::Certificate(h.ca.client(id)));

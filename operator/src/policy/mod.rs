@@ -47,19 +47,21 @@ pub fn compile_all(
     };
     let mut live = Vec::new();
     let grouped = stores.by_namespace();
-    let revocations = stores.revocations.as_ref();
-    let live_pods = revocations.map(RevocationCaches::live_pods);
+    let revoked = stores.revocations.as_ref().map(|caches| {
+        let (by_tenant, at) = caches.revoked_by_tenant(now);
+        note(at);
+        by_tenant
+    });
     for tenant in stores.tenants.state() {
         let namespaces = Stores::namespaces_of(&tenant);
         let keys = grouped.keys_in_any(&namespaces);
         let roles = grouped.roles_in_any(&namespaces);
         let mut compiled = PolicyCompiler.compile(&tenant, &keys, &roles, now);
         note(compiled.next_change);
-        if let (Some(caches), Some(live_pods)) = (revocations, &live_pods) {
-            let ledger = caches.ledger(&compiled.bundle.tenant);
-            let (revoked, at) = revocations::revoked_leaves(&ledger, live_pods, now);
-            compiled.bundle.revoked_certificates = revoked;
-            note(at);
+        if let Some(by_tenant) = &revoked {
+            let bundle = &mut compiled.bundle;
+            bundle.revoked_certificates =
+                revocations::for_bundle(by_tenant, &bundle.tenant, &bundle.allowed_peers);
         }
         live.push(compiled.bundle.tenant.clone());
         for e in &compiled.excluded {

@@ -2,11 +2,15 @@
 //! whose pod no longer exists, listed in the tenant's bundle until they expire. The
 //! sidecars refuse their holders (403 `peer_certificate_revoked`).
 //!
+//! A tenant that admits other tenants' workloads (`spec.allowedPeers`) also lists their
+//! revoked leaves. (Peers a pod admits by annotation are not known here: their
+//! revocations reach that pod only when the Tenant admits them too.)
+//!
 //! A pod that is absent from the pod cache is taken as gone only once its leaf is
 //! [`SETTLE`] old: the identity service saw the pod before signing, so by then the cache
 //! has had ample time to list it; a younger leaf is looked at again when it comes of age.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
@@ -15,7 +19,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use portcullis_crds::RevokedCertificate;
+use portcullis_crds::{AllowedPeer, RevokedCertificate, peers::PeerMatch};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +60,50 @@ pub fn revoked_leaves(
         });
     }
     (revoked, next)
+}
+
+/// Whether workload ID `spiffe_id` lives in `namespace`.
+fn in_namespace(spiffe_id: &str, namespace: &str) -> bool {
+    spiffe_id
+        .split('/')
+        .skip_while(|segment| *segment != "ns")
+        .nth(1)
+        .is_some_and(|ns| ns == namespace)
+}
+
+/// What the bundle of `tenant` (admitting `allowed`) lists: the tenant's own revoked
+/// leaves and those of every peer it admits, sorted, once each.
+pub fn for_bundle(
+    by_tenant: &HashMap<String, Vec<RevokedCertificate>>,
+    tenant: &str,
+    allowed: &[AllowedPeer],
+) -> Vec<RevokedCertificate> {
+    let everyone = || by_tenant.values().flatten();
+    let mut listed: Vec<RevokedCertificate> = by_tenant
+        .get(tenant)
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    for entry in allowed {
+        match entry.to_match() {
+            Ok(PeerMatch::Tenant(other)) => {
+                listed.extend(by_tenant.get(other).into_iter().flatten().cloned());
+            }
+            Ok(PeerMatch::Namespace(ns)) => listed.extend(
+                everyone()
+                    .filter(|r| in_namespace(&r.spiffe_id, ns))
+                    .cloned(),
+            ),
+            Ok(PeerMatch::SpiffeId(id)) => {
+                listed.extend(everyone().filter(|r| r.spiffe_id == id).cloned());
+            }
+            Err(_) => {}
+        }
+    }
+    listed.sort();
+    listed.dedup();
+    listed
 }
 
 /// Caches of the ledger ConfigMaps and of pod metadata, kept on every replica.
@@ -124,6 +172,35 @@ impl RevocationCaches {
             .collect()
     }
 
+    /// Every tenant's revoked leaves (see [`revoked_leaves`]), and when that next
+    /// changes by itself.
+    pub fn revoked_by_tenant(
+        &self,
+        now: Timestamp,
+    ) -> (HashMap<String, Vec<RevokedCertificate>>, Option<Timestamp>) {
+        let live = self.live_pods();
+        let mut next: Option<Timestamp> = None;
+        let mut by_tenant = HashMap::new();
+        for ledger in self.ledgers.state() {
+            let Some(tenant) = ledger
+                .metadata
+                .name
+                .as_deref()
+                .and_then(|name| name.strip_prefix(LEDGER_PREFIX))
+            else {
+                continue;
+            };
+            let (revoked, at) = revoked_leaves(&leaves_of(&ledger), &live, now);
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            if !revoked.is_empty() {
+                by_tenant.insert(tenant.to_owned(), revoked);
+            }
+        }
+        (by_tenant, next)
+    }
+
     /// The ledger of `tenant`.
     pub fn ledger(&self, tenant: &str) -> BTreeMap<String, IssuedLeaf> {
         let name = format!("{LEDGER_PREFIX}{tenant}");
@@ -150,6 +227,48 @@ mod tests {
             issued_at: at(issued),
             not_after: at(expires),
         }
+    }
+
+    fn revoked(serial: &str, ns: &str) -> RevokedCertificate {
+        RevokedCertificate {
+            serial: serial.into(),
+            spiffe_id: format!("spiffe://cluster.local/ns/{ns}/sa/api"),
+            not_after: at(1000),
+        }
+    }
+
+    #[test]
+    fn a_bundle_lists_the_revocations_of_the_peers_it_admits() {
+        let by_tenant = HashMap::from([
+            ("acme".to_owned(), vec![revoked("0a", "acme-prod")]),
+            (
+                "globex".to_owned(),
+                vec![revoked("0b", "globex-web"), revoked("0c", "globex-batch")],
+            ),
+        ]);
+        let serials = |allowed: &[AllowedPeer]| {
+            for_bundle(&by_tenant, "acme", allowed)
+                .into_iter()
+                .map(|r| r.serial)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(serials(&[]), ["0a"]);
+        assert_eq!(
+            serials(&[AllowedPeer::tenant("globex")]),
+            ["0a", "0b", "0c"]
+        );
+        assert_eq!(
+            serials(&[AllowedPeer::namespace("globex-web")]),
+            ["0a", "0b"]
+        );
+        assert_eq!(
+            serials(&[
+                AllowedPeer::spiffe_id("spiffe://cluster.local/ns/globex-batch/sa/api"),
+                AllowedPeer::tenant("globex"),
+            ]),
+            ["0a", "0b", "0c"]
+        );
+        assert!(for_bundle(&by_tenant, "initech", &[]).is_empty());
     }
 
     #[test]
