@@ -327,8 +327,7 @@ impl Inbound {
         }
 
         let Some(presented) = key else {
-            let peer = peer.unwrap_or_default();
-            facts.principal = Cow::Owned(peer.to_owned());
+            // The principal is the peer, set when it was admitted above.
             authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
             self.audit_gate(facts)?;
             return Ok(Admitted {
