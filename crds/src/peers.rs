@@ -179,6 +179,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_naming_a_tenant_uri_as_peer_is_invalid() {
+        let spec: crate::TenantSpec = serde_json::from_value(serde_json::json!({
+            "allowedPeers": [{"tenant": "globex"}, {"spiffeId": "spiffe://td/tenant/globex"}]
+        }))
+        .unwrap();
+        let errors = spec.validate().unwrap_err();
+        assert!(errors.mentions("spec.allowedPeers[1]"), "{errors}");
+        assert!(!errors.mentions("spec.allowedPeers[0]"), "{errors}");
+    }
+
+    #[test]
     fn serials_are_hex_without_leading_zeros() {
         assert_eq!(serial_hex(&[0x00, 0x8a, 0x01]), "8a01");
         assert_eq!(serial_hex(&[0x7f]), "7f");
