@@ -55,6 +55,11 @@ pub fn bundle(version: u64, keys: BTreeMap<KeyId, KeyPolicy>) -> PolicyBundle {
         scopes: portcullis_sidecar::demo::demo_scopes(),
         tenant_ip_allowlist: vec![],
         keys,
+        // The mTLS runs present the demo client certificate, a workload of tenant demo.
+        allowed_peers: vec![portcullis_crds::AllowedPeer::tenant(
+            portcullis_sidecar::demo::TENANT,
+        )],
+        ..PolicyBundle::default()
     }
 }
 

@@ -8,6 +8,10 @@ pub const INBOUND_MODE: &str = "portcullis.dev/inbound-mode";
 pub const APP_PORT: &str = "portcullis.dev/app-port";
 /// Pod annotation: a scope map overriding the tenant's (JSON, scope → routes).
 pub const SCOPES_MAP: &str = "portcullis.dev/scopes-map";
+/// Pod annotation: mTLS peers this pod admits besides its tenant's own workloads and
+/// the Tenant's `spec.allowedPeers`: comma-separated `spiffe://<td>/ns/<ns>/sa/<sa>`,
+/// `namespace:<ns>` and `tenant:<name>` entries.
+pub const ALLOWED_PEERS: &str = "portcullis.dev/allowed-peers";
 /// Pod annotation: comma-separated inbound ports that bypass the proxy.
 pub const SKIP_INBOUND_PORTS: &str = "portcullis.dev/skip-inbound-ports";
 /// Pod label the injector sets (`"true"`) on every pod it injects, so NetworkPolicies

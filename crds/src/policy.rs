@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    peers::{AllowedPeer, RevokedCertificate},
     scope::{ScopeMap, scope_for},
     tenant::DataClassification,
     token::KeyId,
@@ -31,6 +32,12 @@ pub struct PolicyBundle {
     /// Keys by key id.
     #[serde(default)]
     pub keys: BTreeMap<KeyId, KeyPolicy>,
+    /// mTLS peers admitted besides the tenant's own workloads (Tenant `spec.allowedPeers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_peers: Vec<AllowedPeer>,
+    /// Workload certificates refused although valid: their pods are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certificates: Vec<RevokedCertificate>,
 }
 
 /// One key as a sidecar sees it: a hash, never a token.
@@ -167,10 +174,17 @@ mod tests {
                     revoked: false,
                 },
             )]),
+            allowed_peers: vec![crate::AllowedPeer::tenant("globex")],
+            revoked_certificates: vec![RevokedCertificate {
+                serial: "8a01".into(),
+                spiffe_id: "spiffe://cluster.local/ns/acme-prod/sa/api".into(),
+                not_after: jiff::Timestamp::from_second(2_000_000_000).unwrap(),
+            }],
         };
         let json = serde_json::to_string(&bundle).unwrap();
         assert!(json.contains("\"abcdefgh2345\""));
         assert!(json.contains("\"tenantIpAllowlist\":[\"10.0.0.0/8\"]"));
+        assert!(json.contains("\"allowedPeers\":[{\"tenant\":\"globex\"}]"));
         let back: PolicyBundle = serde_json::from_str(&json).unwrap();
         assert_eq!(back, bundle);
         assert_eq!(back.scope_for("POST", "/v1/identify"), Some("identify"));

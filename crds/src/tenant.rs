@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cidr::Cidr,
     duration::DurationSpec,
+    peers::AllowedPeer,
     scope::{RouteRule, ScopeMap, is_dns_label},
     validation::FieldErrors,
 };
@@ -66,6 +67,11 @@ pub struct TenantSpec {
     /// the proxy), `ProxyPortOnly` admits ports 4143 and 4191 only, `Unmanaged` keeps none.
     #[serde(default)]
     pub network_policy: NetworkPolicyMode,
+    /// mTLS peers admitted besides this tenant's own workloads (by default a pod admits
+    /// only peers of its own trust domain and tenant): a workload SPIFFE ID, a namespace
+    /// or another tenant per entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_peers: Vec<AllowedPeer>,
 }
 
 /// Which ingress the operator's NetworkPolicy (`portcullis-inbound`, one per tenant
@@ -396,6 +402,11 @@ impl TenantSpec {
                     format!("spec.audit.sinks[{i}]"),
                     "set exactly one of stdout, splunkHec, datadog",
                 );
+            }
+        }
+        for (i, peer) in self.allowed_peers.iter().enumerate() {
+            if let Err(e) = peer.to_match() {
+                errors.push(format!("spec.allowedPeers[{i}]"), e);
             }
         }
         if self.encryption.dek_rotation.get().as_secs() < 3_600 {

@@ -297,3 +297,109 @@ async fn wait_gone(pods: &Api<Pod>, name: &str) -> Result<()> {
     }
     anyhow::bail!("pod {name} was not deleted")
 }
+
+/// Issue 15 item 12: a leaf outlived its pod by up to rotation period + grace (96 h).
+/// Now every leaf is recorded against its pod, and once the pod is deleted its serial
+/// is in the tenant's policy bundle (which the proxies refuse) until it expires.
+#[tokio::test]
+async fn a_deleted_pods_certificate_is_published_as_revoked() -> Result<()> {
+    use kube::runtime::watcher;
+    use portcullis_operator::ca::KubeLeafLedger;
+    use portcullis_operator::metrics::Metrics;
+    use portcullis_operator::policy::{PolicyHub, RevocationCaches, compile_all};
+    use portcullis_operator::stores::Stores;
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let tenant = "revoke-test";
+    let (client, ns) = workload_namespace(env, "identity-revoke", Some(tenant)).await?;
+    let operator_ns = env.create_namespace("identity-ledger").await?;
+    let service = service(client.clone())
+        .with_ledger(Arc::new(KubeLeafLedger::new(client.clone(), &operator_ns)));
+    let token = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+    let issued = service
+        .handle(&IssueRequest {
+            csr: csr_for(&ns, "api").2,
+            token,
+        })
+        .await?;
+    let der = CertificateDer::from_pem_slice(issued.certificate.as_bytes())?;
+    let serial = portcullis_sidecar::identity::tls::leaf_facts(&der)?.serial;
+
+    // The compiler's view: a Tenant in the caches, the ledger and pod caches live.
+    let (mut stores, mut writers) = Stores::new();
+    let tenant_object: portcullis_crds::Tenant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": tenant}, "spec": {}
+    }))?;
+    writers
+        .tenants
+        .apply_watcher_event(&watcher::Event::Apply(tenant_object));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (caches, _tasks) = RevocationCaches::start(
+        &client,
+        &operator_ns,
+        Arc::new(tokio::sync::Notify::new()),
+        &shutdown,
+    );
+    assert!(caches.wait_until_ready().await);
+    stores.revocations = Some(caches.clone());
+    let hub = PolicyHub::default();
+    let metrics = Metrics::default();
+    let revoked = |now: Timestamp| {
+        compile_all(&stores, &hub, &metrics, now);
+        hub.current(tenant)
+            .map(|b| b.revoked_certificates.clone())
+            .unwrap_or_default()
+    };
+
+    // Until the ledger entry is cached and the pod still lives, nothing is revoked.
+    let mut recorded = false;
+    for _ in 0..200 {
+        if caches.ledger(tenant).contains_key(&serial) {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(recorded, "the issued leaf {serial} is not in the ledger");
+    let later = Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert!(
+        revoked(later).is_empty(),
+        "a live pod's certificate was revoked"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    pods.delete("api-0", &force).await?;
+    wait_gone(&pods, "api-0").await?;
+    // Bounded: 30 s of 100 ms polls; the leaf is revoked once it is SETTLE old.
+    let mut listed = Vec::new();
+    for _ in 0..300 {
+        listed = revoked(Timestamp::now());
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        listed.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(),
+        [serial.as_str()],
+        "the deleted pod's certificate must be listed as revoked"
+    );
+    assert_eq!(listed[0].not_after, issued.expires_at);
+    assert_eq!(
+        listed[0].spiffe_id,
+        format!("spiffe://cluster.test/ns/{ns}/sa/api")
+    );
+    // Once the leaf has expired it needs no revocation.
+    let expired = issued.expires_at + jiff::SignedDuration::from_secs(1);
+    assert!(revoked(expired).is_empty());
+    Ok(())
+}

@@ -100,4 +100,21 @@ mod tests {
             assert!(columns.contains(&wanted), "missing printer column {wanted}");
         }
     }
+
+    #[test]
+    fn tenant_schema_lists_allowed_peers_by_spiffe_id_namespace_or_tenant() {
+        let crd = serde_json::to_value(Tenant::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let peers = &spec["allowedPeers"];
+        assert_eq!(peers["type"], "array", "{peers}");
+        let entry = &peers["items"]["properties"];
+        for field in ["spiffeId", "namespace", "tenant"] {
+            assert_eq!(entry[field]["type"], "string", "{field}: {entry}");
+        }
+        let pattern = entry["spiffeId"]["pattern"].as_str().unwrap_or_default();
+        assert!(
+            pattern.contains("/ns/") && pattern.contains("/sa/"),
+            "{pattern}"
+        );
+    }
 }

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::ca::{
-    CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, service_names,
+    CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, KubeLeafLedger,
+    service_names,
 };
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
@@ -37,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::policy::server::{Access, PolicyApi};
 use crate::policy::server_audit_key::AuditKeys;
 use crate::policy::server_tls::PolicyServerTls;
-use crate::policy::{self, PolicyHub};
+use crate::policy::{self, PolicyHub, RevocationCaches};
 use crate::stores::Stores;
 use crate::trust_bundle::TrustBundlePublisher;
 use crate::webhook::config::{WebhookConfigSettings, WebhookTarget};
@@ -348,11 +349,14 @@ pub async fn start(
     );
     let names = settings.serving_names();
     let metrics = Arc::new(Metrics::default());
-    let identity_service = Arc::new(IdentityService::new(
-        ca.clone(),
-        Arc::new(KubeAuthenticator::new(client.clone())),
-        metrics.identity.clone(),
-    ));
+    let identity_service = Arc::new(
+        IdentityService::new(
+            ca.clone(),
+            Arc::new(KubeAuthenticator::new(client.clone())),
+            metrics.identity.clone(),
+        )
+        .with_ledger(Arc::new(KubeLeafLedger::new(client.clone(), &namespace))),
+    );
     let identity_service = identity_service
         .bind(IdentityServiceConfig {
             listen: settings.identity_addr,
@@ -371,7 +375,7 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
-    let (stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
+    let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
     for reflector in reflectors {
         tasks.spawn(async move {
             let _ = reflector.await;
@@ -395,9 +399,18 @@ pub async fn start(
             }
         });
     }
+    // Ledger and pod events concern the policy compiler only.
+    let (revocations, revocation_reflectors) =
+        RevocationCaches::start(&client, &namespace, policy_changed.clone(), &shutdown);
+    for reflector in revocation_reflectors {
+        tasks.spawn(async move {
+            let _ = reflector.await;
+        });
+    }
     let hub = Arc::new(PolicyHub::default());
     let clock = Clock::System;
     let ready = Arc::new(AtomicBool::new(false));
+    stores.revocations = Some(revocations);
     tasks.spawn(policy::run(
         stores.clone(),
         hub.clone(),

@@ -10,12 +10,14 @@ use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use portcullis_crds::{ApiKey, Role, Tenant, role::RoleSpec};
+
+use crate::policy::RevocationCaches;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The three caches.
+/// The three caches, and those of issued certificates and pods when revocation runs.
 #[derive(Clone)]
 pub struct Stores {
     /// Every Tenant.
@@ -24,6 +26,9 @@ pub struct Stores {
     pub roles: Store<Role>,
     /// Every ApiKey in every namespace.
     pub keys: Store<ApiKey>,
+    /// The issued-leaf ledgers and pod metadata, for revoking deleted pods'
+    /// certificates; `None`: no revocation (tests, `policy dump`).
+    pub revocations: Option<RevocationCaches>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -32,6 +37,7 @@ impl std::fmt::Debug for Stores {
             .field("tenants", &self.tenants.len())
             .field("roles", &self.roles.len())
             .field("keys", &self.keys.len())
+            .field("revocations", &self.revocations)
             .finish()
     }
 }
@@ -61,12 +67,29 @@ where
         + Sync
         + 'static,
 {
+    reflect_events(
+        watcher(api, watcher::Config::default()),
+        writer,
+        changed,
+        shutdown,
+    )
+}
+
+/// Keeps `writer`'s store current from `events` (any watcher) until `shutdown`,
+/// notifying `changed` on every event.
+pub(crate) fn reflect_events<K, S>(
+    events: S,
+    writer: Writer<K>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        )
-        .take_until(shutdown.cancelled_owned());
+        let stream = reflector::reflector(writer, events.default_backoff())
+            .take_until(shutdown.cancelled_owned());
         stream
             .for_each(|event| {
                 match event {
@@ -92,6 +115,7 @@ impl Stores {
                 tenants,
                 roles,
                 keys,
+                revocations: None,
             },
             StoreWriters {
                 tenants: tw,
@@ -131,12 +155,17 @@ impl Stores {
         (stores, tasks)
     }
 
-    /// Resolves once every cache has had its initial list. kube-runtime wakes only one
-    /// waiter per store: call this from one task only.
+    /// Resolves once every cache has had its initial list (before that, every pod
+    /// would look deleted). kube-runtime wakes only one waiter per store: call this
+    /// from one task only.
     pub async fn wait_until_ready(&self) -> bool {
         self.tenants.wait_until_ready().await.is_ok()
             && self.roles.wait_until_ready().await.is_ok()
             && self.keys.wait_until_ready().await.is_ok()
+            && match &self.revocations {
+                Some(caches) => caches.wait_until_ready().await,
+                None => true,
+            }
     }
 
     /// The Tenant that has bound `namespace` (its `status.namespaces` lists it).

@@ -477,7 +477,8 @@ fn annotations_reach_the_init_step_and_the_proxy() {
         Some(json!({
             "portcullis.dev/skip-inbound-ports": "22, 9000-9010",
             "portcullis.dev/inbound-mode": "mtls-and-apikey",
-            "portcullis.dev/scopes-map": "{\"identify\":[{\"methods\":[\"POST\"],\"path\":\"/v1/identify\"}]}"
+            "portcullis.dev/scopes-map": "{\"identify\":[{\"methods\":[\"POST\"],\"path\":\"/v1/identify\"}]}",
+            "portcullis.dev/allowed-peers": "tenant:globex, namespace:batch"
         })),
     );
     let spec = pod(&patched(&value, &decide_json(&value, &enabled(), OLD)))
@@ -502,6 +503,10 @@ fn annotations_reach_the_init_step_and_the_proxy() {
     let env = env_of(container(&spec.containers, "portcullis-proxy"));
     assert_eq!(env["PORTCULLIS_INBOUND_MODE"], "mtls-and-apikey");
     assert!(env["PORTCULLIS_SCOPES_MAP"].contains("/v1/identify"));
+    assert_eq!(
+        env["PORTCULLIS_ALLOWED_PEERS"],
+        "tenant:globex, namespace:batch"
+    );
 
     for (annotation, bad, expected) in [
         (
@@ -518,6 +523,11 @@ fn annotations_reach_the_init_step_and_the_proxy() {
             "portcullis.dev/scopes-map",
             "{not json",
             "is not a JSON scope map",
+        ),
+        (
+            "portcullis.dev/allowed-peers",
+            "spiffe://cluster.local/tenant/globex",
+            "annotation portcullis.dev/allowed-peers: \"spiffe://cluster.local/tenant/globex\": spiffeId",
         ),
     ] {
         let value = pod_json(json!({}), Some(json!({ annotation: bad })));

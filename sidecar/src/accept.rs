@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Limits,
+    identity::{PeerIdentity, tls::peer_identity},
     idle::{self, Activity},
     inbound::Inbound,
     metrics::Metrics,
@@ -31,8 +32,10 @@ use crate::{
 pub struct ConnInfo {
     /// The TCP peer.
     pub peer: SocketAddr,
-    /// The peer's SPIFFE ID, from a verified client certificate.
+    /// The peer workload's SPIFFE ID, from a verified client certificate.
     pub peer_id: Option<String>,
+    /// The peer's workload, tenant and certificate serial (`peer_id` parsed).
+    pub peer_identity: Option<PeerIdentity>,
     /// Whether a (verified) client certificate was presented at all.
     pub client_cert: bool,
     /// Requests in flight, for the idle watchdog.
@@ -168,9 +171,12 @@ impl Connection {
         }
         let certificates = stream.get_ref().1.peer_certificates();
         let activity = Activity::new();
+        // A tenant URI alone names no workload: such a certificate has no peer id.
+        let peer_identity = peer_identity(certificates);
         let conn = Arc::new(ConnInfo {
             peer,
-            peer_id: tls::peer_spiffe_id(certificates),
+            peer_id: peer_identity.as_ref().map(|p| p.workload.to_string()),
+            peer_identity,
             client_cert: certificates.is_some_and(|c| !c.is_empty()),
             activity: activity.clone(),
         });

@@ -1,8 +1,8 @@
 //! Scope checks: the route's scope comes from the pod's scopes-map override when set,
 //! else from the tenant catalogue in the bundle. A key must hold that scope; a route
-//! that maps to no scope is closed to keys. mTLS peers are workloads of the mesh, not
-//! key holders: they may call any route, unless `inbound.peersNeedMappedRoute` is set,
-//! which closes unmapped routes to them too.
+//! that maps to no scope is closed to keys. mTLS peers (once admitted, see
+//! `authorize_peer`) hold no scopes: they may call any mapped route, and unmapped ones
+//! only where `inbound.peersNeedMappedRoute: false` opens them.
 
 use portcullis_crds::scope::ScopeMap;
 
@@ -66,7 +66,7 @@ pub fn authorize_peer(
         return Err(Denial::new(
             Reason::NoScopeForRoute,
             format!(
-                "{method} {path} is not part of any scope and this service only serves mapped routes"
+                "{method} {path} is not part of any scope, and mTLS peers may call mapped routes only; add the route to a scope in the Tenant's spec.scopes (or the pod's portcullis.dev/scopes-map annotation)"
             ),
         ));
     }

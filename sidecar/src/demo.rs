@@ -38,6 +38,8 @@ use crate::{
 pub const CLIENT_SPIFFE_ID: &str = "spiffe://demo.local/ns/demo/sa/client";
 /// The demo tenant.
 pub const TENANT: &str = "demo";
+/// The demo tenant's URI SAN: both demo certificates belong to it.
+pub const TENANT_SPIFFE_ID: &str = "spiffe://demo.local/tenant/demo";
 /// Demo scopes in the order their keys are printed.
 pub const SCOPES: [&str; 3] = ["identify", "events", "signals"];
 
@@ -223,6 +225,7 @@ pub fn certificates() -> Result<DemoPki, rcgen::Error> {
         SanType::DnsName("localhost".try_into()?),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         SanType::URI("spiffe://demo.local/ns/demo/sa/server".try_into()?),
+        SanType::URI(TENANT_SPIFFE_ID.try_into()?),
     ];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -235,7 +238,10 @@ pub fn certificates() -> Result<DemoPki, rcgen::Error> {
     client
         .distinguished_name
         .push(DnType::CommonName, "demo client");
-    client.subject_alt_names = vec![SanType::URI(CLIENT_SPIFFE_ID.try_into()?)];
+    client.subject_alt_names = vec![
+        SanType::URI(CLIENT_SPIFFE_ID.try_into()?),
+        SanType::URI(TENANT_SPIFFE_ID.try_into()?),
+    ];
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut client);
@@ -326,6 +332,7 @@ pub async fn start(options: DemoOptions, audit: Arc<dyn AuditHook>) -> Result<De
         scopes: demo_scopes(),
         tenant_ip_allowlist: vec![],
         keys: policies,
+        ..PolicyBundle::default()
     };
     let policy_path = path("policy.json");
     let policy_json =
@@ -340,7 +347,10 @@ pub async fn start(options: DemoOptions, audit: Arc<dyn AuditHook>) -> Result<De
         inbound: InboundConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, options.inbound_port)),
             mode: InboundMode::MtlsOrApikey,
+            // The demo shows mTLS reaching any route of the echo app.
             peers_need_mapped_route: false,
+            trust_domain: None,
+            allowed_peers: vec![],
         },
         admin: AdminConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, options.admin_port)),

@@ -17,8 +17,15 @@ pub enum Reason {
     CredentialsRequired,
     /// The mode needs a client certificate.
     ClientCertificateRequired,
-    /// The client certificate carries no `spiffe://` URI SAN.
+    /// The client certificate carries no workload `spiffe://` URI SAN (a tenant URI
+    /// alone names no workload).
     NoWorkloadIdentity,
+    /// The peer is a workload of another trust domain that nobody admitted.
+    PeerTrustDomainNotAllowed,
+    /// The peer is a workload of another tenant (or of none) that nobody admitted.
+    PeerTenantNotAllowed,
+    /// The peer's certificate was issued to a pod that is gone.
+    PeerCertificateRevoked,
     /// The mode needs an API key.
     ApiKeyRequired,
     /// `Authorization` and `X-API-Key` carry different keys.
@@ -86,6 +93,9 @@ impl Reason {
             Self::CredentialsRequired => "credentials_required",
             Self::ClientCertificateRequired => "client_certificate_required",
             Self::NoWorkloadIdentity => "no_workload_identity",
+            Self::PeerTrustDomainNotAllowed => "peer_trust_domain_not_allowed",
+            Self::PeerTenantNotAllowed => "peer_tenant_not_allowed",
+            Self::PeerCertificateRevoked => "peer_certificate_revoked",
             Self::ApiKeyRequired => "api_key_required",
             Self::ConflictingKeys => "conflicting_keys",
             Self::MalformedKey => "malformed_key",
@@ -134,6 +144,9 @@ impl Reason {
             | Self::KeyExpired
             | Self::KeyRevoked => StatusCode::UNAUTHORIZED,
             Self::IpNotAllowed
+            | Self::PeerTrustDomainNotAllowed
+            | Self::PeerTenantNotAllowed
+            | Self::PeerCertificateRevoked
             | Self::IpNotAllowedForKey
             | Self::NoScopeForRoute
             | Self::MissingScope => StatusCode::FORBIDDEN,

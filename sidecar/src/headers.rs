@@ -1,7 +1,7 @@
 //! Headers between the client and the app: the key headers, every client-sent
 //! `X-Portcullis-*` header and every header name holding `_` are removed (so an app can
-//! trust the ones we set, however it spells header names), hop-by-hop
-//! headers are dropped, and the principal, tenant and scopes are added.
+//! trust the ones we set, however it spells header names), hop-by-hop headers are
+//! dropped, and the principal, tenant, scopes and an mTLS caller's own tenant are added.
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
@@ -9,8 +9,10 @@ use crate::authn::extract::{X_API_KEY, is_bearer};
 
 /// The principal: `key:ak_***xyz` or `spiffe://...`.
 pub const X_PORTCULLIS_PRINCIPAL: &str = "x-portcullis-principal";
-/// The tenant.
+/// The tenant (the callee's: the tenant whose policy admitted the request).
 pub const X_PORTCULLIS_TENANT: &str = "x-portcullis-tenant";
+/// The mTLS caller's tenant, from its certificate (absent when it names none).
+pub const X_PORTCULLIS_PEER_TENANT: &str = "x-portcullis-peer-tenant";
 /// The key's scopes, comma-separated (absent for mTLS peers, which hold none).
 pub const X_PORTCULLIS_SCOPES: &str = "x-portcullis-scopes";
 
@@ -33,6 +35,8 @@ pub struct Forwarded<'a> {
     pub tenant: &'a str,
     /// The key's scopes, comma-separated.
     pub scopes: Option<&'a str>,
+    /// The admitted mTLS peer's tenant.
+    pub peer_tenant: Option<&'a str>,
 }
 
 /// Removes hop-by-hop headers, keeping `Connection: upgrade` + `Upgrade` when
@@ -95,6 +99,9 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, keep_upgr
     if let Some(scopes) = forwarded.scopes {
         set(X_PORTCULLIS_SCOPES, scopes);
     }
+    if let Some(tenant) = forwarded.peer_tenant {
+        set(X_PORTCULLIS_PEER_TENANT, tenant);
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +125,7 @@ mod tests {
         headers.insert("x_portcullis_principal", HeaderValue::from_static("admin"));
         headers.insert("x-portcullis_tenant", HeaderValue::from_static("evil"));
         headers.insert("x_other", HeaderValue::from_static("1"));
+        headers.insert("x-portcullis-peer-tenant", HeaderValue::from_static("acme"));
         headers.insert(
             header::CONNECTION,
             HeaderValue::from_static("close, x-drop-me"),
@@ -128,12 +136,14 @@ mod tests {
             principal: "key:ak_***cret",
             tenant: "acme",
             scopes: Some("events"),
+            peer_tenant: None,
         };
         to_upstream(&mut headers, &forwarded, false);
         assert!(headers.get(header::AUTHORIZATION).is_none());
         assert!(headers.get("x-api-key").is_none());
         assert!(headers.get("x-portcullis-admin").is_none());
         assert!(headers.keys().all(|name| !name.as_str().contains('_')));
+        assert!(headers.get(X_PORTCULLIS_PEER_TENANT).is_none());
         assert!(headers.get("x-drop-me").is_none());
         assert!(headers.get(header::CONNECTION).is_none());
         assert_eq!(headers["x-portcullis-principal"], "key:ak_***cret");
@@ -155,8 +165,11 @@ mod tests {
             principal: "spiffe://td/ns/a/sa/b",
             tenant: "acme",
             scopes: None,
+            peer_tenant: Some("globex"),
         };
         to_upstream(&mut headers, &forwarded, true);
+        assert_eq!(headers[X_PORTCULLIS_TENANT], "acme");
+        assert_eq!(headers[X_PORTCULLIS_PEER_TENANT], "globex");
         assert_eq!(headers[header::AUTHORIZATION], "Basic dXNlcg==");
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "upgrade");

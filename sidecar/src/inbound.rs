@@ -1,6 +1,7 @@
 //! The inbound request path, composed from the one-step modules: policy loaded →
-//! client address → credentials the mode requires → tenant allowlist → route scope →
-//! API key (verify, key allowlist, scope, rate limit) or mTLS peer → audit
+//! client address → credentials the mode requires → tenant allowlist → mTLS peer
+//! admitted ([`authorize_peer`]) → route scope → API key (verify, key allowlist, scope,
+//! rate limit) or mTLS peer route → audit
 //! availability → headers → app. Every request, allowed or denied, is counted and
 //! audited once.
 //!
@@ -22,6 +23,7 @@ use crate::{
     audit::{AuditHook, Decision, RequestOutcome, Reservation},
     authn::{KeyVerifier, presented_key},
     authorize,
+    authorize_peer::{self, PeerRules},
     body::ProxyBody,
     deny::{Denial, Reason},
     headers::{self, Forwarded},
@@ -40,6 +42,8 @@ pub struct InboundSettings {
     pub mode: InboundMode,
     /// Whether mTLS peers are limited to mapped routes.
     pub peers_need_mapped_route: bool,
+    /// Which mTLS peers are admitted.
+    pub peers: PeerRules,
     /// The pod's route map override.
     pub scopes_override: Option<ScopeMap>,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -97,6 +101,8 @@ struct Admitted {
     /// The key's scopes, comma-separated, shared by every key holding the same set.
     scopes: Option<Arc<str>>,
     rate: Option<Verdict>,
+    /// The admitted mTLS peer's tenant.
+    peer_tenant: Option<String>,
 }
 
 /// The mode in force: the configured one, raised to mTLS *and* key for `Restricted`
@@ -322,12 +328,15 @@ impl Inbound {
         let peer = conn.peer_id.as_deref();
         let need_peer = matches!(mode, InboundMode::Mtls | InboundMode::MtlsAndApikey);
         let need_key = matches!(mode, InboundMode::Apikey | InboundMode::MtlsAndApikey);
+        let no_workload_identity = || {
+            Denial::new(
+                Reason::NoWorkloadIdentity,
+                "your client certificate names no workload (a spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> URI SAN; a tenant URI alone is no identity); present a workload certificate issued by the mesh",
+            )
+        };
         if need_peer && peer.is_none() {
             return Err(if conn.client_cert {
-                Denial::new(
-                    Reason::NoWorkloadIdentity,
-                    "your client certificate has no spiffe:// URI SAN; present a workload certificate issued by the mesh",
-                )
+                no_workload_identity()
             } else {
                 Denial::new(
                     Reason::ClientCertificateRequired,
@@ -342,6 +351,9 @@ impl Inbound {
             ));
         }
         if key.is_none() && peer.is_none() {
+            if conn.client_cert {
+                return Err(no_workload_identity());
+            }
             return Err(Denial::new(
                 Reason::CredentialsRequired,
                 "present a client certificate (mutual TLS) or an API key (\"Authorization: Bearer ak_...\")",
@@ -357,6 +369,16 @@ impl Inbound {
                 ),
             ));
         }
+        // The peer is admitted whenever it takes part: alone, or with a key in
+        // mtls-and-apikey. (In mtls-or-apikey a key, when sent, decides alone.)
+        let mut peer_tenant = None;
+        if (need_peer || key.is_none())
+            && let (Some(identity), Some(id)) = (&conn.peer_identity, peer)
+        {
+            facts.principal = Cow::Owned(id.to_owned());
+            authorize_peer::authorize_peer(identity, id, &settings.peers, &bundle)?;
+            peer_tenant = identity.tenant.as_ref().map(|t| t.tenant().to_owned());
+        }
         let scope =
             authorize::route_scope(&bundle, settings.scopes_override.as_ref(), method, path);
         if let Some(scope) = scope {
@@ -364,14 +386,14 @@ impl Inbound {
         }
 
         let Some(presented) = key else {
-            let peer = peer.unwrap_or_default();
-            facts.principal = Cow::Owned(peer.to_owned());
+            // The principal is the peer, set when it was admitted above.
             authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
             self.audit_gate(facts)?;
             return Ok(Admitted {
                 policy: bundle,
                 scopes: None,
                 rate: None,
+                peer_tenant,
             });
         };
 
@@ -408,6 +430,7 @@ impl Inbound {
             policy: bundle.clone(),
             scopes,
             rate: Some(verdict),
+            peer_tenant,
         })
     }
 
@@ -439,6 +462,7 @@ impl Inbound {
             principal,
             tenant: &admitted.policy.tenant,
             scopes: admitted.scopes.as_deref(),
+            peer_tenant: admitted.peer_tenant.as_deref(),
         };
         headers::to_upstream(&mut parts.headers, &forwarded, client_upgrade.is_some());
         // A streamed (chunked, or HTTP/2 without content-length) body is cut off at

@@ -9,6 +9,7 @@ pub mod app_exit;
 pub mod audit;
 pub mod authn;
 pub mod authorize;
+pub mod authorize_peer;
 pub mod body;
 pub mod certs;
 pub mod cluster;

@@ -19,6 +19,7 @@ use crate::{
         trail::AuditTrail,
     },
     authn::KeyVerifier,
+    authorize_peer::PeerRules,
     certs::{CertError, FileCredentials},
     config::{
         AdminConfig, InboundConfig, KeySettings, Limits, OutboundConfig, PolicySource, ProxyConfig,
@@ -188,6 +189,10 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
         settings: InboundSettings {
             mode: inbound.mode,
             peers_need_mapped_route: inbound.peers_need_mapped_route,
+            peers: PeerRules {
+                trust_domain: inbound.trust_domain.clone(),
+                allowed_peers: inbound.allowed_peers.clone(),
+            },
             scopes_override: scopes_map,
             trusted_proxies,
             request_timeout: limits.request_timeout,
@@ -270,18 +275,23 @@ fn file_peer_tls(credentials: &FileCredentials, trust_domain: TrustDomain) -> Cl
     })
 }
 
-fn outbound_trust_domain(
-    settings: &OutboundConfig,
-    credentials: &FileCredentials,
-) -> Result<TrustDomain, StartError> {
-    if let Some(td) = &settings.trust_domain {
-        return Ok(td.clone());
-    }
+/// The trust domain of our own certificate's workload ID.
+fn own_trust_domain(credentials: &FileCredentials) -> Option<TrustDomain> {
     credentials
         .leaf()
         .and_then(|leaf| crate::identity::tls::leaf_facts(&leaf).ok())
         .and_then(|facts| facts.workload)
         .map(|workload| workload.trust_domain().clone())
+}
+
+fn outbound_trust_domain(
+    settings: &OutboundConfig,
+    credentials: &FileCredentials,
+) -> Result<TrustDomain, StartError> {
+    settings
+        .trust_domain
+        .clone()
+        .or_else(|| own_trust_domain(credentials))
         .ok_or(StartError::OutboundTrustDomain)
 }
 
@@ -390,8 +400,12 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
             Arc::new(move || Some(credentials.chain_pem()))
         },
     };
+    let mut inbound = config.inbound.clone();
+    if inbound.trust_domain.is_none() {
+        inbound.trust_domain = own_trust_domain(&credentials);
+    }
     serve(Wiring {
-        inbound: config.inbound.clone(),
+        inbound,
         admin: config.admin.clone(),
         outbound,
         limits: config.limits.clone(),

@@ -412,7 +412,7 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
     wait_ready(&client).await;
     let outbound = client.outbound_addr.unwrap();
 
-    let reply = outbound_request(outbound, server.inbound_addr, "/v1/anything?x=1", &[]).await;
+    let reply = outbound_request(outbound, server.inbound_addr, "/v1/events/1?x=1", &[]).await;
     assert_eq!(
         reply.status,
         200,
@@ -423,7 +423,7 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
         reply.echoed_header("x-portcullis-principal").as_deref(),
         Some("spiffe://cluster.local/ns/acme-jobs/sa/client")
     );
-    assert_eq!(reply.json()["path"], "/v1/anything");
+    assert_eq!(reply.json()["path"], "/v1/events/1");
     assert_eq!(
         reply.echoed_header("host").as_deref(),
         Some(server.inbound_addr.to_string().as_str()),
@@ -438,7 +438,7 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
     let pinned = outbound_request(
         outbound,
         server.inbound_addr,
-        "/v1/anything",
+        "/v1/events/1",
         &[("x-portcullis-expect-identity", WORKLOAD)],
     )
     .await;
@@ -448,7 +448,7 @@ async fn outbound_carries_the_workload_identity_to_the_peer_proxy() {
     let mismatch = outbound_request(
         outbound,
         server.inbound_addr,
-        "/v1/anything",
+        "/v1/events/1",
         &[("x-portcullis-expect-identity", other)],
     )
     .await;

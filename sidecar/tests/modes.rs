@@ -113,7 +113,10 @@ async fn mtls_or_apikey_accepts_either_and_refuses_neither() {
     );
     let peer = h.client(Identity::Certificate(h.ca.client(PEER)));
     let ok = peer.get("/unmapped/route", &[]).await;
-    assert_eq!(ok.status, 200, "mTLS peers may call any route by default");
+    assert_eq!(
+        ok.status, 200,
+        "mTLS peers may call unmapped routes where peersNeedMappedRoute is false"
+    );
     // A key sent along with a certificate must still be valid, and then decides scopes.
     let wrong_scope = peer
         .get("/v1/events/1", &[("x-api-key", h.token("identify"))])

@@ -21,6 +21,7 @@ use super::CaError;
 use super::authenticator::{Refusal, WorkloadAuthenticator, authenticate};
 use super::authority::CertificateAuthority;
 use super::csr::validate_csr;
+use super::issued::{IssuedLeaf, LeafLedger};
 use super::metrics::IdentityMetrics;
 use super::serving::{CaServingCertificate, service_names};
 use crate::serve::{self, ConnectionLimits};
@@ -56,6 +57,15 @@ impl Default for IdentityServiceConfig {
     }
 }
 
+/// The serial of a PEM leaf, as the policy bundle lists revoked ones.
+fn leaf_serial(pem: &str) -> Option<String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    portcullis_sidecar::identity::tls::leaf_facts(&der)
+        .ok()
+        .map(|facts| facts.serial)
+}
+
 /// The HTTP status for each refusal reason.
 pub fn status_for(reason: RefusalReason) -> StatusCode {
     use RefusalReason::*;
@@ -77,6 +87,7 @@ pub struct IdentityService {
     ca: Arc<CertificateAuthority>,
     authenticator: Arc<dyn WorkloadAuthenticator>,
     metrics: IdentityMetrics,
+    ledger: Option<Arc<dyn LeafLedger>>,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -99,7 +110,15 @@ impl IdentityService {
             ca,
             authenticator,
             metrics,
+            ledger: None,
         }
+    }
+
+    /// Records every issued leaf in `ledger` (and refuses to hand out one it could not
+    /// record), so the leaf is revoked when its pod is deleted.
+    pub fn with_ledger(mut self, ledger: Arc<dyn LeafLedger>) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Decides one request (no transport): authenticate, validate, sign; counts the
@@ -132,6 +151,31 @@ impl IdentityService {
                 tracing::error!(error = %e, "signing a workload certificate failed");
                 Refusal::new(RefusalReason::Internal, "signing failed")
             })?;
+        if let Some(ledger) = &self.ledger {
+            let serial = leaf_serial(&issued.certificate).ok_or_else(|| {
+                Refusal::new(
+                    RefusalReason::Internal,
+                    "the issued certificate is unreadable",
+                )
+            })?;
+            let leaf = IssuedLeaf {
+                pod_uid: who.pod_uid.clone(),
+                pod: format!("{}/{}", who.workload.namespace(), who.pod_name),
+                spiffe_id: who.workload.to_string(),
+                issued_at: jiff::Timestamp::now(),
+                not_after: issued.expires_at,
+            };
+            ledger
+                .record(who.tenant.tenant(), &serial, &leaf)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "recording an issued certificate failed");
+                    Refusal::new(
+                        RefusalReason::Unavailable,
+                        "the certificate could not be recorded for revocation; retry shortly",
+                    )
+                })?;
+        }
         tracing::info!(
             workload = %who.workload, tenant = %who.tenant.tenant(), pod = %who.pod_name,
             expires_at = %issued.expires_at, "workload certificate issued"

@@ -3,8 +3,9 @@
 //! A root and an issuing intermediate (ECDSA P-256) live in Secrets in the operator's
 //! namespace, their keys wrapped by the KEK ([`persist`]). Workloads obtain leaves from
 //! the identity service ([`identity_service`]), which authenticates them by projected
-//! ServiceAccount token and Pod ([`authenticator`]) and signs only the CSR's public key
-//! ([`csr`]). Roots and intermediates rotate on their own schedules ([`authority`],
+//! ServiceAccount token and Pod ([`authenticator`]), signs only the CSR's public key
+//! ([`csr`]) and records each leaf against its pod ([`issued`]) so the leaf can be
+//! revoked when the pod is deleted. Roots and intermediates rotate on their own schedules ([`authority`],
 //! [`rotation`]) and the roots still trusted are published to tenant namespaces
 //! ([`bundle`]).
 //!
@@ -31,6 +32,7 @@ pub mod bundle;
 pub mod certs;
 pub mod csr;
 pub mod identity_service;
+pub mod issued;
 pub mod metrics;
 pub mod persist;
 pub mod rotation;
@@ -50,6 +52,7 @@ pub use bundle::{PublishError, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, publish
 pub use certs::CaCertificate;
 pub use csr::{CsrError, ValidatedCsr, validate_csr};
 pub use identity_service::{BoundIdentityService, IdentityService, IdentityServiceConfig};
+pub use issued::{IssuedLeaf, KubeLeafLedger, LeafLedger};
 pub use metrics::IdentityMetrics;
 pub use persist::{CaSecretStore, INTERMEDIATE_SECRET, ROOT_SECRET};
 pub use rotation::run_rotation;

@@ -9,7 +9,9 @@
 //! key is in the bundle when it is `Active`, not expired, every allowlist
 //! entry parses, and its role still resolves. Its scopes are those it asks for that the
 //! role grants and the catalogue defines. Previous tokens of a rotated key are added
-//! until their `validUntil`. Everything left out is listed with the reason.
+//! until their `validUntil`. Everything left out is listed with the reason. The Tenant's
+//! `spec.allowedPeers` are carried as they are (entries that match nothing are dropped:
+//! the webhook refuses them and `TenantSpec::validate` names them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -102,6 +104,13 @@ impl PolicyCompiler {
             scopes: spec.scopes.clone(),
             tenant_ip_allowlist: Vec::new(),
             keys: BTreeMap::new(),
+            allowed_peers: spec
+                .allowed_peers
+                .iter()
+                .filter(|peer| peer.to_match().is_ok())
+                .cloned()
+                .collect(),
+            revoked_certificates: Vec::new(),
         };
         let mut next_change: Option<Timestamp> = None;
         let mut note_change = |at: Timestamp| {
@@ -346,6 +355,29 @@ mod tests {
 
     fn id(text: &str) -> KeyId {
         KeyId::parse(text).unwrap_or_else(|_| unreachable!("test key id {text}"))
+    }
+
+    #[test]
+    fn allowed_peers_reach_the_bundle() {
+        use portcullis_crds::AllowedPeer;
+        let mut t = tenant();
+        t.spec.allowed_peers = vec![
+            AllowedPeer::spiffe_id("spiffe://cluster.local/ns/web/sa/front"),
+            AllowedPeer::namespace("batch"),
+            AllowedPeer::tenant("globex"),
+            // A tenant URI names no workload: never carried.
+            AllowedPeer::spiffe_id("spiffe://cluster.local/tenant/globex"),
+        ];
+        let compiled = PolicyCompiler.compile(&t, &[], &[], now());
+        assert_eq!(
+            compiled.bundle.allowed_peers,
+            vec![
+                AllowedPeer::spiffe_id("spiffe://cluster.local/ns/web/sa/front"),
+                AllowedPeer::namespace("batch"),
+                AllowedPeer::tenant("globex"),
+            ]
+        );
+        assert!(compile(vec![]).bundle.allowed_peers.is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod compiler;
 pub mod hub;
+pub mod revocations;
 pub mod server;
 pub mod server_audit_key;
 pub mod server_tls;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use compiler::{CompiledPolicy, Exclusion, PolicyCompiler};
 pub use hub::PolicyHub;
+pub use revocations::RevocationCaches;
 
 use crate::clock::{self, Clock};
 use crate::metrics::Metrics;
@@ -29,7 +31,8 @@ const IDLE: Duration = Duration::from_secs(300);
 
 /// Compiles every tenant's bundle and publishes the changed ones. Returns when the
 /// result next changes by itself. Tenants that disappeared get an empty bundle, so
-/// their sidecars refuse every key instead of keeping stale ones.
+/// their sidecars refuse every key instead of keeping stale ones. With
+/// `stores.revocations`, each bundle lists the certificates of the tenant's deleted pods.
 pub fn compile_all(
     stores: &Stores,
     hub: &PolicyHub,
@@ -37,15 +40,28 @@ pub fn compile_all(
     now: Timestamp,
 ) -> Option<Timestamp> {
     let mut next: Option<Timestamp> = None;
+    let mut note = |at: Option<Timestamp>| {
+        if let Some(at) = at {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    };
     let mut live = Vec::new();
     let grouped = stores.by_namespace();
+    let revoked = stores.revocations.as_ref().map(|caches| {
+        let (by_tenant, at) = caches.revoked_by_tenant(now);
+        note(at);
+        by_tenant
+    });
     for tenant in stores.tenants.state() {
         let namespaces = Stores::namespaces_of(&tenant);
         let keys = grouped.keys_in_any(&namespaces);
         let roles = grouped.roles_in_any(&namespaces);
-        let compiled = PolicyCompiler.compile(&tenant, &keys, &roles, now);
-        if let Some(at) = compiled.next_change {
-            next = Some(next.map_or(at, |n| n.min(at)));
+        let mut compiled = PolicyCompiler.compile(&tenant, &keys, &roles, now);
+        note(compiled.next_change);
+        if let Some(by_tenant) = &revoked {
+            let bundle = &mut compiled.bundle;
+            bundle.revoked_certificates =
+                revocations::for_bundle(by_tenant, &bundle.tenant, &bundle.allowed_peers);
         }
         live.push(compiled.bundle.tenant.clone());
         for e in &compiled.excluded {

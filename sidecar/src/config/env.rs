@@ -211,6 +211,18 @@ impl ClusterConfig {
                 }
             }
         }
+        let allowed_peers = get("PORTCULLIS_ALLOWED_PEERS")
+            .map(|text| {
+                portcullis_crds::AllowedPeer::parse_list(&text)
+                    .map_err(|e| {
+                        p.add(
+                            "PORTCULLIS_ALLOWED_PEERS",
+                            format!("{e} (annotation portcullis.dev/allowed-peers)"),
+                        )
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
         let identity = p
             .required(
                 "PORTCULLIS_IDENTITY_URL",
@@ -262,7 +274,7 @@ impl ClusterConfig {
         match (p.0.is_empty(), pod_name, workload, identity, policy) {
             (true, Some(pod_name), Some(workload), Some(identity), Some(policy)) => Ok(Self {
                 pod_name,
-                workload,
+                workload: workload.clone(),
                 tenant,
                 app_port,
                 inbound: InboundConfig {
@@ -271,7 +283,9 @@ impl ClusterConfig {
                         portcullis_crds::annotations::PROXY_INBOUND_PORT,
                     )),
                     mode,
-                    peers_need_mapped_route: false,
+                    peers_need_mapped_route: true,
+                    trust_domain: Some(workload.trust_domain().clone()),
+                    allowed_peers,
                 },
                 admin: AdminConfig {
                     listen: SocketAddr::from((
@@ -370,6 +384,36 @@ mod tests {
         assert!(config.exit_when_app_exits.is_none());
         assert!(config.tenant.is_none());
         assert!(!config.outbound.keep_port);
+        // Peers: the pod's own trust domain, mapped routes only, nobody else named.
+        assert!(config.inbound.peers_need_mapped_route);
+        assert_eq!(
+            config.inbound.trust_domain.as_ref().map(|td| td.as_str()),
+            Some("cluster.local")
+        );
+        assert!(config.inbound.allowed_peers.is_empty());
+    }
+
+    #[test]
+    fn the_allowed_peers_annotation_reaches_the_inbound_settings() {
+        let mut vars = injected();
+        vars.insert("PORTCULLIS_ALLOWED_PEERS", "tenant:globex,namespace:batch");
+        let config = parse(&vars).unwrap();
+        assert_eq!(
+            config.inbound.allowed_peers,
+            vec![
+                portcullis_crds::AllowedPeer::tenant("globex"),
+                portcullis_crds::AllowedPeer::namespace("batch"),
+            ]
+        );
+        vars.insert(
+            "PORTCULLIS_ALLOWED_PEERS",
+            "spiffe://cluster.local/tenant/globex",
+        );
+        let error = parse(&vars).unwrap_err().to_string();
+        assert!(
+            error.contains("PORTCULLIS_ALLOWED_PEERS") && error.contains("not a workload ID"),
+            "{error}"
+        );
     }
 
     #[test]

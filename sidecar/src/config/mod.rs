@@ -107,8 +107,13 @@ pub struct InboundConfig {
     pub listen: SocketAddr,
     /// What a request must present.
     pub mode: InboundMode,
-    /// When true, mTLS peers may only call routes that map to a scope.
+    /// When true (the default), mTLS peers may only call routes that map to a scope.
     pub peers_need_mapped_route: bool,
+    /// This workload's trust domain, for admitting peers. `None`: the trust domain of
+    /// our own certificate's workload ID.
+    pub trust_domain: Option<crate::identity::TrustDomain>,
+    /// Peers admitted besides the tenant's own workloads and the Tenant's list.
+    pub allowed_peers: Vec<portcullis_crds::AllowedPeer>,
 }
 
 /// The admin listener.
@@ -295,6 +300,9 @@ struct RawInbound {
     listen: Option<String>,
     mode: Option<String>,
     peers_need_mapped_route: Option<bool>,
+    trust_domain: Option<String>,
+    #[serde(default)]
+    allowed_peers: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -453,7 +461,24 @@ impl RawConfig {
                 SocketAddr::from(([0, 0, 0, 0], 4143)),
             ),
             mode,
-            peers_need_mapped_route: self.inbound.peers_need_mapped_route.unwrap_or(false),
+            // Closed unless opened: an unmapped route is often an admin one.
+            peers_need_mapped_route: self.inbound.peers_need_mapped_route.unwrap_or(true),
+            trust_domain: self.inbound.trust_domain.and_then(|td| {
+                crate::identity::TrustDomain::new(td)
+                    .map_err(|e| p.add("inbound.trustDomain", e))
+                    .ok()
+            }),
+            allowed_peers: self
+                .inbound
+                .allowed_peers
+                .iter()
+                .enumerate()
+                .flat_map(|(i, entry)| {
+                    portcullis_crds::AllowedPeer::parse_list(entry)
+                        .map_err(|e| p.add(&format!("inbound.allowedPeers[{i}]"), e))
+                        .unwrap_or_default()
+                })
+                .collect(),
         };
         let admin = AdminConfig {
             listen: p.socket(

@@ -37,33 +37,42 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// What a workload leaf certificate says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeafFacts {
-    /// The workload SPIFFE ID among the URI SANs.
+    /// The workload SPIFFE ID among the URI SANs (none when there are several: a
+    /// certificate naming two workloads names none reliably).
     pub workload: Option<WorkloadId>,
-    /// The tenant SPIFFE ID among the URI SANs.
+    /// The tenant SPIFFE ID among the URI SANs (none when there are several).
     pub tenant: Option<TenantId>,
+    /// The serial number as [`portcullis_crds::peers::serial_hex`] writes it.
+    pub serial: String,
     /// notBefore.
     pub not_before: Timestamp,
     /// notAfter.
     pub not_after: Timestamp,
 }
 
+fn only_one<T>(mut items: Vec<T>) -> Option<T> {
+    if items.len() == 1 { items.pop() } else { None }
+}
+
 /// Reads identity and validity from a certificate (no chain verification).
 pub fn leaf_facts(cert: &CertificateDer<'_>) -> Result<LeafFacts, IdentityError> {
     let (_, x509) = X509Certificate::from_der(cert)
         .map_err(|e| IdentityError::InvalidResponse(format!("certificate: {e}")))?;
-    let mut workload = None;
-    let mut tenant = None;
+    let mut workloads = Vec::new();
+    let mut tenants = Vec::new();
     if let Ok(Some(san)) = x509.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
                 match uri.parse::<SpiffeId>() {
-                    Ok(SpiffeId::Workload(id)) => workload = Some(id),
-                    Ok(SpiffeId::Tenant(id)) => tenant = Some(id),
+                    Ok(SpiffeId::Workload(id)) => workloads.push(id),
+                    Ok(SpiffeId::Tenant(id)) => tenants.push(id),
                     Err(_) => {}
                 }
             }
         }
     }
+    let workload = only_one(workloads);
+    let tenant = only_one(tenants);
     let ts = |t: x509_parser::time::ASN1Time| {
         Timestamp::from_second(t.timestamp())
             .map_err(|e| IdentityError::InvalidResponse(format!("certificate validity: {e}")))
@@ -71,6 +80,7 @@ pub fn leaf_facts(cert: &CertificateDer<'_>) -> Result<LeafFacts, IdentityError>
     Ok(LeafFacts {
         workload,
         tenant,
+        serial: portcullis_crds::peers::serial_hex(x509.raw_serial()),
         not_before: ts(x509.validity().not_before)?,
         not_after: ts(x509.validity().not_after)?,
     })
@@ -81,18 +91,26 @@ pub fn leaf_facts(cert: &CertificateDer<'_>) -> Result<LeafFacts, IdentityError>
 pub struct PeerIdentity {
     /// The peer workload.
     pub workload: WorkloadId,
-    /// The peer's tenant, when its certificate names one.
+    /// The peer's tenant, when its certificate names one in the workload's trust domain.
     pub tenant: Option<TenantId>,
+    /// The certificate's serial (lowercase hex), for revocation.
+    pub serial: String,
 }
 
 /// The peer's identity from the certificates of a completed handshake
-/// (`conn.peer_certificates()`); `None` when there is no workload ID.
+/// (`conn.peer_certificates()`); `None` when there is no workload ID: a tenant URI
+/// alone names no workload and is never an identity.
 pub fn peer_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
     let leaf = peer_certificates?.first()?;
     let facts = leaf_facts(leaf).ok()?;
+    let workload = facts.workload?;
+    let tenant = facts
+        .tenant
+        .filter(|t| t.trust_domain() == workload.trust_domain());
     Some(PeerIdentity {
-        workload: facts.workload?,
-        tenant: facts.tenant,
+        workload,
+        tenant,
+        serial: facts.serial,
     })
 }
 

@@ -19,7 +19,8 @@ use std::{
 use ipnet::IpNet;
 use jiff::Timestamp;
 use portcullis_crds::{
-    DataClassification, KeyPolicy, PolicyBundle, RateLimitPolicy, ScopeMap, token::KEY_ID_LEN,
+    AllowedPeer, DataClassification, KeyPolicy, PolicyBundle, RateLimitPolicy, RevokedCertificate,
+    ScopeMap, token::KEY_ID_LEN,
 };
 use serde::{
     Deserialize, Deserializer,
@@ -43,6 +44,10 @@ pub struct CompiledPolicy {
     pub scopes: ScopeMap,
     /// Networks every request must come from (empty: any).
     pub tenant_ip_allowlist: Vec<IpNet>,
+    /// mTLS peers admitted besides the tenant's own workloads.
+    pub allowed_peers: Vec<AllowedPeer>,
+    /// Revoked workload certificates by serial (their pods are gone).
+    pub revoked_certificates: HashMap<String, RevokedCertificate>,
     keys: KeyTable,
 }
 
@@ -110,6 +115,8 @@ impl From<PolicyBundle> for CompiledPolicy {
             classification: bundle.classification,
             scopes: bundle.scopes,
             tenant_ip_allowlist: bundle.tenant_ip_allowlist,
+            allowed_peers: bundle.allowed_peers,
+            revoked_certificates: by_serial(bundle.revoked_certificates),
             keys: builder.finish(),
         }
     }
@@ -129,6 +136,17 @@ struct Wire {
     tenant_ip_allowlist: Vec<IpNet>,
     #[serde(default)]
     keys: KeyTable,
+    #[serde(default)]
+    allowed_peers: Vec<AllowedPeer>,
+    #[serde(default)]
+    revoked_certificates: Vec<RevokedCertificate>,
+}
+
+fn by_serial(revoked: Vec<RevokedCertificate>) -> HashMap<String, RevokedCertificate> {
+    revoked
+        .into_iter()
+        .map(|cert| (cert.serial.clone(), cert))
+        .collect()
 }
 
 impl<'de> Deserialize<'de> for CompiledPolicy {
@@ -140,6 +158,8 @@ impl<'de> Deserialize<'de> for CompiledPolicy {
             classification: wire.classification,
             scopes: wire.scopes,
             tenant_ip_allowlist: wire.tenant_ip_allowlist,
+            allowed_peers: wire.allowed_peers,
+            revoked_certificates: by_serial(wire.revoked_certificates),
             keys: wire.keys,
         })
     }
@@ -454,6 +474,7 @@ mod tests {
                     key("acme/c", &["events"], false),
                 ),
             ]),
+            ..PolicyBundle::default()
         }
     }
 

@@ -98,6 +98,7 @@ impl TestCa {
                 SanType::DnsName("localhost".try_into().unwrap()),
                 SanType::IpAddress("127.0.0.1".parse::<IpAddr>().unwrap()),
                 SanType::URI("spiffe://test.local/ns/acme/sa/proxy".try_into().unwrap()),
+                SanType::URI("spiffe://test.local/tenant/acme".try_into().unwrap()),
             ],
             vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
@@ -107,10 +108,29 @@ impl TestCa {
         )
     }
 
-    /// A client certificate with a SPIFFE ID.
+    /// A mesh workload's client certificate: the SPIFFE ID and, as the identity service
+    /// issues them, the tenant URI of tenant `acme` in the same trust domain.
     pub fn client(&self, spiffe_id: &str) -> Issued {
+        self.workload(spiffe_id, Some("acme"))
+    }
+
+    /// A client certificate with a workload SPIFFE ID and, when given, the tenant URI
+    /// `spiffe://<td>/tenant/<tenant>` of the ID's trust domain.
+    pub fn workload(&self, spiffe_id: &str, tenant: Option<&str>) -> Issued {
+        let mut uris = vec![spiffe_id.to_owned()];
+        if let Some(tenant) = tenant {
+            let td = spiffe_id["spiffe://".len()..].split('/').next().unwrap();
+            uris.push(format!("spiffe://{td}/tenant/{tenant}"));
+        }
+        self.with_uris(&uris)
+    }
+
+    /// A client certificate whose only SANs are these URIs.
+    pub fn with_uris(&self, uris: &[String]) -> Issued {
         self.issue(
-            vec![SanType::URI(spiffe_id.try_into().unwrap())],
+            uris.iter()
+                .map(|uri| SanType::URI(uri.as_str().try_into().unwrap()))
+                .collect(),
             vec![ExtendedKeyUsagePurpose::ClientAuth],
             false,
         )

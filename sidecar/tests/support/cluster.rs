@@ -104,6 +104,7 @@ pub fn bundle(
         scopes: demo_scopes(),
         tenant_ip_allowlist: vec![],
         keys,
+        ..PolicyBundle::default()
     };
     (bundle, tokens)
 }

@@ -158,6 +158,7 @@ impl Harness {
             scopes: demo_scopes(),
             tenant_ip_allowlist: vec![],
             keys,
+            ..PolicyBundle::default()
         };
         let policy_path = dir.path().join("policy.json");
         std::fs::write(&policy_path, serde_json::to_string(&bundle).unwrap()).unwrap();
@@ -191,6 +192,8 @@ impl Harness {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 mode: options.mode,
                 peers_need_mapped_route: false,
+                trust_domain: None,
+                allowed_peers: vec![],
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),

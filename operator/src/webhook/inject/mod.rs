@@ -55,8 +55,8 @@
 //! `POD_NAME`, `POD_NAMESPACE`, `PORTCULLIS_SERVICE_ACCOUNT` (downward API),
 //! `PORTCULLIS_APP_PORT` (annotation `portcullis.dev/app-port`, a number or a container
 //! port name, else the first container's first TCP port; absent when the pod has none),
-//! `PORTCULLIS_INBOUND_MODE` and `PORTCULLIS_SCOPES_MAP` (from their annotations, when
-//! set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
+//! `PORTCULLIS_INBOUND_MODE`, `PORTCULLIS_SCOPES_MAP` and `PORTCULLIS_ALLOWED_PEERS`
+//! (from their annotations, when set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
 //! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, `PORTCULLIS_TRUST_DOMAIN` (only when
 //! the trust domain is not `cluster.local`), and in regular-container mode for
 //! run-to-completion pods `PORTCULLIS_EXIT_WHEN_APP_EXITS`.
@@ -66,7 +66,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::version::Info;
 use portcullis_crds::annotations::{
-    APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS,
+    ALLOWED_PEERS, APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS,
 };
 use portcullis_crds::policy::InboundMode;
 use portcullis_crds::scope::ScopeMap;
@@ -290,6 +290,8 @@ pub(crate) struct PodPlan {
     pub app_port: Option<u16>,
     pub inbound_mode: Option<InboundMode>,
     pub scopes_map: Option<String>,
+    /// The `portcullis.dev/allowed-peers` annotation, checked.
+    pub allowed_peers: Option<String>,
     pub skip_inbound_ports: PortList,
     pub run_to_completion: bool,
 }
@@ -475,6 +477,14 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         }
         None => None,
     };
+    let allowed_peers = match annotations.get(ALLOWED_PEERS) {
+        Some(value) => {
+            portcullis_crds::AllowedPeer::parse_list(value)
+                .map_err(|e| Unsupported(format!("annotation {ALLOWED_PEERS}: {e}")))?;
+            Some(value.clone())
+        }
+        None => None,
+    };
     let skip_inbound_ports = match annotations.get(SKIP_INBOUND_PORTS) {
         Some(value) => value
             .parse::<PortList>()
@@ -496,6 +506,7 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         app_port,
         inbound_mode,
         scopes_map,
+        allowed_peers,
         skip_inbound_ports,
         run_to_completion,
     })

@@ -169,6 +169,9 @@ pub(super) fn proxy_container(
     if let Some(map) = &plan.scopes_map {
         env_vars.push(env("PORTCULLIS_SCOPES_MAP", map.clone()));
     }
+    if let Some(peers) = &plan.allowed_peers {
+        env_vars.push(env("PORTCULLIS_ALLOWED_PEERS", peers.clone()));
+    }
     env_vars.extend([
         env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
         env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),
