@@ -16,7 +16,7 @@
 //! | `PORTCULLIS_APP_EXIT_GRACE` | how long the app port must stay closed | `5s` |
 //! | `PORTCULLIS_TRUST_DOMAIN` | SPIFFE trust domain | `cluster.local` |
 //! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
-//! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound keeps the destination port instead of 4143 | `false` |
+//! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound dials the destination's own port (its init step redirects it to its proxy; a Service exposes only app ports) instead of 4143 | `true` |
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -247,8 +247,12 @@ impl ClusterConfig {
         );
         let exit_when_app_exits =
             flag(&mut p, "PORTCULLIS_EXIT_WHEN_APP_EXITS").then_some(exit_grace);
+        // In a cluster the destination is usually a Service, whose ClusterIP answers only
+        // on the app's ports; the destination pod's redirect takes them to its proxy.
+        let keep_port = get("PORTCULLIS_OUTBOUND_KEEP_PORT").is_none()
+            || flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT");
         let outbound = OutboundConfig {
-            keep_port: flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT"),
+            keep_port,
             ..OutboundConfig::default()
         };
 
@@ -369,7 +373,7 @@ mod tests {
         );
         assert!(config.exit_when_app_exits.is_none());
         assert!(config.tenant.is_none());
-        assert!(!config.outbound.keep_port);
+        assert!(config.outbound.keep_port);
     }
 
     #[test]
@@ -386,7 +390,7 @@ mod tests {
             ("PORTCULLIS_APP_EXIT_GRACE", "2s"),
             ("PORTCULLIS_TRUST_DOMAIN", "prod.acme"),
             ("PORTCULLIS_TENANT", "acme"),
-            ("PORTCULLIS_OUTBOUND_KEEP_PORT", "true"),
+            ("PORTCULLIS_OUTBOUND_KEEP_PORT", "false"),
         ]);
         let config = parse(&vars).unwrap();
         assert_eq!(config.app_port, None);
@@ -395,7 +399,7 @@ mod tests {
         assert_eq!(config.exit_when_app_exits, Some(Duration::from_secs(2)));
         assert_eq!(config.workload.trust_domain().as_str(), "prod.acme");
         assert_eq!(config.tenant.as_deref(), Some("acme"));
-        assert!(config.outbound.keep_port);
+        assert!(!config.outbound.keep_port);
     }
 
     #[test]
