@@ -14,6 +14,7 @@ pub mod cidr;
 pub mod conditions;
 pub mod duration;
 pub mod policy;
+pub mod probes;
 pub mod role;
 pub mod scope;
 pub mod tenant;

@@ -979,3 +979,66 @@ async fn webhook_refuses_an_over_scoped_api_key_with_the_kubectl_message() -> Re
     assert!(created.is_none(), "the refused ApiKey exists");
     Ok(())
 }
+
+/// Whether `pod` is Ready.
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test]
+async fn app_probes_reach_the_app_and_tell_the_truth_about_it() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    // The app serves for 40 s, then closes its listener and keeps running. Its startup
+    // probe is an httpGet and its readiness probe a tcpSocket on the app port: through
+    // the redirect both would meet the proxy (TLS, or an accept that says nothing about
+    // the app) unless the injector points them at the proxy's admin port.
+    let name = format!("probed-{}", suffix());
+    let script = format!(
+        "pod-app serve --port {APP_PORT} & pid=$!; sleep 40; kill $pid; echo stopped; sleep 3600"
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "app", "image": fx.tier.app_image(), "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", script],
+            "ports": [{"name": "http", "containerPort": APP_PORT}],
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1, "failureThreshold": 60},
+            "readinessProbe": {"tcpSocket": {"port": APP_PORT}, "periodSeconds": 2, "failureThreshold": 2}
+        }]}
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &fx.app_ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let result = async {
+        let pod = pod_ready(&client, &fx.app_ns, &name).await?;
+        let app = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == "app"))
+            .context("app container")?;
+        let startup = app
+            .startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .context("startup probe")?;
+        ensure!(
+            startup.path.as_deref() == Some("/app-health/app/startupz"),
+            "the startup probe was not pointed at the proxy: {startup:?}"
+        );
+        // The app stops listening: the pod must go unready, however the proxy is doing.
+        wait_for(
+            "the pod to go unready once the app stopped listening",
+            Duration::from_secs(90),
+            || async { Ok((!is_ready(&pods.get(&name).await?)).then_some(())) },
+        )
+        .await?;
+        Ok(())
+    }
+    .await;
+    let _ = pods.delete(&name, &DeleteParams::default()).await;
+    result
+}

@@ -389,6 +389,7 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
             let credentials = credentials.clone();
             Arc::new(move || Some(credentials.chain_pem()))
         },
+        app_health: Arc::default(),
     };
     serve(Wiring {
         inbound: config.inbound.clone(),

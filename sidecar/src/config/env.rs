@@ -16,6 +16,7 @@
 //! | `PORTCULLIS_APP_EXIT_GRACE` | how long the app port must stay closed | `5s` |
 //! | `PORTCULLIS_TRUST_DOMAIN` | SPIFFE trust domain | `cluster.local` |
 //! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
+//! | `PORTCULLIS_APP_PROBES` | the app's `httpGet`/`tcpSocket` probes, JSON, answered at `:4191/app-health/...` | none |
 //! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound dials the destination's own port (its init step redirects it to its proxy; a Service exposes only app ports) instead of 4143 | `true` |
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -81,6 +82,8 @@ pub struct ClusterConfig {
     pub tenant: Option<String>,
     /// The app's port; `None` when the pod declares none.
     pub app_port: Option<u16>,
+    /// The app's own probes the proxy answers for (`PORTCULLIS_APP_PROBES`).
+    pub app_probes: portcullis_crds::probes::AppProbes,
     /// The inbound TLS listener.
     pub inbound: InboundConfig,
     /// `/live`, `/ready`, `/metrics`, `/identity`.
@@ -187,6 +190,16 @@ impl ClusterConfig {
                 None
             }
         });
+        let app_probes = match get(portcullis_crds::probes::APP_PROBES_ENV) {
+            None => portcullis_crds::probes::AppProbes::new(),
+            Some(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                p.add(
+                    portcullis_crds::probes::APP_PROBES_ENV,
+                    format!("not the injector's probe list ({e}); re-create the pod so the injector writes it again"),
+                );
+                portcullis_crds::probes::AppProbes::new()
+            }),
+        };
         let mode = match get("PORTCULLIS_INBOUND_MODE") {
             None => InboundMode::MtlsOrApikey,
             Some(text) => text.parse().unwrap_or_else(|e: String| {
@@ -269,6 +282,7 @@ impl ClusterConfig {
                 workload,
                 tenant,
                 app_port,
+                app_probes,
                 inbound: InboundConfig {
                     listen: SocketAddr::from((
                         [0, 0, 0, 0],

@@ -74,6 +74,7 @@ use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_sidecar::init::PortList;
 
 mod patch;
+mod probes;
 mod sidecar;
 
 pub use sidecar::{
@@ -285,13 +286,15 @@ pub enum Decision {
 pub struct Unsupported(pub String);
 
 /// The facts about a pod the sidecar depends on, read once.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PodPlan {
     pub app_port: Option<u16>,
     pub inbound_mode: Option<InboundMode>,
     pub scopes_map: Option<String>,
     pub skip_inbound_ports: PortList,
     pub run_to_completion: bool,
+    /// App probes that must go through the proxy's admin port.
+    pub probes: probes::ProbePlan,
 }
 
 /// Decides what to do with `pod` in `namespace` (whose labels are `namespace_labels`).
@@ -350,7 +353,7 @@ pub fn decide(
 
     match plan(pod, &annotations) {
         Ok(plan) => {
-            let mut warnings = Vec::new();
+            let mut warnings = plan.probes.warnings.clone();
             if plan.app_port.is_none() {
                 warnings.push(format!(
                     "portcullis: {who} declares no container port and no {APP_PORT}; the proxy will refuse inbound traffic"
@@ -492,12 +495,14 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
             spec.restart_policy.as_deref(),
             Some("Never") | Some("OnFailure")
         );
+    let probes = probes::plan(&spec.containers, &skip_inbound_ports);
     Ok(PodPlan {
         app_port,
         inbound_mode,
         scopes_map,
         skip_inbound_ports,
         run_to_completion,
+        probes,
     })
 }
 

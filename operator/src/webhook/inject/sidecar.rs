@@ -169,6 +169,11 @@ pub(super) fn proxy_container(
     if let Some(map) = &plan.scopes_map {
         env_vars.push(env("PORTCULLIS_SCOPES_MAP", map.clone()));
     }
+    if !plan.probes.originals.is_empty() {
+        // A BTreeMap of plain strings and numbers always serialises.
+        let probes = serde_json::to_string(&plan.probes.originals).unwrap_or_default();
+        env_vars.push(env(portcullis_crds::probes::APP_PROBES_ENV, probes));
+    }
     env_vars.extend([
         env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
         env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),
