@@ -18,6 +18,11 @@
 # Renovate/Dependabot keep tag@digest pins current.
 
 ARG RUST_IMAGE=rust:1.95.0-bookworm
+# Where the binary comes from: `builder` (compiled here, the published path) or
+# `prebuilt` (a binary built on the host and staged in .image-bin/, for machines
+# without the Rust image or the musl target: e2e/node/images.sh uses it). The
+# runtime stage below is the same either way.
+ARG BINARY_FROM=builder
 ARG RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot
 
 FROM ${RUST_IMAGE} AS builder
@@ -47,12 +52,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     install -D -m 0755 "target/$target/release/portcullis-operator" /out/portcullis-operator; \
     touch -d "@${SOURCE_DATE_EPOCH}" /out/portcullis-operator
 
+# Host-built binary (BINARY_FROM=prebuilt): .image-bin/portcullis-operator.
+FROM scratch AS prebuilt
+COPY .image-bin/portcullis-operator /out/portcullis-operator
+
+FROM ${BINARY_FROM} AS binary
+
 FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="portcullis-operator" \
       org.opencontainers.image.description="Portcullis Kubernetes operator" \
       org.opencontainers.image.source="https://github.com/portcullis-dev/portcullis" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=builder --chown=0:0 /out/portcullis-operator /usr/local/bin/portcullis-operator
+COPY --from=binary --chown=0:0 /out/portcullis-operator /usr/local/bin/portcullis-operator
 USER 65532:65532
 # metrics/health, identity, policy, webhook
 EXPOSE 8080 8443 8090 9443

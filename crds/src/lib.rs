@@ -15,6 +15,7 @@ pub mod conditions;
 pub mod duration;
 pub mod peers;
 pub mod policy;
+pub mod probes;
 pub mod role;
 pub mod scope;
 pub mod tenant;

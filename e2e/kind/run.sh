@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kind tier (DESIGN.md §7, tier 4): a throwaway kind cluster with Kubernetes 1.31,
 # the images built from this checkout, the Helm chart, then
-#   PORTCULLIS_E2E=kind cargo test -p portcullis-e2e --test kind -- --test-threads=1
+#   PORTCULLIS_E2E=kind cargo test -p portcullis-e2e --test cluster_scenarios -- --test-threads=1
 # The cluster is deleted on exit unless KEEP_CLUSTER=1.
 #
 # Needs: docker (with buildx), kind >= 0.24, kubectl, helm >= 3.14, cargo.
@@ -70,7 +70,7 @@ kind create cluster --name "$KIND_CLUSTER" --image "$KIND_NODE_IMAGE" \
 kind load docker-image --name "$KIND_CLUSTER" "$OPERATOR_IMAGE" "$PROXY_IMAGE"
 
 # The test workloads' images, pulled once on the host and loaded, so the tests do not
-# depend on every node reaching Docker Hub (the tags match e2e/tests/kind.rs).
+# depend on every node reaching Docker Hub (the tags match e2e/tests/cluster_scenarios.rs).
 for image in traefik/whoami:v1.10.3 curlimages/curl:8.11.1; do
   docker pull --quiet "$image" >/dev/null
   kind load docker-image --name "$KIND_CLUSTER" "$image"
@@ -96,4 +96,4 @@ for config in mutatingwebhookconfiguration/portcullis-injector validatingwebhook
 done
 
 PORTCULLIS_E2E=kind PORTCULLIS_RELEASE_NAMESPACE="$RELEASE_NAMESPACE" \
-  cargo test -p portcullis-e2e --test kind -- --test-threads=1 "$@"
+  cargo test -p portcullis-e2e --test cluster_scenarios -- --test-threads=1 "$@"

@@ -20,6 +20,7 @@ use crate::{
     audit::AuditReadiness,
     body::{ProxyBody, full},
     idle::{self, Activity},
+    app_health::AppHealth,
     metrics::Metrics,
     per_source::SourceSlots,
     policy::PolicyStore,
@@ -36,6 +37,8 @@ pub struct Readiness {
     pub audit: Arc<dyn Fn() -> AuditReadiness + Send + Sync>,
     /// The certificate chain presented, as PEM (`None` before the first one).
     pub identity: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// The app's own probes, answered at `/app-health/...` (empty outside a cluster).
+    pub app_health: Arc<AppHealth>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -108,6 +111,14 @@ fn route(
     }
 }
 
+/// Runs one of the app's probes (`/app-health/<container>/<kind>`).
+async fn app_probe_response(health: &AppHealth, path: &str) -> Response<ProxyBody> {
+    match health.check(path).await {
+        Some(outcome) => text(outcome.status, "text/plain", format!("{}\n", outcome.detail)),
+        None => text(StatusCode::NOT_FOUND, "text/plain", "no such probe\n".into()),
+    }
+}
+
 /// Open admin connections at most (probes and scrapes need a handful).
 pub const MAX_CONNECTIONS: usize = 128;
 /// Open admin connections from one source at most, so a flood from one address
@@ -161,10 +172,24 @@ async fn serve_connection(
     let activity = Activity::new();
     let service = service_fn({
         let activity = activity.clone();
-        move |request| {
-            let _in_flight = activity.request_started();
-            let response = route(&request, &readiness, &metrics);
-            async move { Ok::<_, Infallible>(response) }
+        move |request: Request<Incoming>| {
+            let in_flight = activity.request_started();
+            let path = request.uri().path().to_owned();
+            let app_probe = (request.method() == Method::GET
+                && readiness.app_health.knows(&path))
+            .then(|| readiness.app_health.clone());
+            let response = app_probe
+                .is_none()
+                .then(|| route(&request, &readiness, &metrics));
+            async move {
+                let _in_flight = in_flight;
+                let response = match (response, app_probe) {
+                    (Some(response), _) => response,
+                    (None, Some(health)) => app_probe_response(&health, &path).await,
+                    (None, None) => text(StatusCode::NOT_FOUND, "text/plain", "no such probe\n".into()),
+                };
+                Ok::<_, Infallible>(response)
+            }
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()

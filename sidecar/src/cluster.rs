@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin, app_exit,
+    app_health::AppHealth,
     audit::{
         cluster::{self as cluster_audit, ClusterAuditParts},
         trail::AuditTrail,
@@ -293,6 +294,7 @@ pub async fn start(
             let store = store.clone();
             Arc::new(move || store.load().map(|c| c.chain_pem()))
         },
+        app_health: Arc::new(AppHealth::new(config.app_probes.clone())),
     };
     proxy::serve(Wiring {
         inbound: config.inbound.clone(),

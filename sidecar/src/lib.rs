@@ -6,6 +6,7 @@ pub mod accept;
 pub mod admin;
 pub mod allowlist;
 pub mod app_exit;
+pub mod app_health;
 pub mod audit;
 pub mod authn;
 pub mod authorize;

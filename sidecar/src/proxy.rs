@@ -399,6 +399,7 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
             let credentials = credentials.clone();
             Arc::new(move || Some(credentials.chain_pem()))
         },
+        app_health: Arc::default(),
     };
     let mut inbound = config.inbound.clone();
     if inbound.trust_domain.is_none() {

@@ -65,7 +65,13 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             eprintln!("pod-app: echo listening on {bound}");
-            tokio::signal::ctrl_c().await?;
+            // PID 1 in a container: SIGTERM (kubelet, Job end) must stop it, not just Ctrl-C.
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                interrupted = tokio::signal::ctrl_c() => interrupted?,
+                _ = terminate.recv() => {}
+            }
             shutdown.cancel();
             Ok(())
         }

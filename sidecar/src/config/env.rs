@@ -16,7 +16,8 @@
 //! | `PORTCULLIS_APP_EXIT_GRACE` | how long the app port must stay closed | `5s` |
 //! | `PORTCULLIS_TRUST_DOMAIN` | SPIFFE trust domain | `cluster.local` |
 //! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
-//! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound keeps the destination port instead of 4143 | `false` |
+//! | `PORTCULLIS_APP_PROBES` | the app's `httpGet`/`tcpSocket` probes, JSON, answered at `:4191/app-health/...` | none |
+//! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound dials the destination's own port (its init step redirects it to its proxy; a Service exposes only app ports) instead of 4143 | `true` |
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -81,6 +82,8 @@ pub struct ClusterConfig {
     pub tenant: Option<String>,
     /// The app's port; `None` when the pod declares none.
     pub app_port: Option<u16>,
+    /// The app's own probes the proxy answers for (`PORTCULLIS_APP_PROBES`).
+    pub app_probes: portcullis_crds::probes::AppProbes,
     /// The inbound TLS listener.
     pub inbound: InboundConfig,
     /// `/live`, `/ready`, `/metrics`, `/identity`.
@@ -187,6 +190,16 @@ impl ClusterConfig {
                 None
             }
         });
+        let app_probes = match get(portcullis_crds::probes::APP_PROBES_ENV) {
+            None => portcullis_crds::probes::AppProbes::new(),
+            Some(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                p.add(
+                    portcullis_crds::probes::APP_PROBES_ENV,
+                    format!("not the injector's probe list ({e}); re-create the pod so the injector writes it again"),
+                );
+                portcullis_crds::probes::AppProbes::new()
+            }),
+        };
         let mode = match get("PORTCULLIS_INBOUND_MODE") {
             None => InboundMode::MtlsOrApikey,
             Some(text) => text.parse().unwrap_or_else(|e: String| {
@@ -259,8 +272,12 @@ impl ClusterConfig {
         );
         let exit_when_app_exits =
             flag(&mut p, "PORTCULLIS_EXIT_WHEN_APP_EXITS").then_some(exit_grace);
+        // In a cluster the destination is usually a Service, whose ClusterIP answers only
+        // on the app's ports; the destination pod's redirect takes them to its proxy.
+        let keep_port = get("PORTCULLIS_OUTBOUND_KEEP_PORT").is_none()
+            || flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT");
         let outbound = OutboundConfig {
-            keep_port: flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT"),
+            keep_port,
             ..OutboundConfig::default()
         };
 
@@ -277,6 +294,7 @@ impl ClusterConfig {
                 workload: workload.clone(),
                 tenant,
                 app_port,
+                app_probes,
                 inbound: InboundConfig {
                     listen: SocketAddr::from((
                         [0, 0, 0, 0],
@@ -383,7 +401,7 @@ mod tests {
         );
         assert!(config.exit_when_app_exits.is_none());
         assert!(config.tenant.is_none());
-        assert!(!config.outbound.keep_port);
+        assert!(config.outbound.keep_port);
         // Peers: the pod's own trust domain, mapped routes only, nobody else named.
         assert!(config.inbound.peers_need_mapped_route);
         assert_eq!(
@@ -430,7 +448,7 @@ mod tests {
             ("PORTCULLIS_APP_EXIT_GRACE", "2s"),
             ("PORTCULLIS_TRUST_DOMAIN", "prod.acme"),
             ("PORTCULLIS_TENANT", "acme"),
-            ("PORTCULLIS_OUTBOUND_KEEP_PORT", "true"),
+            ("PORTCULLIS_OUTBOUND_KEEP_PORT", "false"),
         ]);
         let config = parse(&vars).unwrap();
         assert_eq!(config.app_port, None);
@@ -439,7 +457,7 @@ mod tests {
         assert_eq!(config.exit_when_app_exits, Some(Duration::from_secs(2)));
         assert_eq!(config.workload.trust_domain().as_str(), "prod.acme");
         assert_eq!(config.tenant.as_deref(), Some("acme"));
-        assert!(config.outbound.keep_port);
+        assert!(!config.outbound.keep_port);
     }
 
     #[test]

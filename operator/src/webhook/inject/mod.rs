@@ -74,6 +74,7 @@ use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_sidecar::init::PortList;
 
 mod patch;
+mod probes;
 mod sidecar;
 
 pub use sidecar::{
@@ -285,7 +286,7 @@ pub enum Decision {
 pub struct Unsupported(pub String);
 
 /// The facts about a pod the sidecar depends on, read once.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PodPlan {
     pub app_port: Option<u16>,
     pub inbound_mode: Option<InboundMode>,
@@ -294,6 +295,8 @@ pub(crate) struct PodPlan {
     pub allowed_peers: Option<String>,
     pub skip_inbound_ports: PortList,
     pub run_to_completion: bool,
+    /// App probes that must go through the proxy's admin port.
+    pub probes: probes::ProbePlan,
 }
 
 /// Decides what to do with `pod` in `namespace` (whose labels are `namespace_labels`).
@@ -352,7 +355,7 @@ pub fn decide(
 
     match plan(pod, &annotations) {
         Ok(plan) => {
-            let mut warnings = Vec::new();
+            let mut warnings = plan.probes.warnings.clone();
             if plan.app_port.is_none() {
                 warnings.push(format!(
                     "portcullis: {who} declares no container port and no {APP_PORT}; the proxy will refuse inbound traffic"
@@ -502,6 +505,7 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
             spec.restart_policy.as_deref(),
             Some("Never") | Some("OnFailure")
         );
+    let probes = probes::plan(&spec.containers, &skip_inbound_ports);
     Ok(PodPlan {
         app_port,
         inbound_mode,
@@ -509,6 +513,7 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         allowed_peers,
         skip_inbound_ports,
         run_to_completion,
+        probes,
     })
 }
 

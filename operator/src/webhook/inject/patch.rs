@@ -4,7 +4,7 @@
 //! front, volumes at the end).
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::Pod;
 use portcullis_crds::annotations::INJECTED_LABEL;
 use serde::Serialize;
@@ -28,6 +28,19 @@ fn json(value: &impl Serialize) -> Value {
 pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native: bool) -> Patch {
     let spec = pod.spec.as_ref();
     let mut ops = Vec::new();
+
+    // Probes first, while the app containers still have the indices the API server sent.
+    for rewritten in &plan.probes.rewritten {
+        ops.push(PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::from_tokens([
+                "spec",
+                "containers",
+                &rewritten.container_index.to_string(),
+                rewritten.kind.field(),
+            ]),
+            value: json(&rewritten.probe),
+        }));
+    }
 
     let init = json(&sidecar::init_container(plan, settings));
     let proxy = json(&sidecar::proxy_container(plan, settings, native));

@@ -172,6 +172,11 @@ pub(super) fn proxy_container(
     if let Some(peers) = &plan.allowed_peers {
         env_vars.push(env("PORTCULLIS_ALLOWED_PEERS", peers.clone()));
     }
+    if !plan.probes.originals.is_empty() {
+        // A BTreeMap of plain strings and numbers always serialises.
+        let probes = serde_json::to_string(&plan.probes.originals).unwrap_or_default();
+        env_vars.push(env(portcullis_crds::probes::APP_PROBES_ENV, probes));
+    }
     env_vars.extend([
         env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
         env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),

@@ -1,14 +1,18 @@
-//! The kind tier (DESIGN.md §7, tier 4): the local-cluster scenarios against real pods
-//! in a kind cluster with the Helm chart installed. `e2e/kind/run.sh` creates the
-//! cluster (Kubernetes 1.31), builds and loads the images, installs the chart and runs
+//! The scenario suite of the real-cluster tiers (DESIGN.md §7): real pods with the Helm
+//! chart installed, on
 //!
-//! ```text
-//! PORTCULLIS_E2E=kind cargo test -p portcullis-e2e --test kind -- --test-threads=1
-//! ```
+//! - **node** (tier 4): a real single-node Kubernetes 1.20.2 from `../shared/node`, with
+//!   images built here by buildah. `sudo e2e/node/up.sh DIR` starts it, builds and loads
+//!   the images and installs the chart; then
+//!   `PORTCULLIS_E2E=node PORTCULLIS_E2E_TAG=$(cat DIR/tag) cargo test -p portcullis-e2e --test cluster_scenarios -- --test-threads=1`
+//!   (`scripts/test` does all of this when run as root in CI);
+//! - **kind** (tier 5): `e2e/kind/run.sh` creates a kind cluster (Kubernetes 1.31), loads
+//!   the images and runs the suite with `PORTCULLIS_E2E=kind`.
 //!
-//! Every test returns early, printing why, unless `PORTCULLIS_E2E=kind`. Clients are
-//! `curlimages/curl` Jobs (or a Pod) whose logs the tests read; the app is
-//! `traefik/whoami`, which echoes the request headers the proxy adds.
+//! Every test returns early, printing why, unless `PORTCULLIS_E2E` names one of them.
+//! Clients run `sh` + curl in Jobs (or a Pod) whose logs the tests read; the app echoes
+//! the request headers the proxy adds (node: `pod-app serve`, JSON; kind:
+//! `traefik/whoami`, text).
 //!
 //! The cluster admin of a kind (kubeadm ≥ 1.29) kubeconfig is in group
 //! `kubeadm:cluster-admins`, not `system:masters`, and the validating webhook exempts
@@ -31,9 +35,6 @@ use portcullis_crds::{ApiKey, Tenant};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-/// Pinned test images (e2e/kind/run.sh pre-loads the same tags into the cluster).
-const APP_IMAGE: &str = "traefik/whoami:v1.10.3";
-const CURL_IMAGE: &str = "curlimages/curl:8.11.1";
 const APP_PORT: u16 = 8080;
 const TRUST_DOMAIN: &str = "cluster.local";
 /// Impersonated identity for every write (see the module docs).
@@ -46,16 +47,76 @@ const REVOCATION_BUDGET: Duration = Duration::from_secs(1);
 /// request interval plus the request itself on top.
 const REVOCATION_SLACK: Duration = Duration::from_millis(250);
 
-fn enabled() -> bool {
-    if std::env::var("PORTCULLIS_E2E").as_deref() == Ok("kind") {
-        true
-    } else {
-        eprintln!(
-            "skipping: the kind tier runs only with PORTCULLIS_E2E=kind against a cluster \
-             with the chart installed; run e2e/kind/run.sh (needs docker and kind)"
-        );
-        false
+/// The cluster tier the suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tier {
+    /// `../shared/node`: Kubernetes 1.20, images built here.
+    Node,
+    /// A kind cluster: Kubernetes 1.31, public test images.
+    Kind,
+}
+
+impl Tier {
+    fn from_env() -> Option<Self> {
+        match std::env::var("PORTCULLIS_E2E").as_deref() {
+            Ok("node") => Some(Self::Node),
+            Ok("kind") => Some(Self::Kind),
+            _ => None,
+        }
     }
+
+    /// The image that serves the echo app and runs the curl clients.
+    fn app_image(self) -> String {
+        match self {
+            Self::Node => tools_image(),
+            Self::Kind => "traefik/whoami:v1.10.3".into(),
+        }
+    }
+
+    fn client_image(self) -> String {
+        match self {
+            Self::Node => tools_image(),
+            Self::Kind => "curlimages/curl:8.11.1".into(),
+        }
+    }
+
+    /// Arguments that make the app image serve the echo app on `port`.
+    fn app_args(self, port: u16) -> Vec<String> {
+        match self {
+            Self::Node => vec!["serve".into(), "--port".into(), port.to_string()],
+            Self::Kind => vec!["--port".into(), port.to_string()],
+        }
+    }
+
+    /// Native sidecars (init containers with `restartPolicy: Always`) need 1.29+.
+    fn native_sidecars(self) -> bool {
+        self == Self::Kind
+    }
+}
+
+/// The test-tool image e2e/node/up.sh built (tag from `PORTCULLIS_E2E_TAG`, as in DIR/tag).
+fn tools_image() -> String {
+    let tag = std::env::var("PORTCULLIS_E2E_TAG").unwrap_or_else(|_| "dev".into());
+    format!("localhost/portcullis-e2e-tools:{tag}")
+}
+
+fn tier() -> Option<Tier> {
+    let tier = Tier::from_env();
+    if tier.is_none() {
+        eprintln!(
+            "skipping: the real-cluster scenarios run only with PORTCULLIS_E2E=node (as root: \
+             e2e/node/up.sh starts a node and installs the chart) or PORTCULLIS_E2E=kind \
+             (e2e/kind/run.sh, needs docker and kind)"
+        );
+    }
+    tier
+}
+
+/// Whether the app's echo in `logs` shows request header `name` with `value`: whoami
+/// prints `Name: value` lines, pod-app a JSON object of lowercase names.
+fn app_saw_header(logs: &str, name: &str, value: &str) -> bool {
+    logs.contains(&format!("{name}: {value}"))
+        || logs.contains(&format!("\"{}\":\"{value}", name.to_ascii_lowercase()))
 }
 
 fn release_namespace() -> String {
@@ -103,6 +164,7 @@ where
 // ---------------------------------------------------------------------------------
 
 struct Fixture {
+    tier: Tier,
     /// Labelled portcullis.dev/inject=enabled, owned by Tenant `tenant`.
     app_ns: String,
     tenant: String,
@@ -126,15 +188,15 @@ impl Fixture {
 static FIXTURE: OnceCell<Result<Fixture, String>> = OnceCell::const_new();
 
 async fn fixture() -> Result<Option<(Client, &'static Fixture)>> {
-    if !enabled() {
+    let Some(tier) = tier() else {
         return Ok(None);
-    }
+    };
     let fixture = FIXTURE
-        .get_or_init(|| async { set_up().await.map_err(|e| format!("{e:#}")) })
+        .get_or_init(|| async { set_up(tier).await.map_err(|e| format!("{e:#}")) })
         .await;
     match fixture {
         Ok(fixture) => Ok(Some((client().await?, fixture))),
-        Err(message) => bail!("setting up the kind scenario failed: {message}"),
+        Err(message) => bail!("setting up the {tier:?} scenario failed: {message}"),
     }
 }
 
@@ -196,7 +258,7 @@ async fn create_namespace(client: &Client, prefix: &str, labels: Value) -> Resul
     Ok(created.name_any())
 }
 
-async fn set_up() -> Result<Fixture> {
+async fn set_up(tier: Tier) -> Result<Fixture> {
     let client = client().await?;
     operator_ready(&client).await?;
 
@@ -245,9 +307,9 @@ async fn set_up() -> Result<Fixture> {
         },
         "spec": {"containers": [{
             "name": "app",
-            "image": APP_IMAGE,
+            "image": tier.app_image(),
             "imagePullPolicy": "IfNotPresent",
-            "args": ["--port", APP_PORT.to_string()],
+            "args": tier.app_args(APP_PORT),
             "ports": [{"name": "http", "containerPort": APP_PORT}]
         }]}
     }))?;
@@ -264,6 +326,7 @@ async fn set_up() -> Result<Fixture> {
         .await?;
     pod_ready(&client, &app_ns, "echo").await?;
     Ok(Fixture {
+        tier,
         app_ns,
         tenant,
         client_ns,
@@ -338,6 +401,7 @@ impl JobRun {
 /// Runs `script` (sh) in a curl Job in `namespace` and returns its logs.
 async fn run_job(
     client: &Client,
+    tier: Tier,
     namespace: &str,
     service_account: Option<&str>,
     env: &[(&str, &str)],
@@ -357,7 +421,7 @@ async fn run_job(
                 "serviceAccountName": service_account.unwrap_or("default"),
                 "containers": [{
                     "name": "curl",
-                    "image": CURL_IMAGE,
+                    "image": tier.client_image(),
                     "imagePullPolicy": "IfNotPresent",
                     "command": ["sh", "-c", script],
                     "env": env
@@ -368,33 +432,38 @@ async fn run_job(
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     let job = jobs.create(&PostParams::default(), &job).await?;
     let name = job.name_any();
-    let succeeded = wait_for(
-        &format!("Job {namespace}/{name} finished"),
+    // The client container's own exit decides: an injected Job on a cluster without
+    // native sidecars completes only once its proxy has exited too, which is a scenario
+    // of its own, not every client's concern.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let (pod, succeeded) = wait_for(
+        &format!("Job {namespace}/{name}: container curl finished"),
         Duration::from_secs(300),
         || async {
-            let job = jobs.get(&name).await?;
-            let status = job.status.unwrap_or_default();
-            Ok(if status.succeeded.unwrap_or(0) > 0 {
-                Some(true)
-            } else if status.failed.unwrap_or(0) > 0 {
-                Some(false)
-            } else {
-                None
-            })
+            let Some(pod) = pods
+                .list(&ListParams::default().labels(&format!("job-name={name}")))
+                .await?
+                .items
+                .into_iter()
+                .next()
+            else {
+                return Ok(None);
+            };
+            let exit_code = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|statuses| statuses.iter().find(|c| c.name == "curl"))
+                .and_then(|c| c.state.as_ref())
+                .and_then(|state| state.terminated.as_ref())
+                .map(|terminated| terminated.exit_code);
+            Ok(exit_code.map(|code| (pod.name_any(), code == 0)))
         },
     )
     .await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("job-name={name}")))
-        .await?
-        .items
-        .into_iter()
-        .next()
-        .with_context(|| format!("no pod for Job {name}"))?;
     let logs = pods
         .logs(
-            &pod.name_any(),
+            &pod,
             &LogParams {
                 container: Some("curl".into()),
                 ..LogParams::default()
@@ -486,14 +555,23 @@ async fn labelled_namespace_gets_the_proxy_and_a_spiffe_certificate() -> Result<
         Some(&"portcullis-init"),
         "init containers {init:?}"
     );
-    // Kubernetes 1.31: the proxy is a native sidecar.
-    let proxy = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == "portcullis-proxy")
-        .context("no native-sidecar portcullis-proxy")?;
-    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    if fx.tier.native_sidecars() {
+        // Kubernetes 1.29+: the proxy is a native sidecar.
+        let proxy = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == "portcullis-proxy")
+            .context("no native-sidecar portcullis-proxy")?;
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    } else {
+        // Before 1.29: a regular container, first, so it starts before the app.
+        assert_eq!(
+            spec.containers.first().map(|c| c.name.as_str()),
+            Some("portcullis-proxy"),
+            "the proxy is not the first container"
+        );
+    }
 
     // The certificate the proxy presents names the workload by SPIFFE ID; TLS 1.2 is
     // refused.
@@ -506,7 +584,7 @@ curl -sk -o /dev/null --max-time 5 --tlsv1.2 --tls-max 1.2 {url}/; echo "tls12-e
 "#,
         url = fx.app_url()
     );
-    let run = run_job(&client, &fx.client_ns, None, &[], &script).await?;
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[], &script).await?;
     assert!(
         run.logs.contains(&fx.spiffe_id("default")),
         "no SPIFFE ID in the certificate:\n{}",
@@ -544,7 +622,7 @@ echo "plain-http=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST
         ns = fx.app_ns,
         port = APP_PORT
     );
-    let run = run_job(&client, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
     assert_eq!(run.value("with-key"), Some("200"), "{}", run.logs);
     assert_eq!(run.value("no-key"), Some("401"), "{}", run.logs);
     assert_ne!(
@@ -555,13 +633,12 @@ echo "plain-http=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST
     );
     // The app sees the proxy's identity headers, never the key.
     assert!(
-        run.logs.contains("X-Portcullis-Principal: key:ak_***"),
+        app_saw_header(&run.logs, "X-Portcullis-Principal", "key:ak_***"),
         "{}",
         run.logs
     );
     assert!(
-        run.logs
-            .contains(&format!("X-Portcullis-Tenant: {}", fx.tenant)),
+        app_saw_header(&run.logs, "X-Portcullis-Tenant", &fx.tenant),
         "{}",
         run.logs
     );
@@ -616,7 +693,7 @@ echo "fenced-body=$(cat /tmp/body)"
         ("LIMITED", limited.as_str()),
         ("FENCED", fenced.as_str()),
     ];
-    let run = run_job(&client, &fx.client_ns, None, &env, &script).await?;
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &env, &script).await?;
     assert_eq!(run.value("scoped"), Some("200"), "{}", run.logs);
     assert_eq!(run.value("wrong-scope"), Some("403"), "{}", run.logs);
     let body: Value = serde_json::from_str(run.value("wrong-scope-body").unwrap_or_default())
@@ -650,7 +727,7 @@ async fn start_hammer(client: &Client, fx: &Fixture, token: &str) -> Result<Stri
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"generateName": "hammer-"},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
-            "name": "curl", "image": CURL_IMAGE, "imagePullPolicy": "IfNotPresent",
+            "name": "curl", "image": fx.tier.client_image(), "imagePullPolicy": "IfNotPresent",
             "command": ["sh", "-c", script], "env": [{"name": "KEY", "value": token}]
         }]}
     }))?;
@@ -759,19 +836,19 @@ async fn mtls_between_injected_pods_carries_the_spiffe_principal() -> Result<()>
     let script = format!(
         r#"for i in $(seq 1 60); do
   out=$(curl -s --max-time 5 -X POST http://echo.{ns}.svc:{port}/v1/identify)
-  echo "$out" | grep -q 'X-Portcullis-Principal' && break
+  echo "$out" | grep -qi 'X-Portcullis-Principal' && break
   sleep 1
 done
 echo "$out""#,
         ns = fx.app_ns,
         port = APP_PORT
     );
-    let run = run_job(&client, &fx.app_ns, Some("client"), &[], &script).await?;
+    let run = run_job(&client, fx.tier, &fx.app_ns, Some("client"), &[], &script).await?;
     assert!(run.succeeded, "{}", run.logs);
-    let principal = format!("X-Portcullis-Principal: spiffe:{}", fx.spiffe_id("client"));
-    let bare = format!("X-Portcullis-Principal: {}", fx.spiffe_id("client"));
+    let id = fx.spiffe_id("client");
     assert!(
-        run.logs.contains(&principal) || run.logs.contains(&bare),
+        app_saw_header(&run.logs, "X-Portcullis-Principal", &format!("spiffe:{id}"))
+            || app_saw_header(&run.logs, "X-Portcullis-Principal", &id),
         "the app did not see the client's SPIFFE identity:\n{}",
         run.logs
     );
@@ -797,7 +874,7 @@ echo "denied=$(code_of -H "Authorization: Bearer $KEY" {url}/v1/events/7)"
 "#,
         url = fx.app_url()
     );
-    let run = run_job(&client, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
     assert_eq!(run.value("allowed"), Some("200"), "{}", run.logs);
     let masked = format!("ak_***{}", &token[token.len().saturating_sub(3)..]);
     let logs = wait_for(
@@ -834,8 +911,8 @@ async fn opt_out_annotation_is_respected() -> Result<()> {
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": {"portcullis.dev/inject": "disabled"}},
         "spec": {"containers": [{
-            "name": "app", "image": APP_IMAGE, "imagePullPolicy": "IfNotPresent",
-            "args": ["--port", APP_PORT.to_string()]
+            "name": "app", "image": fx.tier.app_image(), "imagePullPolicy": "IfNotPresent",
+            "args": fx.tier.app_args(APP_PORT)
         }]}
     }))?;
     Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
@@ -857,7 +934,7 @@ async fn opt_out_annotation_is_respected() -> Result<()> {
     let script = format!(
         "echo \"plain=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{ip}:{APP_PORT}/)\""
     );
-    let run = run_job(&client, &fx.client_ns, None, &[], &script).await?;
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[], &script).await?;
     assert_eq!(run.value("plain"), Some("200"), "{}", run.logs);
     Ok(())
 }
@@ -901,4 +978,67 @@ async fn webhook_refuses_an_over_scoped_api_key_with_the_kubectl_message() -> Re
         .await?;
     assert!(created.is_none(), "the refused ApiKey exists");
     Ok(())
+}
+
+/// Whether `pod` is Ready.
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test]
+async fn app_probes_reach_the_app_and_tell_the_truth_about_it() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    // The app serves for 40 s, then closes its listener and keeps running. Its startup
+    // probe is an httpGet and its readiness probe a tcpSocket on the app port: through
+    // the redirect both would meet the proxy (TLS, or an accept that says nothing about
+    // the app) unless the injector points them at the proxy's admin port.
+    let name = format!("probed-{}", suffix());
+    let script = format!(
+        "pod-app serve --port {APP_PORT} & pid=$!; sleep 40; kill $pid; echo stopped; sleep 3600"
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "app", "image": fx.tier.app_image(), "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", script],
+            "ports": [{"name": "http", "containerPort": APP_PORT}],
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1, "failureThreshold": 60},
+            "readinessProbe": {"tcpSocket": {"port": APP_PORT}, "periodSeconds": 2, "failureThreshold": 2}
+        }]}
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &fx.app_ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let result = async {
+        let pod = pod_ready(&client, &fx.app_ns, &name).await?;
+        let app = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == "app"))
+            .context("app container")?;
+        let startup = app
+            .startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .context("startup probe")?;
+        ensure!(
+            startup.path.as_deref() == Some("/app-health/app/startupz"),
+            "the startup probe was not pointed at the proxy: {startup:?}"
+        );
+        // The app stops listening: the pod must go unready, however the proxy is doing.
+        wait_for(
+            "the pod to go unready once the app stopped listening",
+            Duration::from_secs(90),
+            || async { Ok((!is_ready(&pods.get(&name).await?)).then_some(())) },
+        )
+        .await?;
+        Ok(())
+    }
+    .await;
+    let _ = pods.delete(&name, &DeleteParams::default()).await;
+    result
 }
