@@ -799,3 +799,189 @@ async fn rotating_the_serving_certificate_fails_no_admission() -> Result<()> {
     assert_ne!(before, after, "the served certificate did not change");
     Ok(())
 }
+
+// ------------------------------------------------ attacks: forging or skipping the proxy
+
+/// A namespace bound (labelled, as the Tenant controller does) to a new Tenant of
+/// `classification`.
+async fn classified_namespace(env: &EnvTest, classification: &str) -> Result<String> {
+    let client = env.client()?;
+    let ns = opted_in_namespace(env, &classification.to_lowercase(), "").await?;
+    let tenant = format!("t-{ns}");
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    let object: Tenant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": tenant},
+        "spec": {"namespaces": [ns], "dataClassification": classification}
+    }))?;
+    tenants
+        .create(&PostParams::default(), &object)
+        .await
+        .context("creating the Tenant")?;
+    label_namespace(&client, &ns, &[("portcullis.dev/tenant", &tenant)]).await?;
+    Ok(ns)
+}
+
+/// The API server's refusal of creating `pod`; an error when it was admitted.
+async fn refused_creation(pods: &Api<Pod>, pod: &Pod) -> Result<String> {
+    match pods.create(&PostParams::default(), pod).await {
+        Ok(created) => bail!(
+            "admitted with containers {:?} and init containers {:?}",
+            container_names(&created),
+            init_container_names(&created)
+        ),
+        Err(kube::Error::Api(status)) => {
+            ensure!(status.code == 403, "{status:?}");
+            Ok(status.message)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[tokio::test]
+async fn a_forged_injected_annotation_and_fake_proxy_are_refused_in_a_required_namespace()
+-> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "forged", "required").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let forged: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "forged", "annotations": {"portcullis.dev/injected": "0.1.0"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [
+                {"name": "portcullis-proxy", "image": "mallory/sleep:1"},
+                {"name": "app", "image": "acme/web:1", "ports": [{"containerPort": 8080}]}
+            ]
+        }
+    }))?;
+    let message = refused_creation(&pods, &forged).await?;
+    assert!(
+        message.contains("not what Portcullis injects") && message.contains("mallory/sleep:1"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_cannot_opt_out_in_a_restricted_tenant_namespace() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = classified_namespace(env, "Restricted").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let annotations = BTreeMap::from([("portcullis.dev/inject".to_owned(), "disabled".to_owned())]);
+    let message = refused_creation(&pods, &app_pod("batch", Some(annotations))).await?;
+    assert!(
+        message.contains("cannot opt out")
+            && message.contains("Restricted")
+            && message.contains("remove the annotation portcullis.dev/inject: disabled"),
+        "{message}"
+    );
+    // Nor does labelling the namespace inject=disabled switch injection off there.
+    label_namespace(&env.client()?, &ns, &[("portcullis.dev/inject", "disabled")]).await?;
+    let created = pods
+        .create(&PostParams::default(), &app_pod("web", None))
+        .await?;
+    assert_eq!(container_names(&created), ["portcullis-proxy", "app"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn skipping_the_app_port_is_refused_in_a_confidential_tenant() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = classified_namespace(env, "Confidential").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let annotations = BTreeMap::from([(
+        "portcullis.dev/skip-inbound-ports".to_owned(),
+        "8080".to_owned(),
+    )]);
+    let message = refused_creation(&pods, &app_pod("web", Some(annotations))).await?;
+    assert!(
+        message.contains("skip port 8080") && message.contains("Confidential"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_update_swapping_the_proxy_image_is_refused() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "swap", "enabled").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    pods.create(&PostParams::default(), &app_pod("web", None))
+        .await?;
+    let swap = |container: &str, image: &str| {
+        json!({"spec": {"containers": [{"name": container, "image": image}]}})
+    };
+    match pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(swap("portcullis-proxy", "mallory/proxy:1")),
+        )
+        .await
+    {
+        Ok(pod) => bail!(
+            "the proxy image was swapped: {:?}",
+            pod.spec.map(|s| s.containers[0].image.clone())
+        ),
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(
+                status.message.contains("\"portcullis-proxy\" cannot be changed"),
+                "{}",
+                status.message
+            );
+        }
+        Err(other) => return Err(other.into()),
+    }
+    // The app's own image may still change.
+    let updated = pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(swap("app", "acme/web:2")),
+        )
+        .await?;
+    let spec = updated.spec.context("no spec")?;
+    assert_eq!(spec.containers[1].image.as_deref(), Some("acme/web:2"));
+    assert_eq!(spec.containers[0].image.as_deref(), Some(PROXY_IMAGE));
+    Ok(())
+}
+
+// ------------------------------------------------ the webhook CA at rest
+
+#[tokio::test]
+async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_back()
+-> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let client = env.client()?;
+    let ns = env.create_namespace("webhook-ca").await?;
+    let mut tls = WebhookTlsSettings::new(&ns, "portcullis-operator");
+    // Configurations that do not exist: this test leaves the shared ones alone.
+    tls.mutating_configuration = format!("{ns}-injector");
+    tls.validating_configuration = format!("{ns}-validator");
+    let first = WebhookCertificates::start(client.clone(), tls.clone(), Arc::new(SystemClock))
+        .await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let stored = secrets.get("portcullis-webhook-ca").await?;
+    for (key, value) in stored.data.iter().flatten() {
+        assert!(
+            !String::from_utf8_lossy(&value.0).contains("PRIVATE KEY"),
+            "{key} holds a PEM private key"
+        );
+    }
+    // A restart (a second replica) reads the wrapped key back and serves from the same CA.
+    let second = WebhookCertificates::start(client, tls, Arc::new(SystemClock)).await?;
+    assert_eq!(second.ca_bundle_pem().await, first.ca_bundle_pem().await);
+    Ok(())
+}

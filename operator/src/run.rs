@@ -450,12 +450,17 @@ pub async fn start(
         check_interval: settings.ca_check_interval,
     };
 
+    let mut reconcile = settings.reconcile.clone();
     let webhook_addr = match (settings.webhooks.clone(), webhook_socket) {
         (Some(webhooks), Some((socket, addr))) => {
+            let webhook_settings =
+                webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr);
+            // The Tenant controller judges pods by what this webhook injects.
+            reconcile.inject = webhook_settings.inject.clone();
             let serve = webhook::start(
                 client.clone(),
                 socket,
-                webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr),
+                webhook_settings,
                 Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
                 shutdown.clone(),
             )
@@ -475,7 +480,7 @@ pub async fn start(
         stores.clone(),
         kek,
         metrics.clone(),
-        settings.reconcile.clone(),
+        reconcile,
         clock,
         Some(settings.lease.identity.clone()),
     ));
