@@ -22,6 +22,7 @@ use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use portcullis_crds::{ApiKey, Role, Tenant};
 use portcullis_e2e::envtest::{self, EnvTest};
+use portcullis_operator::envelope::Kek;
 use portcullis_operator::webhook::config::{self, WebhookConfigSettings, WebhookTarget};
 use portcullis_operator::webhook::{
     AdminAuditEvent, AdminAuditSink, InjectSettings, ServerLimits, ServerVersion,
@@ -156,8 +157,13 @@ async fn prepare(env: &'static EnvTest) -> Result<(Webhook, ServerFuture)> {
     // The operator: its CA Secret, serving leaf and the caBundle patch.
     let mut tls = WebhookTlsSettings::new(&operator_namespace, "portcullis-operator");
     tls.extra_sans = vec!["127.0.0.1".into()];
-    let certificates =
-        WebhookCertificates::start(client.clone(), tls, Arc::new(SystemClock)).await?;
+    let certificates = WebhookCertificates::start(
+        client.clone(),
+        tls,
+        Arc::new(Kek::generate()),
+        Arc::new(SystemClock),
+    )
+    .await?;
     let server_version = ServerVersion::detect(&client).await?;
     let audit = Arc::new(CollectedAudit::default());
     let state = WebhookState::new(
@@ -970,8 +976,14 @@ async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_b
     // Configurations that do not exist: this test leaves the shared ones alone.
     tls.mutating_configuration = format!("{ns}-injector");
     tls.validating_configuration = format!("{ns}-validator");
-    let first = WebhookCertificates::start(client.clone(), tls.clone(), Arc::new(SystemClock))
-        .await?;
+    let kek = Arc::new(Kek::generate());
+    let first = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        kek.clone(),
+        Arc::new(SystemClock),
+    )
+    .await?;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
     let stored = secrets.get("portcullis-webhook-ca").await?;
     for (key, value) in stored.data.iter().flatten() {
@@ -980,8 +992,106 @@ async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_b
             "{key} holds a PEM private key"
         );
     }
+    assert!(stored.data.iter().flatten().any(|(k, _)| k == "ca.key.wrapped"));
     // A restart (a second replica) reads the wrapped key back and serves from the same CA.
-    let second = WebhookCertificates::start(client, tls, Arc::new(SystemClock)).await?;
+    let second = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        kek.clone(),
+        Arc::new(SystemClock),
+    )
+    .await?;
     assert_eq!(second.ca_bundle_pem().await, first.ca_bundle_pem().await);
+    // A restart with another KEK refuses the Secret rather than misreading it.
+    let refused = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        Arc::new(Kek::generate()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .err()
+    .context("another KEK read the wrapped key")?;
+    assert!(refused.to_string().contains("cannot be unwrapped"), "{refused}");
+
+    // Upgrade: a Secret written before wrapping (PEM key under ca.key) is read once and
+    // written back wrapped, keeping the CA.
+    let legacy_ns = env.create_namespace("webhook-ca-legacy").await?;
+    let legacy = rcgen::generate_simple_self_signed(vec!["legacy".into()])?;
+    let legacy_secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &legacy_ns);
+    legacy_secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "portcullis-webhook-ca"},
+                "stringData": {"ca.crt": legacy.cert.pem(), "ca.key": legacy.signing_key.serialize_pem()}
+            }))?,
+        )
+        .await?;
+    tls.namespace.clone_from(&legacy_ns);
+    let upgraded = WebhookCertificates::start(client, tls, kek, Arc::new(SystemClock)).await?;
+    assert_eq!(upgraded.ca_bundle_pem().await, legacy.cert.pem());
+    let rewritten = legacy_secrets.get("portcullis-webhook-ca").await?;
+    let keys: Vec<&String> = rewritten.data.iter().flatten().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["ca.crt", "ca.key.wrapped"]);
+    for (key, value) in rewritten.data.iter().flatten() {
+        assert!(
+            !String::from_utf8_lossy(&value.0).contains("PRIVATE KEY"),
+            "{key} holds a PEM private key after the upgrade"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_injected_pod_counts_as_genuinely_injected() -> Result<()> {
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "genuine", "enabled").await?;
+    let client = env.client()?;
+    // With the API token mounted (the ServiceAccount admission plugin adds it to every
+    // container, ours too), which needs the token Secret first.
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accounts
+        .get_opt("default")
+        .await?
+        .and_then(|a| a.secrets)
+        .is_none_or(|s| s.is_empty())
+    {
+        ensure!(Instant::now() < deadline, "no token Secret in {ns}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let mut pod = app_pod("web", None);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.automount_service_account_token = None;
+    }
+    pods.create(&PostParams::default(), &pod).await?;
+    // As the API server stores it, defaults and all: what the Tenant's report reads.
+    let stored = pods.get("web").await?;
+    let settings = InjectSettings::new(
+        PROXY_IMAGE,
+        &webhook.operator_namespace,
+        "portcullis-operator",
+    );
+    portcullis_operator::webhook::inject::genuine::check(&stored, &settings)
+        .map_err(|m| anyhow::anyhow!("the stored pod does not look injected: its {m}"))?;
+    // A copy of it created again (e.g. by a controller) is left alone, not refused.
+    let mut copy = stored.clone();
+    copy.metadata = ObjectMeta {
+        name: Some("web-copy".into()),
+        annotations: stored.metadata.annotations.clone(),
+        labels: stored.metadata.labels.clone(),
+        ..ObjectMeta::default()
+    };
+    copy.status = None;
+    if let Some(spec) = copy.spec.as_mut() {
+        spec.node_name = None;
+    }
+    let created = pods.create(&PostParams::default(), &copy).await?;
+    assert_eq!(container_names(&created), ["portcullis-proxy", "app"]);
     Ok(())
 }

@@ -461,6 +461,7 @@ pub async fn start(
                 client.clone(),
                 socket,
                 webhook_settings,
+                kek.clone(),
                 Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
                 shutdown.clone(),
             )

@@ -83,7 +83,7 @@ pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
     )?;
     compare(
         &json(&expected),
-        &json(proxy.0),
+        &without_token_mount(json(proxy.0)),
         PROXY_CONTAINER,
     )?;
     let init = spec
@@ -95,7 +95,7 @@ pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
         .ok_or_else(|| Mismatch(format!("first init container is not {INIT_CONTAINER:?}")))?;
     compare(
         &json(&sidecar::init_container(&plan, settings)),
-        &json(init),
+        &without_token_mount(json(init)),
         INIT_CONTAINER,
     )?;
     let reserved = all_containers(&spec)
@@ -137,6 +137,22 @@ pub(super) fn without_injected_parts(pod: &Pod) -> Pod {
         }
     }
     pod
+}
+
+/// Where the API server's ServiceAccount admission mounts the pod's API token into
+/// every container (unless the pod opts out of automounting).
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `container` without the API server's token mount, which a stored pod carries in
+/// every container, ours included.
+fn without_token_mount(mut container: Value) -> Value {
+    if let Some(mounts) = container
+        .get_mut("volumeMounts")
+        .and_then(Value::as_array_mut)
+    {
+        mounts.retain(|m| m.get("mountPath").and_then(Value::as_str) != Some(SERVICE_ACCOUNT_MOUNT));
+    }
+    container
 }
 
 fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
