@@ -887,7 +887,12 @@ async fn a_pod_cannot_opt_out_in_a_restricted_tenant_namespace() -> Result<()> {
         "{message}"
     );
     // Nor does labelling the namespace inject=disabled switch injection off there.
-    label_namespace(&env.client()?, &ns, &[("portcullis.dev/inject", "disabled")]).await?;
+    label_namespace(
+        &env.client()?,
+        &ns,
+        &[("portcullis.dev/inject", "disabled")],
+    )
+    .await?;
     let created = pods
         .create(&PostParams::default(), &app_pod("web", None))
         .await?;
@@ -923,9 +928,7 @@ async fn an_update_swapping_the_proxy_image_is_refused() -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
     pods.create(&PostParams::default(), &app_pod("web", None))
         .await?;
-    let swap = |container: &str, image: &str| {
-        json!({"spec": {"containers": [{"name": container, "image": image}]}})
-    };
+    let swap = |container: &str, image: &str| json!({"spec": {"containers": [{"name": container, "image": image}]}});
     match pods
         .patch(
             "web",
@@ -941,7 +944,9 @@ async fn an_update_swapping_the_proxy_image_is_refused() -> Result<()> {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 403, "{status:?}");
             assert!(
-                status.message.contains("\"portcullis-proxy\" cannot be changed"),
+                status
+                    .message
+                    .contains("\"portcullis-proxy\" cannot be changed"),
                 "{}",
                 status.message
             );
@@ -965,8 +970,8 @@ async fn an_update_swapping_the_proxy_image_is_refused() -> Result<()> {
 // ------------------------------------------------ the webhook CA at rest
 
 #[tokio::test]
-async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_back()
--> Result<()> {
+async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_back() -> Result<()>
+{
     let Some((env, _)) = setup().await? else {
         return Ok(());
     };
@@ -992,7 +997,13 @@ async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_b
             "{key} holds a PEM private key"
         );
     }
-    assert!(stored.data.iter().flatten().any(|(k, _)| k == "ca.key.wrapped"));
+    assert!(
+        stored
+            .data
+            .iter()
+            .flatten()
+            .any(|(k, _)| k == "ca.key.wrapped")
+    );
     // A restart (a second replica) reads the wrapped key back and serves from the same CA.
     let second = WebhookCertificates::start(
         client.clone(),
@@ -1012,7 +1023,10 @@ async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_b
     .await
     .err()
     .context("another KEK read the wrapped key")?;
-    assert!(refused.to_string().contains("cannot be unwrapped"), "{refused}");
+    assert!(
+        refused.to_string().contains("cannot be unwrapped"),
+        "{refused}"
+    );
 
     // Upgrade: a Secret written before wrapping (PEM key under ca.key) is read once and
     // written back wrapped, keeping the CA.

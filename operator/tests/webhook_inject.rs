@@ -653,7 +653,9 @@ mod attacks {
     use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
     use portcullis_crds::{Role, Tenant};
     use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError};
-    use portcullis_operator::webhook::{TracingAuditSink, ValidatorSettings, WebhookState, review_pod};
+    use portcullis_operator::webhook::{
+        TracingAuditSink, ValidatorSettings, WebhookState, review_pod,
+    };
     use portcullis_sidecar::identity::SystemClock;
 
     use super::*;
@@ -695,7 +697,12 @@ mod attacks {
         }
     }
 
-    fn review(operation: &str, sub_resource: Option<&str>, object: &Value, old: &Value) -> AdmissionRequest<DynamicObject> {
+    fn review(
+        operation: &str,
+        sub_resource: Option<&str>,
+        object: &Value,
+        old: &Value,
+    ) -> AdmissionRequest<DynamicObject> {
         let mut request = json!({
             "uid": "5d1c6a2e-0000-4000-8000-000000000002",
             "kind": {"group": "", "version": "v1", "kind": "Pod"},
@@ -745,7 +752,10 @@ mod attacks {
         );
         // A genuine proxy with its init step dropped is no better.
         let mut no_init = injected(OLD);
-        no_init["spec"].as_object_mut().unwrap().remove("initContainers");
+        no_init["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("initContainers");
         let message = refusal(&decide_json(&no_init, &enabled(), OLD));
         assert!(message.contains("portcullis-init"), "{message}");
         // Nor one whose proxy was re-pointed at another image.
@@ -784,15 +794,28 @@ mod attacks {
 
     #[tokio::test]
     async fn a_pod_cannot_opt_out_in_a_restricted_tenant_namespace() {
-        let value = pod_json(json!({}), Some(json!({"portcullis.dev/inject": "disabled"})));
-        let response = review_pod(&state("Restricted"), &review("CREATE", None, &value, &Value::Null)).await;
+        let value = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/inject": "disabled"})),
+        );
+        let response = review_pod(
+            &state("Restricted"),
+            &review("CREATE", None, &value, &Value::Null),
+        )
+        .await;
         let message = denial(&response);
         assert!(
-            message.contains("Restricted") && message.contains("acme") && message.contains("remove the annotation"),
+            message.contains("Restricted")
+                && message.contains("acme")
+                && message.contains("remove the annotation"),
             "{message}"
         );
         // Public and Internal tenants still allow the opt-out.
-        let response = review_pod(&state("Internal"), &review("CREATE", None, &value, &Value::Null)).await;
+        let response = review_pod(
+            &state("Internal"),
+            &review("CREATE", None, &value, &Value::Null),
+        )
+        .await;
         assert!(response.allowed && response.patch.is_none(), "{response:?}");
     }
 
@@ -803,17 +826,29 @@ mod attacks {
                 json!({}),
                 Some(json!({"portcullis.dev/skip-inbound-ports": skipped})),
             );
-            let response =
-                review_pod(&state("Confidential"), &review("CREATE", None, &value, &Value::Null)).await;
+            let response = review_pod(
+                &state("Confidential"),
+                &review("CREATE", None, &value, &Value::Null),
+            )
+            .await;
             let message = denial(&response);
             assert!(
-                message.contains("8080") && message.contains("Confidential") && message.contains("skip-inbound-ports"),
+                message.contains("8080")
+                    && message.contains("Confidential")
+                    && message.contains("skip-inbound-ports"),
                 "{message}"
             );
         }
         // Other ports may still be skipped.
-        let value = pod_json(json!({}), Some(json!({"portcullis.dev/skip-inbound-ports": "22"})));
-        let response = review_pod(&state("Confidential"), &review("CREATE", None, &value, &Value::Null)).await;
+        let value = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/skip-inbound-ports": "22"})),
+        );
+        let response = review_pod(
+            &state("Confidential"),
+            &review("CREATE", None, &value, &Value::Null),
+        )
+        .await;
         assert!(response.allowed && response.patch.is_some(), "{response:?}");
     }
 
@@ -822,11 +857,16 @@ mod attacks {
         let old = injected(OLD);
         let mut new = old.clone();
         new["spec"]["containers"][0]["image"] = json!("mallory/proxy:1");
-        let message = denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
-        assert!(message.contains("portcullis-proxy") && message.contains("cannot be changed"), "{message}");
+        let message =
+            denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
+        assert!(
+            message.contains("portcullis-proxy") && message.contains("cannot be changed"),
+            "{message}"
+        );
         let mut new = old.clone();
         new["spec"]["initContainers"][0]["image"] = json!("busybox");
-        let message = denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
+        let message =
+            denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
         assert!(message.contains("portcullis-init"), "{message}");
         // Any other update (the app's image, a label) goes through.
         let mut new = old.clone();
@@ -839,19 +879,34 @@ mod attacks {
     #[tokio::test]
     async fn an_ephemeral_container_cannot_undo_the_redirect() {
         // 1.20 sends the EphemeralContainers object of the subresource.
-        let debug = |capabilities: Value| json!({
-            "apiVersion": "v1", "kind": "EphemeralContainers",
-            "metadata": {"name": "web", "namespace": "acme-prod"},
-            "ephemeralContainers": [{"name": "debug", "image": "busybox",
-                "securityContext": {"capabilities": {"add": capabilities}}}]
-        });
+        let debug = |capabilities: Value| {
+            json!({
+                "apiVersion": "v1", "kind": "EphemeralContainers",
+                "metadata": {"name": "web", "namespace": "acme-prod"},
+                "ephemeralContainers": [{"name": "debug", "image": "busybox",
+                    "securityContext": {"capabilities": {"add": capabilities}}}]
+            })
+        };
         let old = json!({"apiVersion": "v1", "kind": "EphemeralContainers",
             "metadata": {"name": "web", "namespace": "acme-prod"}, "ephemeralContainers": []});
-        let mut request = review("UPDATE", Some("ephemeralcontainers"), &debug(json!(["NET_ADMIN"])), &old);
+        let mut request = review(
+            "UPDATE",
+            Some("ephemeralcontainers"),
+            &debug(json!(["NET_ADMIN"])),
+            &old,
+        );
         request.kind.kind = "EphemeralContainers".into();
         let message = denial(&review_pod(&state("Internal"), &request).await);
-        assert!(message.contains("debug") && message.contains("NET_ADMIN"), "{message}");
-        let mut request = review("UPDATE", Some("ephemeralcontainers"), &debug(json!([])), &old);
+        assert!(
+            message.contains("debug") && message.contains("NET_ADMIN"),
+            "{message}"
+        );
+        let mut request = review(
+            "UPDATE",
+            Some("ephemeralcontainers"),
+            &debug(json!([])),
+            &old,
+        );
         request.kind.kind = "EphemeralContainers".into();
         assert!(review_pod(&state("Internal"), &request).await.allowed);
     }

@@ -27,7 +27,7 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
-use super::unprotected::{self, Exposure, ExposedPod};
+use super::unprotected::{self, ExposedPod, Exposure};
 use super::{tenant_dek, tenant_network};
 use crate::clock;
 use crate::context::Context;
@@ -273,12 +273,7 @@ impl<'a> TenantReconciler<'a> {
         let unprotected = self.unprotected_pods(&bound).await?;
         self.announce_unprotected(&unprotected).await;
         let problem = plan.problem(&self.name);
-        let status = self.status(
-            bound,
-            Some(dek.active),
-            Some(unprotected),
-            problem.as_ref(),
-        );
+        let status = self.status(bound, Some(dek.active), Some(unprotected), problem.as_ref());
         self.apply_status(&status).await?;
         if let Some(error) = problem {
             self.announce_problem(&error).await;

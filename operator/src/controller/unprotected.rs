@@ -129,7 +129,10 @@ mod tests {
     fn injected(name: &str) -> Pod {
         let bare = pod(name, &["app"], &[], serde_json::json!({}));
         let level = crate::webhook::inject::InjectionLevel::Enabled;
-        let server = crate::webhook::inject::ServerVersion { major: 1, minor: 20 };
+        let server = crate::webhook::inject::ServerVersion {
+            major: 1,
+            minor: 20,
+        };
         let crate::webhook::inject::Decision::Inject { patch, .. } =
             crate::webhook::inject::decide_at(&bare, "acme", &level, &settings(), server)
         else {
@@ -141,7 +144,10 @@ mod tests {
     }
 
     fn names(exposed: &[ExposedPod]) -> Vec<(&str, Exposure)> {
-        exposed.iter().map(|e| (e.name.as_str(), e.exposure)).collect()
+        exposed
+            .iter()
+            .map(|e| (e.name.as_str(), e.exposure))
+            .collect()
     }
 
     #[test]

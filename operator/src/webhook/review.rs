@@ -93,7 +93,13 @@ pub async fn review_pod(
                     return response;
                 }
             };
-            decide_at(&pod, &namespace, &level, &state.inject, state.server_version)
+            decide_at(
+                &pod,
+                &namespace,
+                &level,
+                &state.inject,
+                state.server_version,
+            )
         }
         PodChange::Update => {
             let pods = objects::<Pod>(request);
@@ -174,7 +180,12 @@ async fn injection_level(
             }),
         None => None,
     };
-    Ok(InjectionLevel::of(namespace, &labels, tenant, &state.inject))
+    Ok(InjectionLevel::of(
+        namespace,
+        &labels,
+        tenant,
+        &state.inject,
+    ))
 }
 
 fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {

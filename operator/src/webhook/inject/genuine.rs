@@ -23,7 +23,10 @@ enum Literal {
 /// Fields the API server fills in with these values when they are absent; the injector
 /// leaves them out, so they may appear on a genuine pod (only with exactly this value).
 const API_SERVER_DEFAULTS: [(&str, Literal); 8] = [
-    ("terminationMessagePath", Literal::Text("/dev/termination-log")),
+    (
+        "terminationMessagePath",
+        Literal::Text("/dev/termination-log"),
+    ),
     ("terminationMessagePolicy", Literal::Text("File")),
     ("timeoutSeconds", Literal::Number(1)),
     ("successThreshold", Literal::Number(1)),
@@ -57,8 +60,11 @@ impl std::fmt::Display for Mismatch {
 /// sidecar mode: a pod injected before an API server upgrade stays genuine).
 pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
     let spec = pod.spec.clone().unwrap_or_default();
-    let plan = plan(&without_injected_parts(pod), &pod.metadata.annotations.clone().unwrap_or_default())
-        .map_err(|e| Mismatch(format!("pod cannot be injected at all: {}", e.0)))?;
+    let plan = plan(
+        &without_injected_parts(pod),
+        &pod.metadata.annotations.clone().unwrap_or_default(),
+    )
+    .map_err(|e| Mismatch(format!("pod cannot be injected at all: {}", e.0)))?;
     let native = spec.init_containers.as_deref().unwrap_or_default().get(1);
     let proxy = match native.filter(|c| c.name == PROXY_CONTAINER) {
         Some(proxy) => (proxy, true),
@@ -150,13 +156,17 @@ fn without_token_mount(mut container: Value) -> Value {
         .get_mut("volumeMounts")
         .and_then(Value::as_array_mut)
     {
-        mounts.retain(|m| m.get("mountPath").and_then(Value::as_str) != Some(SERVICE_ACCOUNT_MOUNT));
+        mounts
+            .retain(|m| m.get("mountPath").and_then(Value::as_str) != Some(SERVICE_ACCOUNT_MOUNT));
     }
     container
 }
 
 fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
-    spec.init_containers.iter().flatten().chain(&spec.containers)
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
 }
 
 fn json(value: &impl serde::Serialize) -> Value {
@@ -179,7 +189,9 @@ fn compare(expected: &Value, actual: &Value, at: &str) -> Result<(), Mismatch> {
                 .iter()
                 .find(|(k, v)| !want.contains_key(*k) && !is_api_server_default(k, v))
             {
-                Some((key, value)) => Err(Mismatch(format!("{at}.{key} is {value}, which Portcullis does not set"))),
+                Some((key, value)) => Err(Mismatch(format!(
+                    "{at}.{key} is {value}, which Portcullis does not set"
+                ))),
                 None => Ok(()),
             }
         }

@@ -74,7 +74,11 @@ pub fn decide_update(old: &Pod, new: &Pod, namespace: &str) -> Decision {
 fn ephemeral_containers(object: &Value) -> Result<Vec<EphemeralContainer>, serde_json::Error> {
     let list = object
         .get("ephemeralContainers")
-        .or_else(|| object.get("spec").and_then(|s| s.get("ephemeralContainers")))
+        .or_else(|| {
+            object
+                .get("spec")
+                .and_then(|s| s.get("ephemeralContainers"))
+        })
         .cloned()
         .unwrap_or(Value::Array(Vec::new()));
     serde_json::from_value(list)

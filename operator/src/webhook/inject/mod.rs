@@ -8,8 +8,10 @@
 //! the `portcullis.dev/tenant` label (a namespace a Tenant owns) inject every pod that
 //! does not opt out with the annotation `portcullis.dev/inject: disabled`;
 //! `portcullis.dev/inject=required` injects every pod and refuses the ones it cannot
-//! inject (and the opt-out). `portcullis.dev/inject=disabled` on the namespace wins over
-//! the tenant label. `kube-system`, `kube-public`, `kube-node-lease` and the operator's
+//! inject, the opt-out, and a `portcullis.dev/skip-inbound-ports` that lists an app
+//! port. A namespace of a Confidential or Restricted Tenant is required whatever its
+//! labels say; otherwise `portcullis.dev/inject=disabled` on the namespace wins over the
+//! tenant label. `kube-system`, `kube-public`, `kube-node-lease` and the operator's
 //! namespace are never injected.
 //!
 //! # What is added
@@ -33,9 +35,16 @@
 //!
 //! # Defined outcomes
 //!
-//! - Already injected (annotation and proxy present): admitted unchanged, no patch.
+//! - Already injected — the annotation, and exactly what the injector adds ([`genuine`]:
+//!   image, command, args, env, ports, security context, mounts, the init step first,
+//!   the volumes; API-server defaults tolerated): admitted unchanged, no patch.
+//! - The annotation with anything else (another image, no init step, extra env...):
+//!   refused, naming the first difference.
 //! - A container named `portcullis-proxy`/`portcullis-init` that Portcullis did not
 //!   inject: refused — the name is reserved.
+//! - Afterwards ([`guard`]): a pod UPDATE may not change or drop the proxy or the init
+//!   step, nor the `portcullis.dev/injected` label and annotation; an ephemeral container
+//!   may not be privileged, add NET_ADMIN/NET_RAW/SYS_ADMIN or run as the proxy's uid.
 //! - Pods the injector cannot understand ([`Unsupported`]: hostNetwork, an app port or
 //!   annotation that does not parse, a port or volume name the proxy needs) are admitted
 //!   unchanged with a warning, and refused with the reason where the namespace requires

@@ -192,9 +192,8 @@ impl WebhookCa {
                 (key, KeyAtRest::Wrapped)
             }
             None => {
-                let pem = text(LEGACY_CA_KEY_KEY)?.ok_or_else(|| {
-                    WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}"))
-                })?;
+                let pem = text(LEGACY_CA_KEY_KEY)?
+                    .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}")))?;
                 let key = KeyPair::from_pem(&pem).map_err(|e| {
                     WebhookError::CorruptCaSecret(format!("{LEGACY_CA_KEY_KEY}: {e}"))
                 })?;
