@@ -451,6 +451,8 @@ pub async fn start(
     };
 
     let mut reconcile = settings.reconcile.clone();
+    reconcile.inject.operator_namespace.clone_from(&namespace);
+    reconcile.inject.trust_domain = settings.ca.trust_domain.to_string();
     let webhook_addr = match (settings.webhooks.clone(), webhook_socket) {
         (Some(webhooks), Some((socket, addr))) => {
             let webhook_settings =

@@ -724,6 +724,11 @@ mod attacks {
         review.try_into().unwrap()
     }
 
+    /// The webhook's answer to creating `value`.
+    async fn create(state: &WebhookState, value: &Value) -> AdmissionResponse {
+        review_pod(state, &review("CREATE", None, value, &Value::Null)).await
+    }
+
     fn denial(response: &AdmissionResponse) -> String {
         assert!(!response.allowed, "admitted: {response:?}");
         response.result.message.clone()
@@ -798,11 +803,7 @@ mod attacks {
             json!({}),
             Some(json!({"portcullis.dev/inject": "disabled"})),
         );
-        let response = review_pod(
-            &state("Restricted"),
-            &review("CREATE", None, &value, &Value::Null),
-        )
-        .await;
+        let response = create(&state("Restricted"), &value).await;
         let message = denial(&response);
         assert!(
             message.contains("Restricted")
@@ -811,11 +812,7 @@ mod attacks {
             "{message}"
         );
         // Public and Internal tenants still allow the opt-out.
-        let response = review_pod(
-            &state("Internal"),
-            &review("CREATE", None, &value, &Value::Null),
-        )
-        .await;
+        let response = create(&state("Internal"), &value).await;
         assert!(response.allowed && response.patch.is_none(), "{response:?}");
     }
 
@@ -826,11 +823,7 @@ mod attacks {
                 json!({}),
                 Some(json!({"portcullis.dev/skip-inbound-ports": skipped})),
             );
-            let response = review_pod(
-                &state("Confidential"),
-                &review("CREATE", None, &value, &Value::Null),
-            )
-            .await;
+            let response = create(&state("Confidential"), &value).await;
             let message = denial(&response);
             assert!(
                 message.contains("8080")
@@ -839,16 +832,21 @@ mod attacks {
                 "{message}"
             );
         }
+        // Nor may a pod arrive already "injected" with the skip (it is genuine output of
+        // the injector in a namespace that allows skips).
+        let skipping = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/skip-inbound-ports": "8080"})),
+        );
+        let injected_elsewhere = patched(&skipping, &decide_json(&skipping, &enabled(), OLD));
+        let message = denial(&create(&state("Confidential"), &injected_elsewhere).await);
+        assert!(message.contains("skip port 8080"), "{message}");
         // Other ports may still be skipped.
         let value = pod_json(
             json!({}),
             Some(json!({"portcullis.dev/skip-inbound-ports": "22"})),
         );
-        let response = review_pod(
-            &state("Confidential"),
-            &review("CREATE", None, &value, &Value::Null),
-        )
-        .await;
+        let response = create(&state("Confidential"), &value).await;
         assert!(response.allowed && response.patch.is_some(), "{response:?}");
     }
 

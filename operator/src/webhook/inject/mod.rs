@@ -427,7 +427,20 @@ pub fn decide_at(
     if let (Some(_), Some(version)) = (reserved, annotations.get(INJECTED)) {
         // The annotation is a claim anyone can copy; only the containers themselves count.
         return match genuine::check(pod, settings) {
-            Ok(()) => admit(NotInjected::AlreadyInjected, None),
+            // Genuine, but what it was injected with must still hold here.
+            Ok(()) => {
+                let before = genuine::without_injected_parts(pod);
+                let skipped = plan(&before, &annotations).ok().and_then(|plan| {
+                    skipped_app_port(&before.spec.clone().unwrap_or_default(), &plan)
+                        .map(|port| (port, plan))
+                });
+                match (required, skipped) {
+                    (Some(by), Some((port, plan))) => {
+                        refuse_app_port_skip(&who, namespace, by, port, &plan)
+                    }
+                    _ => admit(NotInjected::AlreadyInjected, None),
+                }
+            }
             Err(mismatch) => Decision::Refuse {
                 message: format!(
                     "{who} carries the annotation {INJECTED}: {version:?} but not what Portcullis injects: \
@@ -450,16 +463,7 @@ pub fn decide_at(
     match plan(pod, &annotations) {
         Ok(plan) => {
             if let (Some(by), Some(port)) = (required, skipped_app_port(&spec, &plan)) {
-                return Decision::Refuse {
-                    message: format!(
-                        "{who} asks the proxy to skip port {port} ({SKIP_INBOUND_PORTS}: {:?}), which its \
-                         app serves, so that traffic would bypass the proxy; {}; remove {port} from the \
-                         annotation (it may list only ports no app container serves, such as an init \
-                         container's)",
-                        plan.skip_inbound_ports.to_string(),
-                        by.describe(namespace)
-                    ),
-                };
+                return refuse_app_port_skip(&who, namespace, by, port, &plan);
             }
             let mut warnings = Vec::new();
             if plan.app_port.is_none() {
@@ -493,6 +497,24 @@ pub fn decide_at(
                 )),
             ),
         },
+    }
+}
+
+fn refuse_app_port_skip(
+    who: &str,
+    namespace: &str,
+    by: &RequiredBy,
+    port: u16,
+    plan: &PodPlan,
+) -> Decision {
+    Decision::Refuse {
+        message: format!(
+            "{who} asks the proxy to skip port {port} ({SKIP_INBOUND_PORTS}: {:?}), which its app \
+             serves, so that traffic would bypass the proxy; {}; remove {port} from the annotation \
+             (it may list only ports no app container serves, such as an init container's)",
+            plan.skip_inbound_ports.to_string(),
+            by.describe(namespace)
+        ),
     }
 }
 
