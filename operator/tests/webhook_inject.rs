@@ -909,3 +909,32 @@ mod attacks {
         assert!(review_pod(&state("Internal"), &request).await.allowed);
     }
 }
+
+#[test]
+fn an_app_container_with_net_admin_is_refused_where_injection_is_required() {
+    // NET_ADMIN in the pod's network namespace can flush the init step's redirect.
+    for security in [
+        json!({"capabilities": {"add": ["NET_ADMIN"]}}),
+        json!({"privileged": true}),
+    ] {
+        let value = pod_json(
+            json!({"containers": [{"name": "app", "image": "acme/web:1",
+                "ports": [{"containerPort": 8080}], "securityContext": security}]}),
+            None,
+        );
+        let message = refusal(&decide_json(&value, &required(), OLD));
+        assert!(
+            message.contains("\"app\"") && message.contains("undo the redirect"),
+            "{message}"
+        );
+        // Where injection is only enabled: injected, with a warning saying so.
+        let decision = decide_json(&value, &enabled(), OLD);
+        assert!(
+            matches!(decision, Decision::Inject { .. })
+                && warnings(&decision)
+                    .iter()
+                    .any(|w| w.contains("undo the redirect")),
+            "{decision:?}"
+        );
+    }
+}

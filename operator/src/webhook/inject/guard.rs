@@ -4,14 +4,38 @@
 //! containers that share the pod's network namespace, so one with NET_ADMIN could flush
 //! the redirect the init step installed.
 
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod};
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, SecurityContext};
 use portcullis_crds::annotations::INJECTED_LABEL;
 use serde_json::Value;
 
 use super::{Decision, INIT_CONTAINER, INJECTED, NotInjected, PROXY_CONTAINER, admit};
 
 /// Capabilities that let a container rewrite the pod's iptables rules (or do anything).
-const REDIRECT_CAPABILITIES: [&str; 4] = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "ALL"];
+const REDIRECT_CAPABILITIES: [&str; 3] = ["NET_ADMIN", "SYS_ADMIN", "ALL"];
+
+/// How a container with `security` could undo the init step's redirect from inside the
+/// pod's network namespace (completes "container \"x\" …"), if it could.
+pub(super) fn redirect_risk(security: Option<&SecurityContext>, proxy_uid: i64) -> Option<String> {
+    let security = security?;
+    let capabilities: Vec<&str> = security
+        .capabilities
+        .iter()
+        .flat_map(|c| c.add.iter().flatten())
+        .map(|c| c.trim_start_matches("CAP_"))
+        .filter(|c| REDIRECT_CAPABILITIES.contains(c))
+        .collect();
+    if security.privileged == Some(true) {
+        Some("is privileged".to_owned())
+    } else if !capabilities.is_empty() {
+        Some(format!("adds {}", capabilities.join(", ")))
+    } else if security.run_as_user == Some(proxy_uid) {
+        Some(format!(
+            "runs as uid {proxy_uid}, the proxy's, whose traffic is not redirected"
+        ))
+    } else {
+        None
+    }
+}
 
 fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
     let spec = pod.spec.as_ref()?;
@@ -97,29 +121,17 @@ pub fn decide_ephemeral(object: &Value, old: &Value, who: &str, proxy_uid: i64) 
         }
     };
     for added in new.iter().filter(|c| !old.iter().any(|o| o.name == c.name)) {
-        let security = added.security_context.clone().unwrap_or_default();
-        let capabilities: Vec<String> = security
-            .capabilities
-            .and_then(|c| c.add)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| REDIRECT_CAPABILITIES.contains(&c.trim_start_matches("CAP_")))
-            .collect();
         let problem = if added.name == PROXY_CONTAINER || added.name == INIT_CONTAINER {
             format!("takes the name {:?}, which Portcullis reserves", added.name)
-        } else if security.privileged == Some(true) {
-            "is privileged".to_owned()
-        } else if !capabilities.is_empty() {
-            format!("adds {}", capabilities.join(", "))
-        } else if security.run_as_user == Some(proxy_uid) {
-            format!("runs as uid {proxy_uid}, the proxy's, whose traffic is not redirected")
+        } else if let Some(risk) = redirect_risk(added.security_context.as_ref(), proxy_uid) {
+            risk
         } else {
             continue;
         };
         return Decision::Refuse {
             message: format!(
                 "{who}: ephemeral container {:?} {problem}, which could undo the redirect to the \
-                 Portcullis proxy; debug without privileges, NET_ADMIN, NET_RAW or SYS_ADMIN",
+                 Portcullis proxy; debug without privileges, NET_ADMIN or SYS_ADMIN",
                 added.name
             ),
         };

@@ -430,14 +430,16 @@ pub fn decide_at(
             // Genuine, but what it was injected with must still hold here.
             Ok(()) => {
                 let before = genuine::without_injected_parts(pod);
-                let skipped = plan(&before, &annotations).ok().and_then(|plan| {
-                    skipped_app_port(&before.spec.clone().unwrap_or_default(), &plan)
-                        .map(|port| (port, plan))
+                let bypass = plan(&before, &annotations).ok().and_then(|plan| {
+                    bypass(
+                        &who,
+                        &before.spec.clone().unwrap_or_default(),
+                        &plan,
+                        settings,
+                    )
                 });
-                match (required, skipped) {
-                    (Some(by), Some((port, plan))) => {
-                        refuse_app_port_skip(&who, namespace, by, port, &plan)
-                    }
+                match (required, bypass) {
+                    (Some(by), Some(bypass)) => bypass.refusal(namespace, by),
                     _ => admit(NotInjected::AlreadyInjected, None),
                 }
             }
@@ -462,10 +464,12 @@ pub fn decide_at(
 
     match plan(pod, &annotations) {
         Ok(plan) => {
-            if let (Some(by), Some(port)) = (required, skipped_app_port(&spec, &plan)) {
-                return refuse_app_port_skip(&who, namespace, by, port, &plan);
-            }
             let mut warnings = Vec::new();
+            match (required, bypass(&who, &spec, &plan, settings)) {
+                (Some(by), Some(bypass)) => return bypass.refusal(namespace, by),
+                (None, Some(bypass)) => warnings.push(format!("portcullis: {}", bypass.0)),
+                _ => {}
+            }
             if plan.app_port.is_none() {
                 warnings.push(format!(
                     "portcullis: {who} declares no container port and no {APP_PORT}; the proxy will refuse inbound traffic"
@@ -500,22 +504,50 @@ pub fn decide_at(
     }
 }
 
-fn refuse_app_port_skip(
-    who: &str,
-    namespace: &str,
-    by: &RequiredBy,
-    port: u16,
-    plan: &PodPlan,
-) -> Decision {
-    Decision::Refuse {
-        message: format!(
-            "{who} asks the proxy to skip port {port} ({SKIP_INBOUND_PORTS}: {:?}), which its app \
-             serves, so that traffic would bypass the proxy; {}; remove {port} from the annotation \
-             (it may list only ports no app container serves, such as an init container's)",
-            plan.skip_inbound_ports.to_string(),
-            by.describe(namespace)
-        ),
+/// A way an injectable pod would still let traffic around the proxy (a sentence).
+struct Bypass(String);
+
+impl Bypass {
+    /// The refusal where injection is required.
+    fn refusal(self, namespace: &str, by: &RequiredBy) -> Decision {
+        Decision::Refuse {
+            message: format!("{}; {}", self.0, by.describe(namespace)),
+        }
     }
+}
+
+/// Skipping an app port, or an app container able to undo the redirect (NET_ADMIN in
+/// the pod's network namespace can flush the init step's rules).
+fn bypass(
+    who: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    plan: &PodPlan,
+    settings: &InjectSettings,
+) -> Option<Bypass> {
+    if let Some(port) = skipped_app_port(spec, plan) {
+        return Some(Bypass(format!(
+            "{who} asks the proxy to skip port {port} ({SKIP_INBOUND_PORTS}: {:?}), which its app \
+             serves, so that traffic would bypass the proxy; remove {port} from the annotation (it \
+             may list only ports no app container serves, such as an init container's)",
+            plan.skip_inbound_ports.to_string()
+        )));
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    containers
+        .filter(|c| c.name != PROXY_CONTAINER && c.name != INIT_CONTAINER)
+        .find_map(|c| {
+            guard::redirect_risk(c.security_context.as_ref(), settings.proxy_uid).map(|risk| {
+                Bypass(format!(
+                    "{who}: container {:?} {risk}, which could undo the redirect to the Portcullis \
+                     proxy; drop that privilege",
+                    c.name
+                ))
+            })
+        })
 }
 
 /// The app port, or a TCP port an app (regular) container declares, that the
