@@ -1003,18 +1003,30 @@ async fn pods_running_without_the_proxy_are_reported_on_the_tenant() -> Result<(
             .find(|c| c.type_ == "Protected")
             .map(|c| (c.status.clone(), c.reason.clone()))
     };
-    let exposed = eventually("the unprotected pod on the Tenant", WAIT, || async {
+    // Opted-out pods are allowed but still exposed: they are listed too.
+    let exposed = eventually("the unprotected pods on the Tenant", WAIT, || async {
         let t = tenants.get(&name).await?;
         let listed = t.status.clone().unwrap_or_default().unprotected_pods;
-        Ok((listed == [format!("{ns}/bare")]).then_some(t))
+        Ok((listed == [format!("{ns}/bare"), format!("{ns}/opted-out")]).then_some(t))
     })
     .await?;
     assert_eq!(
         protected(&exposed),
         Some(("False".into(), "PodsWithoutProxy".into()))
     );
-    // Deleting the pod clears the report (the pod watch wakes the Tenant).
+    // Deleting the bare pod leaves only the opt-out (the pod watch wakes the Tenant).
     pods.delete("bare", &Default::default()).await?;
+    let opted_out = eventually("only the opt-out to stay", WAIT, || async {
+        let t = tenants.get(&name).await?;
+        let listed = t.status.clone().unwrap_or_default().unprotected_pods;
+        Ok((listed == [format!("{ns}/opted-out")]).then_some(t))
+    })
+    .await?;
+    assert_eq!(
+        protected(&opted_out),
+        Some(("False".into(), "PodsOptedOut".into()))
+    );
+    pods.delete("opted-out", &Default::default()).await?;
     let cleared = eventually("the report to clear", WAIT, || async {
         let t = tenants.get(&name).await?;
         Ok(t.status

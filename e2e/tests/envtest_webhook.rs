@@ -22,6 +22,7 @@ use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use portcullis_crds::{ApiKey, Role, Tenant};
 use portcullis_e2e::envtest::{self, EnvTest};
+use portcullis_operator::envelope::Kek;
 use portcullis_operator::webhook::config::{self, WebhookConfigSettings, WebhookTarget};
 use portcullis_operator::webhook::{
     AdminAuditEvent, AdminAuditSink, InjectSettings, ServerLimits, ServerVersion,
@@ -156,8 +157,13 @@ async fn prepare(env: &'static EnvTest) -> Result<(Webhook, ServerFuture)> {
     // The operator: its CA Secret, serving leaf and the caBundle patch.
     let mut tls = WebhookTlsSettings::new(&operator_namespace, "portcullis-operator");
     tls.extra_sans = vec!["127.0.0.1".into()];
-    let certificates =
-        WebhookCertificates::start(client.clone(), tls, Arc::new(SystemClock)).await?;
+    let certificates = WebhookCertificates::start(
+        client.clone(),
+        tls,
+        Arc::new(Kek::generate()),
+        Arc::new(SystemClock),
+    )
+    .await?;
     let server_version = ServerVersion::detect(&client).await?;
     let audit = Arc::new(CollectedAudit::default());
     let state = WebhookState::new(
@@ -797,5 +803,309 @@ async fn rotating_the_serving_certificate_fails_no_admission() -> Result<()> {
         "only {count} rotations happened during the admissions"
     );
     assert_ne!(before, after, "the served certificate did not change");
+    Ok(())
+}
+
+// ------------------------------------------------ attacks: forging or skipping the proxy
+
+/// A namespace bound (labelled, as the Tenant controller does) to a new Tenant of
+/// `classification`.
+async fn classified_namespace(env: &EnvTest, classification: &str) -> Result<String> {
+    let client = env.client()?;
+    let ns = opted_in_namespace(env, &classification.to_lowercase(), "").await?;
+    let tenant = format!("t-{ns}");
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    let object: Tenant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": tenant},
+        "spec": {"namespaces": [ns], "dataClassification": classification}
+    }))?;
+    tenants
+        .create(&PostParams::default(), &object)
+        .await
+        .context("creating the Tenant")?;
+    label_namespace(&client, &ns, &[("portcullis.dev/tenant", &tenant)]).await?;
+    Ok(ns)
+}
+
+/// The API server's refusal of creating `pod`; an error when it was admitted.
+async fn refused_creation(pods: &Api<Pod>, pod: &Pod) -> Result<String> {
+    match pods.create(&PostParams::default(), pod).await {
+        Ok(created) => bail!(
+            "admitted with containers {:?} and init containers {:?}",
+            container_names(&created),
+            init_container_names(&created)
+        ),
+        Err(kube::Error::Api(status)) => {
+            ensure!(status.code == 403, "{status:?}");
+            Ok(status.message)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[tokio::test]
+async fn a_forged_injected_annotation_and_fake_proxy_are_refused_in_a_required_namespace()
+-> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "forged", "required").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let forged: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "forged", "annotations": {"portcullis.dev/injected": "0.1.0"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [
+                {"name": "portcullis-proxy", "image": "mallory/sleep:1"},
+                {"name": "app", "image": "acme/web:1", "ports": [{"containerPort": 8080}]}
+            ]
+        }
+    }))?;
+    let message = refused_creation(&pods, &forged).await?;
+    assert!(
+        message.contains("not what Portcullis injects") && message.contains("mallory/sleep:1"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_cannot_opt_out_in_a_restricted_tenant_namespace() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = classified_namespace(env, "Restricted").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let annotations = BTreeMap::from([("portcullis.dev/inject".to_owned(), "disabled".to_owned())]);
+    let message = refused_creation(&pods, &app_pod("batch", Some(annotations))).await?;
+    assert!(
+        message.contains("cannot opt out")
+            && message.contains("Restricted")
+            && message.contains("remove the annotation portcullis.dev/inject: disabled"),
+        "{message}"
+    );
+    // Nor does labelling the namespace inject=disabled switch injection off there.
+    label_namespace(
+        &env.client()?,
+        &ns,
+        &[("portcullis.dev/inject", "disabled")],
+    )
+    .await?;
+    let created = pods
+        .create(&PostParams::default(), &app_pod("web", None))
+        .await?;
+    assert_eq!(container_names(&created), ["portcullis-proxy", "app"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn skipping_the_app_port_is_refused_in_a_confidential_tenant() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = classified_namespace(env, "Confidential").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    let annotations = BTreeMap::from([(
+        "portcullis.dev/skip-inbound-ports".to_owned(),
+        "8080".to_owned(),
+    )]);
+    let message = refused_creation(&pods, &app_pod("web", Some(annotations))).await?;
+    assert!(
+        message.contains("skip port 8080") && message.contains("Confidential"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_update_swapping_the_proxy_image_is_refused() -> Result<()> {
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "swap", "enabled").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client()?, &ns);
+    pods.create(&PostParams::default(), &app_pod("web", None))
+        .await?;
+    let swap = |container: &str, image: &str| json!({"spec": {"containers": [{"name": container, "image": image}]}});
+    match pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(swap("portcullis-proxy", "mallory/proxy:1")),
+        )
+        .await
+    {
+        Ok(pod) => bail!(
+            "the proxy image was swapped: {:?}",
+            pod.spec.map(|s| s.containers[0].image.clone())
+        ),
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(
+                status
+                    .message
+                    .contains("\"portcullis-proxy\" cannot be changed"),
+                "{}",
+                status.message
+            );
+        }
+        Err(other) => return Err(other.into()),
+    }
+    // The app's own image may still change.
+    let updated = pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(swap("app", "acme/web:2")),
+        )
+        .await?;
+    let spec = updated.spec.context("no spec")?;
+    assert_eq!(spec.containers[1].image.as_deref(), Some("acme/web:2"));
+    assert_eq!(spec.containers[0].image.as_deref(), Some(PROXY_IMAGE));
+    Ok(())
+}
+
+// ------------------------------------------------ the webhook CA at rest
+
+#[tokio::test]
+async fn the_webhook_ca_secret_holds_no_pem_private_key_and_a_restart_reads_it_back() -> Result<()>
+{
+    let Some((env, _)) = setup().await? else {
+        return Ok(());
+    };
+    let client = env.client()?;
+    let ns = env.create_namespace("webhook-ca").await?;
+    let mut tls = WebhookTlsSettings::new(&ns, "portcullis-operator");
+    // Configurations that do not exist: this test leaves the shared ones alone.
+    tls.mutating_configuration = format!("{ns}-injector");
+    tls.validating_configuration = format!("{ns}-validator");
+    let kek = Arc::new(Kek::generate());
+    let first = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        kek.clone(),
+        Arc::new(SystemClock),
+    )
+    .await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let stored = secrets.get("portcullis-webhook-ca").await?;
+    for (key, value) in stored.data.iter().flatten() {
+        assert!(
+            !String::from_utf8_lossy(&value.0).contains("PRIVATE KEY"),
+            "{key} holds a PEM private key"
+        );
+    }
+    assert!(
+        stored
+            .data
+            .iter()
+            .flatten()
+            .any(|(k, _)| k == "ca.key.wrapped")
+    );
+    // A restart (a second replica) reads the wrapped key back and serves from the same CA.
+    let second = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        kek.clone(),
+        Arc::new(SystemClock),
+    )
+    .await?;
+    assert_eq!(second.ca_bundle_pem().await, first.ca_bundle_pem().await);
+    // A restart with another KEK refuses the Secret rather than misreading it.
+    let refused = WebhookCertificates::start(
+        client.clone(),
+        tls.clone(),
+        Arc::new(Kek::generate()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .err()
+    .context("another KEK read the wrapped key")?;
+    assert!(
+        refused.to_string().contains("cannot be unwrapped"),
+        "{refused}"
+    );
+
+    // Upgrade: a Secret written before wrapping (PEM key under ca.key) is read once and
+    // written back wrapped, keeping the CA.
+    let legacy_ns = env.create_namespace("webhook-ca-legacy").await?;
+    let legacy = rcgen::generate_simple_self_signed(vec!["legacy".into()])?;
+    let legacy_secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &legacy_ns);
+    legacy_secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "portcullis-webhook-ca"},
+                "stringData": {"ca.crt": legacy.cert.pem(), "ca.key": legacy.signing_key.serialize_pem()}
+            }))?,
+        )
+        .await?;
+    tls.namespace.clone_from(&legacy_ns);
+    let upgraded = WebhookCertificates::start(client, tls, kek, Arc::new(SystemClock)).await?;
+    assert_eq!(upgraded.ca_bundle_pem().await, legacy.cert.pem());
+    let rewritten = legacy_secrets.get("portcullis-webhook-ca").await?;
+    let keys: Vec<&String> = rewritten.data.iter().flatten().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["ca.crt", "ca.key.wrapped"]);
+    for (key, value) in rewritten.data.iter().flatten() {
+        assert!(
+            !String::from_utf8_lossy(&value.0).contains("PRIVATE KEY"),
+            "{key} holds a PEM private key after the upgrade"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_injected_pod_counts_as_genuinely_injected() -> Result<()> {
+    let Some((env, webhook)) = setup().await? else {
+        return Ok(());
+    };
+    let ns = opted_in_namespace(env, "genuine", "enabled").await?;
+    let client = env.client()?;
+    // With the API token mounted (the ServiceAccount admission plugin adds it to every
+    // container, ours too), which needs the token Secret first.
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accounts
+        .get_opt("default")
+        .await?
+        .and_then(|a| a.secrets)
+        .is_none_or(|s| s.is_empty())
+    {
+        ensure!(Instant::now() < deadline, "no token Secret in {ns}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let mut pod = app_pod("web", None);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.automount_service_account_token = None;
+    }
+    pods.create(&PostParams::default(), &pod).await?;
+    // As the API server stores it, defaults and all: what the Tenant's report reads.
+    let stored = pods.get("web").await?;
+    let settings = InjectSettings::new(
+        PROXY_IMAGE,
+        &webhook.operator_namespace,
+        "portcullis-operator",
+    );
+    portcullis_operator::webhook::inject::genuine::check(&stored, &settings)
+        .map_err(|m| anyhow::anyhow!("the stored pod does not look injected: its {m}"))?;
+    // A copy of it created again (e.g. by a controller) is left alone, not refused.
+    let mut copy = stored.clone();
+    copy.metadata = ObjectMeta {
+        name: Some("web-copy".into()),
+        annotations: stored.metadata.annotations.clone(),
+        labels: stored.metadata.labels.clone(),
+        ..ObjectMeta::default()
+    };
+    copy.status = None;
+    if let Some(spec) = copy.spec.as_mut() {
+        spec.node_name = None;
+    }
+    let created = pods.create(&PostParams::default(), &copy).await?;
+    assert_eq!(container_names(&created), ["portcullis-proxy", "app"]);
     Ok(())
 }

@@ -617,8 +617,11 @@ fn helm_template_renders_the_contract() -> Result<()> {
     for hook in hooks {
         assert_eq!(hook["failurePolicy"], "Fail");
         assert_eq!(hook["clientConfig"]["service"]["path"], "/inject");
-        assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
-        assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
+        assert_eq!(hook["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
+        assert_eq!(
+            hook["rules"][0]["resources"],
+            json!(["pods", "pods/ephemeralcontainers"])
+        );
     }
     let hook = &validator["webhooks"][0];
     assert_eq!(hook["name"], "validate.portcullis.dev");

@@ -17,6 +17,7 @@ use crate::envelope::Kek;
 use crate::error::Error;
 use crate::metrics::{Kind, Metrics};
 use crate::stores::Stores;
+use crate::webhook::inject::InjectSettings;
 
 /// Reporter name on Events.
 pub const CONTROLLER_NAME: &str = "portcullis-operator";
@@ -38,13 +39,22 @@ pub struct ReconcileSettings {
     pub backoff_max: Duration,
     /// Periodic resync of healthy objects.
     pub resync: Duration,
+    /// What the injector adds: a pod counts as protected only when it carries exactly
+    /// this (the webhook's own settings when this replica serves the webhooks).
+    pub inject: InjectSettings,
 }
 
 impl ReconcileSettings {
     /// Defaults for the operator namespace `namespace`.
     pub fn new(namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
         Self {
-            namespace: namespace.into(),
+            inject: InjectSettings::new(
+                crate::run::PROXY_IMAGE,
+                &namespace,
+                crate::run::SERVICE_NAME,
+            ),
+            namespace,
             key_rotation_overlap: Duration::from_secs(3_600),
             hash_cost: portcullis_crds::token::HASH_COST,
             backoff_base: Duration::from_secs(1),

@@ -463,12 +463,20 @@ pub async fn start(
         check_interval: settings.ca_check_interval,
     };
 
+    let mut reconcile = settings.reconcile.clone();
+    reconcile.inject.operator_namespace.clone_from(&namespace);
+    reconcile.inject.trust_domain = settings.ca.trust_domain.to_string();
     let webhook_addr = match (settings.webhooks.clone(), webhook_socket) {
         (Some(webhooks), Some((socket, addr))) => {
+            let webhook_settings =
+                webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr);
+            // The Tenant controller judges pods by what this webhook injects.
+            reconcile.inject = webhook_settings.inject.clone();
             let serve = webhook::start(
                 client.clone(),
                 socket,
-                webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr),
+                webhook_settings,
+                kek.clone(),
                 Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
                 shutdown.clone(),
             )
@@ -488,7 +496,7 @@ pub async fn start(
         stores.clone(),
         kek,
         metrics.clone(),
-        settings.reconcile.clone(),
+        reconcile,
         clock,
         Some(settings.lease.identity.clone()),
     ));

@@ -27,6 +27,7 @@ fn the_injector_only_sees_pods_of_opted_in_namespaces() {
         webhooks[0]["namespaceSelector"],
         json!({"matchExpressions": [
             {"key": "portcullis.dev/inject", "operator": "In", "values": ["enabled", "required"]},
+            {"key": "portcullis.dev/tenant", "operator": "DoesNotExist"},
             never_system
         ]})
     );
@@ -34,8 +35,9 @@ fn the_injector_only_sees_pods_of_opted_in_namespaces() {
     assert_eq!(
         webhooks[1]["namespaceSelector"],
         json!({"matchExpressions": [
+            // Every tenant namespace, also one labelled inject=disabled: a Confidential or
+            // Restricted Tenant requires injection whatever that label says.
             {"key": "portcullis.dev/tenant", "operator": "Exists"},
-            {"key": "portcullis.dev/inject", "operator": "NotIn", "values": ["enabled", "required", "disabled"]},
             never_system
         ]})
     );
@@ -47,8 +49,9 @@ fn the_injector_only_sees_pods_of_opted_in_namespaces() {
         assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
         assert_eq!(
             webhook["rules"],
-            json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                    "resources": ["pods"], "scope": "Namespaced"}])
+            // UPDATE and ephemeral containers too: they could swap or undo the proxy.
+            json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                    "resources": ["pods", "pods/ephemeralcontainers"], "scope": "Namespaced"}])
         );
         assert_eq!(
             webhook["clientConfig"],

@@ -652,3 +652,299 @@ fn the_trust_domain_reaches_the_proxy_only_when_it_is_not_cluster_local() {
         Some("prod.acme")
     );
 }
+
+// ------------------------------------------------ attacks: forging or skipping the proxy
+
+mod attacks {
+    use std::sync::Arc;
+
+    use futures::future::BoxFuture;
+    use kube::core::DynamicObject;
+    use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+    use portcullis_crds::{Role, Tenant};
+    use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError};
+    use portcullis_operator::webhook::{
+        TracingAuditSink, ValidatorSettings, WebhookState, review_pod,
+    };
+    use portcullis_sidecar::identity::SystemClock;
+
+    use super::*;
+
+    /// Namespace `acme-prod`, bound to Tenant `acme` of `classification`.
+    struct TenantCluster {
+        classification: &'static str,
+    }
+
+    impl ClusterLookup for TenantCluster {
+        fn namespace_labels<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, LookupError>> {
+            Box::pin(async { Ok(Some(labels(&[("portcullis.dev/tenant", "acme")]))) })
+        }
+        fn roles<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>> {
+            let tenant: Tenant = serde_json::from_value(json!({
+                "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+                "metadata": {"name": "acme"},
+                "spec": {"namespaces": ["acme-prod"], "dataClassification": self.classification}
+            }))
+            .unwrap();
+            Box::pin(async move { Ok(vec![tenant]) })
+        }
+    }
+
+    fn state(classification: &'static str) -> WebhookState {
+        WebhookState {
+            inject: settings(),
+            server_version: OLD,
+            validator: ValidatorSettings::new("portcullis-system", "portcullis-operator"),
+            lookup: Arc::new(TenantCluster { classification }),
+            audit: Arc::new(TracingAuditSink),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    fn review(
+        operation: &str,
+        sub_resource: Option<&str>,
+        object: &Value,
+        old: &Value,
+    ) -> AdmissionRequest<DynamicObject> {
+        let mut request = json!({
+            "uid": "5d1c6a2e-0000-4000-8000-000000000002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "web",
+            "namespace": "acme-prod",
+            "operation": operation,
+            "userInfo": {"username": "mallory@acme", "groups": ["system:authenticated"]},
+            "object": object,
+            "oldObject": old,
+        });
+        if let Some(sub) = sub_resource {
+            request["subResource"] = json!(sub);
+        }
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    /// The webhook's answer to creating `value`.
+    async fn create(state: &WebhookState, value: &Value) -> AdmissionResponse {
+        review_pod(state, &review("CREATE", None, value, &Value::Null)).await
+    }
+
+    fn denial(response: &AdmissionResponse) -> String {
+        assert!(!response.allowed, "admitted: {response:?}");
+        response.result.message.clone()
+    }
+
+    /// The pod as the injector leaves it (what the API server stores).
+    fn injected(server: ServerVersion) -> Value {
+        let value = pod_json(json!({}), None);
+        patched(&value, &decide_json(&value, &enabled(), server))
+    }
+
+    #[test]
+    fn a_forged_injected_annotation_and_fake_proxy_are_not_admitted_unchanged() {
+        // Anything named portcullis-proxy plus the annotation used to pass as injected.
+        let forged = pod_json(
+            json!({"containers": [
+                {"name": "portcullis-proxy", "image": "mallory/sleep:1"},
+                {"name": "app", "image": "acme/web:1", "ports": [{"containerPort": 8080}]}
+            ]}),
+            Some(json!({INJECTED: "0.1.0-test"})),
+        );
+        let message = refusal(&decide_json(&forged, &required(), OLD));
+        assert!(
+            message.contains("not what Portcullis injects") && message.contains("image"),
+            "{message}"
+        );
+        // A genuine proxy with its init step dropped is no better.
+        let mut no_init = injected(OLD);
+        no_init["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("initContainers");
+        let message = refusal(&decide_json(&no_init, &enabled(), OLD));
+        assert!(message.contains("portcullis-init"), "{message}");
+        // Nor one whose proxy was re-pointed at another image.
+        let mut swapped = injected(OLD);
+        swapped["spec"]["containers"][0]["image"] = json!("mallory/proxy:1");
+        assert!(refusal(&decide_json(&swapped, &enabled(), OLD)).contains("mallory/proxy:1"));
+    }
+
+    #[test]
+    fn a_genuinely_injected_pod_is_still_left_alone_after_api_server_defaulting() {
+        for server in [OLD, NEW] {
+            let mut stored = injected(server);
+            // What the API server adds when it decodes the patched pod.
+            let proxy = if server.supports_native_sidecars() {
+                &mut stored["spec"]["initContainers"][1]
+            } else {
+                &mut stored["spec"]["containers"][0]
+            };
+            proxy["terminationMessagePath"] = json!("/dev/termination-log");
+            proxy["terminationMessagePolicy"] = json!("File");
+            proxy["readinessProbe"]["timeoutSeconds"] = json!(1);
+            proxy["readinessProbe"]["successThreshold"] = json!(1);
+            proxy["readinessProbe"]["httpGet"]["scheme"] = json!("HTTP");
+            proxy["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = json!("v1");
+            stored["spec"]["volumes"][1]["configMap"]["defaultMode"] = json!(420);
+            stored["spec"]["volumes"][0]["projected"]["defaultMode"] = json!(420);
+            assert_eq!(
+                decide_json(&stored, &enabled(), server),
+                Decision::Admit {
+                    reason: NotInjected::AlreadyInjected,
+                    warnings: vec![]
+                }
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_cannot_opt_out_in_a_restricted_tenant_namespace() {
+        let value = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/inject": "disabled"})),
+        );
+        let response = create(&state("Restricted"), &value).await;
+        let message = denial(&response);
+        assert!(
+            message.contains("Restricted")
+                && message.contains("acme")
+                && message.contains("remove the annotation"),
+            "{message}"
+        );
+        // Public and Internal tenants still allow the opt-out.
+        let response = create(&state("Internal"), &value).await;
+        assert!(response.allowed && response.patch.is_none(), "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn skipping_the_app_port_is_refused_in_a_confidential_tenant() {
+        for skipped in ["8080", "22,8000-8100"] {
+            let value = pod_json(
+                json!({}),
+                Some(json!({"portcullis.dev/skip-inbound-ports": skipped})),
+            );
+            let response = create(&state("Confidential"), &value).await;
+            let message = denial(&response);
+            assert!(
+                message.contains("8080")
+                    && message.contains("Confidential")
+                    && message.contains("skip-inbound-ports"),
+                "{message}"
+            );
+        }
+        // Nor may a pod arrive already "injected" with the skip (it is genuine output of
+        // the injector in a namespace that allows skips).
+        let skipping = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/skip-inbound-ports": "8080"})),
+        );
+        let injected_elsewhere = patched(&skipping, &decide_json(&skipping, &enabled(), OLD));
+        let message = denial(&create(&state("Confidential"), &injected_elsewhere).await);
+        assert!(message.contains("skip port 8080"), "{message}");
+        // Other ports may still be skipped.
+        let value = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/skip-inbound-ports": "22"})),
+        );
+        let response = create(&state("Confidential"), &value).await;
+        assert!(response.allowed && response.patch.is_some(), "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn an_update_cannot_swap_the_proxy_image() {
+        let old = injected(OLD);
+        let mut new = old.clone();
+        new["spec"]["containers"][0]["image"] = json!("mallory/proxy:1");
+        let message =
+            denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
+        assert!(
+            message.contains("portcullis-proxy") && message.contains("cannot be changed"),
+            "{message}"
+        );
+        let mut new = old.clone();
+        new["spec"]["initContainers"][0]["image"] = json!("busybox");
+        let message =
+            denial(&review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await);
+        assert!(message.contains("portcullis-init"), "{message}");
+        // Any other update (the app's image, a label) goes through.
+        let mut new = old.clone();
+        new["spec"]["containers"][1]["image"] = json!("acme/web:2");
+        new["metadata"]["labels"]["tier"] = json!("front");
+        let response = review_pod(&state("Internal"), &review("UPDATE", None, &new, &old)).await;
+        assert!(response.allowed && response.patch.is_none(), "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn an_ephemeral_container_cannot_undo_the_redirect() {
+        // 1.20 sends the EphemeralContainers object of the subresource.
+        let debug = |capabilities: Value| {
+            json!({
+                "apiVersion": "v1", "kind": "EphemeralContainers",
+                "metadata": {"name": "web", "namespace": "acme-prod"},
+                "ephemeralContainers": [{"name": "debug", "image": "busybox",
+                    "securityContext": {"capabilities": {"add": capabilities}}}]
+            })
+        };
+        let old = json!({"apiVersion": "v1", "kind": "EphemeralContainers",
+            "metadata": {"name": "web", "namespace": "acme-prod"}, "ephemeralContainers": []});
+        let mut request = review(
+            "UPDATE",
+            Some("ephemeralcontainers"),
+            &debug(json!(["NET_ADMIN"])),
+            &old,
+        );
+        request.kind.kind = "EphemeralContainers".into();
+        let message = denial(&review_pod(&state("Internal"), &request).await);
+        assert!(
+            message.contains("debug") && message.contains("NET_ADMIN"),
+            "{message}"
+        );
+        let mut request = review(
+            "UPDATE",
+            Some("ephemeralcontainers"),
+            &debug(json!([])),
+            &old,
+        );
+        request.kind.kind = "EphemeralContainers".into();
+        assert!(review_pod(&state("Internal"), &request).await.allowed);
+    }
+}
+
+#[test]
+fn an_app_container_with_net_admin_is_refused_where_injection_is_required() {
+    // NET_ADMIN in the pod's network namespace can flush the init step's redirect.
+    for security in [
+        json!({"capabilities": {"add": ["NET_ADMIN"]}}),
+        json!({"privileged": true}),
+    ] {
+        let value = pod_json(
+            json!({"containers": [{"name": "app", "image": "acme/web:1",
+                "ports": [{"containerPort": 8080}], "securityContext": security}]}),
+            None,
+        );
+        let message = refusal(&decide_json(&value, &required(), OLD));
+        assert!(
+            message.contains("\"app\"") && message.contains("undo the redirect"),
+            "{message}"
+        );
+        // Where injection is only enabled: injected, with a warning saying so.
+        let decision = decide_json(&value, &enabled(), OLD);
+        assert!(
+            matches!(decision, Decision::Inject { .. })
+                && warnings(&decision)
+                    .iter()
+                    .any(|w| w.contains("undo the redirect")),
+            "{decision:?}"
+        );
+    }
+}

@@ -91,7 +91,9 @@ impl std::fmt::Debug for CaSecretData {
     }
 }
 
-fn aad(secret: &str, key: &str, cert: &CaCertificate) -> Vec<u8> {
+/// The AAD binding a wrapped CA key to its Secret, data key and certificate; the
+/// webhook CA's key is bound the same way.
+pub(crate) fn key_aad(secret: &str, key: &str, cert: &CaCertificate) -> Vec<u8> {
     format!("{secret}/{key}/{}", cert.fingerprint()).into_bytes()
 }
 
@@ -139,7 +141,7 @@ fn load_signing(
 ) -> Result<SigningCa, CaError> {
     let cert = parse_cert(get(data, secret, crt)?, secret, crt)?;
     let pkcs8 = kek
-        .unwrap(get(data, secret, key)?, &aad(secret, key, &cert))
+        .unwrap(get(data, secret, key)?, &key_aad(secret, key, &cert))
         .map_err(|source| CaError::Unwrap {
             secret: secret.to_string(),
             source,
@@ -153,7 +155,7 @@ fn load_signing(
 }
 
 fn wrap_key(ca: &SigningCa, secret: &str, key: &str, kek: &Kek) -> Result<ByteString, CaError> {
-    kek.wrap(&ca.key_pkcs8(), &aad(secret, key, ca.cert()))
+    kek.wrap(&ca.key_pkcs8(), &key_aad(secret, key, ca.cert()))
         .map(ByteString)
         .map_err(|source| CaError::Unwrap {
             secret: secret.to_string(),

@@ -93,6 +93,7 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
     .with_config(config);
     let tenants = controller.store();
     let (by_key, by_role, by_pod) = (ctx.stores.clone(), ctx.stores.clone(), ctx.stores.clone());
+    let injects = ctx.settings.inject.clone();
     controller
         .watches(
             Api::<Namespace>::all(client.clone()),
@@ -119,13 +120,13 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
                 Some(ObjectRef::<Tenant>::new(tenant))
             },
         )
-        // Pods without the proxy are reported on their Tenant; pods with it never
+        // Pods without a genuine proxy are reported on their Tenant; pods with it never
         // trigger a reconcile, so ordinary pod churn costs nothing here.
         .watches(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
             move |pod| {
-                if unprotected::lacks_proxy(&pod) {
+                if unprotected::exposure(&pod, &injects).is_some() {
                     tenant_of(&by_pod, pod.namespace())
                 } else {
                     None

@@ -27,7 +27,8 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
-use super::{tenant_dek, tenant_network, unprotected};
+use super::unprotected::{self, ExposedPod, Exposure};
+use super::{tenant_dek, tenant_network};
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -191,7 +192,7 @@ impl<'a> TenantReconciler<'a> {
             let status = self.status(
                 previous.namespaces,
                 previous.active_dek_version,
-                previous.unprotected_pods,
+                None,
                 Some(&error),
             );
             self.apply_status(&status).await?;
@@ -272,7 +273,7 @@ impl<'a> TenantReconciler<'a> {
         let unprotected = self.unprotected_pods(&bound).await?;
         self.announce_unprotected(&unprotected).await;
         let problem = plan.problem(&self.name);
-        let status = self.status(bound, Some(dek.active), unprotected, problem.as_ref());
+        let status = self.status(bound, Some(dek.active), Some(unprotected), problem.as_ref());
         self.apply_status(&status).await?;
         if let Some(error) = problem {
             self.announce_problem(&error).await;
@@ -436,29 +437,30 @@ impl<'a> TenantReconciler<'a> {
         Ok(())
     }
 
-    /// Pods of the bound namespaces running without the proxy.
-    async fn unprotected_pods(&self, namespaces: &[String]) -> Result<Vec<String>> {
+    /// Pods of the bound namespaces running without a genuine proxy.
+    async fn unprotected_pods(&self, namespaces: &[String]) -> Result<Vec<ExposedPod>> {
         let mut pods = Vec::new();
         for ns in namespaces {
             let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), ns);
             pods.extend(api.list(&ListParams::default()).await?.items);
         }
-        let names = unprotected::unprotected(&pods);
+        let exposed = unprotected::unprotected(&pods, &self.ctx.settings.inject);
         self.ctx
             .metrics
-            .set_unprotected_pods(&self.name, names.len());
-        Ok(names)
+            .set_unprotected_pods(&self.name, exposed.len());
+        Ok(exposed)
     }
 
     /// A Warning Event when the set of unprotected pods changes to a non-empty one.
-    async fn announce_unprotected(&self, names: &[String]) {
+    async fn announce_unprotected(&self, exposed: &[ExposedPod]) {
+        let names: Vec<&str> = exposed.iter().map(|e| e.name.as_str()).collect();
         if names.is_empty() || self.previous().unprotected_pods == names {
             return;
         }
         let note = format!(
-            "{} pod(s) run without the Portcullis proxy: {}; delete them so they are re-created with it, or annotate them portcullis.dev/inject: disabled",
-            names.len(),
-            names.join(", ")
+            "{} pod(s) run without the Portcullis proxy: {}; delete them so they are re-created with it (opted-out pods: remove the annotation portcullis.dev/inject: disabled first)",
+            exposed.len(),
+            listing(exposed)
         );
         self.ctx
             .event(&self.reference(), true, "PodsWithoutProxy", note)
@@ -469,7 +471,7 @@ impl<'a> TenantReconciler<'a> {
         &self,
         namespaces: Vec<String>,
         active_dek_version: Option<u32>,
-        unprotected_pods: Vec<String>,
+        exposed: Option<Vec<ExposedPod>>,
         problem: Option<&Error>,
     ) -> TenantStatus {
         let prev = self.previous();
@@ -500,7 +502,22 @@ impl<'a> TenantReconciler<'a> {
             ),
         };
         // A separate condition: the tenant works, but some of its pods are exposed.
-        let protected = if unprotected_pods.is_empty() {
+        // Opt-outs alone get their own reason: allowed, but still not behind the proxy.
+        // `None`: not looked at this time, the previous report stands.
+        let previous_protected = prev.conditions.iter().find(|c| c.type_ == PROTECTED);
+        let (exposed, previous_protected) = match (exposed, previous_protected) {
+            (Some(exposed), _) => (exposed, None),
+            (None, found) => (Vec::new(), found.cloned()),
+        };
+        let unprotected_pods = if previous_protected.is_some() {
+            prev.unprotected_pods.clone()
+        } else {
+            exposed.iter().map(|e| e.name.clone()).collect()
+        };
+        let only_opt_outs = exposed.iter().all(|e| e.exposure == Exposure::OptedOut);
+        let protected = if let Some(kept) = previous_protected {
+            kept
+        } else if exposed.is_empty() {
             protected_condition(
                 true,
                 "AllPodsProxied",
@@ -512,11 +529,15 @@ impl<'a> TenantReconciler<'a> {
         } else {
             protected_condition(
                 false,
-                "PodsWithoutProxy",
+                if only_opt_outs {
+                    "PodsOptedOut"
+                } else {
+                    "PodsWithoutProxy"
+                },
                 format!(
                     "{} pod(s) without the proxy: {}",
-                    unprotected_pods.len(),
-                    unprotected_pods.join(", ")
+                    exposed.len(),
+                    listing(&exposed)
                 ),
                 generation,
                 &prev.conditions,
@@ -569,6 +590,15 @@ impl<'a> TenantReconciler<'a> {
             )
             .await;
     }
+}
+
+/// `ns/a (no proxy), ns/b (opted out)`.
+fn listing(exposed: &[ExposedPod]) -> String {
+    let each: Vec<String> = exposed
+        .iter()
+        .map(|e| format!("{} ({})", e.name, e.exposure.describe()))
+        .collect();
+    each.join(", ")
 }
 
 /// The `Protected` condition: `lastTransitionTime` kept while its status holds.

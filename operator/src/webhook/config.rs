@@ -1,15 +1,20 @@
 //! The webhook configurations, built as data — the operator applies them and the Helm
 //! chart renders the same shape (keep them in step).
 //!
-//! MutatingWebhookConfiguration `portcullis-injector`, two webhooks on pod CREATE, both
-//! `failurePolicy: Fail` (a pod that must carry the proxy is never created without it),
-//! `reinvocationPolicy: IfNeeded`, and namespace selectors that only match opted-in
-//! namespaces (a label selector cannot say "A or B", hence two webhooks that never
-//! match the same namespace):
+//! MutatingWebhookConfiguration `portcullis-injector`, two webhooks on pod CREATE and
+//! UPDATE and `pods/ephemeralcontainers` UPDATE (an update may swap a container's image,
+//! an ephemeral container could undo the redirect: the injector refuses both for its
+//! own containers), both `failurePolicy: Fail` (a pod that must carry the proxy is
+//! never created without it), `reinvocationPolicy: IfNeeded`, and namespace selectors
+//! that only match opted-in namespaces (a label selector cannot say "A or B", hence two
+//! webhooks that never match the same namespace):
 //!
-//! - `inject.portcullis.dev`: `portcullis.dev/inject In (enabled, required)`;
-//! - `tenant-inject.portcullis.dev`: `portcullis.dev/tenant` exists and
-//!   `portcullis.dev/inject NotIn (enabled, required, disabled)`.
+//! - `inject.portcullis.dev`: `portcullis.dev/inject In (enabled, required)` and no
+//!   `portcullis.dev/tenant` label;
+//! - `tenant-inject.portcullis.dev`: `portcullis.dev/tenant` exists — every tenant
+//!   namespace, also one labelled `portcullis.dev/inject=disabled`, because a
+//!   Confidential or Restricted Tenant requires injection whatever that label says (the
+//!   injector reads the Tenant and decides).
 //!
 //! Both also carry `kubernetes.io/metadata.name NotIn (kube-system, <operator ns>)`, so
 //! the operator can always start even when its webhook is down (the label is set by API
@@ -173,7 +178,12 @@ fn mutating_webhook(
             match_labels: None,
         }),
         reinvocation_policy: Some("IfNeeded".into()),
-        rules: Some(vec![rule(&[""], &["pods"], &["CREATE"], "Namespaced")]),
+        rules: Some(vec![rule(
+            &[""],
+            &["pods", "pods/ephemeralcontainers"],
+            &["CREATE", "UPDATE"],
+            "Namespaced",
+        )]),
         side_effects: "None".into(),
         timeout_seconds: Some(5),
         ..MutatingWebhook::default()
@@ -184,11 +194,11 @@ fn mutating_webhook(
 pub fn mutating(settings: &WebhookConfigSettings) -> MutatingWebhookConfiguration {
     let opted_in = vec![
         requirement(INJECT, "In", &["enabled", "required"]),
+        requirement(TENANT_LABEL, "DoesNotExist", &[]),
         settings.never_system(),
     ];
     let tenant = vec![
         requirement(TENANT_LABEL, "Exists", &[]),
-        requirement(INJECT, "NotIn", &["enabled", "required", "disabled"]),
         settings.never_system(),
     ];
     MutatingWebhookConfiguration {

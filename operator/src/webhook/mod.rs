@@ -12,7 +12,7 @@
 //! Wiring (the operator's `run`):
 //!
 //! ```ignore
-//! let certificates = WebhookCertificates::start(client.clone(), tls_settings, clock.clone()).await?;
+//! let certificates = WebhookCertificates::start(client.clone(), tls_settings, kek, clock.clone()).await?;
 //! tokio::spawn(certificates.clone().run(shutdown.clone()));
 //! let state = Arc::new(WebhookState::new(client.clone(), inject_settings, validator_settings,
 //!     ServerVersion::detect(&client).await?));
@@ -26,6 +26,8 @@ use std::sync::Arc;
 
 use portcullis_sidecar::identity::{Clock, SystemClock};
 use tokio_util::sync::CancellationToken;
+
+use crate::envelope::Kek;
 
 pub mod audit;
 pub mod audit_chain;
@@ -198,11 +200,12 @@ pub fn reserve(addr: SocketAddr) -> Result<tokio::net::TcpSocket, WebhookError> 
 pub async fn run(
     client: kube::Client,
     settings: WebhookSettings,
+    kek: Arc<Kek>,
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
     let socket = reserve(settings.addr)?;
-    start(client, socket, settings, audit, shutdown)
+    start(client, socket, settings, kek, audit, shutdown)
         .await?
         .await
 }
@@ -216,6 +219,7 @@ pub async fn start(
     client: kube::Client,
     socket: tokio::net::TcpSocket,
     settings: WebhookSettings,
+    kek: Arc<Kek>,
     audit: Arc<dyn AdminAuditSink>,
     shutdown: CancellationToken,
 ) -> Result<
@@ -235,7 +239,8 @@ pub async fn start(
         }
     );
     let certificates =
-        WebhookCertificates::start(client.clone(), settings.tls.clone(), clock.clone()).await?;
+        WebhookCertificates::start(client.clone(), settings.tls.clone(), kek, clock.clone())
+            .await?;
     if let Some(configurations) = &settings.configurations {
         let configurations = config::WebhookConfigSettings {
             ca_bundle: certificates.ca_bundle_pem().await,

@@ -7,13 +7,16 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation as KubeOperation};
 use kube::core::response::Status;
+use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_crds::{ApiKey, Role, Tenant};
 use serde::de::DeserializeOwned;
 
 use super::WebhookState;
 use super::audit::AdminAuditEvent;
-use super::inject::{Decision, decide};
-use super::validate::lookup::{catalogue, namespace_roles, tenant_claims};
+use super::inject::{
+    Decision, InjectionLevel, TenantClassification, decide_at, decide_ephemeral, decide_update,
+};
+use super::validate::lookup::{LookupError, catalogue, namespace_roles, tenant_claims};
 use super::validate::{
     Change, Operation, Refusal, Requester, TenantClaims, ValidatorSettings, validate_api_key,
     validate_role, validate_tenant,
@@ -53,41 +56,78 @@ fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, serde_json::E
     serde_json::to_value(object).and_then(serde_json::from_value)
 }
 
-/// The mutating webhook: sidecar injection for pods.
+/// The mutating webhook: sidecar injection for new pods, and the guard on what pod
+/// updates and ephemeral containers may change afterwards.
 pub async fn review_pod(
     state: &WebhookState,
     request: &AdmissionRequest<DynamicObject>,
 ) -> AdmissionResponse {
     let allow = AdmissionResponse::from(request);
-    let (KubeOperation::Create, Some(object)) = (&request.operation, &request.object) else {
+    let (Some(object), kind) = (&request.object, request.kind.kind.as_str()) else {
         return allow;
     };
-    if request.kind.kind != "Pod" || request.sub_resource.is_some() {
-        return allow;
-    }
+    let what = match (&request.operation, request.sub_resource.as_deref(), kind) {
+        (KubeOperation::Create, None, "Pod") => PodChange::Create,
+        (KubeOperation::Update, None, "Pod") => PodChange::Update,
+        (KubeOperation::Update, Some("ephemeralcontainers"), _) => PodChange::Ephemeral,
+        _ => return allow,
+    };
     let namespace = request.namespace.clone().unwrap_or_default();
-    let labels = match state.lookup.namespace_labels(&namespace).await {
-        Ok(labels) => labels.unwrap_or_default(),
+    let level = match injection_level(state, &namespace).await {
+        Ok(level) => level,
         Err(e) => return unavailable(request, e),
     };
-    let pod: Pod = match typed(object) {
-        Ok(pod) => pod,
-        Err(e) => {
-            // Unreadable here means unreadable to the proxy too; leave it to the API server.
-            let mut response = allow;
-            response.warnings = Some(vec![format!(
-                "portcullis: pod not injected: cannot read it: {e}"
-            )]);
-            return response;
+    if level == InjectionLevel::Off {
+        return allow;
+    }
+    let decision = match what {
+        PodChange::Create => {
+            let pod: Pod = match typed(object) {
+                Ok(pod) => pod,
+                Err(e) => {
+                    // Unreadable here means unreadable to the proxy too; leave it to the API server.
+                    let mut response = allow;
+                    response.warnings = Some(vec![format!(
+                        "portcullis: pod not injected: cannot read it: {e}"
+                    )]);
+                    return response;
+                }
+            };
+            decide_at(
+                &pod,
+                &namespace,
+                &level,
+                &state.inject,
+                state.server_version,
+            )
+        }
+        PodChange::Update => {
+            let pods = objects::<Pod>(request);
+            match pods {
+                Ok(Objects {
+                    object: Some(new),
+                    old: Some(old),
+                }) => decide_update(&old, &new, &namespace),
+                Ok(_) => return allow,
+                Err(response) => return *response,
+            }
+        }
+        PodChange::Ephemeral => {
+            let value = |o: &Option<DynamicObject>| {
+                o.as_ref()
+                    .and_then(|o| serde_json::to_value(o).ok())
+                    .unwrap_or_default()
+            };
+            let who = format!("pod {namespace}/{}", request.name);
+            decide_ephemeral(
+                &value(&request.object),
+                &value(&request.old_object),
+                &who,
+                state.inject.proxy_uid,
+            )
         }
     };
-    match decide(
-        &pod,
-        &namespace,
-        &labels,
-        &state.inject,
-        state.server_version,
-    ) {
+    match decision {
         Decision::Inject { patch, warnings } => {
             tracing::debug!(uid = %request.uid, %namespace, "injecting the proxy");
             let response = match allow.with_patch(patch) {
@@ -109,6 +149,43 @@ pub async fn review_pod(
         }
         Decision::Refuse { message } => deny(request, message, 403, "Forbidden"),
     }
+}
+
+/// What a pod admission is about.
+enum PodChange {
+    Create,
+    Update,
+    Ephemeral,
+}
+
+/// The namespace's injection level: its labels, and the classification of the Tenant
+/// its tenant label names (a Confidential or Restricted Tenant requires injection).
+async fn injection_level(
+    state: &WebhookState,
+    namespace: &str,
+) -> Result<InjectionLevel, LookupError> {
+    let labels = state
+        .lookup
+        .namespace_labels(namespace)
+        .await?
+        .unwrap_or_default();
+    let tenant = match labels.get(TENANT_LABEL) {
+        Some(name) => state
+            .lookup
+            .tenant(name)
+            .await?
+            .map(|t| TenantClassification {
+                tenant: name.clone(),
+                classification: t.spec.data_classification,
+            }),
+        None => None,
+    };
+    Ok(InjectionLevel::of(
+        namespace,
+        &labels,
+        tenant,
+        &state.inject,
+    ))
 }
 
 fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {

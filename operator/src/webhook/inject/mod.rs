@@ -8,8 +8,10 @@
 //! the `portcullis.dev/tenant` label (a namespace a Tenant owns) inject every pod that
 //! does not opt out with the annotation `portcullis.dev/inject: disabled`;
 //! `portcullis.dev/inject=required` injects every pod and refuses the ones it cannot
-//! inject (and the opt-out). `portcullis.dev/inject=disabled` on the namespace wins over
-//! the tenant label. `kube-system`, `kube-public`, `kube-node-lease` and the operator's
+//! inject, the opt-out, and a `portcullis.dev/skip-inbound-ports` that lists an app
+//! port. A namespace of a Confidential or Restricted Tenant is required whatever its
+//! labels say; otherwise `portcullis.dev/inject=disabled` on the namespace wins over the
+//! tenant label. `kube-system`, `kube-public`, `kube-node-lease` and the operator's
 //! namespace are never injected.
 //!
 //! # What is added
@@ -33,9 +35,16 @@
 //!
 //! # Defined outcomes
 //!
-//! - Already injected (annotation and proxy present): admitted unchanged, no patch.
+//! - Already injected — the annotation, and exactly what the injector adds ([`genuine`]:
+//!   image, command, args, env, ports, security context, mounts, the init step first,
+//!   the volumes; API-server defaults tolerated): admitted unchanged, no patch.
+//! - The annotation with anything else (another image, no init step, extra env...):
+//!   refused, naming the first difference.
 //! - A container named `portcullis-proxy`/`portcullis-init` that Portcullis did not
 //!   inject: refused — the name is reserved.
+//! - Afterwards ([`guard`]): a pod UPDATE may not change or drop the proxy or the init
+//!   step, nor the `portcullis.dev/injected` label and annotation; an ephemeral container
+//!   may not be privileged, add NET_ADMIN/NET_RAW/SYS_ADMIN or run as the proxy's uid.
 //! - Pods the injector cannot understand ([`Unsupported`]: hostNetwork, an app port or
 //!   annotation that does not parse, a port or volume name the proxy needs) are admitted
 //!   unchanged with a warning, and refused with the reason where the namespace requires
@@ -70,12 +79,16 @@ use portcullis_crds::annotations::{
 };
 use portcullis_crds::policy::InboundMode;
 use portcullis_crds::scope::ScopeMap;
-use portcullis_crds::tenant::TENANT_LABEL;
+use portcullis_crds::tenant::{DataClassification, TENANT_LABEL};
 use portcullis_sidecar::init::PortList;
 
+pub mod genuine;
+mod guard;
 mod patch;
 mod probes;
 mod sidecar;
+
+pub use guard::{decide_ephemeral, decide_update};
 
 pub use sidecar::{
     DATA_MOUNT, DATA_VOLUME, IDENTITY_TOKEN_MOUNT, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER,
@@ -87,22 +100,80 @@ pub use sidecar::{
 pub const INJECTED: &str = "portcullis.dev/injected";
 
 /// How strongly a namespace asks for injection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InjectionLevel {
     /// Not injected.
     Off,
     /// Pods are injected unless they opt out; pods the injector cannot inject are
     /// admitted unchanged with a warning.
     Enabled,
-    /// Every pod must be injected: opt-outs and pods the injector cannot inject are refused.
-    Required,
+    /// Every pod must be injected: opt-outs, pods the injector cannot inject and pods
+    /// skipping an app port are refused.
+    Required(RequiredBy),
+}
+
+/// Why a namespace requires injection; the refusals say it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequiredBy {
+    /// The label `portcullis.dev/inject=required`.
+    NamespaceLabel,
+    /// The namespace belongs to a Confidential or Restricted Tenant.
+    Classification(TenantClassification),
+}
+
+/// The Tenant a namespace belongs to and its data classification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantClassification {
+    /// The Tenant's name.
+    pub tenant: String,
+    /// Its `spec.dataClassification`.
+    pub classification: DataClassification,
+}
+
+impl TenantClassification {
+    /// Confidential and Restricted data may not bypass the proxy (DESIGN.md §6).
+    fn requires_injection(&self) -> bool {
+        matches!(
+            self.classification,
+            DataClassification::Confidential | DataClassification::Restricted
+        )
+    }
+}
+
+impl RequiredBy {
+    /// Completes "…; " in a refusal: what requires injection.
+    fn describe(&self, namespace: &str) -> String {
+        match self {
+            Self::NamespaceLabel => {
+                format!("namespace {namespace:?} requires injection (label {INJECT}=required)")
+            }
+            Self::Classification(t) => format!(
+                "namespace {namespace:?} belongs to Tenant {:?}, whose data classification {:?} requires \
+                 the proxy on every pod",
+                t.tenant, t.classification
+            ),
+        }
+    }
+
+    /// What a pod that opts out can do instead.
+    fn opt_out_remedy(&self) -> &'static str {
+        match self {
+            Self::NamespaceLabel => "or ask an admin to set the namespace label to enabled",
+            Self::Classification(_) => {
+                "only pods of Public and Internal tenants may run without the proxy"
+            }
+        }
+    }
 }
 
 impl InjectionLevel {
-    /// The level of `namespace` with `labels`.
+    /// The level of `namespace` with `labels`, whose Tenant (by the namespace's tenant
+    /// label) is `tenant`. A Confidential or Restricted Tenant makes it required, whatever
+    /// the namespace's own `portcullis.dev/inject` label says.
     pub fn of(
         namespace: &str,
         labels: &BTreeMap<String, String>,
+        tenant: Option<TenantClassification>,
         settings: &InjectSettings,
     ) -> Self {
         if settings.excluded_namespaces.iter().any(|n| n == namespace)
@@ -110,8 +181,11 @@ impl InjectionLevel {
         {
             return Self::Off;
         }
+        if let Some(tenant) = tenant.filter(TenantClassification::requires_injection) {
+            return Self::Required(RequiredBy::Classification(tenant));
+        }
         match labels.get(INJECT).map(String::as_str) {
-            Some("required") => Self::Required,
+            Some("required") => Self::Required(RequiredBy::NamespaceLabel),
             Some("enabled") => Self::Enabled,
             Some("disabled") => Self::Off,
             _ if labels.contains_key(TENANT_LABEL) => Self::Enabled,
@@ -255,6 +329,8 @@ pub enum NotInjected {
     AlreadyInjected,
     /// The injector cannot inject this pod (see the warning).
     Unsupported,
+    /// An update that leaves the proxy as it is: only creations are injected.
+    NotACreation,
 }
 
 /// What the webhook answers for a pod.
@@ -299,7 +375,8 @@ pub(crate) struct PodPlan {
     pub probes: probes::ProbePlan,
 }
 
-/// Decides what to do with `pod` in `namespace` (whose labels are `namespace_labels`).
+/// Decides what to do with `pod` in `namespace` (whose labels are `namespace_labels`),
+/// not knowing its Tenant's classification (see [`decide_at`]).
 pub fn decide(
     pod: &Pod,
     namespace: &str,
@@ -307,23 +384,36 @@ pub fn decide(
     settings: &InjectSettings,
     server: ServerVersion,
 ) -> Decision {
-    let level = InjectionLevel::of(namespace, namespace_labels, settings);
-    if level == InjectionLevel::Off {
-        return admit(NotInjected::NamespaceNotOptedIn, None);
-    }
+    let level = InjectionLevel::of(namespace, namespace_labels, None, settings);
+    decide_at(pod, namespace, &level, settings, server)
+}
+
+/// Decides what to do with a new `pod` in `namespace`, which asks for `level`.
+pub fn decide_at(
+    pod: &Pod,
+    namespace: &str,
+    level: &InjectionLevel,
+    settings: &InjectSettings,
+    server: ServerVersion,
+) -> Decision {
+    let required = match level {
+        InjectionLevel::Off => return admit(NotInjected::NamespaceNotOptedIn, None),
+        InjectionLevel::Enabled => None,
+        InjectionLevel::Required(by) => Some(by),
+    };
     let who = pod_display_name(pod, namespace);
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
 
     if annotations.get(INJECT).map(String::as_str) == Some("disabled") {
-        return match level {
-            InjectionLevel::Required => Decision::Refuse {
+        return match required {
+            Some(by) => Decision::Refuse {
                 message: format!(
-                    "{who} cannot opt out of Portcullis: namespace {namespace:?} requires injection \
-                     (label {INJECT}=required); remove the annotation {INJECT}: disabled, or ask an \
-                     admin to set the namespace label to enabled"
+                    "{who} cannot opt out of Portcullis: {}; remove the annotation {INJECT}: disabled, {}",
+                    by.describe(namespace),
+                    by.opt_out_remedy()
                 ),
             },
-            _ => admit(NotInjected::PodOptedOut, None),
+            None => admit(NotInjected::PodOptedOut, None),
         };
     }
 
@@ -336,14 +426,38 @@ pub fn decide(
     let names: Vec<&str> = init_names
         .chain(spec.containers.iter().map(|c| c.name.as_str()))
         .collect();
-    let has_proxy = names.contains(&PROXY_CONTAINER);
-    if has_proxy && annotations.contains_key(INJECTED) {
-        return admit(NotInjected::AlreadyInjected, None);
-    }
-    if let Some(reserved) = names
+    let reserved = names
         .iter()
-        .find(|n| **n == PROXY_CONTAINER || **n == INIT_CONTAINER)
-    {
+        .find(|n| **n == PROXY_CONTAINER || **n == INIT_CONTAINER);
+    if let (Some(_), Some(version)) = (reserved, annotations.get(INJECTED)) {
+        // The annotation is a claim anyone can copy; only the containers themselves count.
+        return match genuine::check(pod, settings) {
+            // Genuine, but what it was injected with must still hold here.
+            Ok(()) => {
+                let before = genuine::without_injected_parts(pod);
+                let bypass = plan(&before, &annotations).ok().and_then(|plan| {
+                    bypass(
+                        &who,
+                        &before.spec.clone().unwrap_or_default(),
+                        &plan,
+                        settings,
+                    )
+                });
+                match (required, bypass) {
+                    (Some(by), Some(bypass)) => bypass.refusal(namespace, by),
+                    _ => admit(NotInjected::AlreadyInjected, None),
+                }
+            }
+            Err(mismatch) => Decision::Refuse {
+                message: format!(
+                    "{who} carries the annotation {INJECTED}: {version:?} but not what Portcullis injects: \
+                     its {mismatch}; remove the {PROXY_CONTAINER:?} and {INIT_CONTAINER:?} containers, the \
+                     portcullis-* volumes and the annotation, and the webhook injects the real proxy"
+                ),
+            },
+        };
+    }
+    if let Some(reserved) = reserved {
         return Decision::Refuse {
             message: format!(
                 "{who} has a container named {reserved:?}, a name Portcullis reserves for the containers \
@@ -356,6 +470,11 @@ pub fn decide(
     match plan(pod, &annotations) {
         Ok(plan) => {
             let mut warnings = plan.probes.warnings.clone();
+            match (required, bypass(&who, &spec, &plan, settings)) {
+                (Some(by), Some(bypass)) => return bypass.refusal(namespace, by),
+                (None, Some(bypass)) => warnings.push(format!("portcullis: {}", bypass.0)),
+                _ => {}
+            }
             if plan.app_port.is_none() {
                 warnings.push(format!(
                     "portcullis: {who} declares no container port and no {APP_PORT}; the proxy will refuse inbound traffic"
@@ -373,14 +492,14 @@ pub fn decide(
                 warnings,
             }
         }
-        Err(Unsupported(reason)) => match level {
-            InjectionLevel::Required => Decision::Refuse {
+        Err(Unsupported(reason)) => match required {
+            Some(by) => Decision::Refuse {
                 message: format!(
-                    "{who} cannot be injected with the Portcullis proxy: {reason}; namespace {namespace:?} \
-                     requires injection (label {INJECT}=required)"
+                    "{who} cannot be injected with the Portcullis proxy: {reason}; {}",
+                    by.describe(namespace)
                 ),
             },
-            _ => admit(
+            None => admit(
                 NotInjected::Unsupported,
                 Some(format!(
                     "portcullis: {who} admitted without the proxy: {reason}"
@@ -390,6 +509,67 @@ pub fn decide(
     }
 }
 
+/// A way an injectable pod would still let traffic around the proxy (a sentence).
+struct Bypass(String);
+
+impl Bypass {
+    /// The refusal where injection is required.
+    fn refusal(self, namespace: &str, by: &RequiredBy) -> Decision {
+        Decision::Refuse {
+            message: format!("{}; {}", self.0, by.describe(namespace)),
+        }
+    }
+}
+
+/// Skipping an app port, or an app container able to undo the redirect (NET_ADMIN in
+/// the pod's network namespace can flush the init step's rules).
+fn bypass(
+    who: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    plan: &PodPlan,
+    settings: &InjectSettings,
+) -> Option<Bypass> {
+    if let Some(port) = skipped_app_port(spec, plan) {
+        return Some(Bypass(format!(
+            "{who} asks the proxy to skip port {port} ({SKIP_INBOUND_PORTS}: {:?}), which its app \
+             serves, so that traffic would bypass the proxy; remove {port} from the annotation (it \
+             may list only ports no app container serves, such as an init container's)",
+            plan.skip_inbound_ports.to_string()
+        )));
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    containers
+        .filter(|c| c.name != PROXY_CONTAINER && c.name != INIT_CONTAINER)
+        .find_map(|c| {
+            guard::redirect_risk(c.security_context.as_ref(), settings.proxy_uid).map(|risk| {
+                Bypass(format!(
+                    "{who}: container {:?} {risk}, which could undo the redirect to the Portcullis \
+                     proxy; drop that privilege",
+                    c.name
+                ))
+            })
+        })
+}
+
+/// The app port, or a TCP port an app (regular) container declares, that the
+/// skip list exempts from the redirect.
+fn skipped_app_port(spec: &k8s_openapi::api::core::v1::PodSpec, plan: &PodPlan) -> Option<u16> {
+    let declared = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        .filter_map(|p| u16::try_from(p.container_port).ok());
+    plan.app_port
+        .into_iter()
+        .chain(declared)
+        .find(|port| plan.skip_inbound_ports.contains(*port))
+}
+
 fn admit(reason: NotInjected, warning: Option<String>) -> Decision {
     Decision::Admit {
         reason,
@@ -397,7 +577,7 @@ fn admit(reason: NotInjected, warning: Option<String>) -> Decision {
     }
 }
 
-fn pod_display_name(pod: &Pod, namespace: &str) -> String {
+pub(crate) fn pod_display_name(pod: &Pod, namespace: &str) -> String {
     let name = match (&pod.metadata.name, &pod.metadata.generate_name) {
         (Some(name), _) if !name.is_empty() => name.clone(),
         (_, Some(prefix)) => format!("{prefix}<generated>"),

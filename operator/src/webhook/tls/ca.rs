@@ -1,5 +1,11 @@
 //! The webhook's own small CA and the serving leaves it signs (rcgen, ECDSA P-256).
 //! Pure: no I/O; the time comes from the caller.
+//!
+//! At rest (the Secret `portcullis-webhook-ca`) the CA's private key is wrapped by the
+//! KEK like the workload CA's (see `ca::persist`): PKCS#8 DER under AES-256-GCM, bound
+//! (AAD) to the Secret, the data key and the certificate's fingerprint. Secrets written
+//! before that hold it as PEM under `ca.key`; they are read once ([`KeyAtRest::LegacyPem`])
+//! and written back wrapped.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,12 +22,26 @@ use rustls::sign::CertifiedKey;
 use std::collections::BTreeMap;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::ca::certs::CaCertificate;
+use crate::ca::persist::key_aad;
+use crate::envelope::Kek;
 use crate::webhook::WebhookError;
+
+/// How the CA key was stored in the Secret read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyAtRest {
+    /// Wrapped by the KEK: nothing to do.
+    Wrapped,
+    /// Plain PEM (written before wrapping): to be written back wrapped.
+    LegacyPem,
+}
 
 /// Secret data key of the current CA certificate (PEM).
 pub const CA_CERT_KEY: &str = "ca.crt";
-/// Secret data key of the current CA private key (PKCS#8 PEM).
-pub const CA_KEY_KEY: &str = "ca.key";
+/// Secret data key of the current CA private key (PKCS#8 DER wrapped by the KEK).
+pub const CA_KEY_KEY: &str = "ca.key.wrapped";
+/// Where Secrets written before KEK wrapping hold the key, as PKCS#8 PEM.
+pub const LEGACY_CA_KEY_KEY: &str = "ca.key";
 /// Secret data key of the previous CA certificate, trusted until it expires.
 pub const PREVIOUS_CA_CERT_KEY: &str = "previous-ca.crt";
 
@@ -137,8 +157,13 @@ impl WebhookCa {
         Ok(next)
     }
 
-    /// Reads the CA from the Secret's data.
-    pub fn from_secret_data(data: &BTreeMap<String, ByteString>) -> Result<Self, WebhookError> {
+    /// Reads the CA from the data of the Secret `secret`, unwrapping its key with `kek`
+    /// (or reading a legacy PEM key, reported as [`KeyAtRest::LegacyPem`]).
+    pub fn from_secret_data(
+        data: &BTreeMap<String, ByteString>,
+        secret: &str,
+        kek: &Kek,
+    ) -> Result<(Self, KeyAtRest), WebhookError> {
         let text = |key: &str| -> Result<Option<String>, WebhookError> {
             data.get(key)
                 .map(|b| {
@@ -150,34 +175,61 @@ impl WebhookCa {
         };
         let cert_pem = text(CA_CERT_KEY)?
             .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_CERT_KEY}")))?;
-        let key_pem = text(CA_KEY_KEY)?
-            .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}")))?;
-        KeyPair::from_pem(&key_pem)
-            .map_err(|e| WebhookError::CorruptCaSecret(format!("{CA_KEY_KEY}: {e}")))?;
+        let (key_pair, at_rest) = match data.get(CA_KEY_KEY) {
+            Some(wrapped) => {
+                let pkcs8 = kek
+                    .unwrap(&wrapped.0, &aad(secret, &cert_pem)?)
+                    .map_err(|e| {
+                        WebhookError::CorruptCaSecret(format!(
+                            "{CA_KEY_KEY} cannot be unwrapped with the loaded KEK: {e}"
+                        ))
+                    })?;
+                let key = KeyPair::from_pkcs8_der_and_sign_algo(
+                    &PrivatePkcs8KeyDer::from(pkcs8),
+                    &PKCS_ECDSA_P256_SHA256,
+                )
+                .map_err(|e| WebhookError::CorruptCaSecret(format!("{CA_KEY_KEY}: {e}")))?;
+                (key, KeyAtRest::Wrapped)
+            }
+            None => {
+                let pem = text(LEGACY_CA_KEY_KEY)?
+                    .ok_or_else(|| WebhookError::CorruptCaSecret(format!("no {CA_KEY_KEY}")))?;
+                let key = KeyPair::from_pem(&pem).map_err(|e| {
+                    WebhookError::CorruptCaSecret(format!("{LEGACY_CA_KEY_KEY}: {e}"))
+                })?;
+                (key, KeyAtRest::LegacyPem)
+            }
+        };
         let not_after = not_after(&cert_pem)?;
         let previous = match text(PREVIOUS_CA_CERT_KEY)? {
             Some(pem) if !pem.is_empty() => Some((pem.clone(), not_after_or_epoch(&pem))),
             _ => None,
         };
-        Ok(Self {
+        let ca = Self {
             cert_pem,
-            key_pem,
+            key_pem: key_pair.serialize_pem(),
             not_after,
             previous,
-        })
+        };
+        Ok((ca, at_rest))
     }
 
-    /// The Secret's data.
-    pub fn to_secret_data(&self) -> BTreeMap<String, ByteString> {
+    /// The data of the Secret `secret`: certificates as PEM, the key wrapped by `kek`.
+    pub fn to_secret_data(
+        &self,
+        secret: &str,
+        kek: &Kek,
+    ) -> Result<BTreeMap<String, ByteString>, WebhookError> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(certificate_error("CA key"))?;
+        let wrapped = kek
+            .wrap(&key.serialize_der(), &aad(secret, &self.cert_pem)?)
+            .map_err(|e| WebhookError::Certificate(format!("wrapping the CA key: {e}")))?;
         let mut data = BTreeMap::from([
             (
                 CA_CERT_KEY.to_owned(),
                 ByteString(self.cert_pem.clone().into_bytes()),
             ),
-            (
-                CA_KEY_KEY.to_owned(),
-                ByteString(self.key_pem.clone().into_bytes()),
-            ),
+            (CA_KEY_KEY.to_owned(), ByteString(wrapped)),
         ]);
         if let Some((pem, _)) = &self.previous {
             data.insert(
@@ -185,7 +237,7 @@ impl WebhookCa {
                 ByteString(pem.clone().into_bytes()),
             );
         }
-        data
+        Ok(data)
     }
 
     /// The current CA certificate (PEM).
@@ -271,6 +323,14 @@ impl WebhookCa {
             issuer_pem: self.cert_pem.clone(),
         })
     }
+}
+
+/// The wrapped key's AAD: the workload CA's binding (Secret, data key, certificate
+/// fingerprint), so a key cannot be moved to another Secret, entry or certificate.
+fn aad(secret: &str, cert_pem: &str) -> Result<Vec<u8>, WebhookError> {
+    let cert = CaCertificate::from_pem(cert_pem)
+        .map_err(|e| WebhookError::CorruptCaSecret(format!("{CA_CERT_KEY}: {e}")))?;
+    Ok(key_aad(secret, CA_KEY_KEY, &cert))
 }
 
 fn not_after_or_epoch(pem: &str) -> Timestamp {

@@ -168,7 +168,10 @@ mod tests {
         assert_eq!(next.bundle_pem(t11).matches("BEGIN CERTIFICATE").count(), 1);
 
         // Round trip through the Secret's data.
-        let back = WebhookCa::from_secret_data(&next.to_secret_data()).unwrap();
+        let kek = crate::envelope::Kek::generate();
+        let data = next.to_secret_data(CA_SECRET, &kek).unwrap();
+        let (back, at_rest) = WebhookCa::from_secret_data(&data, CA_SECRET, &kek).unwrap();
+        assert_eq!(at_rest, ca::KeyAtRest::Wrapped);
         assert_eq!(back.bundle_pem(t8), next.bundle_pem(t8));
         assert_eq!(back.not_after().as_second(), next.not_after().as_second());
 
@@ -185,16 +188,63 @@ mod tests {
 
     #[test]
     fn a_corrupt_secret_is_reported() {
+        let kek = crate::envelope::Kek::generate();
         let mut data = WebhookCa::generate(jiff::Timestamp::now(), Duration::from_secs(3600))
             .unwrap()
-            .to_secret_data();
+            .to_secret_data(CA_SECRET, &kek)
+            .unwrap();
         data.insert(
             ca::CA_KEY_KEY.into(),
             k8s_openapi::ByteString(b"not a key".to_vec()),
         );
         assert!(matches!(
-            WebhookCa::from_secret_data(&data),
+            WebhookCa::from_secret_data(&data, CA_SECRET, &kek),
             Err(WebhookError::CorruptCaSecret(_))
         ));
+    }
+
+    #[test]
+    fn the_ca_key_is_stored_wrapped_and_bound_to_its_secret_and_kek() {
+        let kek = crate::envelope::Kek::generate();
+        let ca = WebhookCa::generate(jiff::Timestamp::now(), Duration::from_secs(3600)).unwrap();
+        let data = ca.to_secret_data(CA_SECRET, &kek).unwrap();
+        for (key, value) in &data {
+            assert!(
+                !String::from_utf8_lossy(&value.0).contains("PRIVATE KEY"),
+                "{key} holds a PEM private key"
+            );
+        }
+        assert!(!data.contains_key(ca::LEGACY_CA_KEY_KEY));
+        // Another KEK, or the data moved to another Secret: refused, not misread.
+        let other = crate::envelope::Kek::generate();
+        for (secret, kek) in [(CA_SECRET, &other), ("elsewhere", &kek)] {
+            let refused = WebhookCa::from_secret_data(&data, secret, kek).unwrap_err();
+            assert!(
+                refused.to_string().contains("cannot be unwrapped"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_legacy_pem_key_is_read_and_reported_for_rewrapping() {
+        let kek = crate::envelope::Kek::generate();
+        let certified = rcgen::generate_simple_self_signed(vec!["legacy".into()]).unwrap();
+        let legacy = std::collections::BTreeMap::from([
+            (
+                ca::CA_CERT_KEY.to_owned(),
+                k8s_openapi::ByteString(certified.cert.pem().into_bytes()),
+            ),
+            (
+                ca::LEGACY_CA_KEY_KEY.to_owned(),
+                k8s_openapi::ByteString(certified.signing_key.serialize_pem().into_bytes()),
+            ),
+        ]);
+        let (ca, at_rest) = WebhookCa::from_secret_data(&legacy, CA_SECRET, &kek).unwrap();
+        assert_eq!(at_rest, ca::KeyAtRest::LegacyPem);
+        let rewrapped = ca.to_secret_data(CA_SECRET, &kek).unwrap();
+        let (back, at_rest) = WebhookCa::from_secret_data(&rewrapped, CA_SECRET, &kek).unwrap();
+        assert_eq!(at_rest, ca::KeyAtRest::Wrapped);
+        assert_eq!(back.cert_pem(), certified.cert.pem());
     }
 }

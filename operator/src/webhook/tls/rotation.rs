@@ -18,7 +18,9 @@ use rustls::ServerConfig;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::ca::KeyAtRest;
 use super::{ServingCertificate, WebhookCa, WebhookTlsSettings, server_config};
+use crate::envelope::Kek;
 use crate::webhook::WebhookError;
 
 /// The webhook's certificates: the CA (shared by replicas through the Secret) and this
@@ -26,6 +28,7 @@ use crate::webhook::WebhookError;
 pub struct WebhookCertificates {
     client: kube::Client,
     settings: WebhookTlsSettings,
+    kek: Arc<Kek>,
     clock: Arc<dyn Clock>,
     serving: Arc<ServingCertificate>,
     ca: Mutex<WebhookCa>,
@@ -40,20 +43,23 @@ impl std::fmt::Debug for WebhookCertificates {
 }
 
 impl WebhookCertificates {
-    /// Loads (or creates) the CA, issues a leaf and patches the CA bundle.
+    /// Loads (or creates) the CA, its key wrapped by `kek`, issues a leaf and patches
+    /// the CA bundle.
     pub async fn start(
         client: kube::Client,
         settings: WebhookTlsSettings,
+        kek: Arc<Kek>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, WebhookError> {
         let now = clock.now();
-        let ca = load_or_create_ca(&client, &settings, now).await?;
-        let ca = renew_ca_if_due(&client, &settings, ca, now).await?;
+        let ca = load_or_create_ca(&client, &settings, &kek, now).await?;
+        let ca = renew_ca_if_due(&client, &settings, &kek, ca, now).await?;
         patch_ca_bundles(&client, &settings, &ca.bundle_pem(now)).await?;
         let leaf = ca.issue_leaf(&settings.sans(), now, settings.leaf_lifetime)?;
         Ok(Arc::new(Self {
             client,
             settings,
+            kek,
             clock,
             serving: Arc::new(ServingCertificate::new(leaf)),
             ca: Mutex::new(ca),
@@ -79,8 +85,8 @@ impl WebhookCertificates {
     pub async fn refresh(&self) -> Result<(), WebhookError> {
         let now = self.clock.now();
         let mut ca = self.ca.lock().await;
-        let loaded = load_or_create_ca(&self.client, &self.settings, now).await?;
-        let loaded = renew_ca_if_due(&self.client, &self.settings, loaded, now).await?;
+        let loaded = load_or_create_ca(&self.client, &self.settings, &self.kek, now).await?;
+        let loaded = renew_ca_if_due(&self.client, &self.settings, &self.kek, loaded, now).await?;
         // The bundle goes out before a leaf from a new CA is served.
         patch_ca_bundles(&self.client, &self.settings, &loaded.bundle_pem(now)).await?;
         let leaf = self.serving.current();
@@ -141,11 +147,12 @@ impl WebhookCertificates {
 async fn load_or_create_ca(
     client: &kube::Client,
     settings: &WebhookTlsSettings,
+    kek: &Kek,
     now: Timestamp,
 ) -> Result<WebhookCa, WebhookError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     if let Some(secret) = secrets.get_opt(&settings.ca_secret).await? {
-        return WebhookCa::from_secret_data(&secret.data.unwrap_or_default());
+        return read_ca(&secrets, secret, settings, kek).await;
     }
     let ca = WebhookCa::generate(now, settings.ca_lifetime)?;
     let secret = Secret {
@@ -162,7 +169,7 @@ async fn load_or_create_ca(
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(ca.to_secret_data()),
+        data: Some(ca.to_secret_data(&settings.ca_secret, kek)?),
         ..Secret::default()
     };
     let params = PostParams {
@@ -177,15 +184,43 @@ async fn load_or_create_ca(
         // Another replica won the race: use its CA.
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let secret = secrets.get(&settings.ca_secret).await?;
-            WebhookCa::from_secret_data(&secret.data.unwrap_or_default())
+            read_ca(&secrets, secret, settings, kek).await
         }
         Err(e) => Err(e.into()),
     }
 }
 
+/// The CA in `secret`; a legacy Secret with a PEM key is written back with the key
+/// wrapped (once: a concurrent rewrite by another replica is a 409, and theirs stands).
+async fn read_ca(
+    secrets: &Api<Secret>,
+    mut secret: Secret,
+    settings: &WebhookTlsSettings,
+    kek: &Kek,
+) -> Result<WebhookCa, WebhookError> {
+    let data = secret.data.take().unwrap_or_default();
+    let (ca, at_rest) = WebhookCa::from_secret_data(&data, &settings.ca_secret, kek)?;
+    if at_rest == KeyAtRest::LegacyPem {
+        secret.data = Some(ca.to_secret_data(&settings.ca_secret, kek)?);
+        match secrets
+            .replace(&settings.ca_secret, &PostParams::default(), &secret)
+            .await
+        {
+            Ok(_) => tracing::info!(
+                secret = %settings.ca_secret,
+                "the webhook CA key is now stored wrapped by the KEK"
+            ),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ca)
+}
+
 async fn renew_ca_if_due(
     client: &kube::Client,
     settings: &WebhookTlsSettings,
+    kek: &Kek,
     ca: WebhookCa,
     now: Timestamp,
 ) -> Result<WebhookCa, WebhookError> {
@@ -194,12 +229,16 @@ async fn renew_ca_if_due(
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let mut secret = secrets.get(&settings.ca_secret).await?;
-    let current = WebhookCa::from_secret_data(&secret.data.clone().unwrap_or_default())?;
+    let (current, _) = WebhookCa::from_secret_data(
+        &secret.data.clone().unwrap_or_default(),
+        &settings.ca_secret,
+        kek,
+    )?;
     if !current.needs_renewal(now, settings.ca_renew_before) {
         return Ok(current); // renewed by another replica meanwhile
     }
     let next = current.renewed(now, settings.ca_lifetime)?;
-    secret.data = Some(next.to_secret_data());
+    secret.data = Some(next.to_secret_data(&settings.ca_secret, kek)?);
     // resourceVersion is kept: a concurrent renewal makes this a 409, and we use theirs.
     match secrets
         .replace(&settings.ca_secret, &PostParams::default(), &secret)
@@ -213,7 +252,7 @@ async fn renew_ca_if_due(
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let secret = secrets.get(&settings.ca_secret).await?;
-            WebhookCa::from_secret_data(&secret.data.unwrap_or_default())
+            read_ca(&secrets, secret, settings, kek).await
         }
         Err(e) => Err(e.into()),
     }
