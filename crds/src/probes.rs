@@ -130,7 +130,12 @@ mod tests {
             },
         );
         let text = serde_json::to_string(&probes).unwrap();
-        assert!(text.contains(r#""/app-health/app/readyz":{"port":8080,"type":"http","path":"/healthz""#), "{text}");
+        assert!(
+            text.contains(
+                r#""/app-health/app/readyz":{"port":8080,"type":"http","path":"/healthz""#
+            ),
+            "{text}"
+        );
         assert_eq!(serde_json::from_str::<AppProbes>(&text).unwrap(), probes);
     }
 }

@@ -622,7 +622,15 @@ echo "plain-http=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST
         ns = fx.app_ns,
         port = APP_PORT
     );
-    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("KEY", &token)],
+        &script,
+    )
+    .await?;
     assert_eq!(run.value("with-key"), Some("200"), "{}", run.logs);
     assert_eq!(run.value("no-key"), Some("401"), "{}", run.logs);
     assert_ne!(
@@ -874,7 +882,15 @@ echo "denied=$(code_of -H "Authorization: Bearer $KEY" {url}/v1/events/7)"
 "#,
         url = fx.app_url()
     );
-    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[("KEY", &token)], &script).await?;
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("KEY", &token)],
+        &script,
+    )
+    .await?;
     assert_eq!(run.value("allowed"), Some("200"), "{}", run.logs);
     let masked = format!("ak_***{}", &token[token.len().saturating_sub(3)..]);
     let logs = wait_for(

@@ -17,10 +17,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    app_health::AppHealth,
     audit::AuditReadiness,
     body::{ProxyBody, full},
     idle::{self, Activity},
-    app_health::AppHealth,
     metrics::Metrics,
     per_source::SourceSlots,
     policy::PolicyStore,
@@ -114,8 +114,16 @@ fn route(
 /// Runs one of the app's probes (`/app-health/<container>/<kind>`).
 async fn app_probe_response(health: &AppHealth, path: &str) -> Response<ProxyBody> {
     match health.check(path).await {
-        Some(outcome) => text(outcome.status, "text/plain", format!("{}\n", outcome.detail)),
-        None => text(StatusCode::NOT_FOUND, "text/plain", "no such probe\n".into()),
+        Some(outcome) => text(
+            outcome.status,
+            "text/plain",
+            format!("{}\n", outcome.detail),
+        ),
+        None => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such probe\n".into(),
+        ),
     }
 }
 
@@ -175,9 +183,8 @@ async fn serve_connection(
         move |request: Request<Incoming>| {
             let in_flight = activity.request_started();
             let path = request.uri().path().to_owned();
-            let app_probe = (request.method() == Method::GET
-                && readiness.app_health.knows(&path))
-            .then(|| readiness.app_health.clone());
+            let app_probe = (request.method() == Method::GET && readiness.app_health.knows(&path))
+                .then(|| readiness.app_health.clone());
             let response = app_probe
                 .is_none()
                 .then(|| route(&request, &readiness, &metrics));
@@ -186,7 +193,11 @@ async fn serve_connection(
                 let response = match (response, app_probe) {
                     (Some(response), _) => response,
                     (None, Some(health)) => app_probe_response(&health, &path).await,
-                    (None, None) => text(StatusCode::NOT_FOUND, "text/plain", "no such probe\n".into()),
+                    (None, None) => text(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        "no such probe\n".into(),
+                    ),
                 };
                 Ok::<_, Infallible>(response)
             }

@@ -73,7 +73,9 @@ async fn run(probe: &AppProbe) -> Outcome {
             detail,
         },
         Ok(Err(detail)) => unhealthy(detail),
-        Err(_) => unhealthy(format!("the app at {address} did not answer within {timeout:?}")),
+        Err(_) => unhealthy(format!(
+            "the app at {address} did not answer within {timeout:?}"
+        )),
     }
 }
 
@@ -145,10 +147,13 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_req| async move {
-                        let mut response = http::Response::new(http_body_util::Full::new(Bytes::new()));
+                        let mut response =
+                            http::Response::new(http_body_util::Full::new(Bytes::new()));
                         *response.status_mut() = status;
                         Ok::<_, std::convert::Infallible>(response)
                     });

@@ -11,7 +11,9 @@
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use portcullis_crds::annotations::PROXY_ADMIN_PORT;
-use portcullis_crds::probes::{AppProbe, AppProbes, ProbeCheck, ProbeHeader, ProbeKind, health_path};
+use portcullis_crds::probes::{
+    AppProbe, AppProbes, ProbeCheck, ProbeHeader, ProbeKind, health_path,
+};
 use portcullis_sidecar::init::PortList;
 
 /// One probe to replace.
@@ -95,7 +97,11 @@ fn original(
                 value: h.value.clone(),
             })
             .collect();
-        let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+        let path = http
+            .path
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/".into());
         return Some(AppProbe {
             port,
             check: ProbeCheck::Http { path, headers },
@@ -168,12 +174,22 @@ mod tests {
         }));
         let plan = plan(&[app], &PortList::default());
         assert_eq!(plan.rewritten.len(), 2);
-        let readiness = &plan.rewritten.iter().find(|r| r.kind == ProbeKind::Readiness).unwrap().probe;
+        let readiness = &plan
+            .rewritten
+            .iter()
+            .find(|r| r.kind == ProbeKind::Readiness)
+            .unwrap()
+            .probe;
         let http = readiness.http_get.as_ref().unwrap();
         assert_eq!(http.port, IntOrString::Int(4191));
         assert_eq!(http.path.as_deref(), Some("/app-health/app/readyz"));
         assert_eq!(readiness.period_seconds, Some(2), "timings are kept");
-        let liveness = &plan.rewritten.iter().find(|r| r.kind == ProbeKind::Liveness).unwrap().probe;
+        let liveness = &plan
+            .rewritten
+            .iter()
+            .find(|r| r.kind == ProbeKind::Liveness)
+            .unwrap()
+            .probe;
         assert!(liveness.tcp_socket.is_none());
         assert_eq!(liveness.failure_threshold, Some(5));
         assert_eq!(
@@ -182,12 +198,18 @@ mod tests {
                 port: 8080,
                 check: ProbeCheck::Http {
                     path: "/healthz".into(),
-                    headers: vec![ProbeHeader { name: "X-Probe".into(), value: "1".into() }]
+                    headers: vec![ProbeHeader {
+                        name: "X-Probe".into(),
+                        value: "1".into()
+                    }]
                 },
                 timeout_seconds: 3
             }
         );
-        assert_eq!(plan.originals["/app-health/app/livez"].check, ProbeCheck::Tcp);
+        assert_eq!(
+            plan.originals["/app-health/app/livez"].check,
+            ProbeCheck::Tcp
+        );
     }
 
     #[test]
@@ -211,6 +233,10 @@ mod tests {
         }));
         let plan = plan(&[app], &PortList::default());
         assert!(plan.rewritten.is_empty());
-        assert!(plan.warnings[0].contains("HTTPS probe on port 8443"), "{:?}", plan.warnings);
+        assert!(
+            plan.warnings[0].contains("HTTPS probe on port 8443"),
+            "{:?}",
+            plan.warnings
+        );
     }
 }
