@@ -95,5 +95,7 @@ for config in mutatingwebhookconfiguration/portcullis-injector validatingwebhook
   [ -n "$bundle" ] || { echo "run.sh: the operator never set the caBundle of $config" >&2; exit 1; }
 done
 
-PORTCULLIS_E2E=kind PORTCULLIS_RELEASE_NAMESPACE="$RELEASE_NAMESPACE" \
-  cargo test -p portcullis-e2e --test cluster_scenarios -- --test-threads=1 "$@"
+for suite in cluster_scenarios cluster_disruptions; do   # disruptions last: they uninstall
+  PORTCULLIS_E2E=kind PORTCULLIS_RELEASE_NAMESPACE="$RELEASE_NAMESPACE" \
+    cargo test -p portcullis-e2e --test "$suite" -- --test-threads=1 "$@"
+done
