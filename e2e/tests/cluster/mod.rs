@@ -1,7 +1,7 @@
 //! What the real-cluster suites share: the tier, the client, the fixture (a tenant
 //! namespace with an injected echo app and a plain client namespace), waiting, keys,
 //! curl Jobs and the hammer pod. Each test binary uses its own part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 // A prelude for the suites: they glob-import this module.
 
