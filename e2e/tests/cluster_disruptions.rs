@@ -123,9 +123,21 @@ async fn plain_pod_runs(client: &Client, tier: Tier, namespace: &str) -> Result<
         }]}
     }))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .with_context(|| format!("creating a plain pod in {namespace}"))?;
+    // A new namespace's default ServiceAccount (and on 1.20 its token) appears a moment
+    // after the namespace: retry that refusal only, never a webhook's.
+    let created = wait_for(
+        &format!("the default ServiceAccount of {namespace}"),
+        Duration::from_secs(60),
+        || async {
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => Ok(Some(Ok(()))),
+                Err(e) if format!("{e:?}").to_lowercase().contains("serviceaccount") => Ok(None),
+                Err(e) => Ok(Some(Err(anyhow::anyhow!("{e:?}")))),
+            }
+        },
+    )
+    .await?;
+    created.with_context(|| format!("creating a plain pod in {namespace}"))?;
     let running = wait_for(
         &format!("plain pod {namespace}/{name} Running"),
         Duration::from_secs(120),
@@ -227,11 +239,18 @@ async fn disrupt(client: &Client, fx: &Fixture, hammer: &str) -> Result<()> {
         .spec
         .and_then(|s| s.holder_identity)
         .context("the operator Lease has no holder")?;
+    // The holder identity is the pod name plus a per-process suffix.
+    let leader_pod = operator_pods(client)
+        .await?
+        .iter()
+        .map(|p| p.name_any())
+        .find(|name| leader.starts_with(name.as_str()))
+        .with_context(|| format!("no operator pod holds the Lease ({leader})"))?;
     let since = jiff::Timestamp::now();
     Api::<Pod>::namespaced(client.clone(), &release_namespace())
-        .delete(&leader, &DeleteParams::default())
+        .delete(&leader_pod, &DeleteParams::default())
         .await
-        .with_context(|| format!("deleting the leader {leader}"))?;
+        .with_context(|| format!("deleting the leader {leader_pod}"))?;
     wait_for("a new leader", Duration::from_secs(120), || async {
         let holder = Api::<Lease>::namespaced(client.clone(), &release_namespace())
             .get(OPERATOR)
@@ -307,15 +326,20 @@ async fn disrupt(client: &Client, fx: &Fixture, hammer: &str) -> Result<()> {
             ])
             .await?;
             operator_ready(client).await?;
-            let images: Vec<String> = operator_pods(client)
-                .await?
-                .iter()
-                .filter_map(|p| p.spec.as_ref()?.containers.first()?.image.clone())
-                .collect();
-            ensure!(
-                images.iter().all(|i| i.ends_with(&upgraded)),
-                "operator pods after the upgrade run {images:?}"
-            );
+            // The old pods may still be terminating for a moment.
+            wait_for(
+                "only upgraded operator pods",
+                Duration::from_secs(120),
+                || async {
+                    let images: Vec<String> = operator_pods(client)
+                        .await?
+                        .iter()
+                        .filter_map(|p| p.spec.as_ref()?.containers.first()?.image.clone())
+                        .collect();
+                    Ok(images.iter().all(|i| i.ends_with(&upgraded)).then_some(()))
+                },
+            )
+            .await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             no_failures_since(client, fx, hammer, since, "helm upgrade").await?;
         }

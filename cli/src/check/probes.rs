@@ -123,7 +123,12 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
     let message = format!("deployment {name}: {ready}/{want} ready");
     let logs =
         format!("kubectl -n {namespace} logs deploy/{name}; kubectl -n {namespace} describe pods");
-    if ready == 0 && want > 0 {
+    if want == 0 {
+        // Scaled to zero: the webhooks (failurePolicy Fail) refuse pods in opted-in
+        // namespaces and sidecars get no certificates or policy updates.
+        CheckResult::fail("Operator", format!("{message}: scaled to zero, so pods in opted-in namespaces are refused and sidecars get no certificates or policy updates"))
+            .hint(format!("kubectl -n {namespace} scale deployment {name} --replicas=2"))
+    } else if ready == 0 {
         CheckResult::fail("Operator", message)
             .details(unready)
             .hint(logs)
@@ -544,6 +549,15 @@ mod tests {
             judge_operator("ps", &[deployment(2)], &[]).message,
             "deployment portcullis-operator: 2/2 ready"
         );
+        // Scaled to zero is not "all ready": admission refuses pods then.
+        let scaled_down: Deployment = from_json(serde_json::json!({
+            "metadata": {"name": "portcullis-operator"},
+            "spec": {"replicas": 0, "selector": {}, "template": {}},
+            "status": {}
+        }));
+        let zero = judge_operator("ps", &[scaled_down], &[]);
+        assert_eq!(zero.status, Status::Fail, "{zero:?}");
+        assert!(zero.message.contains("scaled to zero"), "{}", zero.message);
     }
 
     fn ca_secret(key: &str, not_after: (i32, u8, u8)) -> Secret {
