@@ -4,18 +4,20 @@
 
 pub mod apikey;
 pub mod key_lifecycle;
+pub mod key_secrets;
 pub mod role;
 pub mod tenant;
 pub mod tenant_changes;
 pub mod tenant_dek;
 pub mod tenant_network;
+pub mod tenant_secrets;
 pub mod unprotected;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
@@ -212,10 +214,13 @@ async fn run_api_keys(ctx: Arc<Context>, shutdown: CancellationToken) {
     let by_tenant = keys.clone();
     let key_tenants = TenantChanges::default();
     controller
-        .owns(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(key_lifecycle::SECRET_LABEL),
-        )
+        // Key Secrets, watched only in bound namespaces (the operator may not read
+        // Secrets elsewhere): a deleted Secret gets its key re-issued.
+        .reconcile_on(key_secrets::triggers(
+            client.clone(),
+            ctx.stores.clone(),
+            shutdown.clone(),
+        ))
         // A role change can grant or withdraw a key's scopes (directly or by inheritance,
         // so every key of the namespace is looked at again).
         .watches(
