@@ -639,6 +639,29 @@ mod tests {
     }
 
     #[test]
+    fn tenant_secrets_are_bound_only_when_the_cluster_role_is_named() {
+        assert_eq!(settings(&[]).reconcile.secrets_binding, None);
+        let s = settings(&["--tenant-secrets-role", "pc-tenant-secrets"]);
+        assert_eq!(
+            s.reconcile.secrets_binding,
+            Some(SecretsBinding {
+                cluster_role: "pc-tenant-secrets".into(),
+                service_account: "portcullis-operator".into(),
+            })
+        );
+        let s = settings(&[
+            "--tenant-secrets-role",
+            "pc-tenant-secrets",
+            "--service-account",
+            "pc",
+        ]);
+        assert_eq!(
+            s.reconcile.secrets_binding.map(|b| b.service_account),
+            Some("pc".into())
+        );
+    }
+
+    #[test]
     fn no_webhooks_and_the_debug_policy_server_are_explicit() {
         let s = settings(&["--no-webhooks", "--policy-insecure-debug"]);
         assert!(s.webhooks.is_none());

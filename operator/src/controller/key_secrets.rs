@@ -65,9 +65,13 @@ async fn follow(
             keep
         });
         for ns in bound {
-            if !watches.contains_key(&ns) {
-                let task = tokio::spawn(watch_namespace(client.clone(), ns.clone(), tx.clone()));
-                watches.insert(ns, task);
+            if let std::collections::btree_map::Entry::Vacant(entry) = watches.entry(ns) {
+                let ns = entry.key().clone();
+                entry.insert(tokio::spawn(watch_namespace(
+                    client.clone(),
+                    ns,
+                    tx.clone(),
+                )));
             }
         }
         tokio::select! {

@@ -76,6 +76,32 @@ fn tenants_for_namespace(
         .collect()
 }
 
+/// Deletes `object` if the owner with `owner_uid` owns it; one someone else created
+/// under that name is left alone, and one already gone counts as deleted.
+pub(crate) async fn delete_if_owned<K>(
+    api: &Api<K>,
+    object: Option<K>,
+    owner_uid: &str,
+) -> crate::error::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(object) = object else {
+        return Ok(());
+    };
+    if !object.owner_references().iter().any(|o| o.uid == owner_uid) {
+        return Ok(());
+    }
+    match api
+        .delete(&object.name_any(), &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if crate::error::is_api_code(&e, 404) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn tenant_of(stores: &Stores, namespace: Option<String>) -> Option<ObjectRef<Tenant>> {
     stores
         .tenant_of_namespace(&namespace?)

@@ -280,7 +280,12 @@ impl<'a> TenantReconciler<'a> {
         let unprotected = self.unprotected_pods(&bound).await?;
         self.announce_unprotected(&unprotected).await;
         let problem = plan.problem(&self.name);
-        let status = self.status(bound.clone(), Some(dek.active), unprotected, problem.as_ref());
+        let status = self.status(
+            bound.clone(),
+            Some(dek.active),
+            unprotected,
+            problem.as_ref(),
+        );
         self.apply_status(&status).await?;
         // After the status stops listing them: until then the ApiKey controller may
         // still read Secrets there.

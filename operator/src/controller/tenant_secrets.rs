@@ -15,8 +15,8 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use portcullis_crds::annotations::FIELD_MANAGER;
 use portcullis_crds::tenant::TENANT_LABEL;
 
@@ -132,20 +132,8 @@ pub async fn remove(ctx: &Context, namespace: &str, owner_uid: &str) -> Result<(
     }
     let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
     let named = ListParams::default().fields(&format!("metadata.name={SECRETS_BINDING}"));
-    let ours = api
-        .list(&named)
-        .await?
-        .items
-        .iter()
-        .any(|b| b.owner_references().iter().any(|o| o.uid == owner_uid));
-    if !ours {
-        return Ok(());
-    }
-    match api.delete(SECRETS_BINDING, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(e) if crate::error::is_api_code(&e, 404) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let binding = api.list(&named).await?.items.into_iter().next();
+    super::delete_if_owned(&api, binding, owner_uid).await
 }
 
 #[cfg(test)]
