@@ -64,6 +64,8 @@ use tokio::sync::{Mutex, OnceCell};
 const RELEASE: &str = "portcullis";
 const TEMPLATE_NAMESPACE: &str = "portcullis-system";
 const OPERATOR_FIELD_MANAGER: &str = "portcullis-operator";
+/// The chart's ClusterRole for ApiKey Secrets, bound only per tenant namespace.
+const TENANT_SECRETS_ROLE: &str = "portcullis-operator-tenant-secrets";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -640,10 +642,12 @@ fn helm_template_renders_the_contract() -> Result<()> {
         assert_eq!(rule["operations"], json!(["CREATE", "UPDATE", "DELETE"]));
     }
 
-    // RBAC: least privilege, no wildcards, no bind/escalate/impersonate.
+    // RBAC: least privilege, no wildcards, no escalate/impersonate, and `bind` only on
+    // the tenant-secrets ClusterRole (which the operator binds per tenant namespace).
     for (kind, name) in [
         ("ClusterRole", "portcullis-operator"),
         ("Role", "portcullis-operator"),
+        ("ClusterRole", TENANT_SECRETS_ROLE),
     ] {
         for rule in find(&objects, kind, name)?["rules"]
             .as_array()
@@ -657,10 +661,43 @@ fn helm_template_renders_the_contract() -> Result<()> {
             }
             for verb in str_list(&rule["verbs"]) {
                 assert!(
-                    !matches!(verb.as_str(), "bind" | "escalate" | "impersonate"),
+                    !matches!(verb.as_str(), "escalate" | "impersonate"),
                     "{kind} grants {verb}"
                 );
+                if verb == "bind" {
+                    assert_eq!(
+                        (
+                            str_list(&rule["resources"]),
+                            str_list(&rule["resourceNames"])
+                        ),
+                        (
+                            vec!["clusterroles".to_owned()],
+                            vec![TENANT_SECRETS_ROLE.to_owned()]
+                        ),
+                        "{kind} grants bind beyond the tenant-secrets ClusterRole: {rule}"
+                    );
+                }
             }
+        }
+    }
+    // Secrets: never in the cluster-wide ClusterRole, and the ClusterRole that grants
+    // them in tenant namespaces is bound by nothing in the chart.
+    let cluster_rules = find(&objects, "ClusterRole", "portcullis-operator")?["rules"].clone();
+    for rule in cluster_rules.as_array().context("rules")? {
+        assert!(
+            !str_list(&rule["resources"]).iter().any(|r| r == "secrets"),
+            "Secrets granted cluster-wide: {rule}"
+        );
+    }
+    for object in &objects {
+        if matches!(
+            object["kind"].as_str(),
+            Some("ClusterRoleBinding" | "RoleBinding")
+        ) {
+            assert_ne!(
+                object["roleRef"]["name"], TENANT_SECRETS_ROLE,
+                "the chart binds the tenant-secrets ClusterRole: {object}"
+            );
         }
     }
     let binding = find(&objects, "ClusterRoleBinding", "portcullis-operator")?;
@@ -1494,6 +1531,8 @@ struct Cx {
     sa_groups: Vec<String>,
     release_ns: String,
     tenant_ns: String,
+    /// A namespace no Tenant holds: the operator has no Secret access there.
+    unbound_ns: String,
     tenant: String,
     apikey: String,
     /// A RBAC Role holding every generated permission (target of binding probes).
@@ -1577,6 +1616,9 @@ enum Probe {
     ReplaceApiKeySecret,
     DeleteApiKeySecret,
     GetCaSecret,
+    CreateOwnSecret,
+    ReplaceOwnSecret,
+    BindTenantSecrets,
     ApplyTrustBundle,
     GetConfigMap,
     ListConfigMaps,
@@ -1610,7 +1652,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 60] = [
+    const ALL: [Probe; 63] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -1641,6 +1683,9 @@ impl Probe {
         Self::ReplaceApiKeySecret,
         Self::DeleteApiKeySecret,
         Self::GetCaSecret,
+        Self::CreateOwnSecret,
+        Self::ReplaceOwnSecret,
+        Self::BindTenantSecrets,
         Self::ApplyTrustBundle,
         Self::GetConfigMap,
         Self::ListConfigMaps,
@@ -1708,8 +1753,14 @@ impl Probe {
             GetApiKeySecret | GetCaSecret => vec![need("", "secrets", "get")],
             ListSecrets => vec![need("", "secrets", "list")],
             WatchSecrets => vec![need("", "secrets", "watch")],
-            CreateApiKeySecret => vec![need("", "secrets", "create")],
-            ReplaceApiKeySecret => vec![need("", "secrets", "update")],
+            CreateApiKeySecret | CreateOwnSecret => vec![need("", "secrets", "create")],
+            ReplaceApiKeySecret | ReplaceOwnSecret => vec![need("", "secrets", "update")],
+            // The escalation check: the operator holds no Secret access in a namespace
+            // it has not bound yet, so only `bind` lets it reference the ClusterRole.
+            BindTenantSecrets => vec![
+                need(RBAC, "rolebindings", "create"),
+                need(RBAC, "clusterroles", "bind"),
+            ],
             DeleteApiKeySecret => vec![need("", "secrets", "delete")],
             ApplyTrustBundle => vec![
                 need("", "configmaps", "patch"),
@@ -1779,6 +1830,26 @@ impl Probe {
                 "list",
             )],
         }
+    }
+
+    /// Where the call happens: which chart roles can grant it.
+    fn scope(self) -> Scope {
+        use Probe::*;
+        match self {
+            GetApiKeySecret | ListSecrets | WatchSecrets | CreateApiKeySecret
+            | ReplaceApiKeySecret | DeleteApiKeySecret => Scope::TenantNamespace,
+            GetCaSecret | CreateOwnSecret | ReplaceOwnSecret | CreateLease | GetLease
+            | RenewLease => Scope::ReleaseNamespace,
+            _ => Scope::Anywhere,
+        }
+    }
+
+    /// The permissions this call needs, where it needs them.
+    fn scoped_needs(self) -> Vec<(Scope, Need)> {
+        self.needs()
+            .into_iter()
+            .map(|n| (self.scope(), n))
+            .collect()
     }
 
     async fn run(self, cx: &Cx) -> ProbeResult {
@@ -1899,8 +1970,8 @@ impl Probe {
                     .await?;
                 Ok(())
             }
-            ListSecrets => list_one(Api::<Secret>::all(sa)).await,
-            WatchSecrets => watch_once(Api::<Secret>::all(sa), None).await,
+            ListSecrets => list_one(Api::<Secret>::namespaced(sa, ns)).await,
+            WatchSecrets => watch_once(Api::<Secret>::namespaced(sa, ns), None).await,
             CreateApiKeySecret => {
                 let secret = self.apikey_secret(cx, "probe-key-").await?;
                 Api::<Secret>::namespaced(sa, ns)
@@ -1942,6 +2013,43 @@ impl Probe {
             GetCaSecret => {
                 Api::<Secret>::namespaced(sa, &cx.release_ns)
                     .get("portcullis-ca-root")
+                    .await?;
+                Ok(())
+            }
+            CreateOwnSecret => {
+                let created = Api::<Secret>::namespaced(sa, &cx.release_ns)
+                    .create(&PostParams::default(), &own_secret())
+                    .await?;
+                Api::<Secret>::namespaced(admin, &cx.release_ns)
+                    .delete(&created.name_any(), &DeleteParams::default())
+                    .await?;
+                Ok(())
+            }
+            ReplaceOwnSecret => {
+                let secrets = Api::<Secret>::namespaced(admin, &cx.release_ns);
+                let created = secrets
+                    .create(&PostParams::default(), &own_secret())
+                    .await?;
+                let mut replaced = created.clone();
+                replaced.data = Some(BTreeMap::from([(
+                    "key".into(),
+                    ByteString(b"rotated".to_vec()),
+                )]));
+                let result = Api::<Secret>::namespaced(sa, &cx.release_ns)
+                    .replace(&created.name_any(), &PostParams::default(), &replaced)
+                    .await;
+                secrets
+                    .delete(&created.name_any(), &DeleteParams::default())
+                    .await?;
+                result?;
+                Ok(())
+            }
+            BindTenantSecrets => {
+                let created = Api::<RoleBinding>::namespaced(sa, &cx.unbound_ns)
+                    .create(&PostParams::default(), &secrets_binding(cx))
+                    .await?;
+                Api::<RoleBinding>::namespaced(admin, &cx.unbound_ns)
+                    .delete(&created.name_any(), &DeleteParams::default())
                     .await?;
                 Ok(())
             }
@@ -2161,31 +2269,24 @@ impl Probe {
     }
 
     async fn access_review(self, cx: &Cx, resource: &str, namespace: Option<&str>) -> ProbeResult {
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(cx.sa_user.clone()),
-                groups: Some(cx.sa_groups.clone()),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some("portcullis.dev".into()),
-                    resource: Some(resource.into()),
-                    subresource: Some("finalizers".into()),
-                    verb: Some("update".into()),
-                    namespace: namespace.map(str::to_owned),
-                    ..ResourceAttributes::default()
-                }),
-                ..SubjectAccessReviewSpec::default()
-            },
-            ..SubjectAccessReview::default()
+        let attributes = ResourceAttributes {
+            group: Some("portcullis.dev".into()),
+            resource: Some(resource.into()),
+            subresource: Some("finalizers".into()),
+            verb: Some("update".into()),
+            namespace: namespace.map(str::to_owned),
+            ..ResourceAttributes::default()
         };
-        let reviewed = Api::<SubjectAccessReview>::all(cx.admin.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
-        match reviewed.status {
-            Some(status) if status.allowed => Ok(()),
-            other => Err(ProbeError {
+        let allowed = authorizer_allows(&cx.admin, &cx.sa_user, &cx.sa_groups, attributes)
+            .await
+            .map_err(ProbeError::from)?;
+        if allowed {
+            Ok(())
+        } else {
+            Err(ProbeError {
                 forbidden: true,
-                message: format!("update {resource}/finalizers is not allowed: {other:?}"),
-            }),
+                message: format!("update {resource}/finalizers is not allowed"),
+            })
         }
     }
 
@@ -2239,23 +2340,70 @@ fn empty_rbac_role() -> RbacRole {
 }
 
 fn empty_binding(role: &str) -> RoleBinding {
-    RoleBinding {
-        metadata: ObjectMeta {
-            generate_name: Some("portcullis:probe-".into()),
-            ..ObjectMeta::default()
-        },
-        role_ref: k8s_openapi::api::rbac::v1::RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: role.into(),
-        },
-        subjects: Some(vec![k8s_openapi::api::rbac::v1::Subject {
+    probe_binding(
+        "portcullis:probe-",
+        "Role",
+        role,
+        k8s_openapi::api::rbac::v1::Subject {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "User".into(),
             name: "david@acme.com".into(),
             namespace: None,
-        }]),
+        },
+    )
+}
+
+/// A RoleBinding (name generated from `prefix`) of `role_kind` `role` to `subject`.
+fn probe_binding(
+    prefix: &str,
+    role_kind: &str,
+    role: &str,
+    subject: k8s_openapi::api::rbac::v1::Subject,
+) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            generate_name: Some(prefix.into()),
+            ..ObjectMeta::default()
+        },
+        role_ref: k8s_openapi::api::rbac::v1::RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: role_kind.into(),
+            name: role.into(),
+        },
+        subjects: Some(vec![subject]),
     }
+}
+
+/// A Secret in the operator's namespace, like its CA, KEK and DEK Secrets.
+fn own_secret() -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            generate_name: Some("portcullis-probe-".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "key".into(),
+            ByteString(b"probe".to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// A RoleBinding like the one the operator writes in a namespace a Tenant binds, for
+/// another subject: the probe's bindings must not give the operator's account access
+/// to the namespace (it would then pass the escalation check without `bind`).
+fn secrets_binding(cx: &Cx) -> RoleBinding {
+    probe_binding(
+        "portcullis-operator-secrets-",
+        "ClusterRole",
+        TENANT_SECRETS_ROLE,
+        k8s_openapi::api::rbac::v1::Subject {
+            api_group: None,
+            kind: "ServiceAccount".into(),
+            name: "portcullis-probe".into(),
+            namespace: Some(cx.release_ns.clone()),
+        },
+    )
 }
 
 fn regarding(cx: &Cx) -> ObjectReference {
@@ -2291,6 +2439,7 @@ fn new_event(cx: &Cx) -> Event {
 async fn probe_context(env: &EnvTest, release: &Release) -> Result<Cx> {
     let admin = env.client()?;
     let tenant_ns = env.create_namespace("rbac-tenant").await?;
+    let unbound_ns = env.create_namespace("rbac-unbound").await?;
     let tenant = format!("rbac-{}", suffix());
     let tenant_object: Tenant = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
@@ -2320,6 +2469,16 @@ async fn probe_context(env: &EnvTest, release: &Release) -> Result<Cx> {
             "spec": {"holderIdentity": "", "leaseDurationSeconds": 15}}))?;
         leases.create(&PostParams::default(), &lease).await?;
     }
+    // What the operator binds once the Tenant holds the namespace (no operator runs here).
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "portcullis-operator-secrets", "namespace": tenant_ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": TENANT_SECRETS_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": release.service_account,
+                      "namespace": release.namespace}]});
+    Api::<RoleBinding>::namespaced(admin.clone(), &tenant_ns)
+        .create(&PostParams::default(), &serde_json::from_value(binding)?)
+        .await?;
     let roles: Api<RbacRole> = Api::namespaced(admin.clone(), &tenant_ns);
     let all = roles
         .create(
@@ -2343,6 +2502,7 @@ async fn probe_context(env: &EnvTest, release: &Release) -> Result<Cx> {
         sa_groups: release.groups(),
         release_ns: release.namespace.clone(),
         tenant_ns,
+        unbound_ns,
         tenant,
         apikey: "probe".into(),
         all_permissions_role: all.name_any(),
@@ -2358,15 +2518,111 @@ fn grants(rule: &PolicyRule, (group, resource, verb): &Need) -> bool {
         && rule.verbs.iter().any(|v| v == verb)
 }
 
-/// The chart's rules as installed: (kind, rules) for the ClusterRole and the Role.
-async fn installed_rules(admin: &Client, release: &Release) -> Result<(ClusterRole, RbacRole)> {
-    let cluster_role = Api::<ClusterRole>::all(admin.clone())
-        .get("portcullis-operator")
-        .await?;
+/// Where a call happens, as far as the chart's roles are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    /// Cluster-scoped, or in any namespace: only the cluster-wide binding grants it.
+    Anywhere,
+    /// The release namespace (the operator's own Secrets, its Lease).
+    ReleaseNamespace,
+    /// A namespace a Tenant holds (ApiKey Secrets).
+    TenantNamespace,
+}
+
+/// Where a chart role is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// The ClusterRole, bound cluster-wide by the chart.
+    Everywhere,
+    /// The Role in the release namespace.
+    ReleaseNamespace,
+    /// The tenant-secrets ClusterRole, bound by the operator per tenant namespace.
+    TenantNamespaces,
+}
+
+impl Reach {
+    fn reaches(self, scope: Scope) -> bool {
+        match self {
+            Self::Everywhere => true,
+            Self::ReleaseNamespace => scope == Scope::ReleaseNamespace,
+            Self::TenantNamespaces => scope == Scope::TenantNamespace,
+        }
+    }
+}
+
+/// One of the chart's roles as installed.
+#[derive(Clone, Debug)]
+struct ChartRole {
+    name: String,
+    /// `None` for a ClusterRole.
+    namespace: Option<String>,
+    reach: Reach,
+    rules: Vec<PolicyRule>,
+}
+
+impl ChartRole {
+    fn label(&self) -> String {
+        match &self.namespace {
+            None => format!("ClusterRole {}", self.name),
+            Some(ns) => format!("Role {ns}/{}", self.name),
+        }
+    }
+
+    /// Replaces the role's rules, as `kubectl apply` of an edited rendering would.
+    async fn set_rules(&self, admin: &Client, rules: Vec<PolicyRule>) -> Result<()> {
+        let params = PostParams::default();
+        match &self.namespace {
+            None => {
+                let api: Api<ClusterRole> = Api::all(admin.clone());
+                let mut edited = api.get(&self.name).await?;
+                edited.rules = Some(rules);
+                api.replace(&self.name, &params, &edited).await?;
+            }
+            Some(ns) => {
+                let api: Api<RbacRole> = Api::namespaced(admin.clone(), ns);
+                let mut edited = api.get(&self.name).await?;
+                edited.rules = Some(rules);
+                api.replace(&self.name, &params, &edited).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `rule` of a role bound as `reach` grants `need` where the call happens.
+fn covers(reach: Reach, rule: &PolicyRule, (scope, need): &(Scope, Need)) -> bool {
+    reach.reaches(*scope) && grants(rule, need)
+}
+
+/// The chart's roles as installed: the cluster-wide ClusterRole, the release
+/// namespace's Role, and the tenant-secrets ClusterRole.
+async fn installed_roles(admin: &Client, release: &Release) -> Result<Vec<ChartRole>> {
+    let cluster_roles: Api<ClusterRole> = Api::all(admin.clone());
+    let cluster_role = cluster_roles.get("portcullis-operator").await?;
+    let tenant_secrets = cluster_roles.get(TENANT_SECRETS_ROLE).await?;
     let role = Api::<RbacRole>::namespaced(admin.clone(), &release.namespace)
         .get("portcullis-operator")
         .await?;
-    Ok((cluster_role, role))
+    Ok(vec![
+        ChartRole {
+            name: cluster_role.name_any(),
+            namespace: None,
+            reach: Reach::Everywhere,
+            rules: cluster_role.rules.unwrap_or_default(),
+        },
+        ChartRole {
+            name: role.name_any(),
+            namespace: Some(release.namespace.clone()),
+            reach: Reach::ReleaseNamespace,
+            rules: role.rules.unwrap_or_default(),
+        },
+        ChartRole {
+            name: tenant_secrets.name_any(),
+            namespace: None,
+            reach: Reach::TenantNamespaces,
+            rules: tenant_secrets.rules.unwrap_or_default(),
+        },
+    ])
 }
 
 #[tokio::test]
@@ -2389,27 +2645,32 @@ async fn chart_rbac_allows_every_operator_call() -> Result<()> {
         failures.join("\n  ")
     );
 
-    // Least privilege at the verb level: every verb the chart grants is used by a call.
-    let (cluster_role, role) = installed_rules(&cx.admin, release).await?;
-    let used: BTreeSet<Need> = Probe::ALL.iter().flat_map(|p| p.needs()).collect();
-    let granted: Vec<PolicyRule> = cluster_role
-        .rules
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .chain(role.rules.clone().unwrap_or_default())
-        .collect();
-    let unused: Vec<Need> = rule_needs(&granted)
-        .into_iter()
-        .filter(|n| !used.contains(n))
-        .collect();
+    // Least privilege at the verb level: every verb the chart grants is used by a call
+    // where the role is bound.
+    let roles = installed_roles(&cx.admin, release).await?;
+    let used: BTreeSet<(Scope, Need)> = Probe::ALL.iter().flat_map(|p| p.scoped_needs()).collect();
+    let mut unused = Vec::new();
+    for role in &roles {
+        for n in rule_needs(&role.rules) {
+            if !used
+                .iter()
+                .any(|(scope, u)| *u == n && role.reach.reaches(*scope))
+            {
+                unused.push(format!("{}: {n:?}", role.label()));
+            }
+        }
+    }
     assert!(
         unused.is_empty(),
         "the chart grants verbs no operator call uses: {unused:?}"
     );
-    let ungranted: Vec<&Need> = used
+    let ungranted: Vec<&(Scope, Need)> = used
         .iter()
-        .filter(|n| !granted.iter().any(|r| grants(r, n)))
+        .filter(|n| {
+            !roles
+                .iter()
+                .any(|role| role.rules.iter().any(|r| covers(role.reach, r, n)))
+        })
         .collect();
     assert!(
         ungranted.is_empty(),
@@ -2476,111 +2737,70 @@ async fn removing_any_chart_rbac_rule_denies_an_operator_call() -> Result<()> {
         return Ok(());
     };
     let cx = probe_context(env, release).await?;
-    let (cluster_role, role) = installed_rules(&cx.admin, release).await?;
-    let cluster_rules = cluster_role.rules.clone().unwrap_or_default();
-    let role_rules = role.rules.clone().unwrap_or_default();
-    let cluster_roles: Api<ClusterRole> = Api::all(cx.admin.clone());
-    let roles: Api<RbacRole> = Api::namespaced(cx.admin.clone(), &release.namespace);
+    let roles = installed_roles(&cx.admin, release).await?;
 
     let result = async {
         let mut report = Vec::new();
-        let targets = (0..cluster_rules.len())
-            .map(|i| (true, i))
-            .chain((0..role_rules.len()).map(|i| (false, i)));
-        for (in_cluster_role, index) in targets {
-            let (removed, remaining_cluster, remaining_role) = if in_cluster_role {
-                let mut rest = cluster_rules.clone();
+        for (role_index, role) in roles.iter().enumerate() {
+            for index in 0..role.rules.len() {
+                let mut rest = role.rules.clone();
                 let removed = rest.remove(index);
-                (removed, rest, role_rules.clone())
-            } else {
-                let mut rest = role_rules.clone();
-                let removed = rest.remove(index);
-                (removed, cluster_rules.clone(), rest)
-            };
-            let remaining: Vec<PolicyRule> = remaining_cluster
-                .iter()
-                .chain(&remaining_role)
-                .cloned()
-                .collect();
-            // The calls that have lost a permission no other rule grants.
-            let affected: Vec<Probe> = Probe::ALL
-                .into_iter()
-                .filter(|p| {
-                    p.needs()
-                        .iter()
-                        .any(|n| grants(&removed, n) && !remaining.iter().any(|r| grants(r, n)))
-                })
-                .collect();
-            let label = format!(
-                "{} rule {:?} {:?} {:?}",
-                if in_cluster_role {
-                    "ClusterRole"
-                } else {
-                    "Role"
-                },
-                removed.api_groups.clone().unwrap_or_default(),
-                removed.resources.clone().unwrap_or_default(),
-                removed.verbs
-            );
-            ensure!(
-                !affected.is_empty(),
-                "{label} is not needed by any operator call"
-            );
+                // Every rule still in place, with where its role is bound.
+                let remaining: Vec<(Reach, &PolicyRule)> = roles
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, r)| {
+                        r.rules
+                            .iter()
+                            .enumerate()
+                            .filter(move |(j, _)| (i, *j) != (role_index, index))
+                            .map(move |(_, rule)| (r.reach, rule))
+                    })
+                    .collect();
+                // The calls that have lost a permission no other rule grants there.
+                let affected: Vec<Probe> = Probe::ALL
+                    .into_iter()
+                    .filter(|p| {
+                        p.scoped_needs().iter().any(|n| {
+                            covers(role.reach, &removed, n)
+                                && !remaining.iter().any(|(reach, r)| covers(*reach, r, n))
+                        })
+                    })
+                    .collect();
+                let label = format!(
+                    "{} rule {:?} {:?} {:?}",
+                    role.label(),
+                    removed.api_groups.clone().unwrap_or_default(),
+                    removed.resources.clone().unwrap_or_default(),
+                    removed.verbs
+                );
+                ensure!(
+                    !affected.is_empty(),
+                    "{label} is not needed by any operator call"
+                );
 
-            // Apply the chart's role without the rule, as `kubectl apply` of an edited
-            // rendering would.
-            if in_cluster_role {
-                let mut edited = cluster_roles.get("portcullis-operator").await?;
-                edited.rules = Some(remaining_cluster);
-                cluster_roles
-                    .replace("portcullis-operator", &PostParams::default(), &edited)
-                    .await?;
-            } else {
-                let mut edited = roles.get("portcullis-operator").await?;
-                edited.rules = Some(remaining_role);
-                roles
-                    .replace("portcullis-operator", &PostParams::default(), &edited)
-                    .await?;
-            }
-            for probe in &affected {
-                if let Err(e) = until_forbidden(*probe, &cx).await {
-                    bail!("without {label}: {e}");
+                role.set_rules(&cx.admin, rest).await?;
+                for probe in &affected {
+                    if let Err(e) = until_forbidden(*probe, &cx).await {
+                        bail!("without {label}: {e}");
+                    }
                 }
+                // Restore and wait until the calls are allowed again.
+                role.set_rules(&cx.admin, role.rules.clone()).await?;
+                for probe in &affected {
+                    until_allowed(*probe, &cx).await?;
+                }
+                report.push(format!("{label}: 403 for {affected:?}"));
             }
-            // Restore and wait until the calls are allowed again.
-            if in_cluster_role {
-                let mut restored = cluster_roles.get("portcullis-operator").await?;
-                restored.rules = Some(cluster_rules.clone());
-                cluster_roles
-                    .replace("portcullis-operator", &PostParams::default(), &restored)
-                    .await?;
-            } else {
-                let mut restored = roles.get("portcullis-operator").await?;
-                restored.rules = Some(role_rules.clone());
-                roles
-                    .replace("portcullis-operator", &PostParams::default(), &restored)
-                    .await?;
-            }
-            for probe in &affected {
-                until_allowed(*probe, &cx).await?;
-            }
-            report.push(format!("{label}: 403 for {affected:?}"));
         }
         Ok(report)
     }
     .await;
 
     // Whatever happened, leave the chart's RBAC as installed.
-    let mut restored = cluster_roles.get("portcullis-operator").await?;
-    restored.rules = Some(cluster_rules);
-    cluster_roles
-        .replace("portcullis-operator", &PostParams::default(), &restored)
-        .await?;
-    let mut restored = roles.get("portcullis-operator").await?;
-    restored.rules = Some(role_rules);
-    roles
-        .replace("portcullis-operator", &PostParams::default(), &restored)
-        .await?;
+    for role in &roles {
+        role.set_rules(&cx.admin, role.rules.clone()).await?;
+    }
 
     for line in result? {
         eprintln!("{line}");
@@ -2668,17 +2888,15 @@ impl OperatorProcess {
     }
 }
 
-#[tokio::test]
-async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some((env, release)) = release().await? else {
-        return Ok(());
-    };
+/// Starts the real operator as the chart's ServiceAccount, configured as the chart's
+/// Deployment configures it, with a fresh Lease and its own CA.
+async fn start_operator(
+    env: &EnvTest,
+    release: &Release,
+    work: &tempfile::TempDir,
+) -> Result<OperatorProcess> {
     let binary = operator_binary()?;
     let admin = env.client()?;
-    let work = tempfile::Builder::new()
-        .prefix("portcullis-operator-run-")
-        .tempdir()?;
     let kubeconfig = work.path().join("kubeconfig");
     impersonating_kubeconfig(env, release, &kubeconfig)?;
     let log = work.path().join("operator.log");
@@ -2708,6 +2926,8 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
         .env("PORTCULLIS_LEADER_ELECTION", "true")
         .env("PORTCULLIS_LEASE_NAME", "portcullis-operator")
         .env("PORTCULLIS_KEY_HASH_COST", "4")
+        .env("PORTCULLIS_SERVICE_ACCOUNT", &release.service_account)
+        .env("PORTCULLIS_TENANT_SECRETS_ROLE", TENANT_SECRETS_ROLE)
         .env("RUST_LOG", "info,portcullis_operator=debug,kube=warn")
         .env_remove("PORTCULLIS_KEK_SECRET")
         .stdout(log_file.try_clone()?)
@@ -2715,44 +2935,114 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let operator = OperatorProcess { child, log };
+    Ok(OperatorProcess { child, log })
+}
+
+/// A Tenant (named `prefix`-<random>) holding `namespaces`, with an ApiKey `ingest`
+/// (`key_spec`) in the first of them; returns the Tenant's name.
+async fn tenant_with_ingest_key(
+    admin: &Client,
+    prefix: &str,
+    namespaces: &[&String],
+    key_spec: Value,
+) -> Result<String> {
+    let tenant = format!("{prefix}-{}", suffix());
+    let object: Tenant = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": tenant},
+        "spec": {"namespaces": namespaces,
+                 "scopes": {"identify": [{"methods": ["POST"], "path": "/v1/identify"}]}}}))?;
+    Api::<Tenant>::all(admin.clone())
+        .create(&PostParams::default(), &object)
+        .await?;
+    let key_ns = namespaces.first().context("no namespace for the key")?;
+    let key: ApiKey = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
+        "metadata": {"name": "ingest", "namespace": key_ns}, "spec": key_spec}))?;
+    Api::<ApiKey>::namespaced(admin.clone(), key_ns)
+        .create(&PostParams::default(), &key)
+        .await?;
+    Ok(tenant)
+}
+
+/// Waits until `tenant` is Ready.
+async fn tenant_ready(admin: &Client, tenant: &str) -> Result<()> {
+    let tenants: Api<Tenant> = Api::all(admin.clone());
+    wait_for("Tenant Ready", Duration::from_secs(60), || async {
+        let tenant = tenants.get(tenant).await?;
+        let ready = tenant
+            .status
+            .as_ref()
+            .map(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .unwrap_or(false);
+        Ok(ready.then_some(()))
+    })
+    .await
+}
+
+impl OperatorProcess {
+    /// Stops the operator; fails with its log if `result` (what the test checked while
+    /// it ran) failed, and on any RBAC denial (403, "forbidden") in its log. Returns
+    /// the log.
+    async fn finish(self, result: Result<()>) -> Result<String> {
+        let log = self.stop().await;
+        if let Err(e) = result {
+            bail!("{e:#}\n--- operator log ---\n{log}");
+        }
+        let denials: Vec<&str> = log
+            .lines()
+            .filter(|line| {
+                let lower = line.to_ascii_lowercase();
+                lower.contains("forbidden") || lower.contains(" 403") || lower.contains("code: 403")
+            })
+            .collect();
+        assert!(
+            denials.is_empty(),
+            "RBAC denials in the operator log:\n{}",
+            denials.join("\n")
+        );
+        Ok(log)
+    }
+}
+
+#[tokio::test]
+async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some((env, release)) = release().await? else {
+        return Ok(());
+    };
+    let admin = env.client()?;
+    let work = tempfile::Builder::new()
+        .prefix("portcullis-operator-run-")
+        .tempdir()?;
+    let operator = start_operator(env, release, &work).await?;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &release.namespace);
 
     let result = async {
         let tenant_ns = env.create_namespace("operator-tenant").await?;
-        let tenant = format!("op-{}", suffix());
-        let object: Tenant = serde_json::from_value(json!({
-            "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
-            "metadata": {"name": tenant},
-            "spec": {"namespaces": [tenant_ns],
-                     "scopes": {"identify": [{"methods": ["POST"], "path": "/v1/identify"}]}}}))?;
-        let tenants: Api<Tenant> = Api::all(admin.clone());
-        tenants.create(&PostParams::default(), &object).await?;
-        let key: ApiKey = serde_json::from_value(json!({
-            "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
-            "metadata": {"name": "ingest", "namespace": tenant_ns},
-            "spec": {"role": "Developer", "scopes": ["identify"], "rateLimit": {"requests": 1000, "per": "1m"}}}))?;
-        Api::<ApiKey>::namespaced(admin.clone(), &tenant_ns).create(&PostParams::default(), &key).await?;
+        let key = json!({"role": "Developer", "scopes": ["identify"],
+                         "rateLimit": {"requests": 1000, "per": "1m"}});
+        let tenant = tenant_with_ingest_key(&admin, "op", &[&tenant_ns], key).await?;
 
         // The leader took the Lease.
-        wait_for("the operator holds the Lease", Duration::from_secs(60), || async {
-            let lease = leases.get_opt("portcullis-operator").await?;
-            Ok(lease
-                .and_then(|l| l.spec)
-                .and_then(|s| s.holder_identity)
-                .filter(|h| h.starts_with("portcullis-operator-e2e")))
-        })
+        wait_for(
+            "the operator holds the Lease",
+            Duration::from_secs(60),
+            || async {
+                let lease = leases.get_opt("portcullis-operator").await?;
+                Ok(lease
+                    .and_then(|l| l.spec)
+                    .and_then(|s| s.holder_identity)
+                    .filter(|h| h.starts_with("portcullis-operator-e2e")))
+            },
+        )
         .await?;
         // The Tenant is Ready and labelled its namespace.
-        wait_for("Tenant Ready", Duration::from_secs(60), || async {
-            let tenant = tenants.get(&tenant).await?;
-            let ready = tenant
-                .status
-                .as_ref()
-                .map(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-                .unwrap_or(false);
-            Ok(ready.then_some(()))
-        })
-        .await?;
+        tenant_ready(&admin, &tenant).await?;
         let namespace = Api::<Namespace>::all(admin.clone()).get(&tenant_ns).await?;
         ensure!(
             namespace.labels().get("portcullis.dev/tenant") == Some(&tenant),
@@ -2760,9 +3050,15 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
             namespace.labels()
         );
         // The ApiKey's Secret holds the token, and its status the hash.
-        let secret = wait_for("ApiKey Secret ingest-key", Duration::from_secs(60), || async {
-            Ok(Api::<Secret>::namespaced(admin.clone(), &tenant_ns).get_opt("ingest-key").await?)
-        })
+        let secret = wait_for(
+            "ApiKey Secret ingest-key",
+            Duration::from_secs(60),
+            || async {
+                Ok(Api::<Secret>::namespaced(admin.clone(), &tenant_ns)
+                    .get_opt("ingest-key")
+                    .await?)
+            },
+        )
         .await?;
         let token = secret
             .data
@@ -2770,55 +3066,210 @@ async fn operator_reconciles_with_only_the_chart_service_account() -> Result<()>
             .and_then(|d| d.get("token"))
             .map(|t| String::from_utf8_lossy(&t.0).into_owned())
             .context("Secret ingest-key has no token")?;
-        ensure!(token.starts_with("ak_"), "token format: {}", &token[..token.len().min(3)]);
-        ensure!(secret.type_.as_deref() == Some("portcullis.dev/api-key"), "Secret type {:?}", secret.type_);
+        ensure!(
+            token.starts_with("ak_"),
+            "token format: {}",
+            &token[..token.len().min(3)]
+        );
+        ensure!(
+            secret.type_.as_deref() == Some("portcullis.dev/api-key"),
+            "Secret type {:?}",
+            secret.type_
+        );
         wait_for("ApiKey status hash", Duration::from_secs(30), || async {
-            let key = Api::<ApiKey>::namespaced(admin.clone(), &tenant_ns).get("ingest").await?;
+            let key = Api::<ApiKey>::namespaced(admin.clone(), &tenant_ns)
+                .get("ingest")
+                .await?;
             Ok(key.status.and_then(|s| s.hash).map(drop))
         })
         .await?;
         // The built-in Roles and their RBAC exist (the operator wrote RBAC it holds).
-        wait_for("generated RBAC Role portcullis:developer", Duration::from_secs(30), || async {
-            Ok(Api::<RbacRole>::namespaced(admin.clone(), &tenant_ns).get_opt("portcullis:developer").await?)
-        })
+        wait_for(
+            "generated RBAC Role portcullis:developer",
+            Duration::from_secs(30),
+            || async {
+                Ok(Api::<RbacRole>::namespaced(admin.clone(), &tenant_ns)
+                    .get_opt("portcullis:developer")
+                    .await?)
+            },
+        )
         .await?;
         // The KEK it created on first start, in its namespace.
-        Api::<Secret>::namespaced(admin.clone(), &release.namespace).get("portcullis-kek").await?;
+        Api::<Secret>::namespaced(admin.clone(), &release.namespace)
+            .get("portcullis-kek")
+            .await?;
         // Its CA, and the trust bundle it published into the tenant namespace.
-        for name in ["portcullis-ca-root", "portcullis-ca-intermediate", "portcullis-webhook-ca"] {
-            Api::<Secret>::namespaced(admin.clone(), &release.namespace).get(name).await?;
+        for name in [
+            "portcullis-ca-root",
+            "portcullis-ca-intermediate",
+            "portcullis-webhook-ca",
+        ] {
+            Api::<Secret>::namespaced(admin.clone(), &release.namespace)
+                .get(name)
+                .await?;
         }
-        wait_for("the trust-bundle ConfigMap", Duration::from_secs(30), || async {
-            Ok(Api::<ConfigMap>::namespaced(admin.clone(), &tenant_ns)
-                .get_opt("portcullis-trust-bundle")
-                .await?)
-        })
+        wait_for(
+            "the trust-bundle ConfigMap",
+            Duration::from_secs(30),
+            || async {
+                Ok(Api::<ConfigMap>::namespaced(admin.clone(), &tenant_ns)
+                    .get_opt("portcullis-trust-bundle")
+                    .await?)
+            },
+        )
         .await?;
         Ok::<(), anyhow::Error>(())
     }
     .await;
 
-    let log = operator.stop().await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator log ---\n{log}");
-    }
+    let log = operator.finish(result).await?;
     let lines: Vec<&str> = log.lines().collect();
     eprintln!(
         "operator log: {} lines; last ones:\n{}",
         lines.len(),
         lines[lines.len().saturating_sub(12)..].join("\n")
     );
-    let denials: Vec<&str> = log
-        .lines()
-        .filter(|line| {
-            let lower = line.to_ascii_lowercase();
-            lower.contains("forbidden") || lower.contains(" 403") || lower.contains("code: 403")
-        })
-        .collect();
-    assert!(
-        denials.is_empty(),
-        "RBAC denials in the operator log:\n{}",
-        denials.join("\n")
+    Ok(())
+}
+
+/// Whether the API server's authorizer lets the chart's ServiceAccount `verb` Secrets
+/// in `namespace`.
+async fn sa_may_secrets(
+    admin: &Client,
+    release: &Release,
+    verb: &str,
+    namespace: &str,
+) -> Result<bool> {
+    let attributes = ResourceAttributes {
+        resource: Some("secrets".into()),
+        verb: Some(verb.into()),
+        namespace: Some(namespace.into()),
+        ..ResourceAttributes::default()
+    };
+    authorizer_allows(admin, &release.user(), &release.groups(), attributes).await
+}
+
+/// Whether the API server's authorizer allows `user` in `groups` the request described
+/// by `attributes` (a SubjectAccessReview, asked as `admin`).
+async fn authorizer_allows(
+    admin: &Client,
+    user: &str,
+    groups: &[String],
+    attributes: ResourceAttributes,
+) -> Result<bool> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            groups: Some(groups.to_vec()),
+            resource_attributes: Some(attributes),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let reviewed = Api::<SubjectAccessReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(reviewed.status.is_some_and(|s| s.allowed))
+}
+
+/// Waits until the ServiceAccount's access to `verb` Secrets in `namespace` is `allowed`.
+async fn until_sa_may_secrets(
+    admin: &Client,
+    release: &Release,
+    verb: &str,
+    namespace: &str,
+    allowed: bool,
+) -> Result<()> {
+    let what = format!(
+        "{verb} secrets in {namespace} {}",
+        if allowed { "allowed" } else { "refused" }
     );
+    wait_for(&what, Duration::from_secs(30), || async {
+        let may = sa_may_secrets(admin, release, verb, namespace).await?;
+        Ok((may == allowed).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn operator_cannot_read_secrets_outside_tenant_namespaces() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some((env, release)) = release().await? else {
+        return Ok(());
+    };
+    let admin = env.client()?;
+    let outside = env.create_namespace("no-tenant").await?;
+    // No standing access to Secrets anywhere else: a stolen operator token reads
+    // nothing in a namespace no Tenant holds.
+    for verb in ["get", "list", "watch"] {
+        ensure!(
+            !sa_may_secrets(&admin, release, verb, &outside).await?,
+            "the chart lets the operator {verb} Secrets in {outside}, a namespace no Tenant holds"
+        );
+    }
+    // Its own namespace: read and write its own Secrets by name, never list them.
+    ensure!(sa_may_secrets(&admin, release, "get", &release.namespace).await?);
+    ensure!(!sa_may_secrets(&admin, release, "list", &release.namespace).await?);
+
+    let work = tempfile::Builder::new()
+        .prefix("portcullis-operator-secrets-")
+        .tempdir()?;
+    let operator = start_operator(env, release, &work).await?;
+    let result = async {
+        let kept = env.create_namespace("secrets-kept").await?;
+        let released = env.create_namespace("secrets-released").await?;
+        let key = json!({"role": "Developer", "scopes": ["identify"]});
+        let tenant = tenant_with_ingest_key(&admin, "sec", &[&kept, &released], key).await?;
+        let tenants: Api<Tenant> = Api::all(admin.clone());
+        tenant_ready(&admin, &tenant).await?;
+
+        // Bound namespaces: the operator bound itself the tenant-secrets ClusterRole.
+        for ns in [&kept, &released] {
+            for verb in ["get", "list", "watch", "create", "update", "delete"] {
+                until_sa_may_secrets(&admin, release, verb, ns, true).await?;
+            }
+        }
+        for verb in ["get", "list"] {
+            ensure!(
+                !sa_may_secrets(&admin, release, verb, &outside).await?,
+                "binding a tenant's namespaces gave the operator {verb} on Secrets in {outside}"
+            );
+        }
+
+        // Its per-namespace watch still sees a deleted key Secret: the key is re-issued.
+        let secrets: Api<Secret> = Api::namespaced(admin.clone(), &kept);
+        let first = wait_for(
+            "ApiKey Secret ingest-key",
+            Duration::from_secs(60),
+            || async { Ok(secrets.get_opt("ingest-key").await?) },
+        )
+        .await?;
+        secrets
+            .delete("ingest-key", &DeleteParams::default())
+            .await?;
+        wait_for(
+            "ingest-key re-issued after deletion",
+            Duration::from_secs(60),
+            || async {
+                let secret = secrets.get_opt("ingest-key").await?;
+                Ok(secret.filter(|s| s.uid() != first.uid()).map(drop))
+            },
+        )
+        .await?;
+
+        // A released namespace loses the access again.
+        let patch = json!({"spec": {"namespaces": [kept]}});
+        tenants
+            .patch(&tenant, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        for verb in ["get", "list"] {
+            until_sa_may_secrets(&admin, release, verb, &released, false).await?;
+        }
+        until_sa_may_secrets(&admin, release, "get", &kept, true).await?;
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+
+    operator.finish(result).await?;
     Ok(())
 }

@@ -42,6 +42,20 @@ pub struct ReconcileSettings {
     /// What the injector adds: a pod counts as protected only when it carries exactly
     /// this (the webhook's own settings when this replica serves the webhooks).
     pub inject: InjectSettings,
+    /// What the operator binds in each tenant namespace to reach its ApiKey Secrets;
+    /// `None`: nothing (its credentials reach them already).
+    pub secrets_binding: Option<SecretsBinding>,
+}
+
+/// The chart's tenant-secrets ClusterRole and the ServiceAccount (in the operator's
+/// namespace) it is bound to in each tenant namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretsBinding {
+    /// The ClusterRole granting ApiKey Secret access (bound per namespace, never
+    /// cluster-wide).
+    pub cluster_role: String,
+    /// The operator's ServiceAccount.
+    pub service_account: String,
 }
 
 impl ReconcileSettings {
@@ -60,6 +74,7 @@ impl ReconcileSettings {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             resync: Duration::from_secs(3_600),
+            secrets_binding: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use portcullis_crds::tenant::AuditSinkSpec;
 use portcullis_crds::{DurationSpec, RateLimit};
 use portcullis_operator::ca::CaSettings;
+use portcullis_operator::context::SecretsBinding;
 use portcullis_operator::run::{self, OperatorSettings, WebhookRunSettings};
 use portcullis_operator::webhook::inject::ProxyResources;
 use portcullis_sidecar::identity::TrustDomain;
@@ -64,6 +65,11 @@ struct RunArgs {
     /// check); default: the Service name.
     #[arg(long, env = "PORTCULLIS_SERVICE_ACCOUNT", value_parser = dns_subdomain)]
     service_account: Option<String>,
+    /// The ClusterRole granting ApiKey Secret access, which the operator binds to its
+    /// ServiceAccount in each tenant namespace (the chart's `<release>-tenant-secrets`);
+    /// unset: no binding is written (the operator's credentials must reach the Secrets).
+    #[arg(long, env = "PORTCULLIS_TENANT_SECRETS_ROLE", value_parser = dns_subdomain)]
+    tenant_secrets_role: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "PORTCULLIS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -344,6 +350,16 @@ impl RunArgs {
         settings.extra_sans.clone_from(&self.extra_sans);
         settings.reconcile.key_rotation_overlap = self.key_rotation_overlap.get();
         settings.reconcile.hash_cost = self.key_hash_cost;
+        settings.reconcile.secrets_binding =
+            self.tenant_secrets_role
+                .as_ref()
+                .map(|cluster_role| SecretsBinding {
+                    cluster_role: cluster_role.clone(),
+                    service_account: self
+                        .service_account
+                        .clone()
+                        .unwrap_or_else(|| self.service_name.clone()),
+                });
         settings.leader_election = self.leader_election;
         settings.lease.name.clone_from(&self.lease_name);
         settings.lease.lease_duration = self.lease_duration.get();
@@ -620,6 +636,29 @@ mod tests {
         assert!(w.inject.redirect_outbound);
         assert_eq!(w.inject.token_expiration_seconds, 7200);
         assert_eq!(w.service_account, "pc");
+    }
+
+    #[test]
+    fn tenant_secrets_are_bound_only_when_the_cluster_role_is_named() {
+        assert_eq!(settings(&[]).reconcile.secrets_binding, None);
+        let s = settings(&["--tenant-secrets-role", "pc-tenant-secrets"]);
+        assert_eq!(
+            s.reconcile.secrets_binding,
+            Some(SecretsBinding {
+                cluster_role: "pc-tenant-secrets".into(),
+                service_account: "portcullis-operator".into(),
+            })
+        );
+        let s = settings(&[
+            "--tenant-secrets-role",
+            "pc-tenant-secrets",
+            "--service-account",
+            "pc",
+        ]);
+        assert_eq!(
+            s.reconcile.secrets_binding.map(|b| b.service_account),
+            Some("pc".into())
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ Base name of every namespaced object and of the ClusterRole/ClusterRoleBinding.
 {{- define "portcullis.injectorName" -}}portcullis-injector{{- end -}}
 {{- define "portcullis.validatorName" -}}portcullis-validator{{- end -}}
 {{- define "portcullis.leaseName" -}}portcullis-operator{{- end -}}
+{{- /* ApiKey Secret access, bound by the operator in each tenant namespace only. */ -}}
+{{- define "portcullis.tenantSecretsRoleName" -}}{{ include "portcullis.fullname" . }}-tenant-secrets{{- end -}}
 
 {{- define "portcullis.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "portcullis.fullname" .) -}}

@@ -100,7 +100,12 @@ impl<'a> KeyReconciler<'a> {
             &self.key.spec.role,
         )
         .await?;
-        let secret = self.secrets.get_opt(&secret_name(&self.name)).await?;
+        // Outside a bound namespace the key is rejected whatever its Secret holds, and
+        // the operator may not read Secrets there.
+        let secret = match tenant {
+            Some(_) => self.secrets.get_opt(&secret_name(&self.name)).await?,
+            None => None,
+        };
         let observation = self.observe(secret.as_ref());
         let verdict = judge(&Observed {
             key: self.key,

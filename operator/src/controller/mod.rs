@@ -4,18 +4,20 @@
 
 pub mod apikey;
 pub mod key_lifecycle;
+pub mod key_secrets;
 pub mod role;
 pub mod tenant;
 pub mod tenant_changes;
 pub mod tenant_dek;
 pub mod tenant_network;
+pub mod tenant_secrets;
 pub mod unprotected;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
@@ -72,6 +74,32 @@ fn tenants_for_namespace(
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
         .collect()
+}
+
+/// Deletes `object` if the owner with `owner_uid` owns it; one someone else created
+/// under that name is left alone, and one already gone counts as deleted.
+pub(crate) async fn delete_if_owned<K>(
+    api: &Api<K>,
+    object: Option<K>,
+    owner_uid: &str,
+) -> crate::error::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(object) = object else {
+        return Ok(());
+    };
+    if !object.owner_references().iter().any(|o| o.uid == owner_uid) {
+        return Ok(());
+    }
+    match api
+        .delete(&object.name_any(), &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if crate::error::is_api_code(&e, 404) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn tenant_of(stores: &Stores, namespace: Option<String>) -> Option<ObjectRef<Tenant>> {
@@ -213,10 +241,13 @@ async fn run_api_keys(ctx: Arc<Context>, shutdown: CancellationToken) {
     let by_tenant = keys.clone();
     let key_tenants = TenantChanges::default();
     controller
-        .owns(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(key_lifecycle::SECRET_LABEL),
-        )
+        // Key Secrets, watched only in bound namespaces (the operator may not read
+        // Secrets elsewhere): a deleted Secret gets its key re-issued.
+        .reconcile_on(key_secrets::triggers(
+            client.clone(),
+            ctx.stores.clone(),
+            shutdown.clone(),
+        ))
         // A role change can grant or withdraw a key's scopes (directly or by inheritance,
         // so every key of the namespace is looked at again).
         .watches(

@@ -1,7 +1,8 @@
 //! Tenant controller: binds namespaces (labels them `portcullis.dev/tenant=<name>`,
 //! never taking one from another tenant), keeps the built-in Roles in each, keeps the
 //! tenant's DEK current, keeps the `portcullis-inbound` NetworkPolicy in each namespace
-//! (see [`tenant_network`]), and reports it all in the status.
+//! (see [`tenant_network`]) and the RoleBinding through which the operator reaches the
+//! namespace's ApiKey Secrets (see [`tenant_secrets`]), and reports it all in the status.
 //!
 //! A finalizer removes the namespace labels when the Tenant is deleted (labels on
 //! objects the Tenant does not own are cleanup that owner references cannot do). The
@@ -28,7 +29,7 @@ use portcullis_crds::{
 };
 
 use super::unprotected::{self, ExposedPod, Exposure};
-use super::{tenant_dek, tenant_network};
+use super::{tenant_dek, tenant_network, tenant_secrets};
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -227,7 +228,14 @@ impl<'a> TenantReconciler<'a> {
                 .await;
         }
         let bound = plan.bound();
+        let listed = self.previous().namespaces;
         for ns in &bound {
+            // Before the status names the namespace: the ApiKey controller writes
+            // Secrets only in namespaces the status lists.
+            tenant_secrets::ensure(self.ctx, ns, &self.name, &owner).await?;
+            if !listed.contains(ns) {
+                tenant_secrets::await_effect(self.ctx, ns).await?;
+            }
             self.ensure_builtin_roles(ns).await?;
             tenant_network::ensure(
                 self.ctx,
@@ -273,8 +281,20 @@ impl<'a> TenantReconciler<'a> {
         let unprotected = self.unprotected_pods(&bound).await?;
         self.announce_unprotected(&unprotected).await;
         let problem = plan.problem(&self.name);
-        let status = self.status(bound, Some(dek.active), Some(unprotected), problem.as_ref());
+        let status = self.status(
+            bound.clone(),
+            Some(dek.active),
+            Some(unprotected),
+            problem.as_ref(),
+        );
         self.apply_status(&status).await?;
+        // After the status stops listing them: until then the ApiKey controller may
+        // still read Secrets there.
+        // (Also those a failed reconcile released without updating the status.)
+        let unlisted = plan.release.iter().chain(&listed);
+        for ns in unlisted.filter(|ns| !bound.contains(ns)) {
+            tenant_secrets::remove(self.ctx, ns, &owner.uid).await?;
+        }
         if let Some(error) = problem {
             self.announce_problem(&error).await;
             return Err(error);
@@ -284,8 +304,12 @@ impl<'a> TenantReconciler<'a> {
     }
 
     async fn cleanup(&self) -> Result<Action> {
+        // The Secret access goes with the Tenant at once, not when the garbage
+        // collector gets to it.
+        let owner = self.owner()?;
         for ns in self.labelled_ours().await? {
             self.label(&ns, None).await?;
+            tenant_secrets::remove(self.ctx, &ns, &owner.uid).await?;
         }
         self.ctx
             .event(

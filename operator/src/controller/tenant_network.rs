@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, ResourceExt};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 use portcullis_crds::annotations::{
     FIELD_MANAGER, INJECTED_LABEL, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT,
 };
@@ -103,17 +103,8 @@ pub async fn ensure(
 /// someone else created under that name is left alone.
 pub async fn remove(ctx: &Context, namespace: &str, owner_uid: &str) -> Result<()> {
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(policy) = api.get_opt(NETWORK_POLICY).await? else {
-        return Ok(());
-    };
-    if !policy.owner_references().iter().any(|o| o.uid == owner_uid) {
-        return Ok(());
-    }
-    match api.delete(NETWORK_POLICY, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(e) if crate::error::is_api_code(&e, 404) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let policy = api.get_opt(NETWORK_POLICY).await?;
+    super::delete_if_owned(&api, policy, owner_uid).await
 }
 
 #[cfg(test)]
