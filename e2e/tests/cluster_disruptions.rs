@@ -199,13 +199,7 @@ async fn disruptions_fail_no_request_and_never_brick_the_cluster() -> Result<()>
     let Some((client, fx)) = fixture().await? else {
         return Ok(());
     };
-    let token = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("steady-{}", suffix()),
-        json!({"role": "Developer", "scopes": ["identify"]}),
-    )
-    .await?;
+    let token = identify_key(&client, fx, "steady").await?;
     let hammer = start_hammer(&client, fx, &token).await?;
     let result = disrupt(&client, fx, &hammer).await;
     let _ = Api::<Pod>::namespaced(client.clone(), &fx.client_ns)

@@ -130,13 +130,7 @@ async fn client_reaches_the_app_only_through_the_proxy() -> Result<()> {
     let Some((client, fx)) = fixture().await? else {
         return Ok(());
     };
-    let token = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("reach-{}", suffix()),
-        json!({"role": "Developer", "scopes": ["identify"]}),
-    )
-    .await?;
+    let token = identify_key(&client, fx, "reach").await?;
     let script = format!(
         r#"{UNTIL}
 until_code with-key 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
@@ -350,13 +344,7 @@ async fn audit_records_every_request_without_the_key() -> Result<()> {
     let Some((client, fx)) = fixture().await? else {
         return Ok(());
     };
-    let token = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("audited-{}", suffix()),
-        json!({"role": "Developer", "scopes": ["identify"]}),
-    )
-    .await?;
+    let token = identify_key(&client, fx, "audited").await?;
     let script = format!(
         r#"{UNTIL}
 until_code allowed 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify

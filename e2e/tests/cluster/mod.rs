@@ -337,6 +337,18 @@ pub async fn pod_ready(client: &Client, namespace: &str, name: &str) -> Result<P
     .await
 }
 
+/// A Developer key holding the `identify` scope, named `<prefix>-<random>`, in the app
+/// namespace; returns its token.
+pub async fn identify_key(client: &Client, fx: &Fixture, prefix: &str) -> Result<String> {
+    create_key(
+        client,
+        &fx.app_ns,
+        &format!("{prefix}-{}", suffix()),
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await
+}
+
 /// Creates an ApiKey and returns its token, read from the Secret `<name>-key` as
 /// `kubectl get secret <name>-key -o jsonpath='{.data.token}' | base64 -d` would.
 pub async fn create_key(
