@@ -183,21 +183,15 @@ async fn serve_connection(
         move |request: Request<Incoming>| {
             let in_flight = activity.request_started();
             let path = request.uri().path().to_owned();
-            let app_probe = (request.method() == Method::GET && readiness.app_health.knows(&path))
-                .then(|| readiness.app_health.clone());
-            let response = app_probe
-                .is_none()
+            // The app's probes are answered after a check of the app; everything else now.
+            let answered = (request.method() != Method::GET || !readiness.app_health.knows(&path))
                 .then(|| route(&request, &readiness, &metrics));
+            let health = readiness.app_health.clone();
             async move {
                 let _in_flight = in_flight;
-                let response = match (response, app_probe) {
-                    (Some(response), _) => response,
-                    (None, Some(health)) => app_probe_response(&health, &path).await,
-                    (None, None) => text(
-                        StatusCode::NOT_FOUND,
-                        "text/plain",
-                        "no such probe\n".into(),
-                    ),
+                let response = match answered {
+                    Some(response) => response,
+                    None => app_probe_response(&health, &path).await,
                 };
                 Ok::<_, Infallible>(response)
             }
