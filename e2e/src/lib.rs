@@ -5,3 +5,4 @@
 
 pub mod envtest;
 pub mod localcluster;
+pub mod wait;

@@ -1066,24 +1066,12 @@ async fn release() -> Result<Option<(&'static EnvTest, &'static Release)>> {
     }
 }
 
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("not yet");
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    portcullis_e2e::wait::until(what, timeout, Duration::from_millis(100), check).await
 }
 
 fn secret_rv_and_data(secret: &Secret) -> (Option<String>, Option<BTreeMap<String, ByteString>>) {

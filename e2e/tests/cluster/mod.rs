@@ -124,24 +124,12 @@ pub fn suffix() -> String {
     format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("not yet");
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    portcullis_e2e::wait::until(what, timeout, Duration::from_millis(500), check).await
 }
 
 // ---------------------------------------------------------------------------------
