@@ -10,6 +10,7 @@
 
 pub mod annotations;
 pub mod apikey;
+pub mod app_exit;
 pub mod cidr;
 pub mod conditions;
 pub mod duration;

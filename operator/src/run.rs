@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::identity::{self, CaRuntime};
 use crate::leader::{LeaderElector, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::policy::app_exit::AppExits;
 use crate::policy::server::{Access, PolicyApi};
 use crate::policy::server_audit_key::AuditKeys;
 use crate::policy::server_tls::PolicyServerTls;
@@ -436,6 +437,13 @@ pub async fn start(
                 Some(stores.tenants.clone()),
             )
         }),
+        app_exits: {
+            let (exits, cache) = AppExits::start(&client, &shutdown);
+            tasks.spawn(async move {
+                let _ = cache.await;
+            });
+            Some(exits)
+        },
     };
     let policy_config = policy_tls.as_ref().map(|t| t.config.clone());
     if let Some(policy_tls) = policy_tls {

@@ -16,6 +16,7 @@ use jiff::Timestamp;
 use portcullis_crds::PolicyBundle;
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
 use portcullis_operator::policy::PolicyHub;
+use portcullis_operator::policy::app_exit::AppExits;
 use portcullis_operator::policy::server::{Access, PolicyApi, serve_api_with};
 use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
 use portcullis_operator::serve::ConnectionLimits;
@@ -58,6 +59,24 @@ fn workload_identity(
     .collect::<Result<Vec<_>, _>>()
     .unwrap();
     (chain, key.private_key_der())
+}
+
+/// A Job pod whose app container exited 0 while its proxy still runs.
+fn finished_job_pod(namespace: &str, name: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "report"}, {"name": "portcullis-proxy"}],
+        },
+        "status": {"containerStatuses": [
+            {"name": "report", "image": "", "imageID": "", "ready": false,
+             "restartCount": 0, "state": {"terminated": {"exitCode": 0}}},
+            {"name": "portcullis-proxy", "image": "", "imageID": "", "ready": true,
+             "restartCount": 0, "state": {"running": {}}},
+        ]},
+    }))
+    .unwrap()
 }
 
 fn roots(ca: &CertificateAuthority) -> RootCertStore {
@@ -112,6 +131,7 @@ async fn start_with(limits: ConnectionLimits) -> Server {
         hub: hub.clone(),
         access: Access::TenantCertificate(td()),
         audit_keys: None,
+        app_exits: Some(AppExits::fixed([finished_job_pod("acme-prod", "report")])),
     };
     let config = tls.config.clone();
     tokio::spawn(tls.keep_fresh(ca.clone(), shutdown.clone()));
@@ -226,6 +246,32 @@ async fn another_tenant_is_forbidden_with_a_json_reason() {
     // Its own tenant's audit key: not served by this server (no DEK source), not refused.
     let (status, _) = get(&server, config, "/v1/audit-key/acme").await.unwrap();
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_job_proxy_learns_its_app_exited_and_only_about_its_own_namespace() {
+    let server = start().await;
+    let config = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    let (status, body) = get(
+        &server,
+        config.clone(),
+        "/v1/app-exit/acme/acme-prod/report",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["appsExited"], true, "{answer}");
+
+    for (path, reason) in [
+        ("/v1/app-exit/acme/acme-staging/report", "WrongNamespace"),
+        ("/v1/app-exit/globex/globex-prod/report", "WrongTenant"),
+    ] {
+        let (status, body) = get(&server, config.clone(), path).await.unwrap();
+        assert_eq!(status, 403, "{path}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["reason"], reason, "{path}: {body}");
+    }
 }
 
 #[tokio::test]

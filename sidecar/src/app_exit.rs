@@ -1,18 +1,31 @@
 //! `PORTCULLIS_EXIT_WHEN_APP_EXITS`: in a run-to-completion pod (a Job) where the proxy
 //! is a regular container, the pod only completes when every container has exited, so
-//! the proxy must leave once the app has. The proxy probes `127.0.0.1:<app port>`:
-//! once the app has accepted a connection, and then has stopped accepting for the
-//! grace period, the proxy drains and exits 0. (Native sidecars need none of this: the
-//! kubelet stops them.) A pod without an app port cannot be watched this way; the proxy
-//! says so at start.
+//! the proxy must leave once the app has. Two signals, whichever comes first:
+//!
+//! - [`follow_operator`]: the operator, which sees the pod's container statuses, answers
+//!   a held request once every app container has exited for good (contract:
+//!   [`portcullis_crds::app_exit`]). This works for apps without a port, the usual Job.
+//! - [`watch`]: the proxy probes `127.0.0.1:<app port>`; once the app has accepted a
+//!   connection, and then has stopped accepting for the grace period, it goes. This
+//!   works while the operator is away.
+//!
+//! Either way the proxy drains and exits 0. (Native sidecars need none of this: the
+//! kubelet stops them.)
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
+use http::StatusCode;
+use portcullis_crds::app_exit::{self, AppExitAnswer, HOLD_SECONDS};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::env::OperatorEndpoint, identity::CertificateStore, operator_client,
+    tls::ClientConfigSource,
+};
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -65,6 +78,72 @@ pub async fn watch(
             );
             shutdown.cancel();
             return;
+        }
+    }
+}
+
+/// Where the proxy asks the operator whether its app has exited.
+#[derive(Clone)]
+pub struct OperatorSignal {
+    /// The policy server.
+    pub endpoint: OperatorEndpoint,
+    /// mTLS with the workload certificate.
+    pub tls: ClientConfigSource,
+    /// The workload certificate (its tenant is part of the path).
+    pub store: CertificateStore,
+    /// This pod's namespace.
+    pub namespace: String,
+    /// This pod's name.
+    pub pod: String,
+}
+
+/// Asks the operator (held requests, one after the other) until it says the app has
+/// exited for good, then cancels `shutdown`. Returns when `shutdown` is cancelled.
+pub async fn follow_operator(signal: OperatorSignal, shutdown: CancellationToken) {
+    const FIRST_RETRY: Duration = Duration::from_secs(1);
+    const LAST_RETRY: Duration = Duration::from_secs(30);
+    let mut retry = FIRST_RETRY;
+    loop {
+        let asked = async {
+            let tenant = signal
+                .store
+                .load()
+                .and_then(|c| c.tenant().map(|t| t.tenant().to_owned()));
+            let Some(tenant) = tenant else {
+                return Err("no workload certificate yet".to_owned());
+            };
+            let path = app_exit::path(&tenant, &signal.namespace, &signal.pod);
+            let timeout = Duration::from_secs(HOLD_SECONDS + 15);
+            match operator_client::get(&signal.endpoint, &signal.tls, &path, timeout).await {
+                Ok((StatusCode::OK, body)) => serde_json::from_slice::<AppExitAnswer>(&body)
+                    .map_err(|e| format!("unreadable answer: {e}")),
+                Ok((status, _)) => Err(format!("the operator answered {status}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            answer = asked => answer,
+        };
+        match answer {
+            Ok(answer) if answer.apps_exited => {
+                tracing::info!(
+                    exit_codes = ?answer.exit_codes,
+                    "the operator reports the app has exited for good; draining and exiting"
+                );
+                shutdown.cancel();
+                return;
+            }
+            // Held for the whole hold time: ask again at once.
+            Ok(_) => retry = FIRST_RETRY,
+            Err(error) => {
+                tracing::debug!(%error, retry_in_s = retry.as_secs(), "asking the operator whether the app exited");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(LAST_RETRY);
+            }
         }
     }
 }

@@ -247,7 +247,7 @@ pub async fn start(
             store: store.clone(),
             policy: policy.clone(),
             operator: config.policy.clone(),
-            tls: operator,
+            tls: operator.clone(),
             data_dir: config.data_dir.clone(),
             settings: config.audit.clone(),
             stdout: audit_stdout,
@@ -256,19 +256,25 @@ pub async fn start(
         shutdown.clone(),
     ));
 
-    match (config.exit_when_app_exits, config.app_port) {
-        (Some(grace), Some(port)) => {
-            tasks.spawn(app_exit::watch(
-                port,
-                config.app_probe_interval,
-                grace,
-                shutdown.clone(),
-            ));
-        }
-        (Some(_), None) => tracing::warn!(
-            "PORTCULLIS_EXIT_WHEN_APP_EXITS is set but the pod declares no app port to watch; the proxy cannot tell when the app exits"
-        ),
-        (None, _) => {}
+    if config.exit_when_app_exits.is_some() {
+        tasks.spawn(app_exit::follow_operator(
+            app_exit::OperatorSignal {
+                endpoint: config.policy.clone(),
+                tls: operator.clone(),
+                store: store.clone(),
+                namespace: config.workload.namespace().to_owned(),
+                pod: config.pod_name.clone(),
+            },
+            shutdown.clone(),
+        ));
+    }
+    if let (Some(grace), Some(port)) = (config.exit_when_app_exits, config.app_port) {
+        tasks.spawn(app_exit::watch(
+            port,
+            config.app_probe_interval,
+            grace,
+            shutdown.clone(),
+        ));
     }
     let upstream = match config.app_port {
         Some(port) => Upstream::new(&config.upstream(port)),

@@ -2,6 +2,7 @@
 //! an overlap ends), published per tenant through the [`PolicyHub`], served by the
 //! policy server. Runs on every replica, leader or not, so sidecars can use any.
 
+pub mod app_exit;
 pub mod compiler;
 pub mod hub;
 pub mod revocations;

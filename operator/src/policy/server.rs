@@ -4,6 +4,9 @@
 //! - `GET /v1/policy/<tenant>/watch`: newline-delimited JSON, the current bundle first
 //!   (as soon as there is one), then one line per new version; long-lived.
 //! - `GET /v1/audit-key/<tenant>`: the tenant's audit DEKs ([`server_audit_key`]).
+//! - `GET /v1/app-exit/<tenant>/<namespace>/<pod>`: held until the app of a
+//!   run-to-completion pod has exited ([`super::app_exit`]); only for workloads of that
+//!   namespace.
 //! - `GET /debug/policy`: version, key count and left-out keys per tenant (over mTLS,
 //!   only the caller's tenant).
 //!
@@ -30,8 +33,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::PolicyHub;
+use super::app_exit::AppExits;
 use super::server_audit_key::{AuditKeys, denial};
-use super::server_tls::client_tenant;
+use super::server_tls::{client_namespace, client_tenant};
 use crate::serve::{self, Body, ConnectionLimits, PeerCertificates};
 
 /// Content type of the watch stream.
@@ -56,6 +60,8 @@ pub struct PolicyApi {
     pub access: Access,
     /// The audit-key endpoint; `None`: 404.
     pub audit_keys: Option<AuditKeys>,
+    /// The app-exit endpoint for run-to-completion pods; `None`: 404.
+    pub app_exits: Option<AppExits>,
 }
 
 impl PolicyApi {
@@ -65,6 +71,7 @@ impl PolicyApi {
             hub,
             access: Access::Open,
             audit_keys: None,
+            app_exits: None,
         }
     }
 }
@@ -181,6 +188,9 @@ async fn route(
             Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
     }
+    if path.starts_with(portcullis_crds::app_exit::APP_EXIT_PREFIX) {
+        return app_exit(api, req, shutdown).await;
+    }
     if let Some(tenant) = path.strip_prefix("/v1/audit-key/") {
         if !valid_tenant(tenant) {
             return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
@@ -230,6 +240,53 @@ async fn route(
             StatusCode::NOT_FOUND,
             &format!("no policy for tenant {tenant:?}"),
         ),
+    }
+}
+
+/// `GET /v1/app-exit/<tenant>/<namespace>/<pod>`: the tenant check, then the caller's
+/// own namespace only, then the held answer.
+async fn app_exit(
+    api: &PolicyApi,
+    req: &Request<Incoming>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    let Some((tenant, namespace, pod)) = portcullis_crds::app_exit::parse_path(req.uri().path())
+    else {
+        return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
+    };
+    if let Err(denied) = authorize(api, req, tenant) {
+        return *denied;
+    }
+    if let Access::TenantCertificate(trust_domain) = &api.access {
+        let own = req
+            .extensions()
+            .get::<PeerCertificates>()
+            .and_then(|PeerCertificates(chain)| client_namespace(chain, trust_domain));
+        if own.as_deref() != Some(namespace) {
+            return denial(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "a workload may ask only about pods of its own namespace, not {namespace:?}"
+                ),
+                "WrongNamespace",
+            );
+        }
+    }
+    let Some(exits) = &api.app_exits else {
+        return denial(
+            StatusCode::NOT_FOUND,
+            "app exits are not served here",
+            "NotServed",
+        );
+    };
+    let hold = std::time::Duration::from_secs(portcullis_crds::app_exit::HOLD_SECONDS);
+    let answer = exits.answer(namespace, pod, hold, &shutdown).await;
+    if answer.apps_exited {
+        tracing::info!(%namespace, %pod, "the app of a run-to-completion pod exited; its proxy may go");
+    }
+    match serde_json::to_vec(&answer) {
+        Ok(body) => serve::full(StatusCode::OK, "application/json", body),
+        Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

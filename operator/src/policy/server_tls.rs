@@ -182,25 +182,54 @@ impl PolicyServerTls {
     }
 }
 
-/// The tenant a client certificate names: its `spiffe://<trust_domain>/tenant/<t>` URI
-/// SAN. `None` when the leaf carries none (or of another trust domain) or has two.
-pub fn client_tenant(chain: &[CertificateDer<'_>], trust_domain: &TrustDomain) -> Option<String> {
-    let leaf = chain.first()?;
-    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut tenants = san
-        .value
+/// The SPIFFE ids of trust domain `trust_domain` in the leaf's URI SANs.
+fn client_ids(chain: &[CertificateDer<'_>], trust_domain: &TrustDomain) -> Vec<SpiffeId> {
+    let Some(leaf) = chain.first() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::URI(uri) => match uri.parse::<SpiffeId>() {
-                Ok(SpiffeId::Tenant(id)) if id.trust_domain() == trust_domain => {
-                    Some(id.tenant().to_owned())
-                }
-                _ => None,
-            },
+            GeneralName::URI(uri) => uri.parse::<SpiffeId>().ok(),
             _ => None,
+        })
+        .filter(|id| id.trust_domain() == trust_domain)
+        .collect()
+}
+
+/// The tenant a (verified) client certificate names in its
+/// `spiffe://<trust domain>/tenant/<t>` URI SAN; `None` when it names none of this
+/// trust domain, or more than one.
+pub fn client_tenant(chain: &[CertificateDer<'_>], trust_domain: &TrustDomain) -> Option<String> {
+    let mut tenants = client_ids(chain, trust_domain)
+        .into_iter()
+        .filter_map(|id| match id {
+            SpiffeId::Tenant(id) => Some(id.tenant().to_owned()),
+            SpiffeId::Workload(_) => None,
         });
     let tenant = tenants.next()?;
     tenants.next().is_none().then_some(tenant)
+}
+
+/// The namespace of the workload a (verified) client certificate names
+/// (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`); `None` when none, or more than one.
+pub fn client_namespace(
+    chain: &[CertificateDer<'_>],
+    trust_domain: &TrustDomain,
+) -> Option<String> {
+    let mut namespaces = client_ids(chain, trust_domain)
+        .into_iter()
+        .filter_map(|id| match id {
+            SpiffeId::Workload(id) => Some(id.namespace().to_owned()),
+            SpiffeId::Tenant(_) => None,
+        });
+    let namespace = namespaces.next()?;
+    namespaces.next().is_none().then_some(namespace)
 }
