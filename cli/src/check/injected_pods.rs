@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use portcullis_crds::annotations::APP_PORT;
 use portcullis_crds::probes::ProbeKind;
 
+use super::probes::pod_ready;
 use super::report::{CheckResult, bounded};
 use crate::identity::PROXY_CONTAINER;
 use crate::output::short_duration;
@@ -239,13 +240,6 @@ fn not_ready_since(pod: &Pod) -> Option<Timestamp> {
         .or_else(|| parse_time(pod.metadata.creation_timestamp.as_ref()))
 }
 
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Whether the pod is done or going: neither is "not Ready".
 fn is_finished(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
@@ -258,7 +252,7 @@ fn is_finished(pod: &Pod) -> bool {
 
 /// Whether [`diagnose`] may need the pod's Events (so the caller reads them only then).
 pub fn needs_events(pod: &Pod) -> bool {
-    !is_finished(pod) && !is_ready(pod)
+    !is_finished(pod) && !pod_ready(pod)
 }
 
 /// What is wrong with an injected pod, None when nothing is.
@@ -300,7 +294,7 @@ pub fn diagnose(pod: &Pod, events: &[Event]) -> Option<NotReady> {
         let last = apps.iter().filter_map(|c| finished_at(c).flatten()).max();
         return found(Cause::ProxyOutlivesApp(exit_watch(pod)), last);
     }
-    if is_ready(pod) {
+    if pod_ready(pod) {
         return None;
     }
     let since = not_ready_since(pod);

@@ -141,7 +141,8 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
     }
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+/// Whether the pod's Ready condition is True.
+pub(super) fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
