@@ -936,3 +936,219 @@ async fn tenant_status_counts_keys_and_warns() {
         "{missing:?}"
     );
 }
+
+/// An injected pod (by the injector's label) with the given containers and spec fields;
+/// its status is what a kubelet would report.
+async fn create_injected_pod(client: &Client, ns: &str, name: &str, spec: Value, status: Value) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut body = json!({
+        "metadata": {"name": name, "labels": {"portcullis.dev/injected": "true"},
+            "annotations": {"portcullis.dev/injected": "0.1.0"}},
+        "spec": {"containers": [
+            {"name": "portcullis-proxy", "image": "registry.example/proxy:1"},
+            {"name": "app", "image": "registry.example/app:1"}
+        ]}
+    });
+    if let (Some(into), Some(extra)) = (body["spec"].as_object_mut(), spec.as_object()) {
+        into.extend(extra.clone());
+    }
+    let pod: Pod = serde_json::from_value(body).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // envtest has no kubelet: write the status it would.
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .unwrap();
+}
+
+fn container_status(name: &str, ready: bool, state: Value) -> Value {
+    json!({"name": name, "ready": ready, "restartCount": 0, "image": "x", "imageID": "", "state": state})
+}
+
+fn ago(minutes: i64) -> String {
+    (Timestamp::now() - SignedDuration::from_mins(minutes)).to_string()
+}
+
+fn running_since(minutes: i64) -> Value {
+    json!({"running": {"startedAt": ago(minutes)}})
+}
+
+/// A key with the status the operator would write.
+async fn create_key(client: &Client, ns: &str, name: &str, status: Value) {
+    let keys: Api<ApiKey> = Api::namespaced(client.clone(), ns);
+    let key = ApiKey::new(
+        name,
+        ApiKeySpec {
+            role: "Developer".into(),
+            scopes: vec![ScopeName::new("identify").unwrap()],
+            ..ApiKeySpec::default()
+        },
+    );
+    keys.create(&PostParams::default(), &key).await.unwrap();
+    keys.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .unwrap();
+}
+
+/// A control plane of its own, so the other tests' pods and keys do not count.
+#[tokio::test]
+async fn check_names_stuck_injected_pods_and_keys_not_active() {
+    let Some(env) = EnvTest::start().await.expect("envtest starts") else {
+        return;
+    };
+    env.install_crds().await.unwrap();
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-workloads").await.unwrap();
+    let sections = |run: &Run| -> Value {
+        let report = run.json();
+        json!({
+            "pods": check_named(&report, "Injected pods"),
+            "keys": check_named(&report, "ApiKeys"),
+        })
+    };
+
+    // Healthy: a Ready injected pod and an Active key.
+    create_injected_pod(
+        &client,
+        &ns,
+        "api-0",
+        json!({}),
+        json!({"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": ago(9)}],
+        "containerStatuses": [
+            container_status("portcullis-proxy", true, running_since(10)),
+            container_status("app", true, running_since(10)),
+        ]}),
+    )
+    .await;
+    create_key(&client, &ns, "ingest", json!({"state": "Active"})).await;
+    let healthy = cli(&env, &["check", "-o", "json"]).await;
+    let found = sections(&healthy);
+    assert_eq!(found["pods"]["status"], "pass", "{found}");
+    assert_eq!(
+        found["pods"]["message"], "1 injected pod(s) Ready",
+        "{found}"
+    );
+    assert_eq!(found["keys"]["status"], "pass", "{found}");
+    assert_eq!(
+        found["keys"]["message"], "1 of 1 ApiKey(s) Active",
+        "{found}"
+    );
+
+    // An app failing its readiness probe for six minutes, with the kubelet's Event.
+    create_injected_pod(
+        &client,
+        &ns,
+        "api-1",
+        json!({}),
+        json!({"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": ago(6)}],
+        "containerStatuses": [
+            container_status("portcullis-proxy", true, running_since(7)),
+            container_status("app", false, running_since(7)),
+        ]}),
+    )
+    .await;
+    let pod_uid = Api::<Pod>::namespaced(client.clone(), &ns)
+        .get("api-1")
+        .await
+        .unwrap()
+        .uid();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let event = serde_json::from_value(json!({
+        "metadata": {"name": "api-1.unhealthy"},
+        "involvedObject": {"kind": "Pod", "namespace": ns, "name": "api-1", "uid": pod_uid,
+            "apiVersion": "v1", "fieldPath": "spec.containers{app}"},
+        "reason": "Unhealthy", "type": "Warning", "count": 40,
+        "message": "Readiness probe failed: HTTP probe failed with statuscode: 503",
+        "firstTimestamp": ago(6), "lastTimestamp": ago(0),
+        "source": {"component": "kubelet"}
+    }))
+    .unwrap();
+    events.create(&PostParams::default(), &event).await.unwrap();
+    // A Job's pod whose app finished five minutes ago while the proxy runs on.
+    create_injected_pod(
+        &client,
+        &ns,
+        "migrate-x1",
+        json!({"restartPolicy": "Never", "containers": [
+            {"name": "portcullis-proxy", "image": "registry.example/proxy:1", "env": [
+                {"name": "PORTCULLIS_EXIT_WHEN_APP_EXITS", "value": "true"},
+                {"name": "PORTCULLIS_APP_PORT", "value": "8080"}
+            ]},
+            {"name": "app", "image": "registry.example/app:1"}
+        ]}),
+        json!({"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": ago(5)}],
+        "containerStatuses": [
+            container_status("portcullis-proxy", true, running_since(8)),
+            container_status("app", false, json!({"terminated": {
+                "exitCode": 0, "reason": "Completed", "startedAt": ago(8), "finishedAt": ago(5)}})),
+        ]}),
+    )
+    .await;
+    create_key(
+        &client,
+        &ns,
+        "wide",
+        json!({"state": "Invalid", "conditions": [{"type": "Ready", "status": "False",
+            "reason": "ScopeNotInRole", "message": "scope admin is not granted by role Developer",
+            "lastTransitionTime": ago(1)}]}),
+    )
+    .await;
+
+    let table = cli(&env, &["check"]).await;
+    assert_eq!(table.code, Some(1), "{table:?}");
+    let line = |prefix: &str| {
+        table
+            .stdout
+            .lines()
+            .map(str::trim_start)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {table:?}"))
+            .to_owned()
+    };
+    assert!(
+        line("✗ Injected pods").ends_with("2 of 3 injected pod(s) not Ready for over 2m"),
+        "{table:?}"
+    );
+    assert!(
+        line(&format!("{ns}/api-1 (6m): ")).contains(
+            "container app fails its readiness probe: \"HTTP probe failed with statuscode: 503\" → "
+        ),
+        "{table:?}"
+    );
+    assert!(
+        line(&format!("{ns}/migrate-x1 (5m): ")).contains(
+            "the app finished but the proxy still runs; the Job cannot complete → the proxy exits once app port 8080"
+        ),
+        "{table:?}"
+    );
+    assert!(
+        line("✗ ApiKeys").ends_with("1 of 2 ApiKey(s) Active; 1 invalid or unissued, 0 expired"),
+        "{table:?}"
+    );
+    assert!(
+        line(&format!("{ns}/wide: ")).starts_with(&format!(
+            "{ns}/wide: Invalid (ScopeNotInRole: scope admin is not granted by role Developer) → "
+        )),
+        "{table:?}"
+    );
+
+    let json = cli(&env, &["check", "-o", "json"]).await;
+    let found = sections(&json);
+    assert_eq!(found["pods"]["status"], "fail", "{found}");
+    assert_eq!(
+        found["pods"]["details"].as_array().unwrap().len(),
+        2,
+        "{found}"
+    );
+    assert_eq!(found["keys"]["status"], "fail", "{found}");
+}

@@ -1,9 +1,12 @@
 //! `kubectl portcullis check`: preflight and health, one line per check.
 //!
-//! Reading is done here; the verdicts are pure functions in [`probes`] and [`crds`].
-//! A check that cannot read what it needs (RBAC) is a warning, never a crash.
+//! Reading is done here; the verdicts are pure functions in [`probes`], [`crds`],
+//! [`injected_pods`] and [`api_keys`]. A check that cannot read what it needs (RBAC) is
+//! a warning, never a crash.
 
+pub mod api_keys;
 pub mod crds;
+pub mod injected_pods;
 pub mod probes;
 pub mod report;
 
@@ -15,11 +18,13 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
+use portcullis_crds::annotations::INJECTED_LABEL;
 use portcullis_crds::tenant::TENANT_LABEL;
+use portcullis_crds::{ApiKey, Tenant};
 
 use crate::Outcome;
 use crate::cli::{CheckArgs, OutputFormat};
@@ -85,6 +90,12 @@ pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
         checks.push(check_ca(cluster, kind, &deployment, now).await);
     }
     checks.extend(check_namespaces(cluster, now).await);
+    let operator_logs = format!(
+        "kubectl -n {} logs deploy/{deployment}",
+        cluster.operator_namespace
+    );
+    checks.extend(check_injected_pods(cluster, now, &operator_logs).await);
+    checks.extend(check_api_keys(cluster, now, &operator_logs).await);
     CheckReport::new(checks)
 }
 
@@ -236,18 +247,39 @@ async fn check_namespaces(cluster: &Cluster, now: Timestamp) -> Vec<CheckResult>
         Ok(list) => list.items,
         Err(e) => return vec![unreadable("Injection", "namespaces", e)],
     };
-    let opted: Vec<&Namespace> = all
+    let mut results = Vec::new();
+    // A Confidential or Restricted Tenant requires the proxy in its namespaces.
+    let tenants: Api<Tenant> = Api::all(cluster.client.clone());
+    let classification: BTreeMap<String, _> = match tenants.list(&ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .map(|t| (t.name_any(), t.spec.data_classification))
+            .collect(),
+        Err(kube::Error::Api(status)) if status.code == 404 => BTreeMap::new(),
+        Err(e) => {
+            results.push(unreadable("Injection", "Tenants", e));
+            BTreeMap::new()
+        }
+    };
+    let opted: Vec<(&Namespace, probes::InjectionLevel)> = all
         .iter()
-        .filter(|ns| probes::namespace_opted_in(ns, &cluster.operator_namespace))
+        .filter_map(|ns| {
+            let tenant = ns
+                .labels()
+                .get(TENANT_LABEL)
+                .and_then(|t| classification.get(t))
+                .copied();
+            probes::injection_level(ns, &cluster.operator_namespace, tenant).map(|l| (ns, l))
+        })
         .collect();
     let mut pods_by_namespace = BTreeMap::new();
-    let mut results = Vec::new();
-    for ns in &opted {
+    for (ns, level) in &opted {
         let name = ns.name_any();
         let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &name);
         match pods.list(&ListParams::default()).await {
             Ok(list) => {
-                pods_by_namespace.insert(name, list.items);
+                pods_by_namespace.insert(name, (*level, list.items));
             }
             Err(e) => results.push(unreadable("Injection", &format!("pods of {name}"), e)),
         }
@@ -276,4 +308,59 @@ async fn check_namespaces(cluster: &Cluster, now: Timestamp) -> Vec<CheckResult>
         now,
     ));
     results
+}
+
+/// Injected pods (by the injector's label, in every namespace) that are not Ready,
+/// with the Events of those that are not.
+async fn check_injected_pods(
+    cluster: &Cluster,
+    now: Timestamp,
+    operator_logs: &str,
+) -> Vec<CheckResult> {
+    let pods: Api<Pod> = Api::all(cluster.client.clone());
+    let injected = ListParams::default().labels(&format!("{INJECTED_LABEL}=true"));
+    let pods = match pods.list(&injected).await {
+        Ok(list) => list.items,
+        Err(e) => return vec![unreadable("Injected pods", "pods", e)],
+    };
+    let mut with_events = Vec::with_capacity(pods.len());
+    let mut events_unreadable = None;
+    for pod in pods {
+        // Without Events a probe failure is still found, just without its message.
+        let events = if injected_pods::needs_events(&pod) && events_unreadable.is_none() {
+            let events: Api<Event> =
+                Api::namespaced(cluster.client.clone(), &pod.namespace().unwrap_or_default());
+            let about_pod = ListParams::default().fields(&format!(
+                "involvedObject.kind=Pod,involvedObject.name={}",
+                pod.name_any()
+            ));
+            match events.list(&about_pod).await {
+                Ok(list) => list.items,
+                Err(e) => {
+                    events_unreadable = Some(unreadable("Injected pods", "Events", e));
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        with_events.push((pod, events));
+    }
+    let mut results = vec![injected_pods::judge(&with_events, now, operator_logs)];
+    results.extend(events_unreadable);
+    results
+}
+
+/// ApiKeys of every namespace; nothing when the CRD is missing (its own check fails).
+async fn check_api_keys(
+    cluster: &Cluster,
+    now: Timestamp,
+    operator_logs: &str,
+) -> Option<CheckResult> {
+    let keys: Api<ApiKey> = Api::all(cluster.client.clone());
+    match keys.list(&ListParams::default()).await {
+        Ok(list) => Some(api_keys::judge(&list.items, now, operator_logs)),
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(e) => Some(unreadable("ApiKeys", "ApiKeys", e)),
+    }
 }

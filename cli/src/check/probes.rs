@@ -9,9 +9,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::ResourceExt;
 use portcullis_crds::annotations::INJECT;
-use portcullis_crds::tenant::TENANT_LABEL;
+use portcullis_crds::tenant::{DataClassification, TENANT_LABEL};
 
-use super::report::CheckResult;
+use super::report::{CheckResult, bounded};
 use crate::cert::{Expiry, parse_pem_bundle};
 use crate::identity::PROXY_CONTAINER;
 use crate::output::{relative, short_duration, timestamp, timestamp_relative};
@@ -141,7 +141,8 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
     }
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+/// Whether the pod's Ready condition is True.
+pub(super) fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -302,18 +303,43 @@ pub fn judge_ca(
     result.details(details)
 }
 
-/// Whether the injector injects pods of `namespace` (mirrors the operator's rule:
-/// `inject=enabled|required`, or a tenant label unless `inject=disabled`).
-pub fn namespace_opted_in(namespace: &Namespace, operator_namespace: &str) -> bool {
+/// How strongly a namespace asks for injection (the operator's `InjectionLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectionLevel {
+    /// Pods are injected unless they opt out (`portcullis.dev/inject: disabled`).
+    Enabled,
+    /// Every pod must carry the proxy: the injector refuses opt-outs and pods it cannot
+    /// inject (label `inject=required`, or a Confidential or Restricted Tenant).
+    Required,
+}
+
+/// Whether and how the injector injects pods of `namespace`, whose Tenant (by its
+/// tenant label) has `classification` (mirrors the operator's rule:
+/// `inject=enabled|required`, or a tenant label unless `inject=disabled`; a
+/// Confidential or Restricted Tenant requires it whatever the labels say).
+pub fn injection_level(
+    namespace: &Namespace,
+    operator_namespace: &str,
+    classification: Option<DataClassification>,
+) -> Option<InjectionLevel> {
     let name = namespace.name_any();
     if name == operator_namespace || NEVER_INJECTED.contains(&name.as_str()) {
-        return false;
+        return None;
+    }
+    if matches!(
+        classification,
+        Some(DataClassification::Confidential | DataClassification::Restricted)
+    ) {
+        return Some(InjectionLevel::Required);
     }
     let labels = namespace.labels();
     match labels.get(INJECT).map(String::as_str) {
-        Some("enabled" | "required") => true,
-        Some("disabled") => false,
-        _ => labels.contains_key(TENANT_LABEL),
+        Some("required") => Some(InjectionLevel::Required),
+        Some("enabled") => Some(InjectionLevel::Enabled),
+        Some("disabled") => None,
+        _ => labels
+            .contains_key(TENANT_LABEL)
+            .then_some(InjectionLevel::Enabled),
     }
 }
 
@@ -328,7 +354,16 @@ fn has_proxy(pod: &Pod) -> bool {
 }
 
 /// Pods of opted-in namespaces that run without the proxy.
-pub fn judge_injection(opted_in: &BTreeMap<String, Vec<Pod>>) -> CheckResult {
+///
+/// A pod that opts out (`portcullis.dev/inject: disabled`) where the namespace allows
+/// it is a decision its owner made, so it is only counted in the message; like
+/// `istioctl analyze`, which skips pods annotated `sidecar.istio.io/inject: "false"`
+/// rather than warn about them on every run. Where the namespace requires the proxy,
+/// the injector refuses such pods today, so one that runs slipped in before the
+/// requirement or while the webhook was down: a failure, as is any other pod without
+/// the proxy (its port is served unauthenticated). A hostNetwork pod in a namespace
+/// that merely enables injection cannot be injected at all: a warning.
+pub fn judge_injection(opted_in: &BTreeMap<String, (InjectionLevel, Vec<Pod>)>) -> CheckResult {
     if opted_in.is_empty() {
         return CheckResult::pass(
             "Injection",
@@ -337,7 +372,8 @@ pub fn judge_injection(opted_in: &BTreeMap<String, Vec<Pod>>) -> CheckResult {
     }
     let (mut injected, mut opted_out) = (0usize, 0usize);
     let (mut missing, mut unsupported) = (Vec::new(), Vec::new());
-    for (namespace, pods) in opted_in {
+    for (namespace, (level, pods)) in opted_in {
+        let required = *level == InjectionLevel::Required;
         for pod in pods {
             let finished = pod
                 .status
@@ -347,15 +383,26 @@ pub fn judge_injection(opted_in: &BTreeMap<String, Vec<Pod>>) -> CheckResult {
             if finished || pod.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            if has_proxy(pod) {
-                injected += 1;
-            } else if pod
+            let opts_out = pod
                 .annotations()
                 .get(INJECT)
-                .is_some_and(|v| v == "disabled")
-            {
+                .is_some_and(|v| v == "disabled");
+            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+            if has_proxy(pod) {
+                injected += 1;
+            } else if required && (opts_out || host_network) {
+                missing.push(format!(
+                    "{namespace}/{} ({}, but the namespace requires the proxy)",
+                    pod.name_any(),
+                    if opts_out {
+                        format!("opts out with {INJECT}: disabled")
+                    } else {
+                        "hostNetwork".to_owned()
+                    }
+                ));
+            } else if opts_out {
                 opted_out += 1;
-            } else if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            } else if host_network {
                 unsupported.push(format!(
                     "{namespace}/{} (hostNetwork: cannot be injected)",
                     pod.name_any()
@@ -384,14 +431,14 @@ pub fn judge_injection(opted_in: &BTreeMap<String, Vec<Pod>>) -> CheckResult {
         "{unprotected} pod(s) in opted-in namespaces run without the proxy{opted_out_note}"
     );
     let namespaces: Vec<&str> = opted_in.keys().map(String::as_str).collect();
-    let details = missing.iter().chain(&unsupported).cloned().collect();
+    let details = bounded(missing.iter().chain(&unsupported).cloned().collect());
     if missing.is_empty() {
         CheckResult::warn("Injection", message).details(details).hint(
             "pods with hostNetwork cannot be injected: move them out of the namespace or accept them unprotected",
         )
     } else {
         CheckResult::fail("Injection", message).details(details).hint(format!(
-            "they started before injection was enabled or while the webhook was down: restart them, e.g. kubectl rollout restart deployment -n {}",
+            "they started before injection was enabled or required, or while the webhook was down: restart them, e.g. kubectl rollout restart deployment -n {}",
             namespaces.first().copied().unwrap_or("<namespace>")
         ))
     }
@@ -640,39 +687,59 @@ mod tests {
         let ns = |name: &str, labels: serde_json::Value| -> Namespace {
             from_json(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
         };
-        assert!(namespace_opted_in(
-            &ns("a", serde_json::json!({"portcullis.dev/inject": "enabled"})),
-            "ps"
-        ));
-        assert!(namespace_opted_in(
-            &ns("a", serde_json::json!({"portcullis.dev/tenant": "acme"})),
-            "ps"
-        ));
-        assert!(!namespace_opted_in(
-            &ns(
+        let level =
+            |name: &str, labels: serde_json::Value| injection_level(&ns(name, labels), "ps", None);
+        use InjectionLevel::{Enabled, Required};
+        assert_eq!(
+            level("a", serde_json::json!({"portcullis.dev/inject": "enabled"})),
+            Some(Enabled)
+        );
+        assert_eq!(
+            level(
+                "a",
+                serde_json::json!({"portcullis.dev/inject": "required"})
+            ),
+            Some(Required)
+        );
+        assert_eq!(
+            level("a", serde_json::json!({"portcullis.dev/tenant": "acme"})),
+            Some(Enabled)
+        );
+        assert_eq!(
+            level(
                 "a",
                 serde_json::json!({"portcullis.dev/tenant": "acme", "portcullis.dev/inject": "disabled"})
             ),
-            "ps"
-        ));
-        assert!(!namespace_opted_in(
-            &ns(
+            None
+        );
+        assert_eq!(
+            level(
                 "ps",
                 serde_json::json!({"portcullis.dev/inject": "enabled"})
             ),
-            "ps"
-        ));
-        assert!(!namespace_opted_in(
-            &ns(
+            None
+        );
+        assert_eq!(
+            level(
                 "kube-system",
                 serde_json::json!({"portcullis.dev/inject": "enabled"})
             ),
-            "ps"
-        ));
-        assert!(!namespace_opted_in(
-            &ns("plain", serde_json::json!({})),
-            "ps"
-        ));
+            None
+        );
+        assert_eq!(level("plain", serde_json::json!({})), None);
+        // A Confidential or Restricted Tenant requires the proxy whatever the labels say.
+        let confidential = ns(
+            "a",
+            serde_json::json!({"portcullis.dev/tenant": "acme", "portcullis.dev/inject": "disabled"}),
+        );
+        assert_eq!(
+            injection_level(&confidential, "ps", Some(DataClassification::Confidential)),
+            Some(Required)
+        );
+        assert_eq!(
+            injection_level(&confidential, "ps", Some(DataClassification::Internal)),
+            None
+        );
     }
 
     #[test]
@@ -704,15 +771,16 @@ mod tests {
             serde_json::json!({"spec": {"hostNetwork": true, "containers": [{"name": "app"}]}}),
         );
 
+        let enabled = |pods: Vec<Pod>| (InjectionLevel::Enabled, pods);
         let all = BTreeMap::from([(
             "acme".to_owned(),
-            vec![
+            enabled(vec![
                 injected.clone(),
                 bare,
                 done,
                 opted_out.clone(),
                 host.clone(),
-            ],
+            ]),
         )]);
         let result = judge_injection(&all);
         assert_eq!(result.status, Status::Fail);
@@ -725,10 +793,37 @@ mod tests {
             "2 pod(s) in opted-in namespaces run without the proxy; 1 opted out with portcullis.dev/inject: disabled"
         );
 
-        let only_host = BTreeMap::from([("acme".to_owned(), vec![injected.clone(), host])]);
+        let only_host = BTreeMap::from([(
+            "acme".to_owned(),
+            enabled(vec![injected.clone(), host.clone()]),
+        )]);
         assert_eq!(judge_injection(&only_host).status, Status::Warn);
-        let good = BTreeMap::from([("acme".to_owned(), vec![injected, opted_out])]);
-        assert_eq!(judge_injection(&good).status, Status::Pass);
+        let good = BTreeMap::from([(
+            "acme".to_owned(),
+            enabled(vec![injected.clone(), opted_out.clone()]),
+        )]);
+        let good = judge_injection(&good);
+        assert_eq!(good.status, Status::Pass);
+        assert!(
+            good.message
+                .ends_with("1 opted out with portcullis.dev/inject: disabled")
+        );
+
+        // Where the namespace requires the proxy, an opt-out or a hostNetwork pod that
+        // runs got past the injector: a failure.
+        let required = BTreeMap::from([(
+            "vault".to_owned(),
+            (InjectionLevel::Required, vec![injected, opted_out, host]),
+        )]);
+        let required = judge_injection(&required);
+        assert_eq!(required.status, Status::Fail);
+        assert_eq!(
+            required.details,
+            [
+                "vault/debug (opts out with portcullis.dev/inject: disabled, but the namespace requires the proxy)",
+                "vault/agent (hostNetwork, but the namespace requires the proxy)"
+            ]
+        );
         assert_eq!(judge_injection(&BTreeMap::new()).status, Status::Pass);
     }
 

@@ -83,6 +83,20 @@ impl CheckResult {
     }
 }
 
+/// Most detail lines a check lists; the rest are counted.
+pub const MAX_DETAILS: usize = 10;
+
+/// The first [`MAX_DETAILS`] of `lines`, then `and K more`, so a cluster with many
+/// broken objects still gets a report that fits on a screen.
+pub fn bounded(mut lines: Vec<String>) -> Vec<String> {
+    if lines.len() > MAX_DETAILS {
+        let more = lines.len() - MAX_DETAILS;
+        lines.truncate(MAX_DETAILS);
+        lines.push(format!("and {more} more"));
+    }
+    lines
+}
+
 /// Counts by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
@@ -219,6 +233,15 @@ mod tests {
              ✗ Injection    1 pod runs without the proxy\n      acme/api-0\n    → restart it\n\
              \n1 failed, 0 warnings, 1 passed\n"
         );
+    }
+
+    #[test]
+    fn details_are_bounded() {
+        let lines = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(bounded(lines(MAX_DETAILS)).len(), MAX_DETAILS);
+        let long = bounded(lines(MAX_DETAILS + 3));
+        assert_eq!(long.len(), MAX_DETAILS + 1);
+        assert_eq!(long[MAX_DETAILS], "and 3 more");
     }
 
     #[test]
