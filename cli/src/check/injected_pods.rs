@@ -8,7 +8,6 @@
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 use kube::ResourceExt;
-use portcullis_crds::annotations::APP_PORT;
 use portcullis_crds::probes::ProbeKind;
 
 use super::probes::pod_ready;
@@ -53,9 +52,10 @@ impl WaitKind {
 pub enum ExitWatch {
     /// A native sidecar: the kubelet stops it once the app containers have exited.
     Kubelet,
-    /// It watches the app port (`PORTCULLIS_EXIT_WHEN_APP_EXITS` with this port).
+    /// Told by the operator, or by watching this app port
+    /// (`PORTCULLIS_EXIT_WHEN_APP_EXITS` with an app port).
     AppPort(String),
-    /// Told to exit with the app, but the pod declares no app port to watch.
+    /// Told by the operator only: the pod declares no app port to watch.
     NoAppPort,
     /// Not told to exit with the app (injected as a long-running pod).
     NotAsked,
@@ -384,13 +384,15 @@ impl NotReady {
                 "the app finished but the proxy still runs; the Job cannot complete".to_owned(),
                 match watch {
                     ExitWatch::AppPort(port) => format!(
-                        "the proxy exits once app port {port} has accepted and then stops accepting; \
-                         an app that never accepted there is never seen leaving: {}",
+                        "the operator tells the proxy once the app has exited, and the proxy also leaves \
+                         when app port {port} stops accepting: is the operator running (the Operator line \
+                         above)? then {}",
                         logs(PROXY_CONTAINER)
                     ),
                     ExitWatch::NoAppPort => format!(
-                        "the pod declares no app port, so the proxy cannot see the app leave: declare the \
-                         app's containerPort or the annotation {APP_PORT}, or run Kubernetes 1.29+ (native sidecars)"
+                        "the pod declares no app port, so only the operator can tell the proxy the app \
+                         has exited: is the operator running (the Operator line above)? then {}",
+                        logs(PROXY_CONTAINER)
                     ),
                     ExitWatch::NotAsked => format!(
                         "the proxy was not injected as part of a run-to-completion pod, so it does not \

@@ -242,7 +242,7 @@ fn a_job_whose_app_finished_while_the_proxy_runs_cannot_complete() {
     assert!(
         found
             .line(now(), LOGS)
-            .contains("declares no app port, so the proxy cannot see the app leave")
+            .contains("declares no app port, so only the operator can tell the proxy")
     );
     assert_eq!(
         diagnose(&job(5, json!([])), &[]).unwrap().cause,
