@@ -38,6 +38,11 @@ pub struct PolicyBundle {
     /// Workload certificates refused although valid: their pods are gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_certificates: Vec<RevokedCertificate>,
+    /// Per bound namespace, a digest of its Services' pod selectors: a proxy whose
+    /// certificate names were decided under another one renews, so its DNS SANs follow
+    /// the Services that select it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_revisions: BTreeMap<String, String>,
 }
 
 /// One key as a sidecar sees it: a hash, never a token.
@@ -180,8 +185,10 @@ mod tests {
                 spiffe_id: "spiffe://cluster.local/ns/acme-prod/sa/api".into(),
                 not_after: jiff::Timestamp::from_second(2_000_000_000).unwrap(),
             }],
+            service_revisions: BTreeMap::from([("acme-prod".into(), "0123456789abcdef".into())]),
         };
         let json = serde_json::to_string(&bundle).unwrap();
+        assert!(json.contains("\"serviceRevisions\":{\"acme-prod\":\"0123456789abcdef\"}"));
         assert!(json.contains("\"abcdefgh2345\""));
         assert!(json.contains("\"tenantIpAllowlist\":[\"10.0.0.0/8\"]"));
         assert!(json.contains("\"allowedPeers\":[{\"tenant\":\"globex\"}]"));

@@ -520,3 +520,327 @@ async fn app_probes_reach_the_app_and_tell_the_truth_about_it() -> Result<()> {
     let _ = pods.delete(&name, &DeleteParams::default()).await;
     result
 }
+
+/// A batch pod whose app has no port: the proxy can only learn of the app's exit from
+/// the operator (on 1.20 it is a regular container, and the pod completes only once it
+/// has exited too).
+fn batch_pod_template(tier: Tier) -> Value {
+    json!({
+        "metadata": {"labels": {"app": "report"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "report",
+                "image": tier.client_image(),
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", "echo report written; sleep 2"]
+            }]
+        }
+    })
+}
+
+/// The Job's pod once it has ended: phase Succeeded, and (without native sidecars) the
+/// proxy container terminated with exit code 0.
+async fn job_completed(client: &Client, namespace: &str, job: &str, tier: Tier) -> Result<()> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    wait_for(
+        &format!("Job {namespace}/{job} complete"),
+        Duration::from_secs(150),
+        || async {
+            let job = jobs.get(job).await?;
+            let status = job.status.unwrap_or_default();
+            ensure!(
+                status.failed.unwrap_or(0) == 0,
+                "the Job failed: {status:?}"
+            );
+            Ok((status.succeeded.unwrap_or(0) >= 1).then_some(()))
+        },
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("the Job's pod")?;
+    let status = pod.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase.as_deref() == Some("Succeeded"),
+        "pod {} is {:?}, not Succeeded",
+        pod.name_any(),
+        status.phase
+    );
+    if !tier.native_sidecars() {
+        let proxy_exit = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == "portcullis-proxy")
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        ensure!(
+            proxy_exit == Some(0),
+            "the proxy of {} ended with {proxy_exit:?}, not 0",
+            pod.name_any()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn injected_job_and_cronjob_without_a_port_run_to_completion() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"generateName": "report-"},
+        "spec": {"backoffLimit": 0, "template": batch_pod_template(fx.tier)}
+    }))?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &fx.app_ns);
+    let job = jobs.create(&PostParams::default(), &job).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &fx.app_ns);
+    let job_name = job.name_any();
+    let injected = wait_for("the Job's pod", Duration::from_secs(30), || async {
+        Ok(pods
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await?
+            .items
+            .into_iter()
+            .next())
+    })
+    .await?;
+    ensure!(
+        injected
+            .labels()
+            .get("portcullis.dev/injected")
+            .map(String::as_str)
+            == Some("true"),
+        "the Job's pod was not injected: {:?}",
+        injected.labels()
+    );
+    job_completed(&client, &fx.app_ns, &job_name, fx.tier).await?;
+
+    // A CronJob (batch/v1beta1 on 1.20, batch/v1 on kind): its first Job completes.
+    let version = if fx.tier == Tier::Kind {
+        "v1"
+    } else {
+        "v1beta1"
+    };
+    let resource = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "batch", version, "CronJob",
+    ));
+    let cronjobs: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &fx.app_ns, &resource);
+    let cronjob: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": format!("batch/{version}"), "kind": "CronJob",
+        "metadata": {"name": "nightly"},
+        "spec": {
+            "schedule": "*/1 * * * *",
+            "concurrencyPolicy": "Forbid",
+            "jobTemplate": {"spec": {"backoffLimit": 0, "template": batch_pod_template(fx.tier)}}
+        }
+    }))?;
+    cronjobs.create(&PostParams::default(), &cronjob).await?;
+    let scheduled = wait_for(
+        "the CronJob's first Job",
+        Duration::from_secs(150),
+        || async {
+            Ok(jobs
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find_map(|job| {
+                    job.owner_references()
+                        .iter()
+                        .any(|o| o.kind == "CronJob" && o.name == "nightly")
+                        .then(|| job.name_any())
+                }))
+        },
+    )
+    .await?;
+    let outcome = job_completed(&client, &fx.app_ns, &scheduled, fx.tier).await;
+    cronjobs.delete("nightly", &DeleteParams::default()).await?;
+    outcome
+}
+
+/// The operator's leaf rotation period as the chart set it (`PORTCULLIS_ROTATION_PERIOD`).
+async fn leaf_rotation_period(client: &Client) -> Result<Option<Duration>> {
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &release_namespace())
+        .get("portcullis-operator")
+        .await?;
+    let value = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .into_iter()
+        .flat_map(|s| s.containers)
+        .flat_map(|c| c.env.unwrap_or_default())
+        .find(|e| e.name == "PORTCULLIS_ROTATION_PERIOD")
+        .and_then(|e| e.value);
+    Ok(value
+        .and_then(|v| v.parse::<portcullis_crds::duration::DurationSpec>().ok())
+        .map(|d| d.get()))
+}
+
+#[tokio::test]
+async fn leaf_rotation_under_load_fails_no_request_and_changes_the_serial() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let period = leaf_rotation_period(&client).await?;
+    let Some(period) = period.filter(|p| *p <= Duration::from_secs(120)) else {
+        eprintln!(
+            "skipping: the leaf rotation period is {period:?}; the node tier sets \
+             identity.rotationPeriod in e2e/node/values.yaml so a rotation happens within the test"
+        );
+        return Ok(());
+    };
+    let token = identify_key(&client, fx, "rotate").await?;
+    // One TLS connection per request (a new curl each time), so every handshake shows
+    // the certificate the proxy serves at that moment; stop 20 requests after the serial
+    // changed, or after at most 1500 requests (bounded in count and time).
+    let script = format!(
+        r#"{UNTIL}
+until_code ready 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
+serial() {{ printf '%s\n' "$1" | grep -i -m1 'serial number' | sed 's/.*: *//'; }}
+i=0; failed=0; first=; after=0
+while [ $i -lt 1500 ] && [ $after -lt 20 ]; do
+  i=$((i+1))
+  out=$(curl -sk -o /dev/null --max-time 2 -w '%{{http_code}}\n%{{certs}}' -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify)
+  code=$(printf '%s\n' "$out" | head -n1)
+  [ "$code" = 200 ] || {{ failed=$((failed+1)); echo "bad=$code at $i"; }}
+  s=$(serial "$out")
+  [ -n "$first" ] || {{ first=$s; echo "first=$first"; }}
+  if [ "$s" != "$first" ]; then [ $after -gt 0 ] || echo "changed=$s at $i"; after=$((after+1)); fi
+  sleep 0.1
+done
+echo "requests=$i"
+echo "failed=$failed""#,
+        url = fx.app_url()
+    );
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("KEY", token.as_str())],
+        &script,
+    )
+    .await?;
+    eprintln!("rotation period {period:?}:\n{}", run.logs);
+    ensure!(run.succeeded, "the client failed:\n{}", run.logs);
+    ensure!(
+        run.value("ready") == Some("200"),
+        "the key never worked before the load started:\n{}",
+        run.logs
+    );
+    ensure!(
+        run.value("first").is_some_and(|s| !s.is_empty()),
+        "curl printed no serial number:\n{}",
+        run.logs
+    );
+    ensure!(
+        run.value("changed").is_some(),
+        "the serving certificate's serial did not change within the run:\n{}",
+        run.logs
+    );
+    ensure!(
+        run.value("failed") == Some("0"),
+        "requests failed during the rotation:\n{}",
+        run.logs
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_app_calling_out_in_its_first_millisecond_is_not_refused() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    // No retry: the app's very first instruction is the call. The injected proxy holds
+    // the app back (postStart `wait-ready` on 1.20, a startup probe as a native sidecar)
+    // until it has its certificate and policy, so the outbound mTLS call succeeds at once.
+    let script = format!(
+        "echo \"first=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST \
+         http://echo.{ns}.svc:{port}/v1/identify)\"",
+        ns = fx.app_ns,
+        port = APP_PORT
+    );
+    let run = run_job(&client, fx.tier, &fx.app_ns, None, &[], &script).await?;
+    ensure!(
+        run.value("first") == Some("200"),
+        "the app's first call did not succeed:\n{}",
+        run.logs
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_api_key_client_verifies_the_server_with_the_trust_bundle() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let bundle =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &fx.app_ns)
+            .get("portcullis-trust-bundle")
+            .await?
+            .data
+            .and_then(|mut d| d.remove("ca-bundle.crt"))
+            .context("the tenant namespace's trust bundle")?;
+    // A Service added now: the proxy renews for its name when the policy bundle says
+    // the namespace's Services changed (well before the next rotation).
+    let alias = format!("echo-{}", suffix());
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": alias},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"name": "http", "port": APP_PORT, "targetPort": APP_PORT}]}
+    }))?;
+    Api::<Service>::namespaced(client.clone(), &fx.app_ns)
+        .create(&PostParams::default(), &service)
+        .await?;
+    let token = identify_key(&client, fx, "verify").await?;
+    // No -k: curl checks the chain against the bundle and the name against the SANs.
+    let script = format!(
+        r#"printf '%s' "$CA" > /tmp/ca.crt
+verify() {{ # name url
+  for i in $(seq 1 30); do
+    code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert /tmp/ca.crt -X POST -H "Authorization: Bearer $KEY" "$2/v1/identify"); rc=$?
+    [ "$code" = 200 ] && break
+    sleep 1
+  done
+  echo "$1=$code rc=$rc"
+}}
+verify service https://echo.{ns}.svc:{port}
+verify long https://echo.{ns}.svc.cluster.local:{port}
+verify added https://{alias}.{ns}.svc:{port}
+code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert /tmp/ca.crt https://kubernetes.default.svc/); echo "foreign=$?""#,
+        ns = fx.app_ns,
+        port = APP_PORT,
+    );
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("CA", bundle.as_str()), ("KEY", token.as_str())],
+        &script,
+    )
+    .await?;
+    for name in ["service", "long", "added"] {
+        ensure!(
+            run.value(name).is_some_and(|v| v.starts_with("200 ")),
+            "{name}: the client could not verify the server with the trust bundle:\n{}",
+            run.logs
+        );
+    }
+    // The bundle trusts only Portcullis workloads: another server fails verification
+    // (curl 60: certificate problem).
+    ensure!(
+        run.value("foreign") == Some("60"),
+        "a server outside Portcullis verified against the tenant bundle:\n{}",
+        run.logs
+    );
+    Ok(())
+}

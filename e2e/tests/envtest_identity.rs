@@ -175,6 +175,64 @@ async fn a_bound_token_of_a_real_pod_gets_a_certificate() -> Result<()> {
     Ok(())
 }
 
+async fn create_service(client: &Client, ns: &str, name: &str, app: &str) -> Result<()> {
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": app}, "ports": [{"port": 8080}]}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &service)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_certificate_names_the_services_selecting_the_pod_as_the_api_says() -> Result<()> {
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let (client, ns) = workload_namespace(env, "identity-names", Some("acme")).await?;
+    let labels = serde_json::json!({"metadata": {"labels": {"app": "api"}}});
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .patch("api-0", &PatchParams::default(), &Patch::Merge(&labels))
+        .await?;
+    create_service(&client, &ns, "api", "api").await?;
+    create_service(&client, &ns, "web", "web").await?;
+    let service = service(client.clone());
+    let issue = || async {
+        let token = token(&client, &ns, "api", IDENTITY_AUDIENCE, Some("api-0")).await?;
+        let (_, _, csr) = csr_for(&ns, "api");
+        anyhow::Ok(service.handle(&IssueRequest { csr, token }).await?)
+    };
+
+    // Only the Service that selects the pod; "web" selects other pods.
+    let first = issue().await?;
+    assert_eq!(
+        first.dns_names,
+        [
+            format!("api.{ns}.svc"),
+            format!("api.{ns}.svc.cluster.local")
+        ]
+    );
+
+    // A second Service selecting the pod: the next certificate names both, and the
+    // revision the proxy compares with the policy bundle changed.
+    create_service(&client, &ns, "api-internal", "api").await?;
+    let second = issue().await?;
+    assert_eq!(
+        second.dns_names,
+        [
+            format!("api.{ns}.svc"),
+            format!("api.{ns}.svc.cluster.local"),
+            format!("api-internal.{ns}.svc"),
+            format!("api-internal.{ns}.svc.cluster.local"),
+        ]
+    );
+    assert!(first.names_revision.is_some());
+    assert_ne!(first.names_revision, second.names_revision);
+    Ok(())
+}
+
 #[tokio::test]
 async fn tokens_for_another_audience_unbound_or_forged_are_refused() -> Result<()> {
     let Some(env) = envtest::shared().await? else {

@@ -113,6 +113,10 @@ struct RunArgs {
     #[arg(long, env = "PORTCULLIS_VALIDATING_WEBHOOK_NAME", default_value = "portcullis-validator", value_parser = dns_subdomain)]
     validating_webhook_name: String,
 
+    /// The cluster's DNS domain: workload certificates name their Services
+    /// <service>.<ns>.svc and <service>.<ns>.svc.<cluster-domain>.
+    #[arg(long, env = "PORTCULLIS_CLUSTER_DOMAIN", default_value = "cluster.local", value_parser = dns_subdomain)]
+    cluster_domain: String,
     /// SPIFFE trust domain: workloads get spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local", value_parser = trust_domain)]
     trust_domain: TrustDomain,
@@ -348,6 +352,7 @@ impl RunArgs {
         settings.identity_addr = self.identity_addr;
         settings.service_name.clone_from(&self.service_name);
         settings.extra_sans.clone_from(&self.extra_sans);
+        settings.cluster_domain.clone_from(&self.cluster_domain);
         settings.reconcile.key_rotation_overlap = self.key_rotation_overlap.get();
         settings.reconcile.hash_cost = self.key_hash_cost;
         settings.reconcile.secrets_binding =

@@ -137,6 +137,9 @@ pub struct OperatorSettings {
     /// More names (DNS names or IP addresses) in the identity, policy and webhook
     /// serving certificates.
     pub extra_sans: Vec<String>,
+    /// The Kubernetes cluster domain in workload certificates' long Service names
+    /// (`<service>.<ns>.svc.<cluster domain>`).
+    pub cluster_domain: String,
     /// Trust domain and rotation schedule of the CA.
     pub ca: CaSettings,
     /// How often CA rotation is checked and the CA Secrets re-read (60 s).
@@ -161,6 +164,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("identity_addr", &self.identity_addr)
             .field("service_name", &self.service_name)
             .field("extra_sans", &self.extra_sans)
+            .field("cluster_domain", &self.cluster_domain)
             .field("ca", &self.ca)
             .field("ca_check_interval", &self.ca_check_interval)
             .field("webhooks", &self.webhooks)
@@ -190,6 +194,7 @@ impl OperatorSettings {
             )),
             service_name: SERVICE_NAME.into(),
             extra_sans: Vec::new(),
+            cluster_domain: crate::ca::service_names::DEFAULT_CLUSTER_DOMAIN.to_owned(),
             ca: CaSettings::new(trust_domain),
             ca_check_interval: Duration::from_secs(60),
             webhooks: Some(WebhookRunSettings::new(namespace, SERVICE_NAME)),
@@ -356,7 +361,8 @@ pub async fn start(
             Arc::new(KubeAuthenticator::new(client.clone())),
             metrics.identity.clone(),
         )
-        .with_ledger(Arc::new(KubeLeafLedger::new(client.clone(), &namespace))),
+        .with_ledger(Arc::new(KubeLeafLedger::new(client.clone(), &namespace)))
+        .with_cluster_domain(settings.cluster_domain.clone()),
     );
     let identity_service = identity_service
         .bind(IdentityServiceConfig {
@@ -412,6 +418,18 @@ pub async fn start(
     let clock = Clock::System;
     let ready = Arc::new(AtomicBool::new(false));
     stores.revocations = Some(revocations);
+    // Service selectors, so each bundle tells its proxies when their names changed.
+    let (services, service_writer) = kube::runtime::reflector::store();
+    let service_reflector = crate::stores::reflect(
+        kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone()),
+        service_writer,
+        policy_changed.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        let _ = service_reflector.await;
+    });
+    stores.services = Some(services);
     tasks.spawn(policy::run(
         stores.clone(),
         hub.clone(),

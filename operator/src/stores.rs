@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use kube::runtime::reflector::{self, Store, store::Writer};
+
+use crate::ca::service_names::{self, ServiceSelector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use portcullis_crds::{ApiKey, Role, Tenant, role::RoleSpec};
@@ -29,6 +32,8 @@ pub struct Stores {
     /// The issued-leaf ledgers and pod metadata, for revoking deleted pods'
     /// certificates; `None`: no revocation (tests, `policy dump`).
     pub revocations: Option<RevocationCaches>,
+    /// Every Service, for the bundles' `serviceRevisions`; `None`: not listed.
+    pub services: Option<Store<Service>>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -52,7 +57,7 @@ pub struct StoreWriters {
     pub keys: Writer<ApiKey>,
 }
 
-fn reflect<K>(
+pub(crate) fn reflect<K>(
     api: Api<K>,
     writer: Writer<K>,
     changed: Arc<Notify>,
@@ -116,6 +121,7 @@ impl Stores {
                 roles,
                 keys,
                 revocations: None,
+                services: None,
             },
             StoreWriters {
                 tenants: tw,
@@ -166,6 +172,26 @@ impl Stores {
                 Some(caches) => caches.wait_until_ready().await,
                 None => true,
             }
+    }
+
+    /// Per namespace of `namespaces`, the revision of its Services' pod selectors
+    /// (empty without a Service cache).
+    pub fn service_revisions(&self, namespaces: &[String]) -> BTreeMap<String, String> {
+        let Some(services) = &self.services else {
+            return BTreeMap::new();
+        };
+        let state = services.state();
+        namespaces
+            .iter()
+            .map(|namespace| {
+                let selectors: Vec<ServiceSelector> = state
+                    .iter()
+                    .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
+                    .filter_map(|s| ServiceSelector::of(s))
+                    .collect();
+                (namespace.clone(), service_names::revision(&selectors))
+            })
+            .collect()
     }
 
     /// The Tenant that has bound `namespace` (its `status.namespaces` lists it).

@@ -193,6 +193,31 @@ async fn watch_certificates(
     }
 }
 
+/// Hands the renewer the policy's revision of this namespace's Services, so the
+/// certificate's DNS names follow the Services that select the pod.
+async fn follow_service_revision(
+    policy: PolicyStore,
+    namespace: String,
+    wanted: tokio::sync::watch::Sender<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = policy.subscribe();
+    loop {
+        let revision = policy
+            .load()
+            .and_then(|p| p.service_revisions.get(&namespace).cloned());
+        wanted.send_if_modified(|current| {
+            let changed = *current != revision;
+            *current = revision;
+            changed
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Starts the proxy of an injected pod; audit JSON lines go to `audit_stdout` (the
 /// process's stdout in a pod).
 pub async fn start(
@@ -206,6 +231,7 @@ pub async fn start(
 
     let bundle = TrustBundleFile::load(config.trust_bundle.clone())?;
     let store = CertificateStore::new();
+    let (names_wanted, names_trigger) = tokio::sync::watch::channel(None);
     let renewer = Renewer::new(
         IdentityClient::new(config.identity.clone(), config.token_path.clone()),
         store.clone(),
@@ -213,7 +239,8 @@ pub async fn start(
         bundle.at_start.clone(),
         Arc::new(SystemClock),
         config.renewal,
-    );
+    )
+    .with_names_trigger(names_trigger);
     tracing::info!(workload = %config.workload, "requesting the workload certificate");
     tasks.spawn(renewer.run(shutdown.clone()));
     tasks.spawn(watch_certificates(
@@ -230,6 +257,12 @@ pub async fn start(
     )?));
 
     let policy = PolicyStore::new();
+    tasks.spawn(follow_service_revision(
+        policy.clone(),
+        config.workload.namespace().to_owned(),
+        names_wanted,
+        shutdown.clone(),
+    ));
     let operator = operator_tls(&store, &bundle);
     tasks.spawn(follow_policy(
         config.clone(),

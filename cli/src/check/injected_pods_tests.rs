@@ -227,7 +227,7 @@ fn a_job_whose_app_finished_while_the_proxy_runs_cannot_complete() {
     let line = found.line(now(), LOGS);
     assert!(
         line.starts_with(
-            "acme/migrate-x1 (5m): the app finished but the proxy still runs; the Job cannot complete → the proxy exits once app port 8080"
+            "acme/migrate-x1 (5m): the app finished but the proxy still runs; the Job cannot complete → the operator tells the proxy once the app has exited, and the proxy also leaves when app port 8080 stops accepting"
         ),
         "{line}"
     );

@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use super::service_names::ServiceSelector;
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use portcullis_sidecar::identity::{
     IDENTITY_AUDIENCE, RefusalReason, TenantId, TrustDomain, WorkloadId,
@@ -46,6 +47,8 @@ pub struct PodFacts {
     pub uid: String,
     /// `spec.serviceAccountName`.
     pub service_account: String,
+    /// `metadata.labels`: which Services select the pod.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A lookup could not be made (API server unreachable, RBAC, ...): retry later.
@@ -72,6 +75,11 @@ pub trait WorkloadAuthenticator: Send + Sync {
         &'a self,
         namespace: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, LookupError>>;
+    /// The Services of `namespace` that select pods.
+    fn services<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServiceSelector>, LookupError>>;
 }
 
 /// A refused request: the reason (contract) and a message for the client.
@@ -111,6 +119,8 @@ pub struct AuthenticatedWorkload {
     pub pod_name: String,
     /// That Pod's UID.
     pub pod_uid: String,
+    /// That Pod's labels.
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 fn single_extra<'a>(extra: &'a BTreeMap<String, Vec<String>>, key: &str) -> Option<&'a str> {
@@ -213,6 +223,7 @@ pub async fn authenticate(
         tenant,
         pod_name: pod_name.to_string(),
         pod_uid: pod_uid.to_string(),
+        pod_labels: pod.labels,
     })
 }
 
@@ -290,6 +301,7 @@ impl WorkloadAuthenticator for KubeAuthenticator {
             Ok(Some(PodFacts {
                 uid: pod.metadata.uid.unwrap_or_default(),
                 service_account,
+                labels: pod.metadata.labels.unwrap_or_default(),
             }))
         })
     }
@@ -309,6 +321,24 @@ impl WorkloadAuthenticator for KubeAuthenticator {
                 .and_then(|mut labels| labels.remove(TENANT_LABEL)))
         })
     }
+
+    fn services<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServiceSelector>, LookupError>> {
+        Box::pin(async move {
+            let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+            let services = api
+                .list(&ListParams::default())
+                .await
+                .map_err(lookup_error("list services"))?;
+            Ok(services
+                .items
+                .iter()
+                .filter_map(ServiceSelector::of)
+                .collect())
+        })
+    }
 }
 
 /// Fixed answers instead of Kubernetes lookups, for tests and local demos: tokens map
@@ -319,6 +349,7 @@ pub struct StaticAuthenticator {
     tokens: BTreeMap<String, TokenReviewOutcome>,
     pods: BTreeMap<(String, String), PodFacts>,
     tenants: BTreeMap<String, String>,
+    services: BTreeMap<String, Vec<ServiceSelector>>,
     unavailable: bool,
 }
 
@@ -359,6 +390,7 @@ impl StaticAuthenticator {
             PodFacts {
                 uid,
                 service_account: service_account.into(),
+                labels: BTreeMap::new(),
             },
         )
         .with_tenant(namespace, tenant)
@@ -391,6 +423,35 @@ impl StaticAuthenticator {
     /// Removes the tenant label of `namespace`.
     pub fn without_tenant(mut self, namespace: &str) -> Self {
         self.tenants.remove(namespace);
+        self
+    }
+
+    /// Adds a Service selecting pods with `selector` to `namespace`.
+    pub fn with_service(mut self, namespace: &str, name: &str, selector: &[(&str, &str)]) -> Self {
+        self.services
+            .entry(namespace.into())
+            .or_default()
+            .push(ServiceSelector {
+                name: name.into(),
+                selector: selector
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            });
+        self
+    }
+
+    /// Sets the labels of an existing Pod.
+    pub fn with_pod_labels(mut self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> Self {
+        if let Some(pod) = self
+            .pods
+            .get_mut(&(namespace.to_string(), name.to_string()))
+        {
+            pod.labels = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+        }
         self
     }
 
@@ -449,6 +510,16 @@ impl WorkloadAuthenticator for StaticAuthenticator {
         Box::pin(async move {
             self.check()?;
             Ok(self.tenants.get(namespace).cloned())
+        })
+    }
+
+    fn services<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServiceSelector>, LookupError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(self.services.get(namespace).cloned().unwrap_or_default())
         })
     }
 }

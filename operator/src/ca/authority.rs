@@ -313,9 +313,24 @@ impl CaState {
         settings: &CaSettings,
         now: Timestamp,
     ) -> Result<IssueResponse, CaError> {
+        self.issue_named_leaf(csr, workload, tenant, &[], settings, now)
+    }
+
+    /// [`Self::issue_leaf`] with DNS SANs besides the SPIFFE IDs (the names of the
+    /// Services that select the pod).
+    pub fn issue_named_leaf(
+        &mut self,
+        csr: &ValidatedCsr,
+        workload: &WorkloadId,
+        tenant: &TenantId,
+        dns_names: &[String],
+        settings: &CaSettings,
+        now: Timestamp,
+    ) -> Result<IssueResponse, CaError> {
         let params = certs::leaf_params(
             workload,
             tenant,
+            dns_names,
             now,
             settings.backdate,
             settings.leaf_lifetime(),
@@ -331,6 +346,8 @@ impl CaState {
             trust_bundle: self.trust_bundle_pem(),
             expires_at: leaf.not_after(),
             renew_after: clock::add(now, settings.leaf_rotation_period),
+            dns_names: dns_names.to_vec(),
+            names_revision: None,
         })
     }
 
@@ -437,9 +454,20 @@ impl CertificateAuthority {
         workload: &WorkloadId,
         tenant: &TenantId,
     ) -> Result<IssueResponse, CaError> {
+        self.issue_named(csr, workload, tenant, &[])
+    }
+
+    /// [`Self::issue`] with DNS SANs (see [`CaState::issue_named_leaf`]).
+    pub fn issue_named(
+        &self,
+        csr: &ValidatedCsr,
+        workload: &WorkloadId,
+        tenant: &TenantId,
+        dns_names: &[String],
+    ) -> Result<IssueResponse, CaError> {
         let now = self.clock.now();
         self.lock()
-            .issue_leaf(csr, workload, tenant, &self.settings, now)
+            .issue_named_leaf(csr, workload, tenant, dns_names, &self.settings, now)
     }
 
     /// Signs a server certificate for the CA's own endpoints.

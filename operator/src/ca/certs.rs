@@ -179,6 +179,7 @@ pub fn intermediate_params(
 pub fn leaf_params(
     workload: &WorkloadId,
     tenant: &TenantId,
+    dns_names: &[String],
     now: Timestamp,
     backdate: Duration,
     lifetime: Duration,
@@ -190,6 +191,13 @@ pub fn leaf_params(
     };
     let mut params = base(None, workload.trust_domain());
     params.subject_alt_names = vec![uri(workload.to_string())?, uri(tenant.to_string())?];
+    for name in dns_names {
+        let name = name
+            .clone()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Signing(format!("DNS SAN {name:?}: {e}")))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![

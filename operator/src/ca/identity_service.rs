@@ -23,7 +23,8 @@ use super::authority::CertificateAuthority;
 use super::csr::validate_csr;
 use super::issued::{IssuedLeaf, LeafLedger};
 use super::metrics::IdentityMetrics;
-use super::serving::{CaServingCertificate, service_names};
+use super::service_names::{self, DEFAULT_CLUSTER_DOMAIN};
+use super::serving::{CaServingCertificate, service_names as operator_names};
 use crate::serve::{self, ConnectionLimits};
 
 /// The operator's Service (the chart's default release name).
@@ -38,7 +39,7 @@ pub struct IdentityServiceConfig {
     pub listen: SocketAddr,
     /// DNS names (or IPs) in the service's certificate: the Service name(s) sidecars use
     /// (default `portcullis-operator.portcullis-system.svc[.cluster.local]`; see
-    /// [`service_names`]).
+    /// [`operator_names`]).
     pub server_names: Vec<String>,
     /// Largest accepted request body (64 KiB).
     pub max_body_bytes: usize,
@@ -50,7 +51,7 @@ impl Default for IdentityServiceConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            server_names: service_names(DEFAULT_SERVICE, DEFAULT_NAMESPACE, &[]),
+            server_names: operator_names(DEFAULT_SERVICE, DEFAULT_NAMESPACE, &[]),
             max_body_bytes: 64 * 1024,
             limits: ConnectionLimits::default(),
         }
@@ -88,6 +89,7 @@ pub struct IdentityService {
     authenticator: Arc<dyn WorkloadAuthenticator>,
     metrics: IdentityMetrics,
     ledger: Option<Arc<dyn LeafLedger>>,
+    cluster_domain: String,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -111,7 +113,14 @@ impl IdentityService {
             authenticator,
             metrics,
             ledger: None,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
         }
+    }
+
+    /// The cluster domain of the long Service names (`cluster.local` by default).
+    pub fn with_cluster_domain(mut self, domain: impl Into<String>) -> Self {
+        self.cluster_domain = domain.into();
+        self
     }
 
     /// Records every issued leaf in `ledger` (and refuses to hand out one it could not
@@ -144,9 +153,15 @@ impl IdentityService {
         .await?;
         let csr = validate_csr(&request.csr, &who.workload)
             .map_err(|e| Refusal::new(e.reason(), e.to_string()))?;
-        let issued = self
+        // The names come from the API, never from the CSR: the Services that select
+        // the pod now.
+        let namespace = who.workload.namespace();
+        let services = self.authenticator.services(namespace).await?;
+        let dns_names =
+            service_names::dns_names(&who.pod_labels, namespace, &services, &self.cluster_domain);
+        let mut issued = self
             .ca
-            .issue(&csr, &who.workload, &who.tenant)
+            .issue_named(&csr, &who.workload, &who.tenant, &dns_names)
             .map_err(|e| {
                 tracing::error!(error = %e, "signing a workload certificate failed");
                 Refusal::new(RefusalReason::Internal, "signing failed")
@@ -176,9 +191,11 @@ impl IdentityService {
                     )
                 })?;
         }
+        issued.names_revision = Some(service_names::revision(&services));
         tracing::info!(
             workload = %who.workload, tenant = %who.tenant.tenant(), pod = %who.pod_name,
-            expires_at = %issued.expires_at, "workload certificate issued"
+            dns_names = ?issued.dns_names, expires_at = %issued.expires_at,
+            "workload certificate issued"
         );
         Ok(issued)
     }

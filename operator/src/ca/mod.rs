@@ -36,6 +36,7 @@ pub mod issued;
 pub mod metrics;
 pub mod persist;
 pub mod rotation;
+pub mod service_names;
 pub mod serving;
 pub mod settings;
 

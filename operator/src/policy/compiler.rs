@@ -111,6 +111,7 @@ impl PolicyCompiler {
                 .cloned()
                 .collect(),
             revoked_certificates: Vec::new(),
+            service_revisions: BTreeMap::new(),
         };
         let mut next_change: Option<Timestamp> = None;
         let mut note_change = |at: Timestamp| {

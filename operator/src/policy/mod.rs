@@ -59,6 +59,7 @@ pub fn compile_all(
         let roles = grouped.roles_in_any(&namespaces);
         let mut compiled = PolicyCompiler.compile(&tenant, &keys, &roles, now);
         note(compiled.next_change);
+        compiled.bundle.service_revisions = stores.service_revisions(&namespaces);
         if let Some(by_tenant) = &revoked {
             let bundle = &mut compiled.bundle;
             bundle.revoked_certificates =

@@ -47,6 +47,13 @@ pub struct IssueResponse {
     pub expires_at: Timestamp,
     /// When the workload should ask for a new certificate (before jitter).
     pub renew_after: Timestamp,
+    /// The DNS names in the leaf: those of the Services that select the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// The revision of the namespace's Service selectors the names were decided from;
+    /// the proxy renews when the policy bundle lists another one for its namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names_revision: Option<String>,
 }
 
 /// A refusal: `{"error": "...", "reason": "..."}`.
@@ -145,6 +152,8 @@ mod tests {
             trust_bundle: "b".into(),
             expires_at: Timestamp::from_second(100).unwrap(),
             renew_after: Timestamp::from_second(50).unwrap(),
+            dns_names: Vec::new(),
+            names_revision: None,
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["trustBundle"], "b");

@@ -1,5 +1,8 @@
 //! The renew loop: obtain credentials, then renew them at the rotation period with
 //! jitter, retrying with capped exponential backoff, swapping the store atomically.
+//! Also renews early when the certificate's DNS names are stale: the policy bundle
+//! lists another revision of the namespace's Services than the one the names were
+//! decided from (see [`Renewer::with_names_trigger`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +11,7 @@ use jiff::Timestamp;
 use rand::Rng;
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityError;
@@ -71,6 +75,22 @@ pub struct Renewer<S> {
     bootstrap_roots: Vec<CertificateDer<'static>>,
     clock: Arc<dyn Clock>,
     settings: RenewalSettings,
+    names_wanted: Option<watch::Receiver<Option<String>>>,
+}
+
+/// The shortest time between two renewals for stale names; doubled while the names
+/// stay stale after a renewal (the two sides' views of the Services may lag), up to
+/// [`NAMES_GAP_MAX`].
+const NAMES_GAP_MIN: Duration = Duration::from_secs(10);
+/// See [`NAMES_GAP_MIN`].
+const NAMES_GAP_MAX: Duration = Duration::from_secs(600);
+
+/// The next change of the wanted names revision; `false` once nobody sends any more.
+async fn names_changed(wanted: &mut Option<watch::Receiver<Option<String>>>) -> bool {
+    match wanted {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 impl<S: IssueCertificate> Renewer<S> {
@@ -92,7 +112,31 @@ impl<S: IssueCertificate> Renewer<S> {
             bootstrap_roots,
             clock,
             settings,
+            names_wanted: None,
         }
+    }
+
+    /// Renews early when `wanted` (the policy bundle's revision of this namespace's
+    /// Services) differs from the revision the current certificate's names came from.
+    pub fn with_names_trigger(mut self, wanted: watch::Receiver<Option<String>>) -> Self {
+        self.names_wanted = Some(wanted);
+        self
+    }
+
+    /// Whether the current certificate's names were decided under another revision of
+    /// the Services than the one wanted (never when either side does not say).
+    fn names_stale(&self) -> bool {
+        let Some(wanted) = self
+            .names_wanted
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
+        else {
+            return false;
+        };
+        self.store
+            .load()
+            .and_then(|c| c.names_revision().map(|r| r != wanted))
+            .unwrap_or(false)
     }
 
     /// The store this renewer fills.
@@ -126,15 +170,35 @@ impl<S: IssueCertificate> Renewer<S> {
             .ok_or_else(|| IdentityError::InvalidResponse("store lost its credentials".into()))
     }
 
-    /// Runs until `shutdown`: obtains credentials right away, then renews on schedule.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Runs until `shutdown`: obtains credentials right away, then renews on schedule,
+    /// and early when the names are stale.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut next_renewal = self.clock.now();
         let mut backoff = self.settings.backoff_initial;
+        let mut wanted = self.names_wanted.clone();
+        let mut last_issued: Option<Timestamp> = None;
+        let mut names_gap = NAMES_GAP_MIN;
         loop {
             let wait = clock::until(self.clock.now(), next_renewal);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
+                alive = names_changed(&mut wanted) => {
+                    if !alive {
+                        wanted = None;
+                        self.names_wanted = None;
+                    } else if self.names_stale() {
+                        let now = self.clock.now();
+                        let spread = Duration::from_millis(rand::rng().random_range(0..2000));
+                        let earliest = last_issued.map_or(now, |at| clock::add(at, names_gap));
+                        let at = clock::add(now, spread).max(earliest);
+                        if at < next_renewal {
+                            tracing::info!(workload = %self.workload, at = %at, "the Services selecting this pod changed; renewing the certificate for its names");
+                            next_renewal = at;
+                        }
+                    }
+                    continue;
+                }
             }
             let renewed = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -146,6 +210,15 @@ impl<S: IssueCertificate> Renewer<S> {
                     let sample = rand::rng().random_range(-1.0..=1.0);
                     next_renewal = renewal_time(received, &credentials, &self.settings, sample);
                     backoff = self.settings.backoff_initial;
+                    last_issued = Some(received);
+                    if self.names_stale() {
+                        // The identity service saw other Services than the bundle: ask
+                        // again later, further apart each time.
+                        names_gap = (names_gap * 2).min(NAMES_GAP_MAX);
+                        next_renewal = next_renewal.min(clock::add(received, names_gap));
+                    } else {
+                        names_gap = NAMES_GAP_MIN;
+                    }
                     tracing::info!(
                         workload = %self.workload,
                         expires_at = %credentials.not_after(),

@@ -36,6 +36,7 @@ pub struct Credentials {
     not_before: Timestamp,
     not_after: Timestamp,
     renew_after: Timestamp,
+    names_revision: Option<String>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<PeerServerVerifier>,
 }
@@ -121,9 +122,16 @@ impl Credentials {
             not_before: facts.not_before,
             not_after: facts.not_after,
             renew_after: issued.renew_after,
+            names_revision: issued.names_revision.clone(),
             client_verifier,
             server_verifier,
         })
+    }
+
+    /// The revision of the namespace's Service selectors the certificate's DNS names
+    /// were decided from (`None`: an identity service that does not say).
+    pub fn names_revision(&self) -> Option<&str> {
+        self.names_revision.as_deref()
     }
 
     /// Our SPIFFE workload ID.

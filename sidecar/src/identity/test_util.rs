@@ -85,6 +85,8 @@ impl TestCa {
             trust_bundle: self.root_pem.clone(),
             expires_at: super::clock::add(now, lifetime),
             renew_after: super::clock::add(now, lifetime / 2),
+            dns_names: Vec::new(),
+            names_revision: None,
         }
     }
 }

@@ -381,3 +381,96 @@ async fn renewer_backs_off_then_renews_on_schedule() {
         second.certified_key().cert[0]
     );
 }
+
+/// Signs with a test CA and says its names came from `revision`.
+struct NamingSource {
+    ca: TestCa,
+    clock: Arc<dyn Clock>,
+    revision: Arc<Mutex<String>>,
+    calls: Arc<Mutex<Vec<Timestamp>>>,
+}
+
+impl IssueCertificate for NamingSource {
+    fn issue<'a>(
+        &'a self,
+        csr: &'a str,
+        _roots: &'a RootCertStore,
+    ) -> BoxFuture<'a, Result<IssueResponse, IdentityError>> {
+        Box::pin(async move {
+            let now = self.clock.now();
+            self.calls.lock().unwrap().push(now);
+            let mut issued = self.ca.sign(csr, None, now, Duration::from_secs(2000));
+            issued.names_revision = Some(self.revision.lock().unwrap().clone());
+            Ok(issued)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewer_renews_early_when_the_services_selecting_the_pod_change() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+    let revision = Arc::new(Mutex::new("r1".to_owned()));
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let store = CertificateStore::new();
+    let (wanted, trigger) = tokio::sync::watch::channel(None);
+    let renewer = Renewer::new(
+        NamingSource {
+            ca: TestCa::new("a"),
+            clock: clock.clone(),
+            revision: revision.clone(),
+            calls: calls.clone(),
+        },
+        store.clone(),
+        workload("api"),
+        Vec::new(),
+        clock.clone(),
+        RenewalSettings {
+            rotation_period: Duration::from_secs(1000),
+            ..RenewalSettings::default()
+        },
+    )
+    .with_names_trigger(trigger);
+    let shutdown = CancellationToken::new();
+    let start = clock.now();
+    let task = tokio::spawn(renewer.run(shutdown.clone()));
+    let offsets = || -> Vec<i64> {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.duration_since(start).as_secs())
+            .collect()
+    };
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The bundle agrees with the certificate: nothing to do.
+    wanted.send_replace(Some("r1".into()));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(offsets(), [0]);
+
+    // A Service was added: the bundle moves on, the certificate follows within seconds.
+    *revision.lock().unwrap() = "r2".into();
+    wanted.send_replace(Some("r2".into()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after_change = offsets();
+    assert_eq!(after_change.len(), 2, "{after_change:?}");
+    assert!((31..=33).contains(&after_change[1]), "{after_change:?}");
+    assert_eq!(
+        store.load().unwrap().names_revision(),
+        Some("r2"),
+        "the new certificate's names"
+    );
+
+    // While the identity service still sees the old Services, renewals back off.
+    wanted.send_replace(Some("r3".into()));
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let chasing = offsets();
+    let gaps: Vec<i64> = chasing.windows(2).skip(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        gaps,
+        [20, 40],
+        "renewals chasing a revision the service does not see yet: {chasing:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+}

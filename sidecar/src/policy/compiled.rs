@@ -11,7 +11,7 @@
 //! [`PolicyBundle`]: portcullis_crds::PolicyBundle
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::Arc,
 };
@@ -48,6 +48,8 @@ pub struct CompiledPolicy {
     pub allowed_peers: Vec<AllowedPeer>,
     /// Revoked workload certificates by serial (their pods are gone).
     pub revoked_certificates: HashMap<String, RevokedCertificate>,
+    /// Per namespace, the revision of its Service selectors (see `PolicyBundle`).
+    pub service_revisions: BTreeMap<String, String>,
     keys: KeyTable,
 }
 
@@ -117,6 +119,7 @@ impl From<PolicyBundle> for CompiledPolicy {
             tenant_ip_allowlist: bundle.tenant_ip_allowlist,
             allowed_peers: bundle.allowed_peers,
             revoked_certificates: by_serial(bundle.revoked_certificates),
+            service_revisions: bundle.service_revisions,
             keys: builder.finish(),
         }
     }
@@ -140,6 +143,8 @@ struct Wire {
     allowed_peers: Vec<AllowedPeer>,
     #[serde(default)]
     revoked_certificates: Vec<RevokedCertificate>,
+    #[serde(default)]
+    service_revisions: BTreeMap<String, String>,
 }
 
 fn by_serial(revoked: Vec<RevokedCertificate>) -> HashMap<String, RevokedCertificate> {
@@ -160,6 +165,7 @@ impl<'de> Deserialize<'de> for CompiledPolicy {
             tenant_ip_allowlist: wire.tenant_ip_allowlist,
             allowed_peers: wire.allowed_peers,
             revoked_certificates: by_serial(wire.revoked_certificates),
+            service_revisions: wire.service_revisions,
             keys: wire.keys,
         })
     }

@@ -164,6 +164,8 @@ impl OperatorCa {
             trust_bundle: self.root_pem.clone(),
             expires_at: add(now, lifetime),
             renew_after: add(now, renew_after),
+            dns_names: Vec::new(),
+            names_revision: None,
         }
     }
 

@@ -125,6 +125,7 @@ async fn the_pod_must_exist_be_the_same_and_run_as_the_service_account() {
         PodFacts {
             uid: "new-uid".into(),
             service_account: "api".into(),
+            labels: Default::default(),
         },
     );
     assert_eq!(
@@ -137,6 +138,7 @@ async fn the_pod_must_exist_be_the_same_and_run_as_the_service_account() {
         PodFacts {
             uid: "uid-acme-prod-api-0".into(),
             service_account: "admin".into(),
+            labels: Default::default(),
         },
     );
     assert_eq!(

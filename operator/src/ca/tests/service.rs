@@ -161,6 +161,7 @@ fn lookups() -> StaticAuthenticator {
             PodFacts {
                 uid: "another".into(),
                 service_account: "sa".into(),
+                labels: Default::default(),
             },
         )
         .with_workload("tok-wrongsa", "ns-w", "sa", "p", "acme")
@@ -170,6 +171,7 @@ fn lookups() -> StaticAuthenticator {
             PodFacts {
                 uid: "uid-ns-w-p".into(),
                 service_account: "admin".into(),
+                labels: Default::default(),
             },
         )
         .with_workload("tok-notenant", "ns-n", "sa", "p", "acme")
@@ -209,6 +211,66 @@ async fn issues_to_a_real_client_over_tls13() {
             .metrics_text()
             .contains("portcullis_identity_certificates_issued_total 1")
     );
+}
+
+/// The DNS SANs of a PEM leaf.
+fn dns_sans(pem: &str) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let der = der_of(pem).remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_certificate_names_exactly_the_services_that_select_the_pod() {
+    let lookups = lookups()
+        .with_pod_labels("acme-prod", "api-0", &[("app", "api"), ("track", "stable")])
+        .with_service("acme-prod", "api", &[("app", "api")])
+        .with_service(
+            "acme-prod",
+            "api-stable",
+            &[("app", "api"), ("track", "stable")],
+        )
+        .with_service(
+            "acme-prod",
+            "api-canary",
+            &[("app", "api"), ("track", "canary")],
+        )
+        .with_service("acme-prod", "web", &[("app", "web")]);
+    let running = start(lookups).await;
+    let id = workload("acme-prod", "api");
+    let key = WorkloadKey::generate().unwrap();
+    let (status, body) = running.post(&key.csr_pem(&id).unwrap(), "tok-good").await;
+    assert_eq!(status, 200, "{body}");
+    let expected = [
+        "api.acme-prod.svc",
+        "api.acme-prod.svc.cluster.local",
+        "api-stable.acme-prod.svc",
+        "api-stable.acme-prod.svc.cluster.local",
+    ];
+    assert_eq!(dns_sans(body["certificate"].as_str().unwrap()), expected);
+    assert_eq!(body["dnsNames"], json!(expected));
+    assert_eq!(body["namesRevision"].as_str().map(str::len), Some(16));
+
+    // A pod no Service selects gets no DNS name, only its SPIFFE IDs.
+    let running = start(lookups_without_services()).await;
+    let (status, body) = running.post(&key.csr_pem(&id).unwrap(), "tok-good").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(dns_sans(body["certificate"].as_str().unwrap()).is_empty());
+}
+
+fn lookups_without_services() -> StaticAuthenticator {
+    lookups()
+        .with_pod_labels("acme-prod", "api-0", &[("app", "api")])
+        .with_service("acme-prod", "web", &[("app", "web")])
 }
 
 #[tokio::test]
