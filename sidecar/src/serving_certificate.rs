@@ -195,6 +195,12 @@ pub fn parse(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, Refused> {
     })
 }
 
+/// The proxy's verdict on a chain and key at `now` (Unix seconds), without putting
+/// anything in force: what the operator reports on its Tenant.
+pub fn check(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(), Refused> {
+    parse(cert_pem, key_pem)?.valid_at(now)
+}
+
 /// What `/ready` reports about the serving certificate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
