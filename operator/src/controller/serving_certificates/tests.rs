@@ -118,7 +118,14 @@ fn the_condition_is_false_with_the_first_problem_and_every_secret_named() {
         },
     ];
     let later = Time(jiff::Timestamp::from_second(NOW + 60).unwrap());
-    let bad = condition(2, &findings, Some(3), &[ok.clone()], later.clone()).unwrap();
+    let bad = condition(
+        2,
+        &findings,
+        Some(3),
+        std::slice::from_ref(&ok),
+        later.clone(),
+    )
+    .unwrap();
     assert_eq!(
         (bad.status.as_str(), bad.reason.as_str()),
         ("False", "SecretMissing")
@@ -133,7 +140,7 @@ fn the_condition_is_false_with_the_first_problem_and_every_secret_named() {
     );
     assert_eq!(bad.last_transition_time, later);
     // Kept while the status holds.
-    let again = condition(2, &findings[1..], Some(3), &[bad.clone()], now).unwrap();
+    let again = condition(2, &findings[1..], Some(3), std::slice::from_ref(&bad), now).unwrap();
     assert_eq!(again.last_transition_time, later);
     assert_eq!(again.reason, "SecretExpired");
 }
