@@ -12,6 +12,11 @@ pub const SCOPES_MAP: &str = "portcullis.dev/scopes-map";
 /// the Tenant's `spec.allowedPeers`: comma-separated `spiffe://<td>/ns/<ns>/sa/<sa>`,
 /// `namespace:<ns>` and `tenant:<name>` entries.
 pub const ALLOWED_PEERS: &str = "portcullis.dev/allowed-peers";
+/// Pod annotation: a `kubernetes.io/tls` Secret in the pod's namespace whose
+/// certificate the proxy presents to clients outside the mesh (mesh peers keep getting
+/// the workload certificate); overrides the Tenant's
+/// `spec.defaults.servingCertificateSecret`.
+pub const SERVING_CERTIFICATE: &str = "portcullis.dev/serving-certificate";
 /// Pod annotation: comma-separated inbound ports that bypass the proxy.
 pub const SKIP_INBOUND_PORTS: &str = "portcullis.dev/skip-inbound-ports";
 /// Pod label the injector sets (`"true"`) on every pod it injects, so NetworkPolicies

@@ -37,7 +37,9 @@ pub enum PeerMatch<'a> {
     Tenant(&'a str),
 }
 
-fn is_dns_subdomain(text: &str) -> bool {
+/// Whether `text` is a DNS subdomain name as Kubernetes object names use them (dot
+/// separated labels, 253 characters at most).
+pub fn is_dns_subdomain(text: &str) -> bool {
     text.len() <= 253 && text.split('.').all(is_dns_label)
 }
 

@@ -157,6 +157,14 @@ pub struct TenantDefaults {
     /// of each key's own allowlist.
     #[serde(default)]
     pub ip_allowlist: Vec<Cidr>,
+    /// A `kubernetes.io/tls` Secret, by name, in each pod's own namespace, whose
+    /// certificate the proxy presents to clients outside the mesh (e.g. one cert-manager
+    /// keeps renewed) instead of the workload certificate; a pod's
+    /// `portcullis.dev/serving-certificate` annotation overrides it. Pods injected while it
+    /// is set mount it; a Secret that is missing or unusable leaves them serving the
+    /// workload certificate (condition `ServingCertificates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_certificate_secret: Option<String>,
 }
 
 impl Default for TenantDefaults {
@@ -165,6 +173,7 @@ impl Default for TenantDefaults {
             rate_limit: RateLimit::default(),
             key_expiry: default_key_expiry(),
             ip_allowlist: Vec::new(),
+            serving_certificate_secret: None,
         }
     }
 }
@@ -378,6 +387,14 @@ impl TenantSpec {
             if let Err(e) = cidr.parse() {
                 errors.push(format!("spec.defaults.ipAllowlist[{i}]"), e.to_string());
             }
+        }
+        if let Some(secret) = &self.defaults.serving_certificate_secret
+            && !crate::peers::is_dns_subdomain(secret)
+        {
+            errors.push(
+                "spec.defaults.servingCertificateSecret",
+                format!("{secret:?} is not a Secret name (lowercase letters, digits, '-' and '.')"),
+            );
         }
         if self.defaults.rate_limit.requests == 0 {
             errors.push("spec.defaults.rateLimit.requests", "must be at least 1");

@@ -673,6 +673,7 @@ mod attacks {
     /// Namespace `acme-prod`, bound to Tenant `acme` of `classification`.
     struct TenantCluster {
         classification: &'static str,
+        serving_certificate: Option<&'static str>,
     }
 
     impl ClusterLookup for TenantCluster {
@@ -689,7 +690,8 @@ mod attacks {
             let tenant: Tenant = serde_json::from_value(json!({
                 "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
                 "metadata": {"name": "acme"},
-                "spec": {"namespaces": ["acme-prod"], "dataClassification": self.classification}
+                "spec": {"namespaces": ["acme-prod"], "dataClassification": self.classification,
+                    "defaults": {"servingCertificateSecret": self.serving_certificate}}
             }))
             .unwrap();
             Box::pin(async move { Ok(vec![tenant]) })
@@ -697,11 +699,22 @@ mod attacks {
     }
 
     fn state(classification: &'static str) -> WebhookState {
+        state_with(classification, None)
+    }
+
+    /// A Tenant whose `spec.defaults.servingCertificateSecret` is `serving_certificate`.
+    fn state_with(
+        classification: &'static str,
+        serving_certificate: Option<&'static str>,
+    ) -> WebhookState {
         WebhookState {
             inject: settings(),
             server_version: OLD,
             validator: ValidatorSettings::new("portcullis-system", "portcullis-operator"),
-            lookup: Arc::new(TenantCluster { classification }),
+            lookup: Arc::new(TenantCluster {
+                classification,
+                serving_certificate,
+            }),
             audit: Arc::new(TracingAuditSink),
             clock: Arc::new(SystemClock),
         }
@@ -918,6 +931,276 @@ mod attacks {
         request.kind.kind = "EphemeralContainers".into();
         assert!(review_pod(&state("Internal"), &request).await.allowed);
     }
+
+    /// The pod `value` after the webhook's answer to creating it.
+    async fn created(state: &WebhookState, value: &Value) -> Value {
+        let response = create(state, value).await;
+        assert!(response.allowed, "{response:?}");
+        let patch: json_patch::Patch =
+            serde_json::from_slice(response.patch.as_deref().expect("a patch")).unwrap();
+        let mut doc = value.clone();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        doc
+    }
+
+    fn serving_volume(pod: &Value) -> Option<Value> {
+        pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "portcullis-serving-certificate")
+            .cloned()
+    }
+
+    #[tokio::test]
+    async fn the_tenant_default_serving_certificate_is_mounted_unless_the_pod_names_its_own() {
+        let shop = state_with("Internal", Some("shop-tls"));
+        let plain = created(&shop, &pod_json(json!({}), None)).await;
+        assert_eq!(
+            serving_volume(&plain),
+            Some(json!({"name": "portcullis-serving-certificate",
+                "secret": {"secretName": "shop-tls", "optional": true}}))
+        );
+        let proxy = &plain["spec"]["containers"][0];
+        assert!(
+            proxy["env"].as_array().unwrap().contains(&json!({
+                "name": "PORTCULLIS_SERVING_CERT_DIR",
+                "value": "/var/run/portcullis.dev/serving-certificate"
+            })),
+            "{proxy}"
+        );
+        // The pod's annotation wins.
+        let own = created(
+            &shop,
+            &pod_json(
+                json!({}),
+                Some(json!({"portcullis.dev/serving-certificate": "web-tls"})),
+            ),
+        )
+        .await;
+        assert_eq!(
+            serving_volume(&own).unwrap()["secret"]["secretName"],
+            "web-tls"
+        );
+        // A Tenant without the default: nothing added.
+        let none = created(&state("Internal"), &pod_json(json!({}), None)).await;
+        assert_eq!(serving_volume(&none), None);
+        assert!(!none.to_string().contains("PORTCULLIS_SERVING_CERT_DIR"));
+
+        // The pod stays genuine once the Tenant's default changes or goes away: the
+        // Secret's name is read from the pod's own volume.
+        assert_eq!(
+            decide_json(&plain, &enabled(), OLD),
+            Decision::Admit {
+                reason: NotInjected::AlreadyInjected,
+                warnings: vec![]
+            }
+        );
+        let response = create(&state_with("Internal", Some("other-tls")), &plain).await;
+        assert!(response.allowed && response.patch.is_none(), "{response:?}");
+    }
+
+    #[tokio::test]
+    async fn an_update_cannot_change_the_serving_certificate_mount() {
+        let value = pod_json(
+            json!({}),
+            Some(json!({"portcullis.dev/serving-certificate": "web-tls"})),
+        );
+        let old = patched(&value, &decide_json(&value, &enabled(), OLD));
+        let state = state("Internal");
+        let unchanged = review_pod(&state, &review("UPDATE", None, &old, &old)).await;
+        assert!(
+            unchanged.allowed && unchanged.patch.is_none(),
+            "{unchanged:?}"
+        );
+        let mut repointed = old.clone();
+        let index = repointed["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|v| v["name"] == "portcullis-serving-certificate")
+            .unwrap();
+        repointed["spec"]["volumes"][index]["secret"]["secretName"] = json!("mallory-tls");
+        let message = denial(&review_pod(&state, &review("UPDATE", None, &repointed, &old)).await);
+        assert!(message.contains("portcullis-* volumes"), "{message}");
+        let mut env_moved = old.clone();
+        for env in env_moved["spec"]["containers"][0]["env"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if env["name"] == "PORTCULLIS_SERVING_CERT_DIR" {
+                env["value"] = json!("/tmp");
+            }
+        }
+        let message = denial(&review_pod(&state, &review("UPDATE", None, &env_moved, &old)).await);
+        assert!(
+            message.contains("portcullis-proxy") && message.contains("cannot be changed"),
+            "{message}"
+        );
+    }
+}
+
+/// The volume, the proxy's mount and variable that `portcullis.dev/serving-certificate`
+/// adds (the Tenant default adds the same).
+#[test]
+fn the_serving_certificate_annotation_mounts_the_secret_read_only_into_the_proxy() {
+    let annotated = pod_json(
+        json!({}),
+        Some(json!({"portcullis.dev/serving-certificate": "web-tls"})),
+    );
+    for server in [OLD, NEW] {
+        let injected: Pod = serde_json::from_value(patched(
+            &annotated,
+            &decide_json(&annotated, &enabled(), server),
+        ))
+        .unwrap();
+        let spec = injected.spec.unwrap();
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "portcullis-serving-certificate")
+            .expect("the serving certificate volume");
+        assert_eq!(
+            serde_json::to_value(volume).unwrap(),
+            json!({"name": "portcullis-serving-certificate",
+                "secret": {"secretName": "web-tls", "optional": true}})
+        );
+        let all: Vec<Container> = spec
+            .init_containers
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(spec.containers.clone())
+            .collect();
+        let proxy = container(&all, "portcullis-proxy");
+        assert_eq!(
+            env_of(proxy)["PORTCULLIS_SERVING_CERT_DIR"],
+            "/var/run/portcullis.dev/serving-certificate"
+        );
+        let mount = proxy
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "portcullis-serving-certificate")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/var/run/portcullis.dev/serving-certificate", Some(true))
+        );
+        // Only the proxy sees the key.
+        for other in all.iter().filter(|c| c.name != "portcullis-proxy") {
+            assert!(
+                other
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .all(|m| m.name != "portcullis-serving-certificate"),
+                "{}",
+                other.name
+            );
+        }
+    }
+    // Without the annotation (and no Tenant default) nothing is added.
+    let plain = pod_json(json!({}), None);
+    let injected = patched(&plain, &decide_json(&plain, &enabled(), OLD)).to_string();
+    assert!(!injected.contains("serving-certificate") && !injected.contains("SERVING_CERT"));
+    // A value that is no Secret name makes the pod one the injector cannot handle.
+    let bad = pod_json(
+        json!({}),
+        Some(json!({"portcullis.dev/serving-certificate": "Web_TLS"})),
+    );
+    assert!(
+        refusal(&decide_json(&bad, &required(), OLD))
+            .contains("portcullis.dev/serving-certificate")
+    );
+    assert!(
+        warnings(&decide_json(&bad, &enabled(), OLD))
+            .iter()
+            .any(|w| w.contains("is not a Secret name"))
+    );
+    // The volume name is reserved.
+    let squatting = pod_json(
+        json!({"volumes": [{"name": "portcullis-serving-certificate", "emptyDir": {}}]}),
+        None,
+    );
+    assert!(refusal(&decide_json(&squatting, &required(), OLD)).contains("reserved"));
+}
+
+#[test]
+fn the_serving_certificate_as_injected_is_genuine_and_forgeries_are_refused() {
+    let annotated = pod_json(
+        json!({}),
+        Some(json!({"portcullis.dev/serving-certificate": "web-tls"})),
+    );
+    let genuine = patched(&annotated, &decide_json(&annotated, &enabled(), OLD));
+    let already = Decision::Admit {
+        reason: NotInjected::AlreadyInjected,
+        warnings: vec![],
+    };
+    assert_eq!(decide_json(&genuine, &enabled(), OLD), already);
+    let index = genuine["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|v| v["name"] == "portcullis-serving-certificate")
+        .unwrap();
+    let mut defaulted = genuine.clone();
+    defaulted["spec"]["volumes"][index]["secret"]["defaultMode"] = json!(420);
+    assert_eq!(decide_json(&defaulted, &enabled(), OLD), already);
+
+    let forge = |change: &dyn Fn(&mut Value)| {
+        let mut forged = genuine.clone();
+        change(&mut forged);
+        refusal(&decide_json(&forged, &enabled(), OLD))
+    };
+    // The Secret's volume swapped for the node's disk.
+    let message = forge(&|pod| {
+        pod["spec"]["volumes"][index] = json!({"name": "portcullis-serving-certificate",
+            "hostPath": {"path": "/etc/kubernetes/pki"}});
+    });
+    assert!(
+        message.contains("portcullis-serving-certificate"),
+        "{message}"
+    );
+    // Not optional: a missing Secret would keep the pod from starting.
+    let message = forge(&|pod| {
+        pod["spec"]["volumes"][index]["secret"]["optional"] = json!(false);
+    });
+    assert!(message.contains("optional"), "{message}");
+    // Another Secret than the annotation names.
+    let message = forge(&|pod| {
+        pod["spec"]["volumes"][index]["secret"]["secretName"] = json!("other-tls");
+    });
+    assert!(message.contains("other-tls"), "{message}");
+    // The mount made writable, or the variable pointed elsewhere.
+    let message = forge(&|pod| {
+        for mount in pod["spec"]["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if mount["name"] == "portcullis-serving-certificate" {
+                mount.as_object_mut().unwrap().remove("readOnly");
+            }
+        }
+    });
+    assert!(message.contains("volumeMounts"), "{message}");
+    let message = forge(&|pod| {
+        for env in pod["spec"]["containers"][0]["env"].as_array_mut().unwrap() {
+            if env["name"] == "PORTCULLIS_SERVING_CERT_DIR" {
+                env["value"] = json!("/var/run/secrets/kubernetes.io/serviceaccount");
+            }
+        }
+    });
+    assert!(message.contains("env"), "{message}");
+    // The variable without the volume, on a pod injected without a serving certificate.
+    let plain = pod_json(json!({}), None);
+    let mut sneaked = patched(&plain, &decide_json(&plain, &enabled(), OLD));
+    sneaked["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "PORTCULLIS_SERVING_CERT_DIR", "value": "/tmp"}));
+    assert!(refusal(&decide_json(&sneaked, &enabled(), OLD)).contains("env"));
 }
 
 #[test]

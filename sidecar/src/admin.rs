@@ -1,7 +1,8 @@
 //! The admin server (port 4191, plain HTTP/1.1, bounded like every listener: a
 //! connection cap, a per-source cap, a header read timeout and an idle timeout):
 //! `/live` (the process answers),
-//! `/ready` (a certificate, a policy and the audit trail are in place), `/metrics`
+//! `/ready` (a certificate, a policy and the audit trail are in place; the state of a
+//! bring-your-own serving certificate is detail only), `/metrics`
 //! (Prometheus), `/identity` (the certificate chain the proxy presents, PEM, public
 //! material only; `kubectl portcullis identity inspect --admin-url`).
 
@@ -24,6 +25,7 @@ use crate::{
     metrics::Metrics,
     per_source::SourceSlots,
     policy::PolicyStore,
+    serving_certificate::ServingCertificate,
 };
 
 /// What `/ready` checks.
@@ -39,6 +41,9 @@ pub struct Readiness {
     pub identity: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     /// The app's own probes, answered at `/app-health/...` (empty outside a cluster).
     pub app_health: Arc<AppHealth>,
+    /// The bring-your-own serving certificate, when the pod names one: reported in
+    /// `/ready`'s detail, never a reason to be unready.
+    pub serving_certificate: Option<ServingCertificate>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -82,6 +87,9 @@ fn route(
             let mut body = serde_json::json!({"ready": ready, "policyVersion": policy, "certificate": certificate, "audit": audit});
             if !audit {
                 body["auditReason"] = audit_state.as_str().into();
+            }
+            if let Some(serving) = &readiness.serving_certificate {
+                body["servingCertificate"] = serving.status_json();
             }
             let status = if ready {
                 StatusCode::OK

@@ -9,13 +9,16 @@
 //! certificate, a first policy and the audit trail; if the operator goes away later the
 //! last good policy stays in force. A Confidential or Restricted tenant's pod also waits
 //! for the tenant's data key: until it arrives requests are refused and `/ready` says
-//! `waiting_for_data_key`.
+//! `waiting_for_data_key`. With `PORTCULLIS_SERVING_CERT_DIR` clients outside the mesh
+//! are shown that directory's certificate instead of the workload's
+//! ([`crate::inbound_certificate`]).
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
 use rustls::{
     RootCertStore,
     pki_types::{CertificateDer, pem::PemObject},
+    server::ResolvesServerCert,
 };
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -33,9 +36,11 @@ use crate::{
         CertificateStore, ClientAuth, IdentityClient, Renewer, StoreCertResolver,
         StoreClientCertVerifier, StoreServerCertVerifier, SystemClock,
     },
+    inbound_certificate::InboundCertResolver,
     metrics::Metrics,
     policy::{PolicyStore, stream},
     proxy::{self, RunningProxy, StartError, Wiring},
+    serving_certificate::ServingCertificate,
     tls::{self, ClientConfigSource, TlsError},
     upstream::Upstream,
 };
@@ -248,8 +253,24 @@ pub async fn start(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let serving = config.serving_cert_dir.clone().map(ServingCertificate::new);
+    if let Some(serving) = &serving {
+        tracing::info!(dir = ?config.serving_cert_dir, "serving clients outside the mesh the certificate in PORTCULLIS_SERVING_CERT_DIR when it is valid");
+        tasks.spawn(serving.clone().watch(
+            config.serving_cert_poll,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let resolver: Arc<dyn ResolvesServerCert> = match &serving {
+        Some(serving) => Arc::new(InboundCertResolver::new(
+            StoreCertResolver::new(store.clone()),
+            serving.clone(),
+        )),
+        None => Arc::new(StoreCertResolver::new(store.clone())),
+    };
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(
-        Arc::new(StoreCertResolver::new(store.clone())),
+        resolver,
         Arc::new(StoreClientCertVerifier::new(
             store.clone(),
             ClientAuth::Optional,
@@ -334,6 +355,7 @@ pub async fn start(
             Arc::new(move || store.load().map(|c| c.chain_pem()))
         },
         app_health: Arc::new(AppHealth::new(config.app_probes.clone())),
+        serving_certificate: serving,
     };
     proxy::serve(Wiring {
         inbound: config.inbound.clone(),

@@ -72,6 +72,8 @@ struct Inner {
     connections_refused: Family<ReasonLabels, Counter>,
     cert_reloads: Family<SourceLabels, Counter>,
     outbound_requests: Family<OutboundLabels, Counter>,
+    serving_certificate_refusals: Family<ReasonLabels, Counter>,
+    serving_certificate_in_force: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +117,8 @@ impl Metrics {
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         let cert_reloads = Family::<SourceLabels, Counter>::default();
         let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        let serving_certificate_refusals = Family::<ReasonLabels, Counter>::default();
+        let serving_certificate_in_force = Gauge::default();
         registry.register(
             "requests",
             "Inbound requests by decision, reason and status",
@@ -200,6 +204,16 @@ impl Metrics {
             "Requests from the local app through the outbound listener, by reason and status",
             outbound_requests.clone(),
         );
+        registry.register(
+            "serving_certificate_refusals",
+            "Bring-your-own serving certificates refused, once per change of the files or the verdict, by reason (missing, unparseable, key_mismatch, expired, not_yet_valid)",
+            serving_certificate_refusals.clone(),
+        );
+        registry.register(
+            "serving_certificate_in_force",
+            "1 while a bring-your-own serving certificate is presented to clients outside the mesh",
+            serving_certificate_in_force.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -221,6 +235,8 @@ impl Metrics {
                 connections_refused,
                 cert_reloads,
                 outbound_requests,
+                serving_certificate_refusals,
+                serving_certificate_in_force,
             }),
         }
     }
@@ -346,6 +362,21 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    /// Counts a refused serving certificate by reason.
+    pub fn serving_certificate_refused(&self, reason: &'static str) {
+        self.inner
+            .serving_certificate_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Whether a bring-your-own serving certificate is in force.
+    pub fn serving_certificate_in_force(&self, in_force: bool) {
+        self.inner
+            .serving_certificate_in_force
+            .set(i64::from(in_force));
     }
 
     /// Tracks open connections.

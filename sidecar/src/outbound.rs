@@ -3,7 +3,10 @@
 //! header, and the proxy forwards the request over mTLS to the destination's inbound
 //! proxy (port 4143 unless `keepPort`), presenting the workload certificate and
 //! checking that the peer holds a workload certificate of our trust bundle and trust
-//! domain. `X-Portcullis-Expect-Identity: spiffe://…` narrows that to exactly one
+//! domain. The TLS server name sent is always the reserved
+//! [`PEER_SERVER_NAME`](crate::inbound_certificate::PEER_SERVER_NAME), so the callee
+//! presents its workload certificate even when it serves its own certificate to clients
+//! outside the mesh. `X-Portcullis-Expect-Identity: spiffe://…` narrows that to exactly one
 //! workload. So app A → A's proxy :4140 → mTLS → B's proxy :4143 → B's app sees
 //! `X-Portcullis-Principal: spiffe://…/ns/<A ns>/sa/<A sa>`.
 //!
@@ -44,6 +47,7 @@ use crate::{
     headers,
     identity::{WorkloadId, tls::peer_identity},
     idle::{self, Activity, InFlightBody},
+    inbound_certificate::PEER_SERVER_NAME,
     metrics::Metrics,
     tls::ClientConfigSource,
 };
@@ -80,7 +84,6 @@ impl std::fmt::Debug for Outbound {
 /// Where a request goes: the authority the app named and the address dialled.
 struct Destination {
     authority: Authority,
-    host: String,
     address: SocketAddr,
 }
 
@@ -205,11 +208,7 @@ impl Outbound {
                 }
             }
         };
-        Ok(Destination {
-            authority,
-            host,
-            address,
-        })
+        Ok(Destination { authority, address })
     }
 
     fn forget(&self, address: SocketAddr) {
@@ -264,11 +263,6 @@ impl Outbound {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        let server_name = match destination.host.parse::<IpAddr>() {
-            Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => ServerName::try_from(destination.host.clone())
-                .map_err(|_| unresolved(&destination.host))?,
-        };
         let handshake_failed = |e: String| {
             Denial::new(
                 Reason::PeerHandshakeFailed,
@@ -278,6 +272,11 @@ impl Outbound {
                 ),
             )
         };
+        // The reserved peer name, whatever the destination: the callee then presents its
+        // workload certificate (not a bring-your-own one); the verifier checks that by
+        // SPIFFE ID and ignores the name.
+        let server_name = ServerName::try_from(PEER_SERVER_NAME)
+            .map_err(|e| handshake_failed(format!("reserved server name: {e}")))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tls = match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
             Err(_) => return Err(handshake_failed(format!("no handshake within {timeout:?}"))),

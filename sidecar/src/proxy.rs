@@ -400,6 +400,7 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
             Arc::new(move || Some(credentials.chain_pem()))
         },
         app_health: Arc::default(),
+        serving_certificate: None,
     };
     let mut inbound = config.inbound.clone();
     if inbound.trust_domain.is_none() {

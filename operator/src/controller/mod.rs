@@ -6,6 +6,7 @@ pub mod apikey;
 pub mod key_lifecycle;
 pub mod key_secrets;
 pub mod role;
+pub mod serving_certificates;
 pub mod tenant;
 pub mod tenant_changes;
 pub mod tenant_dek;

@@ -2,7 +2,10 @@
 //! never taking one from another tenant), keeps the built-in Roles in each, keeps the
 //! tenant's DEK current, keeps the `portcullis-inbound` NetworkPolicy in each namespace
 //! (see [`tenant_network`]) and the RoleBinding through which the operator reaches the
-//! namespace's ApiKey Secrets (see [`tenant_secrets`]), and reports it all in the status.
+//! namespace's ApiKey Secrets (see [`tenant_secrets`]), and reports it all in the status,
+//! with the pods running without the proxy (`Protected`) and the usability of the
+//! serving certificate Secrets its pods name (`ServingCertificates`, see
+//! [`serving_certificates`]).
 //!
 //! A finalizer removes the namespace labels when the Tenant is deleted (labels on
 //! objects the Tenant does not own are cleanup that owner references cannot do). The
@@ -13,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::Selector;
 use kube::runtime::controller::Action;
@@ -28,6 +31,7 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
+use super::serving_certificates::{self, SERVING_CERTIFICATES};
 use super::unprotected::{self, ExposedPod, Exposure};
 use super::{tenant_dek, tenant_network, tenant_secrets};
 use crate::clock;
@@ -190,10 +194,16 @@ impl<'a> TenantReconciler<'a> {
         if let Err(errors) = self.tenant.spec.validate() {
             let error = Error::InvalidSpec(errors);
             let previous = self.previous();
+            let serving = previous
+                .conditions
+                .iter()
+                .find(|c| c.type_ == SERVING_CERTIFICATES)
+                .cloned();
             let status = self.status(
                 previous.namespaces,
                 previous.active_dek_version,
                 None,
+                serving,
                 Some(&error),
             );
             self.apply_status(&status).await?;
@@ -278,13 +288,17 @@ impl<'a> TenantReconciler<'a> {
                 .await;
         }
 
-        let unprotected = self.unprotected_pods(&bound).await?;
+        let pods = self.pods(&bound).await?;
+        let unprotected = self.unprotected_pods(&pods);
         self.announce_unprotected(&unprotected).await;
+        let serving = self.serving_certificates(&pods, &bound).await?;
+        self.announce_serving_certificates(serving.as_ref()).await;
         let problem = plan.problem(&self.name);
         let status = self.status(
             bound.clone(),
             Some(dek.active),
             Some(unprotected),
+            serving,
             problem.as_ref(),
         );
         self.apply_status(&status).await?;
@@ -461,18 +475,84 @@ impl<'a> TenantReconciler<'a> {
         Ok(())
     }
 
-    /// Pods of the bound namespaces running without a genuine proxy.
-    async fn unprotected_pods(&self, namespaces: &[String]) -> Result<Vec<ExposedPod>> {
+    /// Pods of the bound namespaces.
+    async fn pods(&self, namespaces: &[String]) -> Result<Vec<Pod>> {
         let mut pods = Vec::new();
         for ns in namespaces {
             let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), ns);
             pods.extend(api.list(&ListParams::default()).await?.items);
         }
-        let exposed = unprotected::unprotected(&pods, &self.ctx.settings.inject);
+        Ok(pods)
+    }
+
+    /// Pods of the bound namespaces running without a genuine proxy.
+    fn unprotected_pods(&self, pods: &[Pod]) -> Vec<ExposedPod> {
+        let exposed = unprotected::unprotected(pods, &self.ctx.settings.inject);
         self.ctx
             .metrics
             .set_unprotected_pods(&self.name, exposed.len());
-        Ok(exposed)
+        exposed
+    }
+
+    /// The `ServingCertificates` condition: the Secrets `pods` mount and the Tenant's
+    /// default, each read and judged as the proxy would (`None`: none named).
+    async fn serving_certificates(
+        &self,
+        pods: &[Pod],
+        namespaces: &[String],
+    ) -> Result<Option<Condition>> {
+        let default = self
+            .tenant
+            .spec
+            .defaults
+            .serving_certificate_secret
+            .as_deref();
+        let named = serving_certificates::referenced(pods, default, namespaces);
+        let now = self.ctx.clock.now();
+        let mut findings = Vec::new();
+        for secret in &named {
+            let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &secret.namespace);
+            let found = api.get_opt(&secret.name).await?;
+            if let Err((problem, detail)) =
+                serving_certificates::verdict(found.as_ref(), now.as_second())
+            {
+                findings.push(serving_certificates::Finding {
+                    secret: secret.clone(),
+                    problem,
+                    detail,
+                });
+            }
+        }
+        Ok(serving_certificates::condition(
+            named.len(),
+            &findings,
+            self.tenant.metadata.generation,
+            &self.previous().conditions,
+            Time(now),
+        ))
+    }
+
+    /// A Warning Event when the serving certificate problems change to new ones.
+    async fn announce_serving_certificates(&self, condition: Option<&Condition>) {
+        let Some(condition) = condition.filter(|c| c.status == "False") else {
+            return;
+        };
+        let before = self
+            .previous()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == SERVING_CERTIFICATES);
+        if before.is_some_and(|b| b.reason == condition.reason && b.message == condition.message) {
+            return;
+        }
+        self.ctx
+            .event(
+                &self.reference(),
+                true,
+                &condition.reason,
+                condition.message.clone(),
+            )
+            .await;
     }
 
     /// A Warning Event when the set of unprotected pods changes to a non-empty one.
@@ -496,6 +576,7 @@ impl<'a> TenantReconciler<'a> {
         namespaces: Vec<String>,
         active_dek_version: Option<u32>,
         exposed: Option<Vec<ExposedPod>>,
+        serving: Option<Condition>,
         problem: Option<&Error>,
     ) -> TenantStatus {
         let prev = self.previous();
@@ -569,7 +650,7 @@ impl<'a> TenantReconciler<'a> {
             )
         };
         TenantStatus {
-            conditions: vec![ready, protected],
+            conditions: [ready, protected].into_iter().chain(serving).collect(),
             namespaces,
             active_dek_version,
             api_keys: u32::try_from(keys).unwrap_or(u32::MAX),

@@ -14,7 +14,8 @@ use serde::de::DeserializeOwned;
 use super::WebhookState;
 use super::audit::AdminAuditEvent;
 use super::inject::{
-    Decision, InjectionLevel, TenantClassification, decide_at, decide_ephemeral, decide_update,
+    Decision, InjectionLevel, TenantClassification, TenantPodDefaults, decide_ephemeral,
+    decide_update, decide_with_defaults,
 };
 use super::validate::lookup::{LookupError, catalogue, namespace_roles, tenant_claims};
 use super::validate::{
@@ -73,8 +74,8 @@ pub async fn review_pod(
         _ => return allow,
     };
     let namespace = request.namespace.clone().unwrap_or_default();
-    let level = match injection_level(state, &namespace).await {
-        Ok(level) => level,
+    let (level, defaults) = match injection_level(state, &namespace).await {
+        Ok(found) => found,
         Err(e) => return unavailable(request, e),
     };
     if level == InjectionLevel::Off {
@@ -93,10 +94,11 @@ pub async fn review_pod(
                     return response;
                 }
             };
-            decide_at(
+            decide_with_defaults(
                 &pod,
                 &namespace,
                 &level,
+                &defaults,
                 &state.inject,
                 state.server_version,
             )
@@ -159,33 +161,32 @@ enum PodChange {
 }
 
 /// The namespace's injection level: its labels, and the classification of the Tenant
-/// its tenant label names (a Confidential or Restricted Tenant requires injection).
+/// its tenant label names (a Confidential or Restricted Tenant requires injection); and
+/// that Tenant's defaults for the pods it injects.
 async fn injection_level(
     state: &WebhookState,
     namespace: &str,
-) -> Result<InjectionLevel, LookupError> {
+) -> Result<(InjectionLevel, TenantPodDefaults), LookupError> {
     let labels = state
         .lookup
         .namespace_labels(namespace)
         .await?
         .unwrap_or_default();
     let tenant = match labels.get(TENANT_LABEL) {
-        Some(name) => state
-            .lookup
-            .tenant(name)
-            .await?
-            .map(|t| TenantClassification {
-                tenant: name.clone(),
-                classification: t.spec.data_classification,
-            }),
+        Some(name) => state.lookup.tenant(name).await?.map(|t| (name.clone(), t)),
         None => None,
     };
-    Ok(InjectionLevel::of(
-        namespace,
-        &labels,
-        tenant,
-        &state.inject,
-    ))
+    let defaults = TenantPodDefaults {
+        serving_certificate_secret: tenant
+            .as_ref()
+            .and_then(|(_, t)| t.spec.defaults.serving_certificate_secret.clone()),
+    };
+    let classification = tenant.map(|(name, t)| TenantClassification {
+        tenant: name,
+        classification: t.spec.data_classification,
+    });
+    let level = InjectionLevel::of(namespace, &labels, classification, &state.inject);
+    Ok((level, defaults))
 }
 
 fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {

@@ -17,6 +17,7 @@
 //! | `PORTCULLIS_TRUST_DOMAIN` | SPIFFE trust domain | `cluster.local` |
 //! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
 //! | `PORTCULLIS_APP_PROBES` | the app's `httpGet`/`tcpSocket` probes, JSON, answered at `:4191/app-health/...` | none |
+//! | `PORTCULLIS_SERVING_CERT_DIR` | directory with `tls.crt`/`tls.key` (a mounted `kubernetes.io/tls` Secret) presented to clients outside the mesh | none: the workload certificate for everyone |
 //! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound dials the destination's own port (its init step redirects it to its proxy; a Service exposes only app ports) instead of 4143 | `true` |
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -122,6 +123,11 @@ pub struct ClusterConfig {
     pub upstream_pool_idle_timeout: Duration,
     /// Audit.
     pub audit: ClusterAudit,
+    /// The bring-your-own serving certificate's directory
+    /// (`PORTCULLIS_SERVING_CERT_DIR`).
+    pub serving_cert_dir: Option<PathBuf>,
+    /// How often that directory is read.
+    pub serving_cert_poll: Duration,
 }
 
 impl ClusterConfig {
@@ -287,6 +293,7 @@ impl ClusterConfig {
         let token_path = path("PORTCULLIS_TOKEN_PATH", DEFAULT_TOKEN_PATH);
         let trust_bundle = path("PORTCULLIS_TRUST_BUNDLE", DEFAULT_TRUST_BUNDLE);
         let data_dir = path("PORTCULLIS_DATA_DIR", DEFAULT_DATA_DIR);
+        let serving_cert_dir = get("PORTCULLIS_SERVING_CERT_DIR").map(PathBuf::from);
 
         match (p.0.is_empty(), pod_name, workload, identity, policy) {
             (true, Some(pod_name), Some(workload), Some(identity), Some(policy)) => Ok(Self {
@@ -328,6 +335,8 @@ impl ClusterConfig {
                 upstream_connect_timeout: Duration::from_secs(1),
                 upstream_pool_idle_timeout: Duration::from_secs(90),
                 audit: ClusterAudit::default(),
+                serving_cert_dir,
+                serving_cert_poll: crate::serving_certificate::POLL_INTERVAL,
             }),
             _ => Err(ConfigError::Invalid(p.0)),
         }

@@ -2,6 +2,8 @@
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
+use rustls::pki_types::pem::PemObject;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -152,6 +154,25 @@ impl TestCa {
             vec![ExtendedKeyUsagePurpose::ClientAuth],
             true,
         )
+    }
+
+    /// A serving certificate for the DNS name `host` only (as a public or corporate CA
+    /// issues them), expired yesterday when `expired`.
+    pub fn dns_server(&self, host: &str, expired: bool) -> Issued {
+        self.issue(
+            vec![SanType::DnsName(host.try_into().unwrap())],
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            expired,
+        )
+    }
+
+    /// This CA as the only root.
+    pub fn root_store(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
     }
 
     /// Writes server.pem, server-key.pem and ca.pem into `dir`.

@@ -1,8 +1,8 @@
 //! "Already injected" means the pod carries exactly what the injector would add for it
 //! (DESIGN.md §4): the init step first, the proxy (as a native sidecar or the first
 //! container), both with this operator's image, command, args, env, ports, security
-//! context and mounts, and the four volumes — not merely something named
-//! `portcullis-proxy` next to a copied annotation.
+//! context and mounts, and the four volumes (five with a serving certificate) — not
+//! merely something named `portcullis-proxy` next to a copied annotation.
 //!
 //! The comparison tolerates what the API server adds when it decodes a pod
 //! ([`API_SERVER_DEFAULTS`]): a pod the injector patched, re-sent on reinvocation or
@@ -95,6 +95,22 @@ pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
     {
         plan.probes.originals = originals;
     }
+    // Without the annotation the serving certificate came from the Tenant's default,
+    // which may have changed since: the Secret's name is read from the volume, whose
+    // shape (an optional Secret, mounted read-only at the fixed path) is still checked.
+    if plan.serving_certificate.is_none() {
+        plan.serving_certificate = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == sidecar::SERVING_CERT_VOLUME)
+            .map(|v| {
+                v.secret
+                    .as_ref()
+                    .and_then(|s| s.secret_name.clone())
+                    .unwrap_or_default()
+            });
+    }
     let expected = sidecar::proxy_container(&plan, settings, proxy.1);
     // The image first: it is what a forgery changes, and says so most plainly.
     compare(
@@ -128,7 +144,7 @@ pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
         )));
     }
     let volumes = spec.volumes.as_deref().unwrap_or_default();
-    for expected in sidecar::volumes(settings) {
+    for expected in sidecar::volumes(&plan, settings) {
         let mut named = volumes.iter().filter(|v| v.name == expected.name);
         match (named.next(), named.next()) {
             (Some(actual), None) => compare(&json(&expected), &json(actual), &expected.name)?,

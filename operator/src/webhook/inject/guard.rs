@@ -4,11 +4,11 @@
 //! containers that share the pod's network namespace, so one with NET_ADMIN could flush
 //! the redirect the init step installed.
 
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, SecurityContext};
+use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Pod, SecurityContext, Volume};
 use portcullis_crds::annotations::INJECTED_LABEL;
 use serde_json::Value;
 
-use super::{Decision, INIT_CONTAINER, INJECTED, NotInjected, PROXY_CONTAINER, admit};
+use super::{Decision, INIT_CONTAINER, INJECTED, NotInjected, PROXY_CONTAINER, admit, sidecar};
 
 /// Capabilities that let a container rewrite the pod's iptables rules (or do anything).
 const REDIRECT_CAPABILITIES: [&str; 3] = ["NET_ADMIN", "SYS_ADMIN", "ALL"];
@@ -47,7 +47,8 @@ fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
 }
 
 /// A pod UPDATE in an injected namespace: refused when it changes (or drops) the proxy
-/// or the init step, or the marks the NetworkPolicy and the tooling select on.
+/// or the init step, the volumes the injector added (the serving certificate's among
+/// them), or the marks the NetworkPolicy and the tooling select on.
 pub fn decide_update(old: &Pod, new: &Pod, namespace: &str) -> Decision {
     let who = super::pod_display_name(new, namespace);
     for name in [PROXY_CONTAINER, INIT_CONTAINER] {
@@ -67,6 +68,24 @@ pub fn decide_update(old: &Pod, new: &Pod, namespace: &str) -> Decision {
                 ),
             };
         }
+    }
+    // The API server keeps volumes as they are on an UPDATE; the injected ones are
+    // checked here too, so no later rule of the API server is relied on.
+    let injected_volumes = |pod: &Pod| -> Vec<Volume> {
+        pod.spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter(|v| sidecar::VOLUME_NAMES.contains(&v.name.as_str()))
+            .cloned()
+            .collect()
+    };
+    if injected_volumes(old) != injected_volumes(new) {
+        return Decision::Refuse {
+            message: format!(
+                "{who}: the portcullis-* volumes cannot be changed after injection; delete the \
+                 pod so it is re-created with what the injector adds"
+            ),
+        };
     }
     let label = |pod: &Pod| {
         pod.metadata

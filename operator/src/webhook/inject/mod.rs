@@ -30,7 +30,12 @@
 //!   until the proxy is ready;
 //! - volumes: the projected ServiceAccount token with audience `portcullis.dev/identity`
 //!   (1 h), the `portcullis-trust-bundle` ConfigMap, an emptyDir for the proxy's spool
-//!   (its root filesystem is read-only) and the init step's lock-file emptyDir;
+//!   (its root filesystem is read-only) and the init step's lock-file emptyDir; and when
+//!   the pod's `portcullis.dev/serving-certificate` annotation or its Tenant's
+//!   `spec.defaults.servingCertificateSecret` names a `kubernetes.io/tls` Secret,
+//!   `portcullis-serving-certificate`: that Secret with `optional: true` (a missing
+//!   Secret never keeps the pod from starting), mounted read-only into the proxy only at
+//!   `/var/run/portcullis.dev/serving-certificate`;
 //! - the annotation `portcullis.dev/injected: "<version>"`.
 //!
 //! # Defined outcomes
@@ -66,16 +71,18 @@
 //! port name, else the first container's first TCP port; absent when the pod has none),
 //! `PORTCULLIS_INBOUND_MODE`, `PORTCULLIS_SCOPES_MAP` and `PORTCULLIS_ALLOWED_PEERS`
 //! (from their annotations, when set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
-//! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, `PORTCULLIS_TRUST_DOMAIN` (only when
-//! the trust domain is not `cluster.local`), and in regular-container mode for
-//! run-to-completion pods `PORTCULLIS_EXIT_WHEN_APP_EXITS`.
+//! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, `PORTCULLIS_SERVING_CERT_DIR` (the
+//! serving certificate's mount, only when the pod has one), `PORTCULLIS_TRUST_DOMAIN`
+//! (only when the trust domain is not `cluster.local`), and in regular-container mode
+//! for run-to-completion pods `PORTCULLIS_EXIT_WHEN_APP_EXITS`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::version::Info;
 use portcullis_crds::annotations::{
-    ALLOWED_PEERS, APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SKIP_INBOUND_PORTS,
+    ALLOWED_PEERS, APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SERVING_CERTIFICATE,
+    SKIP_INBOUND_PORTS,
 };
 use portcullis_crds::policy::InboundMode;
 use portcullis_crds::scope::ScopeMap;
@@ -92,12 +99,21 @@ pub use guard::{decide_ephemeral, decide_update};
 
 pub use sidecar::{
     DATA_MOUNT, DATA_VOLUME, IDENTITY_TOKEN_MOUNT, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER,
-    PROXY_CONTAINER, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT,
-    TRUST_BUNDLE_VOLUME, XTABLES_LOCK_VOLUME,
+    PROXY_CONTAINER, SERVING_CERT_DIR_ENV, SERVING_CERT_MOUNT, SERVING_CERT_VOLUME,
+    TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT, TRUST_BUNDLE_VOLUME,
+    XTABLES_LOCK_VOLUME,
 };
 
 /// Pod annotation the injector sets to its version on every pod it injects.
 pub const INJECTED: &str = "portcullis.dev/injected";
+
+/// What the namespace's Tenant sets for the pods it injects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantPodDefaults {
+    /// `spec.defaults.servingCertificateSecret`: the serving certificate Secret of pods
+    /// without the `portcullis.dev/serving-certificate` annotation.
+    pub serving_certificate_secret: Option<String>,
+}
 
 /// How strongly a namespace asks for injection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -370,6 +386,8 @@ pub(crate) struct PodPlan {
     /// The `portcullis.dev/allowed-peers` annotation, checked.
     pub allowed_peers: Option<String>,
     pub skip_inbound_ports: PortList,
+    /// The `kubernetes.io/tls` Secret the proxy serves clients outside the mesh with.
+    pub serving_certificate: Option<String>,
     pub run_to_completion: bool,
     /// App probes that must go through the proxy's admin port.
     pub probes: probes::ProbePlan,
@@ -388,11 +406,32 @@ pub fn decide(
     decide_at(pod, namespace, &level, settings, server)
 }
 
-/// Decides what to do with a new `pod` in `namespace`, which asks for `level`.
+/// Decides what to do with a new `pod` in `namespace`, which asks for `level`, when
+/// its Tenant sets no pod defaults (see [`decide_with_defaults`]).
 pub fn decide_at(
     pod: &Pod,
     namespace: &str,
     level: &InjectionLevel,
+    settings: &InjectSettings,
+    server: ServerVersion,
+) -> Decision {
+    decide_with_defaults(
+        pod,
+        namespace,
+        level,
+        &TenantPodDefaults::default(),
+        settings,
+        server,
+    )
+}
+
+/// Decides what to do with a new `pod` in `namespace`, which asks for `level`; its
+/// Tenant's `defaults` apply where the pod's annotations say nothing.
+pub fn decide_with_defaults(
+    pod: &Pod,
+    namespace: &str,
+    level: &InjectionLevel,
+    defaults: &TenantPodDefaults,
     settings: &InjectSettings,
     server: ServerVersion,
 ) -> Decision {
@@ -468,7 +507,10 @@ pub fn decide_at(
     }
 
     match plan(pod, &annotations) {
-        Ok(plan) => {
+        Ok(mut plan) => {
+            if plan.serving_certificate.is_none() {
+                plan.serving_certificate = defaults.serving_certificate_secret.clone();
+            }
             let mut warnings = plan.probes.warnings.clone();
             match (required, bypass(&who, &spec, &plan, settings)) {
                 (Some(by), Some(bypass)) => return bypass.refusal(namespace, by),
@@ -674,6 +716,17 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
             .map_err(|e| Unsupported(format!("annotation {SKIP_INBOUND_PORTS}: {e}")))?,
         None => PortList::default(),
     };
+    let serving_certificate = match annotations.get(SERVING_CERTIFICATE) {
+        Some(value) if portcullis_crds::peers::is_dns_subdomain(value.trim()) => {
+            Some(value.trim().to_owned())
+        }
+        Some(value) => {
+            return Err(Unsupported(format!(
+                "annotation {SERVING_CERTIFICATE}: {value:?} is not a Secret name (lowercase letters, digits, '-' and '.')"
+            )));
+        }
+        None => None,
+    };
     let owned_by_job = pod
         .metadata
         .owner_references
@@ -692,6 +745,7 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         scopes_map,
         allowed_peers,
         skip_inbound_ports,
+        serving_certificate,
         run_to_completion,
         probes,
     })

@@ -62,7 +62,7 @@ pub(super) fn build(pod: &Pod, plan: &PodPlan, settings: &InjectSettings, native
         ops.push(add(&["spec", "containers", "0"], proxy));
     }
 
-    let volumes: Vec<Value> = sidecar::volumes(settings).iter().map(json).collect();
+    let volumes: Vec<Value> = sidecar::volumes(plan, settings).iter().map(json).collect();
     if spec.and_then(|s| s.volumes.as_ref()).is_some() {
         ops.extend(
             volumes

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SecretVolumeSource, SecurityContext,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -39,12 +39,21 @@ pub const DATA_MOUNT: &str = "/var/lib/portcullis";
 /// The init step's `/run` (iptables lock file) on its read-only root.
 pub const XTABLES_LOCK_VOLUME: &str = "portcullis-xtables-lock";
 
+/// The bring-your-own serving certificate Secret (only when the pod or its Tenant names
+/// one).
+pub const SERVING_CERT_VOLUME: &str = "portcullis-serving-certificate";
+/// Where that Secret is mounted (read-only) in the proxy.
+pub const SERVING_CERT_MOUNT: &str = "/var/run/portcullis.dev/serving-certificate";
+/// The proxy's variable naming that directory.
+pub const SERVING_CERT_DIR_ENV: &str = "PORTCULLIS_SERVING_CERT_DIR";
+
 /// Every volume name the injector adds.
-pub(super) const VOLUME_NAMES: [&str; 4] = [
+pub(super) const VOLUME_NAMES: [&str; 5] = [
     IDENTITY_TOKEN_VOLUME,
     TRUST_BUNDLE_VOLUME,
     DATA_VOLUME,
     XTABLES_LOCK_VOLUME,
+    SERVING_CERT_VOLUME,
 ];
 
 const PROXY_BINARY: &str = "portcullis-proxy";
@@ -190,6 +199,9 @@ pub(super) fn proxy_container(
         ),
         env("PORTCULLIS_DATA_DIR", DATA_MOUNT),
     ]);
+    if plan.serving_certificate.is_some() {
+        env_vars.push(env(SERVING_CERT_DIR_ENV, SERVING_CERT_MOUNT));
+    }
     // The proxy assumes cluster.local; say so only when it differs.
     if settings.trust_domain != DEFAULT_TRUST_DOMAIN {
         env_vars.push(env(
@@ -235,11 +247,20 @@ pub(super) fn proxy_container(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            mount(IDENTITY_TOKEN_VOLUME, IDENTITY_TOKEN_MOUNT, true),
-            mount(TRUST_BUNDLE_VOLUME, TRUST_BUNDLE_MOUNT, true),
-            mount(DATA_VOLUME, DATA_MOUNT, false),
-        ]),
+        volume_mounts: Some(
+            [
+                mount(IDENTITY_TOKEN_VOLUME, IDENTITY_TOKEN_MOUNT, true),
+                mount(TRUST_BUNDLE_VOLUME, TRUST_BUNDLE_MOUNT, true),
+                mount(DATA_VOLUME, DATA_MOUNT, false),
+            ]
+            .into_iter()
+            .chain(
+                plan.serving_certificate
+                    .as_ref()
+                    .map(|_| mount(SERVING_CERT_VOLUME, SERVING_CERT_MOUNT, true)),
+            )
+            .collect(),
+        ),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 3)),
         ..Container::default()
@@ -263,7 +284,7 @@ pub(super) fn proxy_container(
 }
 
 /// The volumes, in the order they are appended.
-pub(super) fn volumes(settings: &InjectSettings) -> Vec<Volume> {
+pub(super) fn volumes(plan: &PodPlan, settings: &InjectSettings) -> Vec<Volume> {
     let empty_dir = |name: &str| Volume {
         name: name.into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -296,4 +317,17 @@ pub(super) fn volumes(settings: &InjectSettings) -> Vec<Volume> {
         empty_dir(DATA_VOLUME),
         empty_dir(XTABLES_LOCK_VOLUME),
     ]
+    .into_iter()
+    // Optional: a missing Secret never keeps the pod from starting; the proxy then
+    // serves the workload certificate and the Tenant's condition says why.
+    .chain(plan.serving_certificate.as_ref().map(|secret| Volume {
+        name: SERVING_CERT_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.clone()),
+            optional: Some(true),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }))
+    .collect()
 }
