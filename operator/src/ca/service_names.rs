@@ -165,7 +165,10 @@ mod tests {
             revision(&[a.clone(), b.clone()]),
             revision(&[b.clone(), a.clone()])
         );
-        assert_ne!(revision(std::slice::from_ref(&a)), revision(&[a.clone(), b]));
+        assert_ne!(
+            revision(std::slice::from_ref(&a)),
+            revision(&[a.clone(), b])
+        );
         assert_ne!(
             revision(&[a]),
             revision(&[service("web", &[("app", "web2")])])
