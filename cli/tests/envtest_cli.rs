@@ -1127,7 +1127,7 @@ async fn check_names_stuck_injected_pods_and_keys_not_active() {
     );
     assert!(
         line(&format!("{ns}/migrate-x1 (5m): ")).contains(
-            "the app finished but the proxy still runs; the Job cannot complete → the proxy exits once app port 8080"
+            "the app finished but the proxy still runs; the Job cannot complete → the operator tells the proxy once the app has exited"
         ),
         "{table:?}"
     );
