@@ -1619,6 +1619,8 @@ enum Probe {
     GetPod,
     ListPods,
     WatchPods,
+    ListServices,
+    WatchServices,
     ApplyGeneratedRole,
     ApplyGeneratedRoleBinding,
     ListRbacRoles,
@@ -1640,7 +1642,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 63] = [
+    const ALL: [Probe; 65] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -1686,6 +1688,8 @@ impl Probe {
         Self::GetPod,
         Self::ListPods,
         Self::WatchPods,
+        Self::ListServices,
+        Self::WatchServices,
         Self::ApplyGeneratedRole,
         Self::ApplyGeneratedRoleBinding,
         Self::ListRbacRoles,
@@ -1768,6 +1772,8 @@ impl Probe {
             GetPod => vec![need("", "pods", "get")],
             ListPods => vec![need("", "pods", "list")],
             WatchPods => vec![need("", "pods", "watch")],
+            ListServices => vec![need("", "services", "list")],
+            WatchServices => vec![need("", "services", "watch")],
             ApplyGeneratedRole => {
                 let mut needs = rule_needs(&generated_rules());
                 needs.extend([need(RBAC, "roles", "patch"), need(RBAC, "roles", "create")]);
@@ -2107,6 +2113,10 @@ impl Probe {
             }
             ListPods => list_one(Api::<Pod>::all(sa)).await,
             WatchPods => watch_once(Api::<Pod>::all(sa), None).await,
+            ListServices => list_one(Api::<k8s_openapi::api::core::v1::Service>::all(sa)).await,
+            WatchServices => {
+                watch_once(Api::<k8s_openapi::api::core::v1::Service>::all(sa), None).await
+            }
             ApplyGeneratedRole => {
                 let name = format!("portcullis:probe-{}", suffix());
                 let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
