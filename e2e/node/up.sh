@@ -48,6 +48,16 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 
+# The node's bridge (rn0, from ../shared/node) takes the lowest MAC address of its ports
+# unless one is set, so a pod starting or stopping can change the gateway's MAC under all
+# the others: their ARP entries for 10.244.0.1 (DNS and every Service connection) go stale
+# and packets vanish for about 5 s. Pin the address it has now (3 = set by the user).
+if [ ! -f "$dir/external-kubeconfig" ] && [ -e /sys/class/net/rn0 ] \
+   && [ "$(cat /sys/class/net/rn0/addr_assign_type)" != 3 ]; then
+  ip link set dev rn0 address "$(cat /sys/class/net/rn0/address)"
+  log "pinned the node bridge's MAC address ($(cat /sys/class/net/rn0/address))"
+fi
+
 # 2. Images (the base image once per machine).
 if ! buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep -x 'docker.io/library/debian:12.11-slim' >/dev/null; then
   log "making the local debian:12.11-slim base image (once)"

@@ -465,21 +465,28 @@ pub async fn run_job(
 }
 
 /// Shell: retry `curl ... -w '%{http_code}'` until it answers `$want` (policy and
-/// certificates propagate asynchronously), print `name=<code>`.
+/// certificates propagate asynchronously), print `name=<code>`. When curl gets no answer
+/// (code 000) its own error goes to stderr, so a failure says why (DNS, connect, TLS).
 pub const UNTIL: &str = r#"
+curl_code() { # curl-args...: the status code; curl's error, if any, on stderr
+  out=$(curl -sk -w '%{http_code} %{errormsg}' --max-time 5 "$@")
+  err=${out#????}
+  [ -n "$err" ] && echo "curl: $err" >&2
+  echo "${out%% *}"
+}
 until_code() { # name want curl-args...
   name=$1; want=$2; shift 2
   for i in $(seq 1 60); do
-    code=$(curl -sk -o /tmp/body -w '%{http_code}' --max-time 5 "$@")
+    code=$(curl_code -o /tmp/body "$@")
     [ "$code" = "$want" ] && break
     sleep 1
   done
   echo "$name=$code"
 }
-code_of() { curl -sk -o /tmp/body -w '%{http_code}' --max-time 5 "$@"; }
+code_of() { curl_code -o /tmp/body "$@"; }
 until_up() { # curl-args...: until the proxy answers at all
   for i in $(seq 1 60); do
-    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "$@")
+    code=$(curl_code -o /dev/null "$@")
     [ "$code" != 000 ] && break
     sleep 1
   done
@@ -490,12 +497,12 @@ until_up() { # curl-args...: until the proxy answers at all
 /// Requests a hammer sends at most (one every 100 ms or so: several minutes).
 pub const HAMMER_REQUESTS: u32 = 3000;
 
-/// A client pod that calls the app every 100 ms and prints each status code, for at
-/// most [`HAMMER_REQUESTS`] requests.
+/// A client pod that calls the app every 100 ms and prints each status code (followed by
+/// curl's error when there was no answer), for at most [`HAMMER_REQUESTS`] requests.
 pub async fn start_hammer(client: &Client, fx: &Fixture, token: &str) -> Result<String> {
     let script = format!(
         "i=0; while [ $i -lt {HAMMER_REQUESTS} ]; do i=$((i+1)); \
-         echo \"$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 2 -X POST \
+         echo \"$(curl -sk -o /dev/null -w '%{{http_code}} %{{errormsg}}' --max-time 2 -X POST \
          -H \"Authorization: Bearer $KEY\" {url}/v1/identify)\"; sleep 0.1; done",
         url = fx.app_url()
     );
@@ -512,7 +519,7 @@ pub async fn start_hammer(client: &Client, fx: &Fixture, token: &str) -> Result<
     Ok(pod.name_any())
 }
 
-/// The hammer's log lines as (kubelet timestamp, status code).
+/// The hammer's log lines as (kubelet timestamp, status code or `000 <curl's error>`).
 pub async fn hammer_lines(
     client: &Client,
     namespace: &str,
