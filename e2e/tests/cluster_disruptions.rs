@@ -2,6 +2,7 @@
 //! to run them): each changes the whole install, so they run one after another in one
 //! test, after the scenario suite, under a steady client load (a bounded hammer pod):
 //!
+//! 0. `kubectl portcullis check` passes on the healthy install;
 //! 1. the leading operator pod is deleted: no request fails;
 //! 2. the operator is scaled to 0: pods outside Portcullis still start, a namespace that
 //!    requires injection refuses new pods and says which webhook, running injected pods
@@ -92,24 +93,6 @@ async fn scale_operator(client: &Client, replicas: i32) -> Result<()> {
     } else {
         operator_ready(client).await
     }
-}
-
-/// `kubectl portcullis check`: whether it passed, and what it printed.
-async fn portcullis_check() -> Result<(bool, String)> {
-    let binary = portcullis_e2e::localcluster::target_dir()
-        .context("cannot find the build directory")?
-        .join("kubectl-portcullis");
-    let output = tokio::process::Command::new(&binary)
-        .args(["check", "-n", &release_namespace()])
-        .output()
-        .await
-        .with_context(|| format!("running {}", binary.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok((output.status.success(), text))
 }
 
 /// A plain pod (no Portcullis involved) in `namespace` that must get Running.
@@ -225,6 +208,12 @@ async fn disrupt(client: &Client, fx: &Fixture, hammer: &str) -> Result<()> {
         },
     )
     .await?;
+
+    // 0. After the scenario suite, on the healthy install, check is green (1.20's lack of
+    //    native sidecars is a warning, not a failure).
+    let (passed, report) = portcullis_check().await?;
+    eprintln!("check on the healthy install:\n{report}");
+    ensure!(passed, "check failed on the healthy install:\n{report}");
 
     // 1. The leader goes away.
     let leader = Api::<Lease>::namespaced(client.clone(), &release_namespace())

@@ -467,7 +467,8 @@ async fn webhook_refuses_an_over_scoped_api_key_with_the_kubectl_message() -> Re
 }
 
 #[tokio::test]
-async fn app_probes_reach_the_app_and_tell_the_truth_about_it() -> Result<()> {
+async fn app_probes_reach_the_app_and_tell_the_truth_and_check_names_the_unready_pod() -> Result<()>
+{
     let Some((client, fx)) = fixture().await? else {
         return Ok(());
     };
@@ -514,6 +515,35 @@ async fn app_probes_reach_the_app_and_tell_the_truth_about_it() -> Result<()> {
             || async { Ok((!is_ready(&pods.get(&name).await?)).then_some(())) },
         )
         .await?;
+        // Unready past check's grace period (2 min), the pod is named with the cause the
+        // kubelet reported, and check fails.
+        let pod_line = format!("{}/{name}", fx.app_ns);
+        let last_report = std::cell::RefCell::new(String::new());
+        let found = wait_for(
+            "kubectl portcullis check to fail naming the unready pod",
+            Duration::from_secs(240),
+            || async {
+                let (passed, report) = portcullis_check().await?;
+                let line = report
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| {
+                        l.strip_prefix(pod_line.as_str())
+                            .is_some_and(|rest| rest.starts_with([' ', ':']))
+                    })
+                    .map(str::to_owned);
+                last_report.replace(report);
+                Ok(line.filter(|_| !passed))
+            },
+        )
+        .await;
+        let report = last_report.take();
+        let line = found.with_context(|| format!("the last report:\n{report}"))?;
+        eprintln!("check: {line}");
+        ensure!(
+            line.contains("container app fails its readiness probe") && line.contains(" → "),
+            "check should say the app fails its readiness probe, with the fix:\n{report}"
+        );
         Ok(())
     }
     .await;

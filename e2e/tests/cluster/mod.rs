@@ -550,3 +550,21 @@ pub fn is_ready(pod: &Pod) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
+
+/// `kubectl portcullis check`: whether it passed, and what it printed.
+pub async fn portcullis_check() -> Result<(bool, String)> {
+    let binary = portcullis_e2e::localcluster::target_dir()
+        .context("cannot find the build directory")?
+        .join("kubectl-portcullis");
+    let output = tokio::process::Command::new(&binary)
+        .args(["check", "-n", &release_namespace()])
+        .output()
+        .await
+        .with_context(|| format!("running {}", binary.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), text))
+}
