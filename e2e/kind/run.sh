@@ -69,12 +69,14 @@ kind create cluster --name "$KIND_CLUSTER" --image "$KIND_NODE_IMAGE" \
   --config "$here/kind-config.yaml" --kubeconfig "$KUBECONFIG" --wait 120s
 kind load docker-image --name "$KIND_CLUSTER" "$OPERATOR_IMAGE" "$PROXY_IMAGE"
 
-# The test workloads' images, pulled once on the host and loaded, so the tests do not
-# depend on every node reaching Docker Hub (the tags match e2e/tests/cluster_scenarios.rs).
-for image in traefik/whoami:v1.10.3 curlimages/curl:8.11.1; do
-  docker pull --quiet "$image" >/dev/null
-  kind load docker-image --name "$KIND_CLUSTER" "$image"
-done
+# The test workloads' image (pod-app and curl), built from this checkout and loaded, so
+# the tests need no registry (the tag is PORTCULLIS_E2E_TAG).
+TOOLS_TAG=kind
+if [ "${SKIP_BUILD:-}" != 1 ]; then
+  docker buildx build --load -f e2e/node/tools.Containerfile \
+    -t "localhost/portcullis-e2e-tools:$TOOLS_TAG" .
+fi
+kind load docker-image --name "$KIND_CLUSTER" "localhost/portcullis-e2e-tools:$TOOLS_TAG"
 
 helm install portcullis charts/portcullis \
   --namespace "$RELEASE_NAMESPACE" --create-namespace \
@@ -96,6 +98,6 @@ for config in mutatingwebhookconfiguration/portcullis-injector validatingwebhook
 done
 
 for suite in cluster_scenarios cluster_disruptions; do   # disruptions last: they uninstall
-  PORTCULLIS_E2E=kind PORTCULLIS_RELEASE_NAMESPACE="$RELEASE_NAMESPACE" \
+  PORTCULLIS_E2E=kind PORTCULLIS_E2E_TAG=$TOOLS_TAG PORTCULLIS_RELEASE_NAMESPACE="$RELEASE_NAMESPACE" \
     cargo test -p portcullis-e2e --test "$suite" -- --test-threads=1 "$@"
 done

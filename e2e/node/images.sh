@@ -56,6 +56,6 @@ build portcullis-operator images/operator.Dockerfile \
   --build-arg BINARY_FROM=prebuilt --build-arg RUNTIME_IMAGE=debian:12.11-slim
 build portcullis-proxy images/proxy.Dockerfile \
   --build-arg BINARY_FROM=prebuilt --build-arg DEBIAN_SNAPSHOT=
-build portcullis-e2e-tools e2e/node/tools.Containerfile
+build portcullis-e2e-tools e2e/node/tools.Containerfile --build-arg BINARY_FROM=prebuilt
 rm -rf "$stage"
 log "loaded into containerd: localhost/portcullis-{operator,proxy,e2e-tools}:$tag"

@@ -2,7 +2,12 @@
 //!
 //! - [`envtest`]: a real etcd + kube-apiserver (+ kube-controller-manager) started from
 //!   `KUBEBUILDER_ASSETS`, shared by the tests of one binary.
+//! - [`localcluster`]: pods as processes in network namespaces, admitted by the real
+//!   operator's webhooks.
+//! - [`scenarios`]: the scenario suite every cluster tier runs, written once against the
+//!   [`scenarios::Cluster`] trait.
 
 pub mod envtest;
 pub mod localcluster;
+pub mod scenarios;
 pub mod wait;

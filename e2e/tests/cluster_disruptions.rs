@@ -16,8 +16,6 @@ mod cluster;
 
 use cluster::*;
 
-const OPERATOR: &str = "portcullis-operator";
-
 /// The hammer's status codes logged at or after `since`.
 async fn codes_since(
     client: &Client,
@@ -56,24 +54,6 @@ async fn no_failures_since(
         codes.len()
     );
     Ok(())
-}
-
-async fn operator_pods(client: &Client) -> Result<Vec<Pod>> {
-    let deployment = Api::<Deployment>::namespaced(client.clone(), &release_namespace())
-        .get(OPERATOR)
-        .await?;
-    let selector = deployment
-        .spec
-        .and_then(|s| s.selector.match_labels)
-        .context("the operator Deployment has no matchLabels")?
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    Ok(Api::<Pod>::namespaced(client.clone(), &release_namespace())
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items)
 }
 
 async fn scale_operator(client: &Client, replicas: i32) -> Result<()> {

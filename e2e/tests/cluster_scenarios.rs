@@ -1,18 +1,21 @@
-//! The scenario suite of the real-cluster tiers (DESIGN.md §7): real pods with the Helm
-//! chart installed, on
+//! The scenario suite of the kubelet tiers (DESIGN.md §7): real pods with the Helm chart
+//! installed, on
 //!
 //! - **node** (tier 4): a real single-node Kubernetes 1.20.2 from `../shared/node`, with
 //!   images built here by buildah. `sudo e2e/node/up.sh DIR` starts it, builds and loads
 //!   the images and installs the chart; then
-//!   `PORTCULLIS_E2E=node PORTCULLIS_E2E_TAG=$(cat DIR/tag) cargo test -p portcullis-e2e --test cluster_scenarios -- --test-threads=1`
+//!   `PORTCULLIS_E2E=node PORTCULLIS_E2E_TAG=$(cat DIR/tag) cargo test --workspace --test cluster_scenarios -- --test-threads=3`
 //!   (`scripts/test` does all of this when run as root in CI);
-//! - **kind** (tier 5): `e2e/kind/run.sh` creates a kind cluster (Kubernetes 1.31), loads
-//!   the images and runs the suite with `PORTCULLIS_E2E=kind`.
+//! - **kind** (tier 5): `e2e/kind/run.sh` creates a kind cluster (Kubernetes 1.31), builds
+//!   and loads the images and runs the suite with `PORTCULLIS_E2E=kind`.
 //!
 //! Every test returns early, printing why, unless `PORTCULLIS_E2E` names one of them.
-//! Clients run `sh` + curl in Jobs (or a Pod) whose logs the tests read; the app echoes
-//! the request headers the proxy adds (node: `pod-app serve`, JSON; kind:
-//! `traefik/whoami`, text).
+//!
+//! Two parts: the suite every cluster tier runs (`portcullis_e2e::scenarios`, here
+//! through [`Kubelet`], with requests sent by `pod-app request` through `kubectl exec`),
+//! then the scenarios only a kubelet can show (probes, Jobs, rotation under load, an app's
+//! first millisecond, Service names), whose clients run `sh` + curl in Jobs (or a Pod)
+//! whose logs the tests read; the app echoes the request headers the proxy adds as JSON.
 //!
 //! The cluster admin of a kind (kubeadm ≥ 1.29) kubeconfig is in group
 //! `kubeadm:cluster-admins`, not `system:masters`, and the validating webhook exempts
@@ -22,6 +25,128 @@
 mod cluster;
 
 use cluster::*;
+use portcullis_e2e::scenarios;
+
+/// The kubelet tiers as the shared suite sees them.
+struct Kubelet {
+    client: Client,
+}
+
+impl scenarios::Cluster for Kubelet {
+    type Pod = Pod;
+
+    fn client(&self) -> Result<Client> {
+        Ok(self.client.clone())
+    }
+
+    fn image(&self) -> String {
+        tools_image()
+    }
+
+    async fn start_pod(&self, namespace: &str, pod: Value) -> Result<Pod> {
+        let pod: Pod = serde_json::from_value(pod)?;
+        let name = pod.name_any();
+        Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating pod {namespace}/{name}"))?;
+        pod_ready(&self.client, namespace, &name).await
+    }
+
+    fn ip(&self, pod: &Pod) -> String {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default()
+    }
+
+    async fn pod_app_request(&self, pod: &Pod, args: &[String]) -> Result<Value> {
+        let namespace = pod.namespace().unwrap_or_default();
+        let output = tokio::process::Command::new("kubectl")
+            .args(["exec", "-n", &namespace, &pod.name_any(), "-c", "app", "--"])
+            .args(["pod-app", "request"])
+            .args(args)
+            .output()
+            .await
+            .context("running kubectl exec")?;
+        serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "pod-app printed no JSON in {namespace}/{}: {}",
+                pod.name_any(),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    fn trust_bundle(&self, _pod: &Pod) -> String {
+        "/etc/portcullis/ca-bundle.crt".into()
+    }
+
+    fn outbound_args(&self) -> Vec<String> {
+        // The chart's values on these tiers set proxy.redirectOutbound: the init step
+        // sends the app's outbound connections to its proxy.
+        Vec::new()
+    }
+
+    async fn proxy_output(&self, pod: &Pod) -> Result<String> {
+        Ok(
+            Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default())
+                .logs(
+                    &pod.name_any(),
+                    &LogParams {
+                        container: Some("portcullis-proxy".into()),
+                        ..LogParams::default()
+                    },
+                )
+                .await?,
+        )
+    }
+
+    async fn operator_outputs(&self) -> Result<Vec<String>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &release_namespace());
+        let mut outputs = Vec::new();
+        for pod in operator_pods(&self.client).await? {
+            outputs.push(pods.logs(&pod.name_any(), &LogParams::default()).await?);
+        }
+        Ok(outputs)
+    }
+
+    async fn kubectl(&self, user: Option<&str>, args: &[&str]) -> Result<std::process::Output> {
+        let identity: Vec<&str> = match user {
+            Some(user) => vec!["--as", user],
+            None => vec!["--as", E2E_USER, "--as-group", E2E_GROUPS[0]],
+        };
+        tokio::process::Command::new("kubectl")
+            .args(identity)
+            .args(args)
+            .output()
+            .await
+            .context("running kubectl (KUBECONFIG from the environment)")
+    }
+}
+
+/// One `#[tokio::test]` per scenario of the shared suite.
+macro_rules! shared_scenarios {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test]
+        async fn $name() -> Result<()> {
+            let Some((client, _)) = fixture().await? else {
+                return Ok(());
+            };
+            scenarios::$name(&Kubelet { client }).await
+        }
+    )*};
+}
+
+shared_scenarios!(
+    injected_pod_gets_a_certificate_and_is_reached_only_through_the_proxy,
+    rate_limit_and_ip_allowlist_are_enforced_per_key,
+    revoked_key_is_refused_within_a_second_of_kubectl_patch,
+    mtls_between_injected_pods_carries_the_spiffe_principal,
+    audit_records_every_request_and_the_chain_verifies,
+    opt_out_annotation_is_respected,
+    webhook_refuses_an_over_scoped_key_with_the_kubectl_message,
+);
 // ---------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------
@@ -126,347 +251,6 @@ curl -sk -o /dev/null --max-time 5 --tlsv1.2 --tls-max 1.2 {url}/; echo "tls12-e
 }
 
 #[tokio::test]
-async fn client_reaches_the_app_only_through_the_proxy() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let token = identify_key(&client, fx, "reach").await?;
-    let script = format!(
-        r#"{UNTIL}
-until_code with-key 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
-echo '--- body'; cat /tmp/body; echo; echo '---'
-echo "no-key=$(code_of -X POST {url}/v1/identify)"
-echo "plain-http=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST http://echo.{ns}.svc:{port}/v1/identify)"
-"#,
-        url = fx.app_url(),
-        ns = fx.app_ns,
-        port = APP_PORT
-    );
-    let run = run_job(
-        &client,
-        fx.tier,
-        &fx.client_ns,
-        None,
-        &[("KEY", &token)],
-        &script,
-    )
-    .await?;
-    assert_eq!(run.value("with-key"), Some("200"), "{}", run.logs);
-    assert_eq!(run.value("no-key"), Some("401"), "{}", run.logs);
-    assert_ne!(
-        run.value("plain-http"),
-        Some("200"),
-        "plain HTTP reached the app:\n{}",
-        run.logs
-    );
-    // The app sees the proxy's identity headers, never the key.
-    assert!(
-        app_saw_header(&run.logs, "X-Portcullis-Principal", "key:ak_***"),
-        "{}",
-        run.logs
-    );
-    assert!(
-        app_saw_header(&run.logs, "X-Portcullis-Tenant", &fx.tenant),
-        "{}",
-        run.logs
-    );
-    assert!(!run.logs.contains(&token), "the key reached the app");
-    Ok(())
-}
-
-#[tokio::test]
-async fn api_keys_enforce_scope_rate_limit_and_ip_allowlist() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let id = suffix();
-    let scoped = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("scoped-{id}"),
-        json!({"role": "Developer", "scopes": ["identify"]}),
-    )
-    .await?;
-    let limited = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("limited-{id}"),
-        json!({"role": "Developer", "scopes": ["identify"], "rateLimit": {"requests": 3, "per": "1m"}}),
-    )
-    .await?;
-    let fenced = create_key(
-        &client,
-        &fx.app_ns,
-        &format!("fenced-{id}"),
-        json!({"role": "Developer", "scopes": ["identify"], "ipAllowlist": ["203.0.113.0/24"]}),
-    )
-    .await?;
-    let script = format!(
-        r#"{UNTIL}
-until_code scoped 200 -X POST -H "Authorization: Bearer $SCOPED" {url}/v1/identify
-echo "wrong-scope=$(code_of -H "Authorization: Bearer $SCOPED" {url}/v1/events/1)"
-echo "wrong-scope-body=$(cat /tmp/body)"
-until_code limited-first 200 -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify
-codes=""
-for i in 1 2 3 4 5; do codes="$codes $(code_of -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify)"; done
-echo "limited=$codes"
-echo "retry-after=$(curl -sk -o /dev/null -D - --max-time 5 -X POST -H "Authorization: Bearer $LIMITED" {url}/v1/identify | grep -i '^retry-after:' | tr -d '\r')"
-until_code fenced 403 -X POST -H "Authorization: Bearer $FENCED" {url}/v1/identify
-echo "fenced-body=$(cat /tmp/body)"
-"#,
-        url = fx.app_url()
-    );
-    let env = [
-        ("SCOPED", scoped.as_str()),
-        ("LIMITED", limited.as_str()),
-        ("FENCED", fenced.as_str()),
-    ];
-    let run = run_job(&client, fx.tier, &fx.client_ns, None, &env, &script).await?;
-    assert_eq!(run.value("scoped"), Some("200"), "{}", run.logs);
-    assert_eq!(run.value("wrong-scope"), Some("403"), "{}", run.logs);
-    let body: Value = serde_json::from_str(run.value("wrong-scope-body").unwrap_or_default())
-        .with_context(|| format!("denials are JSON:\n{}", run.logs))?;
-    assert!(
-        body.get("error").is_some() && body.get("reason").is_some(),
-        "{body}"
-    );
-    assert_eq!(run.value("limited-first"), Some("200"), "{}", run.logs);
-    assert!(
-        run.value("limited").is_some_and(|c| c.contains("429")),
-        "never rate limited:\n{}",
-        run.logs
-    );
-    assert!(
-        run.value("retry-after").is_some_and(|h| !h.is_empty()),
-        "429 without Retry-After:\n{}",
-        run.logs
-    );
-    assert_eq!(run.value("fenced"), Some("403"), "{}", run.logs);
-    Ok(())
-}
-
-#[tokio::test]
-async fn revoked_key_is_refused_within_one_second() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let name = format!("revoke-{}", suffix());
-    let token = create_key(
-        &client,
-        &fx.app_ns,
-        &name,
-        json!({"role": "Developer", "scopes": ["identify"]}),
-    )
-    .await?;
-    let hammer = start_hammer(&client, fx, &token).await?;
-    let result = async {
-        wait_for("the key works (10 successes in a row)", Duration::from_secs(120), || async {
-            let lines = hammer_lines(&client, &fx.client_ns, &hammer).await.unwrap_or_default();
-            let streak = lines.iter().rev().take_while(|(_, code)| code == "200").count();
-            Ok((streak >= 10).then_some(()))
-        })
-        .await?;
-
-        // What `kubectl patch apikey <name> --type merge -p '{"spec":{"revoked":true}}'` sends.
-        let revoked_at = jiff::Timestamp::now();
-        Api::<ApiKey>::namespaced(client.clone(), &fx.app_ns)
-            .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"revoked": true}})))
-            .await?;
-
-        let first_refusal = wait_for("a refusal after the patch", Duration::from_secs(15), || async {
-            let lines = hammer_lines(&client, &fx.client_ns, &hammer).await?;
-            Ok(lines
-                .into_iter()
-                .find(|(time, code)| *time >= revoked_at && (code == "401" || code == "403"))
-                .map(|(time, _)| time))
-        })
-        .await?;
-        let delay = first_refusal.duration_since(revoked_at);
-        let delay = Duration::from_secs_f64(delay.as_secs_f64().max(0.0));
-        eprintln!("revocation took effect {delay:?} after the patch");
-        ensure!(
-            delay <= REVOCATION_BUDGET + REVOCATION_SLACK,
-            "the revoked key was still accepted {delay:?} after the patch (budget {REVOCATION_BUDGET:?})"
-        );
-        // And it stays refused.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let lines = hammer_lines(&client, &fx.client_ns, &hammer).await?;
-        let late_success = lines
-            .iter()
-            .any(|(time, code)| *time > first_refusal && code == "200");
-        ensure!(!late_success, "a request succeeded after the key was refused");
-        Ok(())
-    }
-    .await;
-    let _ = Api::<Pod>::namespaced(client.clone(), &fx.client_ns)
-        .delete(&hammer, &DeleteParams::default())
-        .await;
-    result
-}
-
-#[tokio::test]
-async fn mtls_between_injected_pods_carries_the_spiffe_principal() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "client"}}))?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &fx.app_ns);
-    if accounts.get_opt("client").await?.is_none() {
-        accounts.create(&PostParams::default(), &account).await?;
-    }
-    // The client is injected too (same namespace): its plain-HTTP call leaves through its
-    // proxy's outbound port, which originates mTLS with the pod's certificate (the kind
-    // values set proxy.redirectOutbound=true). No API key anywhere.
-    let script = format!(
-        r#"for i in $(seq 1 60); do
-  out=$(curl -s --max-time 5 -X POST http://echo.{ns}.svc:{port}/v1/identify)
-  echo "$out" | grep -qi 'X-Portcullis-Principal' && break
-  sleep 1
-done
-echo "$out""#,
-        ns = fx.app_ns,
-        port = APP_PORT
-    );
-    let run = run_job(&client, fx.tier, &fx.app_ns, Some("client"), &[], &script).await?;
-    assert!(run.succeeded, "{}", run.logs);
-    let id = fx.spiffe_id("client");
-    assert!(
-        app_saw_header(&run.logs, "X-Portcullis-Principal", &format!("spiffe:{id}"))
-            || app_saw_header(&run.logs, "X-Portcullis-Principal", &id),
-        "the app did not see the client's SPIFFE identity:\n{}",
-        run.logs
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn audit_records_every_request_without_the_key() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let token = identify_key(&client, fx, "audited").await?;
-    let script = format!(
-        r#"{UNTIL}
-until_code allowed 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
-echo "denied=$(code_of -H "Authorization: Bearer $KEY" {url}/v1/events/7)"
-"#,
-        url = fx.app_url()
-    );
-    let run = run_job(
-        &client,
-        fx.tier,
-        &fx.client_ns,
-        None,
-        &[("KEY", &token)],
-        &script,
-    )
-    .await?;
-    assert_eq!(run.value("allowed"), Some("200"), "{}", run.logs);
-    let masked = format!("ak_***{}", &token[token.len().saturating_sub(3)..]);
-    let logs = wait_for(
-        "audit records in the proxy's log",
-        Duration::from_secs(30),
-        || async {
-            let logs = Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
-                .logs(
-                    "echo",
-                    &LogParams {
-                        container: Some("portcullis-proxy".into()),
-                        ..LogParams::default()
-                    },
-                )
-                .await?;
-            let has = |action: &str, status: &str| {
-                logs.lines()
-                    .any(|l| l.contains(action) && l.contains(&masked) && l.contains(status))
-            };
-            Ok((has("api.identify", "200") && has("api.events", "403")).then_some(logs))
-        },
-    )
-    .await?;
-    assert!(!logs.contains(&token), "the proxy logged a plaintext key");
-    Ok(())
-}
-
-#[tokio::test]
-async fn opt_out_annotation_is_respected() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let name = format!("plain-{}", suffix());
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": {"portcullis.dev/inject": "disabled"}},
-        "spec": {"containers": [{
-            "name": "app", "image": fx.tier.app_image(), "imagePullPolicy": "IfNotPresent",
-            "args": fx.tier.app_args(APP_PORT)
-        }]}
-    }))?;
-    Api::<Pod>::namespaced(client.clone(), &fx.app_ns)
-        .create(&PostParams::default(), &pod)
-        .await?;
-    let pod = pod_ready(&client, &fx.app_ns, &name).await?;
-    assert!(!pod.annotations().contains_key("portcullis.dev/injected"));
-    let spec = pod.spec.clone().context("spec")?;
-    let names: Vec<String> = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .map(|c| c.name.clone())
-        .collect();
-    assert_eq!(names, ["app"], "an opted-out pod was injected");
-    // Plain HTTP reaches it directly: nothing redirects its port.
-    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
-    let script = format!(
-        "echo \"plain=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{ip}:{APP_PORT}/)\""
-    );
-    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[], &script).await?;
-    assert_eq!(run.value("plain"), Some("200"), "{}", run.logs);
-    Ok(())
-}
-
-#[tokio::test]
-async fn webhook_refuses_an_over_scoped_api_key_with_the_kubectl_message() -> Result<()> {
-    let Some((client, fx)) = fixture().await? else {
-        return Ok(());
-    };
-    let name = format!("greedy-{}", suffix());
-    let manifest = json!({
-        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
-        "metadata": {"name": name, "namespace": fx.app_ns},
-        "spec": {"role": "Viewer", "scopes": ["identify"]}
-    });
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("apikey.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&manifest)?)?;
-    let output = tokio::process::Command::new("kubectl")
-        .args(["apply", "-f"])
-        .arg(&file)
-        .args(["--as", E2E_USER, "--as-group", E2E_GROUPS[0]])
-        .output()
-        .await
-        .context("running kubectl (KUBECONFIG from the environment)")?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "kubectl applied an over-scoped ApiKey"
-    );
-    assert!(
-        stderr.contains(r#"admission webhook "validate.portcullis.dev" denied the request"#),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("identify"),
-        "the message should name the scope: {stderr}"
-    );
-    let created = Api::<ApiKey>::namespaced(client.clone(), &fx.app_ns)
-        .get_opt(&name)
-        .await?;
-    assert!(created.is_none(), "the refused ApiKey exists");
-    Ok(())
-}
-
-#[tokio::test]
 async fn app_probes_reach_the_app_and_tell_the_truth_and_check_names_the_unready_pod() -> Result<()>
 {
     let Some((client, fx)) = fixture().await? else {
@@ -524,16 +308,23 @@ async fn app_probes_reach_the_app_and_tell_the_truth_and_check_names_the_unready
             Duration::from_secs(240),
             || async {
                 let (passed, report) = portcullis_check().await?;
+                // Stuck, by check's own rule: its age reads in minutes (2m and up), and
+                // the Injected pods check fails.
                 let line = report
                     .lines()
                     .map(str::trim)
                     .find(|l| {
                         l.strip_prefix(pod_line.as_str())
-                            .is_some_and(|rest| rest.starts_with([' ', ':']))
+                            .and_then(|rest| rest.strip_prefix(" ("))
+                            .and_then(|rest| rest.split_once(')'))
+                            .is_some_and(|(age, _)| age.ends_with('m'))
                     })
                     .map(str::to_owned);
+                let section_fails = report
+                    .lines()
+                    .any(|l| l.trim_start().starts_with("✗ Injected pods"));
                 last_report.replace(report);
-                Ok(line.filter(|_| !passed))
+                Ok(line.filter(|_| !passed && section_fails))
             },
         )
         .await;

@@ -7,6 +7,11 @@
 //!   `--via HOST:PORT` sends it through an HTTP proxy (absolute-form request), as an app
 //!   uses its sidecar's outbound port; `--skip-hostname-check` verifies the server's
 //!   chain but not its name, for workload certificates that carry only SPIFFE IDs.
+//!   `--until-status 401,403` repeats the request every `--every-ms` until one of those
+//!   statuses comes back (for at most `--for-seconds`); the answer then also holds
+//!   `at_ms` (Unix milliseconds, taken in the pod when that answer arrived) and
+//!   `before` (the statuses or errors seen first), so a test can time a change from
+//!   inside the cluster.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -33,25 +38,34 @@ enum Command {
         port: u16,
     },
     /// Send one request and print the response as JSON.
-    Request {
-        url: String,
-        #[arg(short = 'X', long, default_value = "GET")]
-        method: String,
-        #[arg(short = 'H', long = "header")]
-        headers: Vec<String>,
-        #[arg(long)]
-        cacert: Option<PathBuf>,
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        #[arg(long)]
-        key: Option<PathBuf>,
-        #[arg(long)]
-        via: Option<String>,
-        #[arg(long)]
-        skip_hostname_check: bool,
-        #[arg(long, default_value = "5")]
-        timeout_seconds: u64,
-    },
+    Request(Box<RequestArgs>),
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    url: String,
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    via: Option<String>,
+    #[arg(long)]
+    skip_hostname_check: bool,
+    #[arg(long, default_value = "5")]
+    timeout_seconds: u64,
+    #[arg(long, value_delimiter = ',')]
+    until_status: Vec<u16>,
+    #[arg(long, default_value = "50")]
+    every_ms: u64,
+    #[arg(long, default_value = "10")]
+    for_seconds: u64,
 }
 
 #[tokio::main]
@@ -75,42 +89,68 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
             Ok(())
         }
-        Command::Request {
-            url,
-            method,
-            headers,
-            cacert,
-            cert,
-            key,
-            via,
-            skip_hostname_check,
-            timeout_seconds,
-        } => {
+        Command::Request(args) => {
+            let RequestArgs {
+                url,
+                method,
+                headers,
+                cacert,
+                cert,
+                key,
+                via,
+                skip_hostname_check,
+                timeout_seconds,
+                until_status,
+                every_ms,
+                for_seconds,
+            } = *args;
             let tls = Tls {
                 cacert,
                 cert,
                 key,
                 skip_hostname_check,
             };
-            let outcome = tokio::time::timeout(
-                Duration::from_secs(timeout_seconds),
-                request(&url, &method, &headers, &tls, via.as_deref()),
-            )
-            .await;
-            match outcome {
-                Ok(Ok(json)) => {
-                    println!("{json}");
-                    Ok(())
+            let once = || async {
+                let outcome = tokio::time::timeout(
+                    Duration::from_secs(timeout_seconds),
+                    request(&url, &method, &headers, &tls, via.as_deref()),
+                )
+                .await;
+                match outcome {
+                    Ok(Ok(json)) => json,
+                    Ok(Err(e)) => serde_json::json!({"error": format!("{e:#}")}),
+                    Err(_) => serde_json::json!({"error": "timed out"}),
                 }
-                Ok(Err(e)) => {
-                    println!("{}", serde_json::json!({"error": format!("{e:#}")}));
-                    std::process::exit(2)
+            };
+            let mut answer = once().await;
+            if !until_status.is_empty() {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(for_seconds);
+                let mut before = Vec::new();
+                let wanted = |a: &serde_json::Value| {
+                    a["status"]
+                        .as_u64()
+                        .is_some_and(|s| until_status.iter().any(|w| u64::from(*w) == s))
+                };
+                while !wanted(&answer) && tokio::time::Instant::now() < deadline {
+                    let seen = answer
+                        .get("status")
+                        .or_else(|| answer.get("error"))
+                        .cloned()
+                        .unwrap_or_default();
+                    if before.last() != Some(&seen) {
+                        before.push(seen);
+                    }
+                    tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                    answer = once().await;
                 }
-                Err(_) => {
-                    println!("{}", serde_json::json!({"error": "timed out"}));
-                    std::process::exit(2)
-                }
+                answer["at_ms"] = serde_json::json!(jiff::Timestamp::now().as_millisecond());
+                answer["before"] = serde_json::Value::Array(before);
             }
+            println!("{answer}");
+            if answer.get("error").is_some() {
+                std::process::exit(2)
+            }
+            Ok(())
         }
     }
 }

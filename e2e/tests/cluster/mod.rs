@@ -22,23 +22,19 @@ pub use serde_json::{Value, json};
 pub use tokio::sync::OnceCell;
 
 pub const APP_PORT: u16 = 8080;
+/// The operator's Deployment and Lease.
+pub const OPERATOR: &str = "portcullis-operator";
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Impersonated identity for every write (see the module docs).
 pub const E2E_USER: &str = "portcullis-e2e";
 pub const E2E_GROUPS: [&str; 2] = ["system:masters", "system:authenticated"];
 
-/// Revocation must reach the proxy within this (DESIGN.md §3)...
-pub const REVOCATION_BUDGET: Duration = Duration::from_secs(1);
-/// ...measured from the client's log lines, one request every 100 ms, so allow one
-/// request interval plus the request itself on top.
-pub const REVOCATION_SLACK: Duration = Duration::from_millis(250);
-
 /// The cluster tier the suite runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
-    /// `../shared/node`: Kubernetes 1.20, images built here.
+    /// `../shared/node`: Kubernetes 1.20, images built here with buildah.
     Node,
-    /// A kind cluster: Kubernetes 1.31, public test images.
+    /// A kind cluster: Kubernetes 1.31, images built with docker (e2e/kind/run.sh).
     Kind,
 }
 
@@ -51,27 +47,19 @@ impl Tier {
         }
     }
 
-    /// The image that serves the echo app and runs the curl clients.
+    /// The image that serves the echo app (`pod-app serve`) and runs the clients
+    /// (`pod-app request`, curl): built from this checkout on every tier.
     pub fn app_image(self) -> String {
-        match self {
-            Self::Node => tools_image(),
-            Self::Kind => "traefik/whoami:v1.10.3".into(),
-        }
+        tools_image()
     }
 
     pub fn client_image(self) -> String {
-        match self {
-            Self::Node => tools_image(),
-            Self::Kind => "curlimages/curl:8.11.1".into(),
-        }
+        tools_image()
     }
 
     /// Arguments that make the app image serve the echo app on `port`.
     pub fn app_args(self, port: u16) -> Vec<String> {
-        match self {
-            Self::Node => vec!["serve".into(), "--port".into(), port.to_string()],
-            Self::Kind => vec!["--port".into(), port.to_string()],
-        }
+        vec!["serve".into(), "--port".into(), port.to_string()]
     }
 
     /// Native sidecars (init containers with `restartPolicy: Always`) need 1.29+.
@@ -80,7 +68,8 @@ impl Tier {
     }
 }
 
-/// The test-tool image e2e/node/up.sh built (tag from `PORTCULLIS_E2E_TAG`, as in DIR/tag).
+/// The test-tool image e2e/node/up.sh or e2e/kind/run.sh built (tag from
+/// `PORTCULLIS_E2E_TAG`, as in DIR/tag).
 pub fn tools_image() -> String {
     let tag = std::env::var("PORTCULLIS_E2E_TAG").unwrap_or_else(|_| "dev".into());
     format!("localhost/portcullis-e2e-tools:{tag}")
@@ -96,13 +85,6 @@ pub fn tier() -> Option<Tier> {
         );
     }
     tier
-}
-
-/// Whether the app's echo in `logs` shows request header `name` with `value`: whoami
-/// prints `Name: value` lines, pod-app a JSON object of lowercase names.
-pub fn app_saw_header(logs: &str, name: &str, value: &str) -> bool {
-    logs.contains(&format!("{name}: {value}"))
-        || logs.contains(&format!("\"{}\":\"{value}", name.to_ascii_lowercase()))
 }
 
 pub fn release_namespace() -> String {
@@ -567,4 +549,23 @@ pub async fn portcullis_check() -> Result<(bool, String)> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok((output.status.success(), text))
+}
+
+/// The operator Deployment's pods.
+pub async fn operator_pods(client: &Client) -> Result<Vec<Pod>> {
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &release_namespace())
+        .get(OPERATOR)
+        .await?;
+    let selector = deployment
+        .spec
+        .and_then(|s| s.selector.match_labels)
+        .context("the operator Deployment has no matchLabels")?
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(Api::<Pod>::namespaced(client.clone(), &release_namespace())
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
 }
