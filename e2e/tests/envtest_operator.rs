@@ -6,8 +6,8 @@
 //! object of the shared control plane. Every test skips (prints why, passes) when
 //! `KUBEBUILDER_ASSETS` is not set.
 
+use portcullis_e2e::wait::{eventually, unique};
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -91,31 +91,6 @@ async fn start_operator(h: &Harness, identity: &str) -> Result<RunningOperator> 
     })
     .await?;
     Ok(operator)
-}
-
-/// Polls `check` every 100 ms until it returns `Some`, failing after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let start = Instant::now();
-    let mut last_error = String::from("condition not met");
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = format!("{e:#}"),
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what} ({last_error})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
 async fn create_tenant(client: &Client, name: &str, namespaces: &[&str]) -> Result<Tenant> {

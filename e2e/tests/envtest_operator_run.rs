@@ -15,10 +15,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use portcullis_e2e::wait::eventually;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use bytes::Bytes;
@@ -49,27 +49,6 @@ use serde_json::{Value, json};
 
 const OPERATOR_NS: &str = "portcullis-system";
 const WAIT: Duration = Duration::from_secs(45);
-
-/// Polls `check` every 100 ms until it returns `Some`, failing after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let start = Instant::now();
-    let mut last_error = String::from("condition not met");
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = format!("{e:#}"),
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what} ({last_error})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// What the local-cluster tier sets too: loopback ports (0: any free one), the
 /// loopback address in every serving certificate, the webhooks called by URL, and the

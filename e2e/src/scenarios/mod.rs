@@ -10,7 +10,6 @@
 
 mod suite;
 
-use std::future::Future;
 use std::process::Output;
 use std::time::Duration;
 
@@ -68,14 +67,7 @@ pub trait Cluster {
     async fn kubectl(&self, user: Option<&str>, args: &[&str]) -> Result<Output>;
 }
 
-/// Calls `check` every 200 ms until it returns `Some`, or fails naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    crate::wait::until(what, limit, Duration::from_millis(200), check).await
-}
+pub use crate::wait::eventually;
 
 /// A tenant owning one fresh namespace with the injected echo app `server` (service
 /// account `server`) and a plain client pod (not injected, trust bundle mounted).

@@ -102,9 +102,7 @@ pub async fn client() -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-pub fn suffix() -> String {
-    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
+pub use portcullis_e2e::wait::suffix;
 
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> Result<T>
 where
@@ -327,29 +325,7 @@ pub async fn create_key(
     name: &str,
     spec: Value,
 ) -> Result<String> {
-    let key: ApiKey = serde_json::from_value(json!({
-        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiKey",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec
-    }))?;
-    Api::<ApiKey>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &key)
-        .await
-        .with_context(|| format!("creating ApiKey {name}"))?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret_name = format!("{name}-key");
-    wait_for(
-        &format!("Secret {secret_name}"),
-        Duration::from_secs(60),
-        || async {
-            let secret = secrets.get_opt(&secret_name).await?;
-            Ok(secret
-                .and_then(|s| s.data)
-                .and_then(|d| d.get("token").cloned())
-                .map(|t| String::from_utf8_lossy(&t.0).into_owned()))
-        },
-    )
-    .await
+    portcullis_e2e::scenarios::api_key(client, namespace, name, spec).await
 }
 
 // ---------------------------------------------------------------------------------
