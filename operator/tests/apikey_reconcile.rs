@@ -11,7 +11,7 @@ use fixtures::{ApiServerVerifier, NS, Seen, api_key, testing_context, with_statu
 use http::StatusCode;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use portcullis_crds::{ApiKey, ApiKeyStatus, ApiToken, KeyState};
-use portcullis_operator::controller::apikey;
+use portcullis_operator::controller::{apikey, frame};
 use portcullis_operator::error::Error;
 use serde_json::{Value, json};
 
@@ -276,7 +276,7 @@ async fn scope_not_in_role_is_reported_and_counted() {
     );
 
     // The error policy counts it under the variant name and backs off.
-    let action = apikey::error_policy(Arc::new(key), &error, ctx.clone());
+    let action = frame::error_policy(Arc::new(key), &error, ctx.clone());
     assert!(format!("{action:?}").contains("1s"), "{action:?}");
     let metrics = ctx.metrics.encode();
     assert!(

@@ -20,6 +20,7 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
+use super::frame;
 use super::key_lifecycle::{
     DELIVERED_ANNOTATION, IssueReason, IssuedToken, Observed, PLAINTEXT_REMOVED_ANNOTATION,
     SECRET_KEY_ID_ANNOTATION, SECRET_LABEL, SecretObservation, Verdict, expiry, judge, next_status,
@@ -28,29 +29,13 @@ use super::key_lifecycle::{
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::metrics::Kind;
 
 /// Reconciles one ApiKey.
 pub async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile(Kind::ApiKey);
-    let action = KeyReconciler::new(&key, &ctx)?.reconcile().await;
-    if action.is_ok() {
-        ctx.succeeded(&object_key(&key)).await;
-    }
-    action
-}
-
-/// Counts the failure and backs off.
-pub fn error_policy(key: Arc<ApiKey>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.error_policy(Kind::ApiKey, &object_key(&key), error)
-}
-
-fn object_key(key: &ApiKey) -> String {
-    format!(
-        "ApiKey/{}/{}",
-        key.namespace().unwrap_or_default(),
-        key.name_any()
-    )
+    frame::reconcile(key, ctx, |key, ctx| async move {
+        KeyReconciler::new(&key, &ctx)?.reconcile().await
+    })
+    .await
 }
 
 /// The business logic for one ApiKey, with what it needs at hand.
@@ -265,22 +250,7 @@ impl<'a> KeyReconciler<'a> {
 
     /// Writes the full status with server-side apply, unless nothing changed.
     async fn apply_status(&self, status: &ApiKeyStatus) -> Result<()> {
-        if self.key.status.as_ref() == Some(status) {
-            return Ok(());
-        }
-        let patch = serde_json::json!({
-            "apiVersion": "portcullis.dev/v1alpha1",
-            "kind": "ApiKey",
-            "status": status,
-        });
-        self.keys
-            .patch_status(
-                &self.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        Ok(())
+        frame::apply_status(&self.keys, &self.name, self.key.status.as_ref(), status).await
     }
 
     /// One Event per state change (issue, rotation, expiry, revocation, rejection).

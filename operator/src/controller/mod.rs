@@ -3,6 +3,7 @@
 //! reconciles in flight.
 
 pub mod apikey;
+pub mod frame;
 pub mod key_lifecycle;
 pub mod key_secrets;
 pub mod role;
@@ -163,7 +164,7 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(tenant::reconcile, tenant::error_policy, ctx)
+        .run(tenant::reconcile, frame::error_policy, ctx)
         .for_each(log_result)
         .await;
 }
@@ -217,7 +218,7 @@ async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(role::reconcile, role::error_policy, ctx)
+        .run(role::reconcile, frame::error_policy, ctx)
         .for_each(log_result)
         .await;
 }
@@ -281,7 +282,7 @@ async fn run_api_keys(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(apikey::reconcile, apikey::error_policy, ctx)
+        .run(apikey::reconcile, frame::error_policy, ctx)
         .for_each(log_result)
         .await;
 }

@@ -18,32 +18,17 @@ use portcullis_crds::{
     role::{self, EffectiveRole, InheritanceError, RoleSpec},
 };
 
+use super::frame;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::metrics::Kind;
 use crate::rbac;
 
 /// Reconciles one Role.
 pub async fn reconcile(role: Arc<Role>, ctx: Arc<Context>) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile(Kind::Role);
-    let result = RoleReconciler::new(&role, &ctx)?.reconcile().await;
-    if result.is_ok() {
-        ctx.succeeded(&object_key(&role)).await;
-    }
-    result
-}
-
-/// Counts the failure and backs off.
-pub fn error_policy(role: Arc<Role>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.error_policy(Kind::Role, &object_key(&role), error)
-}
-
-fn object_key(role: &Role) -> String {
-    format!(
-        "Role/{}/{}",
-        role.namespace().unwrap_or_default(),
-        role.name_any()
-    )
+    frame::reconcile(role, ctx, |role, ctx| async move {
+        RoleReconciler::new(&role, &ctx)?.reconcile().await
+    })
+    .await
 }
 
 /// An inheritance problem as the error (and condition reason) it becomes.
@@ -256,22 +241,8 @@ impl<'a> RoleReconciler<'a> {
     }
 
     async fn apply_status(&self, status: &RoleStatus) -> Result<()> {
-        if self.role.status.as_ref() == Some(status) {
-            return Ok(());
-        }
-        let patch = serde_json::json!({
-            "apiVersion": "portcullis.dev/v1alpha1",
-            "kind": "Role",
-            "status": status,
-        });
-        Api::<Role>::namespaced(self.ctx.client.clone(), &self.namespace)
-            .patch_status(
-                &self.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        Ok(())
+        let api = Api::<Role>::namespaced(self.ctx.client.clone(), &self.namespace);
+        frame::apply_status(&api, &self.name, self.role.status.as_ref(), status).await
     }
 
     /// An Event when the Ready reason or message changes.

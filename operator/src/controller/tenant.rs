@@ -31,13 +31,13 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
+use super::frame;
 use super::serving_certificates::{self, SERVING_CERTIFICATES};
 use super::unprotected::{self, ExposedPod, Exposure};
 use super::{tenant_dek, tenant_network, tenant_secrets};
 use crate::clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::metrics::Kind;
 
 /// Finalizer that removes namespace labels on deletion.
 pub const FINALIZER: &str = "portcullis.dev/tenant-cleanup";
@@ -47,32 +47,20 @@ pub const BUILTIN_LABEL: &str = "portcullis.dev/builtin";
 const PROTECTED_NAMESPACES: [&str; 4] =
     ["kube-system", "kube-public", "kube-node-lease", "default"];
 
-/// Reconciles one Tenant.
+/// Reconciles one Tenant (its finalizer releases the namespaces it labelled).
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile(Kind::Tenant);
-    let api: Api<Tenant> = Api::all(ctx.client.clone());
-    let key = object_key(&tenant);
-    let result = finalizer(&api, FINALIZER, tenant, |event| async {
-        match event {
-            Finalizer::Apply(t) => TenantReconciler::new(&t, &ctx)?.apply().await,
-            Finalizer::Cleanup(t) => TenantReconciler::new(&t, &ctx)?.cleanup().await,
-        }
+    frame::reconcile(tenant, ctx, |tenant, ctx| async move {
+        let api: Api<Tenant> = Api::all(ctx.client.clone());
+        finalizer(&api, FINALIZER, tenant, |event| async {
+            match event {
+                Finalizer::Apply(t) => TenantReconciler::new(&t, &ctx)?.apply().await,
+                Finalizer::Cleanup(t) => TenantReconciler::new(&t, &ctx)?.cleanup().await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    if result.is_ok() {
-        ctx.succeeded(&key).await;
-    }
-    result
-}
-
-/// Counts the failure and backs off.
-pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.error_policy(Kind::Tenant, &object_key(&tenant), error)
-}
-
-fn object_key(tenant: &Tenant) -> String {
-    format!("Tenant/{}", tenant.name_any())
 }
 
 /// Which namespaces to label, keep, release, and which cannot be had.
@@ -152,8 +140,8 @@ pub fn builtin_role_manifest(
 ) -> Option<serde_json::Value> {
     let spec = builtin_role(name)?;
     Some(serde_json::json!({
-        "apiVersion": "portcullis.dev/v1alpha1",
-        "kind": "Role",
+        "apiVersion": Role::api_version(&()),
+        "kind": Role::kind(&()),
         "metadata": {
             "name": role_object_name(name),
             "namespace": namespace,
@@ -661,22 +649,8 @@ impl<'a> TenantReconciler<'a> {
     }
 
     async fn apply_status(&self, status: &TenantStatus) -> Result<()> {
-        if self.tenant.status.as_ref() == Some(status) {
-            return Ok(());
-        }
         let api: Api<Tenant> = Api::all(self.ctx.client.clone());
-        let patch = serde_json::json!({
-            "apiVersion": "portcullis.dev/v1alpha1",
-            "kind": "Tenant",
-            "status": status,
-        });
-        api.patch_status(
-            &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        Ok(())
+        frame::apply_status(&api, &self.name, self.tenant.status.as_ref(), status).await
     }
 
     /// A Warning Event when the problem is new (not on every retry).
