@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use portcullis_crds::tenant::AuditSinkSpec;
-use portcullis_crds::{DurationSpec, RateLimit};
+use portcullis_crds::DurationSpec;
 use portcullis_operator::ca::CaSettings;
 use portcullis_operator::context::SecretsBinding;
 use portcullis_operator::run::{self, OperatorSettings, WebhookRunSettings};
@@ -183,25 +182,6 @@ struct RunArgs {
     #[arg(long, env = "PORTCULLIS_EXCLUDED_NAMESPACES", value_delimiter = ',', default_value = "kube-system,kube-public,kube-node-lease", value_parser = dns_label)]
     excluded_namespaces: Vec<String>,
 
-    /// Reserved, not used yet: Tenants carry their own key expiry (spec.defaults). Validated.
-    #[arg(long, env = "PORTCULLIS_DEFAULT_KEY_EXPIRY", default_value = "90d", value_parser = positive_duration)]
-    default_key_expiry: DurationSpec,
-    /// Reserved, not used yet: Tenants carry their own rate limit. Validated (JSON
-    /// {"requests":1000,"per":"1m","burst":100}).
-    #[arg(long, env = "PORTCULLIS_DEFAULT_RATE_LIMIT", value_parser = rate_limit)]
-    default_rate_limit: Option<RateLimit>,
-    /// Reserved, not used yet: Tenants carry their own audit sinks. Validated (JSON
-    /// list in the shape of Tenant spec.audit.sinks).
-    #[arg(long, env = "PORTCULLIS_DEFAULT_AUDIT_SINKS", value_parser = audit_sinks)]
-    default_audit_sinks: Option<AuditSinks>,
-    /// Reserved, not used yet: retention follows the Tenant (spec.audit.retentionDays,
-    /// else its classification). Validated (1-2555).
-    #[arg(long, env = "PORTCULLIS_DEFAULT_AUDIT_RETENTION_DAYS", default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=2555))]
-    default_audit_retention_days: u32,
-    /// Reserved, not used yet: Tenants carry their own DEK rotation (spec.encryption). Validated.
-    #[arg(long, env = "PORTCULLIS_DEK_ROTATION", default_value = "7d", value_parser = positive_duration)]
-    dek_rotation: DurationSpec,
-
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PORTCULLIS_LOG_JSON")]
     log_json: bool,
@@ -315,25 +295,6 @@ fn proxy_resources(value: &str) -> Result<ProxyResources, String> {
         cpu_limit: quantity(limits.cpu, defaults.cpu_limit)?,
         memory_limit: quantity(limits.memory, defaults.memory_limit)?,
     })
-}
-
-fn rate_limit(value: &str) -> Result<RateLimit, String> {
-    let limit: RateLimit = serde_json::from_str(value)
-        .map_err(|e| format!(r#"not {{"requests":1000,"per":"1m","burst":100}}: {e}"#))?;
-    if limit.requests == 0 {
-        return Err("requests must be at least 1".into());
-    }
-    Ok(limit)
-}
-
-/// A JSON list of audit sinks (one flag value, not one sink per occurrence).
-#[derive(Clone, Debug)]
-struct AuditSinks(#[allow(dead_code)] Vec<AuditSinkSpec>);
-
-fn audit_sinks(value: &str) -> Result<AuditSinks, String> {
-    serde_json::from_str(value)
-        .map(AuditSinks)
-        .map_err(|e| format!(r#"not a list of sinks such as [{{"stdout":{{}}}}]: {e}"#))
 }
 
 impl RunArgs {
@@ -675,30 +636,6 @@ mod tests {
     }
 
     #[test]
-    fn the_reserved_defaults_are_accepted_and_validated() {
-        let args = parse(&[
-            "--default-key-expiry",
-            "30d",
-            "--default-rate-limit",
-            r#"{"requests":10,"per":"1s","burst":5}"#,
-            "--default-audit-sinks",
-            r#"[{"stdout":{}}]"#,
-            "--default-audit-retention-days",
-            "2555",
-            "--dek-rotation",
-            "1d",
-        ])
-        .unwrap();
-        assert_eq!(args.default_key_expiry.get().as_secs(), 30 * 86_400);
-        assert_eq!(
-            args.default_rate_limit.as_ref().map(|r| r.requests),
-            Some(10)
-        );
-        assert!(args.default_audit_sinks.is_some());
-        assert!(args.settings().is_ok());
-    }
-
-    #[test]
     fn bad_values_name_the_flag() {
         for (flag, value) in [
             ("--trust-domain", "Bad Domain"),
@@ -712,9 +649,6 @@ mod tests {
             ("--proxy-image-pull-policy", "Sometimes"),
             ("--token-expiration-seconds", "60"),
             ("--key-hash-cost", "3"),
-            ("--default-audit-retention-days", "9000"),
-            ("--default-rate-limit", "{\"requests\": 0}"),
-            ("--default-audit-sinks", "{}"),
             ("--lease-duration", "fast"),
             ("--service-name", "Portcullis"),
             ("--identity-addr", "localhost"),

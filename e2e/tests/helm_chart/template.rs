@@ -680,12 +680,12 @@ fn schema_refuses_bad_values_naming_the_field() -> Result<()> {
             &["/webhook/failurePolicy", "one of 'Fail', 'Ignore'"],
         ),
         (
-            "audit.retentionDays=3000",
-            &["/audit/retentionDays", "maximum"],
+            "webhook.timeoutSeconds=31",
+            &["/webhook/timeoutSeconds", "maximum"],
         ),
         (
-            "apiKeys.defaultRateLimit.per=soon",
-            &["/apiKeys/defaultRateLimit/per", "does not match pattern"],
+            "apiKeys.rotationOverlap=soon",
+            &["/apiKeys/rotationOverlap", "does not match pattern"],
         ),
         (
             "networkPolicy.webhook.apiServerCIDRs={apiserver.example.com}",
