@@ -5,7 +5,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::scope::is_dns_label;
+use portcullis_api::WorkloadId;
+use portcullis_api::names::{is_dns_label, is_dns_subdomain};
 
 /// One peer admitted besides the tenant's own workloads: set exactly one field.
 /// Namespace and tenant entries match workloads of the callee's own trust domain only.
@@ -37,29 +38,10 @@ pub enum PeerMatch<'a> {
     Tenant(&'a str),
 }
 
-/// Whether `text` is a DNS subdomain name as Kubernetes object names use them (dot
-/// separated labels, 253 characters at most).
-pub fn is_dns_subdomain(text: &str) -> bool {
-    text.len() <= 253 && text.split('.').all(is_dns_label)
-}
-
 /// Whether `id` is a workload SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>` (a tenant URI
 /// `spiffe://<td>/tenant/<t>` is not: it names no workload).
 pub fn is_workload_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let Some((td, path)) = rest.split_once('/') else {
-        return false;
-    };
-    let td_ok = !td.is_empty()
-        && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    matches!(path.split('/').collect::<Vec<_>>().as_slice(),
-        ["ns", ns, "sa", sa] if is_dns_label(ns) && is_dns_subdomain(sa))
-        && td_ok
+    id.parse::<WorkloadId>().is_ok()
 }
 
 impl AllowedPeer {

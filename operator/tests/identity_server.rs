@@ -10,12 +10,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use jiff::Timestamp;
+use portcullis_api::clock::SystemClock;
+use portcullis_api::spiffe::TrustDomain;
 use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator,
 };
 use portcullis_operator::serve::ConnectionLimits;
-use portcullis_sidecar::identity::{SystemClock, TrustDomain};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};

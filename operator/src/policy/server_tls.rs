@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use portcullis_sidecar::identity::{SpiffeId, TrustDomain};
+use portcullis_api::spiffe::{SpiffeId, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};

@@ -19,9 +19,9 @@ use tokio::sync::watch;
 
 use super::IdentityError;
 use super::csr::WorkloadKey;
-use super::protocol::IssueResponse;
-use super::spiffe::{TenantId, WorkloadId};
 use super::tls::{self, PeerServerVerifier};
+use portcullis_api::identity::IssueResponse;
+use portcullis_api::spiffe::{TenantId, WorkloadId};
 
 /// Everything one certificate generation consists of.
 pub struct Credentials {

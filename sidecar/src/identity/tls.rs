@@ -23,8 +23,8 @@ use rustls::{
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::IdentityError;
-use super::spiffe::{SpiffeId, TenantId, TrustDomain, WorkloadId};
 use super::store::CertificateStore;
+use portcullis_api::spiffe::{SpiffeId, TenantId, TrustDomain, WorkloadId};
 
 /// The one crypto provider of the workspace (ring).
 pub fn provider() -> Arc<CryptoProvider> {

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use portcullis_api::clock::SystemClock;
+use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
 use portcullis_sidecar::identity::{
-    Credentials, IDENTITY_AUDIENCE, IdentityClient, IdentityEndpoint, IdentityError,
-    IssueCertificate, RefusalReason, SystemClock, WorkloadKey,
+    Credentials, IdentityClient, IdentityEndpoint, IdentityError, IssueCertificate, WorkloadKey,
 };
 use prometheus_client::registry::Registry;
 use rustls::pki_types::ServerName;
