@@ -112,23 +112,13 @@ impl AllowedPeer {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RevokedCertificate {
-    /// The certificate's serial number, lowercase hex without leading zero bytes.
+    /// The certificate's serial number, lowercase hex without leading zero bytes
+    /// (`portcullis_tls::serial_hex`).
     pub serial: String,
     /// The certificate's workload SPIFFE ID (for the refusal message and audit).
     pub spiffe_id: String,
     /// When the certificate expires; after this it is dropped from the list.
     pub not_after: jiff::Timestamp,
-}
-
-/// A certificate serial as [`RevokedCertificate::serial`] writes it: lowercase hex of
-/// the DER integer's bytes without leading zero bytes.
-pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
-    let mut text = String::with_capacity((raw.len() - start) * 2);
-    for byte in &raw[start..] {
-        text.push_str(&format!("{byte:02x}"));
-    }
-    text
 }
 
 #[cfg(test)]
@@ -171,11 +161,5 @@ mod tests {
         let errors = spec.validate().unwrap_err();
         assert!(errors.mentions("spec.allowedPeers[1]"), "{errors}");
         assert!(!errors.mentions("spec.allowedPeers[0]"), "{errors}");
-    }
-
-    #[test]
-    fn serials_are_hex_without_leading_zeros() {
-        assert_eq!(serial_hex(&[0x00, 0x8a, 0x01]), "8a01");
-        assert_eq!(serial_hex(&[0x7f]), "7f");
     }
 }

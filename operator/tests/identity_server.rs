@@ -50,7 +50,7 @@ async fn start(limits: ConnectionLimits) -> Server {
         roots.add(cert.unwrap()).unwrap();
     }
     let client = Arc::new(
-        ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+        ClientConfig::builder_with_provider(portcullis_tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_root_certificates(roots)

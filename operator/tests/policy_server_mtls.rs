@@ -93,11 +93,10 @@ fn client_config(
     ca: &CertificateAuthority,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let builder =
-        ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots(ca));
+    let builder = ClientConfig::builder_with_provider(portcullis_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(ca));
     Arc::new(match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
         None => builder.with_no_client_auth(),

@@ -110,7 +110,7 @@ fn client_config(
     roots
         .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
-    let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+    let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)

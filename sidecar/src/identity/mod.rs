@@ -92,3 +92,11 @@ pub enum IdentityError {
     #[error("identity configuration: {0}")]
     Config(String),
 }
+
+impl From<portcullis_tls::InvalidCertificate> for IdentityError {
+    // A certificate the proxy cannot use came from the identity service (or the
+    // bootstrap bundle): report it as an unusable answer, as before the split.
+    fn from(e: portcullis_tls::InvalidCertificate) -> Self {
+        Self::InvalidResponse(e.0)
+    }
+}

@@ -101,7 +101,7 @@ pub(super) fn verify_client_chain(
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
-        portcullis_sidecar::identity::tls::provider(),
+        portcullis_tls::provider(),
     )
     .build()
     .unwrap();
