@@ -20,12 +20,11 @@ use crate::cluster::Cluster;
 use crate::error::CliError;
 use crate::output::{render_fields, short_duration, timestamp, write_structured};
 
-/// Pod annotation the injector sets (its version).
-pub const INJECTED_ANNOTATION: &str = "portcullis.dev/injected";
-/// Name of the injected proxy container (or native-sidecar init container).
-pub const PROXY_CONTAINER: &str = "portcullis-proxy";
-/// Path of the certificate on the proxy's admin port.
-pub const IDENTITY_PATH: &str = "/identity";
+/// The injector's contract: its annotation, the proxy container, and the admin path of
+/// the certificate chain.
+pub use portcullis_api::injection::{
+    ADMIN_IDENTITY_PATH as IDENTITY_PATH, INJECTED_ANNOTATION, PROXY_CONTAINER,
+};
 /// Leaves this close to expiry are flagged: they should have been renewed (72 h period,
 /// 24 h grace).
 pub const LEAF_EXPIRY_WARNING: SignedDuration = SignedDuration::from_hours(12);

@@ -21,6 +21,18 @@ pub const POLICY_PORT: u16 = 8090;
 /// Operator webhook port.
 pub const WEBHOOK_PORT: u16 = 9443;
 
+/// The injected proxy container (a native-sidecar init container or a regular one).
+pub const PROXY_CONTAINER: &str = "portcullis-proxy";
+/// Pod annotation the injector sets to its version on every pod it injects.
+pub const INJECTED_ANNOTATION: &str = "portcullis.dev/injected";
+
+/// The proxy's liveness endpoint on the admin port.
+pub const ADMIN_LIVE_PATH: &str = "/live";
+/// The proxy's readiness endpoint on the admin port.
+pub const ADMIN_READY_PATH: &str = "/ready";
+/// The proxy's certificate chain (PEM) on the admin port.
+pub const ADMIN_IDENTITY_PATH: &str = "/identity";
+
 /// The uid the injected proxy runs as; the init step exempts its traffic from the
 /// redirect, so the two must agree.
 pub const PROXY_UID: u32 = 2102;

@@ -105,7 +105,7 @@ pub use sidecar::{
 };
 
 /// Pod annotation the injector sets to its version on every pod it injects.
-pub const INJECTED: &str = "portcullis.dev/injected";
+pub use portcullis_api::injection::INJECTED_ANNOTATION as INJECTED;
 
 /// What the namespace's Tenant sets for the pods it injects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

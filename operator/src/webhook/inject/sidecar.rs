@@ -11,14 +11,16 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use portcullis_api::identity::IDENTITY_AUDIENCE;
-use portcullis_api::injection::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+use portcullis_api::injection::{
+    ADMIN_LIVE_PATH, ADMIN_READY_PATH, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+};
 
 use portcullis_api::injection::env::{self as vars, DEFAULT_TRUST_DOMAIN};
 
 use super::{InjectSettings, PodPlan};
 
 /// The injected proxy container.
-pub const PROXY_CONTAINER: &str = "portcullis-proxy";
+pub use portcullis_api::injection::PROXY_CONTAINER;
 /// The injected init container.
 pub const INIT_CONTAINER: &str = "portcullis-init";
 /// Volume with the projected identity token.
@@ -250,13 +252,13 @@ pub(super) fn proxy_container(
             )
             .collect(),
         ),
-        readiness_probe: Some(http_probe("/ready", 5, 3)),
-        liveness_probe: Some(http_probe("/live", 10, 3)),
+        readiness_probe: Some(http_probe(ADMIN_READY_PATH, 5, 3)),
+        liveness_probe: Some(http_probe(ADMIN_LIVE_PATH, 10, 3)),
         ..Container::default()
     };
     if native {
         container.restart_policy = Some("Always".into());
-        container.startup_probe = Some(http_probe("/ready", 1, READY_WAIT_SECONDS));
+        container.startup_probe = Some(http_probe(ADMIN_READY_PATH, 1, READY_WAIT_SECONDS));
     } else {
         let wait = format!("{READY_WAIT_SECONDS}s");
         container.lifecycle = Some(Lifecycle {
