@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Empty};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{Api, ResourceExt};
+use portcullis_api::spiffe::{SpiffeIdError, TenantId, TrustDomain, WorkloadId};
 use portcullis_crds::tenant::TENANT_LABEL;
 use serde::Serialize;
 
@@ -19,12 +20,11 @@ use crate::cluster::Cluster;
 use crate::error::CliError;
 use crate::output::{render_fields, short_duration, timestamp, write_structured};
 
-/// Pod annotation the injector sets (its version).
-pub const INJECTED_ANNOTATION: &str = "portcullis.dev/injected";
-/// Name of the injected proxy container (or native-sidecar init container).
-pub const PROXY_CONTAINER: &str = "portcullis-proxy";
-/// Path of the certificate on the proxy's admin port.
-pub const IDENTITY_PATH: &str = "/identity";
+/// The injector's contract: its annotation, the proxy container, and the admin path of
+/// the certificate chain.
+pub use portcullis_api::injection::{
+    ADMIN_IDENTITY_PATH as IDENTITY_PATH, INJECTED_ANNOTATION, PROXY_CONTAINER,
+};
 /// Leaves this close to expiry are flagged: they should have been renewed (72 h period,
 /// 24 h grace).
 pub const LEAF_EXPIRY_WARNING: SignedDuration = SignedDuration::from_hours(12);
@@ -92,9 +92,19 @@ pub struct IdentityReport {
     pub findings: Vec<String>,
 }
 
-/// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+/// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, built by the type the proxy and the
+/// operator use, so the CLI cannot print an ID they would not issue.
+pub fn spiffe_id(
+    trust_domain: &str,
+    namespace: &str,
+    service_account: &str,
+) -> Result<WorkloadId, SpiffeIdError> {
+    WorkloadId::new(TrustDomain::new(trust_domain)?, namespace, service_account)
+}
+
+/// `spiffe://<trust-domain>/tenant/<tenant>`.
+pub fn tenant_id(trust_domain: &str, tenant: &str) -> Result<TenantId, SpiffeIdError> {
+    TenantId::new(TrustDomain::new(trust_domain)?, tenant)
 }
 
 /// The report from the pod alone (and its namespace's tenant label).
@@ -142,10 +152,26 @@ pub fn inspect_pod(pod: &Pod, trust_domain: &str, tenant: Option<&str>) -> Ident
             pod.name_any()
         ));
     }
+    // The API server only admits valid names and `inspect` checks the trust domain, so
+    // a failure here means a caller passed names no workload can have: say so.
+    let spiffe_id = match spiffe_id(trust_domain, &namespace, &service_account) {
+        Ok(id) => id.to_string(),
+        Err(e) => {
+            findings.push(format!("no SPIFFE ID: {e}"));
+            String::new()
+        }
+    };
+    let tenant_id = tenant.and_then(|t| match tenant_id(trust_domain, t) {
+        Ok(id) => Some(id.to_string()),
+        Err(e) => {
+            findings.push(format!("no tenant ID: {e}"));
+            None
+        }
+    });
     IdentityReport {
         pod: pod.name_any(),
-        spiffe_id: spiffe_id(trust_domain, &namespace, &service_account),
-        tenant_id: tenant.map(|t| format!("spiffe://{trust_domain}/tenant/{t}")),
+        spiffe_id,
+        tenant_id,
         namespace,
         service_account,
         injected: injector_version.is_some() && proxy_mode.is_some(),
@@ -317,7 +343,7 @@ pub async fn inspect(
     out: &mut dyn Write,
     _err: &mut dyn Write,
 ) -> Result<Outcome, CliError> {
-    if args.trust_domain.is_empty() || args.trust_domain.contains(['/', ':']) {
+    if TrustDomain::new(args.trust_domain.as_str()).is_err() {
         return Err(CliError::Certificate(format!(
             "--trust-domain {:?} is not a trust domain; write it like cluster.local",
             args.trust_domain

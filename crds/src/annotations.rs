@@ -1,4 +1,6 @@
-//! Labels and annotations that are part of the contract (DESIGN.md §4).
+//! Labels and annotations that are part of the contract (DESIGN.md §4). Ports and the
+//! identity audience are wire contracts: see `portcullis_api::injection` and
+//! `portcullis_api::identity`.
 
 /// Namespace label that opts a namespace into injection (`enabled`).
 pub const INJECT: &str = "portcullis.dev/inject";
@@ -23,19 +25,5 @@ pub const SKIP_INBOUND_PORTS: &str = "portcullis.dev/skip-inbound-ports";
 /// can select the pods that run the proxy.
 pub const INJECTED_LABEL: &str = "portcullis.dev/injected";
 
-/// Proxy inbound port.
-pub const PROXY_INBOUND_PORT: u16 = 4143;
-/// Proxy outbound port.
-pub const PROXY_OUTBOUND_PORT: u16 = 4140;
-/// Proxy admin port (`/live`, `/ready`, `/metrics`).
-pub const PROXY_ADMIN_PORT: u16 = 4191;
-/// Operator identity service port.
-pub const IDENTITY_PORT: u16 = 8443;
-/// Operator policy server port.
-pub const POLICY_PORT: u16 = 8090;
-/// Operator webhook port.
-pub const WEBHOOK_PORT: u16 = 9443;
-/// Audience of the projected ServiceAccount token sidecars present.
-pub const IDENTITY_AUDIENCE: &str = "portcullis.dev/identity";
 /// Field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "portcullis-operator";

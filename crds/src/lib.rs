@@ -10,13 +10,11 @@
 
 pub mod annotations;
 pub mod apikey;
-pub mod app_exit;
 pub mod cidr;
 pub mod conditions;
 pub mod duration;
 pub mod peers;
 pub mod policy;
-pub mod probes;
 pub mod role;
 pub mod scope;
 pub mod tenant;

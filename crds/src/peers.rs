@@ -5,7 +5,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::scope::is_dns_label;
+use portcullis_api::WorkloadId;
+use portcullis_api::names::{is_dns_label, is_dns_subdomain};
 
 /// One peer admitted besides the tenant's own workloads: set exactly one field.
 /// Namespace and tenant entries match workloads of the callee's own trust domain only.
@@ -37,29 +38,10 @@ pub enum PeerMatch<'a> {
     Tenant(&'a str),
 }
 
-/// Whether `text` is a DNS subdomain name as Kubernetes object names use them (dot
-/// separated labels, 253 characters at most).
-pub fn is_dns_subdomain(text: &str) -> bool {
-    text.len() <= 253 && text.split('.').all(is_dns_label)
-}
-
 /// Whether `id` is a workload SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>` (a tenant URI
 /// `spiffe://<td>/tenant/<t>` is not: it names no workload).
 pub fn is_workload_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let Some((td, path)) = rest.split_once('/') else {
-        return false;
-    };
-    let td_ok = !td.is_empty()
-        && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    matches!(path.split('/').collect::<Vec<_>>().as_slice(),
-        ["ns", ns, "sa", sa] if is_dns_label(ns) && is_dns_subdomain(sa))
-        && td_ok
+    id.parse::<WorkloadId>().is_ok()
 }
 
 impl AllowedPeer {
@@ -130,23 +112,13 @@ impl AllowedPeer {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RevokedCertificate {
-    /// The certificate's serial number, lowercase hex without leading zero bytes.
+    /// The certificate's serial number, lowercase hex without leading zero bytes
+    /// (`portcullis_tls::serial_hex`).
     pub serial: String,
     /// The certificate's workload SPIFFE ID (for the refusal message and audit).
     pub spiffe_id: String,
     /// When the certificate expires; after this it is dropped from the list.
     pub not_after: jiff::Timestamp,
-}
-
-/// A certificate serial as [`RevokedCertificate::serial`] writes it: lowercase hex of
-/// the DER integer's bytes without leading zero bytes.
-pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
-    let mut text = String::with_capacity((raw.len() - start) * 2);
-    for byte in &raw[start..] {
-        text.push_str(&format!("{byte:02x}"));
-    }
-    text
 }
 
 #[cfg(test)]
@@ -189,11 +161,5 @@ mod tests {
         let errors = spec.validate().unwrap_err();
         assert!(errors.mentions("spec.allowedPeers[1]"), "{errors}");
         assert!(!errors.mentions("spec.allowedPeers[0]"), "{errors}");
-    }
-
-    #[test]
-    fn serials_are_hex_without_leading_zeros() {
-        assert_eq!(serial_hex(&[0x00, 0x8a, 0x01]), "8a01");
-        assert_eq!(serial_hex(&[0x7f]), "7f");
     }
 }

@@ -268,7 +268,7 @@ impl RoleSpec {
             }
         }
         for (i, parent) in self.inherits.iter().enumerate() {
-            if !crate::scope::is_dns_label(&role_object_name(parent)) {
+            if !portcullis_api::names::is_dns_label(&role_object_name(parent)) {
                 errors.push(
                     format!("spec.inherits[{i}]"),
                     format!("{parent:?} is not a role name"),

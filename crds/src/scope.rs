@@ -2,6 +2,7 @@
 
 use std::{borrow::Cow, collections::BTreeMap, fmt};
 
+use portcullis_api::names::is_dns_label;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
@@ -82,18 +83,6 @@ impl JsonSchema for ScopeName {
             "description": "A scope name: lowercase letters, digits and '-', e.g. identify.",
         })
     }
-}
-
-/// True for a Kubernetes DNS label (RFC 1123): what scope names must be.
-pub fn is_dns_label(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-')
 }
 
 /// An HTTP method a route matches.

@@ -2,6 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
+use portcullis_api::names::is_dns_label;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +10,7 @@ use crate::{
     cidr::Cidr,
     duration::DurationSpec,
     peers::AllowedPeer,
-    scope::{RouteRule, ScopeMap, is_dns_label},
+    scope::{RouteRule, ScopeMap},
     validation::FieldErrors,
 };
 
@@ -389,7 +390,7 @@ impl TenantSpec {
             }
         }
         if let Some(secret) = &self.defaults.serving_certificate_secret
-            && !crate::peers::is_dns_subdomain(secret)
+            && !portcullis_api::names::is_dns_subdomain(secret)
         {
             errors.push(
                 "spec.defaults.servingCertificateSecret",

@@ -38,19 +38,8 @@ impl Clock {
     }
 }
 
-/// `at + d`, saturating at the end of time.
-pub fn add(at: Timestamp, d: std::time::Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| at.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
-}
-
-/// How long from `now` until `at` (zero when `at` has passed).
-pub fn until(now: Timestamp, at: Timestamp) -> std::time::Duration {
-    let d = at.duration_since(now);
-    std::time::Duration::try_from(d).unwrap_or_default()
-}
+// Timestamp arithmetic is the workspace's one definition.
+pub use portcullis_api::clock::{add, until};
 
 #[cfg(test)]
 mod tests {

@@ -30,7 +30,7 @@ pub async fn load(
     let ca = CertificateAuthority::new(
         settings.clone(),
         state,
-        Arc::new(portcullis_sidecar::identity::SystemClock),
+        Arc::new(portcullis_api::clock::SystemClock),
     );
     Ok((store, Arc::new(ca)))
 }

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use portcullis_api::names::{is_dns_label, is_dns_subdomain};
+use portcullis_api::spiffe::TrustDomain;
 use portcullis_crds::DurationSpec;
 use portcullis_operator::ca::CaSettings;
 use portcullis_operator::context::SecretsBinding;
 use portcullis_operator::run::{self, OperatorSettings, WebhookRunSettings};
 use portcullis_operator::webhook::inject::ProxyResources;
-use portcullis_sidecar::identity::TrustDomain;
 
 #[derive(Parser)]
 #[command(
@@ -201,16 +202,6 @@ fn positive_duration(value: &str) -> Result<DurationSpec, String> {
     Ok(duration)
 }
 
-fn is_dns_label(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-')
-}
-
 fn dns_label(value: &str) -> Result<String, String> {
     if is_dns_label(value) {
         Ok(value.to_owned())
@@ -220,7 +211,7 @@ fn dns_label(value: &str) -> Result<String, String> {
 }
 
 fn dns_subdomain(value: &str) -> Result<String, String> {
-    if value.len() <= 253 && value.split('.').all(is_dns_label) {
+    if is_dns_subdomain(value) {
         Ok(value.to_owned())
     } else {
         Err("must be a DNS subdomain: dot-separated DNS labels".into())

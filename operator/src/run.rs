@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use portcullis_sidecar::identity::TrustDomain;
+use portcullis_api::spiffe::TrustDomain;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -106,7 +106,7 @@ impl WebhookRunSettings {
     /// Defaults for Service `service` in `namespace`.
     pub fn new(namespace: &str, service: &str) -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], portcullis_crds::annotations::WEBHOOK_PORT)),
+            addr: SocketAddr::from(([0, 0, 0, 0], portcullis_api::injection::WEBHOOK_PORT)),
             url: None,
             inject: InjectSettings::new(PROXY_IMAGE, namespace, service),
             mutating_configuration: webhook::config::MUTATING_CONFIGURATION.into(),
@@ -183,14 +183,11 @@ impl OperatorSettings {
         Self {
             reconcile: ReconcileSettings::new(namespace),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            policy_addr: SocketAddr::from((
-                [0, 0, 0, 0],
-                portcullis_crds::annotations::POLICY_PORT,
-            )),
+            policy_addr: SocketAddr::from(([0, 0, 0, 0], portcullis_api::injection::POLICY_PORT)),
             policy_insecure_debug: false,
             identity_addr: SocketAddr::from((
                 [0, 0, 0, 0],
-                portcullis_crds::annotations::IDENTITY_PORT,
+                portcullis_api::injection::IDENTITY_PORT,
             )),
             service_name: SERVICE_NAME.into(),
             extra_sans: Vec::new(),

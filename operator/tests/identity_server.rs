@@ -10,12 +10,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use jiff::Timestamp;
+use portcullis_api::clock::SystemClock;
+use portcullis_api::spiffe::TrustDomain;
 use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator,
 };
 use portcullis_operator::serve::ConnectionLimits;
-use portcullis_sidecar::identity::{SystemClock, TrustDomain};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
@@ -49,7 +50,7 @@ async fn start(limits: ConnectionLimits) -> Server {
         roots.add(cert.unwrap()).unwrap();
     }
     let client = Arc::new(
-        ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+        ClientConfig::builder_with_provider(portcullis_tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_root_certificates(roots)

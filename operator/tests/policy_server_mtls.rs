@@ -13,6 +13,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
+use portcullis_api::clock::SystemClock;
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use portcullis_crds::PolicyBundle;
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
 use portcullis_operator::policy::PolicyHub;
@@ -20,7 +22,7 @@ use portcullis_operator::policy::app_exit::AppExits;
 use portcullis_operator::policy::server::{Access, PolicyApi, serve_api_with};
 use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
 use portcullis_operator::serve::ConnectionLimits;
-use portcullis_sidecar::identity::{SystemClock, TenantId, TrustDomain, WorkloadId, WorkloadKey};
+use portcullis_sidecar::identity::WorkloadKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -91,11 +93,10 @@ fn client_config(
     ca: &CertificateAuthority,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let builder =
-        ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots(ca));
+    let builder = ClientConfig::builder_with_provider(portcullis_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(ca));
     Arc::new(match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
         None => builder.with_no_client_auth(),

@@ -14,13 +14,13 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::UserInfo;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use portcullis_api::clock::SystemClock;
 use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::validate::lookup::{
     ClusterLookup, LookupError, portcullis_admin_review,
 };
 use portcullis_operator::webhook::{ValidatorSettings, WebhookState, review_admin};
-use portcullis_sidecar::identity::SystemClock;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 

@@ -661,12 +661,12 @@ mod attacks {
     use futures::future::BoxFuture;
     use kube::core::DynamicObject;
     use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+    use portcullis_api::clock::SystemClock;
     use portcullis_crds::{Role, Tenant};
     use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError};
     use portcullis_operator::webhook::{
         TracingAuditSink, ValidatorSettings, WebhookState, review_pod,
     };
-    use portcullis_sidecar::identity::SystemClock;
 
     use super::*;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body_util::Full;
+use portcullis_api::clock::SystemClock;
 use portcullis_crds::{Role, Tenant};
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
 use portcullis_operator::webhook::tls::{ServingCertificate, WebhookCa, server_config};
@@ -20,7 +21,6 @@ use portcullis_operator::webhook::validate::lookup::{ClusterLookup, LookupError}
 use portcullis_operator::webhook::{
     ServerLimits, TracingAuditSink, ValidatorSettings, WebhookState, serve_on,
 };
-use portcullis_sidecar::identity::SystemClock;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use serde_json::{Value, json};
@@ -110,7 +110,7 @@ fn client_config(
     roots
         .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
-    let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+    let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)

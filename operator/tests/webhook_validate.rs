@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use portcullis_api::clock::ManualClock;
 use portcullis_crds::{ApiKey, Role, Tenant};
 use portcullis_operator::webhook::audit::AdminAuditEvent;
 use portcullis_operator::webhook::inject::{InjectSettings, ServerVersion};
@@ -18,7 +19,6 @@ use portcullis_operator::webhook::validate::{
     validate_api_key, validate_role, validate_tenant,
 };
 use portcullis_operator::webhook::{WebhookState, review_admin, review_pod};
-use portcullis_sidecar::identity::ManualClock;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 

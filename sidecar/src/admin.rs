@@ -6,6 +6,7 @@
 //! (Prometheus), `/identity` (the certificate chain the proxy presents, PEM, public
 //! material only; `kubectl portcullis identity inspect --admin-url`).
 
+use portcullis_api::injection::{ADMIN_IDENTITY_PATH, ADMIN_LIVE_PATH, ADMIN_READY_PATH};
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -77,8 +78,8 @@ fn route(
         );
     }
     match request.uri().path() {
-        "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
-        "/ready" => {
+        ADMIN_LIVE_PATH => text(StatusCode::OK, "text/plain", "live\n".into()),
+        ADMIN_READY_PATH => {
             let policy = readiness.policy.load().map(|b| b.version);
             let certificate = (readiness.certificate)();
             let audit_state = (readiness.audit)();
@@ -103,7 +104,7 @@ fn route(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/identity" => match (readiness.identity)() {
+        ADMIN_IDENTITY_PATH => match (readiness.identity)() {
             Some(pem) => text(StatusCode::OK, "application/x-pem-file", pem),
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,

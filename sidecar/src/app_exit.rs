@@ -4,7 +4,7 @@
 //!
 //! - [`follow_operator`]: the operator, which sees the pod's container statuses, answers
 //!   a held request once every app container has exited for good (contract:
-//!   [`portcullis_crds::app_exit`]). This works for apps without a port, the usual Job.
+//!   [`portcullis_api::app_exit`]). This works for apps without a port, the usual Job.
 //! - [`watch`]: the proxy probes `127.0.0.1:<app port>`; once the app has accepted a
 //!   connection, and then has stopped accepting for the grace period, it goes. This
 //!   works while the operator is away.
@@ -18,7 +18,7 @@ use std::{
 };
 
 use http::StatusCode;
-use portcullis_crds::app_exit::{self, AppExitAnswer, HOLD_SECONDS};
+use portcullis_api::app_exit::{self, AppExitAnswer, HOLD_SECONDS};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 

@@ -1,6 +1,6 @@
 //! The app's own probes, run by the proxy on the kubelet's behalf
 //! (`GET :4191/app-health/<container>/<kind>`; the contract is in
-//! `portcullis_crds::probes`). The check goes to the app on 127.0.0.1, where no
+//! `portcullis_api::injection::probes`). The check goes to the app on 127.0.0.1, where no
 //! redirect applies, so the answer is the app's: 200 when it is healthy, 503 with what
 //! went wrong when it is not.
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use portcullis_crds::probes::{AppProbe, AppProbes, ProbeCheck};
+use portcullis_api::injection::probes::{AppProbe, AppProbes, ProbeCheck};
 use tokio::net::TcpStream;
 
 /// The original probes of this pod's app containers.
@@ -83,7 +83,7 @@ async fn http_get(
     tcp: TcpStream,
     address: SocketAddr,
     path: &str,
-    headers: &[portcullis_crds::probes::ProbeHeader],
+    headers: &[portcullis_api::injection::probes::ProbeHeader],
 ) -> Result<String, String> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -114,7 +114,7 @@ async fn http_get(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portcullis_crds::probes::{ProbeKind, health_path};
+    use portcullis_api::injection::probes::{ProbeKind, health_path};
     use tokio::net::TcpListener;
 
     fn probes(port: u16) -> AppHealth {

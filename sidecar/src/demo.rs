@@ -127,8 +127,8 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             dir: None,
-            inbound_port: portcullis_crds::annotations::PROXY_INBOUND_PORT,
-            admin_port: portcullis_crds::annotations::PROXY_ADMIN_PORT,
+            inbound_port: portcullis_api::injection::PROXY_INBOUND_PORT,
+            admin_port: portcullis_api::injection::PROXY_ADMIN_PORT,
             bcrypt_cost: 4,
             rate_limit: RateLimitPolicy::default(),
         }

@@ -18,102 +18,17 @@ use std::{
 };
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    sign::CertifiedKey,
-};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, tls};
+use crate::metrics::Metrics;
 
 /// How often the mounted directory is read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
-/// The certificate chain file of a `kubernetes.io/tls` Secret.
-pub const CERT_FILE: &str = "tls.crt";
-/// The private key file of a `kubernetes.io/tls` Secret.
-pub const KEY_FILE: &str = "tls.key";
-
-/// Why a serving certificate was refused; `as_str` is the metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// `tls.crt` or `tls.key` is not there (no Secret, or not a TLS Secret).
-    Missing,
-    /// A file holds no usable PEM certificate or key.
-    Unparseable,
-    /// The key does not belong to the leaf certificate.
-    KeyMismatch,
-    /// The leaf's notAfter has passed.
-    Expired,
-    /// The leaf's notBefore is still ahead.
-    NotYetValid,
-}
-
-impl Refusal {
-    /// The closed-set label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Missing => "missing",
-            Self::Unparseable => "unparseable",
-            Self::KeyMismatch => "key_mismatch",
-            Self::Expired => "expired",
-            Self::NotYetValid => "not_yet_valid",
-        }
-    }
-}
-
-/// A refusal and what exactly is wrong (paths and times, never key material).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused {
-    /// The reason.
-    pub reason: Refusal,
-    /// A sentence for the log and `/ready`.
-    pub detail: String,
-}
-
-fn refused(reason: Refusal, detail: impl Into<String>) -> Refused {
-    Refused {
-        reason,
-        detail: detail.into(),
-    }
-}
-
-/// A parsed certificate whose key matches, with its validity window (Unix seconds).
-#[derive(Debug)]
-pub struct Loaded {
-    key: Arc<CertifiedKey>,
-    not_before: i64,
-    not_after: i64,
-}
-
-impl Loaded {
-    /// Whether the leaf is valid at `now` (Unix seconds).
-    fn valid_at(&self, now: i64) -> Result<(), Refused> {
-        if now < self.not_before {
-            Err(refused(
-                Refusal::NotYetValid,
-                format!(
-                    "the certificate is not valid before {}",
-                    display_time(self.not_before)
-                ),
-            ))
-        } else if now > self.not_after {
-            Err(refused(
-                Refusal::Expired,
-                format!(
-                    "the certificate expired at {}; renew it (cert-manager renews before expiry when the Certificate is Ready)",
-                    display_time(self.not_after)
-                ),
-            ))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn display_time(unix: i64) -> String {
-    jiff::Timestamp::from_second(unix).map_or_else(|_| unix.to_string(), |t| t.to_string())
-}
+pub use portcullis_tls::serving_certificate::{
+    CERT_FILE, KEY_FILE, Loaded, Refusal, Refused, check, display_time, parse,
+};
 
 /// The files of one generation: read through `..data` when the kubelet's layout is
 /// there, so a swap between the two reads cannot pair an old key with a new chain.
@@ -121,7 +36,7 @@ fn read_files(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Refused> {
     let generation = std::fs::canonicalize(dir.join("..data")).unwrap_or_else(|_| dir.to_owned());
     let read = |name: &str| {
         std::fs::read(generation.join(name)).map_err(|e| {
-            refused(
+            Refused::new(
                 Refusal::Missing,
                 format!(
                     "cannot read {name} in {} ({e}): the Secret named by portcullis.dev/serving-certificate \
@@ -141,64 +56,6 @@ fn fingerprint(cert_pem: &[u8], key_pem: &[u8]) -> [u8; 32] {
         hasher.update(part);
     }
     hasher.finalize().into()
-}
-
-/// Parses a PEM chain and key (PKCS#8, PKCS#1 RSA or SEC1 EC) and checks that they
-/// belong together; validity in time is checked separately, as it changes by itself.
-pub fn parse(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, Refused> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| refused(Refusal::Unparseable, format!("{CERT_FILE} is not PEM: {e}")))?;
-    if chain.is_empty() {
-        return Err(refused(
-            Refusal::Unparseable,
-            format!("{CERT_FILE} holds no CERTIFICATE block"),
-        ));
-    }
-    // The parser's own error could quote key bytes; say only what is wrong.
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
-        refused(
-            Refusal::Unparseable,
-            format!("{KEY_FILE} holds no PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PRIVATE KEY block"),
-        )
-    })?;
-    let signing_key = tls::provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|_| {
-            refused(
-                Refusal::Unparseable,
-                format!("{KEY_FILE} is a key type this proxy cannot sign with (use RSA, ECDSA P-256/P-384 or Ed25519)"),
-            )
-        })?;
-    let certified = CertifiedKey::new(chain, signing_key);
-    let (_, leaf) = x509_parser::parse_x509_certificate(&certified.cert[0]).map_err(|_| {
-        refused(
-            Refusal::Unparseable,
-            format!("the first certificate in {CERT_FILE} is not X.509"),
-        )
-    })?;
-    let not_before = leaf.validity().not_before.timestamp();
-    let not_after = leaf.validity().not_after.timestamp();
-    certified.keys_match().map_err(|e| {
-        refused(
-            Refusal::KeyMismatch,
-            format!(
-                "{KEY_FILE} is not the key of the first certificate in {CERT_FILE} ({e}); the leaf must come first"
-            ),
-        )
-    })?;
-    Ok(Loaded {
-        key: Arc::new(certified),
-        not_before,
-        not_after,
-    })
-}
-
-/// The proxy's verdict on a chain and key at `now` (Unix seconds), without putting
-/// anything in force: what the operator reports on its Tenant.
-pub fn check(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(), Refused> {
-    parse(cert_pem, key_pem)?.valid_at(now)
 }
 
 /// What `/ready` reports about the serving certificate.
@@ -255,7 +112,10 @@ impl ServingCertificate {
     /// it is valid at `now` (Unix seconds).
     pub fn current(&self, now: i64) -> Option<Arc<CertifiedKey>> {
         let loaded = self.shared.in_force.load_full()?;
-        loaded.valid_at(now).ok().map(|()| loaded.key.clone())
+        loaded
+            .valid_at(now)
+            .ok()
+            .map(|()| loaded.certified_key().clone())
     }
 
     /// The current status.
@@ -298,7 +158,7 @@ impl ServingCertificate {
                 if previous.is_none_or(|p| !Arc::ptr_eq(&p, &loaded)) {
                     tracing::info!(
                         dir = %self.dir.display(),
-                        not_after = %display_time(loaded.not_after),
+                        not_after = %display_time(loaded.not_after()),
                         "serving certificate in force for clients outside the mesh"
                     );
                 }
@@ -313,7 +173,7 @@ impl ServingCertificate {
                 self.shared.in_force.store(keep);
             }
         }
-        let in_force_until = self.shared.in_force.load().as_ref().map(|l| l.not_after);
+        let in_force_until = self.shared.in_force.load().as_ref().map(|l| l.not_after());
         metrics.serving_certificate_in_force(in_force_until.is_some());
         let key = (fingerprint, refusal.as_ref().map(|r| r.reason));
         if let Some(refusal) = &refusal

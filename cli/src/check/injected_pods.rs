@@ -8,7 +8,7 @@
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 use kube::ResourceExt;
-use portcullis_crds::probes::ProbeKind;
+use portcullis_api::injection::probes::ProbeKind;
 
 use super::probes::pod_ready;
 use super::report::{CheckResult, bounded};
@@ -152,8 +152,8 @@ fn exit_watch(pod: &Pod) -> ExitWatch {
         .collect();
     let value = |name: &str| env.iter().find(|(n, _)| *n == name).and_then(|(_, v)| *v);
     match (
-        value("PORTCULLIS_EXIT_WHEN_APP_EXITS"),
-        value("PORTCULLIS_APP_PORT"),
+        value(portcullis_api::injection::env::EXIT_WHEN_APP_EXITS),
+        value(portcullis_api::injection::env::APP_PORT),
     ) {
         (Some("true"), Some(port)) => ExitWatch::AppPort(port.to_owned()),
         (Some("true"), None) => ExitWatch::NoAppPort,

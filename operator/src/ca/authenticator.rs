@@ -13,9 +13,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
-use portcullis_sidecar::identity::{
-    IDENTITY_AUDIENCE, RefusalReason, TenantId, TrustDomain, WorkloadId,
-};
+use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 
 /// Namespace label naming the tenant (contract, DESIGN.md §2).
 pub const TENANT_LABEL: &str = "portcullis.dev/tenant";

@@ -11,8 +11,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
-use portcullis_sidecar::identity::clock::{self, Clock};
-use portcullis_sidecar::identity::{IssueResponse, TenantId, WorkloadId};
+use portcullis_api::clock::{self, Clock};
+use portcullis_api::identity::IssueResponse;
+use portcullis_api::spiffe::{TenantId, WorkloadId};
 use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;

@@ -10,7 +10,7 @@ use kube::{Api, Client};
 /// Name of the trust-bundle ConfigMap (contract).
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "portcullis-trust-bundle";
 /// Data key holding the PEM roots (contract).
-pub const TRUST_BUNDLE_KEY: &str = "ca-bundle.crt";
+pub use portcullis_api::injection::env::TRUST_BUNDLE_KEY;
 /// The operator's server-side apply field manager.
 pub const FIELD_MANAGER: &str = "portcullis-operator";
 

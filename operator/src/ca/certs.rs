@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use portcullis_sidecar::identity::clock;
-use portcullis_sidecar::identity::{TenantId, TrustDomain, WorkloadId};
+use portcullis_api::clock;
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyUsagePurpose, SanType, SerialNumber,

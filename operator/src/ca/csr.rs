@@ -6,7 +6,8 @@
 //! (with a specific reason) rather than silently trimmed, so a misbehaving client shows
 //! up in metrics.
 
-use portcullis_sidecar::identity::{RefusalReason, WorkloadId};
+use portcullis_api::identity::RefusalReason;
+use portcullis_api::spiffe::WorkloadId;
 use rcgen::{PKCS_ECDSA_P256_SHA256, SubjectPublicKeyInfo};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::cri_attributes::ParsedCriAttribute;

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use portcullis_sidecar::identity::protocol::CERTIFICATE_PATH;
-use portcullis_sidecar::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason};
+use portcullis_api::identity::CERTIFICATE_PATH;
+use portcullis_api::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +62,7 @@ impl Default for IdentityServiceConfig {
 fn leaf_serial(pem: &str) -> Option<String> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    portcullis_sidecar::identity::tls::leaf_facts(&der)
+    portcullis_tls::leaf_facts(&der)
         .ok()
         .map(|facts| facts.serial)
 }
@@ -242,12 +242,11 @@ impl IdentityService {
         config: IdentityServiceConfig,
     ) -> Result<BoundIdentityService, CaError> {
         let slot = Arc::new(CaServingCertificate::new(&self.ca, &config.server_names)?);
-        let mut tls =
-            ServerConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(|e| CaError::Tls(e.to_string()))?
-                .with_no_client_auth()
-                .with_cert_resolver(slot.clone());
+        let mut tls = ServerConfig::builder_with_provider(portcullis_tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| CaError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(slot.clone());
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let listener = TcpListener::bind(config.listen)
             .await

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::AtomicI64;
 
-use portcullis_sidecar::identity::RefusalReason;
+use portcullis_api::identity::RefusalReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -5,7 +5,7 @@
 //! The sidecar learns when to ask again through the policy bundle: it lists, per bound
 //! namespace, a [`revision`] of the namespace's Service selectors; the identity service
 //! returns the revision it decided from, and a proxy whose certificate was decided from
-//! another one renews (see `portcullis_sidecar::identity::renew`).
+//! another one renews (the proxy's renewal loop).
 
 use std::collections::BTreeMap;
 

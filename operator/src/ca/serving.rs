@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jiff::Timestamp;
-use portcullis_sidecar::identity::clock;
+use portcullis_api::clock;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
@@ -63,7 +63,7 @@ impl CaServingCertificate {
         names: &[String],
     ) -> Result<(Arc<CertifiedKey>, Timestamp), CaError> {
         let cert = ca.issue_server_certificate(names)?;
-        let key = portcullis_sidecar::identity::tls::provider()
+        let key = portcullis_tls::provider()
             .key_provider
             .load_private_key(cert.key.into())
             .map_err(|e| CaError::Tls(e.to_string()))?;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use portcullis_sidecar::identity::TrustDomain;
+use portcullis_api::spiffe::TrustDomain;
 
 use super::CaError;
 

@@ -2,7 +2,7 @@
 //! operator checks the bring-your-own serving certificate Secrets its pods use — the one
 //! each injected pod mounts (`portcullis-serving-certificate`) and the Tenant's
 //! `spec.defaults.servingCertificateSecret` in every bound namespace — with the proxy's
-//! own verdict ([`portcullis_sidecar::serving_certificate::check`]). A problem never
+//! own verdict ([`portcullis_tls::serving_certificate::check`]). A problem never
 //! stops a pod: its proxy serves the workload certificate meanwhile; the condition and
 //! a Warning Event say which Secret to fix and how.
 
@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use portcullis_sidecar::serving_certificate::{self, Refusal};
+use portcullis_tls::serving_certificate::{self, Refusal};
 
 use crate::webhook::inject::SERVING_CERT_VOLUME;
 

@@ -17,9 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use portcullis_crds::annotations::{
-    FIELD_MANAGER, INJECTED_LABEL, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT,
-};
+use portcullis_api::injection::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT};
+use portcullis_crds::annotations::{FIELD_MANAGER, INJECTED_LABEL};
 use portcullis_crds::tenant::{NetworkPolicyMode, TENANT_LABEL};
 
 use crate::context::Context;

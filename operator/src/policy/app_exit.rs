@@ -1,5 +1,5 @@
 //! Tells the proxy of a run-to-completion pod when its app has exited for good
-//! (contract: [`portcullis_crds::app_exit`]).
+//! (contract: [`portcullis_api::app_exit`]).
 //!
 //! Every replica caches the injected pods whose `restartPolicy` is not `Always` (label
 //! and field selectors keep the cache to Jobs and bare pods) and holds each proxy's
@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use portcullis_api::app_exit::AppExitAnswer;
 use portcullis_crds::annotations::INJECTED_LABEL;
-use portcullis_crds::app_exit::AppExitAnswer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

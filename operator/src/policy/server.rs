@@ -26,8 +26,10 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
+use portcullis_api::names::is_dns_subdomain;
+use portcullis_api::policy::PolicyPath;
+use portcullis_api::spiffe::TrustDomain;
 use portcullis_crds::PolicyBundle;
-use portcullis_sidecar::identity::TrustDomain;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -156,15 +158,6 @@ fn authorize(
     }
 }
 
-/// A tenant path segment: a Kubernetes object name (DNS subdomain).
-fn valid_tenant(tenant: &str) -> bool {
-    !tenant.is_empty()
-        && tenant.len() <= 253
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
 async fn route(
     api: &PolicyApi,
     req: &Request<Incoming>,
@@ -188,11 +181,11 @@ async fn route(
             Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
     }
-    if path.starts_with(portcullis_crds::app_exit::APP_EXIT_PREFIX) {
+    if path.starts_with(portcullis_api::app_exit::APP_EXIT_PREFIX) {
         return app_exit(api, req, shutdown).await;
     }
-    if let Some(tenant) = path.strip_prefix("/v1/audit-key/") {
-        if !valid_tenant(tenant) {
+    if let Some(tenant) = portcullis_api::audit_key::parse_path(path) {
+        if !is_dns_subdomain(tenant) {
             return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
         }
         if let Err(denied) = authorize(api, req, tenant) {
@@ -207,14 +200,10 @@ async fn route(
             ),
         };
     }
-    let Some(rest) = path.strip_prefix("/v1/policy/") else {
+    let Some(PolicyPath { tenant, watch }) = portcullis_api::policy::parse_path(path) else {
         return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
     };
-    let (tenant, watch) = match rest.strip_suffix("/watch") {
-        Some(tenant) => (tenant, true),
-        None => (rest, false),
-    };
-    if !valid_tenant(tenant) {
+    if !is_dns_subdomain(tenant) {
         return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
     }
     if let Err(denied) = authorize(api, req, tenant) {
@@ -250,7 +239,7 @@ async fn app_exit(
     req: &Request<Incoming>,
     shutdown: CancellationToken,
 ) -> Response<Body> {
-    let Some((tenant, namespace, pod)) = portcullis_crds::app_exit::parse_path(req.uri().path())
+    let Some((tenant, namespace, pod)) = portcullis_api::app_exit::parse_path(req.uri().path())
     else {
         return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
     };
@@ -279,7 +268,7 @@ async fn app_exit(
             "NotServed",
         );
     };
-    let hold = std::time::Duration::from_secs(portcullis_crds::app_exit::HOLD_SECONDS);
+    let hold = std::time::Duration::from_secs(portcullis_api::app_exit::HOLD_SECONDS);
     let answer = exits.answer(namespace, pod, hold, &shutdown).await;
     if answer.apps_exited {
         tracing::info!(%namespace, %pod, "the app of a run-to-completion pod exited; its proxy may go");

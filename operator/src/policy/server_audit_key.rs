@@ -1,9 +1,6 @@
 //! `GET /v1/audit-key/<tenant>`: the tenant's data-encryption keys for the sidecar's
-//! encrypted audit segments (sidecar/src/audit/dek.rs is the client):
-//!
-//! ```json
-//! {"tenant": "acme", "activeVersion": 3, "keys": {"2": "<base64 32 bytes>", "3": "<base64 32 bytes>"}, "retentionDays": 365}
-//! ```
+//! encrypted audit segments (sidecar/src/audit/dek.rs is the client; the answer is
+//! [`AuditKeyAnswer`]).
 //!
 //! Read from the DEK Secret `portcullis-dek-<tenant>` (operator namespace), unwrapped
 //! with the KEK on each request — sidecars ask at start and every few minutes. 404 when
@@ -17,23 +14,12 @@ use http::{Response, StatusCode};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
+use portcullis_api::audit_key::AuditKeyAnswer;
 use portcullis_crds::Tenant;
-use serde::Serialize;
 
 use crate::dek::{self, DekRing};
 use crate::envelope::Kek;
 use crate::serve::{self, Body};
-
-/// The answer's shape (contract with the sidecar).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyAnswer {
-    tenant: String,
-    active_version: u32,
-    keys: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retention_days: Option<u32>,
-}
 
 /// Where the keys come from.
 #[derive(Clone)]
@@ -144,7 +130,7 @@ impl AuditKeys {
                 .get(&ObjectRef::new(tenant))
                 .map(|t| t.spec.retention_days())
         });
-        let answer = KeyAnswer {
+        let answer = AuditKeyAnswer {
             tenant: tenant.to_owned(),
             active_version: active,
             keys,

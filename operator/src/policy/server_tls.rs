@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use portcullis_sidecar::identity::{SpiffeId, TrustDomain};
+use portcullis_api::spiffe::{SpiffeId, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -46,12 +46,9 @@ fn verifier_for(ca: &CertificateAuthority) -> Result<Arc<dyn ClientCertVerifier>
     if added == 0 {
         return Err(CaError::Tls("the trust bundle holds no usable root".into()));
     }
-    WebPkiClientVerifier::builder_with_provider(
-        Arc::new(store),
-        portcullis_sidecar::identity::tls::provider(),
-    )
-    .build()
-    .map_err(|e| CaError::Tls(e.to_string()))
+    WebPkiClientVerifier::builder_with_provider(Arc::new(store), portcullis_tls::provider())
+        .build()
+        .map_err(|e| CaError::Tls(e.to_string()))
 }
 
 impl TrustBundleVerifier {
@@ -143,12 +140,11 @@ impl PolicyServerTls {
     pub fn new(ca: &CertificateAuthority, names: &[String]) -> Result<Self, CaError> {
         let certificate = Arc::new(CaServingCertificate::new(ca, names)?);
         let verifier = Arc::new(TrustBundleVerifier::new(ca)?);
-        let mut config =
-            ServerConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(|e| CaError::Tls(e.to_string()))?
-                .with_client_cert_verifier(verifier.clone())
-                .with_cert_resolver(certificate.clone());
+        let mut config = ServerConfig::builder_with_provider(portcullis_tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| CaError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(certificate.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // A resumed session would carry a client identity proved earlier; every
         // connection must present a certificate valid now.

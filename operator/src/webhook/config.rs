@@ -34,7 +34,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
-use portcullis_crds::annotations::{INJECT, WEBHOOK_PORT};
+use portcullis_api::injection::WEBHOOK_PORT;
+use portcullis_crds::annotations::INJECT;
 use portcullis_crds::tenant::TENANT_LABEL;
 
 /// Name of the MutatingWebhookConfiguration.

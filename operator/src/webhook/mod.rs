@@ -24,7 +24,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use portcullis_sidecar::identity::{Clock, SystemClock};
+use portcullis_api::clock::{Clock, SystemClock};
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Kek;

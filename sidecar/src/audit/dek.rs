@@ -12,11 +12,11 @@
 //! version; the older ones are there so a reader on the pod could open older segments.
 //! Neither the body nor any key is ever logged.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use http::StatusCode;
+use portcullis_api::audit_key::{self, AuditKeyAnswer};
 use portcullis_audit::{DataKey, KeyRing, keyring::parse_key_material};
-use serde::Deserialize;
 
 use crate::{
     config::env::OperatorEndpoint,
@@ -26,7 +26,7 @@ use crate::{
 
 /// The path of the key endpoint for `tenant`.
 pub fn key_path(tenant: &str) -> String {
-    format!("/v1/audit-key/{tenant}")
+    audit_key::path(tenant)
 }
 
 /// The tenant's keys as the operator handed them out. `Debug` shows versions only.
@@ -74,20 +74,10 @@ pub enum KeyError {
     Invalid(String),
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyAnswer {
-    tenant: String,
-    active_version: u32,
-    keys: BTreeMap<String, String>,
-    #[serde(default)]
-    retention_days: Option<u32>,
-}
-
 /// Parses the endpoint's answer for `tenant`.
 pub fn parse_answer(tenant: &str, body: &[u8]) -> Result<TenantKeys, KeyError> {
     // serde's message could quote the body; say only what is wrong with the shape.
-    let answer: KeyAnswer = serde_json::from_slice(body).map_err(|_| {
+    let answer: AuditKeyAnswer = serde_json::from_slice(body).map_err(|_| {
         KeyError::Invalid(
             "not {\"tenant\", \"activeVersion\", \"keys\": {\"<version>\": \"<base64>\"}}".into(),
         )

@@ -22,6 +22,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use portcullis_api::injection::env as vars;
 use portcullis_audit::CheckpointPolicy;
 use portcullis_crds::{InboundMode, scope::ScopeMap};
 
@@ -31,14 +32,11 @@ use super::{
 };
 use crate::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
 
-/// Where the projected identity token is mounted by the injector.
-pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/portcullis.dev/identity/token";
-/// Where the trust-bundle ConfigMap is mounted by the injector.
-pub const DEFAULT_TRUST_BUNDLE: &str = "/var/run/portcullis.dev/trust-bundle/ca-bundle.crt";
 /// The proxy's writable directory in an injected pod.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/portcullis";
-/// The trust domain when `PORTCULLIS_TRUST_DOMAIN` is not set.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use portcullis_api::injection::env::DATA_MOUNT as DEFAULT_DATA_DIR;
+pub use portcullis_api::injection::env::{
+    DEFAULT_TOKEN_PATH, DEFAULT_TRUST_BUNDLE, DEFAULT_TRUST_DOMAIN,
+};
 
 /// An operator endpoint reached over mTLS with the workload certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,7 +82,7 @@ pub struct ClusterConfig {
     /// The app's port; `None` when the pod declares none.
     pub app_port: Option<u16>,
     /// The app's own probes the proxy answers for (`PORTCULLIS_APP_PROBES`).
-    pub app_probes: portcullis_crds::probes::AppProbes,
+    pub app_probes: portcullis_api::injection::probes::AppProbes,
     /// The inbound TLS listener.
     pub inbound: InboundConfig,
     /// `/live`, `/ready`, `/metrics`, `/identity`.
@@ -148,19 +146,19 @@ impl ClusterConfig {
         let from_injector =
             "set by the Portcullis injector; run the proxy in an injected pod or set it by hand";
 
-        let pod_name = p.required("POD_NAME", get("POD_NAME"), from_injector);
-        let namespace = p.required("POD_NAMESPACE", get("POD_NAMESPACE"), from_injector);
+        let pod_name = p.required(vars::POD_NAME, get(vars::POD_NAME), from_injector);
+        let namespace = p.required(vars::POD_NAMESPACE, get(vars::POD_NAMESPACE), from_injector);
         let service_account = p.required(
-            "PORTCULLIS_SERVICE_ACCOUNT",
-            get("PORTCULLIS_SERVICE_ACCOUNT"),
+            vars::SERVICE_ACCOUNT,
+            get(vars::SERVICE_ACCOUNT),
             from_injector,
         );
         let trust_domain =
-            get("PORTCULLIS_TRUST_DOMAIN").unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+            get(vars::TRUST_DOMAIN).unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
         let trust_domain = TrustDomain::new(trust_domain)
             .map_err(|e| {
                 p.add(
-                    "PORTCULLIS_TRUST_DOMAIN",
+                    vars::TRUST_DOMAIN,
                     format!("{e}; it must match the operator's --trust-domain"),
                 )
             })
@@ -177,48 +175,48 @@ impl ClusterConfig {
             _ => None,
         };
 
-        let tenant = get("PORTCULLIS_TENANT");
+        let tenant = get(vars::TENANT);
         if let Some(t) = &tenant
-            && !portcullis_crds::scope::is_dns_label(t)
+            && !portcullis_api::names::is_dns_label(t)
         {
             p.add(
-                "PORTCULLIS_TENANT",
+                vars::TENANT,
                 format!("{t:?} is not a tenant name (a DNS label); unset it to use the certificate's tenant"),
             );
         }
-        let app_port = get("PORTCULLIS_APP_PORT").and_then(|text| match text.parse::<u16>() {
+        let app_port = get(vars::APP_PORT).and_then(|text| match text.parse::<u16>() {
             Ok(port) if port > 0 => Some(port),
             _ => {
                 p.add(
-                    "PORTCULLIS_APP_PORT",
+                    vars::APP_PORT,
                     format!("{text:?} is not a TCP port; use 1-65535 (annotation portcullis.dev/app-port)"),
                 );
                 None
             }
         });
-        let app_probes = match get(portcullis_crds::probes::APP_PROBES_ENV) {
-            None => portcullis_crds::probes::AppProbes::new(),
+        let app_probes = match get(vars::APP_PROBES) {
+            None => portcullis_api::injection::probes::AppProbes::new(),
             Some(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
                 p.add(
-                    portcullis_crds::probes::APP_PROBES_ENV,
+                    vars::APP_PROBES,
                     format!("not the injector's probe list ({e}); re-create the pod so the injector writes it again"),
                 );
-                portcullis_crds::probes::AppProbes::new()
+                portcullis_api::injection::probes::AppProbes::new()
             }),
         };
-        let mode = match get("PORTCULLIS_INBOUND_MODE") {
+        let mode = match get(vars::INBOUND_MODE) {
             None => InboundMode::MtlsOrApikey,
             Some(text) => text.parse().unwrap_or_else(|e: String| {
                 p.add(
-                    "PORTCULLIS_INBOUND_MODE",
+                    vars::INBOUND_MODE,
                     format!("{e} (annotation portcullis.dev/inbound-mode)"),
                 );
                 InboundMode::MtlsOrApikey
             }),
         };
-        let scopes_map = get("PORTCULLIS_SCOPES_MAP").and_then(|text| {
+        let scopes_map = get(vars::SCOPES_MAP).and_then(|text| {
             parse_scopes_annotation(&text)
-                .map_err(|e| p.add("PORTCULLIS_SCOPES_MAP", e))
+                .map_err(|e| p.add(vars::SCOPES_MAP, e))
                 .ok()
         });
         if let Some(map) = &scopes_map {
@@ -230,12 +228,12 @@ impl ClusterConfig {
                 }
             }
         }
-        let allowed_peers = get("PORTCULLIS_ALLOWED_PEERS")
+        let allowed_peers = get(vars::ALLOWED_PEERS)
             .map(|text| {
                 portcullis_crds::AllowedPeer::parse_list(&text)
                     .map_err(|e| {
                         p.add(
-                            "PORTCULLIS_ALLOWED_PEERS",
+                            vars::ALLOWED_PEERS,
                             format!("{e} (annotation portcullis.dev/allowed-peers)"),
                         )
                     })
@@ -244,22 +242,22 @@ impl ClusterConfig {
             .unwrap_or_default();
         let identity = p
             .required(
-                "PORTCULLIS_IDENTITY_URL",
-                get("PORTCULLIS_IDENTITY_URL"),
+                vars::IDENTITY_URL,
+                get(vars::IDENTITY_URL),
                 "the operator's identity service, e.g. https://portcullis-operator.portcullis-system.svc:8443",
             )
             .and_then(|url| {
                 IdentityEndpoint::parse(&url)
-                    .map_err(|e| p.add("PORTCULLIS_IDENTITY_URL", format!("{e}; write https://HOST:8443")))
+                    .map_err(|e| p.add(vars::IDENTITY_URL, format!("{e}; write https://HOST:8443")))
                     .ok()
             });
         let policy = p
             .required(
-                "PORTCULLIS_POLICY_URL",
-                get("PORTCULLIS_POLICY_URL"),
+                vars::POLICY_URL,
+                get(vars::POLICY_URL),
                 "the operator's policy server, e.g. https://portcullis-operator.portcullis-system.svc:8090",
             )
-            .and_then(|url| parse_https_authority(&mut p, "PORTCULLIS_POLICY_URL", &url))
+            .and_then(|url| parse_https_authority(&mut p, vars::POLICY_URL, &url))
             .map(|(host, port)| OperatorEndpoint { host, port });
 
         let flag = |p: &mut Problems, name: &str| match get(name).as_deref() {
@@ -272,16 +270,15 @@ impl ClusterConfig {
             }
         };
         let exit_grace = p.duration(
-            "PORTCULLIS_APP_EXIT_GRACE",
-            get("PORTCULLIS_APP_EXIT_GRACE").as_ref(),
+            vars::APP_EXIT_GRACE,
+            get(vars::APP_EXIT_GRACE).as_ref(),
             Duration::from_secs(5),
         );
-        let exit_when_app_exits =
-            flag(&mut p, "PORTCULLIS_EXIT_WHEN_APP_EXITS").then_some(exit_grace);
+        let exit_when_app_exits = flag(&mut p, vars::EXIT_WHEN_APP_EXITS).then_some(exit_grace);
         // In a cluster the destination is usually a Service, whose ClusterIP answers only
         // on the app's ports; the destination pod's redirect takes them to its proxy.
-        let keep_port = get("PORTCULLIS_OUTBOUND_KEEP_PORT").is_none()
-            || flag(&mut p, "PORTCULLIS_OUTBOUND_KEEP_PORT");
+        let keep_port =
+            get(vars::OUTBOUND_KEEP_PORT).is_none() || flag(&mut p, vars::OUTBOUND_KEEP_PORT);
         let outbound = OutboundConfig {
             keep_port,
             ..OutboundConfig::default()
@@ -290,10 +287,10 @@ impl ClusterConfig {
         let path = |name: &str, default: &str| {
             PathBuf::from(get(name).unwrap_or_else(|| default.to_owned()))
         };
-        let token_path = path("PORTCULLIS_TOKEN_PATH", DEFAULT_TOKEN_PATH);
-        let trust_bundle = path("PORTCULLIS_TRUST_BUNDLE", DEFAULT_TRUST_BUNDLE);
-        let data_dir = path("PORTCULLIS_DATA_DIR", DEFAULT_DATA_DIR);
-        let serving_cert_dir = get("PORTCULLIS_SERVING_CERT_DIR").map(PathBuf::from);
+        let token_path = path(vars::TOKEN_PATH, DEFAULT_TOKEN_PATH);
+        let trust_bundle = path(vars::TRUST_BUNDLE, DEFAULT_TRUST_BUNDLE);
+        let data_dir = path(vars::DATA_DIR, DEFAULT_DATA_DIR);
+        let serving_cert_dir = get(vars::SERVING_CERT_DIR).map(PathBuf::from);
 
         match (p.0.is_empty(), pod_name, workload, identity, policy) {
             (true, Some(pod_name), Some(workload), Some(identity), Some(policy)) => Ok(Self {
@@ -305,7 +302,7 @@ impl ClusterConfig {
                 inbound: InboundConfig {
                     listen: SocketAddr::from((
                         [0, 0, 0, 0],
-                        portcullis_crds::annotations::PROXY_INBOUND_PORT,
+                        portcullis_api::injection::PROXY_INBOUND_PORT,
                     )),
                     mode,
                     peers_need_mapped_route: true,
@@ -315,7 +312,7 @@ impl ClusterConfig {
                 admin: AdminConfig {
                     listen: SocketAddr::from((
                         [0, 0, 0, 0],
-                        portcullis_crds::annotations::PROXY_ADMIN_PORT,
+                        portcullis_api::injection::PROXY_ADMIN_PORT,
                     )),
                 },
                 outbound,

@@ -89,9 +89,9 @@ impl Default for OutboundConfig {
         Self {
             listen: SocketAddr::from((
                 [127, 0, 0, 1],
-                portcullis_crds::annotations::PROXY_OUTBOUND_PORT,
+                portcullis_api::injection::PROXY_OUTBOUND_PORT,
             )),
-            peer_port: portcullis_crds::annotations::PROXY_INBOUND_PORT,
+            peer_port: portcullis_api::injection::PROXY_INBOUND_PORT,
             keep_port: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -579,7 +579,7 @@ impl RawConfig {
 
         if let Some(map) = &self.scopes_map {
             for (scope, rules) in map {
-                if !portcullis_crds::scope::is_dns_label(scope) {
+                if !portcullis_api::names::is_dns_label(scope) {
                     p.add(
                         &format!("scopesMap.{scope}"),
                         "scope names are lowercase letters, digits and '-'",
@@ -771,7 +771,7 @@ pub(crate) fn parse_https_authority(
             .to_owned(),
         authority
             .port_u16()
-            .unwrap_or(portcullis_crds::annotations::POLICY_PORT),
+            .unwrap_or(portcullis_api::injection::POLICY_PORT),
     ))
 }
 
@@ -793,7 +793,7 @@ fn parse_stream(p: &mut Problems, raw: RawStream) -> Option<StreamSource> {
         Duration::from_secs(30),
     );
     let (host, port) = parse_https_authority(p, "policy.stream.url", &url)?;
-    if !portcullis_crds::scope::is_dns_label(&tenant) {
+    if !portcullis_api::names::is_dns_label(&tenant) {
         p.add(
             "policy.stream.tenant",
             format!("{tenant:?} is not a tenant name (a DNS label)"),

@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::IdentityError;
-use super::protocol::{CERTIFICATE_PATH, ErrorBody, IssueRequest, IssueResponse};
 use super::tls::provider;
+use portcullis_api::identity::{CERTIFICATE_PATH, ErrorBody, IssueRequest, IssueResponse};
 
 /// Largest response body accepted from the identity service.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;

@@ -9,7 +9,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA25
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::IdentityError;
-use super::spiffe::WorkloadId;
+use portcullis_api::spiffe::WorkloadId;
 
 /// A freshly generated ECDSA P-256 key pair for one certificate.
 pub struct WorkloadKey {
@@ -62,7 +62,7 @@ impl fmt::Debug for WorkloadKey {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::identity::spiffe::TrustDomain;
+    use portcullis_api::spiffe::TrustDomain;
     use x509_parser::prelude::*;
 
     #[test]

@@ -20,9 +20,7 @@ use std::time::Duration;
 pub mod client;
 pub mod clock;
 pub mod csr;
-pub mod protocol;
 pub mod renew;
-pub mod spiffe;
 pub mod store;
 pub mod tls;
 
@@ -34,11 +32,15 @@ pub(crate) mod test_util;
 mod tests;
 
 pub use client::{IdentityClient, IdentityEndpoint, IssueCertificate};
-pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
+pub use clock::TokioClock;
 pub use csr::WorkloadKey;
-pub use protocol::{ErrorBody, IDENTITY_AUDIENCE, IssueRequest, IssueResponse, RefusalReason};
 pub use renew::{RenewalSettings, Renewer, renewal_time};
-pub use spiffe::{SpiffeId, SpiffeIdError, TenantId, TrustDomain, WorkloadId};
+// The contracts, re-exported so the proxy's own modules keep one `identity` vocabulary.
+pub use portcullis_api::clock::{Clock, ManualClock, SystemClock};
+pub use portcullis_api::identity::{
+    ErrorBody, IDENTITY_AUDIENCE, IssueRequest, IssueResponse, RefusalReason,
+};
+pub use portcullis_api::spiffe::{SpiffeId, SpiffeIdError, TenantId, TrustDomain, WorkloadId};
 pub use store::{CertificateStore, Credentials};
 pub use tls::{
     ClientAuth, PeerIdentity, StoreCertResolver, StoreClientCertVerifier, StoreServerCertVerifier,
@@ -89,4 +91,12 @@ pub enum IdentityError {
     /// The configuration is unusable.
     #[error("identity configuration: {0}")]
     Config(String),
+}
+
+impl From<portcullis_tls::InvalidCertificate> for IdentityError {
+    // A certificate the proxy cannot use came from the identity service (or the
+    // bootstrap bundle): report it as an unusable answer, as before the split.
+    fn from(e: portcullis_tls::InvalidCertificate) -> Self {
+        Self::InvalidResponse(e.0)
+    }
 }

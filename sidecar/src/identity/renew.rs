@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::IdentityError;
 use super::client::IssueCertificate;
-use super::clock::{self, Clock};
 use super::csr::WorkloadKey;
-use super::spiffe::WorkloadId;
 use super::store::{CertificateStore, Credentials};
+use portcullis_api::clock::{self, Clock};
+use portcullis_api::spiffe::WorkloadId;
 
 /// When to renew and how to retry.
 #[derive(Debug, Clone, Copy, PartialEq)]

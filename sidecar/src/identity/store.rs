@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use jiff::Timestamp;
 use rustls::RootCertStore;
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -19,9 +19,9 @@ use tokio::sync::watch;
 
 use super::IdentityError;
 use super::csr::WorkloadKey;
-use super::protocol::IssueResponse;
-use super::spiffe::{TenantId, WorkloadId};
 use super::tls::{self, PeerServerVerifier};
+use portcullis_api::identity::IssueResponse;
+use portcullis_api::spiffe::{TenantId, WorkloadId};
 
 /// Everything one certificate generation consists of.
 pub struct Credentials {
@@ -268,37 +268,4 @@ impl fmt::Debug for CertificateStore {
     }
 }
 
-/// Parses every certificate in a PEM string; an empty string is an error.
-pub fn parse_pem_certs(
-    pem: &str,
-    what: &str,
-) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    use rustls::pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::InvalidResponse(format!("{what}: {e}")))?;
-    if certs.is_empty() {
-        return Err(IdentityError::InvalidResponse(format!(
-            "{what}: no certificate"
-        )));
-    }
-    Ok(certs)
-}
-
-/// A rustls root store holding exactly `bundle`.
-pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, IdentityError> {
-    let mut roots = RootCertStore::empty();
-    for cert in bundle {
-        roots
-            .add(cert.clone())
-            .map_err(|e| IdentityError::InvalidResponse(format!("trust bundle: {e}")))?;
-    }
-    Ok(roots)
-}
-
-/// A jiff timestamp as rustls time.
-pub fn unix_time(ts: Timestamp) -> UnixTime {
-    UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-        u64::try_from(ts.as_second()).unwrap_or(0),
-    ))
-}
+pub use portcullis_tls::roots::{parse_pem_certs, root_store, unix_time};

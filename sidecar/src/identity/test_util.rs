@@ -8,7 +8,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use super::protocol::IssueResponse;
+use portcullis_api::identity::IssueResponse;
 
 /// Sets notBefore/notAfter without naming rcgen's `time` types.
 pub(crate) fn set_validity(p: &mut CertificateParams, not_before: Timestamp, not_after: Timestamp) {
@@ -63,8 +63,8 @@ impl TestCa {
         let p = &mut csr.params;
         set_validity(
             p,
-            super::clock::sub(now, Duration::from_secs(60)),
-            super::clock::add(now, lifetime),
+            portcullis_api::clock::sub(now, Duration::from_secs(60)),
+            portcullis_api::clock::add(now, lifetime),
         );
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -83,8 +83,8 @@ impl TestCa {
             certificate: cert.pem(),
             chain: self.intermediate_pem.clone(),
             trust_bundle: self.root_pem.clone(),
-            expires_at: super::clock::add(now, lifetime),
-            renew_after: super::clock::add(now, lifetime / 2),
+            expires_at: portcullis_api::clock::add(now, lifetime),
+            renew_after: portcullis_api::clock::add(now, lifetime / 2),
             dns_names: Vec::new(),
             names_revision: None,
         }

@@ -6,85 +6,27 @@
 //! trust domain" rather than a hostname match.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use jiff::Timestamp;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    ServerConfig, SignatureScheme,
+    ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig, SignatureScheme,
 };
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::IdentityError;
-use super::spiffe::{SpiffeId, TenantId, TrustDomain, WorkloadId};
 use super::store::CertificateStore;
+use portcullis_api::spiffe::{TenantId, WorkloadId};
 
-/// The one crypto provider of the workspace (ring).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
-
-/// What a workload leaf certificate says about its holder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeafFacts {
-    /// The workload SPIFFE ID among the URI SANs (none when there are several: a
-    /// certificate naming two workloads names none reliably).
-    pub workload: Option<WorkloadId>,
-    /// The tenant SPIFFE ID among the URI SANs (none when there are several).
-    pub tenant: Option<TenantId>,
-    /// The serial number as [`portcullis_crds::peers::serial_hex`] writes it.
-    pub serial: String,
-    /// notBefore.
-    pub not_before: Timestamp,
-    /// notAfter.
-    pub not_after: Timestamp,
-}
-
-fn only_one<T>(mut items: Vec<T>) -> Option<T> {
-    if items.len() == 1 { items.pop() } else { None }
-}
-
-/// Reads identity and validity from a certificate (no chain verification).
-pub fn leaf_facts(cert: &CertificateDer<'_>) -> Result<LeafFacts, IdentityError> {
-    let (_, x509) = X509Certificate::from_der(cert)
-        .map_err(|e| IdentityError::InvalidResponse(format!("certificate: {e}")))?;
-    let mut workloads = Vec::new();
-    let mut tenants = Vec::new();
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                match uri.parse::<SpiffeId>() {
-                    Ok(SpiffeId::Workload(id)) => workloads.push(id),
-                    Ok(SpiffeId::Tenant(id)) => tenants.push(id),
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-    let workload = only_one(workloads);
-    let tenant = only_one(tenants);
-    let ts = |t: x509_parser::time::ASN1Time| {
-        Timestamp::from_second(t.timestamp())
-            .map_err(|e| IdentityError::InvalidResponse(format!("certificate validity: {e}")))
-    };
-    Ok(LeafFacts {
-        workload,
-        tenant,
-        serial: portcullis_crds::peers::serial_hex(x509.raw_serial()),
-        not_before: ts(x509.validity().not_before)?,
-        not_after: ts(x509.validity().not_after)?,
-    })
-}
+pub use portcullis_tls::leaf::{LeafFacts, leaf_facts};
+pub use portcullis_tls::provider;
+pub use portcullis_tls::verify::PeerServerVerifier;
+use portcullis_tls::verify::{require_workload_in, tls12_refused, verify_tls13};
 
 /// The verified identity of a TLS peer, read from its end-entity certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,109 +54,6 @@ pub fn peer_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option
         tenant,
         serial: facts.serial,
     })
-}
-
-fn require_workload_in(cert: &CertificateDer<'_>, trust_domain: &TrustDomain) -> Result<(), Error> {
-    let facts =
-        leaf_facts(cert).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    match facts.workload {
-        Some(id) if id.trust_domain() == trust_domain => Ok(()),
-        _ => Err(Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(NoWorkloadId)),
-        ))),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("peer certificate carries no SPIFFE workload ID in our trust domain")]
-struct NoWorkloadId;
-
-/// Every config here is TLS 1.3 only: a TLS 1.2 signature means something is wrong.
-fn tls12_refused() -> Result<HandshakeSignatureValid, Error> {
-    Err(Error::PeerIncompatible(
-        rustls::PeerIncompatible::Tls12NotOffered,
-    ))
-}
-
-/// Checks a TLS 1.3 handshake signature with the workspace provider's algorithms.
-fn verify_tls13(
-    provider: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &provider.signature_verification_algorithms,
-    )
-}
-
-/// Verifies a peer proxy's server certificate against fixed roots: chain, validity,
-/// serverAuth and a workload ID in our trust domain. The TLS server name is not used.
-#[derive(Debug)]
-pub struct PeerServerVerifier {
-    roots: Arc<RootCertStore>,
-    trust_domain: TrustDomain,
-    provider: Arc<CryptoProvider>,
-}
-
-impl PeerServerVerifier {
-    /// A verifier trusting `roots` for workloads of `trust_domain`.
-    pub fn new(roots: Arc<RootCertStore>, trust_domain: TrustDomain) -> Self {
-        Self {
-            roots,
-            trust_domain,
-            provider: provider(),
-        }
-    }
-}
-
-impl ServerCertVerifier for PeerServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        require_workload_in(end_entity, &self.trust_domain)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        tls12_refused()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13(&self.provider, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Presents the store's current certificate, as a server and as a client.

@@ -17,19 +17,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod apply;
-pub mod ports;
 pub mod rules;
 pub mod wait_ready;
 
 pub use apply::IptablesTools;
-pub use ports::{PortList, PortListError, PortRange};
+// The skip-port list and the proxy uid are the injector's contract too.
+pub use portcullis_api::injection::{PROXY_UID, PortList, PortListError, PortRange};
 pub use rules::{NatRules, RedirectPlan, RestoreScript, Rule};
 pub use wait_ready::{WaitReadyArgs, run_wait_ready};
 
-use portcullis_crds::annotations::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT};
-
-/// The uid the injected proxy runs as.
-pub const PROXY_UID: u32 = 2102;
+use portcullis_api::injection::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT};
 
 /// Arguments of `portcullis-proxy init`.
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]

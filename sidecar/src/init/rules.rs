@@ -19,7 +19,7 @@
 
 use std::fmt::Write as _;
 
-use super::ports::PortList;
+use super::PortList;
 
 /// The inbound chain.
 pub const INBOUND_CHAIN: &str = "PORTCULLIS_INBOUND";

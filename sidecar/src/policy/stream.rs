@@ -110,7 +110,7 @@ async fn session(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(connection);
-    let request = Request::get(format!("/v1/policy/{}/watch", source.tenant))
+    let request = Request::get(portcullis_api::policy::watch_path(&source.tenant))
         .header(header::HOST, format!("{}:{}", source.host, source.port))
         .header(header::ACCEPT, "application/x-ndjson")
         .body(Empty::<bytes::Bytes>::new())

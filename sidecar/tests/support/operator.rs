@@ -1,7 +1,7 @@
 //! An in-process stand-in for the operator, speaking its wire formats (the operator
 //! crate is not a dependency of the sidecar):
 //!
-//! - the identity service: `POST /v1/certificate` over TLS 1.3 (identity/protocol.rs),
+//! - the identity service: `POST /v1/certificate` over TLS 1.3 (`portcullis_api::identity`),
 //!   signing the CSR's workload ID plus the tenant URI SAN with a two-level test CA;
 //! - the policy server over mTLS: `GET /v1/policy/<tenant>/watch` (newline-delimited
 //!   `PolicyBundle`s) and `GET /v1/audit-key/<tenant>` (only for a client certificate of

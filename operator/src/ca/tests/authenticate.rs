@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use portcullis_sidecar::identity::{IDENTITY_AUDIENCE, RefusalReason};
+use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
 
 use super::*;
 use crate::ca::authenticator::{

@@ -113,12 +113,8 @@ fn leaf_has_exactly_the_computed_names_usages_and_lifetime() {
     )
     .unwrap();
     // ...and as a peer proxy's server certificate.
-    let roots =
-        portcullis_sidecar::identity::store::root_store(&der_of(&issued.trust_bundle)).unwrap();
-    let verifier = portcullis_sidecar::identity::tls::PeerServerVerifier::new(
-        std::sync::Arc::new(roots),
-        td(),
-    );
+    let roots = portcullis_tls::root_store(&der_of(&issued.trust_bundle)).unwrap();
+    let verifier = portcullis_tls::PeerServerVerifier::new(std::sync::Arc::new(roots), td());
     rustls::client::danger::ServerCertVerifier::verify_server_cert(
         &verifier,
         &leaf_der,

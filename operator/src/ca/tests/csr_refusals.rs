@@ -1,6 +1,6 @@
 //! Each bad CSR is refused with its own reason.
 
-use portcullis_sidecar::identity::RefusalReason;
+use portcullis_api::identity::RefusalReason;
 use rcgen::{BasicConstraints, IsCa, KeyPair};
 
 use super::*;

@@ -12,7 +12,7 @@ mod service;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use portcullis_sidecar::identity::{TenantId, TrustDomain, WorkloadId};
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use rcgen::{CertificateParams, DistinguishedName, IsCa, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
 
@@ -101,7 +101,7 @@ pub(super) fn verify_client_chain(
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
-        portcullis_sidecar::identity::tls::provider(),
+        portcullis_tls::provider(),
     )
     .build()
     .unwrap();

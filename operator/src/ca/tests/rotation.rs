@@ -8,7 +8,7 @@ fn issue_at(
     state: &mut CaState,
     s: &CaSettings,
     at: Timestamp,
-) -> portcullis_sidecar::identity::IssueResponse {
+) -> portcullis_api::identity::IssueResponse {
     let id = workload("ns", "sa");
     let csr = validate_csr(&good_csr(&p256(), &id), &id).unwrap();
     state.issue_leaf(&csr, &id, &tenant("t"), s, at).unwrap()

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use portcullis_api::clock::SystemClock;
+use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
 use portcullis_sidecar::identity::{
-    Credentials, IDENTITY_AUDIENCE, IdentityClient, IdentityEndpoint, IdentityError,
-    IssueCertificate, RefusalReason, SystemClock, WorkloadKey,
+    Credentials, IdentityClient, IdentityEndpoint, IdentityError, IssueCertificate, WorkloadKey,
 };
 use prometheus_client::registry::Registry;
 use rustls::pki_types::ServerName;
@@ -62,12 +63,11 @@ impl Running {
 
     /// POSTs `body` (or sends `method` to `path`) and returns status and JSON.
     async fn raw(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let config =
-            ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .with_root_certificates(self.roots())
-                .with_no_client_auth();
+        let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("identity.test").unwrap(), tcp)
@@ -419,7 +419,7 @@ async fn the_real_client_reports_refusals_with_their_reason() {
 #[tokio::test]
 async fn tls12_clients_are_refused() {
     let running = start(lookups()).await;
-    let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+    let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
         .with_root_certificates(running.roots())

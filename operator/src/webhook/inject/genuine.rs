@@ -89,7 +89,7 @@ pub fn check(pod: &Pod, settings: &InjectSettings) -> Result<(), Mismatch> {
         .env
         .iter()
         .flatten()
-        .find(|e| e.name == portcullis_crds::probes::APP_PROBES_ENV)
+        .find(|e| e.name == portcullis_api::injection::probes::APP_PROBES_ENV)
         .and_then(|e| e.value.as_deref())
         .and_then(|v| serde_json::from_str(v).ok())
     {

@@ -80,6 +80,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::version::Info;
+use portcullis_api::injection::PortList;
 use portcullis_crds::annotations::{
     ALLOWED_PEERS, APP_PORT, INBOUND_MODE, INJECT, SCOPES_MAP, SERVING_CERTIFICATE,
     SKIP_INBOUND_PORTS,
@@ -87,7 +88,6 @@ use portcullis_crds::annotations::{
 use portcullis_crds::policy::InboundMode;
 use portcullis_crds::scope::ScopeMap;
 use portcullis_crds::tenant::{DataClassification, TENANT_LABEL};
-use portcullis_sidecar::init::PortList;
 
 pub mod genuine;
 mod guard;
@@ -105,7 +105,7 @@ pub use sidecar::{
 };
 
 /// Pod annotation the injector sets to its version on every pod it injects.
-pub const INJECTED: &str = "portcullis.dev/injected";
+pub use portcullis_api::injection::INJECTED_ANNOTATION as INJECTED;
 
 /// What the namespace's Tenant sets for the pods it injects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -265,17 +265,17 @@ pub struct InjectSettings {
 }
 
 /// The trust domain the proxy assumes when `PORTCULLIS_TRUST_DOMAIN` is not set.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use portcullis_api::injection::env::DEFAULT_TRUST_DOMAIN;
 
 impl InjectSettings {
     /// Defaults for an operator in `operator_namespace` whose Service is `service`.
     pub fn new(proxy_image: impl Into<String>, operator_namespace: &str, service: &str) -> Self {
-        use portcullis_crds::annotations::{IDENTITY_PORT, POLICY_PORT};
+        use portcullis_api::injection::{IDENTITY_PORT, POLICY_PORT};
         Self {
             proxy_image: proxy_image.into(),
             image_pull_policy: "IfNotPresent".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            proxy_uid: i64::from(portcullis_sidecar::init::PROXY_UID),
+            proxy_uid: i64::from(portcullis_api::injection::PROXY_UID),
             resources: ProxyResources::default(),
             identity_url: format!("https://{service}.{operator_namespace}.svc:{IDENTITY_PORT}"),
             policy_url: format!("https://{service}.{operator_namespace}.svc:{POLICY_PORT}"),
@@ -630,7 +630,7 @@ pub(crate) fn pod_display_name(pod: &Pod, namespace: &str) -> String {
 
 /// Reads what the sidecar depends on, or says why the pod cannot be injected.
 fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Unsupported> {
-    use portcullis_crds::annotations::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+    use portcullis_api::injection::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
     let spec = pod.spec.clone().unwrap_or_default();
     if spec.host_network == Some(true) {
         return Err(Unsupported(
@@ -717,7 +717,7 @@ fn plan(pod: &Pod, annotations: &BTreeMap<String, String>) -> Result<PodPlan, Un
         None => PortList::default(),
     };
     let serving_certificate = match annotations.get(SERVING_CERTIFICATE) {
-        Some(value) if portcullis_crds::peers::is_dns_subdomain(value.trim()) => {
+        Some(value) if portcullis_api::names::is_dns_subdomain(value.trim()) => {
             Some(value.trim().to_owned())
         }
         Some(value) => {

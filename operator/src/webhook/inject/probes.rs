@@ -1,7 +1,7 @@
 //! The app's `httpGet` and `tcpSocket` probes, pointed at the proxy's admin port.
 //!
 //! Every inbound connection to an app port is redirected to the proxy, so the kubelet's
-//! probes would meet the proxy instead of the app (see `portcullis_crds::probes`). Each
+//! probes would meet the proxy instead of the app (see `portcullis_api::injection::probes`). Each
 //! such probe becomes `GET :4191/app-health/<container>/<kind>` with its timings kept,
 //! and the proxy runs the original check against the app. Probes the redirect does not
 //! touch stay as they are: `exec` and `grpc` probes, probes of another host, of a
@@ -10,11 +10,11 @@
 
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use portcullis_crds::annotations::PROXY_ADMIN_PORT;
-use portcullis_crds::probes::{
+use portcullis_api::injection::PROXY_ADMIN_PORT;
+use portcullis_api::injection::PortList;
+use portcullis_api::injection::probes::{
     AppProbe, AppProbes, ProbeCheck, ProbeHeader, ProbeKind, health_path,
 };
-use portcullis_sidecar::init::PortList;
 
 /// One probe to replace.
 #[derive(Clone, Debug, PartialEq)]

@@ -10,32 +10,27 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use portcullis_crds::annotations::{
-    IDENTITY_AUDIENCE, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+use portcullis_api::identity::IDENTITY_AUDIENCE;
+use portcullis_api::injection::{
+    ADMIN_LIVE_PATH, ADMIN_READY_PATH, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
 };
 
-use super::{DEFAULT_TRUST_DOMAIN, InjectSettings, PodPlan};
+use portcullis_api::injection::env::{self as vars, DEFAULT_TRUST_DOMAIN};
+
+use super::{InjectSettings, PodPlan};
 
 /// The injected proxy container.
-pub const PROXY_CONTAINER: &str = "portcullis-proxy";
+pub use portcullis_api::injection::PROXY_CONTAINER;
 /// The injected init container.
 pub const INIT_CONTAINER: &str = "portcullis-init";
 /// Volume with the projected identity token.
 pub const IDENTITY_TOKEN_VOLUME: &str = "portcullis-identity-token";
-/// Where the identity token is mounted; the token is the file `token` inside.
-pub const IDENTITY_TOKEN_MOUNT: &str = "/var/run/secrets/portcullis.dev/identity";
 /// Volume with the trust bundle.
 pub const TRUST_BUNDLE_VOLUME: &str = "portcullis-trust-bundle";
 /// The trust-bundle ConfigMap the operator publishes in every tenant namespace.
-pub const TRUST_BUNDLE_CONFIGMAP: &str = "portcullis-trust-bundle";
-/// Key of the PEM bundle in that ConfigMap.
-pub const TRUST_BUNDLE_KEY: &str = "ca-bundle.crt";
-/// Where the trust bundle is mounted.
-pub const TRUST_BUNDLE_MOUNT: &str = "/var/run/portcullis.dev/trust-bundle";
+pub use crate::ca::TRUST_BUNDLE_CONFIGMAP;
 /// The proxy's writable directory (audit spool) on its read-only root.
 pub const DATA_VOLUME: &str = "portcullis-data";
-/// Where the data volume is mounted.
-pub const DATA_MOUNT: &str = "/var/lib/portcullis";
 /// The init step's `/run` (iptables lock file) on its read-only root.
 pub const XTABLES_LOCK_VOLUME: &str = "portcullis-xtables-lock";
 
@@ -45,7 +40,12 @@ pub const SERVING_CERT_VOLUME: &str = "portcullis-serving-certificate";
 /// Where that Secret is mounted (read-only) in the proxy.
 pub const SERVING_CERT_MOUNT: &str = "/var/run/portcullis.dev/serving-certificate";
 /// The proxy's variable naming that directory.
-pub const SERVING_CERT_DIR_ENV: &str = "PORTCULLIS_SERVING_CERT_DIR";
+pub use portcullis_api::injection::env::SERVING_CERT_DIR as SERVING_CERT_DIR_ENV;
+// Where the token, the trust bundle and the data volume are mounted: the proxy's
+// defaults, so one definition serves both.
+pub use portcullis_api::injection::env::{
+    DATA_MOUNT, IDENTITY_TOKEN_MOUNT, TRUST_BUNDLE_KEY, TRUST_BUNDLE_MOUNT,
+};
 
 /// Every volume name the injector adds.
 pub(super) const VOLUME_NAMES: [&str; 5] = [
@@ -165,52 +165,43 @@ pub(super) fn proxy_container(
     native: bool,
 ) -> Container {
     let mut env_vars = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("PORTCULLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env(vars::POD_NAME, "metadata.name"),
+        field_env(vars::POD_NAMESPACE, "metadata.namespace"),
+        field_env(vars::SERVICE_ACCOUNT, "spec.serviceAccountName"),
     ];
     if let Some(port) = plan.app_port {
-        env_vars.push(env("PORTCULLIS_APP_PORT", port.to_string()));
+        env_vars.push(env(vars::APP_PORT, port.to_string()));
     }
     if let Some(mode) = plan.inbound_mode {
-        env_vars.push(env("PORTCULLIS_INBOUND_MODE", mode.as_str()));
+        env_vars.push(env(vars::INBOUND_MODE, mode.as_str()));
     }
     if let Some(map) = &plan.scopes_map {
-        env_vars.push(env("PORTCULLIS_SCOPES_MAP", map.clone()));
+        env_vars.push(env(vars::SCOPES_MAP, map.clone()));
     }
     if let Some(peers) = &plan.allowed_peers {
-        env_vars.push(env("PORTCULLIS_ALLOWED_PEERS", peers.clone()));
+        env_vars.push(env(vars::ALLOWED_PEERS, peers.clone()));
     }
     if !plan.probes.originals.is_empty() {
         // A BTreeMap of plain strings and numbers always serialises.
         let probes = serde_json::to_string(&plan.probes.originals).unwrap_or_default();
-        env_vars.push(env(portcullis_crds::probes::APP_PROBES_ENV, probes));
+        env_vars.push(env(vars::APP_PROBES, probes));
     }
     env_vars.extend([
-        env("PORTCULLIS_IDENTITY_URL", settings.identity_url.clone()),
-        env("PORTCULLIS_POLICY_URL", settings.policy_url.clone()),
-        env(
-            "PORTCULLIS_TOKEN_PATH",
-            format!("{IDENTITY_TOKEN_MOUNT}/token"),
-        ),
-        env(
-            "PORTCULLIS_TRUST_BUNDLE",
-            format!("{TRUST_BUNDLE_MOUNT}/{TRUST_BUNDLE_KEY}"),
-        ),
-        env("PORTCULLIS_DATA_DIR", DATA_MOUNT),
+        env(vars::IDENTITY_URL, settings.identity_url.clone()),
+        env(vars::POLICY_URL, settings.policy_url.clone()),
+        env(vars::TOKEN_PATH, vars::DEFAULT_TOKEN_PATH),
+        env(vars::TRUST_BUNDLE, vars::DEFAULT_TRUST_BUNDLE),
+        env(vars::DATA_DIR, DATA_MOUNT),
     ]);
     if plan.serving_certificate.is_some() {
         env_vars.push(env(SERVING_CERT_DIR_ENV, SERVING_CERT_MOUNT));
     }
     // The proxy assumes cluster.local; say so only when it differs.
     if settings.trust_domain != DEFAULT_TRUST_DOMAIN {
-        env_vars.push(env(
-            "PORTCULLIS_TRUST_DOMAIN",
-            settings.trust_domain.clone(),
-        ));
+        env_vars.push(env(vars::TRUST_DOMAIN, settings.trust_domain.clone()));
     }
     if !native && plan.run_to_completion {
-        env_vars.push(env("PORTCULLIS_EXIT_WHEN_APP_EXITS", "true"));
+        env_vars.push(env(vars::EXIT_WHEN_APP_EXITS, "true"));
     }
     let port = |name: &str, number: u16| ContainerPort {
         name: Some(name.into()),
@@ -261,13 +252,13 @@ pub(super) fn proxy_container(
             )
             .collect(),
         ),
-        readiness_probe: Some(http_probe("/ready", 5, 3)),
-        liveness_probe: Some(http_probe("/live", 10, 3)),
+        readiness_probe: Some(http_probe(ADMIN_READY_PATH, 5, 3)),
+        liveness_probe: Some(http_probe(ADMIN_LIVE_PATH, 10, 3)),
         ..Container::default()
     };
     if native {
         container.restart_policy = Some("Always".into());
-        container.startup_probe = Some(http_probe("/ready", 1, READY_WAIT_SECONDS));
+        container.startup_probe = Some(http_probe(ADMIN_READY_PATH, 1, READY_WAIT_SECONDS));
     } else {
         let wait = format!("{READY_WAIT_SECONDS}s");
         container.lifecycle = Some(Lifecycle {

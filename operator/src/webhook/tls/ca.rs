@@ -308,7 +308,7 @@ impl WebhookCa {
         let cert = params
             .signed_by(&key, &issuer)
             .map_err(certificate_error("serving certificate"))?;
-        let provider = portcullis_sidecar::identity::tls::provider();
+        let provider = portcullis_tls::provider();
         let signing_key = provider
             .key_provider
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(

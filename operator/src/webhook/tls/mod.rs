@@ -122,7 +122,7 @@ impl ResolvesServerCert for ServingCertificate {
 pub fn server_config(
     certificate: Arc<ServingCertificate>,
 ) -> Result<Arc<ServerConfig>, WebhookError> {
-    let provider = portcullis_sidecar::identity::tls::provider();
+    let provider = portcullis_tls::provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| WebhookError::Tls(e.to_string()))?

@@ -12,8 +12,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use portcullis_api::clock::Clock;
 use portcullis_crds::annotations::FIELD_MANAGER;
-use portcullis_sidecar::identity::Clock;
 use rustls::ServerConfig;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;

@@ -9,15 +9,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::names::{is_dns_label, is_dns_subdomain};
+
 const SCHEME: &str = "spiffe://";
 /// SPIFFE caps a trust domain at 255 characters.
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
 /// SPIFFE caps a whole ID at 2048 bytes.
 const MAX_ID_LEN: usize = 2048;
-/// Kubernetes namespaces are DNS labels.
-const MAX_NAMESPACE_LEN: usize = 63;
-/// ServiceAccount and Tenant names are DNS subdomains.
-const MAX_SUBDOMAIN_LEN: usize = 253;
 
 /// Why a string is not a valid Portcullis SPIFFE ID (or part of one).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -283,21 +281,6 @@ impl<'de> Deserialize<'de> for SpiffeId {
         let s = String::deserialize(deserializer)?;
         s.parse().map_err(serde::de::Error::custom)
     }
-}
-
-/// RFC 1123 label: 1-63 of `[a-z0-9-]`, starting and ending alphanumeric.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAMESPACE_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The identity service wire contract, shared by the operator (server) and the proxy
 //! (client): `POST /v1/certificate` with an [`IssueRequest`], answered by an
-//! [`IssueResponse`] or an [`ErrorBody`].
+//! [`IssueResponse`] or an [`ErrorBody`]. One definition, so the two sides cannot
+//! drift apart.
 
 use std::fmt;
 

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The proxy's environment variable holding the original probes, JSON [`AppProbes`].
-pub const APP_PROBES_ENV: &str = "PORTCULLIS_APP_PROBES";
+pub const APP_PROBES_ENV: &str = super::env::APP_PROBES;
 
 /// Path prefix of the rewritten probes on the admin port.
 pub const APP_HEALTH_PREFIX: &str = "/app-health/";
@@ -101,6 +101,7 @@ pub fn health_path(container: &str, kind: ProbeKind) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

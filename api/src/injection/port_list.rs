@@ -1,7 +1,7 @@
-//! The port list of `portcullis.dev/skip-inbound-ports` and `--skip-inbound-ports`:
-//! comma-separated ports or ranges (`22, 8000-8100`). The injector validates the pod
-//! annotation with the same parser the init step uses, so a pod is refused at admission
-//! rather than crash-looping in its init container.
+//! The port list of `portcullis.dev/skip-inbound-ports` and the init step's
+//! `--skip-inbound-ports`: comma-separated ports or ranges (`22, 8000-8100`). The
+//! injector validates the pod annotation with the same parser the init step uses, so a
+//! pod is refused at admission rather than crash-looping in its init container.
 
 use std::fmt;
 use std::str::FromStr;

@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::{is_dns_label, is_dns_subdomain};
+
 /// Path prefix of the endpoint on the policy server.
 pub const APP_EXIT_PREFIX: &str = "/v1/app-exit/";
 
@@ -26,16 +28,11 @@ pub fn path(tenant: &str, namespace: &str, pod: &str) -> String {
 pub fn parse_path(path: &str) -> Option<(&str, &str, &str)> {
     let mut parts = path.strip_prefix(APP_EXIT_PREFIX)?.split('/');
     let (tenant, namespace, pod) = (parts.next()?, parts.next()?, parts.next()?);
-    // Kubernetes object names: DNS subdomains, alphanumeric at both ends.
-    let valid = |s: &str| {
-        let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-        s.len() <= 253
-            && s.bytes().next().is_some_and(alnum)
-            && s.bytes().last().is_some_and(alnum)
-            && s.bytes().all(|b| alnum(b) || b == b'-' || b == b'.')
-    };
-    (parts.next().is_none() && valid(tenant) && valid(namespace) && valid(pod))
-        .then_some((tenant, namespace, pod))
+    (parts.next().is_none()
+        && is_dns_subdomain(tenant)
+        && is_dns_label(namespace)
+        && is_dns_subdomain(pod))
+    .then_some((tenant, namespace, pod))
 }
 
 /// The answer: whether every app container of the pod has exited for good.

@@ -1,0 +1,34 @@
+//! The TLS vocabulary the operator and the proxy share, so the control plane never
+//! depends on the data plane to agree on what a certificate says: the one crypto
+//! provider, what a workload leaf names ([`leaf`]), the peer-server check ([`verify`]),
+//! trust roots ([`roots`]) and the verdict on a bring-your-own serving certificate
+//! ([`serving_certificate`]). No runtime: the proxy's hot-swapped stores and the
+//! operator's servers build on these.
+
+#![warn(missing_docs)]
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+
+pub mod leaf;
+pub mod roots;
+pub mod serving_certificate;
+pub mod verify;
+
+pub use leaf::{LeafFacts, leaf_facts, serial_hex};
+pub use roots::{parse_pem_certs, root_store, unix_time};
+pub use verify::PeerServerVerifier;
+
+/// The one crypto provider of the workspace (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// A certificate, key or bundle that cannot be used; the text says which and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCertificate(pub String);
