@@ -1,0 +1,270 @@
+//! The flags of `portcullis-operator run`, grouped by what they configure (each group a
+//! `clap::Args` flattened into the command, under its own help heading), and how they
+//! become the operator's settings. Every flag also reads a `PORTCULLIS_*` variable,
+//! which is how the chart sets them.
+
+mod identity;
+mod keys;
+mod leader;
+mod serving;
+mod values;
+mod webhooks;
+
+use clap::Args;
+use portcullis_operator::run::OperatorSettings;
+
+use identity::IdentityFlags;
+use keys::KeyFlags;
+use leader::LeaderFlags;
+use serving::ServingFlags;
+use values::dns_label;
+use webhooks::{InjectFlags, WebhookFlags};
+
+/// Everything `run` takes.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The operator's own namespace (KEK, CA and DEK Secrets, Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis-system")]
+    pub namespace: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "PORTCULLIS_LOG_JSON")]
+    pub log_json: bool,
+    #[command(flatten)]
+    serving: ServingFlags,
+    #[command(flatten)]
+    webhooks: WebhookFlags,
+    #[command(flatten)]
+    inject: InjectFlags,
+    #[command(flatten)]
+    identity: IdentityFlags,
+    #[command(flatten)]
+    leader: LeaderFlags,
+    #[command(flatten)]
+    keys: KeyFlags,
+}
+
+impl RunArgs {
+    /// The operator's settings, or what is wrong with the flags, naming them.
+    pub fn settings(&self) -> anyhow::Result<OperatorSettings> {
+        let namespace = dns_label(&self.namespace).map_err(|e| {
+            anyhow::anyhow!("--namespace (POD_NAMESPACE) {:?}: {e}", self.namespace)
+        })?;
+        let mut settings = OperatorSettings::new(&namespace, &self.leader.identity());
+        self.serving.apply(&mut settings);
+        settings
+            .cluster_domain
+            .clone_from(&self.identity.cluster_domain);
+        self.keys
+            .apply(&mut settings, self.serving.service_account());
+        self.leader.apply(&mut settings)?;
+        settings.ca = self.identity.ca()?;
+        settings.webhooks = self
+            .webhooks
+            .settings(&namespace, &self.serving, &self.inject);
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use portcullis_operator::context::SecretsBinding;
+
+    use super::*;
+
+    /// `portcullis-operator run` as the binary parses it.
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    /// Parses `portcullis-operator run <args>`; the process environment must not set
+    /// these flags (clap reads `PORTCULLIS_*` too).
+    fn parse(args: &[&str]) -> Result<RunArgs, String> {
+        let argv = ["portcullis-operator run"].iter().chain(args);
+        <Run as clap::Parser>::try_parse_from(argv)
+            .map(|run| run.args)
+            .map_err(|e| e.to_string())
+    }
+
+    fn settings(args: &[&str]) -> OperatorSettings {
+        parse(args).unwrap().settings().unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_chart_and_the_design() {
+        let s = settings(&["--namespace", "portcullis-system"]);
+        assert_eq!(s.service_name, "portcullis-operator");
+        assert_eq!(s.identity_addr.to_string(), "0.0.0.0:8443");
+        assert_eq!(s.policy_addr.to_string(), "0.0.0.0:8090");
+        assert!(!s.policy_insecure_debug);
+        assert_eq!(s.ca.trust_domain.as_str(), "cluster.local");
+        assert_eq!(s.ca.leaf_rotation_period.as_secs(), 72 * 3600);
+        assert_eq!(s.ca.leaf_grace.as_secs(), 24 * 3600);
+        assert_eq!(s.ca.intermediate_rotation_period.as_secs(), 720 * 3600);
+        assert_eq!(s.ca.root_rotation_period.as_secs(), 8760 * 3600);
+        assert_eq!(s.lease.lease_duration.as_secs(), 15);
+        let w = s.webhooks.clone().unwrap();
+        assert_eq!(w.addr.to_string(), "0.0.0.0:9443");
+        assert_eq!(w.url, None);
+        assert_eq!(w.mutating_configuration, "portcullis-injector");
+        assert_eq!(w.validating_configuration, "portcullis-validator");
+        assert_eq!(w.service_account, "portcullis-operator");
+        assert_eq!(
+            w.inject.identity_url,
+            "https://portcullis-operator.portcullis-system.svc:8443"
+        );
+        assert_eq!(
+            w.inject.policy_url,
+            "https://portcullis-operator.portcullis-system.svc:8090"
+        );
+        assert_eq!(w.inject.token_expiration_seconds, 3600);
+        assert_eq!(
+            w.inject.excluded_namespaces,
+            ["kube-system", "kube-public", "kube-node-lease"]
+        );
+        assert_eq!(
+            s.serving_names(),
+            [
+                "portcullis-operator.portcullis-system.svc",
+                "portcullis-operator.portcullis-system.svc.cluster.local"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_local_cluster_flags_are_taken() {
+        let s = settings(&[
+            "--namespace",
+            "pc-system",
+            "--service-name",
+            "pc",
+            "--identity-addr",
+            "0.0.0.0:31443",
+            "--policy-addr",
+            "0.0.0.0:31090",
+            "--webhook-addr",
+            "127.0.0.1:31943",
+            "--metrics-addr",
+            "127.0.0.1:31080",
+            "--extra-san",
+            "127.0.0.1",
+            "--extra-san",
+            "10.200.0.1",
+            "--identity-url",
+            "https://10.200.0.1:31443",
+            "--policy-url",
+            "https://10.200.0.1:31090/",
+            "--webhook-url",
+            "https://127.0.0.1:31943",
+            "--proxy-image",
+            "portcullis-proxy:local",
+            "--key-hash-cost",
+            "4",
+            "--trust-domain",
+            "prod.acme",
+            "--proxy-resources",
+            r#"{"requests":{"cpu":"5m"},"limits":{"memory":"64Mi"}}"#,
+            "--excluded-namespaces",
+            "kube-system,monitoring",
+            "--redirect-outbound",
+            "true",
+            "--token-expiration-seconds",
+            "7200",
+            "--proxy-image-pull-policy",
+            "Never",
+        ]);
+        assert_eq!(s.extra_sans, ["127.0.0.1", "10.200.0.1"]);
+        assert_eq!(
+            s.serving_names(),
+            [
+                "pc.pc-system.svc",
+                "pc.pc-system.svc.cluster.local",
+                "127.0.0.1",
+                "10.200.0.1"
+            ]
+        );
+        assert_eq!(s.reconcile.hash_cost, 4);
+        assert_eq!(s.ca.trust_domain.as_str(), "prod.acme");
+        let w = s.webhooks.unwrap();
+        assert_eq!(w.url.as_deref(), Some("https://127.0.0.1:31943"));
+        assert_eq!(w.inject.identity_url, "https://10.200.0.1:31443");
+        assert_eq!(w.inject.policy_url, "https://10.200.0.1:31090");
+        assert_eq!(w.inject.proxy_image, "portcullis-proxy:local");
+        assert_eq!(w.inject.image_pull_policy, "Never");
+        assert_eq!(w.inject.resources.cpu_request, "5m");
+        assert_eq!(w.inject.resources.memory_request, "20Mi");
+        assert_eq!(w.inject.resources.memory_limit, "64Mi");
+        assert_eq!(w.inject.excluded_namespaces, ["kube-system", "monitoring"]);
+        assert!(w.inject.redirect_outbound);
+        assert_eq!(w.inject.token_expiration_seconds, 7200);
+        assert_eq!(w.service_account, "pc");
+    }
+
+    #[test]
+    fn tenant_secrets_are_bound_only_when_the_cluster_role_is_named() {
+        assert_eq!(settings(&[]).reconcile.secrets_binding, None);
+        let s = settings(&["--tenant-secrets-role", "pc-tenant-secrets"]);
+        assert_eq!(
+            s.reconcile.secrets_binding,
+            Some(SecretsBinding {
+                cluster_role: "pc-tenant-secrets".into(),
+                service_account: "portcullis-operator".into(),
+            })
+        );
+        let s = settings(&[
+            "--tenant-secrets-role",
+            "pc-tenant-secrets",
+            "--service-account",
+            "pc",
+        ]);
+        assert_eq!(
+            s.reconcile.secrets_binding.map(|b| b.service_account),
+            Some("pc".into())
+        );
+    }
+
+    #[test]
+    fn no_webhooks_and_the_debug_policy_server_are_explicit() {
+        let s = settings(&["--no-webhooks", "--policy-insecure-debug"]);
+        assert!(s.webhooks.is_none());
+        assert!(s.policy_insecure_debug);
+        assert!(parse(&["--no-webhooks", "--webhook-url", "https://127.0.0.1:9443"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (flag, value) in [
+            ("--trust-domain", "Bad Domain"),
+            ("--rotation-period", "soon"),
+            ("--rotation-period", "0s"),
+            ("--identity-url", "http://op:8443"),
+            ("--policy-url", "op:8090"),
+            ("--webhook-url", "https://"),
+            ("--extra-san", "not a name"),
+            ("--proxy-resources", "{\"requests\": 1}"),
+            ("--proxy-image-pull-policy", "Sometimes"),
+            ("--token-expiration-seconds", "60"),
+            ("--key-hash-cost", "3"),
+            ("--lease-duration", "fast"),
+            ("--service-name", "Portcullis"),
+            ("--identity-addr", "localhost"),
+        ] {
+            let message = parse(&[flag, value]).map(drop).unwrap_err();
+            assert!(message.contains(flag), "{flag} {value}: {message}");
+        }
+        let message = parse(&["--renew-deadline", "20s"])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--renew-deadline"), "{message}");
+        let message = parse(&["--root-rotation-period", "48h"])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--root-rotation-period"), "{message}");
+    }
+}

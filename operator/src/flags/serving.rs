@@ -1,0 +1,60 @@
+//! Where the operator listens and what its serving certificates are called.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+use portcullis_operator::run::{self, OperatorSettings};
+
+use super::values::{dns_label, dns_subdomain, san};
+
+/// The operator's Service, its listeners and their certificate names.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Listeners")]
+pub(super) struct ServingFlags {
+    /// The operator's Service: its serving certificates name <service>.<ns>.svc and
+    /// <service>.<ns>.svc.cluster.local, and injected pods call it there.
+    #[arg(long, env = "PORTCULLIS_SERVICE_NAME", default_value = run::SERVICE_NAME, value_parser = dns_label)]
+    pub(super) service_name: String,
+    /// The ServiceAccount the operator runs as (exempt from the webhook's escalation
+    /// check); default: the Service name.
+    #[arg(long, env = "PORTCULLIS_SERVICE_ACCOUNT", value_parser = dns_subdomain)]
+    pub(super) service_account: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PORTCULLIS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub(super) metrics_addr: SocketAddr,
+    /// Address of the policy server (mTLS).
+    #[arg(long, env = "PORTCULLIS_POLICY_ADDR", default_value = "0.0.0.0:8090")]
+    pub(super) policy_addr: SocketAddr,
+    /// Address of the identity service.
+    #[arg(long, env = "PORTCULLIS_IDENTITY_ADDR", default_value = "0.0.0.0:8443")]
+    pub(super) identity_addr: SocketAddr,
+    /// Address of the admission webhooks.
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub(super) webhook_addr: SocketAddr,
+    /// Another name (DNS name or IP address) for the identity, policy and webhook
+    /// serving certificates; repeatable (environment: comma-separated).
+    #[arg(long = "extra-san", env = "PORTCULLIS_EXTRA_SANS", value_delimiter = ',', value_parser = san)]
+    pub(super) extra_sans: Vec<String>,
+    /// Serve the policy server over plain HTTP, to anyone, without the tenant check
+    /// (audit keys are then not served). For debugging only: never in a cluster.
+    #[arg(long, env = "PORTCULLIS_POLICY_INSECURE_DEBUG")]
+    pub(super) policy_insecure_debug: bool,
+}
+
+impl ServingFlags {
+    pub(super) fn apply(&self, settings: &mut OperatorSettings) {
+        settings.metrics_addr = self.metrics_addr;
+        settings.policy_addr = self.policy_addr;
+        settings.policy_insecure_debug = self.policy_insecure_debug;
+        settings.identity_addr = self.identity_addr;
+        settings.service_name.clone_from(&self.service_name);
+        settings.extra_sans.clone_from(&self.extra_sans);
+    }
+
+    /// The ServiceAccount the operator runs as.
+    pub(super) fn service_account(&self) -> String {
+        self.service_account
+            .clone()
+            .unwrap_or_else(|| self.service_name.clone())
+    }
+}
