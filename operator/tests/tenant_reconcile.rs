@@ -1,0 +1,106 @@
+//! The Tenant reconciler against a scripted fake API server (fixtures/): its first
+//! reconcile only puts its finalizer on (so namespaces it labels are released when the
+//! Tenant goes), and a Tenant whose spec is invalid says what is wrong, field by field,
+//! in its status and an Event, and touches nothing else.
+
+mod fixtures;
+
+use std::sync::Arc;
+
+use fixtures::{TENANT, tenant, testing_context, with_status};
+use http::StatusCode;
+use portcullis_crds::{Tenant, TenantStatus};
+use portcullis_operator::controller::tenant::{FINALIZER, reconcile};
+use serde_json::json;
+
+const TENANT_PATH: &str = "/apis/portcullis.dev/v1alpha1/tenants/acme";
+
+#[tokio::test]
+async fn the_first_reconcile_only_adds_the_finalizer() {
+    let (ctx, mut api, _writers) = testing_context();
+    let acme = tenant();
+    let object = acme.clone();
+    let script = tokio::spawn(async move {
+        let seen = api
+            .expect("PATCH", TENANT_PATH, StatusCode::OK, |_| {
+                let mut with = serde_json::to_value(&object).unwrap_or_default();
+                with["metadata"]["finalizers"] = json!([FINALIZER]);
+                with
+            })
+            .await;
+        api.expect_nothing_more().await;
+        seen
+    });
+    reconcile(Arc::new(acme), ctx)
+        .await
+        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+    let seen = script.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        seen.body.to_string().contains(FINALIZER),
+        "the patch should add {FINALIZER}: {}",
+        seen.body
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched() {
+    let (ctx, mut api, _writers) = testing_context();
+    let mut acme: Tenant = tenant();
+    acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    acme.metadata.generation = Some(4);
+    acme.spec.namespaces.push("Not_A_Namespace".into());
+    acme.spec.scopes.insert("events".into(), Vec::new());
+    let object = acme.clone();
+    let script = tokio::spawn(async move {
+        let status = api
+            .expect(
+                "PATCH",
+                &format!("{TENANT_PATH}/status"),
+                StatusCode::OK,
+                |s| with_status(&object, s),
+            )
+            .await;
+        let event = api
+            .expect_echo(
+                "POST",
+                // Events about cluster-scoped objects go to kube-system.
+                "/apis/events.k8s.io/v1/namespaces/kube-system/events",
+                StatusCode::CREATED,
+            )
+            .await;
+        api.expect_nothing_more().await;
+        (status, event)
+    });
+    let error = reconcile(Arc::new(acme), ctx)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("an invalid Tenant reconciled Ok"));
+    let (status, event) = script.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(error.metric_label(), "InvalidSpec");
+
+    assert_eq!(status.content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        (&status.body["apiVersion"], &status.body["kind"]),
+        (&json!("portcullis.dev/v1alpha1"), &json!("Tenant"))
+    );
+    let written: TenantStatus = serde_json::from_value(status.body["status"].clone())
+        .unwrap_or_else(|e| panic!("status: {e}"));
+    let ready = written
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap_or_else(|| panic!("no Ready condition: {written:?}"));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    for field in ["spec.namespaces[1]", "spec.scopes.events"] {
+        assert!(
+            ready.message.contains(field),
+            "the message should name {field}: {}",
+            ready.message
+        );
+    }
+    assert_eq!(event.body["type"], "Warning");
+    assert_eq!(event.body["regarding"]["name"], TENANT);
+}
