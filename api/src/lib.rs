@@ -8,6 +8,8 @@
 //! - [`identity`]: the identity service's request, answer and refusal reasons.
 //! - [`policy`]: the policy server's paths.
 //! - [`audit_key`]: the tenant audit-key answer and its path.
+//! - [`audit_ship`]: how a proxy ships its audit records to the collector, and the
+//!   collector's acknowledgement or refusal.
 //! - [`app_exit`]: how a run-to-completion pod's proxy learns that its app has exited.
 //! - [`injection`]: ports, environment variables, mounts, the proxy uid, the skip-port
 //!   list and the app probes the injector hands the proxy.
@@ -17,6 +19,7 @@
 
 pub mod app_exit;
 pub mod audit_key;
+pub mod audit_ship;
 pub mod clock;
 pub mod identity;
 pub mod injection;

@@ -1,0 +1,116 @@
+//! The collector: checks each batch on arrival, makes it durable, then acknowledges it;
+//! rebuilds what it knows of every chain from the store after a restart; prunes days
+//! past a tenant's retention.
+
+use std::sync::Arc;
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use portcullis_api::audit_ship::{ShipAck, ShipRefusal};
+use portcullis_api::clock::Clock;
+use portcullis_audit::entry::Entry;
+use serde_json::Value;
+
+use crate::arrival::{Arrivals, Sender};
+use crate::store::{RecordStore, StoreError};
+
+/// Longest retention a tenant may set: seven years.
+pub const MAX_RETENTION_DAYS: u32 = 2555;
+
+/// Why a batch was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The batch does not fit what the collector holds; nothing was stored.
+    #[error("{}", .0.error)]
+    Refused(ShipRefusal),
+    /// The store failed; nothing was acknowledged, so the proxy resends.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tenant logs, checked on arrival.
+#[derive(Debug)]
+pub struct Collector<S> {
+    store: S,
+    arrivals: Arrivals,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S: RecordStore> Collector<S> {
+    /// The collector over `store`, knowing every chain the store holds; days are
+    /// `clock`'s, in UTC.
+    pub fn open(store: S, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let mut arrivals = Arrivals::default();
+        for tenant in store.tenants()? {
+            for (chain_id, owner) in store.chains(&tenant)? {
+                arrivals.restore_chain(&chain_id, &tenant, &owner);
+            }
+            for day in store.days(&tenant)? {
+                for line in store.read_day(&tenant, day)? {
+                    let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    if !Entry::is_checkpoint_value(&value) {
+                        arrivals.restore_record(&value);
+                    }
+                }
+            }
+        }
+        tracing::info!(chains = arrivals.len(), "collector opened");
+        Ok(Self {
+            store,
+            arrivals,
+            clock,
+        })
+    }
+
+    fn today(&self) -> Date {
+        self.clock.now().to_zoned(TimeZone::UTC).date()
+    }
+
+    /// Checks `body` (NDJSON) from `sender`, stores what is new, and acknowledges it.
+    pub fn ingest(&mut self, sender: Sender<'_>, body: &str) -> Result<ShipAck, IngestError> {
+        let batch = self
+            .arrivals
+            .check(sender, body)
+            .map_err(IngestError::Refused)?;
+        if !batch.fresh.is_empty() || !batch.new_chains.is_empty() {
+            let day = self.today();
+            self.store
+                .append(sender.tenant, day, &batch.new_chains, &batch.fresh)?;
+        }
+        let ack = ShipAck {
+            durable_through: batch.durable_through(),
+            stored: batch.fresh.len() as u64,
+            duplicates: batch.duplicates,
+        };
+        self.arrivals.commit(batch);
+        Ok(ack)
+    }
+
+    /// Removes `tenant`'s days older than `retention_days` (capped at
+    /// [`MAX_RETENTION_DAYS`]); returns how many went. A chain whose start was pruned
+    /// verifies with pruned starts allowed.
+    pub fn prune(&mut self, tenant: &str, retention_days: u32) -> Result<usize, StoreError> {
+        let keep = i32::try_from(retention_days.clamp(1, MAX_RETENTION_DAYS)).unwrap_or(2555);
+        let before = self
+            .today()
+            .checked_sub(jiff::Span::new().days(keep - 1))
+            .unwrap_or(Date::MIN);
+        self.store.prune(tenant, before)
+    }
+
+    /// Every entry of `tenant`'s log, oldest first, one JSON line each.
+    pub fn entries(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        let mut lines = Vec::new();
+        for day in self.store.days(tenant)? {
+            lines.extend(self.store.read_day(tenant, day)?);
+        }
+        Ok(lines)
+    }
+
+    /// What the collector knows of each chain.
+    pub fn arrivals(&self) -> &Arrivals {
+        &self.arrivals
+    }
+}

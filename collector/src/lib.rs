@@ -1,0 +1,23 @@
+//! The Portcullis audit collector: the per-tenant audit log that outlives pods.
+//!
+//! Proxies ship their hash chains to it (the contract is
+//! [`portcullis_api::audit_ship`]); it checks every batch on arrival
+//! ([`arrival`]: each chain continued exactly, resends recognised, rewrites, gaps,
+//! altered records, foreign tenants and foreign chains refused whole), makes the new
+//! entries durable in the tenant's log ([`store`]) before acknowledging them, rebuilds
+//! its view of every chain from the store after a restart, and prunes days past a
+//! tenant's retention ([`collector`]).
+//!
+//! Status: the checking, storage, recovery and retention core, tested in-process. The
+//! HTTP listener, encryption under the tenant DEK, signed off-host checkpoints, the
+//! export API, SIEM forwarding and the proxy's shipping side are not built yet.
+
+#![warn(missing_docs)]
+
+pub mod arrival;
+pub mod collector;
+pub mod store;
+
+pub use arrival::{Arrivals, ChainHead, Sender};
+pub use collector::{Collector, IngestError, MAX_RETENTION_DAYS};
+pub use store::{FileStore, RecordStore, StoreError};

@@ -1,0 +1,304 @@
+//! Where tenant logs live, behind [`RecordStore`] so sealed days can later go to object
+//! storage with object lock; [`FileStore`] is the embedded default (a directory on the
+//! collector's volume).
+//!
+//! A tenant's log is its chain starts (which workload started which chain) and one file
+//! of entries per day of arrival, so retention removes whole days. Appends return only
+//! once the bytes are on disk (fsync), which is when the proxy may forget them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+
+use jiff::civil::Date;
+use portcullis_api::names::is_dns_subdomain;
+use serde::{Deserialize, Serialize};
+
+use crate::arrival::Fresh;
+
+/// Why the store failed; the batch was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A tenant name that cannot name a log.
+    #[error("{0:?} is not a tenant name")]
+    BadTenant(String),
+    /// The disk said no.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A stored chain start that does not parse.
+    #[error("{path}: line {line} is not a chain start: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Tenant logs.
+pub trait RecordStore {
+    /// Appends to `tenant`'s log for `day` the chains the batch starts, then its
+    /// entries; returns once both are durable.
+    fn append(
+        &mut self,
+        tenant: &str,
+        day: Date,
+        new_chains: &[(String, String)],
+        entries: &[Fresh],
+    ) -> Result<(), StoreError>;
+
+    /// Tenants with a log.
+    fn tenants(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The chains of `tenant` as (chain id, the workload that started it).
+    fn chains(&self, tenant: &str) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// The days `tenant`'s log holds, oldest first.
+    fn days(&self, tenant: &str) -> Result<Vec<Date>, StoreError>;
+
+    /// `tenant`'s entries that arrived on `day`, one JSON line each, in arrival order.
+    fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError>;
+
+    /// Removes `tenant`'s days before `before`; returns how many went.
+    fn prune(&mut self, tenant: &str, before: Date) -> Result<usize, StoreError>;
+}
+
+/// One stored chain start.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChainStart {
+    chain_id: String,
+    owner: String,
+}
+
+const CHAINS_FILE: &str = "chains.jsonl";
+const DAY_SUFFIX: &str = ".jsonl";
+
+/// Tenant logs in a directory: `<root>/<tenant>/chains.jsonl` and
+/// `<root>/<tenant>/<YYYY-MM-DD>.jsonl`.
+#[derive(Debug)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+fn io_error<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> StoreError + 'p {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Makes a new directory entry durable (the file's own fsync does not).
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("syncing", dir))
+}
+
+/// Appends `text` to `path` and syncs it; a new file's directory entry is synced too.
+fn append_durably(path: &Path, text: &str) -> Result<(), StoreError> {
+    let existed = path.exists();
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_error("opening", path))?;
+    file.write_all(text.as_bytes())
+        .map_err(io_error("writing", path))?;
+    file.sync_data().map_err(io_error("syncing", path))?;
+    if !existed && let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Cuts a line torn by a crash mid-append (never acknowledged, so the proxy resends
+/// it), so the next append starts on a fresh line.
+fn repair_torn_tail(path: &Path) -> Result<(), StoreError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_error("opening", path))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(io_error("reading", path))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(path = %path.display(), cut = bytes.len() - keep, "cutting a torn last line");
+    file.set_len(keep as u64)
+        .map_err(io_error("truncating", path))?;
+    file.seek(SeekFrom::End(0))
+        .map_err(io_error("seeking", path))?;
+    file.sync_data().map_err(io_error("syncing", path))
+}
+
+impl FileStore {
+    /// The store under `root` (created if missing), with torn last lines cut.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
+        let store = Self { root };
+        for tenant in store.tenants()? {
+            let dir = store.tenant_dir(&tenant)?;
+            repair_torn_tail_if_present(&dir.join(CHAINS_FILE))?;
+            for day in store.days(&tenant)? {
+                repair_torn_tail(&store.day_file(&tenant, day)?)?;
+            }
+        }
+        Ok(store)
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> Result<PathBuf, StoreError> {
+        if !is_dns_subdomain(tenant) {
+            return Err(StoreError::BadTenant(tenant.to_owned()));
+        }
+        Ok(self.root.join(tenant))
+    }
+
+    fn day_file(&self, tenant: &str, day: Date) -> Result<PathBuf, StoreError> {
+        Ok(self.tenant_dir(tenant)?.join(format!("{day}{DAY_SUFFIX}")))
+    }
+}
+
+fn repair_torn_tail_if_present(path: &Path) -> Result<(), StoreError> {
+    if path.exists() {
+        repair_torn_tail(path)?;
+    }
+    Ok(())
+}
+
+impl RecordStore for FileStore {
+    fn append(
+        &mut self,
+        tenant: &str,
+        day: Date,
+        new_chains: &[(String, String)],
+        entries: &[Fresh],
+    ) -> Result<(), StoreError> {
+        let dir = self.tenant_dir(tenant)?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
+            sync_dir(&self.root)?;
+        }
+        // Chain starts first: an entry never lands without its chain's owner.
+        if !new_chains.is_empty() {
+            let mut text = String::new();
+            for (chain_id, owner) in new_chains {
+                let start = ChainStart {
+                    chain_id: chain_id.clone(),
+                    owner: owner.clone(),
+                };
+                let line = serde_json::to_string(&start).map_err(|e| StoreError::Corrupt {
+                    path: dir.join(CHAINS_FILE),
+                    line: 0,
+                    message: e.to_string(),
+                })?;
+                text.push_str(&line);
+                text.push('\n');
+            }
+            append_durably(&dir.join(CHAINS_FILE), &text)?;
+        }
+        if !entries.is_empty() {
+            let mut text = String::new();
+            for entry in entries {
+                text.push_str(&entry.line);
+                text.push('\n');
+            }
+            append_durably(&self.day_file(tenant, day)?, &text)?;
+        }
+        Ok(())
+    }
+
+    fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let mut tenants = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io_error("listing", &self.root))? {
+            let entry = entry.map_err(io_error("listing", &self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && is_dns_subdomain(&name) {
+                tenants.push(name);
+            }
+        }
+        tenants.sort();
+        Ok(tenants)
+    }
+
+    fn chains(&self, tenant: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let path = self.tenant_dir(tenant)?.join(CHAINS_FILE);
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = fs::read_to_string(&path).map_err(io_error("reading", &path))?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str::<ChainStart>(line)
+                    .map(|s| (s.chain_id, s.owner))
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.clone(),
+                        line: i + 1,
+                        message: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    fn days(&self, tenant: &str) -> Result<Vec<Date>, StoreError> {
+        let dir = self.tenant_dir(tenant)?;
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut days = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_error("listing", &dir))? {
+            let entry = entry.map_err(io_error("listing", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(day) = name
+                .strip_suffix(DAY_SUFFIX)
+                .and_then(|d| d.parse::<Date>().ok())
+            {
+                days.push(day);
+            }
+        }
+        days.sort();
+        Ok(days)
+    }
+
+    fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError> {
+        let path = self.day_file(tenant, day)?;
+        let text = fs::read_to_string(&path).map_err(io_error("reading", &path))?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    fn prune(&mut self, tenant: &str, before: Date) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for day in self.days(tenant)? {
+            if day >= before {
+                break;
+            }
+            let path = self.day_file(tenant, day)?;
+            fs::remove_file(&path).map_err(io_error("removing", &path))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.tenant_dir(tenant)?)?;
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,320 @@
+//! The collector's core, in-process, over real hash chains and signed checkpoints from
+//! `portcullis-audit` and a real directory: a proxy's resend is stored once, a rewrite,
+//! a gap, an altered record, another tenant's record and another workload's chain are
+//! refused whole, a restarted collector continues every chain, and retention removes
+//! whole days while what remains still verifies.
+
+use jiff::Timestamp;
+use portcullis_api::audit_ship::ShipRefusalReason;
+use portcullis_api::clock::ManualClock;
+use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
+use portcullis_audit::entry::Entry;
+use portcullis_audit::verify::{VerifyOptions, verify_jsonl};
+use portcullis_audit::{AuditRecord, Chain};
+use portcullis_collector::{Collector, FileStore, IngestError, Sender};
+use std::sync::Arc;
+
+const SHOP: Sender<'static> = Sender {
+    tenant: "shop",
+    workload: "spiffe://cluster.local/ns/shop/sa/web",
+};
+
+fn start() -> Timestamp {
+    "2027-01-15T08:00:00Z"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A proxy's chain: records it made, as JSON lines, in order.
+struct Proxy {
+    chain: Chain,
+    tenant: String,
+    lines: Vec<String>,
+}
+
+impl Proxy {
+    fn new(chain_id: &str, tenant: &str) -> Self {
+        Self {
+            chain: Chain::new(chain_id),
+            tenant: tenant.to_owned(),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Makes `n` more records and returns their lines.
+    fn requests(&mut self, n: usize) -> Vec<String> {
+        let mut made = Vec::new();
+        for i in 0..n {
+            let mut record = AuditRecord::new(
+                start(),
+                self.tenant.as_str(),
+                "web-7d9f",
+                "api.identify",
+                "key:ak_***7f2",
+            );
+            record.method = "POST".into();
+            record.path = format!("/v1/identify/{i}");
+            record.status = 200;
+            let record = self.chain.append(record).unwrap_or_else(|e| panic!("{e}"));
+            let line = Entry::Record(record)
+                .to_json_line()
+                .unwrap_or_else(|e| panic!("{e}"));
+            made.push(line.clone());
+            self.lines.push(line);
+        }
+        made
+    }
+}
+
+fn batch(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn refused(
+    result: Result<portcullis_api::audit_ship::ShipAck, IngestError>,
+) -> portcullis_api::audit_ship::ShipRefusal {
+    match result {
+        Err(IngestError::Refused(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Collector<FileStore> {
+    Collector::open(
+        FileStore::open(dir).unwrap_or_else(|e| panic!("{e}")),
+        clock.clone() as Arc<dyn portcullis_api::clock::Clock>,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_resend_is_acknowledged_and_stored_once() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+
+    let first = proxy.requests(3);
+    let ack = collector
+        .ingest(SHOP, &batch(&first))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((ack.stored, ack.duplicates), (3, 0));
+    assert_eq!(ack.durable_through.get("web-7d9f-1"), Some(&2));
+
+    // The answer was lost: the proxy sends everything unacknowledged again, plus more.
+    let mut again = first.clone();
+    again.extend(proxy.requests(2));
+    let ack = collector
+        .ingest(SHOP, &batch(&again))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((ack.stored, ack.duplicates), (2, 3));
+    assert_eq!(ack.durable_through.get("web-7d9f-1"), Some(&4));
+
+    let stored = collector.entries("shop").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, proxy.lines, "exactly one line per record, in order");
+    let report = verify_jsonl(&stored.join("\n"), "collector", VerifyOptions::default())
+        .unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!(report.records, 5);
+}
+
+#[test]
+fn rewrites_gaps_and_altered_records_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    let first = proxy.requests(3);
+    collector
+        .ingest(SHOP, &batch(&first))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A gap: records 3 and 4 are skipped.
+    let later = proxy.requests(3);
+    let refusal = refused(collector.ingest(SHOP, &batch(&later[2..])));
+    assert_eq!(refusal.reason, ShipRefusalReason::MissingRecords);
+    assert_eq!(refusal.expected_seq, Some(3), "{}", refusal.error);
+
+    // An altered record: its hash no longer matches (a valid record before it in the
+    // same batch must not be stored either).
+    let tampered = later[1].replace("\"status\":200", "\"status\":403");
+    let refusal = refused(collector.ingest(SHOP, &batch(&[later[0].clone(), tampered])));
+    assert_eq!(refusal.reason, ShipRefusalReason::AlteredRecord);
+
+    // A rewrite: a workload that rebuilt its chain from seq 0 with other content.
+    let mut forger = Proxy::new("web-7d9f-1", "shop");
+    let rewritten = forger.requests(1)[0].replace("/v1/identify/0", "/v1/nothing-to-see");
+    let mut rehashed: serde_json::Value =
+        serde_json::from_str(&rewritten).unwrap_or_else(|e| panic!("{e}"));
+    rehashed["hash"] = serde_json::json!(
+        portcullis_audit::canonical::record_hash_of_value(rehashed.clone())
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let refusal = refused(collector.ingest(SHOP, &batch(&[rehashed.to_string()])));
+    assert_eq!(refusal.reason, ShipRefusalReason::Fork);
+
+    // None of it landed; the honest continuation still fits.
+    assert_eq!(
+        collector.entries("shop").unwrap_or_else(|e| panic!("{e}")),
+        first
+    );
+    let ack = collector
+        .ingest(SHOP, &batch(&later))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ack.stored, 3);
+}
+
+#[test]
+fn a_workload_writes_only_its_own_tenant_and_its_own_chains() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut web = Proxy::new("web-7d9f-1", "shop");
+    collector
+        .ingest(SHOP, &batch(&web.requests(2)))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Records naming another tenant, from a shop workload.
+    let mut other = Proxy::new("bank-1", "bank");
+    let refusal = refused(collector.ingest(SHOP, &batch(&other.requests(1))));
+    assert_eq!(refusal.reason, ShipRefusalReason::WrongTenant);
+    assert!(refusal.error.contains("\"bank\""), "{}", refusal.error);
+
+    // Another shop workload continuing web's chain.
+    let cart = Sender {
+        tenant: "shop",
+        workload: "spiffe://cluster.local/ns/shop/sa/cart",
+    };
+    let refusal = refused(collector.ingest(cart, &batch(&web.requests(1))));
+    assert_eq!(refusal.reason, ShipRefusalReason::ForeignChain);
+    assert!(refusal.error.contains("sa/web"), "{}", refusal.error);
+}
+
+#[test]
+fn checkpoints_must_sign_what_arrived() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let signer = CheckpointSigner::from_pkcs8(
+        &CheckpointSigner::generate_pkcs8().unwrap_or_else(|e| panic!("{e}")),
+        SignerIdentity::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    let records = proxy.requests(3);
+    let head: serde_json::Value =
+        serde_json::from_str(&records[2]).unwrap_or_else(|e| panic!("{e}"));
+    let hash = head["hash"].as_str().unwrap_or_default();
+    let checkpoint = |seq: u64, hash: &str| {
+        Entry::Checkpoint(
+            signer
+                .sign("web-7d9f-1", seq, hash, start())
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .to_json_line()
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+
+    // A checkpoint over a record that has not arrived.
+    let mut early = records[..2].to_vec();
+    early.push(checkpoint(2, hash));
+    let refusal = refused(collector.ingest(SHOP, &batch(&early)));
+    assert_eq!(refusal.reason, ShipRefusalReason::BadCheckpoint);
+
+    // A forged signature.
+    let forged = checkpoint(2, hash).replacen("\"signature\":\"", "\"signature\":\"AAAA", 1);
+    let mut with_forged = records.clone();
+    with_forged.push(forged);
+    let refusal = refused(collector.ingest(SHOP, &batch(&with_forged)));
+    assert_eq!(refusal.reason, ShipRefusalReason::BadCheckpoint);
+
+    // The real one, after its record: stored, and the stored log verifies with it.
+    let mut good = records.clone();
+    good.push(checkpoint(2, hash));
+    let ack = collector
+        .ingest(SHOP, &batch(&good))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ack.stored, 4);
+    let stored = collector.entries("shop").unwrap_or_else(|e| panic!("{e}"));
+    let report = verify_jsonl(&stored.join("\n"), "collector", VerifyOptions::default())
+        .unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!((report.records, report.checkpoints), (3, 1));
+}
+
+#[test]
+fn a_restarted_collector_continues_every_chain_and_cuts_a_torn_line() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    {
+        let mut collector = open(dir.path(), &clock);
+        collector
+            .ingest(SHOP, &batch(&proxy.requests(4)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A crash in the middle of the next append left half a line behind.
+    let day_file = dir.path().join("shop").join("2027-01-15.jsonl");
+    let mut torn = std::fs::read_to_string(&day_file).unwrap_or_else(|e| panic!("{e}"));
+    torn.push_str("{\"timestamp\":\"2027-01-15T08:00:00Z\",\"chain_id\":\"web-7d9f-1\",\"se");
+    std::fs::write(&day_file, torn).unwrap_or_else(|e| panic!("{e}"));
+
+    let mut collector = open(dir.path(), &clock);
+    let head = collector
+        .arrivals()
+        .head("web-7d9f-1")
+        .unwrap_or_else(|| panic!("the chain was forgotten"));
+    assert_eq!(head.next_seq, 4);
+    assert_eq!(head.owner, SHOP.workload);
+
+    // The proxy resends what was never acknowledged, then carries on.
+    let ack = collector
+        .ingest(SHOP, &batch(&proxy.requests(2)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (ack.stored, ack.durable_through.get("web-7d9f-1").copied()),
+        (2, Some(5))
+    );
+    let stored = collector.entries("shop").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, proxy.lines);
+    verify_jsonl(&stored.join("\n"), "collector", VerifyOptions::default())
+        .unwrap_or_else(|p| panic!("{p}"));
+
+    // The owner survives the restart too.
+    let cart = Sender {
+        tenant: "shop",
+        workload: "spiffe://cluster.local/ns/shop/sa/cart",
+    };
+    let refusal = refused(collector.ingest(cart, &batch(&proxy.requests(1))));
+    assert_eq!(refusal.reason, ShipRefusalReason::ForeignChain);
+}
+
+#[test]
+fn retention_removes_whole_days_and_the_rest_still_verifies() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    for _ in 0..5 {
+        collector
+            .ingest(SHOP, &batch(&proxy.requests(2)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        clock.advance(jiff::SignedDuration::from_hours(24));
+    }
+    // Now the 20th; a 3-day retention keeps the 18th, 19th and 20th (empty).
+    let removed = collector.prune("shop", 3).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(removed, 3, "the 15th, 16th and 17th go");
+    let stored = collector.entries("shop").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, proxy.lines[6..].to_vec());
+    let pruned_start = VerifyOptions {
+        allow_pruned_start: true,
+        ..VerifyOptions::default()
+    };
+    verify_jsonl(&stored.join("\n"), "collector", pruned_start).unwrap_or_else(|p| panic!("{p}"));
+    // Without the allowance, the missing start is visible.
+    assert!(verify_jsonl(&stored.join("\n"), "collector", VerifyOptions::default()).is_err());
+
+    // The chain carries on after pruning.
+    let ack = collector
+        .ingest(SHOP, &batch(&proxy.requests(1)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ack.durable_through.get("web-7d9f-1"), Some(&10));
+}
