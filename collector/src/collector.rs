@@ -100,6 +100,11 @@ impl<S: RecordStore> Collector<S> {
         self.store.prune(tenant, before)
     }
 
+    /// The tenants with a log.
+    pub fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        self.store.tenants()
+    }
+
     /// Every entry of `tenant`'s log, oldest first, one JSON line each.
     pub fn entries(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
         let mut lines = Vec::new();

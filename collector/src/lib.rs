@@ -8,16 +8,24 @@
 //! its view of every chain from the store after a restart, and prunes days past a
 //! tenant's retention ([`collector`]).
 //!
-//! Status: the checking, storage, recovery and retention core, tested in-process. The
-//! HTTP listener, encryption under the tenant DEK, signed off-host checkpoints, the
-//! export API, SIEM forwarding and the proxy's shipping side are not built yet.
+//! Batches arrive over mutual TLS ([`server`]): the tenant is the one the shipping
+//! workload's certificate names. `portcullis-operator audit-server` runs it.
+//!
+//! Status: the checking, storage, recovery and retention core and the ingest listener,
+//! tested in-process over real TLS. Encryption under the tenant DEK, signed off-host
+//! checkpoints, the export API, SIEM forwarding and the proxy's shipping side are not
+//! built yet.
 
 #![warn(missing_docs)]
 
 pub mod arrival;
 pub mod collector;
+pub mod metrics;
+pub mod server;
 pub mod store;
 
 pub use arrival::{Arrivals, ChainHead, Sender};
 pub use collector::{Collector, IngestError, MAX_RETENTION_DAYS};
+pub use metrics::IngestMetrics;
+pub use server::{Ingest, MAX_BATCH_BYTES, server_config};
 pub use store::{FileStore, RecordStore, StoreError};

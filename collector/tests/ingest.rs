@@ -4,71 +4,21 @@
 //! refused whole, a restarted collector continues every chain, and retention removes
 //! whole days while what remains still verifies.
 
-use jiff::Timestamp;
 use portcullis_api::audit_ship::ShipRefusalReason;
 use portcullis_api::clock::ManualClock;
 use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
 use portcullis_audit::entry::Entry;
 use portcullis_audit::verify::{VerifyOptions, verify_jsonl};
-use portcullis_audit::{AuditRecord, Chain};
 use portcullis_collector::{Collector, FileStore, IngestError, Sender};
 use std::sync::Arc;
+
+mod support;
+use support::{Proxy, batch, start};
 
 const SHOP: Sender<'static> = Sender {
     tenant: "shop",
     workload: "spiffe://cluster.local/ns/shop/sa/web",
 };
-
-fn start() -> Timestamp {
-    "2027-01-15T08:00:00Z"
-        .parse()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A proxy's chain: records it made, as JSON lines, in order.
-struct Proxy {
-    chain: Chain,
-    tenant: String,
-    lines: Vec<String>,
-}
-
-impl Proxy {
-    fn new(chain_id: &str, tenant: &str) -> Self {
-        Self {
-            chain: Chain::new(chain_id),
-            tenant: tenant.to_owned(),
-            lines: Vec::new(),
-        }
-    }
-
-    /// Makes `n` more records and returns their lines.
-    fn requests(&mut self, n: usize) -> Vec<String> {
-        let mut made = Vec::new();
-        for i in 0..n {
-            let mut record = AuditRecord::new(
-                start(),
-                self.tenant.as_str(),
-                "web-7d9f",
-                "api.identify",
-                "key:ak_***7f2",
-            );
-            record.method = "POST".into();
-            record.path = format!("/v1/identify/{i}");
-            record.status = 200;
-            let record = self.chain.append(record).unwrap_or_else(|e| panic!("{e}"));
-            let line = Entry::Record(record)
-                .to_json_line()
-                .unwrap_or_else(|e| panic!("{e}"));
-            made.push(line.clone());
-            self.lines.push(line);
-        }
-        made
-    }
-}
-
-fn batch(lines: &[String]) -> String {
-    lines.iter().map(|l| format!("{l}\n")).collect()
-}
 
 fn refused(
     result: Result<portcullis_api::audit_ship::ShipAck, IngestError>,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Diagnostics;
 use crate::metrics::Metrics;
-use crate::serve::{self, Body};
+use portcullis_server::{self as serve, Body};
 
 /// What the admin endpoint reads.
 #[derive(Clone)]

@@ -2,6 +2,7 @@
 //! authority and identity service, admission webhooks and the policy server.
 
 pub mod admin;
+pub mod audit_server;
 pub mod ca;
 pub mod clock;
 pub mod context;
@@ -16,7 +17,6 @@ pub mod metrics;
 pub mod policy;
 pub mod rbac;
 pub mod run;
-pub mod serve;
 pub mod stores;
 pub mod trust_bundle;
 pub mod webhook;

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use portcullis_operator::run;
 
-use flags::RunArgs;
+use flags::{AuditServerArgs, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,8 @@ enum Command {
     },
     /// Run the operator: identity service, policy server, webhooks, metrics, and the controllers and CA rotation while leader.
     Run(Box<RunArgs>),
+    /// Run the audit service: the per-tenant audit log proxies ship their chains to.
+    AuditServer(Box<AuditServerArgs>),
     /// Inspect compiled policy.
     Policy {
         #[command(subcommand)]
@@ -93,6 +95,15 @@ async fn run_operator(args: Box<RunArgs>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_audit_server(args: Box<AuditServerArgs>) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let server = portcullis_operator::audit_server::start(args.settings()).await?;
+    termination().await?;
+    tracing::info!("shutting down: finishing open batches");
+    server.stop().await;
+    Ok(())
+}
+
 async fn dump_policy(tenant: &str) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -118,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Run(args) => runtime()?.block_on(run_operator(args))?,
+        Command::AuditServer(args) => runtime()?.block_on(run_audit_server(args))?,
         Command::Policy {
             command: PolicyCommand::Dump { tenant },
         } => runtime()?.block_on(dump_policy(&tenant))?,

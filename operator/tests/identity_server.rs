@@ -16,7 +16,7 @@ use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator,
 };
-use portcullis_operator::serve::ConnectionLimits;
+use portcullis_server::ConnectionLimits;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};

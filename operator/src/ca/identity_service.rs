@@ -25,7 +25,7 @@ use super::issued::{IssuedLeaf, LeafLedger};
 use super::metrics::IdentityMetrics;
 use super::service_names::{self, DEFAULT_CLUSTER_DOMAIN};
 use super::serving::{CaServingCertificate, service_names as operator_names};
-use crate::serve::{self, ConnectionLimits};
+use portcullis_server::{self as serve, ConnectionLimits};
 
 /// The operator's Service (the chart's default release name).
 pub const DEFAULT_SERVICE: &str = "portcullis-operator";

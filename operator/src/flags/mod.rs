@@ -3,12 +3,15 @@
 //! become the operator's settings. Every flag also reads a `PORTCULLIS_*` variable,
 //! which is how the chart sets them.
 
+mod audit_server;
 mod identity;
 mod keys;
 mod leader;
 mod serving;
 mod values;
 mod webhooks;
+
+pub use audit_server::AuditServerArgs;
 
 use clap::Args;
 use portcullis_operator::run::OperatorSettings;

@@ -38,7 +38,7 @@ use super::PolicyHub;
 use super::app_exit::AppExits;
 use super::server_audit_key::{AuditKeys, denial};
 use super::server_tls::{client_namespace, client_tenant};
-use crate::serve::{self, Body, ConnectionLimits, PeerCertificates};
+use portcullis_server::{self as serve, Body, ConnectionLimits, PeerCertificates};
 
 /// Content type of the watch stream.
 pub const NDJSON: &str = "application/x-ndjson";

@@ -19,7 +19,7 @@ use portcullis_crds::Tenant;
 
 use crate::dek::{self, DekRing};
 use crate::envelope::Kek;
-use crate::serve::{self, Body};
+use portcullis_server::{self as serve, Body};
 
 /// Where the keys come from.
 #[derive(Clone)]

@@ -1,7 +1,7 @@
 //! The HTTPS server the API server calls: `POST /inject` (mutating) and
 //! `POST /validate` (validating), AdmissionReview v1 in and out, over TLS 1.3 with
 //! HTTP/1.1 or HTTP/2. Bounded: request bodies and review time here, connections by the
-//! shared server ([`crate::serve`]: handshake, header, idle and keep-alive time, caps in
+//! shared server ([`portcullis_server`]: handshake, header, idle and keep-alive time, caps in
 //! all and per source that evict idle connections rather than stop accepting); drains
 //! on shutdown.
 
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{INJECT_PATH, VALIDATE_PATH};
 use super::review::{review_admin, review_pod};
 use super::{WebhookError, WebhookState};
-use crate::serve::{self, ConnectionLimits};
+use portcullis_server::{self as serve, ConnectionLimits};
 
 /// Limits of the webhook server.
 #[derive(Clone, Debug, PartialEq, Eq)]

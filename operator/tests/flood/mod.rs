@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use portcullis_operator::serve::ConnectionLimits;
+use portcullis_server::ConnectionLimits;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;

@@ -1,6 +1,6 @@
 //! One bounded HTTP server (hyper 1, HTTP/1.1 and HTTP/2, optional rustls) used by
-//! every listener of the operator: the admission webhooks, the identity service, the
-//! policy server and the metrics/health endpoint. Handlers see the client's
+//! every control-plane listener: the operator's admission webhooks, identity service,
+//! policy server and metrics/health endpoint, and the audit collector. Handlers see the client's
 //! certificate chain as a [`PeerCertificates`] request extension.
 //!
 //! Bounded ([`ConnectionLimits`]): TLS handshake time, header read time, time to the
@@ -9,6 +9,8 @@
 //! full server closes its longest-idle connection rather than stop accepting
 //! ([`connections`]). On shutdown it stops accepting, lets open connections finish
 //! (bounded), and returns.
+
+#![warn(missing_docs)]
 
 pub mod connections;
 

@@ -1,0 +1,252 @@
+//! The ingest listener: `POST /v1/audit/records` over mutual TLS 1.3.
+//!
+//! A batch is accepted only from a client certificate that chains to the trust bundle
+//! and names one workload and one tenant of the collector's trust domain (the workload
+//! certificate the operator issues); the tenant the batch is filed under is the
+//! certificate's, never one the body names. The batch is checked and made durable on a
+//! blocking thread (it ends in fsync), and only then acknowledged.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipRefusal, ShipRefusalReason};
+use portcullis_api::spiffe::TrustDomain;
+use portcullis_server::{self as serve, Body, PeerCertificates};
+use portcullis_tls::leaf_facts;
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::arrival::Sender;
+use crate::collector::{Collector, IngestError};
+use crate::metrics::IngestMetrics;
+use crate::store::RecordStore;
+
+/// Largest batch accepted. A proxy ships at most this much per request; more is a 413
+/// that tells it to split.
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    /// rustls refused the certificate, key or protocol set.
+    #[error("collector TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The trust bundle cannot verify client certificates.
+    #[error("collector trust bundle cannot verify client certificates: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The listener's TLS: TLS 1.3 only, HTTP/2 or HTTP/1.1, a client certificate that
+/// chains to `roots` required.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: rustls::RootCertStore,
+) -> Result<ServerConfig, ServerTlsError> {
+    let provider = portcullis_tls::provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// What every ingest request shares.
+pub struct Ingest<S> {
+    collector: Arc<Mutex<Collector<S>>>,
+    trust_domain: TrustDomain,
+    metrics: IngestMetrics,
+}
+
+impl<S> Clone for Ingest<S> {
+    fn clone(&self) -> Self {
+        Self {
+            collector: self.collector.clone(),
+            trust_domain: self.trust_domain.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Ingest<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ingest")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shipping workload, from its verified client certificate.
+struct Shipper {
+    tenant: String,
+    workload: String,
+}
+
+impl<S: RecordStore + Send + 'static> Ingest<S> {
+    /// Ingest into `collector` from workloads of `trust_domain`.
+    pub fn new(
+        collector: Arc<Mutex<Collector<S>>>,
+        trust_domain: TrustDomain,
+        metrics: IngestMetrics,
+    ) -> Self {
+        Self {
+            collector,
+            trust_domain,
+            metrics,
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(self, request: Request<Incoming>) -> Response<Body> {
+        if request.uri().path() != RECORDS_PATH {
+            return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
+        }
+        if request.method() != Method::POST {
+            return serve::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "ship records with POST, one JSON entry per line",
+            );
+        }
+        let shipper = match self.shipper(request.extensions().get::<PeerCertificates>()) {
+            Ok(shipper) => shipper,
+            Err(message) => {
+                self.metrics.batch("unauthenticated");
+                return serve::error(StatusCode::FORBIDDEN, &message);
+            }
+        };
+        if let Some(kind) = request.headers().get(header::CONTENT_TYPE)
+            && kind.as_bytes() != CONTENT_TYPE.as_bytes()
+        {
+            return serve::error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &format!("send the batch as {CONTENT_TYPE}"),
+            );
+        }
+        let body = match Limited::new(request.into_body(), MAX_BATCH_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return serve::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "a batch may hold at most {MAX_BATCH_BYTES} bytes; ship fewer records per request"
+                    ),
+                );
+            }
+            Err(e) => {
+                return serve::error(StatusCode::BAD_REQUEST, &format!("reading the batch: {e}"));
+            }
+        };
+        self.ingest(shipper, body).await
+    }
+
+    fn shipper(&self, peer: Option<&PeerCertificates>) -> Result<Shipper, String> {
+        let no_identity = || {
+            format!(
+                "the client certificate names no workload and tenant of trust domain {}; ship with the workload certificate the operator issued",
+                self.trust_domain
+            )
+        };
+        let leaf = peer.and_then(|p| p.0.first()).ok_or_else(no_identity)?;
+        let facts = leaf_facts(leaf).map_err(|_| no_identity())?;
+        match (facts.workload, facts.tenant) {
+            (Some(workload), Some(tenant))
+                if workload.trust_domain() == &self.trust_domain
+                    && tenant.trust_domain() == &self.trust_domain =>
+            {
+                Ok(Shipper {
+                    tenant: tenant.tenant().to_owned(),
+                    workload: workload.to_string(),
+                })
+            }
+            _ => Err(no_identity()),
+        }
+    }
+
+    async fn ingest(&self, shipper: Shipper, body: Bytes) -> Response<Body> {
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            self.metrics.refused(ShipRefusalReason::Malformed);
+            return refusal_response(&ShipRefusal {
+                error: "the batch is not UTF-8 text; send one JSON entry per line".into(),
+                reason: ShipRefusalReason::Malformed,
+                chain_id: None,
+                expected_seq: None,
+            });
+        };
+        let collector = self.collector.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
+            let sender = Sender {
+                tenant: &shipper.tenant,
+                workload: &shipper.workload,
+            };
+            collector.ingest(sender, &text)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(ack)) => {
+                self.metrics.stored(ack.stored, ack.duplicates);
+                match serde_json::to_vec(&ack) {
+                    Ok(body) => serve::full(StatusCode::OK, "application/json", body),
+                    Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            Ok(Err(IngestError::Refused(refusal))) => {
+                self.metrics.refused(refusal.reason);
+                tracing::warn!(
+                    reason = ?refusal.reason,
+                    chain = refusal.chain_id.as_deref().unwrap_or("-"),
+                    "batch refused"
+                );
+                refusal_response(&refusal)
+            }
+            Ok(Err(IngestError::Store(e))) => {
+                self.metrics.batch("store_failed");
+                tracing::error!(error = %e, "batch not made durable");
+                serve::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the collector could not make the batch durable; nothing was stored, resend it",
+                )
+            }
+            Err(e) => {
+                self.metrics.batch("store_failed");
+                tracing::error!(error = %e, "ingest task failed");
+                serve::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the collector could not make the batch durable; nothing was stored, resend it",
+                )
+            }
+        }
+    }
+}
+
+/// The status a refusal is answered with: 400 for a line that is not an entry, 403 for
+/// a record the sender may not write, 409 for a batch that does not continue the chain.
+pub fn refusal_status(reason: ShipRefusalReason) -> StatusCode {
+    match reason {
+        ShipRefusalReason::Malformed => StatusCode::BAD_REQUEST,
+        ShipRefusalReason::WrongTenant | ShipRefusalReason::ForeignChain => StatusCode::FORBIDDEN,
+        ShipRefusalReason::AlteredRecord
+        | ShipRefusalReason::MissingRecords
+        | ShipRefusalReason::BrokenLink
+        | ShipRefusalReason::Fork
+        | ShipRefusalReason::BadCheckpoint => StatusCode::CONFLICT,
+    }
+}
+
+fn refusal_response(refusal: &ShipRefusal) -> Response<Body> {
+    match serde_json::to_vec(refusal) {
+        Ok(body) => serve::full(refusal_status(refusal.reason), "application/json", body),
+        Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
