@@ -23,10 +23,11 @@ use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator, run_rotation,
 };
-use portcullis_sidecar::identity::tls::{self, ClientAuth};
+use portcullis_sidecar::identity::tls;
 use portcullis_sidecar::identity::{
     CertificateStore, IdentityClient, IdentityEndpoint, RenewalSettings, Renewer,
 };
+use portcullis_sidecar::tls::{ClientAuth, CredentialStore, TlsSettings};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -100,6 +101,20 @@ async fn start_sidecar(
     store
 }
 
+/// The TLS configs a sidecar builds from `store` (which must hold credentials).
+fn tls_of(store: &CertificateStore, client_auth: ClientAuth) -> CredentialStore {
+    let trust_domain = store.load().unwrap().workload().trust_domain().clone();
+    let credentials = CredentialStore::new(TlsSettings {
+        client_auth,
+        client_trust_domain: Some(trust_domain.clone()),
+        peer_trust_domain: Some(trust_domain),
+        serving: None,
+    })
+    .unwrap();
+    store.feed(&credentials).unwrap();
+    credentials
+}
+
 async fn serve_mtls(
     store: CertificateStore,
     log: Log,
@@ -107,16 +122,14 @@ async fn serve_mtls(
 ) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(
-        tls::server_config(&store, ClientAuth::Required).unwrap(),
-    ));
+    let configs = tls_of(&store, ClientAuth::Required).server_configs();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted.unwrap(),
             };
-            let (acceptor, log) = (acceptor.clone(), log.clone());
+            let (acceptor, log) = (TlsAcceptor::from(configs.current()), log.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -146,11 +159,11 @@ async fn serve_mtls(
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn connect(
-    store: &CertificateStore,
+    store: &CredentialStore,
     addr: std::net::SocketAddr,
     log: &Log,
 ) -> Result<Sender, String> {
-    let config = Arc::new(tls::client_config(store).map_err(|e| e.to_string())?);
+    let config = store.peer_client()().map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = TlsConnector::from(config)
         .connect(ServerName::try_from("server.mesh.invalid").unwrap(), tcp)
@@ -324,12 +337,13 @@ async fn requests_flow_through_leaf_and_root_rotations() {
 
     let log: Log = Arc::default();
     let addr = serve_mtls(server_store.clone(), log.clone(), shutdown.clone()).await;
+    let client_tls = tls_of(&client_store, ClientAuth::Optional);
     let deadline = started + RUN_FOR;
     let expect_peer = client_id.to_string();
 
     // One keep-alive connection for the whole run.
     let long_lived = {
-        let (store, log, expect) = (client_store.clone(), log.clone(), expect_peer.clone());
+        let (store, log, expect) = (client_tls.clone(), log.clone(), expect_peer.clone());
         tokio::spawn(async move {
             let (mut ok, mut failures) = (0u32, Vec::new());
             let mut sender = match connect(&store, addr, &log).await {
@@ -349,7 +363,7 @@ async fn requests_flow_through_leaf_and_root_rotations() {
     // New connections, one request each, two in parallel.
     let fresh: Vec<_> = (0..2)
         .map(|_| {
-            let (store, log, expect) = (client_store.clone(), log.clone(), expect_peer.clone());
+            let (store, log, expect) = (client_tls.clone(), log.clone(), expect_peer.clone());
             tokio::spawn(async move {
                 let (mut ok, mut failures) = (0u32, Vec::new());
                 while tokio::time::Instant::now() < deadline {

@@ -16,6 +16,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     config::Limits,
@@ -24,7 +25,7 @@ use crate::{
     inbound::Inbound,
     metrics::Metrics,
     per_source::SourceSlots,
-    tls,
+    tls::{self, ServerConfigs},
 };
 
 /// What the connection tells every request on it.
@@ -66,7 +67,7 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// finish their requests for up to `limits.drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    server_configs: ServerConfigs,
     inbound: Arc<Inbound>,
     limits: Limits,
     metrics: Metrics,
@@ -110,17 +111,22 @@ pub async fn serve(
             },
         };
         let task = Connection {
-            acceptor: acceptor.clone(),
+            // The config in force now: a renewal later does not touch this connection.
+            acceptor: TlsAcceptor::from(server_configs.current()),
             inbound: inbound.clone(),
             builder: builder.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
             shutdown: shutdown.clone(),
         };
-        tokio::spawn(async move {
-            let _slots = (permit, source_slot);
-            task.run(tcp, peer).await;
-        });
+        let span = tracing::info_span!("conn", listener = "inbound", %peer);
+        tokio::spawn(
+            async move {
+                let _slots = (permit, source_slot);
+                task.run(tcp, peer).await;
+            }
+            .instrument(span),
+        );
     }
     drop(listener);
     tracing::info!(

@@ -17,6 +17,7 @@ use tokio::{
     sync::Semaphore,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     app_health::AppHealth,
@@ -173,10 +174,14 @@ pub async fn serve(
         };
         let (readiness, metrics) = (readiness.clone(), metrics.clone());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slots = (permit, source_slot);
-            serve_connection(tcp, readiness, metrics, shutdown).await;
-        });
+        let span = tracing::info_span!("conn", listener = "admin", %peer);
+        tokio::spawn(
+            async move {
+                let _slots = (permit, source_slot);
+                serve_connection(tcp, readiness, metrics, shutdown).await;
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -11,17 +11,15 @@
 //! for the tenant's data key: until it arrives requests are refused and `/ready` says
 //! `waiting_for_data_key`. With `PORTCULLIS_SERVING_CERT_DIR` clients outside the mesh
 //! are shown that directory's certificate instead of the workload's
-//! ([`crate::inbound_certificate`]).
+//! ([`crate::tls::server`]).
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
 use rustls::{
     RootCertStore,
     pki_types::{CertificateDer, pem::PemObject},
-    server::ResolvesServerCert,
 };
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -32,16 +30,12 @@ use crate::{
         trail::AuditTrail,
     },
     config::{StreamSource, env::ClusterConfig},
-    identity::{
-        CertificateStore, ClientAuth, IdentityClient, Renewer, StoreCertResolver,
-        StoreClientCertVerifier, StoreServerCertVerifier, SystemClock,
-    },
-    inbound_certificate::InboundCertResolver,
+    identity::{CertificateStore, IdentityClient, Renewer, SystemClock},
     metrics::Metrics,
     policy::{PolicyStore, stream},
     proxy::{self, RunningProxy, StartError, Wiring},
     serving_certificate::ServingCertificate,
-    tls::{self, ClientConfigSource, TlsError},
+    tls::{self, ClientAuth, ClientConfigSource, CredentialStore, TlsError, TlsSettings},
     upstream::Upstream,
 };
 
@@ -99,24 +93,9 @@ fn operator_tls(store: &CertificateStore, bundle: &TrustBundleFile) -> ClientCon
                 .into_iter()
                 .chain(credentials.trust_bundle().iter().cloned()),
         );
-        Ok(Arc::new(tls::client_config(
-            Arc::new(StoreCertResolver::new(store.clone())),
+        Ok(Arc::new(tls::client::operator_config(
+            credentials.certified_key().clone(),
             Arc::new(roots),
-        )?))
-    })
-}
-
-/// Proxy-to-proxy mTLS: our workload certificate; peers must chain to our trust bundle
-/// and hold a workload ID of our trust domain.
-fn peer_tls(store: &CertificateStore) -> ClientConfigSource {
-    let store = store.clone();
-    Arc::new(move || {
-        if !store.is_ready() {
-            return Err(TlsError::NoIdentity);
-        }
-        Ok(Arc::new(tls::peer_client_config(
-            Arc::new(StoreCertResolver::new(store.clone())),
-            Arc::new(StoreServerCertVerifier::new(store.clone())),
         )?))
     })
 }
@@ -262,20 +241,16 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
-    let resolver: Arc<dyn ResolvesServerCert> = match &serving {
-        Some(serving) => Arc::new(InboundCertResolver::new(
-            StoreCertResolver::new(store.clone()),
-            serving.clone(),
-        )),
-        None => Arc::new(StoreCertResolver::new(store.clone())),
-    };
-    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(
-        resolver,
-        Arc::new(StoreClientCertVerifier::new(
-            store.clone(),
-            ClientAuth::Optional,
-        )),
-    )?));
+    // Clients and peers must be workloads of our trust domain; whether a client
+    // certificate is needed at all is the inbound mode's call, per request.
+    let trust_domain = config.workload.trust_domain().clone();
+    let credentials = CredentialStore::new(TlsSettings {
+        client_auth: ClientAuth::Optional,
+        client_trust_domain: Some(trust_domain.clone()),
+        peer_trust_domain: Some(trust_domain),
+        serving: serving.clone(),
+    })?;
+    store.feed(&credentials)?;
 
     let policy = PolicyStore::new();
     tasks.spawn(follow_service_revision(
@@ -360,13 +335,13 @@ pub async fn start(
     proxy::serve(Wiring {
         inbound: config.inbound.clone(),
         admin: config.admin.clone(),
-        outbound: Some((config.outbound.clone(), peer_tls(&store))),
+        outbound: Some((config.outbound.clone(), credentials.peer_client())),
         limits: config.limits.clone(),
         keys: config.keys.clone(),
         scopes_map: config.scopes_map.clone(),
         trusted_proxies: Vec::new(),
         upstream,
-        acceptor,
+        server_configs: credentials.server_configs(),
         policy,
         audit: trail.clone(),
         trail: Some(trail),

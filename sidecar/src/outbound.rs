@@ -4,7 +4,7 @@
 //! proxy (port 4143 unless `keepPort`), presenting the workload certificate and
 //! checking that the peer holds a workload certificate of our trust bundle and trust
 //! domain. The TLS server name sent is always the reserved
-//! [`PEER_SERVER_NAME`](crate::inbound_certificate::PEER_SERVER_NAME), so the callee
+//! [`PEER_SERVER_NAME`](crate::tls::PEER_SERVER_NAME), so the callee
 //! presents its workload certificate even when it serves its own certificate to clients
 //! outside the mesh. `X-Portcullis-Expect-Identity: spiffe://…` narrows that to exactly one
 //! workload. So app A → A's proxy :4140 → mTLS → B's proxy :4143 → B's app sees
@@ -38,6 +38,7 @@ use tokio::{
     sync::Semaphore,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     accept,
@@ -47,9 +48,8 @@ use crate::{
     headers,
     identity::{WorkloadId, tls::peer_identity},
     idle::{self, Activity, InFlightBody},
-    inbound_certificate::PEER_SERVER_NAME,
     metrics::Metrics,
-    tls::ClientConfigSource,
+    tls::{ClientConfigSource, PEER_SERVER_NAME},
 };
 
 /// The header naming the one workload the destination must be.
@@ -373,10 +373,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
         };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -387,10 +387,14 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (outbound, builder) = (outbound.clone(), builder.clone());
         let (limits, shutdown) = (limits.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(tcp, outbound, builder, limits, shutdown).await;
-        });
+        let span = tracing::info_span!("conn", listener = "outbound", %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                serve_connection(tcp, outbound, builder, limits, shutdown).await;
+            }
+            .instrument(span),
+        );
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);

@@ -8,7 +8,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use portcullis_crds::scope::ScopeMap;
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,17 +19,19 @@ use crate::{
     },
     authn::KeyVerifier,
     authorize_peer::PeerRules,
-    certs::{CertError, FileCredentials},
     config::{
         AdminConfig, InboundConfig, KeySettings, Limits, OutboundConfig, PolicySource, ProxyConfig,
     },
-    identity::{CertificateStore, TrustDomain, tls::PeerServerVerifier},
+    identity::{CertificateStore, TrustDomain},
     inbound::{Inbound, InboundSettings},
     metrics::Metrics,
     outbound::{self, Outbound},
     policy::{PolicyStore, file, stream},
     ratelimit::RateLimits,
-    tls::{self, ClientConfigSource, TlsError},
+    tls::{
+        ClientAuth, ClientConfigSource, CredentialStore, ServerConfigs, TlsError, TlsSettings,
+        files::{CertError, FileCredentials},
+    },
     upstream::Upstream,
 };
 
@@ -137,7 +138,7 @@ pub(crate) struct Wiring {
     pub scopes_map: Option<ScopeMap>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub upstream: Upstream,
-    pub acceptor: TlsAcceptor,
+    pub server_configs: ServerConfigs,
     pub policy: PolicyStore,
     pub audit: Arc<dyn AuditHook>,
     pub trail: Option<Arc<AuditTrail>>,
@@ -174,7 +175,7 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
         scopes_map,
         trusted_proxies,
         upstream,
-        acceptor,
+        server_configs,
         policy,
         audit,
         trail,
@@ -237,7 +238,7 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
     let drain = limits.drain_timeout;
     tasks.spawn(accept::serve(
         inbound_listener,
-        acceptor,
+        server_configs,
         handler,
         limits,
         metrics.clone(),
@@ -256,22 +257,6 @@ pub(crate) async fn serve(wiring: Wiring) -> Result<RunningProxy, StartError> {
         drain,
         shutdown,
         tasks,
-    })
-}
-
-/// The outbound TLS client of a standalone proxy: its file certificate, peers checked
-/// against its trust bundle as workloads of `trust_domain`.
-fn file_peer_tls(credentials: &FileCredentials, trust_domain: TrustDomain) -> ClientConfigSource {
-    let credentials = credentials.clone();
-    Arc::new(move || {
-        let verifier = Arc::new(PeerServerVerifier::new(
-            credentials.roots(),
-            trust_domain.clone(),
-        ));
-        Ok(Arc::new(tls::peer_client_config(
-            credentials.resolver(),
-            verifier,
-        )?))
     })
 }
 
@@ -324,8 +309,19 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
     let shutdown = CancellationToken::new();
     let credentials = FileCredentials::load(&config.tls)?;
     metrics.cert_reload("loaded", Some(credentials.not_after()));
-    let server_config = tls::server_config(credentials.resolver(), credentials.client_verifier())?;
-    let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let peer_trust_domain = match &config.outbound {
+        Some(settings) => Some(outbound_trust_domain(settings, &credentials)?),
+        None => None,
+    };
+    // Standalone clients need only chain to the trust bundle; the inbound mode checks
+    // their SPIFFE ID per request.
+    let tls = CredentialStore::new(TlsSettings {
+        client_auth: ClientAuth::Optional,
+        client_trust_domain: None,
+        peer_trust_domain,
+        serving: None,
+    })?;
+    credentials.feed(&tls)?;
 
     let policy = PolicyStore::new();
     let mut tasks = JoinSet::new();
@@ -345,7 +341,7 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
         PolicySource::Stream(source) => {
             tasks.spawn(stream::follow(
                 source.clone(),
-                credentials.client_config_source(),
+                tls.operator_client(),
                 policy.clone(),
                 metrics.clone(),
                 shutdown.clone(),
@@ -378,13 +374,10 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
         (AuditChoice::Hook(hook), _) => (hook, None),
     };
 
-    let outbound = match &config.outbound {
-        None => None,
-        Some(settings) => {
-            let trust_domain = outbound_trust_domain(settings, &credentials)?;
-            Some((settings.clone(), file_peer_tls(&credentials, trust_domain)))
-        }
-    };
+    let outbound = config
+        .outbound
+        .as_ref()
+        .map(|settings| (settings.clone(), tls.peer_client()));
     let readiness = admin::Readiness {
         policy: policy.clone(),
         certificate: Arc::new(|| true), // file credentials are loaded before we get here
@@ -415,7 +408,7 @@ async fn start_with(config: ProxyConfig, audit: AuditChoice) -> Result<RunningPr
         scopes_map: config.scopes_map.clone(),
         trusted_proxies: config.trusted_proxies.clone(),
         upstream: Upstream::new(&config.upstream),
-        acceptor,
+        server_configs: tls.server_configs(),
         policy,
         audit: hook,
         trail,

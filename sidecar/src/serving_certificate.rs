@@ -1,7 +1,7 @@
 //! The bring-your-own serving certificate (issue 20): a `kubernetes.io/tls` Secret the
 //! injector mounts (optional, read-only) at `PORTCULLIS_SERVING_CERT_DIR`, presented to
 //! clients outside the mesh instead of the workload certificate (the selection rule is
-//! in [`crate::inbound_certificate`]).
+//! in [`crate::tls::server`]).
 //!
 //! The directory is polled, not watched: the kubelet updates a Secret volume by swapping
 //! its `..data` symlink, so both files are read through one resolved `..data` and

@@ -17,7 +17,7 @@ use std::{
 use hyper_util::rt::TokioIo;
 use portcullis_crds::DataClassification;
 use portcullis_sidecar::{
-    echo, identity::tls::leaf_facts, inbound_certificate::PEER_SERVER_NAME, proxy::RunningProxy,
+    echo, identity::tls::leaf_facts, proxy::RunningProxy, tls::PEER_SERVER_NAME,
 };
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,

@@ -10,8 +10,8 @@
 //! let renewer = Renewer::new(client, store.clone(), workload_id, bootstrap_roots,
 //!                            Arc::new(SystemClock), RenewalSettings::default());
 //! tokio::spawn(renewer.run(shutdown.clone()));
-//! let inbound = tls::server_config(&store, ClientAuth::Optional)?;
-//! let outbound = tls::client_config(&store)?;
+//! let tls = CredentialStore::new(settings)?;
+//! store.feed(&tls)?; // every renewal now publishes new server and client configs
 //! ```
 
 use std::path::PathBuf;
@@ -42,9 +42,7 @@ pub use portcullis_api::identity::{
 };
 pub use portcullis_api::spiffe::{SpiffeId, SpiffeIdError, TenantId, TrustDomain, WorkloadId};
 pub use store::{CertificateStore, Credentials};
-pub use tls::{
-    ClientAuth, PeerIdentity, StoreCertResolver, StoreClientCertVerifier, StoreServerCertVerifier,
-};
+pub use tls::PeerIdentity;
 
 /// Why obtaining or installing a workload certificate failed.
 #[derive(Debug, thiserror::Error)]

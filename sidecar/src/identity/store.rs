@@ -1,8 +1,9 @@
 //! The certificate store: the workload's current credentials behind one atomic pointer.
 //!
-//! TLS acceptors and connectors read it lock-free on every handshake; the renew loop
-//! swaps in a complete new [`Credentials`] (key, chain, trust roots, verifiers) at once,
-//! so a handshake never sees a new certificate with old roots or the reverse.
+//! The renew loop swaps in a complete new [`Credentials`] (key, chain, trust roots) at
+//! once; the store is the identity feed of the TLS credentials store
+//! ([`crate::tls::creds`]), which builds whole TLS configs from each generation, so a
+//! handshake never sees a new certificate with old roots or the reverse.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,14 +13,17 @@ use jiff::Timestamp;
 use rustls::RootCertStore;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
 use super::IdentityError;
 use super::csr::WorkloadKey;
-use super::tls::{self, PeerServerVerifier};
+use super::tls;
+use crate::tls::TlsError;
+use crate::tls::creds::{CredentialStore, Feed, TlsCredentials};
+use crate::tls::server::ClientAuth;
+use crate::tls::verify::{ClientVerifier, PeerServerVerifier};
 use portcullis_api::identity::IssueResponse;
 use portcullis_api::spiffe::{TenantId, WorkloadId};
 
@@ -37,8 +41,6 @@ pub struct Credentials {
     not_after: Timestamp,
     renew_after: Timestamp,
     names_revision: Option<String>,
-    client_verifier: Arc<dyn ClientCertVerifier>,
-    server_verifier: Arc<PeerServerVerifier>,
 }
 
 impl Credentials {
@@ -103,14 +105,13 @@ impl Credentials {
             IdentityError::InvalidResponse("leaf certificate is not for our key".into())
         })?;
 
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| IdentityError::InvalidResponse(format!("trust bundle: {e}")))?;
-        let server_verifier = Arc::new(PeerServerVerifier::new(
-            roots.clone(),
-            expected.trust_domain().clone(),
-        ));
+        // Refuse a bundle that cannot verify client certificates before it is in force.
+        ClientVerifier::new(
+            Some(roots.clone()),
+            Some(expected.trust_domain().clone()),
+            ClientAuth::Optional,
+        )
+        .map_err(|e| IdentityError::InvalidResponse(format!("trust bundle: {e}")))?;
 
         Ok(Self {
             workload: expected.clone(),
@@ -123,8 +124,6 @@ impl Credentials {
             not_after: facts.not_after,
             renew_after: issued.renew_after,
             names_revision: issued.names_revision.clone(),
-            client_verifier,
-            server_verifier,
         })
     }
 
@@ -191,14 +190,20 @@ impl Credentials {
         self.renew_after
     }
 
-    /// A client-certificate verifier for this trust bundle.
-    pub fn client_verifier(&self) -> &Arc<dyn ClientCertVerifier> {
-        &self.client_verifier
+    /// A peer-server verifier for this trust bundle and our trust domain.
+    pub fn server_verifier(&self) -> Arc<dyn ServerCertVerifier> {
+        Arc::new(PeerServerVerifier::new(
+            self.roots.clone(),
+            self.workload.trust_domain().clone(),
+        ))
     }
 
-    /// A peer-server verifier for this trust bundle.
-    pub fn server_verifier(&self) -> Arc<dyn ServerCertVerifier> {
-        self.server_verifier.clone()
+    /// What the TLS credentials store builds its configs from.
+    pub fn tls(&self) -> TlsCredentials {
+        TlsCredentials {
+            certified_key: self.certified_key.clone(),
+            roots: self.roots.clone(),
+        }
     }
 }
 
@@ -220,6 +225,7 @@ impl fmt::Debug for Credentials {
 pub struct CertificateStore {
     current: Arc<ArcSwapOption<Credentials>>,
     generation: Arc<watch::Sender<u64>>,
+    feed: Feed,
 }
 
 impl CertificateStore {
@@ -228,6 +234,7 @@ impl CertificateStore {
         Self {
             current: Arc::new(ArcSwapOption::empty()),
             generation: Arc::new(watch::Sender::new(0)),
+            feed: Feed::default(),
         }
     }
 
@@ -244,8 +251,21 @@ impl CertificateStore {
     /// Installs new credentials; handshakes from now on use them, open connections keep
     /// theirs.
     pub fn swap(&self, credentials: Credentials) {
-        self.current.store(Some(Arc::new(credentials)));
+        let installed = self.feed.swap(|| {
+            let tls = credentials.tls();
+            self.current.store(Some(Arc::new(credentials)));
+            tls
+        });
+        // `from_issued` checked the bundle, so the configs build; keep serving if not.
+        if let Err(e) = installed {
+            tracing::warn!(error = %e, "TLS configs for the new certificate could not be built");
+        }
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Installs the current credentials in `store`, and every later generation.
+    pub fn feed(&self, store: &CredentialStore) -> Result<(), TlsError> {
+        self.feed.attach(store, || self.load().map(|c| c.tls()))
     }
 
     /// A receiver that changes on every swap (the value counts swaps).

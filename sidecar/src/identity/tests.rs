@@ -12,8 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 use tokio_util::sync::CancellationToken;
 
+use rustls::sign::SingleCertAndKey;
+
 use super::test_util::TestCa;
 use super::*;
+use crate::tls::{ClientAuth, CredentialStore, TlsSettings};
 
 fn td() -> TrustDomain {
     TrustDomain::new("td").unwrap()
@@ -113,8 +116,27 @@ fn credentials_refuse_a_chain_outside_the_bundle() {
     assert!(Credentials::from_issued(&key, &id, &issued, Timestamp::now()).is_err());
 }
 
+/// A TLS credentials store fed by `store`, as the proxy wires one.
+fn tls_of(store: &CertificateStore, client_auth: ClientAuth) -> CredentialStore {
+    let tls = CredentialStore::new(TlsSettings {
+        client_auth,
+        client_trust_domain: Some(td()),
+        peer_trust_domain: Some(td()),
+        serving: None,
+    })
+    .unwrap();
+    store.feed(&tls).unwrap();
+    tls
+}
+
+/// The peer client config of `store`'s credentials.
+fn client_config(store: &CertificateStore) -> Result<ClientConfig, crate::tls::TlsError> {
+    let config = tls_of(store, ClientAuth::Optional).peer_client()()?;
+    Ok((*config).clone())
+}
+
 async fn handshake(
-    server: &CertificateStore,
+    server: &CredentialStore,
     client_config: ClientConfig,
 ) -> Result<
     (
@@ -124,9 +146,7 @@ async fn handshake(
     String,
 > {
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let acceptor = TlsAcceptor::from(Arc::new(
-        tls::server_config(server, ClientAuth::Required).unwrap(),
-    ));
+    let acceptor = TlsAcceptor::from(server.server_configs().current());
     let connector = TlsConnector::from(Arc::new(client_config));
     let name = ServerName::try_from("peer.invalid").unwrap();
     let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
@@ -147,8 +167,9 @@ async fn mutual_tls_identifies_both_sides_and_survives_a_swap() {
     let ca = TestCa::new("a");
     let server_store = store_with(&ca, &workload("server"));
     let client_store = store_with(&ca, &workload("client"));
+    let server_tls = tls_of(&server_store, ClientAuth::Required);
 
-    let (mut s, mut c) = handshake(&server_store, tls::client_config(&client_store).unwrap())
+    let (mut s, mut c) = handshake(&server_tls, client_config(&client_store).unwrap())
         .await
         .unwrap();
     let seen_by_server = tls::peer_identity(s.get_ref().1.peer_certificates()).unwrap();
@@ -174,7 +195,7 @@ async fn mutual_tls_identifies_both_sides_and_survives_a_swap() {
     assert_eq!(&buf, b"ping");
 
     // ...and a new handshake presents the new certificate.
-    let (_s2, c2) = handshake(&server_store, tls::client_config(&client_store).unwrap())
+    let (_s2, c2) = handshake(&server_tls, client_config(&client_store).unwrap())
         .await
         .unwrap();
     assert_ne!(serial(c2.get_ref().1.peer_certificates()), first_serial);
@@ -188,9 +209,12 @@ async fn clients_outside_the_bundle_or_without_certificates_are_refused() {
     // A client from another CA: each side refuses the other.
     let stranger = store_with(&other, &workload("client"));
     assert!(
-        handshake(&server_store, tls::client_config(&stranger).unwrap())
-            .await
-            .is_err()
+        handshake(
+            &tls_of(&server_store, ClientAuth::Required),
+            client_config(&stranger).unwrap()
+        )
+        .await
+        .is_err()
     );
 
     // A client that trusts us but has no certificate.
@@ -203,9 +227,11 @@ async fn clients_outside_the_bundle_or_without_certificates_are_refused() {
         .with_custom_certificate_verifier(server_store.load().unwrap().server_verifier())
         .with_no_client_auth();
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let acceptor = TlsAcceptor::from(Arc::new(
-        tls::server_config(&server_store, ClientAuth::Required).unwrap(),
-    ));
+    let acceptor = TlsAcceptor::from(
+        tls_of(&server_store, ClientAuth::Required)
+            .server_configs()
+            .current(),
+    );
     let name = ServerName::try_from("peer.invalid").unwrap();
     let (s, _c) = tokio::join!(
         acceptor.accept(a),
@@ -228,8 +254,12 @@ async fn tls12_clients_get_a_protocol_version_alert() {
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(client_store.load().unwrap().server_verifier())
-        .with_client_cert_resolver(Arc::new(StoreCertResolver::new(client_store)));
-    let err = handshake(&server_store, tls12).await.unwrap_err();
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(
+            client_store.load().unwrap().certified_key().clone(),
+        )));
+    let err = handshake(&tls_of(&server_store, ClientAuth::Required), tls12)
+        .await
+        .unwrap_err();
     assert!(err.contains("ProtocolVersion"), "{err}");
 }
 
@@ -240,9 +270,12 @@ async fn an_empty_store_refuses_handshakes() {
     let client_store = store_with(&ca, &workload("client"));
     assert!(!empty.is_ready());
     assert!(
-        handshake(&empty, tls::client_config(&client_store).unwrap())
-            .await
-            .is_err()
+        handshake(
+            &tls_of(&empty, ClientAuth::Required),
+            client_config(&client_store).unwrap()
+        )
+        .await
+        .is_err()
     );
 }
 

@@ -20,11 +20,8 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis_crds::{ApiToken, DataClassification, KeyPolicy, PolicyBundle, RateLimitPolicy};
 use portcullis_sidecar::{
-    cluster,
-    config::env::ClusterConfig,
-    demo::demo_scopes,
-    identity::{TrustDomain, tls::PeerServerVerifier},
-    proxy::RunningProxy,
+    cluster, config::env::ClusterConfig, demo::demo_scopes, identity::TrustDomain,
+    proxy::RunningProxy, tls::verify::PeerServerVerifier,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 

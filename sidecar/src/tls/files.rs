@@ -1,25 +1,23 @@
-//! File-backed credentials for standalone use: the serving certificate chain, its key
-//! and the trust bundle, read from PEM files and re-read when they change. Handshakes
-//! read the current generation lock-free; a half-written file is refused and the
-//! previous generation kept.
+//! The file feed of the credentials store, for standalone use: the serving certificate
+//! chain, its key and the trust bundle, read from PEM files and re-read when they
+//! change. Each new generation is installed in the attached [`CredentialStore`]s; a
+//! half-written file is refused and the previous generation kept.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use rustls::{
-    DistinguishedName, RootCertStore, SignatureScheme,
-    client::ResolvesClientCert,
-    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
-    server::{
-        ClientHello, ResolvesServerCert,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     sign::CertifiedKey,
 };
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::TlsFiles, metrics::Metrics, tls};
+use super::{
+    ClientAuth, CredentialStore, Feed, TlsCredentials, TlsError, provider, verify::ClientVerifier,
+};
+use crate::{config::TlsFiles, metrics::Metrics};
 
 /// Why credentials could not be loaded. Never carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -49,14 +47,12 @@ pub enum CertError {
     Key(String),
     /// The trust bundle cannot build a verifier.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] TlsError),
 }
 
 /// One generation of credentials.
 struct Generation {
-    certified_key: Arc<CertifiedKey>,
-    roots: Arc<RootCertStore>,
-    verifier: Arc<dyn ClientCertVerifier>,
+    tls: TlsCredentials,
     not_after: i64,
     fingerprint: [u8; 32],
 }
@@ -66,6 +62,7 @@ struct Generation {
 pub struct FileCredentials {
     files: TlsFiles,
     current: Arc<ArcSwap<Generation>>,
+    feed: Feed,
 }
 
 impl std::fmt::Debug for FileCredentials {
@@ -127,7 +124,7 @@ fn load_generation(files: &TlsFiles) -> Result<Generation, CertError> {
             "holds no PKCS#8, SEC1 or PKCS#1 PRIVATE KEY block",
         )
     })?;
-    let signing_key = tls::provider()
+    let signing_key = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| CertError::Key(e.to_string()))?;
@@ -153,11 +150,13 @@ fn load_generation(files: &TlsFiles) -> Result<Generation, CertError> {
         })?;
     }
     let roots = Arc::new(roots);
-    let verifier = tls::optional_client_verifier(roots.clone())?;
+    // Refuse a bundle that cannot verify client certificates before it is in force.
+    ClientVerifier::new(Some(roots.clone()), None, ClientAuth::Optional)?;
     Ok(Generation {
-        certified_key: Arc::new(certified_key),
-        roots,
-        verifier,
+        tls: TlsCredentials {
+            certified_key: Arc::new(certified_key),
+            roots,
+        },
         not_after,
         fingerprint,
     })
@@ -170,7 +169,15 @@ impl FileCredentials {
         Ok(Self {
             files: files.clone(),
             current: Arc::new(ArcSwap::from_pointee(generation)),
+            feed: Feed::default(),
         })
+    }
+
+    /// Installs the current files in `store`, and every later generation.
+    pub fn feed(&self, store: &CredentialStore) -> Result<(), CertError> {
+        self.feed
+            .attach(store, || Some(self.current.load().tls.clone()))?;
+        Ok(())
     }
 
     /// Re-reads the files; true when a new generation is now in force.
@@ -179,7 +186,11 @@ impl FileCredentials {
         if generation.fingerprint == self.current.load().fingerprint {
             return Ok(false);
         }
-        self.current.store(Arc::new(generation));
+        let installed = generation.tls.clone();
+        self.feed.swap(|| {
+            self.current.store(Arc::new(generation));
+            installed
+        })?;
         Ok(true)
     }
 
@@ -190,38 +201,12 @@ impl FileCredentials {
 
     /// The serving certificate (leaf, DER).
     pub fn leaf(&self) -> Option<CertificateDer<'static>> {
-        self.current.load().certified_key.cert.first().cloned()
+        self.current.load().tls.certified_key.cert.first().cloned()
     }
 
     /// The serving certificate chain as PEM (public material only).
     pub fn chain_pem(&self) -> String {
-        tls::pem_chain(&self.current.load().certified_key.cert)
-    }
-
-    /// The current trust roots.
-    pub fn roots(&self) -> Arc<RootCertStore> {
-        self.current.load().roots.clone()
-    }
-
-    /// A resolver presenting the current certificate (server and client side).
-    pub fn resolver(&self) -> Arc<FileCertResolver> {
-        Arc::new(FileCertResolver(self.clone()))
-    }
-
-    /// A client-certificate verifier using the current trust bundle.
-    pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        Arc::new(FileClientVerifier(self.clone()))
-    }
-
-    /// A client config source for the policy stream, following reloads.
-    pub fn client_config_source(&self) -> tls::ClientConfigSource {
-        let creds = self.clone();
-        Arc::new(move || {
-            Ok(Arc::new(tls::client_config(
-                creds.resolver(),
-                creds.roots(),
-            )?))
-        })
+        super::pem_chain(&self.current.load().tls.certified_key.cert)
     }
 
     /// Re-reads the files every `interval` until `shutdown`.
@@ -248,85 +233,5 @@ impl FileCredentials {
                 }
             }
         }
-    }
-}
-
-/// Presents the current file certificate.
-#[derive(Debug)]
-pub struct FileCertResolver(FileCredentials);
-
-impl ResolvesServerCert for FileCertResolver {
-    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current.load().certified_key.clone())
-    }
-}
-
-impl ResolvesClientCert for FileCertResolver {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current.load().certified_key.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// Verifies offered client certificates against the current trust bundle.
-#[derive(Debug)]
-struct FileClientVerifier(FileCredentials);
-
-impl ClientCertVerifier for FileClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // The roots change under us; no hints means "send what you have".
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .current
-            .load()
-            .verifier
-            .verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current
-            .load()
-            .verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current.load().verifier.supported_verify_schemes()
     }
 }

@@ -1,25 +1,25 @@
-//! TLS configuration for the inbound listener and the policy stream client.
-//!
-//! Configs are built from a certificate resolver, a client-certificate verifier and
-//! trust roots, so they can be fed from PEM files ([`crate::certs`], standalone and
-//! demo) or from the workload identity store, and both swap certificates without a
-//! restart. TLS 1.3 only: an older ClientHello gets a `protocol_version` alert, or
+//! TLS for the proxy: one credentials store ([`creds`]) fed by the PEM files of a
+//! standalone proxy ([`files`]) or by the identity renewer of an injected pod
+//! ([`crate::identity`]), which builds whole inbound ([`server`]) and outbound
+//! ([`client`]) rustls configs on every change, with one client-certificate verifier
+//! ([`verify`]). TLS 1.3 only: an older ClientHello gets a `protocol_version` alert, or
 //! `handshake_failure` when it lacks `signature_algorithms` (rustls checks that first;
 //! OpenSSL clients below TLS 1.2 omit it).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    client::ResolvesClientCert,
-    crypto::CryptoProvider,
-    pki_types::CertificateDer,
-    server::{
-        NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
-        danger::ClientCertVerifier,
-    },
-};
+use rustls::{ClientConfig, pki_types::CertificateDer};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+pub mod client;
+pub mod creds;
+pub mod files;
+pub mod server;
+pub mod verify;
+
+pub use creds::{CredentialStore, Feed, ServerConfigs, TlsCredentials, TlsSettings};
+pub use portcullis_tls::provider;
+pub use server::{ClientAuth, PEER_SERVER_NAME, is_peer_server_name};
 
 /// ALPN protocols offered inbound, in preference order.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -40,74 +40,6 @@ pub enum TlsError {
 
 /// Builds the current client config on demand (roots and certificate may change).
 pub type ClientConfigSource = Arc<dyn Fn() -> Result<Arc<ClientConfig>, TlsError> + Send + Sync>;
-
-/// The one crypto provider of the workspace (ring).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
-
-/// The inbound server config: TLS 1.3 only, ALPN h2 + http/1.1, the certificate from
-/// `resolver`, client certificates checked by `verifier`.
-pub fn server_config(
-    resolver: Arc<dyn ResolvesServerCert>,
-    verifier: Arc<dyn ClientCertVerifier>,
-) -> Result<ServerConfig, TlsError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    // A resumed session would carry the peer identity of an earlier handshake; every
-    // connection must prove a certificate that is valid now.
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(config)
-}
-
-/// A verifier that checks a client certificate against `roots` when one is offered and
-/// lets the handshake proceed without one: whether a certificate is required is decided
-/// per request by the inbound mode, so the caller gets a JSON 401 instead of an alert.
-pub fn optional_client_verifier(
-    roots: Arc<RootCertStore>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    Ok(
-        WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .allow_unauthenticated()
-            .build()?,
-    )
-}
-
-/// A TLS 1.3 client config presenting `certificate` and trusting `roots` (for the
-/// operator's policy endpoint).
-pub fn client_config(
-    certificate: Arc<dyn ResolvesClientCert>,
-    roots: Arc<RootCertStore>,
-) -> Result<ClientConfig, TlsError> {
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(certificate);
-    Ok(config)
-}
-
-/// A TLS 1.3 client config for proxy-to-proxy traffic: presents `certificate`, checks
-/// the peer with `verifier` (a workload of our trust domain, not a host name), no
-/// session resumption (every connection proves a certificate valid now).
-pub fn peer_client_config(
-    certificate: Arc<dyn ResolvesClientCert>,
-    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
-) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(certificate);
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(config)
-}
 
 /// Certificates as concatenated PEM blocks (public material only).
 pub fn pem_chain(certificates: &[CertificateDer<'_>]) -> String {
