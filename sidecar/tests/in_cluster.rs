@@ -5,19 +5,20 @@
 
 mod support;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use portcullis_audit::{
     DataKey, Entry, KeyRing, VerifyOptions,
     files::{ExportFilter, export_path, verify_path},
 };
 use portcullis_crds::DataClassification;
-use portcullis_sidecar::{audit::AuditHook, echo, proxy::RunningProxy};
+use portcullis_sidecar::{audit::AuditHook, proxy::RunningProxy};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use support::{
     admin_get,
     cluster::{
-        self, TENANT, bundle, environment, inbound_request, mesh_client_config, outbound_request,
+        self, TENANT, bundle, echo_app, environment, inbound_request, mesh_client_config,
+        outbound_request, stop, wait_ready,
     },
     operator::FakeOperator,
     wait_until,
@@ -25,35 +26,6 @@ use support::{
 use tokio_util::sync::CancellationToken;
 
 const WORKLOAD: &str = "spiffe://cluster.local/ns/acme-prod/sa/api";
-
-async fn echo_app() -> (SocketAddr, CancellationToken) {
-    let stop = CancellationToken::new();
-    let addr = echo::start("127.0.0.1:0".parse().unwrap(), stop.clone())
-        .await
-        .unwrap();
-    (addr, stop)
-}
-
-async fn wait_ready(proxy: &RunningProxy) {
-    for _ in 0..500 {
-        if admin_get(proxy.admin_addr, "/ready")
-            .await
-            .starts_with("HTTP/1.1 200")
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let last = admin_get(proxy.admin_addr, "/ready").await;
-    panic!("proxy not ready within 10s: {last}");
-}
-
-async fn stop(proxy: RunningProxy) {
-    proxy.shutdown_token().cancel();
-    tokio::time::timeout(Duration::from_secs(30), proxy.wait())
-        .await
-        .expect("the proxy drains");
-}
 
 #[tokio::test]
 async fn ready_after_certificate_and_policy_then_serves_rotates_and_stays_fail_static() {

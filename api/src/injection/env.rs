@@ -37,6 +37,9 @@ pub const APP_EXIT_GRACE: &str = "PORTCULLIS_APP_EXIT_GRACE";
 pub const TENANT: &str = "PORTCULLIS_TENANT";
 /// Whether outbound dials the destination's own port.
 pub const OUTBOUND_KEEP_PORT: &str = "PORTCULLIS_OUTBOUND_KEEP_PORT";
+/// The audit collector records are shipped to, `https://host:port`; unset: records stay
+/// in the pod.
+pub const AUDIT_COLLECTOR_URL: &str = "PORTCULLIS_AUDIT_COLLECTOR_URL";
 /// The app's original probes, JSON ([`super::probes::AppProbes`]).
 pub const APP_PROBES: &str = "PORTCULLIS_APP_PROBES";
 

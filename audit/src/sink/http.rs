@@ -1,5 +1,7 @@
 //! A minimal HTTP(S) POST client for the network sinks: hyper 1.x over one connection
-//! per batch, rustls (ring) for `https` URLs, a timeout on the whole exchange.
+//! per batch, rustls (ring) for `https` URLs, a timeout on the whole exchange. The TLS
+//! client config is fixed (a SIEM's CA) or taken fresh per batch ([`ClientTls::Current`]:
+//! a workload certificate that rotates).
 
 use super::DeliveryError;
 use crate::error::Error;
@@ -17,14 +19,72 @@ use tokio::net::TcpStream;
 
 const ERROR_BODY_LIMIT: usize = 512;
 
+/// The client config in force when a batch starts; `Err` says why there is none yet.
+pub type CurrentClientConfig =
+    Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync>;
+
+/// How an `https` endpoint's TLS client is configured.
+#[derive(Clone)]
+pub enum ClientTls {
+    /// One config for the life of the sink.
+    Fixed(Arc<rustls::ClientConfig>),
+    /// Asked for per batch, so a renewed client certificate is used at once.
+    Current(CurrentClientConfig),
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<Arc<rustls::ClientConfig>, DeliveryError> {
+        match self {
+            ClientTls::Fixed(config) => Ok(config.clone()),
+            ClientTls::Current(current) => current()
+                .map_err(|e| DeliveryError::Transient(format!("no TLS client config yet: {e}"))),
+        }
+    }
+}
+
 /// Where a sink posts to: scheme, host, port and base path of its URL.
 #[derive(Clone)]
 pub struct HttpEndpoint {
     host: String,
     port: u16,
     base_path: String,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<ClientTls>,
     timeout: Duration,
+}
+
+/// A parsed sink URL.
+struct Url {
+    https: bool,
+    host: String,
+    port: u16,
+    base_path: String,
+}
+
+fn parse_url(url: &str) -> Result<Url, Error> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| Error::Config(format!("sink URL {url:?} is not a valid URL")))?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(Error::Config(format!(
+                "sink URL {url:?} must start with http:// or https://"
+            )));
+        }
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::Config(format!("sink URL {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(Url {
+        https,
+        host,
+        port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        base_path: uri.path().trim_end_matches('/').to_string(),
+    })
 }
 
 impl fmt::Debug for HttpEndpoint {
@@ -46,26 +106,8 @@ impl HttpEndpoint {
         roots: Option<rustls::RootCertStore>,
         timeout: Duration,
     ) -> Result<Self, Error> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|_| Error::Config(format!("sink URL {url:?} is not a valid URL")))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => {
-                return Err(Error::Config(format!(
-                    "sink URL {url:?} must start with http:// or https://"
-                )));
-            }
-        };
-        let host = uri
-            .host()
-            .ok_or_else(|| Error::Config(format!("sink URL {url:?} has no host")))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tls = if https {
+        let parsed = parse_url(url)?;
+        let tls = if parsed.https {
             let roots = roots.ok_or_else(|| {
                 Error::Config(format!(
                     "sink URL {url:?} is https: give the CA bundle that signs it"
@@ -78,17 +120,41 @@ impl HttpEndpoint {
             .map_err(|e| Error::Config(format!("TLS setup: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-            Some(Arc::new(config))
+            Some(ClientTls::Fixed(Arc::new(config)))
         } else {
             None
         };
-        Ok(HttpEndpoint {
-            host,
-            port,
-            base_path: uri.path().trim_end_matches('/').to_string(),
+        Ok(Self::from_parts(parsed, tls, timeout))
+    }
+
+    /// An `https` endpoint whose client config is asked for per batch (mutual TLS with
+    /// a certificate that rotates).
+    pub fn with_client_tls(
+        url: &str,
+        tls: CurrentClientConfig,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let parsed = parse_url(url)?;
+        if !parsed.https {
+            return Err(Error::Config(format!(
+                "sink URL {url:?} must be https:// (records travel over mutual TLS)"
+            )));
+        }
+        Ok(Self::from_parts(
+            parsed,
+            Some(ClientTls::Current(tls)),
+            timeout,
+        ))
+    }
+
+    fn from_parts(url: Url, tls: Option<ClientTls>, timeout: Duration) -> Self {
+        HttpEndpoint {
+            host: url.host,
+            port: url.port,
+            base_path: url.base_path,
             tls,
             timeout,
-        })
+        }
     }
 
     /// POSTs `body` to base path + `path` with `headers`; `Ok` only on 2xx.
@@ -132,10 +198,11 @@ impl HttpEndpoint {
             })?;
         let response = match &self.tls {
             None => send(tcp, request).await?,
-            Some(config) => {
+            Some(tls) => {
+                let config = tls.config()?;
                 let name = ServerName::try_from(self.host.clone())
                     .map_err(|_| DeliveryError::Transient("invalid TLS server name".into()))?;
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(name, tcp)
                     .await
                     .map_err(|e| DeliveryError::Transient(format!("TLS handshake: {e}")))?;

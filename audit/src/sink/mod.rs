@@ -2,6 +2,7 @@
 //! sinks ([`Deliver`] implementations) are wrapped in a [`spooled::SpooledSink`] so a
 //! sink outage loses nothing.
 
+pub mod collector;
 pub mod datadog;
 pub mod file;
 pub mod http;

@@ -2,8 +2,12 @@
 //! `<data dir>/audit` encrypted with the tenant's data key when the operator hands it
 //! out ([`super::dek`]). Without the key a fail-closed (Confidential, Restricted)
 //! tenant's trail does not start: requests are refused until the key arrives; other
-//! tenants run stdout-only, and both say so (log, `portcullis_audit_data_key_missing`). Checkpoints are signed with the workload key, the certificate
-//! and SPIFFE ID riding along, and the signer follows every certificate rotation.
+//! tenants run stdout-only, and both say so (log, `portcullis_audit_data_key_missing`).
+//! With a collector configured, every entry is also shipped to it over mTLS with the
+//! workload certificate, through a bounded spool under `<data dir>/audit-spool` that
+//! keeps each batch until the collector acknowledges it durable. Checkpoints are signed
+//! with the workload key, the certificate and SPIFFE ID riding along, and the signer
+//! follows every certificate rotation.
 
 use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
@@ -11,7 +15,10 @@ use portcullis_audit::{
     AuditWriter, CheckpointSigner, SignerIdentity, SystemClock,
     sink::{
         Sink,
+        collector::AuditCollector,
         file::{FileSink, FileSinkConfig},
+        spool::Spool,
+        spooled::SpooledSink,
         stdout::StdoutSink,
     },
 };
@@ -145,6 +152,27 @@ fn open_file_sink(data_dir: &std::path::Path, keys: &TenantKeys) -> Option<FileS
         .ok()
 }
 
+/// How long one shipment may take before it is retried.
+const SHIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The collector behind a spool under `data_dir`, reached with the workload
+/// certificate in force when each batch starts.
+fn collector_sink(
+    url: &str,
+    data_dir: &std::path::Path,
+    settings: &ClusterAudit,
+    tls: &ClientConfigSource,
+) -> Result<SpooledSink, portcullis_audit::Error> {
+    let tls = tls.clone();
+    let collector = AuditCollector::new(
+        url,
+        Arc::new(move || tls().map_err(|e| e.to_string())),
+        SHIP_TIMEOUT,
+    )?;
+    let spool = Spool::open(data_dir.join("audit-spool"), settings.spool_max_bytes)?;
+    Ok(SpooledSink::start(spool, collector, settings.ship_retry))
+}
+
 /// Runs the in-pod audit trail until `shutdown`: starts the writer once a certificate
 /// and a policy are loaded, then keeps the checkpoint signer and the data key current.
 pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
@@ -212,6 +240,19 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
     if let Some((sink, _)) = &file {
         sinks.push(trail.watch(Arc::new(sink.clone())));
     }
+    if let Some(url) = &settings.collector {
+        match collector_sink(url, &data_dir, &settings, &tls) {
+            Ok(sink) => sinks.push(trail.watch(Arc::new(sink))),
+            Err(e) if fails_closed => {
+                // Without the spool nothing this tenant records outlives the pod.
+                tracing::error!(error = %e, "AUDIT SPOOL UNAVAILABLE: refusing every request until the proxy restarts with a writable data dir");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit: shipping to the collector is off; records stay in the pod")
+            }
+        }
+    }
     let signer = match workload_signer(&credentials) {
         Some(signer) => signer,
         None => match process_signer(SignerIdentity {
@@ -236,6 +277,7 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
     tracing::info!(
         tenant = %tenant,
         encrypted_file = file.is_some(),
+        collector = settings.collector.as_deref().unwrap_or("none"),
         fail_closed = fails_closed,
         "audit trail started; checkpoints signed with the workload key"
     );

@@ -18,6 +18,7 @@
 //! | `PORTCULLIS_TENANT` | tenant when the certificate carries none | from the certificate |
 //! | `PORTCULLIS_APP_PROBES` | the app's `httpGet`/`tcpSocket` probes, JSON, answered at `:4191/app-health/...` | none |
 //! | `PORTCULLIS_SERVING_CERT_DIR` | directory with `tls.crt`/`tls.key` (a mounted `kubernetes.io/tls` Secret) presented to clients outside the mesh | none: the workload certificate for everyone |
+//! | `PORTCULLIS_AUDIT_COLLECTOR_URL` | the audit collector records are shipped to, `https://host:port`, through a spool under the data dir | none: records stay in the pod |
 //! | `PORTCULLIS_OUTBOUND_KEEP_PORT` | outbound dials the destination's own port (its init step redirects it to its proxy; a Service exposes only app ports) instead of 4143 | `true` |
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -38,6 +39,9 @@ pub use portcullis_api::injection::env::{
     DEFAULT_TOKEN_PATH, DEFAULT_TRUST_BUNDLE, DEFAULT_TRUST_DOMAIN,
 };
 
+/// Default room for records awaiting the collector: 64 MiB, about 100k records.
+pub const DEFAULT_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
+
 /// An operator endpoint reached over mTLS with the workload certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OperatorEndpoint {
@@ -47,8 +51,9 @@ pub struct OperatorEndpoint {
     pub port: u16,
 }
 
-/// Audit settings of an injected proxy (sinks are fixed: stdout, plus the encrypted
-/// file under the data dir when the operator hands out the tenant's key).
+/// Audit settings of an injected proxy (sinks are fixed: stdout, the encrypted file
+/// under the data dir when the operator hands out the tenant's key, and the audit
+/// collector when one is configured).
 #[derive(Clone, Debug)]
 pub struct ClusterAudit {
     /// When signed checkpoints are written.
@@ -58,6 +63,15 @@ pub struct ClusterAudit {
     pub key_wait: Duration,
     /// How often the data key is asked for again (it rotates weekly).
     pub key_refresh: Duration,
+    /// The audit collector, `https://host:port` (`PORTCULLIS_AUDIT_COLLECTOR_URL`);
+    /// `None`: records stay in the pod.
+    pub collector: Option<String>,
+    /// Most bytes of records waiting under the data dir for the collector's
+    /// acknowledgement. When it is full a fail-closed tenant's requests are refused; a
+    /// collector outage alone refuses nothing while there is room.
+    pub spool_max_bytes: u64,
+    /// Backoff between shipments the collector did not acknowledge.
+    pub ship_retry: portcullis_audit::retry::RetryPolicy,
 }
 
 impl Default for ClusterAudit {
@@ -66,6 +80,9 @@ impl Default for ClusterAudit {
             checkpoint: CheckpointPolicy::default(),
             key_wait: Duration::from_secs(5),
             key_refresh: Duration::from_secs(600),
+            collector: None,
+            spool_max_bytes: DEFAULT_SPOOL_BYTES,
+            ship_retry: portcullis_audit::retry::RetryPolicy::default(),
         }
     }
 }
@@ -291,6 +308,8 @@ impl ClusterConfig {
         let trust_bundle = path(vars::TRUST_BUNDLE, DEFAULT_TRUST_BUNDLE);
         let data_dir = path(vars::DATA_DIR, DEFAULT_DATA_DIR);
         let serving_cert_dir = get(vars::SERVING_CERT_DIR).map(PathBuf::from);
+        let collector = get(vars::AUDIT_COLLECTOR_URL)
+            .filter(|url| parse_https_authority(&mut p, vars::AUDIT_COLLECTOR_URL, url).is_some());
 
         match (p.0.is_empty(), pod_name, workload, identity, policy) {
             (true, Some(pod_name), Some(workload), Some(identity), Some(policy)) => Ok(Self {
@@ -331,7 +350,10 @@ impl ClusterConfig {
                 keys: KeySettings::default(),
                 upstream_connect_timeout: Duration::from_secs(1),
                 upstream_pool_idle_timeout: Duration::from_secs(90),
-                audit: ClusterAudit::default(),
+                audit: ClusterAudit {
+                    collector,
+                    ..ClusterAudit::default()
+                },
                 serving_cert_dir,
                 serving_cert_poll: crate::serving_certificate::POLL_INTERVAL,
             }),

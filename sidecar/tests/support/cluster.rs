@@ -20,12 +20,14 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis_crds::{ApiToken, DataClassification, KeyPolicy, PolicyBundle, RateLimitPolicy};
 use portcullis_sidecar::{
-    cluster, config::env::ClusterConfig, demo::demo_scopes, identity::TrustDomain,
+    cluster, config::env::ClusterConfig, demo::demo_scopes, echo, identity::TrustDomain,
     proxy::RunningProxy, tls::verify::PeerServerVerifier,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
+use tokio_util::sync::CancellationToken;
 
 use super::{
+    admin_get,
     client::{Reply, request, send_on},
     operator::{FakeOperator, TOKEN},
 };
@@ -225,4 +227,36 @@ pub async fn outbound_request(
     }
     let req = builder.body(Full::new(Bytes::new())).unwrap();
     send_on(&mut sender, req).await.unwrap()
+}
+
+/// The echo app on an ephemeral loopback port.
+pub async fn echo_app() -> (SocketAddr, CancellationToken) {
+    let stop = CancellationToken::new();
+    let addr = echo::start("127.0.0.1:0".parse().unwrap(), stop.clone())
+        .await
+        .unwrap();
+    (addr, stop)
+}
+
+/// Waits until the proxy's `/ready` answers 200.
+pub async fn wait_ready(proxy: &RunningProxy) {
+    for _ in 0..500 {
+        if admin_get(proxy.admin_addr, "/ready")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = admin_get(proxy.admin_addr, "/ready").await;
+    panic!("proxy not ready within 10s: {last}");
+}
+
+/// Stops the proxy and waits for it to drain.
+pub async fn stop(proxy: RunningProxy) {
+    proxy.shutdown_token().cancel();
+    tokio::time::timeout(Duration::from_secs(30), proxy.wait())
+        .await
+        .expect("the proxy drains");
 }
