@@ -129,7 +129,7 @@ async fn start_collector(ca: &TestCa) -> Running {
     let shutdown = CancellationToken::new();
     tokio::spawn(portcullis_server::serve(
         listener,
-        Some(Arc::new(tls)),
+        Some(Arc::new(tls).into()),
         move |request| ingest.clone().handle(request),
         shutdown.clone(),
     ));

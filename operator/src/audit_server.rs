@@ -1,23 +1,31 @@
 //! `portcullis-operator audit-server`: the audit collector ([`portcullis_collector`])
-//! as a process. Ingest on `--listen` over mutual TLS with the files it is given,
-//! `/metrics` and `/healthz` on `--metrics-addr`, and retention enforced hourly.
+//! as a process. Ingest on `--listen` over mutual TLS with the files it is given (a
+//! mounted `kubernetes.io/tls` Secret the operator keeps fresh: re-read every 30 s and
+//! served from the next handshake on), `/metrics` and `/healthz` on `--metrics-addr`,
+//! and retention enforced hourly.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::StatusCode;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, StoreError};
-use portcullis_server::{self as serve};
+use portcullis_server::{self as serve, ServerTls};
 use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// How often the certificate files are checked for a renewal (kubelet refreshes a
+/// mounted Secret within about a minute).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
 /// How often retention is enforced.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -41,6 +49,8 @@ pub struct AuditServerSettings {
     pub trust_domain: TrustDomain,
     /// Days kept, per tenant.
     pub retention_days: u32,
+    /// How often the certificate files are checked for a renewal.
+    pub reload_every: Duration,
 }
 
 /// Why the audit server did not start.
@@ -77,9 +87,8 @@ fn pem_error(path: &Path, message: impl std::fmt::Display) -> AuditServerError {
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuditServerError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, e))?
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, AuditServerError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, e))?;
     if certs.is_empty() {
@@ -107,6 +116,85 @@ impl AuditServer {
     }
 }
 
+/// The certificate, key and trust bundle files.
+#[derive(Clone, Debug)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+    every: Duration,
+}
+
+impl From<&AuditServerSettings> for TlsFiles {
+    fn from(settings: &AuditServerSettings) -> Self {
+        Self {
+            cert: settings.cert_file.clone(),
+            key: settings.key_file.clone(),
+            bundle: settings.trust_bundle_file.clone(),
+            every: settings.reload_every,
+        }
+    }
+}
+
+impl TlsFiles {
+    fn read(path: &Path) -> Result<Vec<u8>, AuditServerError> {
+        std::fs::read(path).map_err(|e| pem_error(path, e))
+    }
+
+    /// The files' bytes (to notice a change) and the config they make.
+    fn load(&self) -> Result<(Vec<Vec<u8>>, ServerConfig), AuditServerError> {
+        let contents = vec![
+            Self::read(&self.cert)?,
+            Self::read(&self.key)?,
+            Self::read(&self.bundle)?,
+        ];
+        let chain = certificates(&self.cert, &contents[0])?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|e| pem_error(&self.key, e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for root in certificates(&self.bundle, &contents[2])? {
+            roots.add(root).map_err(|e| pem_error(&self.bundle, e))?;
+        }
+        let config = portcullis_collector::server_config(chain, key, roots)?;
+        Ok((contents, config))
+    }
+
+    /// Re-reads the files every `every` and swaps in the config they make when
+    /// they changed; a broken renewal is logged and the current config kept.
+    async fn follow(
+        self,
+        mut contents: Vec<Vec<u8>>,
+        current: Arc<ArcSwap<ServerConfig>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut every = tokio::time::interval(self.every);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let changed = [&self.cert, &self.key, &self.bundle]
+                .iter()
+                .zip(&contents)
+                .any(|(path, seen)| std::fs::read(path).is_ok_and(|now| &now != seen));
+            if !changed {
+                continue;
+            }
+            match self.load() {
+                Ok((now, config)) => {
+                    contents = now;
+                    current.store(Arc::new(config));
+                    tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewed certificate files not usable; serving the current one");
+                }
+            }
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AuditServerError> {
     TcpListener::bind(addr)
         .await
@@ -115,16 +203,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AuditServerError> {
 
 /// Opens the store (recovering every chain from it), then serves.
 pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditServerError> {
-    let chain = certificates(&settings.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key_file)
-        .map_err(|e| pem_error(&settings.key_file, e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for root in certificates(&settings.trust_bundle_file)? {
-        roots
-            .add(root)
-            .map_err(|e| pem_error(&settings.trust_bundle_file, e))?;
-    }
-    let tls = portcullis_collector::server_config(chain, key, roots)?;
+    let files = TlsFiles::from(&settings);
+    let (contents, tls) = files.load()?;
+    let tls = Arc::new(ArcSwap::from_pointee(tls));
 
     let store = FileStore::open(&settings.data_dir)?;
     let collector = Arc::new(Mutex::new(Collector::open(store, Arc::new(SystemClock))?));
@@ -149,9 +230,11 @@ pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditSe
 
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let current = tls.clone();
+    tasks.spawn(files.follow(contents, tls, shutdown.clone()));
     tasks.spawn(serve::serve(
         listener,
-        Some(Arc::new(tls)),
+        Some(ServerTls::Current(Arc::new(move || current.load_full()))),
         move |request| ingest.clone().handle(request),
         shutdown.clone(),
     ));

@@ -86,6 +86,41 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// Where a TLS server gets its config: one for its life, or the one in force when each
+/// connection arrives (a certificate renewed on disk or by a CA is served from the next
+/// handshake on; open connections keep theirs).
+#[derive(Clone)]
+pub enum ServerTls {
+    /// One config.
+    Fixed(Arc<rustls::ServerConfig>),
+    /// Asked for per connection.
+    Current(Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>),
+}
+
+impl ServerTls {
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        match self {
+            ServerTls::Fixed(config) => tokio_rustls::TlsAcceptor::from(config.clone()),
+            ServerTls::Current(current) => tokio_rustls::TlsAcceptor::from(current()),
+        }
+    }
+}
+
+impl From<Arc<rustls::ServerConfig>> for ServerTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        ServerTls::Fixed(config)
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerTls::Fixed(_) => "ServerTls::Fixed",
+            ServerTls::Current(_) => "ServerTls::Current",
+        })
+    }
+}
+
 /// The certificate chain a TLS client presented (leaf first), in the extensions of
 /// every request on that connection; absent on plain HTTP and when none was presented.
 #[derive(Clone, Debug)]
@@ -111,7 +146,7 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
 /// `tls` is given.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<ServerTls>,
     handler: F,
     shutdown: CancellationToken,
 ) where
@@ -132,7 +167,7 @@ pub async fn serve<F, Fut>(
 /// given.
 pub async fn serve_with<F, Fut>(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<ServerTls>,
     handler: F,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
@@ -140,7 +175,6 @@ pub async fn serve_with<F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let registry = Registry::new(limits.max_connections, limits.max_connections_per_source);
     let limits = Arc::new(limits);
     let mut tasks = JoinSet::new();
@@ -175,7 +209,7 @@ pub async fn serve_with<F, Fut>(
                 shutdown: shutdown.clone(),
             },
             slot,
-            acceptor: acceptor.clone(),
+            acceptor: tls.as_ref().map(ServerTls::acceptor),
         };
         tasks.spawn(accepted.serve(handler.clone()));
     }

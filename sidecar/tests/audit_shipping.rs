@@ -89,7 +89,7 @@ impl Collector0 {
         let shutdown = CancellationToken::new();
         tokio::spawn(portcullis_server::serve(
             listener,
-            Some(Arc::new(tls)),
+            Some(Arc::new(tls).into()),
             move |request| ingest.clone().handle(request),
             shutdown.clone(),
         ));

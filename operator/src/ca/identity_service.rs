@@ -336,7 +336,7 @@ impl BoundIdentityService {
                     .map(BodyExt::boxed_unsync)
             }
         };
-        serve::serve_with(listener, Some(tls), handler, config.limits, shutdown).await;
+        serve::serve_with(listener, Some(tls.into()), handler, config.limits, shutdown).await;
         Ok(())
     }
 }

@@ -112,7 +112,7 @@ pub async fn serve_api_with(
     let streams_end = shutdown.clone();
     serve::serve_with(
         listener,
-        tls,
+        tls.map(Into::into),
         move |req| {
             let api = api.clone();
             let streams_end = streams_end.clone();

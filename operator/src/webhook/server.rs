@@ -80,7 +80,7 @@ pub async fn serve_on(
                 .map(BodyExt::boxed_unsync)
         }
     };
-    serve::serve_with(listener, Some(tls), handler, connections, shutdown).await;
+    serve::serve_with(listener, Some(tls.into()), handler, connections, shutdown).await;
     Ok(())
 }
 
