@@ -1150,3 +1150,56 @@ async fn tenant_namespaces_get_a_network_policy_admitting_only_proxied_traffic()
 
     Ok(())
 }
+
+#[tokio::test]
+async fn the_audit_service_certificate_is_kept_in_its_secret() -> Result<()> {
+    let Some(h) = harness().await? else {
+        return Ok(());
+    };
+    let mut s = settings("audit-tls");
+    s.audit_service = Some("portcullis-audit".into());
+    let operator = run::start(h.env.client()?, s).await?;
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), OPERATOR_NS);
+    let secret = eventually("the audit service's TLS Secret", WAIT, || async {
+        Ok(secrets.get_opt("portcullis-audit-tls").await?)
+    })
+    .await?;
+    ensure!(secret.type_.as_deref() == Some("kubernetes.io/tls"));
+    let data = secret.data.context("the Secret has data")?;
+    let bundle = String::from_utf8(data["ca.crt"].0.clone())?;
+    ensure!(
+        bundle == operator.ca.trust_bundle_pem(),
+        "ca.crt is the trust bundle proxies hold"
+    );
+
+    // The certificate verifies for the audit Service's name against that bundle, the
+    // way a shipping proxy checks it.
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let chain = CertificateDer::pem_slice_iter(&data["tls.crt"].0)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(root?)?;
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()?;
+    use rustls::client::danger::ServerCertVerifier as _;
+    let (leaf, intermediates) = chain.split_first().context("a certificate")?;
+    verifier.verify_server_cert(
+        leaf,
+        intermediates,
+        &ServerName::try_from(format!("portcullis-audit.{OPERATOR_NS}.svc"))?,
+        &[],
+        UnixTime::now(),
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&data["tls.key"].0).contains("BEGIN PRIVATE KEY"),
+        "the key is PKCS#8 PEM"
+    );
+    operator.stop().await;
+    Ok(())
+}

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::ca::audit_secret::AuditTlsSecret;
 use crate::ca::{
     CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, KubeLeafLedger,
     service_names,
@@ -152,6 +153,9 @@ pub struct OperatorSettings {
     pub lease: LeaseSettings,
     /// An existing Secret holding the KEK; `None`: `portcullis-kek`, created if absent.
     pub kek_secret: Option<String>,
+    /// The audit service's Service name: its serving certificate is kept in the Secret
+    /// `<name>-tls` ([`crate::ca::audit_secret`]); `None`: no audit service.
+    pub audit_service: Option<String>,
 }
 
 impl std::fmt::Debug for OperatorSettings {
@@ -171,6 +175,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("leader_election", &self.leader_election)
             .field("lease", &self.lease)
             .field("kek_secret", &self.kek_secret)
+            .field("audit_service", &self.audit_service)
             .finish()
     }
 }
@@ -198,6 +203,7 @@ impl OperatorSettings {
             leader_election: true,
             lease: LeaseSettings::new(LEASE_NAME, namespace, identity),
             kek_secret: None,
+            audit_service: None,
         }
     }
 
@@ -540,6 +546,14 @@ pub async fn start(
         stores.tenants.clone(),
         tenants_changed,
     );
+    let audit_secret = settings.audit_service.as_deref().map(|service| {
+        AuditTlsSecret::new(
+            client.clone(),
+            ca.clone(),
+            &settings.reconcile.namespace,
+            service,
+        )
+    });
     let leading = Arc::new(AtomicBool::new(false));
     tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
     let lead = {
@@ -548,11 +562,18 @@ pub async fn start(
             let ctx = ctx.clone();
             let publisher = publisher.clone();
             let ca_runtime = ca_runtime.clone();
+            let audit_secret = audit_secret.clone();
             async move {
+                let audit_secret = async {
+                    if let Some(secret) = audit_secret {
+                        secret.run(term.clone()).await;
+                    }
+                };
                 tokio::join!(
                     crate::controller::run(ctx, term.clone()),
                     publisher.run(term.clone()),
-                    ca_runtime.rotate_while_leading(term),
+                    audit_secret,
+                    ca_runtime.rotate_while_leading(term.clone()),
                 );
             }
         }

@@ -653,6 +653,26 @@ fn the_trust_domain_reaches_the_proxy_only_when_it_is_not_cluster_local() {
     );
 }
 
+#[test]
+fn proxies_are_told_the_audit_collector_when_one_is_configured() {
+    let value = pod_json(json!({}), None);
+    let proxy_env = |settings: &InjectSettings| {
+        let decision = decide(&pod(&value), "acme-prod", &enabled(), settings, OLD);
+        let pod: Pod = serde_json::from_value(patched(&value, &decision)).unwrap();
+        env_of(container(&pod.spec.unwrap().containers, "portcullis-proxy"))
+    };
+    assert!(!proxy_env(&settings()).contains_key("PORTCULLIS_AUDIT_COLLECTOR_URL"));
+    let mut shipping = settings();
+    shipping.audit_collector_url =
+        Some("https://portcullis-audit.portcullis-system.svc:8091".into());
+    assert_eq!(
+        proxy_env(&shipping)
+            .get("PORTCULLIS_AUDIT_COLLECTOR_URL")
+            .map(String::as_str),
+        Some("https://portcullis-audit.portcullis-system.svc:8091")
+    );
+}
+
 // ------------------------------------------------ attacks: forging or skipping the proxy
 
 mod attacks {

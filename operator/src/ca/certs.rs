@@ -86,14 +86,19 @@ impl CaCertificate {
 
 /// PEM-encodes one certificate.
 pub fn pem_encode(der: &[u8]) -> String {
+    pem_block("CERTIFICATE", der)
+}
+
+/// One PEM block of `label` (RFC 7468: base64 in 64-character lines).
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut out = format!("-----BEGIN {label}-----\n");
     for line in b64.as_bytes().chunks(64) {
         out.push_str(&String::from_utf8_lossy(line));
         out.push('\n');
     }
-    out.push_str("-----END CERTIFICATE-----\n");
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 

@@ -26,6 +26,7 @@
 //! publish_trust_bundle(client, &tenant_namespaces, &ca.trust_bundle_pem()).await?;
 //! ```
 
+pub mod audit_secret;
 pub mod authenticator;
 pub mod authority;
 pub mod bundle;

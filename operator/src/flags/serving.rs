@@ -35,6 +35,10 @@ pub(super) struct ServingFlags {
     /// serving certificates; repeatable (environment: comma-separated).
     #[arg(long = "extra-san", env = "PORTCULLIS_EXTRA_SANS", value_delimiter = ',', value_parser = san)]
     pub(super) extra_sans: Vec<String>,
+    /// The audit service's Service (in --namespace): the operator keeps its serving
+    /// certificate, from the workload CA, in the Secret <name>-tls (default: none).
+    #[arg(long, env = "PORTCULLIS_AUDIT_SERVICE", value_parser = dns_label)]
+    pub(super) audit_service: Option<String>,
     /// Serve the policy server over plain HTTP, to anyone, without the tenant check
     /// (audit keys are then not served). For debugging only: never in a cluster.
     #[arg(long, env = "PORTCULLIS_POLICY_INSECURE_DEBUG")]
@@ -49,6 +53,7 @@ impl ServingFlags {
         settings.identity_addr = self.identity_addr;
         settings.service_name.clone_from(&self.service_name);
         settings.extra_sans.clone_from(&self.extra_sans);
+        settings.audit_service.clone_from(&self.audit_service);
     }
 
     /// The ServiceAccount the operator runs as.

@@ -19,6 +19,11 @@ pub(super) struct WebhookFlags {
     /// [default: https://<service>.<namespace>.svc:8090].
     #[arg(long, env = "PORTCULLIS_POLICY_URL", value_parser = https_url)]
     pub(super) policy_url: Option<String>,
+    /// The audit collector URL the injector writes into pods, e.g.
+    /// https://portcullis-audit.portcullis-system.svc:8091 (default: none, records stay
+    /// in the pod).
+    #[arg(long, env = "PORTCULLIS_AUDIT_COLLECTOR_URL", value_parser = https_url)]
+    pub(super) audit_collector_url: Option<String>,
     /// Run outside the cluster: the operator applies the webhook configurations itself
     /// with clientConfig.url <url>/inject and <url>/validate (default: the chart's
     /// configurations, through the Service; only their caBundle is patched).
@@ -90,6 +95,10 @@ impl WebhookFlags {
         if let Some(url) = &self.policy_url {
             webhooks.inject.policy_url.clone_from(url);
         }
+        webhooks
+            .inject
+            .audit_collector_url
+            .clone_from(&self.audit_collector_url);
         Some(webhooks)
     }
 }

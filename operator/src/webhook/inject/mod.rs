@@ -70,7 +70,8 @@
 //! `PORTCULLIS_APP_PORT` (annotation `portcullis.dev/app-port`, a number or a container
 //! port name, else the first container's first TCP port; absent when the pod has none),
 //! `PORTCULLIS_INBOUND_MODE`, `PORTCULLIS_SCOPES_MAP` and `PORTCULLIS_ALLOWED_PEERS`
-//! (from their annotations, when set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_TOKEN_PATH`,
+//! (from their annotations, when set), `PORTCULLIS_IDENTITY_URL`, `PORTCULLIS_POLICY_URL`, `PORTCULLIS_AUDIT_COLLECTOR_URL` (when
+//! a collector is configured), `PORTCULLIS_TOKEN_PATH`,
 //! `PORTCULLIS_TRUST_BUNDLE`, `PORTCULLIS_DATA_DIR`, `PORTCULLIS_SERVING_CERT_DIR` (the
 //! serving certificate's mount, only when the pod has one), `PORTCULLIS_TRUST_DOMAIN`
 //! (only when the trust domain is not `cluster.local`), and in regular-container mode
@@ -262,6 +263,9 @@ pub struct InjectSettings {
     /// The SPIFFE trust domain (`cluster.local`); pods get `PORTCULLIS_TRUST_DOMAIN`
     /// when it is another.
     pub trust_domain: String,
+    /// The audit collector proxies ship their records to
+    /// (`PORTCULLIS_AUDIT_COLLECTOR_URL`); `None`: records stay in the pod.
+    pub audit_collector_url: Option<String>,
 }
 
 /// The trust domain the proxy assumes when `PORTCULLIS_TRUST_DOMAIN` is not set.
@@ -288,6 +292,7 @@ impl InjectSettings {
             token_expiration_seconds: 3600,
             redirect_outbound: false,
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            audit_collector_url: None,
         }
     }
 }

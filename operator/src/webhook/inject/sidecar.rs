@@ -193,6 +193,9 @@ pub(super) fn proxy_container(
         env(vars::TRUST_BUNDLE, vars::DEFAULT_TRUST_BUNDLE),
         env(vars::DATA_DIR, DATA_MOUNT),
     ]);
+    if let Some(url) = &settings.audit_collector_url {
+        env_vars.push(env(vars::AUDIT_COLLECTOR_URL, url.clone()));
+    }
     if plan.serving_certificate.is_some() {
         env_vars.push(env(SERVING_CERT_DIR_ENV, SERVING_CERT_MOUNT));
     }

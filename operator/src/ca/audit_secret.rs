@@ -1,0 +1,158 @@
+//! The audit service's serving certificate, kept in a `kubernetes.io/tls` Secret that
+//! `portcullis-operator audit-server` mounts. Issued by the workload CA for the audit
+//! Service's names, so proxies verify the collector with the trust bundle they already
+//! hold; `ca.crt` is that trust bundle, so the collector verifies the workloads that
+//! ship to it. Re-issued at half-life, after every CA rotation, and whenever the Secret
+//! does not hold what it should. Run by the leader.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use portcullis_api::clock;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_util::sync::CancellationToken;
+
+use super::authority::CertificateAuthority;
+use super::bundle::FIELD_MANAGER;
+use super::certs::{pem_block, pem_encode};
+use super::serving::service_names;
+
+/// How long to wait before trying again after the API server refused a write.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// How often the Secret is read back, so a deleted or edited one is restored.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Keeps the audit service's TLS Secret current.
+#[derive(Clone)]
+pub struct AuditTlsSecret {
+    client: kube::Client,
+    ca: Arc<CertificateAuthority>,
+    namespace: String,
+    secret: String,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for AuditTlsSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTlsSecret")
+            .field("namespace", &self.namespace)
+            .field("secret", &self.secret)
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Secret the audit service `service` mounts: `<service>-tls`.
+pub fn secret_name(service: &str) -> String {
+    format!("{service}-tls")
+}
+
+impl AuditTlsSecret {
+    /// The Secret for the audit Service `service` in `namespace`.
+    pub fn new(
+        client: kube::Client,
+        ca: Arc<CertificateAuthority>,
+        namespace: &str,
+        service: &str,
+    ) -> Self {
+        Self {
+            client,
+            ca,
+            namespace: namespace.to_owned(),
+            secret: secret_name(service),
+            names: service_names(service, namespace, &[]),
+        }
+    }
+
+    /// Keeps the Secret current until `term`.
+    pub async fn run(self, term: CancellationToken) {
+        let mut changes = self.ca.subscribe();
+        loop {
+            let wait = match self.ensure().await {
+                Ok(refresh_at) => clock::until(self.ca.clock().now(), refresh_at),
+                Err(e) => {
+                    tracing::warn!(secret = %self.secret, error = %e, "audit service certificate not written; retrying");
+                    RETRY_AFTER
+                }
+            };
+            tokio::select! {
+                () = term.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(wait.clamp(Duration::from_secs(1), RECHECK)) => {}
+            }
+        }
+    }
+
+    /// Writes a new certificate unless the Secret holds a current one; returns when it
+    /// is due for replacement.
+    pub async fn ensure(&self) -> Result<Timestamp, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let bundle = self.ca.trust_bundle_pem();
+        let now = self.ca.clock().now();
+        if let Some(existing) = api.get_opt(&self.secret).await?
+            && let Some(refresh_at) = still_current(&existing, &bundle, now)
+        {
+            return Ok(refresh_at);
+        }
+        let issued = match self.ca.issue_server_certificate(&self.names) {
+            Ok(issued) => issued,
+            Err(e) => {
+                // The CA cannot sign (it is being rotated or not loaded): try again soon.
+                tracing::warn!(error = %e, "audit service certificate not issued");
+                return Ok(clock::add(now, RETRY_AFTER));
+            }
+        };
+        let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
+        let key = pem_block("PRIVATE KEY", issued.key.secret_pkcs8_der());
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.secret.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".into(),
+                    FIELD_MANAGER.into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(BTreeMap::from([
+                ("tls.crt".into(), ByteString(chain.into_bytes())),
+                ("tls.key".into(), ByteString(key.into_bytes())),
+                ("ca.crt".into(), ByteString(bundle.into_bytes())),
+            ])),
+            ..Secret::default()
+        };
+        api.patch(
+            &self.secret,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+        tracing::info!(secret = %self.secret, not_after = %issued.not_after, "audit service certificate written");
+        let half = clock::until(issued.not_before, issued.not_after) / 2;
+        Ok(clock::add(issued.not_before, half))
+    }
+}
+
+/// When the certificate in `secret` is due for replacement, if it may stay until then:
+/// its `ca.crt` is the current trust bundle and it is not past half its life.
+fn still_current(secret: &Secret, bundle: &str, now: Timestamp) -> Option<Timestamp> {
+    let data = secret.data.as_ref()?;
+    if data.get("ca.crt")?.0 != bundle.as_bytes() || !data.contains_key("tls.key") {
+        return None;
+    }
+    let leaf = CertificateDer::pem_slice_iter(&data.get("tls.crt")?.0)
+        .next()?
+        .ok()?;
+    let facts = portcullis_tls::leaf_facts(&leaf).ok()?;
+    let half = clock::until(facts.not_before, facts.not_after) / 2;
+    let refresh_at = clock::add(facts.not_before, half);
+    (refresh_at > now).then_some(refresh_at)
+}
