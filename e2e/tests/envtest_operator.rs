@@ -1176,8 +1176,8 @@ async fn the_audit_service_certificate_is_kept_in_its_secret() -> Result<()> {
     // way a shipping proxy checks it.
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let chain = CertificateDer::pem_slice_iter(&data["tls.crt"].0)
-        .collect::<Result<Vec<_>, _>>()?;
+    let chain =
+        CertificateDer::pem_slice_iter(&data["tls.crt"].0).collect::<Result<Vec<_>, _>>()?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         roots.add(root?)?;

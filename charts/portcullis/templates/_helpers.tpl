@@ -65,3 +65,20 @@ release namespace whatever the list says. Sorted and de-duplicated, as a list.
 {{- $all := concat .Values.webhook.excludedNamespaces (list "kube-system" .Release.Namespace) -}}
 {{- toJson (sortAlpha (uniq $all)) -}}
 {{- end -}}
+
+{{/* The audit collector's Service, StatefulSet and (operator-written) Secret <name>-tls. */}}
+{{- define "portcullis.auditName" -}}portcullis-audit{{- end -}}
+
+{{- define "portcullis.auditSelectorLabels" -}}
+app.kubernetes.io/name: portcullis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: audit
+{{- end -}}
+
+{{- define "portcullis.auditLabels" -}}
+helm.sh/chart: {{ include "portcullis.chart" . }}
+{{ include "portcullis.auditSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: portcullis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}

@@ -149,6 +149,7 @@ enum Probe {
     GetCaSecret,
     CreateOwnSecret,
     ReplaceOwnSecret,
+    ApplyAuditSecret,
     BindTenantSecrets,
     ApplyTrustBundle,
     GetConfigMap,
@@ -185,7 +186,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 65] = [
+    const ALL: [Probe; 66] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -218,6 +219,7 @@ impl Probe {
         Self::GetCaSecret,
         Self::CreateOwnSecret,
         Self::ReplaceOwnSecret,
+        Self::ApplyAuditSecret,
         Self::BindTenantSecrets,
         Self::ApplyTrustBundle,
         Self::GetConfigMap,
@@ -290,6 +292,8 @@ impl Probe {
             WatchSecrets => vec![need("", "secrets", "watch")],
             CreateApiKeySecret | CreateOwnSecret => vec![need("", "secrets", "create")],
             ReplaceApiKeySecret | ReplaceOwnSecret => vec![need("", "secrets", "update")],
+            // The audit service's TLS Secret, server-side applied (created the first time).
+            ApplyAuditSecret => vec![need("", "secrets", "patch"), need("", "secrets", "create")],
             // The escalation check: the operator holds no Secret access in a namespace
             // it has not bound yet, so only `bind` lets it reference the ClusterRole.
             BindTenantSecrets => vec![
@@ -375,8 +379,8 @@ impl Probe {
         match self {
             GetApiKeySecret | ListSecrets | WatchSecrets | CreateApiKeySecret
             | ReplaceApiKeySecret | DeleteApiKeySecret => Scope::TenantNamespace,
-            GetCaSecret | CreateOwnSecret | ReplaceOwnSecret | CreateLease | GetLease
-            | RenewLease => Scope::ReleaseNamespace,
+            GetCaSecret | CreateOwnSecret | ReplaceOwnSecret | ApplyAuditSecret | CreateLease
+            | GetLease | RenewLease => Scope::ReleaseNamespace,
             _ => Scope::Anywhere,
         }
     }
@@ -578,6 +582,27 @@ impl Probe {
                 secrets
                     .delete(&created.name_any(), &DeleteParams::default())
                     .await?;
+                result?;
+                Ok(())
+            }
+            ApplyAuditSecret => {
+                let name = format!("portcullis-audit-probe-{}", suffix());
+                let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                                    "metadata": {"name": name, "namespace": cx.release_ns},
+                                    "type": "kubernetes.io/tls",
+                                    "data": {"tls.crt": "", "tls.key": "", "ca.crt": ""}});
+                let result = Api::<Secret>::namespaced(sa, &cx.release_ns)
+                    .patch(
+                        &name,
+                        &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+                        &Patch::Apply(secret),
+                    )
+                    .await;
+                if result.is_ok() {
+                    Api::<Secret>::namespaced(admin, &cx.release_ns)
+                        .delete(&name, &DeleteParams::default())
+                        .await?;
+                }
                 result?;
                 Ok(())
             }

@@ -728,3 +728,60 @@ fn schema_refuses_bad_values_naming_the_field() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at_it() -> Result<()>
+{
+    let Some(helm) = Helm::find() else {
+        return Ok(());
+    };
+    let objects = helm.render(&[])?;
+    assert_eq!(kinds(&objects, "StatefulSet"), 0, "off by default");
+    let operator = &find(&objects, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"]
+        ["containers"][0];
+    assert!(env_value(operator, "PORTCULLIS_AUDIT_COLLECTOR_URL").is_none());
+
+    let values = chart_dir().join("ci").join("non-default-values.yaml");
+    let objects = helm.render(&["-f", &values.to_string_lossy()])?;
+    let collector = find(&objects, "StatefulSet", "portcullis-audit")?;
+    let pod = &collector["spec"]["template"]["spec"];
+    assert_eq!(
+        collector["spec"]["template"]["metadata"]["annotations"]["portcullis.dev/inject"],
+        "disabled"
+    );
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], "audit-server");
+    assert_eq!(
+        env_value(container, "PORTCULLIS_AUDIT_RETENTION_DAYS").map(|e| &e["value"]),
+        Some(&Value::from("2555"))
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let volumes = pod["volumes"].as_array().context("volumes")?;
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "portcullis-audit-tls"),
+        "the operator-written certificate is mounted"
+    );
+    let claim = &collector["spec"]["volumeClaimTemplates"][0]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "50Gi");
+    assert_eq!(claim["storageClassName"], "fast-ssd");
+    let service = find(&objects, "Service", "portcullis-audit")?;
+    assert_eq!(service["spec"]["ports"][0]["port"], 8091);
+
+    let operator =
+        &find(&objects, "Deployment", "pc-operator")?["spec"]["template"]["spec"]["containers"][0];
+    let setting = |name: &str| env_value(operator, name).map(|e| e["value"].clone());
+    assert_eq!(
+        setting("PORTCULLIS_AUDIT_SERVICE"),
+        Some(Value::from("portcullis-audit"))
+    );
+    assert_eq!(
+        setting("PORTCULLIS_AUDIT_COLLECTOR_URL"),
+        Some(Value::from(format!(
+            "https://portcullis-audit.{TEMPLATE_NAMESPACE}.svc:8091"
+        )))
+    );
+    Ok(())
+}
