@@ -90,6 +90,8 @@ pub struct CheckedBatch {
     pub fresh: Vec<Fresh>,
     /// Entries the collector already held.
     pub duplicates: u64,
+    /// Request records among `fresh` (the rest are checkpoints).
+    pub records: u64,
     /// Chains this batch starts, with their owner (stored with the entries).
     pub new_chains: Vec<(String, String)>,
     heads: HashMap<String, ChainHead>,
@@ -171,6 +173,7 @@ impl Arrivals {
         let mut batch = CheckedBatch {
             fresh: Vec::new(),
             duplicates: 0,
+            records: 0,
             new_chains: Vec::new(),
             heads: HashMap::new(),
         };
@@ -197,10 +200,13 @@ impl Arrivals {
                 continue;
             }
             match self.check_record(sender, &mut heads, &mut batch.new_chains, value, number)? {
-                Arrived::New(chain_id) => batch.fresh.push(Fresh {
-                    chain_id,
-                    line: line.to_owned(),
-                }),
+                Arrived::New(chain_id) => {
+                    batch.records += 1;
+                    batch.fresh.push(Fresh {
+                        chain_id,
+                        line: line.to_owned(),
+                    });
+                }
                 Arrived::Duplicate => batch.duplicates += 1,
             }
         }

@@ -28,6 +28,15 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
+/// A stored batch.
+#[derive(Debug)]
+pub struct Ingested {
+    /// The answer to the proxy.
+    pub ack: ShipAck,
+    /// Request records stored (the other stored entries are checkpoints).
+    pub records: u64,
+}
+
 /// Tenant logs, checked on arrival.
 #[derive(Debug)]
 pub struct Collector<S> {
@@ -70,6 +79,16 @@ impl<S: RecordStore> Collector<S> {
 
     /// Checks `body` (NDJSON) from `sender`, stores what is new, and acknowledges it.
     pub fn ingest(&mut self, sender: Sender<'_>, body: &str) -> Result<ShipAck, IngestError> {
+        self.ingest_counted(sender, body)
+            .map(|ingested| ingested.ack)
+    }
+
+    /// [`Collector::ingest`], also saying how many request records were stored.
+    pub fn ingest_counted(
+        &mut self,
+        sender: Sender<'_>,
+        body: &str,
+    ) -> Result<Ingested, IngestError> {
         let batch = self
             .arrivals
             .check(sender, body)
@@ -84,8 +103,9 @@ impl<S: RecordStore> Collector<S> {
             stored: batch.fresh.len() as u64,
             duplicates: batch.duplicates,
         };
+        let records = batch.records;
         self.arrivals.commit(batch);
-        Ok(ack)
+        Ok(Ingested { ack, records })
     }
 
     /// Removes `tenant`'s days older than `retention_days` (capped at

@@ -25,7 +25,7 @@ pub mod server;
 pub mod store;
 
 pub use arrival::{Arrivals, ChainHead, Sender};
-pub use collector::{Collector, IngestError, MAX_RETENTION_DAYS};
+pub use collector::{Collector, IngestError, Ingested, MAX_RETENTION_DAYS};
 pub use metrics::IngestMetrics;
 pub use server::{Ingest, MAX_BATCH_BYTES, server_config};
 pub use store::{FileStore, RecordStore, StoreError};

@@ -6,6 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::collector::Ingested;
+
 /// `outcome` label of a batch.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -20,10 +22,18 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// `tenant` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    /// The tenant whose log it is.
+    pub tenant: String,
+}
+
 /// The ingest metrics; cheap to clone (shared handles).
 #[derive(Debug, Clone, Default)]
 pub struct IngestMetrics {
     batches: Family<OutcomeLabel, Counter>,
+    tenant_records: Family<TenantLabel, Counter>,
     refusals: Family<ReasonLabel, Counter>,
     records: Counter,
     duplicates: Counter,
@@ -33,8 +43,9 @@ impl IngestMetrics {
     /// Creates the metrics and registers them in `registry`:
     /// `portcullis_audit_batches_total{outcome}`,
     /// `portcullis_audit_refusals_total{reason}`,
-    /// `portcullis_audit_entries_stored_total` and
-    /// `portcullis_audit_entries_duplicate_total`.
+    /// `portcullis_audit_entries_stored_total`,
+    /// `portcullis_audit_entries_duplicate_total` and
+    /// `portcullis_audit_records_total{tenant}` (request records stored).
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -53,6 +64,11 @@ impl IngestMetrics {
             metrics.records.clone(),
         );
         registry.register(
+            "portcullis_audit_records",
+            "Request records stored, by tenant",
+            metrics.tenant_records.clone(),
+        );
+        registry.register(
             "portcullis_audit_entries_duplicate",
             "Chain entries received again after they were durable (resends)",
             metrics.duplicates.clone(),
@@ -69,11 +85,16 @@ impl IngestMetrics {
             .inc();
     }
 
-    /// Counts a stored batch.
-    pub fn stored(&self, stored: u64, duplicates: u64) {
+    /// Counts a stored batch of `tenant`.
+    pub fn stored(&self, tenant: &str, ingested: &Ingested) {
         self.batch("stored");
-        self.records.inc_by(stored);
-        self.duplicates.inc_by(duplicates);
+        self.records.inc_by(ingested.ack.stored);
+        self.duplicates.inc_by(ingested.ack.duplicates);
+        self.tenant_records
+            .get_or_create(&TenantLabel {
+                tenant: tenant.to_owned(),
+            })
+            .inc_by(ingested.records);
     }
 
     /// Counts a refused batch.

@@ -184,19 +184,20 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
             });
         };
         let collector = self.collector.clone();
+        let tenant = shipper.tenant.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
             let sender = Sender {
                 tenant: &shipper.tenant,
                 workload: &shipper.workload,
             };
-            collector.ingest(sender, &text)
+            collector.ingest_counted(sender, &text)
         })
         .await;
         match outcome {
-            Ok(Ok(ack)) => {
-                self.metrics.stored(ack.stored, ack.duplicates);
-                match serde_json::to_vec(&ack) {
+            Ok(Ok(ingested)) => {
+                self.metrics.stored(&tenant, &ingested);
+                match serde_json::to_vec(&ingested.ack) {
                     Ok(body) => serve::full(StatusCode::OK, "application/json", body),
                     Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 }

@@ -245,12 +245,11 @@ async fn a_workload_ships_its_chain_and_a_resend_is_stored_once() {
     let ack = ok(running.ship(&web, batch(&again)).await).ack();
     assert_eq!((ack.stored, ack.duplicates), (2, 3));
     assert_eq!(running.entries("shop"), proxy.lines);
+    let metrics = running.metrics();
     assert!(
-        running
-            .metrics()
-            .contains("portcullis_audit_entries_stored_total 5"),
-        "{}",
-        running.metrics()
+        metrics.contains("portcullis_audit_entries_stored_total 5")
+            && metrics.contains("portcullis_audit_records_total{tenant=\"shop\"} 5"),
+        "{metrics}"
     );
 }
 
