@@ -22,9 +22,9 @@ use portcullis_operator::policy::app_exit::AppExits;
 use portcullis_operator::policy::server::{Access, PolicyApi, serve_api_with};
 use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
 use portcullis_server::ConnectionLimits;
-use portcullis_sidecar::identity::WorkloadKey;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -44,14 +44,23 @@ fn new_ca() -> Arc<CertificateAuthority> {
     ))
 }
 
+/// A CSR for `workload` as a proxy sends it: an empty subject and exactly one URI SAN,
+/// the workload's SPIFFE ID.
+fn csr_pem(key: &KeyPair, workload: &WorkloadId) -> String {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(workload.to_string().try_into().unwrap())];
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
 /// A workload certificate (leaf + intermediate) and its key, for `tenant`.
 fn workload_identity(
     ca: &CertificateAuthority,
     tenant: &str,
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let workload = WorkloadId::new(td(), format!("{tenant}-prod"), "web").unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let csr = validate_csr(&key.csr_pem(&workload).unwrap(), &workload).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = validate_csr(&csr_pem(&key, &workload), &workload).unwrap();
     let issued = ca
         .issue(&csr, &workload, &TenantId::new(td(), tenant).unwrap())
         .unwrap();
@@ -60,7 +69,7 @@ fn workload_identity(
     )
     .collect::<Result<Vec<_>, _>>()
     .unwrap();
-    (chain, key.private_key_der())
+    (chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
 }
 
 /// A Job pod whose app container exited 0 while its proxy still runs.

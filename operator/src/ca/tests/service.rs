@@ -1,4 +1,6 @@
-//! The identity service over real TLS 1.3 on loopback, with scripted lookups.
+//! The identity service over real TLS 1.3 on loopback, with scripted lookups and raw
+//! HTTP requests. The proxy's own identity client against this service is tested in
+//! `e2e/tests/identity_service_client.rs` (the operator does not link the proxy).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,10 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_api::clock::SystemClock;
-use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
-use portcullis_sidecar::identity::{
-    Credentials, IdentityClient, IdentityEndpoint, IdentityError, IssueCertificate, WorkloadKey,
-};
+use portcullis_api::identity::IDENTITY_AUDIENCE;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
@@ -49,16 +48,6 @@ impl Running {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
         out
-    }
-
-    fn client(&self, token: &str, dir: &tempfile::TempDir) -> IdentityClient {
-        let path = dir.path().join(format!("token-{token}"));
-        std::fs::write(&path, format!("{token}\n")).unwrap();
-        let endpoint = IdentityEndpoint::parse(&format!("https://127.0.0.1:{}", self.addr.port()))
-            .unwrap()
-            .with_server_name("identity.test")
-            .unwrap();
-        IdentityClient::new(endpoint, path)
     }
 
     /// POSTs `body` (or sends `method` to `path`) and returns status and JSON.
@@ -180,39 +169,6 @@ fn lookups() -> StaticAuthenticator {
         .with_token("tok-aud", other_audience)
 }
 
-#[tokio::test]
-async fn issues_to_a_real_client_over_tls13() {
-    let running = start(lookups()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let id = workload("acme-prod", "api");
-    let key = WorkloadKey::generate().unwrap();
-    let issued = running
-        .client("tok-good", &dir)
-        .issue(&key.csr_pem(&id).unwrap(), &running.roots())
-        .await
-        .unwrap();
-    let credentials = Credentials::from_issued(&key, &id, &issued, Timestamp::now()).unwrap();
-    assert_eq!(credentials.workload(), &id);
-    assert_eq!(credentials.tenant(), Some(&tenant("acme")));
-    let lifetime = issued.expires_at.duration_since(Timestamp::now()).as_secs();
-    assert!(
-        (96 * 3600 - 60..=96 * 3600).contains(&lifetime),
-        "{lifetime}"
-    );
-    verify_client_chain(
-        &issued.certificate,
-        &issued.chain,
-        &issued.trust_bundle,
-        Timestamp::now(),
-    )
-    .unwrap();
-    assert!(
-        running
-            .metrics_text()
-            .contains("portcullis_identity_certificates_issued_total 1")
-    );
-}
-
 /// The DNS SANs of a PEM leaf.
 fn dns_sans(pem: &str) -> Vec<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -247,8 +203,8 @@ async fn the_certificate_names_exactly_the_services_that_select_the_pod() {
         .with_service("acme-prod", "web", &[("app", "web")]);
     let running = start(lookups).await;
     let id = workload("acme-prod", "api");
-    let key = WorkloadKey::generate().unwrap();
-    let (status, body) = running.post(&key.csr_pem(&id).unwrap(), "tok-good").await;
+    let key = p256();
+    let (status, body) = running.post(&good_csr(&key, &id), "tok-good").await;
     assert_eq!(status, 200, "{body}");
     let expected = [
         "api.acme-prod.svc",
@@ -262,7 +218,7 @@ async fn the_certificate_names_exactly_the_services_that_select_the_pod() {
 
     // A pod no Service selects gets no DNS name, only its SPIFFE IDs.
     let running = start(lookups_without_services()).await;
-    let (status, body) = running.post(&key.csr_pem(&id).unwrap(), "tok-good").await;
+    let (status, body) = running.post(&good_csr(&key, &id), "tok-good").await;
     assert_eq!(status, 200, "{body}");
     assert!(dns_sans(body["certificate"].as_str().unwrap()).is_empty());
 }
@@ -380,40 +336,6 @@ async fn each_refusal_has_its_status_reason_and_metric() {
         "{metrics}"
     );
     assert!(metrics.contains("portcullis_identity_ca_expiry_seconds{kind=\"intermediate\"}"));
-}
-
-#[tokio::test]
-async fn the_real_client_reports_refusals_with_their_reason() {
-    let running = start(lookups()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let id = workload("ns-n", "sa");
-    let key = WorkloadKey::generate().unwrap();
-    let err = running
-        .client("tok-notenant", &dir)
-        .issue(&key.csr_pem(&id).unwrap(), &running.roots())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            IdentityError::Refused {
-                status: 403,
-                reason: Some(RefusalReason::NoTenant),
-                ..
-            }
-        ),
-        "{err}"
-    );
-    // Trusting another CA, the client refuses the service's certificate.
-    let stranger = CaState::generate(&settings(), Timestamp::now()).unwrap();
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(der_of(&stranger.trust_bundle_pem()));
-    let err = running
-        .client("tok-good", &dir)
-        .issue(&key.csr_pem(&workload("acme-prod", "api")).unwrap(), &roots)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, IdentityError::Tls(_)), "{err}");
 }
 
 #[tokio::test]

@@ -17,15 +17,14 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
-use portcullis_api::clock::SystemClock;
-use portcullis_api::spiffe::{TrustDomain, WorkloadId};
 use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator, run_rotation,
 };
 use portcullis_sidecar::identity::tls;
 use portcullis_sidecar::identity::{
-    CertificateStore, IdentityClient, IdentityEndpoint, RenewalSettings, Renewer,
+    CertificateStore, IdentityClient, IdentityEndpoint, RenewalSettings, Renewer, SystemClock,
+    TrustDomain, WorkloadId,
 };
 use portcullis_sidecar::tls::{ClientAuth, CredentialStore, TlsSettings};
 use rustls::pki_types::{CertificateDer, ServerName};
