@@ -75,5 +75,5 @@ chart-lint:
 	for values in $(CHART)/ci/*-values.yaml e2e/kind/values.yaml; do \
 	  helm lint --strict $(CHART) -f "$$values"; \
 	done
-	cargo build -p portcullis-operator --bin portcullis-operator
-	cargo test -p portcullis-e2e --test helm_chart
+	cargo build --workspace --bin portcullis-operator
+	cargo test --workspace --test helm_chart

@@ -667,3 +667,96 @@ code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert /tmp/ca.cr
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn audit_records_reach_the_collector_once_each_and_outlive_the_app_pod() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let release = release_namespace();
+    if Api::<Service>::namespaced(client.clone(), &release)
+        .get_opt("portcullis-audit")
+        .await?
+        .is_none()
+    {
+        println!("skipping: the chart's audit collector is not enabled on this tier");
+        return Ok(());
+    }
+    // A tenant of its own: no other scenario's requests land in its log.
+    let ns = tenant_with_echo(&client, fx.tier, "pc-audit").await?;
+    let token = create_key(
+        &client,
+        &ns,
+        &format!("audit-{}", suffix()),
+        json!({"role": "Developer", "scopes": ["identify"]}),
+    )
+    .await?;
+    // Every request that reached the proxy (any status but curl's 000) is one record.
+    // Right after the last one the app pod is deleted: what its proxy still held in its
+    // spool must reach the collector before it exits.
+    let script = format!(
+        r#"answered=0; ok=0
+call() {{
+  code=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST -H "Authorization: Bearer $KEY" https://echo.{ns}.svc:{port}/v1/identify)
+  [ "$code" != 000 ] && answered=$((answered+1))
+  [ "$code" = 200 ] && ok=$((ok+1))
+}}
+for i in $(seq 1 60); do call; [ "$code" = 200 ] && break; sleep 1; done
+for i in $(seq 2 30); do call; done
+echo "answered=$answered"; echo "ok=$ok""#,
+        ns = ns,
+        port = APP_PORT,
+    );
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("KEY", token.as_str())],
+        &script,
+    )
+    .await?;
+    let answered: u64 = run
+        .value("answered")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("the client printed no count:\n{}", run.logs))?;
+    ensure!(
+        run.value("ok") == Some("30"),
+        "30 requests should have been served:\n{}",
+        run.logs
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.delete("echo", &DeleteParams::default()).await?;
+    wait_for("the app pod gone", Duration::from_secs(90), || async {
+        Ok(pods.get_opt("echo").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    // The collector's count of this tenant's records, read from its metrics.
+    let metric = format!(r#"portcullis_audit_records_total{{tenant="{ns}"}}"#);
+    let read = format!(
+        r#"for i in $(seq 1 30); do
+  n=$(curl -s --max-time 5 http://portcullis-audit.{release}.svc:8080/metrics | grep -F '{metric}' | awk '{{print $2}}')
+  [ "$n" = "$WANT" ] && break
+  sleep 2
+done
+echo "records=$n""#
+    );
+    let want = answered.to_string();
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("WANT", want.as_str())],
+        &read,
+    )
+    .await?;
+    ensure!(
+        run.value("records") == Some(want.as_str()),
+        "the collector holds {:?} records of tenant {ns}; {answered} requests reached its proxy:\n{}",
+        run.value("records"),
+        run.logs
+    );
+    Ok(())
+}

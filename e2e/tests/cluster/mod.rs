@@ -215,14 +215,22 @@ pub async fn create_namespace(client: &Client, prefix: &str, labels: Value) -> R
 pub async fn set_up(tier: Tier) -> Result<Fixture> {
     let client = client().await?;
     operator_ready(&client).await?;
-
-    let app_ns = create_namespace(
-        &client,
-        "pc-app",
-        json!({"portcullis.dev/inject": "enabled"}),
-    )
-    .await?;
+    let app_ns = tenant_with_echo(&client, tier, "pc-app").await?;
     let client_ns = create_namespace(&client, "pc-client", json!({})).await?;
+    Ok(Fixture {
+        tier,
+        tenant: app_ns.clone(),
+        app_ns,
+        client_ns,
+    })
+}
+
+/// A new injected namespace `<prefix>-…`, an Internal Tenant of the same name holding
+/// it, and the app: an echo server `echo` behind a Service `echo`, whose inbound
+/// requests need mTLS or a key. Returns the namespace (= the tenant's name).
+pub async fn tenant_with_echo(client: &Client, tier: Tier, prefix: &str) -> Result<String> {
+    let app_ns =
+        create_namespace(client, prefix, json!({"portcullis.dev/inject": "enabled"})).await?;
     let tenant = app_ns.clone();
     let object: Tenant = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
@@ -249,7 +257,6 @@ pub async fn set_up(tier: Tier) -> Result<Fixture> {
     })
     .await?;
 
-    // The app: an echo server behind a Service; inbound requests need mTLS or a key.
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {
             "name": "echo",
@@ -278,13 +285,8 @@ pub async fn set_up(tier: Tier) -> Result<Fixture> {
     Api::<Service>::namespaced(client.clone(), &app_ns)
         .create(&PostParams::default(), &service)
         .await?;
-    pod_ready(&client, &app_ns, "echo").await?;
-    Ok(Fixture {
-        tier,
-        app_ns,
-        tenant,
-        client_ns,
-    })
+    pod_ready(client, &app_ns, "echo").await?;
+    Ok(app_ns)
 }
 
 pub async fn pod_ready(client: &Client, namespace: &str, name: &str) -> Result<Pod> {
