@@ -122,31 +122,67 @@ impl RunningCollector {
     }
 }
 
+/// A Confidential tenant's injected proxy configured to ship to a collector that is not
+/// running yet.
+struct ShippingPod {
+    op: FakeOperator,
+    proxy: portcullis_sidecar::proxy::RunningProxy,
+    tokens: std::collections::BTreeMap<&'static str, portcullis_crds::ApiToken>,
+    collector: Collector0,
+    _app: (SocketAddr, CancellationToken),
+    _dir: tempfile::TempDir,
+}
+
+impl ShippingPod {
+    /// With `spool_max_bytes`, or the default room.
+    async fn start(spool_max_bytes: Option<u64>) -> Self {
+        let op = FakeOperator::start(TRUST_DOMAIN, TENANT).await;
+        op.set_audit_key(1, [7u8; 32]);
+        let (policy, tokens) = bundle(1, DataClassification::Confidential);
+        op.publish(policy);
+        let app = echo_app().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (collector, addr) = Collector0::reserve().await;
+        let mut vars = environment(
+            &op,
+            dir.path(),
+            "api-0",
+            "acme-prod",
+            "api",
+            Some(app.0.port()),
+        );
+        vars.insert(
+            "PORTCULLIS_AUDIT_COLLECTOR_URL".into(),
+            Collector0::url(addr),
+        );
+        let mut config = cluster::config(&vars);
+        config.audit.ship_retry = RETRY;
+        if let Some(bytes) = spool_max_bytes {
+            config.audit.spool_max_bytes = bytes;
+        }
+        let (proxy, _stdout) = cluster::start(config).await;
+        wait_ready(&proxy).await;
+        Self {
+            op,
+            proxy,
+            tokens,
+            collector,
+            _app: app,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_collector_outage_refuses_nothing_and_loses_nothing() {
-    let op = FakeOperator::start(TRUST_DOMAIN, TENANT).await;
-    op.set_audit_key(1, [7u8; 32]);
-    let (policy, tokens) = bundle(1, DataClassification::Confidential);
-    op.publish(policy);
-    let (app, _app_stop) = echo_app().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (pending, addr) = Collector0::reserve().await;
-    let mut vars = environment(
-        &op,
-        dir.path(),
-        "api-0",
-        "acme-prod",
-        "api",
-        Some(app.port()),
-    );
-    vars.insert(
-        "PORTCULLIS_AUDIT_COLLECTOR_URL".into(),
-        Collector0::url(addr),
-    );
-    let mut config = cluster::config(&vars);
-    config.audit.ship_retry = RETRY;
-    let (proxy, _stdout) = cluster::start(config).await;
-    wait_ready(&proxy).await;
+    let ShippingPod {
+        op,
+        proxy,
+        tokens,
+        collector: pending,
+        _app,
+        _dir,
+    } = ShippingPod::start(None).await;
     let client = mesh_client_config(&op);
     let headers = [("x-api-key", tokens["events"].expose_secret())];
 
@@ -189,31 +225,15 @@ async fn a_collector_outage_refuses_nothing_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_confidential_tenant_is_refused_only_when_the_spool_is_full() {
-    let op = FakeOperator::start(TRUST_DOMAIN, TENANT).await;
-    op.set_audit_key(1, [7u8; 32]);
-    let (policy, tokens) = bundle(1, DataClassification::Confidential);
-    op.publish(policy);
-    let (app, _app_stop) = echo_app().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (pending, addr) = Collector0::reserve().await;
-    let mut vars = environment(
-        &op,
-        dir.path(),
-        "api-0",
-        "acme-prod",
-        "api",
-        Some(app.port()),
-    );
-    vars.insert(
-        "PORTCULLIS_AUDIT_COLLECTOR_URL".into(),
-        Collector0::url(addr),
-    );
-    let mut config = cluster::config(&vars);
     // Room for a few records only.
-    config.audit.spool_max_bytes = 4 * 1024;
-    config.audit.ship_retry = RETRY;
-    let (proxy, _stdout) = cluster::start(config).await;
-    wait_ready(&proxy).await;
+    let ShippingPod {
+        op,
+        proxy,
+        tokens,
+        collector: pending,
+        _app,
+        _dir,
+    } = ShippingPod::start(Some(4 * 1024)).await;
     let trail = proxy.audit.clone().unwrap();
     let client = mesh_client_config(&op);
     let headers = [("x-api-key", tokens["events"].expose_secret())];
