@@ -554,6 +554,10 @@ async fn check_flags_expiring_and_expired_cas_and_unprotected_pods() {
         "{table:?}"
     );
     assert!(
+        line("✓ Audit collector").contains("records stay in each pod"),
+        "{table:?}"
+    );
+    assert!(
         line("✓ CRD apikeys.portcullis.dev").contains("installed and current"),
         "{table:?}"
     );

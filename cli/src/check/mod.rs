@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::ListParams;
@@ -89,6 +89,7 @@ pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
     for kind in [CaKind::Root, CaKind::Intermediate] {
         checks.push(check_ca(cluster, kind, &deployment, now).await);
     }
+    checks.push(check_audit_collector(cluster).await);
     checks.extend(check_namespaces(cluster, now).await);
     let operator_logs = format!(
         "kubectl -n {} logs deploy/{deployment}",
@@ -213,6 +214,32 @@ async fn check_operator(cluster: &Cluster) -> Result<(CheckResult, String), Chec
         None => Vec::new(),
     };
     Ok((probes::judge_operator(ns, &found, &pods), name))
+}
+
+async fn check_audit_collector(cluster: &Cluster) -> CheckResult {
+    const CHECK: &str = "Audit collector";
+    let ns = &cluster.operator_namespace;
+    let name = probes::AUDIT_COLLECTOR;
+    let collector = match Api::<StatefulSet>::namespaced(cluster.client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(collector) => collector,
+        Err(e) => return unreadable(CHECK, "StatefulSets", e),
+    };
+    let Some(collector) = collector else {
+        return probes::judge_audit_collector(ns, None, &[], false);
+    };
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=audit"))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let certificate = Api::<Secret>::namespaced(cluster.client.clone(), ns)
+        .get_opt(&format!("{name}-tls"))
+        .await
+        .is_ok_and(|s| s.is_some());
+    probes::judge_audit_collector(ns, Some(&collector), &pods, certificate)
 }
 
 async fn check_ca(

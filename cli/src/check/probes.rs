@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::ResourceExt;
@@ -138,6 +138,58 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
             .hint(logs)
     } else {
         CheckResult::pass("Operator", message)
+    }
+}
+
+/// The audit collector's StatefulSet, Service and the Secret the operator writes it.
+pub const AUDIT_COLLECTOR: &str = "portcullis-audit";
+
+/// The audit collector: off (records stay in pods), or its StatefulSet and whether its
+/// certificate Secret exists.
+pub fn judge_audit_collector(
+    namespace: &str,
+    collector: Option<&StatefulSet>,
+    pods: &[Pod],
+    certificate: bool,
+) -> CheckResult {
+    const CHECK: &str = "Audit collector";
+    let Some(collector) = collector else {
+        return CheckResult::pass(
+            CHECK,
+            "not installed: records stay in each pod (stdout and its encrypted file)",
+        );
+    };
+    let name = collector.name_any();
+    let ready = collector
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let message = format!("statefulset {name}: {ready}/1 ready");
+    if ready >= 1 {
+        return CheckResult::pass(
+            CHECK,
+            format!("{message}; proxies ship their records to it"),
+        );
+    }
+    let unready: Vec<String> = pods
+        .iter()
+        .filter(|p| !pod_ready(p))
+        .map(|p| format!("pod {}: {}", p.name_any(), pod_problem(p)))
+        .collect();
+    let result = CheckResult::fail(
+        CHECK,
+        format!("{message}: proxies keep records in their spool, and Confidential and Restricted tenants are refused once it is full"),
+    )
+    .details(unready);
+    if certificate {
+        result.hint(format!(
+            "kubectl -n {namespace} logs statefulset/{name}; kubectl -n {namespace} describe pod {name}-0"
+        ))
+    } else {
+        result.hint(format!(
+            "Secret {namespace}/{name}-tls is missing: the operator writes it when it runs with PORTCULLIS_AUDIT_SERVICE={name} (the chart sets it with audit.collector.enabled); check kubectl -n {namespace} logs deploy/portcullis-operator"
+        ))
     }
 }
 
@@ -605,6 +657,52 @@ mod tests {
         let zero = judge_operator("ps", &[scaled_down], &[]);
         assert_eq!(zero.status, Status::Fail, "{zero:?}");
         assert!(zero.message.contains("scaled to zero"), "{}", zero.message);
+    }
+
+    #[test]
+    fn audit_collector_readiness_and_its_certificate() {
+        let collector = |ready: i32| -> StatefulSet {
+            from_json(serde_json::json!({
+                "metadata": {"name": "portcullis-audit"},
+                "spec": {"replicas": 1, "selector": {}, "template": {}, "serviceName": "portcullis-audit"},
+                "status": {"replicas": 1, "readyReplicas": ready}
+            }))
+        };
+        let off = judge_audit_collector("ps", None, &[], false);
+        assert_eq!(off.status, Status::Pass);
+        assert!(
+            off.message.contains("records stay in each pod"),
+            "{}",
+            off.message
+        );
+
+        let up = judge_audit_collector("ps", Some(&collector(1)), &[], true);
+        assert_eq!(
+            (up.status, up.message.as_str()),
+            (
+                Status::Pass,
+                "statefulset portcullis-audit: 1/1 ready; proxies ship their records to it"
+            )
+        );
+
+        // Its certificate Secret was never written: the pod waits for the volume.
+        let waiting: Pod = from_json(serde_json::json!({
+            "metadata": {"name": "portcullis-audit-0"},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "collector", "ready": false, "restartCount": 0,
+                "image": "x", "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
+        }));
+        let stuck = judge_audit_collector("ps", Some(&collector(0)), &[waiting], false);
+        assert_eq!(stuck.status, Status::Fail);
+        assert_eq!(
+            stuck.details,
+            ["pod portcullis-audit-0: ContainerCreating (container collector)"]
+        );
+        let hint = stuck.hint.unwrap_or_default();
+        assert!(
+            hint.contains("Secret ps/portcullis-audit-tls is missing")
+                && hint.contains("PORTCULLIS_AUDIT_SERVICE=portcullis-audit"),
+            "{hint}"
+        );
     }
 
     fn ca_secret(key: &str, not_after: (i32, u8, u8)) -> Secret {
