@@ -22,7 +22,7 @@ use portcullis_operator::policy::app_exit::AppExits;
 use portcullis_operator::policy::server::{Access, PolicyApi, serve_api_with};
 use portcullis_operator::policy::server_tls::{PolicyServerTls, client_tenant};
 use portcullis_server::ConnectionLimits;
-use portcullis_sidecar::identity::WorkloadKey;
+use portcullis_sidecar::control::identity::WorkloadKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};

@@ -30,7 +30,7 @@ use super::{
     AdminConfig, ConfigError, InboundConfig, KeySettings, Limits, OutboundConfig, Problems,
     UpstreamConfig, parse_https_authority, parse_scopes_annotation,
 };
-use crate::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
+use crate::control::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
 
 /// The proxy's writable directory in an injected pod.
 pub use portcullis_api::injection::env::DATA_MOUNT as DEFAULT_DATA_DIR;
@@ -333,7 +333,7 @@ impl ClusterConfig {
                 upstream_pool_idle_timeout: Duration::from_secs(90),
                 audit: ClusterAudit::default(),
                 serving_cert_dir,
-                serving_cert_poll: crate::serving_certificate::POLL_INTERVAL,
+                serving_cert_poll: crate::tls::serving_certificate::POLL_INTERVAL,
             }),
             _ => Err(ConfigError::Invalid(p.0)),
         }

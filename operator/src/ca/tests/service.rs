@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::identity::{IDENTITY_AUDIENCE, RefusalReason};
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     Credentials, IdentityClient, IdentityEndpoint, IdentityError, IssueCertificate, WorkloadKey,
 };
 use prometheus_client::registry::Registry;
