@@ -13,7 +13,7 @@ use std::{
 use portcullis_crds::{
     ApiToken, DataClassification, KeyId, KeyPolicy, PolicyBundle, RateLimitPolicy,
 };
-use portcullis_sidecar::{authn::KeyVerifier, metrics::Metrics, policy::CompiledPolicy};
+use portcullis_sidecar::{inbound::authn::KeyVerifier, metrics::Metrics, policy::CompiledPolicy};
 
 /// The address the bench's key checks come from (budgets are per client).
 const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -52,12 +52,12 @@ pub fn bundle(version: u64, keys: BTreeMap<KeyId, KeyPolicy>) -> PolicyBundle {
         version,
         tenant: "bench".to_owned(),
         classification: DataClassification::Internal,
-        scopes: portcullis_sidecar::demo::demo_scopes(),
+        scopes: portcullis_sidecar::run::demo::demo_scopes(),
         tenant_ip_allowlist: vec![],
         keys,
         // The mTLS runs present the demo client certificate, a workload of tenant demo.
         allowed_peers: vec![portcullis_crds::AllowedPeer::tenant(
-            portcullis_sidecar::demo::TENANT,
+            portcullis_sidecar::run::demo::TENANT,
         )],
         ..PolicyBundle::default()
     }
@@ -255,7 +255,7 @@ pub async fn key_check_costs(
     });
     let policy_hash = &small.keys[token.key_id()].hash;
     let digest_ns = mean_ns(hits, || {
-        std::hint::black_box(portcullis_sidecar::authn::cache::cache_key(
+        std::hint::black_box(portcullis_sidecar::inbound::authn::cache::cache_key(
             std::hint::black_box(token.expose_secret()),
             token.key_id().as_str(),
             policy_hash,

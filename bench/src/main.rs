@@ -314,7 +314,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                portcullis_sidecar::echo::start(listen, shutdown.clone()).await?;
+                portcullis_sidecar::run::echo::start(listen, shutdown.clone()).await?;
                 // Runs until the runner stops it (SIGTERM by pid).
                 std::future::pending::<()>().await;
                 anyhow::Ok(())

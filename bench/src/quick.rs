@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use portcullis_crds::RateLimitPolicy;
-use portcullis_sidecar::{audit::AuditHook, demo};
+use portcullis_sidecar::{audit::AuditHook, run::demo};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
 /// Audit off the measured path: the benchmark measures the proxy, not log output.

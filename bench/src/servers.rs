@@ -31,7 +31,7 @@ pub struct Pki {
 /// Writes a CA, a server and a client certificate (all ECDSA P-256 / SHA-256) to `dir`:
 /// the demo's throwaway PKI, so every server under test presents the same kind of key.
 pub fn write_pki(dir: &Path) -> anyhow::Result<Pki> {
-    let pems = portcullis_sidecar::demo::certificates()?;
+    let pems = portcullis_sidecar::run::demo::certificates()?;
     let pki = Pki {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),

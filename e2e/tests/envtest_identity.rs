@@ -26,7 +26,7 @@ use portcullis_e2e::envtest;
 use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService, KubeAuthenticator,
 };
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     Credentials, IDENTITY_AUDIENCE, IssueRequest, RefusalReason, SystemClock, TrustDomain,
     WorkloadId, WorkloadKey,
 };
@@ -384,7 +384,7 @@ async fn a_deleted_pods_certificate_is_published_as_revoked() -> Result<()> {
         })
         .await?;
     let der = CertificateDer::from_pem_slice(issued.certificate.as_bytes())?;
-    let serial = portcullis_sidecar::identity::tls::leaf_facts(&der)?.serial;
+    let serial = portcullis_sidecar::tls::peer::leaf_facts(&der)?.serial;
 
     // The compiler's view: a Tenant in the caches, the ledger and pod caches live.
     let (mut stores, mut writers) = Stores::new();

@@ -37,7 +37,7 @@ use portcullis_crds::{ApiKey, PolicyBundle, Tenant};
 use portcullis_e2e::envtest::{self, EnvTest};
 use portcullis_operator::run::{self, OperatorSettings, RunningOperator, WebhookRunSettings};
 use portcullis_sidecar::config::env::OperatorEndpoint;
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     IDENTITY_AUDIENCE, IdentityClient, IdentityEndpoint, IssueCertificate, IssueResponse,
     TrustDomain, WorkloadId, WorkloadKey,
 };
@@ -137,7 +137,7 @@ fn workload_tls(
         format!("{}{}", issued.certificate, issued.chain).as_bytes(),
     )
     .collect::<Result<Vec<_>, _>>()?;
-    let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+    let config = ClientConfig::builder_with_provider(portcullis_sidecar::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(bundle_pem)?)
         .with_client_auth_cert(chain, key.private_key_der())?;
@@ -398,7 +398,7 @@ async fn scenario(env: &EnvTest, admin: &Client, operator: &RunningOperator) -> 
         Arc::new(move || Ok(tls.clone()))
     };
     let keys = eventually("the tenant's audit key", WAIT, || async {
-        match portcullis_sidecar::audit::dek::fetch(&endpoint, &source, &tenant).await {
+        match portcullis_sidecar::control::audit_key::fetch(&endpoint, &source, &tenant).await {
             Ok(keys) => Ok(Some(keys)),
             Err(e) => bail!("{e}"),
         }
@@ -413,11 +413,11 @@ async fn scenario(env: &EnvTest, admin: &Client, operator: &RunningOperator) -> 
         "Confidential retention: {:?}",
         keys.retention_days
     );
-    let refused = portcullis_sidecar::audit::dek::fetch(&endpoint, &source, "globex").await;
+    let refused = portcullis_sidecar::control::audit_key::fetch(&endpoint, &source, "globex").await;
     ensure!(
         matches!(
             refused,
-            Err(portcullis_sidecar::audit::dek::KeyError::Refused { status: 403, .. })
+            Err(portcullis_sidecar::control::audit_key::KeyError::Refused { status: 403, .. })
         ),
         "another tenant's audit key: {refused:?}"
     );

@@ -28,7 +28,7 @@ use portcullis_operator::webhook::{
     AdminAuditEvent, AdminAuditSink, InjectSettings, ServerLimits, ServerVersion,
     ValidatorSettings, WebhookCertificates, WebhookState, WebhookTlsSettings, serve_on,
 };
-use portcullis_sidecar::identity::SystemClock;
+use portcullis_sidecar::control::identity::SystemClock;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -733,11 +733,10 @@ async fn served_certificate(webhook: &Webhook) -> Result<Vec<u8>> {
     for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         roots.add(cert?)?;
     }
-    let config =
-        rustls::ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(portcullis_sidecar::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", webhook.port)).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1")?, tcp)

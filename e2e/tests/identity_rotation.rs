@@ -21,11 +21,11 @@ use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator, run_rotation,
 };
-use portcullis_sidecar::identity::tls;
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     CertificateStore, IdentityClient, IdentityEndpoint, RenewalSettings, Renewer, SystemClock,
     TrustDomain, WorkloadId,
 };
+use portcullis_sidecar::tls::peer::peer_identity;
 use portcullis_sidecar::tls::{ClientAuth, CredentialStore, TlsSettings};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
@@ -138,7 +138,7 @@ async fn serve_mtls(
                     "server saw client",
                     tls.get_ref().1.peer_certificates(),
                 );
-                let peer = tls::peer_identity(tls.get_ref().1.peer_certificates())
+                let peer = peer_identity(tls.get_ref().1.peer_certificates())
                     .map(|p| p.workload.to_string());
                 let handler = service_fn(move |_req| {
                     let peer = peer.clone().unwrap_or_default();

@@ -14,7 +14,7 @@ use portcullis_operator::ca::{
     CaSettings, CaState, CertificateAuthority, IdentityMetrics, IdentityService,
     IdentityServiceConfig, StaticAuthenticator,
 };
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     Credentials, IdentityClient, IdentityEndpoint, IdentityError, IssueCertificate, RefusalReason,
     SystemClock, TenantId, TrustDomain, WorkloadId, WorkloadKey,
 };
@@ -61,7 +61,7 @@ fn verify_client_chain(
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
-        portcullis_sidecar::identity::tls::provider(),
+        portcullis_sidecar::tls::provider(),
     )
     .build()
     .unwrap();

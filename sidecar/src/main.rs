@@ -9,9 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis_sidecar::{
     audit::{AuditHook, TracingAudit},
-    cluster,
     config::{ProxyConfig, env::ClusterConfig},
-    demo, drain, proxy,
+    run::{cluster, demo, drain, proxy},
 };
 
 #[derive(Parser)]
@@ -55,9 +54,9 @@ enum Command {
         admin_port: u16,
     },
     /// Install the iptables redirect to the proxy (init container).
-    Init(portcullis_sidecar::init::InitArgs),
+    Init(portcullis_sidecar::run::init::InitArgs),
     /// Wait until the proxy's /ready answers 200.
-    WaitReady(portcullis_sidecar::init::WaitReadyArgs),
+    WaitReady(portcullis_sidecar::run::init::WaitReadyArgs),
 }
 
 fn init_tracing() {
@@ -75,10 +74,10 @@ fn main() -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Command::Init(args) => {
-            portcullis_sidecar::init::run_init(&args)?;
+            portcullis_sidecar::run::init::run_init(&args)?;
             Ok(())
         }
-        Command::WaitReady(args) => Ok(portcullis_sidecar::init::run_wait_ready(&args)?),
+        Command::WaitReady(args) => Ok(portcullis_sidecar::run::init::run_wait_ready(&args)?),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

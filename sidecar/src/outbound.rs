@@ -32,6 +32,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
+use portcullis_api::spiffe::WorkloadId;
 use rustls::pki_types::ServerName;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -41,15 +42,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::{
-    accept,
-    body::ProxyBody,
     config::{Limits, OutboundConfig},
-    deny::{Denial, Reason},
-    headers,
-    identity::{WorkloadId, tls::peer_identity},
-    idle::{self, Activity, InFlightBody},
+    inbound::{accept, headers},
+    listener::{
+        body::ProxyBody,
+        deny::{Denial, Reason},
+        idle::{self, Activity, InFlightBody},
+    },
     metrics::Metrics,
-    tls::{ClientConfigSource, PEER_SERVER_NAME},
+    tls::{ClientConfigSource, PEER_SERVER_NAME, peer::peer_identity},
 };
 
 /// The header naming the one workload the destination must be.

@@ -126,7 +126,7 @@ impl RunningCollector {
 /// running yet.
 struct ShippingPod {
     op: FakeOperator,
-    proxy: portcullis_sidecar::proxy::RunningProxy,
+    proxy: portcullis_sidecar::run::proxy::RunningProxy,
     tokens: std::collections::BTreeMap<&'static str, portcullis_crds::ApiToken>,
     collector: Collector0,
     _app: (SocketAddr, CancellationToken),

@@ -12,7 +12,7 @@ use portcullis_audit::{
     files::{ExportFilter, export_path, verify_path},
 };
 use portcullis_crds::DataClassification;
-use portcullis_sidecar::{audit::AuditHook, proxy::RunningProxy};
+use portcullis_sidecar::{audit::AuditHook, run::proxy::RunningProxy};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use support::{
     admin_get,
@@ -78,7 +78,7 @@ async fn ready_after_certificate_and_policy_then_serves_rotates_and_stays_fail_s
         .map(|c| c.unwrap())
         .collect();
     assert_eq!(chain.len(), 2, "leaf and intermediate");
-    let facts = portcullis_sidecar::identity::tls::leaf_facts(&chain[0]).unwrap();
+    let facts = portcullis_sidecar::tls::peer::leaf_facts(&chain[0]).unwrap();
     assert_eq!(facts.workload.unwrap().to_string(), WORKLOAD);
     assert_eq!(facts.tenant.unwrap().tenant(), TENANT);
     assert!(!identity.contains("PRIVATE KEY"));

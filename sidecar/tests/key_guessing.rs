@@ -13,7 +13,7 @@ use std::{
 };
 
 use portcullis_crds::{ApiToken, KeyPolicy, PolicyBundle, RateLimitPolicy};
-use portcullis_sidecar::{authn::KeyVerifier, metrics::Metrics, policy::CompiledPolicy};
+use portcullis_sidecar::{inbound::authn::KeyVerifier, metrics::Metrics, policy::CompiledPolicy};
 use support::{Harness, Identity, Options};
 
 const ATTACKER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 9));

@@ -8,7 +8,7 @@
 mod support;
 
 use portcullis_crds::{AllowedPeer, RevokedCertificate};
-use portcullis_sidecar::{config::ProxyConfig, proxy};
+use portcullis_sidecar::{config::ProxyConfig, run::proxy};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use support::{Harness, Identity, Options, TestClient, client};
 
@@ -173,7 +173,7 @@ async fn a_certificate_of_a_deleted_pod_is_refused() {
     let id = "spiffe://test.local/ns/acme/sa/caller";
     let issued = h.ca.client(id);
     let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
-    let serial = portcullis_sidecar::identity::tls::leaf_facts(&der)
+    let serial = portcullis_sidecar::tls::peer::leaf_facts(&der)
         .unwrap()
         .serial;
     let peer = h.client(Identity::Certificate(issued));

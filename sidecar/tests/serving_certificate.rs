@@ -17,7 +17,8 @@ use std::{
 use hyper_util::rt::TokioIo;
 use portcullis_crds::DataClassification;
 use portcullis_sidecar::{
-    echo, identity::tls::leaf_facts, proxy::RunningProxy, tls::PEER_SERVER_NAME,
+    run::{echo, proxy::RunningProxy},
+    tls::{PEER_SERVER_NAME, peer::leaf_facts},
 };
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,

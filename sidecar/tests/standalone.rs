@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use portcullis_audit::{DataKey, Entry, KeyRing, VerifyOptions, files::verify_path};
-use portcullis_sidecar::{config::ProxyConfig, proxy};
+use portcullis_sidecar::{config::ProxyConfig, run::proxy};
 use support::{Harness, Identity, Options, admin_get, cluster::outbound_request, wait_until};
 
 fn yaml(h: &Harness, dir: &std::path::Path, extra: &str) -> String {

@@ -10,7 +10,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
-use portcullis_sidecar::identity::{
+use portcullis_sidecar::control::identity::{
     IDENTITY_AUDIENCE, IdentityClient, IdentityEndpoint, IssueCertificate, IssueResponse,
     TrustDomain, WorkloadId, WorkloadKey,
 };

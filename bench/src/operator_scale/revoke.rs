@@ -1,6 +1,7 @@
 //! Figure 4: revocation latency as a sidecar sees it. The sidecar's own policy stream
-//! client (`policy::stream::follow`, mTLS with a workload certificate from the identity
-//! service) keeps a `PolicyStore`; `KeyVerifier` checks a key's token against it.
+//! client (`control::policy_stream::follow`, mTLS with a workload certificate from the
+//! identity service) keeps a `PolicyStore`; `KeyVerifier` checks a key's token against
+//! it.
 //! Measured: `spec.revoked: true` patched → the verifier refuses the token. The HTTP
 //! layer of the proxy is not in the path (it answers 401 from that same refusal).
 
@@ -11,10 +12,11 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use portcullis_crds::{ApiKey, KeyState, apikey::SECRET_TOKEN_KEY, apikey::secret_name};
-use portcullis_sidecar::authn::verify::KeyVerifier;
 use portcullis_sidecar::config::StreamSource;
-use portcullis_sidecar::deny::Reason;
-use portcullis_sidecar::policy::{PolicyStore, stream};
+use portcullis_sidecar::control::policy_stream;
+use portcullis_sidecar::inbound::authn::verify::KeyVerifier;
+use portcullis_sidecar::listener::deny::Reason;
+use portcullis_sidecar::policy::PolicyStore;
 use portcullis_sidecar::tls::ClientConfigSource;
 use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
@@ -69,7 +71,7 @@ pub async fn run(
         min_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
     };
-    let follower = tokio::spawn(stream::follow(
+    let follower = tokio::spawn(policy_stream::follow(
         source,
         tls_source(workload)?,
         store.clone(),
@@ -211,7 +213,7 @@ fn tls_source(workload: &Workload) -> anyhow::Result<ClientConfigSource> {
         format!("{}{}", workload.issued.certificate, workload.issued.chain).as_bytes(),
     )
     .collect::<Result<Vec<_>, _>>()?;
-    let config = ClientConfig::builder_with_provider(portcullis_sidecar::identity::tls::provider())
+    let config = ClientConfig::builder_with_provider(portcullis_sidecar::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&workload.bundle_pem)?)
         .with_client_auth_cert(chain, workload.key.private_key_der())?;

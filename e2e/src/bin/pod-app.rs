@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { port } => {
             let shutdown = CancellationToken::new();
-            let bound = portcullis_sidecar::echo::start(
+            let bound = portcullis_sidecar::run::echo::start(
                 SocketAddr::from(([0, 0, 0, 0], port)),
                 shutdown.clone(),
             )

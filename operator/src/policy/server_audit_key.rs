@@ -1,6 +1,6 @@
 //! `GET /v1/audit-key/<tenant>`: the tenant's data-encryption keys for the sidecar's
-//! encrypted audit segments (sidecar/src/audit/dek.rs is the client; the answer is
-//! [`AuditKeyAnswer`]).
+//! encrypted audit segments (sidecar/src/control/audit_key.rs is the client; the answer
+//! is [`AuditKeyAnswer`]).
 //!
 //! Read from the DEK Secret `portcullis-dek-<tenant>` (operator namespace), unwrapped
 //! with the KEK on each request — sidecars ask at start and every few minutes. 404 when

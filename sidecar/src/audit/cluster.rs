@@ -1,13 +1,13 @@
 //! The audit trail of an injected proxy: stdout JSON lines always, plus segments under
 //! `<data dir>/audit` encrypted with the tenant's data key when the operator hands it
-//! out ([`super::dek`]). Without the key a fail-closed (Confidential, Restricted)
-//! tenant's trail does not start: requests are refused until the key arrives; other
-//! tenants run stdout-only, and both say so (log, `portcullis_audit_data_key_missing`).
-//! With a collector configured, every entry is also shipped to it over mTLS with the
-//! workload certificate, through a bounded spool under `<data dir>/audit-spool` that
-//! keeps each batch until the collector acknowledges it durable. Checkpoints are signed
-//! with the workload key, the certificate and SPIFFE ID riding along, and the signer
-//! follows every certificate rotation.
+//! out ([`crate::control::audit_key`]). Without the key a fail-closed (Confidential,
+//! Restricted) tenant's trail does not start: requests are refused until the key
+//! arrives; other tenants run stdout-only, and both say so (log,
+//! `portcullis_audit_data_key_missing`). With a collector configured, every entry is
+//! also shipped to it over mTLS with the workload certificate, through a bounded spool
+//! under `<data dir>/audit-spool` that keeps each batch until the collector acknowledges
+//! it durable. Checkpoints are signed with the workload key, the certificate and SPIFFE
+//! ID riding along, and the signer follows every certificate rotation.
 
 use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
@@ -25,13 +25,15 @@ use portcullis_audit::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    dek::{self, KeyError, TenantKeys},
     sinks::{policy_loaded, process_signer, writer_config},
     trail::{AuditTrail, failure_mode},
 };
 use crate::{
     config::env::{ClusterAudit, OperatorEndpoint},
-    identity::{CertificateStore, Credentials},
+    control::{
+        audit_key::{self, KeyError, TenantKeys},
+        identity::{CertificateStore, Credentials},
+    },
     metrics::Metrics,
     policy::PolicyStore,
     tls::ClientConfigSource,
@@ -103,7 +105,7 @@ async fn first_keys(
 ) -> Result<TenantKeys, KeyError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match dek::fetch(operator, tls, tenant).await {
+        match audit_key::fetch(operator, tls, tenant).await {
             Ok(keys) => return Ok(keys),
             Err(
                 e @ (KeyError::NotServed { .. } | KeyError::Refused { .. } | KeyError::Invalid(_)),
@@ -132,7 +134,7 @@ async fn keys_eventually(
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(backoff) => {}
         }
-        match dek::fetch(operator, tls, tenant).await {
+        match audit_key::fetch(operator, tls, tenant).await {
             Ok(keys) => return Some(keys),
             Err(e) => tracing::debug!(error = %e, "tenant data key still not available"),
         }
@@ -306,7 +308,7 @@ pub async fn run(parts: ClusterAuditParts, shutdown: CancellationToken) {
                 let Some((sink, _)) = &file else { continue };
                 let fetched = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    fetched = dek::fetch(&operator, &tls, &tenant) => fetched,
+                    fetched = audit_key::fetch(&operator, &tls, &tenant) => fetched,
                 };
                 match fetched {
                     Ok(keys) if Some(keys.active.version()) != key_version => {

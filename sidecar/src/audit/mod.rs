@@ -8,10 +8,9 @@
 //!
 //! [`trail::AuditTrail`] is the tamper-evident hook (portcullis-audit's writer);
 //! [`sinks`] builds it from `proxy.yaml`, [`cluster`] in an injected pod with the
-//! tenant's data key from [`dek`].
+//! tenant's data key from [`crate::control::audit_key`].
 
 pub mod cluster;
-pub mod dek;
 pub mod sinks;
 pub mod trail;
 

@@ -31,7 +31,7 @@ use super::{
     AdminConfig, ConfigError, InboundConfig, KeySettings, Limits, OutboundConfig, Problems,
     UpstreamConfig, parse_https_authority, parse_scopes_annotation,
 };
-use crate::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
+use crate::control::identity::{IdentityEndpoint, RenewalSettings, TrustDomain, WorkloadId};
 
 /// The proxy's writable directory in an injected pod.
 pub use portcullis_api::injection::env::DATA_MOUNT as DEFAULT_DATA_DIR;
@@ -355,7 +355,7 @@ impl ClusterConfig {
                     ..ClusterAudit::default()
                 },
                 serving_cert_dir,
-                serving_cert_poll: crate::serving_certificate::POLL_INTERVAL,
+                serving_cert_poll: crate::tls::serving_certificate::POLL_INTERVAL,
             }),
             _ => Err(ConfigError::Invalid(p.0)),
         }

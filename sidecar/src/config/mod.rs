@@ -81,7 +81,7 @@ pub struct OutboundConfig {
     pub request_timeout: Duration,
     /// Peers must hold a workload ID in this trust domain. `None`: the trust domain of
     /// our own certificate.
-    pub trust_domain: Option<crate::identity::TrustDomain>,
+    pub trust_domain: Option<crate::control::identity::TrustDomain>,
 }
 
 impl Default for OutboundConfig {
@@ -111,7 +111,7 @@ pub struct InboundConfig {
     pub peers_need_mapped_route: bool,
     /// This workload's trust domain, for admitting peers. `None`: the trust domain of
     /// our own certificate's workload ID.
-    pub trust_domain: Option<crate::identity::TrustDomain>,
+    pub trust_domain: Option<crate::control::identity::TrustDomain>,
     /// Peers admitted besides the tenant's own workloads and the Tenant's list.
     pub allowed_peers: Vec<portcullis_crds::AllowedPeer>,
 }
@@ -464,7 +464,7 @@ impl RawConfig {
             // Closed unless opened: an unmapped route is often an admin one.
             peers_need_mapped_route: self.inbound.peers_need_mapped_route.unwrap_or(true),
             trust_domain: self.inbound.trust_domain.and_then(|td| {
-                crate::identity::TrustDomain::new(td)
+                crate::control::identity::TrustDomain::new(td)
                     .map_err(|e| p.add("inbound.trustDomain", e))
                     .ok()
             }),
@@ -718,7 +718,7 @@ fn parse_outbound(p: &mut Problems, raw: RawOutbound) -> OutboundConfig {
         }
     };
     let trust_domain = raw.trust_domain.and_then(|td| {
-        crate::identity::TrustDomain::new(td)
+        crate::control::identity::TrustDomain::new(td)
             .map_err(|e| p.add("outbound.trustDomain", e))
             .ok()
     });

@@ -1,13 +1,12 @@
 //! The policy in force: one atomic pointer to the current bundle, compiled
-//! ([`CompiledPolicy`]) from a [`PolicyBundle`] read from a file (standalone) or the
-//! operator's streaming endpoint.
+//! ([`CompiledPolicy`]) from a [`PolicyBundle`] read from a file ([`mod@file`], standalone)
+//! or the operator's streaming endpoint ([`crate::control::policy_stream`]).
 //!
 //! [`PolicyBundle`]: portcullis_crds::PolicyBundle
 
 pub mod compiled;
 pub mod file;
 pub mod store;
-pub mod stream;
 
 pub use compiled::{CompiledPolicy, KeyRef, ScopeSet};
 pub use store::{Install, PolicyStore};

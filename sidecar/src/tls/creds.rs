@@ -1,10 +1,10 @@
 //! The credentials store. A feed — the PEM files of a standalone proxy
 //! ([`super::files`]) or the identity renewer of an injected pod
-//! ([`crate::identity::CertificateStore`]) — installs a certificate and its trust roots;
-//! the store then builds whole rustls server and client configs and publishes them
-//! through `watch` channels. Listeners and connectors take the current config per
-//! connection, so a handshake never pairs a new certificate with old roots, and open
-//! connections keep the config they started with.
+//! ([`crate::control::identity::CertificateStore`]) — installs a certificate and its
+//! trust roots; the store then builds whole rustls server and client configs and
+//! publishes them through `watch` channels. Listeners and connectors take the current
+//! config per connection, so a handshake never pairs a new certificate with old roots,
+//! and open connections keep the config they started with.
 
 use std::{
     fmt,
@@ -18,8 +18,8 @@ use tokio::sync::watch;
 use super::{
     ClientConfigSource, TlsError, client,
     server::{self, ClientAuth},
+    serving_certificate::ServingCertificate,
 };
-use crate::serving_certificate::ServingCertificate;
 
 /// One generation of credentials: our certificate chain and key, and the roots peers
 /// and clients must chain to.

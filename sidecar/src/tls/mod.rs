@@ -1,10 +1,13 @@
 //! TLS for the proxy: one credentials store ([`creds`]) fed by the PEM files of a
 //! standalone proxy ([`files`]) or by the identity renewer of an injected pod
-//! ([`crate::identity`]), which builds whole inbound ([`server`]) and outbound
+//! ([`crate::control::identity`]), which builds whole inbound ([`server`]) and outbound
 //! ([`client`]) rustls configs on every change, with one client-certificate verifier
 //! ([`verify`]). TLS 1.3 only: an older ClientHello gets a `protocol_version` alert, or
 //! `handshake_failure` when it lacks `signature_algorithms` (rustls checks that first;
 //! OpenSSL clients below TLS 1.2 omit it).
+//!
+//! Who the peer of a handshake is: [`peer`]. The bring-your-own certificate shown to
+//! clients outside the mesh: [`serving_certificate`].
 
 use std::sync::Arc;
 
@@ -14,7 +17,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 pub mod client;
 pub mod creds;
 pub mod files;
+pub mod peer;
 pub mod server;
+pub mod serving_certificate;
 pub mod verify;
 
 pub use creds::{CredentialStore, Feed, ServerConfigs, TlsCredentials, TlsSettings};

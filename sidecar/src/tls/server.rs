@@ -18,8 +18,10 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::{ALPN, TlsError, creds::TlsCredentials, creds::TlsSettings, provider};
-use crate::{serving_certificate::ServingCertificate, tls::verify::ClientVerifier};
+use super::{
+    ALPN, TlsError, creds::TlsCredentials, creds::TlsSettings, provider,
+    serving_certificate::ServingCertificate, verify::ClientVerifier,
+};
 
 /// The server name a mesh peer sends: under `.invalid` (RFC 6761), so it never names a
 /// real host a client outside the mesh could mean. Peers are verified by their SPIFFE

@@ -20,8 +20,10 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis_crds::{ApiToken, DataClassification, KeyPolicy, PolicyBundle, RateLimitPolicy};
 use portcullis_sidecar::{
-    cluster, config::env::ClusterConfig, demo::demo_scopes, echo, identity::TrustDomain,
-    proxy::RunningProxy, tls::verify::PeerServerVerifier,
+    config::env::ClusterConfig,
+    control::identity::TrustDomain,
+    run::{cluster, demo::demo_scopes, echo, proxy::RunningProxy},
+    tls::verify::PeerServerVerifier,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio_util::sync::CancellationToken;

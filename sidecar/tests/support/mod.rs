@@ -27,9 +27,11 @@ use portcullis_sidecar::{
         AdminConfig, InboundConfig, KeySettings, Limits, PolicySource, ProxyConfig, StreamSource,
         TlsFiles, UpstreamConfig,
     },
-    demo::demo_scopes,
-    echo,
-    proxy::{self, RunningProxy},
+    run::{
+        demo::demo_scopes,
+        echo,
+        proxy::{self, RunningProxy},
+    },
 };
 use tokio_util::sync::CancellationToken;
 

@@ -26,8 +26,9 @@ use hyper::{body::Frame, service::service_fn};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use portcullis_crds::PolicyBundle;
-use portcullis_sidecar::identity::{
-    ErrorBody, IssueRequest, IssueResponse, RefusalReason, tls::peer_identity,
+use portcullis_sidecar::{
+    control::identity::{ErrorBody, IssueRequest, IssueResponse, RefusalReason},
+    tls::peer::peer_identity,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
