@@ -43,11 +43,11 @@ use tracing::Instrument as _;
 
 use crate::{
     config::{Limits, OutboundConfig},
-    inbound::{accept, headers},
     listener::{
         body::ProxyBody,
         deny::{Denial, Reason},
         idle::{self, Activity, InFlightBody},
+        proxy_http,
     },
     metrics::Metrics,
     tls::{ClientConfigSource, PEER_SERVER_NAME, peer::peer_identity},
@@ -166,7 +166,7 @@ impl Outbound {
             }
             Ok(Ok(response)) => response,
         };
-        headers::strip_hop_by_hop(response.headers_mut(), false);
+        proxy_http::strip_hop_by_hop(response.headers_mut(), false);
         Ok(response.map(|body| body.map_err(Into::into).boxed()))
     }
 
@@ -335,7 +335,7 @@ fn to_peer(
     authority: &Authority,
 ) -> Result<Request<ProxyBody>, Denial> {
     let (mut parts, body) = request.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    proxy_http::strip_hop_by_hop(&mut parts.headers, false);
     parts.headers.remove(EXPECT_IDENTITY);
     parts.headers.remove(header::HOST);
     let path = parts
@@ -367,7 +367,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let builder = Arc::new(accept::http_builder(&limits));
+    let builder = Arc::new(proxy_http::http_builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use tokio::{
@@ -24,6 +24,7 @@ use crate::{
     listener::{
         idle::{self, Activity},
         per_source::SourceSlots,
+        proxy_http::http_builder,
     },
     metrics::Metrics,
     tls::{
@@ -45,26 +46,6 @@ pub struct ConnInfo {
     pub client_cert: bool,
     /// Requests in flight, for the idle watchdog.
     pub activity: Arc<Activity>,
-}
-
-/// The HTTP server settings every proxied listener shares: header size, count and
-/// read time limits, and HTTP/2 keep-alive PINGs to find dead peers.
-pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
 }
 
 /// Accepts connections on `listener` until `shutdown`, then lets open connections

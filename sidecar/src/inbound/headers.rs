@@ -6,6 +6,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::authn::extract::{X_API_KEY, is_bearer};
+use crate::listener::proxy_http::strip_hop_by_hop;
 
 /// The principal: `key:ak_***xyz` or `spiffe://...`.
 pub const X_PORTCULLIS_PRINCIPAL: &str = "x-portcullis-principal";
@@ -15,16 +16,6 @@ pub const X_PORTCULLIS_TENANT: &str = "x-portcullis-tenant";
 pub const X_PORTCULLIS_PEER_TENANT: &str = "x-portcullis-peer-tenant";
 /// The key's scopes, comma-separated (absent for mTLS peers, which hold none).
 pub const X_PORTCULLIS_SCOPES: &str = "x-portcullis-scopes";
-
-const HOP_BY_HOP: [&str; 7] = [
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
 
 /// What the app is told about the caller.
 #[derive(Clone, Debug)]
@@ -37,31 +28,6 @@ pub struct Forwarded<'a> {
     pub scopes: Option<&'a str>,
     /// The admitted mTLS peer's tenant.
     pub peer_tenant: Option<&'a str>,
-}
-
-/// Removes hop-by-hop headers, keeping `Connection: upgrade` + `Upgrade` when
-/// `keep_upgrade` (a WebSocket handshake must reach the other side).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    } else {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
 }
 
 /// Prepares request headers for the app.

@@ -492,7 +492,7 @@ impl Inbound {
             let app = hyper::upgrade::on(&mut response);
             upstream::splice_upgrades(client, app);
         }
-        headers::strip_hop_by_hop(response.headers_mut(), switching);
+        crate::listener::proxy_http::strip_hop_by_hop(response.headers_mut(), switching);
         if let Some(verdict) = admitted.rate {
             verdict.insert_headers(response.headers_mut());
         }
