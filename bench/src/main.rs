@@ -4,12 +4,14 @@
 //! - `all [--quick]`: the upstream alone, Portcullis (API key, mTLS, audit log), nginx
 //!   and HAProxy side by side in one run on pinned cores; one table (see RESULTS.md).
 //! - `load`: the load generator on its own against any 127.0.0.1 target.
+//! - `collector`: records per second one audit-collector core checks and makes durable.
 //! - `operator`: operator-scale figures against envtest and the real operator binary
 //!   (10k ApiKeys and a cold start, 1k Tenants, 1k workload certificates, revocation).
 //!
 //! Loopback only; every run is capped in requests and time.
 
 mod all;
+mod collector;
 mod keys;
 mod load;
 mod operator_scale;
@@ -80,6 +82,8 @@ enum Command {
         #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
         nice: i32,
     },
+    /// Records per second one audit-collector core checks on arrival and fsyncs.
+    Collector(collector::Options),
     /// Operator-scale figures: a real API server (envtest, needs KUBEBUILDER_ASSETS) and
     /// the real operator binary; prints progress, then one table.
     Operator(operator_scale::Options),
@@ -228,6 +232,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(quick::quick(connections, requests, max_seconds))
         }
+        Command::Collector(options) => collector::run(&options),
         Command::All {
             quick,
             proxy_bin,
