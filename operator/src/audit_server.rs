@@ -15,6 +15,7 @@ use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, StoreError};
 use portcullis_server::{self as serve, ServerTls};
+use portcullis_tls::{parse_pem_certs, root_store};
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
@@ -87,14 +88,10 @@ fn pem_error(path: &Path, message: impl std::fmt::Display) -> AuditServerError {
     }
 }
 
+/// The certificates in `pem`, read from `path` (named in every error).
 fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, AuditServerError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, e))?;
-    if certs.is_empty() {
-        return Err(pem_error(path, "no CERTIFICATE block"));
-    }
-    Ok(certs)
+    let text = std::str::from_utf8(pem).map_err(|e| pem_error(path, e))?;
+    parse_pem_certs(text, "PEM").map_err(|e| pem_error(path, e))
 }
 
 /// The running audit server.
@@ -151,10 +148,8 @@ impl TlsFiles {
         let chain = certificates(&self.cert, &contents[0])?;
         let key =
             PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|e| pem_error(&self.key, e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for root in certificates(&self.bundle, &contents[2])? {
-            roots.add(root).map_err(|e| pem_error(&self.bundle, e))?;
-        }
+        let roots = root_store(&certificates(&self.bundle, &contents[2])?)
+            .map_err(|e| pem_error(&self.bundle, e))?;
         let config = portcullis_collector::server_config(chain, key, roots)?;
         Ok((contents, config))
     }

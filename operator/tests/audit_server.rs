@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -20,6 +19,7 @@ use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use portcullis_audit::{AuditRecord, Chain, Entry};
 use portcullis_operator::audit_server::{self, AuditServerSettings};
+use portcullis_operator::ca::certs::{pem_block, pem_encode};
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
@@ -42,26 +42,18 @@ fn new_ca() -> Arc<CertificateAuthority> {
     ))
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 /// Writes a fresh serving certificate for the audit Service into `dir` as a
 /// `kubernetes.io/tls` Secret mount holds it; returns the leaf.
 fn write_serving_files(ca: &CertificateAuthority, dir: &Path) -> CertificateDer<'static> {
     let issued = ca.issue_server_certificate(&[SERVICE.to_owned()]).unwrap();
-    let chain: String = issued.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
     // Written beside, then renamed: kubelet swaps a Secret mount atomically too.
     for (name, text) in [
         ("tls.crt", chain),
-        ("tls.key", pem("PRIVATE KEY", issued.key.secret_pkcs8_der())),
+        (
+            "tls.key",
+            pem_block("PRIVATE KEY", issued.key.secret_pkcs8_der()),
+        ),
         ("ca.crt", ca.trust_bundle_pem()),
     ] {
         let tmp = dir.join(format!(".{name}.tmp"));
