@@ -176,6 +176,16 @@ impl Running {
 
     /// POSTs `body` to the ingest path; `Err` when the connection fails.
     async fn ship(&self, client: &Arc<ClientConfig>, body: String) -> Result<Answer, String> {
+        self.post(client, CONTENT_TYPE, body).await
+    }
+
+    /// POSTs `body` as `content_type` to the ingest path.
+    async fn post(
+        &self,
+        client: &Arc<ClientConfig>,
+        content_type: &str,
+        body: String,
+    ) -> Result<Answer, String> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -190,7 +200,7 @@ impl Running {
         tokio::spawn(connection);
         let request = ok(http::Request::post(RECORDS_PATH)
             .header(http::header::HOST, SERVER_NAME)
-            .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body))));
         let response = sender
             .send_request(request)
@@ -332,4 +342,37 @@ async fn a_gap_is_answered_with_where_to_resend_from() {
     let ack = ok(running.ship(&web, batch(&later)).await).ack();
     assert_eq!(ack.stored, 3);
     assert_eq!(running.entries("shop"), proxy.lines);
+}
+
+#[tokio::test]
+async fn a_batch_of_the_wrong_type_or_size_is_refused_with_what_to_do() {
+    let ca = TestCa::new();
+    let running = start_collector(&ca).await;
+    let web = running.client(Some(ca.workload("shop", "web", "shop")));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+
+    let json = ok(running
+        .post(&web, "application/json", batch(&proxy.requests(1)))
+        .await);
+    assert_eq!(json.status, 415, "{}", json.body);
+    assert!(json.body.contains(CONTENT_TYPE), "{}", json.body);
+
+    let huge = "x".repeat(portcullis_collector::MAX_BATCH_BYTES + 1);
+    let big = ok(running.ship(&web, huge).await);
+    assert_eq!(big.status, 413, "{}", big.body);
+    assert!(
+        big.body.contains("ship fewer records per request"),
+        "{}",
+        big.body
+    );
+
+    let garbage = ok(running.ship(&web, "not json\n".into()).await).refusal(400);
+    assert_eq!(
+        garbage.reason,
+        portcullis_api::audit_ship::ShipRefusalReason::Malformed
+    );
+    assert!(
+        running.entries("shop").is_empty(),
+        "nothing of a refused batch is kept"
+    );
 }

@@ -515,4 +515,28 @@ mod tests {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
     }
+
+    #[test]
+    fn the_audit_collector_url_must_be_https() {
+        let mut vars = injected();
+        vars.insert(
+            "PORTCULLIS_AUDIT_COLLECTOR_URL",
+            "https://portcullis-audit.portcullis-system.svc:8091",
+        );
+        assert_eq!(
+            parse(&vars).unwrap().audit.collector.as_deref(),
+            Some("https://portcullis-audit.portcullis-system.svc:8091")
+        );
+        assert_eq!(parse(&injected()).unwrap().audit.collector, None);
+        vars.insert(
+            "PORTCULLIS_AUDIT_COLLECTOR_URL",
+            "http://portcullis-audit:8091",
+        );
+        let err = parse(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("PORTCULLIS_AUDIT_COLLECTOR_URL")
+                && err.contains("must start with https://"),
+            "{err}"
+        );
+    }
 }
