@@ -34,16 +34,13 @@ use hyper_util::{
 };
 use portcullis_api::spiffe::WorkloadId;
 use rustls::pki_types::ServerName;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use crate::{
     config::{Limits, OutboundConfig},
     listener::{
+        accept::{Bounds, accept_loop},
         body::ProxyBody,
         deny::{Denial, Reason},
         idle::{self, Activity, InFlightBody},
@@ -368,38 +365,27 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let builder = Arc::new(proxy_http::http_builder(&limits));
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (outbound, builder) = (outbound.clone(), builder.clone());
-        let (limits, shutdown) = (limits.clone(), shutdown.clone());
-        let span = tracing::info_span!("conn", listener = "outbound", %peer);
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                serve_connection(tcp, outbound, builder, limits, shutdown).await;
-            }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all)).await;
+    let bounds = Bounds {
+        name: "outbound",
+        max_connections: limits.max_connections,
+        // Every connection comes from the local app.
+        per_source: None,
+        drain_timeout: limits.drain_timeout,
+    };
+    let metrics = outbound.metrics.clone();
+    let serve = {
+        let shutdown = shutdown.clone();
+        move |tcp, _peer| {
+            serve_connection(
+                tcp,
+                outbound.clone(),
+                builder.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            )
+        }
+    };
+    accept_loop(listener, bounds, metrics, shutdown, serve).await;
 }
 
 async fn serve_connection(

@@ -11,7 +11,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
-use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore};
 
 use crate::leaf::leaf_facts;
 
@@ -39,6 +39,39 @@ pub fn tls12_refused() -> Result<HandshakeSignatureValid, Error> {
     Err(Error::PeerIncompatible(
         rustls::PeerIncompatible::Tls12NotOffered,
     ))
+}
+
+/// The signature half of a rustls `ServerCertVerifier` or `ClientCertVerifier`, the
+/// same for every verifier here: TLS 1.2 refused, TLS 1.3 checked with the algorithms
+/// of the `CryptoProvider` in the named field. Written once as a macro because both
+/// traits declare these methods separately.
+#[macro_export]
+macro_rules! tls13_signatures {
+    ($provider:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &::rustls::pki_types::CertificateDer<'_>,
+            _dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            $crate::verify::tls12_refused()
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            $crate::verify::verify_tls13(&self.$provider, message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.$provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
 }
 
 /// Checks a TLS 1.3 handshake signature with the workspace provider's algorithms.
@@ -97,27 +130,5 @@ impl ServerCertVerifier for PeerServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        tls12_refused()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13(&self.provider, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::tls13_signatures!(provider);
 }

@@ -13,12 +13,8 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 pub mod app_health;
 
@@ -27,9 +23,9 @@ use app_health::AppHealth;
 use crate::{
     audit::AuditReadiness,
     listener::{
+        accept::{Bounds, PerSource, accept_loop},
         body::{ProxyBody, full},
         idle::{self, Activity},
-        per_source::SourceSlots,
     },
     metrics::Metrics,
     policy::PolicyStore,
@@ -160,35 +156,24 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_source = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
-        };
-        let Some(source_slot) = per_source.try_take(peer.ip()) else {
-            metrics.connection_refused("admin_per_source_limit");
-            continue;
-        };
-        let (readiness, metrics) = (readiness.clone(), metrics.clone());
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!("conn", listener = "admin", %peer);
-        tokio::spawn(
-            async move {
-                let _slots = (permit, source_slot);
-                serve_connection(tcp, readiness, metrics, shutdown).await;
-            }
-            .instrument(span),
-        );
-    }
+    let bounds = Bounds {
+        name: "admin",
+        max_connections: MAX_CONNECTIONS,
+        per_source: Some(PerSource {
+            cap: MAX_CONNECTIONS_PER_SOURCE,
+            exempt: Vec::new(),
+            refusal: "admin_per_source_limit",
+        }),
+        // Probes and scrapes are not drained: the process is going away.
+        drain_timeout: Duration::ZERO,
+    };
+    let serve = {
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        move |tcp, _peer| {
+            serve_connection(tcp, readiness.clone(), metrics.clone(), shutdown.clone())
+        }
+    };
+    accept_loop(listener, bounds, metrics, shutdown, serve).await;
 }
 
 async fn serve_connection(

@@ -3,27 +3,23 @@
 //! HTTP/1.1 or HTTP/2 by ALPN with header size, count and read limits, an idle
 //! watchdog that only requests reset, and graceful drain.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
-use super::Inbound;
+use super::{Inbound, credentials::ClientCertificate};
 use crate::{
     config::Limits,
     listener::{
+        accept::{Bounds, PerSource, accept_loop},
         idle::{self, Activity},
-        per_source::SourceSlots,
         proxy_http::http_builder,
     },
     metrics::Metrics,
@@ -59,72 +55,42 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let builder = Arc::new(http_builder(&limits));
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_source = SourceSlots::new(limits.max_connections_per_source);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // An ingress or load balancer in trustedProxies speaks for many clients.
-        let source = peer.ip().to_canonical();
-        let exempt = inbound
-            .settings
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&source));
-        let source_slot = match exempt {
-            true => None,
-            false => match per_source.try_take(source) {
-                Some(slot) => Some(slot),
-                None => {
-                    tracing::debug!(%peer, "source holds its connection cap; closing");
-                    metrics.connection_refused("per_source_limit");
-                    continue;
-                }
-            },
-        };
-        let task = Connection {
-            // The config in force now: a renewal later does not touch this connection.
-            acceptor: TlsAcceptor::from(server_configs.current()),
-            inbound: inbound.clone(),
-            builder: builder.clone(),
-            metrics: metrics.clone(),
-            limits: limits.clone(),
-            shutdown: shutdown.clone(),
-        };
-        let span = tracing::info_span!("conn", listener = "inbound", %peer);
-        tokio::spawn(
-            async move {
-                let _slots = (permit, source_slot);
-                task.run(tcp, peer).await;
-            }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    tracing::info!(
-        deadline_s = limits.drain_timeout.as_secs(),
-        "draining inbound connections"
-    );
-    // Every connection holds a slot until it has closed; all slots back means drained.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed with requests still in flight");
+    let bounds = Bounds {
+        name: "inbound",
+        max_connections: limits.max_connections,
+        per_source: Some(PerSource {
+            cap: limits.max_connections_per_source,
+            exempt: inbound.settings.trusted_proxies.clone(),
+            refusal: "per_source_limit",
+        }),
+        drain_timeout: limits.drain_timeout,
+    };
+    let serve = {
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        move |tcp, peer| {
+            let connection = Connection {
+                // The config in force now: a renewal later does not touch this connection.
+                acceptor: TlsAcceptor::from(server_configs.current()),
+                inbound: inbound.clone(),
+                builder: builder.clone(),
+                metrics: metrics.clone(),
+                limits: limits.clone(),
+                shutdown: shutdown.clone(),
+            };
+            connection.run(tcp, peer)
+        }
+    };
+    accept_loop(listener, bounds, metrics, shutdown, serve).await;
+}
+
+impl ConnInfo {
+    /// What the client's certificate gave the connection, for the credentials step.
+    pub fn certificate(&self) -> ClientCertificate {
+        match (self.client_cert, self.peer_id.is_some()) {
+            (_, true) => ClientCertificate::Workload,
+            (true, false) => ClientCertificate::NoWorkload,
+            (false, false) => ClientCertificate::Absent,
+        }
     }
 }
 
@@ -139,7 +105,6 @@ struct Connection {
 
 impl Connection {
     async fn run(self, tcp: TcpStream, peer: SocketAddr) {
-        let _ = tcp.set_nodelay(true);
         let stream =
             match tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp))
                 .await

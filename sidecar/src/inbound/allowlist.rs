@@ -66,6 +66,30 @@ pub fn permits(list: &[IpNet], ip: IpAddr) -> bool {
     list.is_empty() || list.iter().any(|net| net.contains(&ip))
 }
 
+/// The tenant's allowlist step.
+pub fn check_tenant(list: &[IpNet], ip: IpAddr) -> Result<(), Denial> {
+    if permits(list, ip) {
+        return Ok(());
+    }
+    Err(Denial::new(
+        Reason::IpNotAllowed,
+        format!("requests from {ip} are not allowed for this tenant; call from an allowed network"),
+    ))
+}
+
+/// The API key's allowlist step.
+pub fn check_key(list: &[IpNet], ip: IpAddr) -> Result<(), Denial> {
+    if permits(list, ip) {
+        return Ok(());
+    }
+    Err(Denial::new(
+        Reason::IpNotAllowedForKey,
+        format!(
+            "this API key may not be used from {ip}; call from a network on the key's allowlist"
+        ),
+    ))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -5,10 +5,16 @@
 //! availability → headers → app. Every request, allowed or denied, is counted and
 //! audited once. Connections come in through [`accept`].
 //!
-//! Modes: `mtls` needs a peer SPIFFE ID (key headers are ignored, and stripped);
-//! `apikey` needs a key; `mtls-or-apikey` needs either (a key, when sent, must be
-//! valid and then decides scopes); `mtls-and-apikey` needs both and scopes come from
-//! the key. A `Restricted` tenant always gets `mtls-and-apikey`, whatever is configured.
+//! The request travels as one value, an `Exchange`, through one step per module
+//! (shape, [`allowlist`], [`credentials`], [`authorize_peer`], [`authorize`],
+//! [`authn`], [`ratelimit`], [`headers`], [`upstream`]); each step returns a
+//! [`Denial`] with its [`Reason`], and the exchange then becomes the audit record.
+//!
+//! Modes ([`credentials`]): `mtls` needs a peer SPIFFE ID (key headers are ignored,
+//! and stripped); `apikey` needs a key; `mtls-or-apikey` needs either (a key, when
+//! sent, must be valid and then decides scopes); `mtls-and-apikey` needs both and
+//! scopes come from the key. A `Restricted` tenant always gets `mtls-and-apikey`,
+//! whatever is configured.
 
 use std::{borrow::Cow, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
@@ -22,6 +28,7 @@ pub mod allowlist;
 pub mod authn;
 pub mod authorize;
 pub mod authorize_peer;
+pub mod credentials;
 pub mod headers;
 pub mod path;
 pub mod ratelimit;
@@ -93,15 +100,29 @@ impl std::fmt::Debug for Inbound {
     }
 }
 
-/// What is known about a request so far, for its audit record.
-struct Facts {
+/// One request on its way through the steps: what its audit record will say, learned
+/// step by step, and the room held for that record. Every step reads and extends it;
+/// [`Exchange::finish`] turns it into the record, the log line and the metrics.
+struct Exchange {
+    started: Instant,
+    timestamp: jiff::Timestamp,
+    /// The normalised path (a refused path as sent).
+    path: String,
+    method: String,
+    bytes_in: u64,
     tenant: String,
     principal: Cow<'static, str>,
     action: Cow<'static, str>,
     client_ip: IpAddr,
-    fails_closed: bool,
-    /// Room for the record, held from before forwarding (fail-closed tenants).
-    reserved: Option<Reservation>,
+    audit: AuditDuty,
+}
+
+/// What the tenant's classification asks of the audit record.
+enum AuditDuty {
+    /// A record that cannot be written is logged, and the request stands.
+    BestEffort,
+    /// No request reaches the app unless its record's room is held first.
+    FailClosed(Option<Reservation>),
 }
 
 /// A request that may pass.
@@ -115,6 +136,252 @@ struct Admitted {
     peer_tenant: Option<String>,
 }
 
+impl Exchange {
+    fn start(request: &Request<Incoming>, conn: &ConnInfo) -> Self {
+        Self {
+            started: Instant::now(),
+            timestamp: jiff::Timestamp::now(),
+            path: request.uri().path().to_owned(),
+            method: request.method().as_str().to_owned(),
+            bytes_in: content_length(request.headers()),
+            tenant: String::new(),
+            principal: Cow::Borrowed("anonymous"),
+            action: Cow::Borrowed("api.unmapped"),
+            client_ip: conn.peer.ip().to_canonical(),
+            audit: AuditDuty::BestEffort,
+        }
+    }
+
+    /// The steps, in order; the first that refuses ends the request.
+    async fn admit(
+        &mut self,
+        inbound: &Inbound,
+        request: &Request<Incoming>,
+        conn: &ConnInfo,
+        unsafe_path: Option<path::PathRefusal>,
+    ) -> Result<Admitted, Denial> {
+        let settings = &inbound.settings;
+        check_shape(settings, request, unsafe_path, self.bytes_in)?;
+        let Some(bundle) = inbound.policy.load() else {
+            return Err(Denial::new(
+                Reason::PolicyUnavailable,
+                "this service has not received its access policy yet; retry in a few seconds",
+            ));
+        };
+        self.tenant.clone_from(&bundle.tenant);
+        if bundle.classification.audit_fails_closed() {
+            self.audit = AuditDuty::FailClosed(None);
+        }
+        self.client_ip =
+            allowlist::client_ip(conn.peer.ip(), request.headers(), &settings.trusted_proxies)?;
+        let mode = effective_mode(settings.mode, bundle.classification);
+        let credentials =
+            credentials::required(mode, conn.certificate(), presented_key(request.headers())?)?;
+        allowlist::check_tenant(&bundle.tenant_ip_allowlist, self.client_ip)?;
+        let mut peer_tenant = None;
+        if credentials.peer
+            && let (Some(identity), Some(id)) = (&conn.peer_identity, &conn.peer_id)
+        {
+            self.principal = Cow::Owned(id.clone());
+            authorize_peer::authorize_peer(identity, id, &settings.peers, &bundle)?;
+            peer_tenant = identity.tenant.as_ref().map(|t| t.tenant().to_owned());
+        }
+        let (method, path) = (self.method.as_str(), self.path.as_str());
+        let scope =
+            authorize::route_scope(&bundle, settings.scopes_override.as_ref(), method, path);
+        if let Some(scope) = scope {
+            self.action = Cow::Owned(format!("api.{scope}"));
+        }
+
+        let Some(presented) = credentials.key else {
+            // The principal is the peer, set when it was admitted above.
+            authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
+            self.hold_audit_room(inbound)?;
+            return Ok(Admitted {
+                policy: bundle,
+                scopes: None,
+                rate: None,
+                peer_tenant,
+            });
+        };
+        let verified = inbound
+            .keys
+            .verify(presented, &bundle, self.client_ip, jiff::Timestamp::now())
+            .await?;
+        self.principal = Cow::Owned(format!("key:{}", verified.masked));
+        allowlist::check_key(verified.policy.ip_allowlist(), self.client_ip)?;
+        let scopes = verified.policy.scopes();
+        authorize::authorize_key(scopes.iter(), scope, method, path)?;
+        let verdict =
+            inbound
+                .limits
+                .admit(verified.key_id, verified.policy.rate_limit(), &bundle)?;
+        self.hold_audit_room(inbound)?;
+        let scopes = Some(scopes.joined().clone());
+        Ok(Admitted {
+            policy: bundle.clone(),
+            scopes,
+            rate: Some(verdict),
+            peer_tenant,
+        })
+    }
+
+    /// Fail-closed tenants: the record's room is held before the app sees the
+    /// request, so no request reaches the app that cannot be audited.
+    fn hold_audit_room(&mut self, inbound: &Inbound) -> Result<(), Denial> {
+        if let AuditDuty::FailClosed(room) = &mut self.audit {
+            let reserved = inbound.audit.reserve().map_err(|refused| {
+                tracing::warn!(error = %refused, "audit cannot take a record; refusing before the app");
+                Denial::new(
+                    Reason::AuditUnavailable,
+                    "this tenant requires an audit record for every request and the audit log is unavailable; retry later",
+                )
+            })?;
+            *room = Some(reserved);
+        }
+        Ok(())
+    }
+
+    /// Logs a denial, writes the record and counts the request. A fail-closed tenant's
+    /// allowed request whose record is refused after all is answered with 503.
+    fn finish(
+        self,
+        inbound: &Inbound,
+        outcome: Result<Response<ProxyBody>, Denial>,
+    ) -> Response<ProxyBody> {
+        let (mut response, mut reason) = match outcome {
+            Ok(response) => (response, Reason::Allowed),
+            Err(denial) => {
+                let reason = denial.reason;
+                (denial.into_response(), reason)
+            }
+        };
+        let latency = self.started.elapsed();
+        let mut status = response.status().as_u16();
+        if reason != Reason::Allowed {
+            self.denied().log(reason, status);
+        }
+        let (fails_closed, reserved) = match self.audit {
+            AuditDuty::BestEffort => (false, None),
+            AuditDuty::FailClosed(reserved) => (true, reserved),
+        };
+        // The record takes the request's strings; copies are kept only for the one case
+        // that logs after recording (an allowed request the audit log fails closed on).
+        let kept = (fails_closed && reason == Reason::Allowed).then(|| {
+            (
+                self.principal.clone(),
+                self.method.clone(),
+                self.path.clone(),
+            )
+        });
+        let client_ip = self.client_ip;
+        let record = RequestOutcome {
+            timestamp: self.timestamp,
+            tenant: self.tenant,
+            principal: self.principal.into_owned(),
+            action: self.action.into_owned(),
+            client_ip: self.client_ip,
+            method: self.method,
+            path: self.path,
+            status,
+            latency,
+            bytes_in: self.bytes_in,
+            bytes_out: content_length(response.headers()),
+            decision: if reason == Reason::Allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            reason: reason.as_str(),
+        };
+        let recorded = match reserved {
+            Some(reserved) => inbound.audit.record_reserved(reserved, record),
+            None => inbound.audit.record(record),
+        };
+        if let Err(refused) = recorded {
+            tracing::warn!(error = %refused, fails_closed, "audit hook refused a record");
+            if let Some((principal, method, path)) = kept {
+                response = Denial::new(
+                    Reason::AuditUnavailable,
+                    "this tenant requires an audit record for every request and the audit log cannot be written; retry later",
+                )
+                .into_response();
+                reason = Reason::AuditUnavailable;
+                status = response.status().as_u16();
+                let denied = Denied {
+                    principal: &principal,
+                    client_ip,
+                    method: &method,
+                    path: &path,
+                };
+                denied.log(reason, status);
+            }
+        }
+        inbound
+            .metrics
+            .request(reason, status, latency.as_secs_f64());
+        response
+    }
+
+    fn denied(&self) -> Denied<'_> {
+        Denied {
+            principal: &self.principal,
+            client_ip: self.client_ip,
+            method: &self.method,
+            path: &self.path,
+        }
+    }
+}
+
+/// What a denial's log line names.
+struct Denied<'a> {
+    principal: &'a str,
+    client_ip: IpAddr,
+    method: &'a str,
+    path: &'a str,
+}
+
+impl Denied<'_> {
+    fn log(&self, reason: Reason, status: u16) {
+        tracing::info!(
+            reason = reason.as_str(),
+            status,
+            principal = %self.principal,
+            client_ip = %self.client_ip,
+            method = %self.method,
+            path = %self.path,
+            "request denied"
+        );
+    }
+}
+
+/// Refusals that need no credentials: a path that cannot be judged safely, too many
+/// header fields (HTTP/2 has no parser limit on their number), a declared body over
+/// the limit.
+fn check_shape(
+    settings: &InboundSettings,
+    request: &Request<Incoming>,
+    unsafe_path: Option<path::PathRefusal>,
+    declared_body: u64,
+) -> Result<(), Denial> {
+    if let Some(refusal) = unsafe_path {
+        return Err(Denial::new(Reason::UnsafePath, refusal.message()));
+    }
+    if request.headers().len() > settings.max_headers {
+        return Err(Denial::new(
+            Reason::TooManyHeaders,
+            format!(
+                "the request has more than {} header fields; send fewer",
+                settings.max_headers
+            ),
+        ));
+    }
+    if declared_body > settings.max_request_body_bytes as u64 {
+        return Err(body_too_large(settings.max_request_body_bytes));
+    }
+    Ok(())
+}
+
 /// The mode in force: the configured one, raised to mTLS *and* key for `Restricted`
 /// tenants (DESIGN.md §6). Every configured mode already authenticates, which is all
 /// `Internal` and `Confidential` ask for.
@@ -123,25 +390,6 @@ pub fn effective_mode(configured: InboundMode, classification: DataClassificatio
         DataClassification::Restricted => InboundMode::MtlsAndApikey,
         _ => configured,
     }
-}
-
-fn log_denial(
-    reason: Reason,
-    status: u16,
-    principal: &str,
-    client_ip: IpAddr,
-    method: &str,
-    path: &str,
-) {
-    tracing::info!(
-        reason = reason.as_str(),
-        status,
-        principal = %principal,
-        client_ip = %client_ip,
-        method = %method,
-        path = %path,
-        "request denied"
-    );
 }
 
 fn body_too_large(limit: usize) -> Denial {
@@ -181,283 +429,21 @@ impl Inbound {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let in_flight = conn.activity.request_started();
-        let started = Instant::now();
-        let timestamp = jiff::Timestamp::now();
-        let method = request.method().as_str().to_owned();
         // Everything below (scopes, audit, the app) sees the normalised path; a refused
         // path is audited as sent.
         let unsafe_path = path::normalize_request(&mut request).err();
-        let path = request.uri().path().to_owned();
-        let bytes_in = content_length(request.headers());
-        let mut facts = Facts {
-            tenant: String::new(),
-            principal: Cow::Borrowed("anonymous"),
-            action: Cow::Borrowed("api.unmapped"),
-            client_ip: conn.peer.ip().to_canonical(),
-            fails_closed: false,
-            reserved: None,
-        };
-
-        let admitted = match self.check_shape(&request, unsafe_path, bytes_in) {
-            Ok(()) => {
-                self.admit(&request, &conn, &mut facts, &method, &path)
-                    .await
-            }
-            Err(denial) => Err(denial),
-        };
-        let outcome = match admitted {
+        let mut exchange = Exchange::start(&request, &conn);
+        let outcome = match exchange.admit(&self, &request, &conn, unsafe_path).await {
             Err(denial) => Err(denial),
             Ok(admitted) => {
                 let client_upgrade =
                     wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-                self.forward(request, admitted, &facts.principal, client_upgrade)
+                self.forward(request, admitted, &exchange.principal, client_upgrade)
                     .await
             }
         };
-        let (mut response, mut reason) = match outcome {
-            Ok(response) => (response, Reason::Allowed),
-            Err(denial) => {
-                let reason = denial.reason;
-                (denial.into_response(), reason)
-            }
-        };
-        let latency = started.elapsed();
-        let mut status = response.status().as_u16();
-        if reason != Reason::Allowed {
-            log_denial(
-                reason,
-                status,
-                &facts.principal,
-                facts.client_ip,
-                &method,
-                &path,
-            );
-        }
-        // The record takes the request's strings; copies are kept only for the one case
-        // that logs after recording (an allowed request the audit log fails closed on).
-        let kept = (facts.fails_closed && reason == Reason::Allowed)
-            .then(|| (facts.principal.clone(), method.clone(), path.clone()));
-        let fails_closed = facts.fails_closed;
-        let client_ip = facts.client_ip;
-        let reserved = facts.reserved.take();
-        let record = RequestOutcome {
-            timestamp,
-            tenant: facts.tenant,
-            principal: facts.principal.into_owned(),
-            action: facts.action.into_owned(),
-            client_ip,
-            method,
-            path,
-            status,
-            latency,
-            bytes_in,
-            bytes_out: content_length(response.headers()),
-            decision: if reason == Reason::Allowed {
-                Decision::Allow
-            } else {
-                Decision::Deny
-            },
-            reason: reason.as_str(),
-        };
-        let recorded = match reserved {
-            Some(reserved) => self.audit.record_reserved(reserved, record),
-            None => self.audit.record(record),
-        };
-        if let Err(refused) = recorded {
-            tracing::warn!(error = %refused, fails_closed, "audit hook refused a record");
-            if let Some((principal, method, path)) = kept {
-                response = Denial::new(
-                    Reason::AuditUnavailable,
-                    "this tenant requires an audit record for every request and the audit log cannot be written; retry later",
-                )
-                .into_response();
-                reason = Reason::AuditUnavailable;
-                status = response.status().as_u16();
-                log_denial(reason, status, &principal, client_ip, &method, &path);
-            }
-        }
-        self.metrics.request(reason, status, latency.as_secs_f64());
+        let response = exchange.finish(&self, outcome);
         Ok(response.map(|body| InFlightBody::wrap(body, in_flight)))
-    }
-
-    /// Refusals that need no credentials: a path that cannot be judged safely, too
-    /// many header fields (HTTP/2 has no parser limit on their number), a declared
-    /// body over the limit.
-    fn check_shape(
-        &self,
-        request: &Request<Incoming>,
-        unsafe_path: Option<path::PathRefusal>,
-        declared_body: u64,
-    ) -> Result<(), Denial> {
-        if let Some(refusal) = unsafe_path {
-            return Err(Denial::new(Reason::UnsafePath, refusal.message()));
-        }
-        let settings = &self.settings;
-        if request.headers().len() > settings.max_headers {
-            return Err(Denial::new(
-                Reason::TooManyHeaders,
-                format!(
-                    "the request has more than {} header fields; send fewer",
-                    settings.max_headers
-                ),
-            ));
-        }
-        if declared_body > settings.max_request_body_bytes as u64 {
-            return Err(body_too_large(settings.max_request_body_bytes));
-        }
-        Ok(())
-    }
-
-    async fn admit(
-        &self,
-        request: &Request<Incoming>,
-        conn: &ConnInfo,
-        facts: &mut Facts,
-        method: &str,
-        path: &str,
-    ) -> Result<Admitted, Denial> {
-        let settings = &self.settings;
-        let Some(bundle) = self.policy.load() else {
-            return Err(Denial::new(
-                Reason::PolicyUnavailable,
-                "this service has not received its access policy yet; retry in a few seconds",
-            ));
-        };
-        facts.tenant.clone_from(&bundle.tenant);
-        facts.fails_closed = bundle.classification.audit_fails_closed();
-        facts.client_ip =
-            allowlist::client_ip(conn.peer.ip(), request.headers(), &settings.trusted_proxies)?;
-        let presented = presented_key(request.headers())?;
-
-        let mode = effective_mode(settings.mode, bundle.classification);
-        let key = if mode == InboundMode::Mtls {
-            None
-        } else {
-            presented
-        };
-        let peer = conn.peer_id.as_deref();
-        let need_peer = matches!(mode, InboundMode::Mtls | InboundMode::MtlsAndApikey);
-        let need_key = matches!(mode, InboundMode::Apikey | InboundMode::MtlsAndApikey);
-        let no_workload_identity = || {
-            Denial::new(
-                Reason::NoWorkloadIdentity,
-                "your client certificate names no workload (a spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> URI SAN; a tenant URI alone is no identity); present a workload certificate issued by the mesh",
-            )
-        };
-        if need_peer && peer.is_none() {
-            return Err(if conn.client_cert {
-                no_workload_identity()
-            } else {
-                Denial::new(
-                    Reason::ClientCertificateRequired,
-                    "this service requires mutual TLS; present a client certificate issued by the mesh",
-                )
-            });
-        }
-        if need_key && key.is_none() {
-            return Err(Denial::new(
-                Reason::ApiKeyRequired,
-                "this service requires an API key; send it as \"Authorization: Bearer ak_...\" or \"X-API-Key: ak_...\"",
-            ));
-        }
-        if key.is_none() && peer.is_none() {
-            if conn.client_cert {
-                return Err(no_workload_identity());
-            }
-            return Err(Denial::new(
-                Reason::CredentialsRequired,
-                "present a client certificate (mutual TLS) or an API key (\"Authorization: Bearer ak_...\")",
-            ));
-        }
-
-        if !allowlist::permits(&bundle.tenant_ip_allowlist, facts.client_ip) {
-            return Err(Denial::new(
-                Reason::IpNotAllowed,
-                format!(
-                    "requests from {} are not allowed for this tenant; call from an allowed network",
-                    facts.client_ip
-                ),
-            ));
-        }
-        // The peer is admitted whenever it takes part: alone, or with a key in
-        // mtls-and-apikey. (In mtls-or-apikey a key, when sent, decides alone.)
-        let mut peer_tenant = None;
-        if (need_peer || key.is_none())
-            && let (Some(identity), Some(id)) = (&conn.peer_identity, peer)
-        {
-            facts.principal = Cow::Owned(id.to_owned());
-            authorize_peer::authorize_peer(identity, id, &settings.peers, &bundle)?;
-            peer_tenant = identity.tenant.as_ref().map(|t| t.tenant().to_owned());
-        }
-        let scope =
-            authorize::route_scope(&bundle, settings.scopes_override.as_ref(), method, path);
-        if let Some(scope) = scope {
-            facts.action = Cow::Owned(format!("api.{scope}"));
-        }
-
-        let Some(presented) = key else {
-            // The principal is the peer, set when it was admitted above.
-            authorize::authorize_peer(scope, settings.peers_need_mapped_route, method, path)?;
-            self.audit_gate(facts)?;
-            return Ok(Admitted {
-                policy: bundle,
-                scopes: None,
-                rate: None,
-                peer_tenant,
-            });
-        };
-
-        let verified = self
-            .keys
-            .verify(presented, &bundle, facts.client_ip, jiff::Timestamp::now())
-            .await?;
-        facts.principal = Cow::Owned(format!("key:{}", verified.masked));
-        if !allowlist::permits(verified.policy.ip_allowlist(), facts.client_ip) {
-            return Err(Denial::new(
-                Reason::IpNotAllowedForKey,
-                format!(
-                    "this API key may not be used from {}; call from a network on the key's allowlist",
-                    facts.client_ip
-                ),
-            ));
-        }
-        let scopes = verified.policy.scopes();
-        authorize::authorize_key(scopes.iter(), scope, method, path)?;
-        let verdict = self
-            .limits
-            .check(verified.key_id, verified.policy.rate_limit(), &bundle);
-        if !verdict.allowed {
-            let mut denial = Denial::new(
-                Reason::RateLimited,
-                "this API key is over its rate limit; wait for the number of seconds in Retry-After",
-            );
-            denial.headers = verdict.headers();
-            return Err(denial);
-        }
-        self.audit_gate(facts)?;
-        let scopes = Some(scopes.joined().clone());
-        Ok(Admitted {
-            policy: bundle.clone(),
-            scopes,
-            rate: Some(verdict),
-            peer_tenant,
-        })
-    }
-
-    /// Fail-closed tenants: the record's room is reserved before the app sees the
-    /// request, so no request reaches the app that cannot be audited.
-    fn audit_gate(&self, facts: &mut Facts) -> Result<(), Denial> {
-        if facts.fails_closed {
-            let reserved = self.audit.reserve().map_err(|refused| {
-                tracing::warn!(error = %refused, "audit cannot take a record; refusing before the app");
-                Denial::new(
-                    Reason::AuditUnavailable,
-                    "this tenant requires an audit record for every request and the audit log is unavailable; retry later",
-                )
-            })?;
-            facts.reserved = Some(reserved);
-        }
-        Ok(())
     }
 
     async fn forward(

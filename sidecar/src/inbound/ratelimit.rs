@@ -24,7 +24,10 @@ use governor::{
 use http::{HeaderName, HeaderValue};
 use portcullis_crds::RateLimitPolicy;
 
-use crate::policy::CompiledPolicy;
+use crate::{
+    listener::deny::{Denial, Reason},
+    policy::CompiledPolicy,
+};
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 
@@ -126,6 +129,26 @@ impl<C: Clock + Clone> RateLimits<C> {
             limiters: ArcSwap::from_pointee(HashMap::new()),
             writer: Mutex::new(()),
         }
+    }
+
+    /// The rate-limit step: the verdict when the request may pass, a 429 denial with
+    /// `Retry-After` and the `RateLimit-*` headers when it may not.
+    pub fn admit(
+        &self,
+        key: &str,
+        policy: &RateLimitPolicy,
+        bundle: &CompiledPolicy,
+    ) -> Result<Verdict, Denial> {
+        let verdict = self.check(key, policy, bundle);
+        if verdict.allowed {
+            return Ok(verdict);
+        }
+        let mut denial = Denial::new(
+            Reason::RateLimited,
+            "this API key is over its rate limit; wait for the number of seconds in Retry-After",
+        );
+        denial.headers = verdict.headers();
+        Err(denial)
     }
 
     /// Takes one request from the allowance of the key with id `key` under `policy`.

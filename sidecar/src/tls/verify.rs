@@ -6,10 +6,9 @@
 use std::{fmt, sync::Arc};
 
 use portcullis_api::spiffe::TrustDomain;
-use portcullis_tls::verify::{require_workload_in, tls12_refused, verify_tls13};
+use portcullis_tls::verify::require_workload_in;
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
+    DistinguishedName, Error, RootCertStore,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, UnixTime},
     server::{
@@ -99,27 +98,5 @@ impl ClientCertVerifier for ClientVerifier {
         Ok(verified)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        tls12_refused()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13(&self.provider, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    portcullis_tls::tls13_signatures!(provider);
 }
