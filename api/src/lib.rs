@@ -10,6 +10,7 @@
 //! - [`audit_key`]: the tenant audit-key answer and its path.
 //! - [`audit_ship`]: how a proxy ships its audit records to the collector, and the
 //!   collector's acknowledgement or refusal.
+//! - [`audit_export`]: how people and tools read a tenant's log back from the collector.
 //! - [`app_exit`]: how a run-to-completion pod's proxy learns that its app has exited.
 //! - [`injection`]: ports, environment variables, mounts, the proxy uid, the skip-port
 //!   list and the app probes the injector hands the proxy.
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod app_exit;
+pub mod audit_export;
 pub mod audit_key;
 pub mod audit_ship;
 pub mod clock;

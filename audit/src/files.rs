@@ -173,6 +173,10 @@ pub struct ExportFilter {
     pub since: Option<Timestamp>,
     /// Only records before this time.
     pub until: Option<Timestamp>,
+    /// Only this action, or with a trailing `*` the actions starting with what precedes it.
+    pub action: Option<String>,
+    /// Only this principal.
+    pub principal: Option<String>,
 }
 
 impl ExportFilter {
@@ -181,6 +185,17 @@ impl ExportFilter {
         self.tenant.as_ref().is_none_or(|t| *t == record.tenant)
             && self.since.is_none_or(|s| record.timestamp >= s)
             && self.until.is_none_or(|u| record.timestamp < u)
+            && self
+                .action
+                .as_deref()
+                .is_none_or(|a| match a.strip_suffix('*') {
+                    Some(prefix) => record.action.starts_with(prefix),
+                    None => record.action == a,
+                })
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| *p == record.principal)
     }
 }
 

@@ -198,51 +198,68 @@ pub fn verify(
     }
 }
 
-/// `kubectl portcullis audit export`.
-pub fn export(
-    args: &ExportArgs,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> anyhow::Result<Outcome> {
+/// Refuses a `--since` that is not before `--until`.
+pub fn check_range(args: &ExportArgs) -> anyhow::Result<()> {
     if let (Some(since), Some(until)) = (args.since, args.until)
         && since >= until
     {
         bail!("--since {since} is not before --until {until}: swap them or widen the range");
     }
+    Ok(())
+}
+
+/// Where an export goes: `-o FILE` or `out`.
+pub fn export_sink<'a>(
+    args: &ExportArgs,
+    out: &'a mut dyn Write,
+) -> anyhow::Result<Box<dyn Write + 'a>> {
+    Ok(match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| {
+                format!(
+                    "cannot create {}: check the directory exists and is writable",
+                    path.display()
+                )
+            })?,
+        )),
+        None => Box::new(out),
+    })
+}
+
+/// `kubectl portcullis audit export` of local files.
+pub fn export(
+    args: &ExportArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    check_range(args)?;
+    let Some(path) = &args.path else {
+        bail!(
+            "give a record file or directory, or --tenant and --server to read from the audit collector"
+        );
+    };
     let keys = load_keys(&args.keys)?;
     let filter = ExportFilter {
         tenant: args.tenant.clone(),
         since: args.since,
         until: args.until,
+        action: args.action.clone(),
+        principal: args.principal.clone(),
     };
-    let mut file_out;
-    let sink: &mut dyn Write = match &args.output {
-        Some(path) => {
-            file_out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| {
-                format!(
-                    "cannot create {}: check the directory exists and is writable",
-                    path.display()
-                )
-            })?);
-            &mut file_out
-        }
-        None => out,
-    };
+    let mut sink = export_sink(args, out)?;
     let summary = match args.format {
-        ExportFormat::Json => export_path(&args.path, keys.as_ref(), &filter, |line, _| {
+        ExportFormat::Json => export_path(path, keys.as_ref(), &filter, |line, _| {
             writeln!(sink, "{line}").map_err(|e| portcullis_audit::Error::io("<output>", e))
         }),
         ExportFormat::Csv => {
             let mut csv = CsvExport::new(&mut *sink).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let summary = export_path(&args.path, keys.as_ref(), &filter, |_, record| {
-                csv.write(record)
-            });
+            let summary = export_path(path, keys.as_ref(), &filter, |_, record| csv.write(record));
             csv.finish().map_err(|e| anyhow::anyhow!("{e}"))?;
             summary
         }
     }
     .map_err(|e| anyhow::anyhow!("{e}"))
-    .with_context(|| format!("cannot export {}", args.path.display()))?;
+    .with_context(|| format!("cannot export {}", path.display()))?;
     sink.flush()?;
     writeln!(
         err,

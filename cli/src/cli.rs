@@ -348,33 +348,70 @@ pub enum ExportFormat {
 /// `audit export`
 #[derive(Debug, Clone, Args)]
 pub struct ExportArgs {
-    /// A record file or encrypted segment, or a directory of them.
+    /// A record file or encrypted segment, or a directory of them. Leave it out to read
+    /// the tenant's log from the audit collector (--tenant and --server).
     #[arg(value_name = "FILE|DIR")]
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "json")]
     pub format: ExportFormat,
-    /// Only records at or after this time (RFC 3339, e.g. 2026-03-16T00:00:00Z).
-    #[arg(long, value_parser = parse_time, value_name = "RFC3339")]
+    /// Only records at or after this time: RFC 3339 (2026-03-16T00:00:00Z) or an age
+    /// (24h, 7d).
+    #[arg(long, value_parser = parse_time, value_name = "TIME|AGE")]
     pub since: Option<Timestamp>,
-    /// Only records before this time (RFC 3339).
-    #[arg(long, value_parser = parse_time, value_name = "RFC3339")]
+    /// Only records before this time: RFC 3339 or an age.
+    #[arg(long, value_parser = parse_time, value_name = "TIME|AGE")]
     pub until: Option<Timestamp>,
-    /// Only records of this tenant.
+    /// Only records of this tenant (required when reading from the collector).
     #[arg(long, value_name = "NAME")]
     pub tenant: Option<String>,
+    /// Only this action (api.identify), or with a trailing * every action starting so
+    /// (admin.*).
+    #[arg(long, value_name = "ACTION")]
+    pub action: Option<String>,
+    /// Only this principal (key:ak_***7f2, spiffe://..., user:...).
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub principal: Option<String>,
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Decryption keys.
+    /// Decryption keys (local files only).
     #[command(flatten)]
     pub keys: KeyArgs,
+    /// Where the collector is reached, e.g. https://127.0.0.1:8091 after
+    /// `kubectl -n portcullis-system port-forward svc/portcullis-audit 8091`.
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "path",
+        help_heading = "Collector"
+    )]
+    pub server: Option<String>,
+    /// The name the collector's certificate must carry (default:
+    /// portcullis-audit.<operator namespace>.svc, whatever address --server uses).
+    #[arg(long, value_name = "NAME", help_heading = "Collector")]
+    pub server_name: Option<String>,
+    /// Roots the collector's certificate must chain to (default: ConfigMap
+    /// portcullis-trust-bundle in the -n namespace).
+    #[arg(long, value_name = "FILE", help_heading = "Collector")]
+    pub ca_file: Option<PathBuf>,
+    /// A file holding the bearer token to send (default: the kubeconfig user's token),
+    /// e.g. from `kubectl create token <serviceaccount>`.
+    #[arg(long, value_name = "FILE", help_heading = "Collector")]
+    pub token_file: Option<PathBuf>,
 }
 
 fn parse_time(s: &str) -> Result<Timestamp, String> {
-    s.parse::<Timestamp>().map_err(|_| {
-        format!("{s:?} is not an RFC 3339 time; write it like 2026-03-16T14:22:01Z or 2026-03-16T16:22:01+02:00")
-    })
+    if let Ok(at) = s.parse::<Timestamp>() {
+        return Ok(at);
+    }
+    let age = s.parse::<DurationSpec>().map_err(|_| {
+        format!("{s:?} is neither an RFC 3339 time nor an age; write it like 2026-03-16T14:22:01Z, 2026-03-16T16:22:01+02:00, 24h or 7d")
+    })?;
+    jiff::SignedDuration::try_from(age.get())
+        .ok()
+        .and_then(|age| Timestamp::now().checked_sub(age).ok())
+        .ok_or_else(|| format!("{s:?} reaches back before the earliest time there is"))
 }
 
 #[cfg(test)]
@@ -524,6 +561,18 @@ mod tests {
                 })
             ),
             "{cli:?}"
+        );
+    }
+
+    #[test]
+    fn an_age_counts_back_from_now() {
+        let before = Timestamp::now();
+        let since = parse_time("24h").unwrap_or_else(|e| panic!("{e}"));
+        let back = before.duration_since(since).as_secs();
+        assert!((86_399..=86_401).contains(&back), "{back}");
+        assert_eq!(
+            parse_time("2026-03-16T14:22:01Z").map(|t| t.to_string()),
+            Ok("2026-03-16T14:22:01Z".to_owned())
         );
     }
 

@@ -20,6 +20,22 @@ pub struct Cluster {
 impl Cluster {
     /// Loads the kubeconfig named by `args` (or the default chain) and builds a client.
     pub async fn connect(args: &ClusterArgs) -> Result<Self, CliError> {
+        let config = Self::config(args).await?;
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client =
+            kube::Client::try_from(config).map_err(|e| CliError::Kubeconfig(e.to_string()))?;
+        Ok(Self {
+            client,
+            namespace,
+            operator_namespace: args.operator_namespace.clone(),
+        })
+    }
+
+    /// The client configuration `args` name, the way kubectl finds it.
+    pub async fn config(args: &ClusterArgs) -> Result<Config, CliError> {
         let options = KubeConfigOptions {
             context: args.context.clone(),
             ..KubeConfigOptions::default()
@@ -39,16 +55,6 @@ impl Cluster {
                 .await
                 .map_err(|e| CliError::Kubeconfig(e.to_string()))?,
         };
-        let namespace = args
-            .namespace
-            .clone()
-            .unwrap_or_else(|| config.default_namespace.clone());
-        let client =
-            kube::Client::try_from(config).map_err(|e| CliError::Kubeconfig(e.to_string()))?;
-        Ok(Self {
-            client,
-            namespace,
-            operator_namespace: args.operator_namespace.clone(),
-        })
+        Ok(config)
     }
 }

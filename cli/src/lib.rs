@@ -16,6 +16,7 @@ pub mod cert;
 pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod collector;
 pub mod error;
 pub mod identity;
 pub mod key;
@@ -45,7 +46,9 @@ pub fn run(
         Command::Audit(cli::AuditCommand::Verify(args)) if !audit::needs_cluster_bundle(&args) => {
             audit::verify(&args, None, out, err)
         }
-        Command::Audit(cli::AuditCommand::Export(args)) => audit::export(&args, out, err),
+        Command::Audit(cli::AuditCommand::Export(args)) if args.path.is_some() => {
+            audit::export(&args, out, err)
+        }
         command => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -81,7 +84,12 @@ pub async fn run_async(
             };
             return audit::verify(args, bundle, out, err);
         }
-        Command::Audit(cli::AuditCommand::Export(args)) => return audit::export(args, out, err),
+        Command::Audit(cli::AuditCommand::Export(args)) if args.path.is_some() => {
+            return audit::export(args, out, err);
+        }
+        Command::Audit(cli::AuditCommand::Export(args)) => {
+            return collector::export(&cli.cluster, args, out, err).await;
+        }
         Command::Key(KeyCommand::Create(args)) => {
             key::create(&connect().await?, args, out, err).await
         }

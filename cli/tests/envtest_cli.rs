@@ -1156,3 +1156,281 @@ async fn check_names_stuck_injected_pods_and_keys_not_active() {
     );
     assert_eq!(found["keys"]["status"], "fail", "{found}");
 }
+
+mod export_from_the_collector {
+    //! `audit export --tenant T --server URL` against the real audit server, which asks
+    //! this API server (TokenReview, SubjectAccessReview) whether the token's subject
+    //! may read the tenant's records: RBAC as the operator emits it for the built-in
+    //! roles, so an analyst exports and a developer does not.
+
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding, RoleRef, Subject};
+    use portcullis_api::clock::SystemClock;
+    use portcullis_api::spiffe::TrustDomain;
+    use portcullis_audit::{AuditRecord, Chain, Entry};
+    use portcullis_collector::{Collector, FileStore, Sender};
+    use portcullis_crds::role::builtin_role;
+    use portcullis_crds::{Permission, Tenant};
+    use portcullis_operator::audit_cluster::KubeExportAuthorizer;
+    use portcullis_operator::audit_server::{self, AuditServerSettings};
+    use portcullis_operator::ca::certs::{pem_block, pem_encode};
+    use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority};
+    use portcullis_operator::rbac::rules_for;
+
+    const SERVICE: &str = "portcullis-audit.portcullis-system.svc";
+
+    /// The permissions of built-in role `name`, inheritance folded in.
+    fn permissions(name: &str) -> BTreeSet<Permission> {
+        let mut all = BTreeSet::new();
+        let mut todo = vec![name.to_owned()];
+        while let Some(next) = todo.pop() {
+            let spec = builtin_role(&next).expect("a built-in role");
+            all.extend(spec.permissions.iter().copied());
+            todo.extend(spec.inherits.iter().cloned());
+        }
+        all
+    }
+
+    /// A ServiceAccount bound in `ns` to the RBAC the operator emits for built-in `role`;
+    /// returns a token for it.
+    async fn member(client: &Client, ns: &str, account: &str, role: &str) -> String {
+        let pp = PostParams::default();
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": account}})).unwrap();
+        accounts.create(&pp, &sa).await.unwrap();
+        let name = format!("portcullis:{role}");
+        let rbac = RbacRole {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("{name}-{account}")),
+                ..Default::default()
+            },
+            rules: Some(rules_for(&permissions(role))),
+        };
+        Api::<RbacRole>::namespaced(client.clone(), ns)
+            .create(&pp, &rbac)
+            .await
+            .unwrap();
+        let binding = RoleBinding {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("{name}-{account}")),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: format!("{name}-{account}"),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: account.into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }]),
+        };
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .create(&pp, &binding)
+            .await
+            .unwrap();
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(600),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        accounts
+            .create_token_request(account, &pp, &request)
+            .await
+            .unwrap()
+            .status
+            .expect("a token")
+            .token
+    }
+
+    /// Tenant `name` owning `ns`, as the operator's status says.
+    async fn tenant(client: &Client, name: &str, ns: &str) {
+        let api: Api<Tenant> = Api::all(client.clone());
+        let tenant: Tenant = serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": name}, "spec": {"namespaces": [ns]}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &tenant).await.unwrap();
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"namespaces": [ns]}})),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The collector's files: its serving certificate from a CA like the operator's,
+    /// and a log already holding `records` of tenant `owner`.
+    fn collector_files(dir: &Path, owner: &str, records: usize) -> Vec<String> {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let settings = CaSettings::new(td);
+        let ca = CertificateAuthority::new(
+            settings.clone(),
+            CaState::generate(&settings, Timestamp::now()).unwrap(),
+            Arc::new(SystemClock),
+        );
+        let issued = ca.issue_server_certificate(&[SERVICE.to_owned()]).unwrap();
+        let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
+        std::fs::write(dir.join("tls.crt"), chain).unwrap();
+        std::fs::write(
+            dir.join("tls.key"),
+            pem_block("PRIVATE KEY", issued.key.secret_pkcs8_der()),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.trust_bundle_pem()).unwrap();
+
+        let mut collector = Collector::open(
+            FileStore::open(dir.join("data")).unwrap(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let mut chain = Chain::new("web-1");
+        let mut lines = Vec::new();
+        for i in 0..records {
+            let mut record = AuditRecord::new(
+                Timestamp::now(),
+                owner,
+                "web-1",
+                "api.identify",
+                "key:ak_***7f2",
+            );
+            record.path = format!("/v1/identify/{i}");
+            record.status = 200;
+            let record = chain.append(record).unwrap();
+            lines.push(Entry::Record(record).to_json_line().unwrap());
+        }
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let sender = Sender {
+            tenant: owner,
+            workload: "spiffe://cluster.local/ns/shop/sa/web",
+        };
+        collector.ingest(sender, &body).unwrap();
+        lines
+    }
+
+    #[tokio::test]
+    async fn an_analyst_exports_the_tenants_records_and_a_developer_may_not() {
+        let Some(env) = env().await else { return };
+        let client = env.client().unwrap();
+        let ns = env.create_namespace("export").await.unwrap();
+        let other_ns = env.create_namespace("export-other").await.unwrap();
+        let name = format!("{ns}-t");
+        let other = format!("{other_ns}-t");
+        tenant(&client, &name, &ns).await;
+        tenant(&client, &other, &other_ns).await;
+        let analyst = member(&client, &ns, "ana", "analyst").await;
+        let developer = member(&client, &ns, "dev", "developer").await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = collector_files(dir.path(), &name, 4);
+        let server = audit_server::start(
+            AuditServerSettings {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                metrics_addr: "127.0.0.1:0".parse().unwrap(),
+                data_dir: dir.path().join("data"),
+                cert_file: dir.path().join("tls.crt"),
+                key_file: dir.path().join("tls.key"),
+                trust_bundle_file: dir.path().join("ca.crt"),
+                trust_domain: TrustDomain::new("cluster.local").unwrap(),
+                retention_days: 365,
+                reload_every: Duration::from_secs(30),
+            },
+            KubeExportAuthorizer::new(client.clone()),
+            portcullis_collector::FixedRetention(365),
+        )
+        .await
+        .unwrap();
+        let url = format!("https://{}", server.addr);
+        let ca = dir.path().join("ca.crt");
+        let export = |token: &str, tenant: &str, extra: &[&str]| {
+            let token_file = dir.path().join(format!("token-{}", token.len() % 997));
+            std::fs::write(&token_file, token).unwrap();
+            let mut args: Vec<String> = [
+                "audit",
+                "export",
+                "--tenant",
+                tenant,
+                "--server",
+                &url,
+                "--ca-file",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            args.push(ca.display().to_string());
+            args.push("--token-file".into());
+            args.push(token_file.display().to_string());
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            args
+        };
+
+        // RBAC reaches the authorizer's cache shortly after the binding is written.
+        let mut csv = None;
+        for _ in 0..50 {
+            let args = export(&analyst, &name, &["--since", "24h", "--format", "csv"]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let run = cli(env, &args).await;
+            if run.code == Some(0) {
+                csv = Some(run);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let csv = csv.expect("the analyst's export succeeds");
+        let rows: Vec<&str> = csv.stdout.lines().collect();
+        assert_eq!(rows.len(), 5, "{csv:?}");
+        assert!(
+            rows[0].starts_with("timestamp,chain_id,seq,tenant"),
+            "{csv:?}"
+        );
+        assert!(rows[4].contains("/v1/identify/3"), "{csv:?}");
+        assert!(csv.stderr.contains("exported 4 records"), "{csv:?}");
+
+        // JSON lines come back exactly as the chain wrote them.
+        let args = export(&analyst, &name, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let json = cli(env, &args).await;
+        assert_eq!(json.code, Some(0), "{json:?}");
+        assert_eq!(json.stdout.lines().collect::<Vec<_>>(), shipped, "{json:?}");
+
+        // A developer of the same tenant may not; the message says what grants it.
+        let args = export(&developer, &name, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refused = cli(env, &args).await;
+        assert_ne!(refused.code, Some(0), "{refused:?}");
+        assert!(
+            refused.stderr.contains("403") && refused.stderr.contains("audit:read"),
+            "{refused:?}"
+        );
+        assert!(refused.stdout.is_empty(), "{refused:?}");
+
+        // The analyst of one tenant reads nothing of another.
+        let args = export(&analyst, &other, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let elsewhere = cli(env, &args).await;
+        assert!(elsewhere.stderr.contains("403"), "{elsewhere:?}");
+
+        // A token the API server does not know.
+        let args = export("not-a-token", &name, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stranger = cli(env, &args).await;
+        assert!(
+            stranger.stderr.contains("401") && stranger.stderr.contains("--token-file"),
+            "{stranger:?}"
+        );
+        server.stop().await;
+    }
+}

@@ -2,7 +2,7 @@
 //! rebuilds what it knows of every chain from the store after a restart; prunes days
 //! past a tenant's retention.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -134,8 +134,41 @@ impl<S: RecordStore> Collector<S> {
         Ok(lines)
     }
 
+    /// The days `tenant`'s log holds, oldest first.
+    pub fn days(&self, tenant: &str) -> Result<Vec<Date>, StoreError> {
+        self.store.days(tenant)
+    }
+
+    /// `tenant`'s entries that arrived on `day`, one JSON line each.
+    pub fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError> {
+        self.store.read_day(tenant, day)
+    }
+
     /// What the collector knows of each chain.
     pub fn arrivals(&self) -> &Arrivals {
         &self.arrivals
     }
+}
+
+/// Runs `work` on the shared collector on a blocking thread (store work ends in file
+/// I/O and fsync), holding its lock only for that.
+pub(crate) async fn blocking<S, T>(
+    collector: &Arc<Mutex<Collector<S>>>,
+    work: impl FnOnce(&mut Collector<S>) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError>
+where
+    S: RecordStore + Send + 'static,
+    T: Send + 'static,
+{
+    let collector = collector.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
+        work(&mut collector)
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        action: "working on",
+        path: "the tenant logs".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?
 }

@@ -11,21 +11,26 @@
 //! Batches arrive over mutual TLS ([`server`]): the tenant is the one the shipping
 //! workload's certificate names. `portcullis-operator audit-server` runs it.
 //!
-//! Status: the checking, storage, recovery and retention core and the ingest listener,
-//! tested in-process over real TLS. Encryption under the tenant DEK, signed off-host
-//! checkpoints, the export API, SIEM forwarding and the proxy's shipping side are not
-//! built yet.
+//! The same listener serves a tenant's log back ([`export`]) to whoever the API server
+//! says may read it.
+//!
+//! Status: checking, storage, recovery, retention, ingest and export. Encryption under
+//! the tenant DEK, signed off-host checkpoints and SIEM forwarding are not built yet.
 
 #![warn(missing_docs)]
 
 pub mod arrival;
 pub mod collector;
+pub mod export;
 pub mod metrics;
+pub mod retention;
 pub mod server;
 pub mod store;
 
 pub use arrival::{Arrivals, ChainHead, Sender};
 pub use collector::{Collector, IngestError, Ingested, MAX_RETENTION_DAYS};
+pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport, Reader};
 pub use metrics::IngestMetrics;
-pub use server::{Ingest, MAX_BATCH_BYTES, server_config};
+pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
+pub use server::{Ingest, MAX_BATCH_BYTES, route, server_config};
 pub use store::{FileStore, RecordStore, StoreError};

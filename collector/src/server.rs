@@ -1,4 +1,5 @@
-//! The ingest listener: `POST /v1/audit/records` over mutual TLS 1.3.
+//! The collector's listener, TLS 1.3: `POST /v1/audit/records` (ingest, mutual TLS) and
+//! `GET /v1/tenants/{tenant}/records` (export, a bearer token; see [`crate::export`]).
 //!
 //! A batch is accepted only from a client certificate that chains to the trust bundle
 //! and names one workload and one tenant of the collector's trust domain (the workload
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use portcullis_api::audit_export::tenant_of_path;
 use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipRefusal, ShipRefusalReason};
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_server::{self as serve, Body, PeerCertificates};
@@ -23,6 +25,7 @@ use rustls::server::WebPkiClientVerifier;
 
 use crate::arrival::Sender;
 use crate::collector::{Collector, IngestError};
+use crate::export::{Export, ExportAuthorizer};
 use crate::metrics::IngestMetrics;
 use crate::store::RecordStore;
 
@@ -41,16 +44,18 @@ pub enum ServerTlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The listener's TLS: TLS 1.3 only, HTTP/2 or HTTP/1.1, a client certificate that
-/// chains to `roots` required.
+/// The listener's TLS: TLS 1.3 only, HTTP/2 or HTTP/1.1. A client certificate, when
+/// sent, must chain to `roots`; it may be left out because exports authenticate with a
+/// bearer token instead (ingest refuses a batch sent without one).
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: rustls::RootCertStore,
 ) -> Result<ServerConfig, ServerTlsError> {
     let provider = portcullis_tls::provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -104,11 +109,8 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
         }
     }
 
-    /// Answers one request.
+    /// Answers a request to [`RECORDS_PATH`].
     pub async fn handle(self, request: Request<Incoming>) -> Response<Body> {
-        if request.uri().path() != RECORDS_PATH {
-            return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
-        }
         if request.method() != Method::POST {
             return serve::error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -229,6 +231,26 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
             }
         }
     }
+}
+
+/// Answers one request on the collector's listener: ingest or export.
+pub async fn route<S, A>(
+    ingest: Ingest<S>,
+    export: Export<S, A>,
+    request: Request<Incoming>,
+) -> Response<Body>
+where
+    S: RecordStore + Send + 'static,
+    A: ExportAuthorizer,
+{
+    if request.uri().path() == RECORDS_PATH {
+        return ingest.handle(request).await;
+    }
+    if let Some(tenant) = tenant_of_path(request.uri().path()) {
+        let tenant = tenant.to_owned();
+        return export.handle(request, &tenant).await;
+    }
+    serve::error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
 /// The status a refusal is answered with: 400 for a line that is not an entry, 403 for

@@ -268,3 +268,60 @@ fn retention_removes_whole_days_and_the_rest_still_verifies() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ack.durable_through.get("web-7d9f-1"), Some(&10));
 }
+
+/// Retention as the Tenants say: shop keeps 2 days, bank's cannot be learnt right now.
+struct PerTenant;
+
+impl portcullis_collector::RetentionPolicy for PerTenant {
+    async fn days(&self, tenant: &str) -> Option<u32> {
+        (tenant == "shop").then_some(2)
+    }
+}
+
+#[tokio::test]
+async fn each_tenant_keeps_its_own_retention_and_an_unknown_one_prunes_nothing() {
+    use portcullis_collector::{Pruned, prune_all};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let collector = Arc::new(std::sync::Mutex::new(open(dir.path(), &clock)));
+    let bank_sender = Sender {
+        tenant: "bank",
+        workload: "spiffe://cluster.local/ns/bank/sa/web",
+    };
+    let mut shop = Proxy::new("shop-1", "shop");
+    let mut bank = Proxy::new("bank-1", "bank");
+    for _ in 0..4 {
+        let mut c = collector.lock().unwrap_or_else(|e| panic!("{e}"));
+        c.ingest(SHOP, &batch(&shop.requests(1)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.ingest(bank_sender, &batch(&bank.requests(1)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(c);
+        clock.advance(jiff::SignedDuration::from_hours(24));
+    }
+    let rounds = prune_all(&collector, &PerTenant)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rounds,
+        [
+            ("bank".to_owned(), Pruned::Skipped),
+            (
+                "shop".to_owned(),
+                Pruned::Days {
+                    retention_days: 2,
+                    removed: 3
+                }
+            ),
+        ]
+    );
+    let c = collector.lock().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.entries("bank").unwrap_or_else(|e| panic!("{e}")),
+        bank.lines
+    );
+    assert_eq!(
+        c.entries("shop").unwrap_or_else(|e| panic!("{e}")),
+        shop.lines[3..].to_vec()
+    );
+}

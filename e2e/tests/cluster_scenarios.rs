@@ -758,5 +758,54 @@ echo "records=$n""#
         run.value("records"),
         run.logs
     );
+
+    // The tenant's analysts read the log back over the export API with a Kubernetes
+    // token: a Role inheriting Analyst for the client Job's ServiceAccount. Without a
+    // token the collector answers 401.
+    let role: portcullis_crds::Role = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "Role",
+        "metadata": {"name": "auditor", "namespace": ns},
+        "spec": {"inherits": ["Analyst"],
+                 "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": fx.client_ns}]}
+    }))?;
+    Api::<portcullis_crds::Role>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let export = format!(
+        r#"T=/var/run/secrets/kubernetes.io/serviceaccount/token
+URL="https://portcullis-audit.{release}.svc:8091/v1/tenants/{ns}/records?format=csv"
+for i in $(seq 1 30); do
+  code=$(curl -sk -o /tmp/out -w '%{{http_code}}' --max-time 10 -H "Authorization: Bearer $(cat $T)" "$URL")
+  [ "$code" = 200 ] && break
+  sleep 2
+done
+echo "status=$code"
+echo "rows=$(($(wc -l < /tmp/out) - 1))"
+echo "seqs=$(tail -n +2 /tmp/out | cut -d, -f3 | tr '\n' ' ')"
+echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL")""#
+    );
+    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[], &export).await?;
+    ensure!(
+        run.value("status") == Some("200") && run.value("rows") == Some(want.as_str()),
+        "the analyst's export should hold the {answered} records:\n{}",
+        run.logs
+    );
+    // One chain, exported in order: sequence numbers 0, 1, 2, ...
+    let seqs: Vec<u64> = run
+        .value("seqs")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    ensure!(
+        seqs == (0..answered).collect::<Vec<_>>(),
+        "the export is not the chain in order: {seqs:?}\n{}",
+        run.logs
+    );
+    ensure!(
+        run.value("anonymous") == Some("401"),
+        "an export without a token should be refused with 401:\n{}",
+        run.logs
+    );
     Ok(())
 }

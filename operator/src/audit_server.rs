@@ -1,19 +1,23 @@
 //! `portcullis-operator audit-server`: the audit collector ([`portcullis_collector`])
-//! as a process. Ingest on `--listen` over mutual TLS with the files it is given (a
+//! as a process. Ingest (mutual TLS) and export (a bearer token, authorised by the API
+//! server: [`crate::audit_cluster`]) on `--listen`, with the files it is given (a
 //! mounted `kubernetes.io/tls` Secret the operator keeps fresh: re-read every 30 s and
 //! served from the next handshake on), `/metrics` and `/healthz` on `--metrics-addr`,
 //! and retention enforced hourly.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
-use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, StoreError};
+use portcullis_collector::{
+    Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, Ingest, IngestMetrics, Pruned,
+    RetentionPolicy, StoreError,
+};
 use portcullis_server::{self as serve, ServerTls};
 use portcullis_tls::{parse_pem_certs, root_store};
 use prometheus_client::registry::Registry;
@@ -196,8 +200,13 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AuditServerError> {
         .map_err(|source| AuditServerError::Bind { addr, source })
 }
 
-/// Opens the store (recovering every chain from it), then serves.
-pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditServerError> {
+/// Opens the store (recovering every chain from it), then serves; `authorizer` decides
+/// who may export, `retention` how long each tenant's log is kept.
+pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
+    settings: AuditServerSettings,
+    authorizer: A,
+    retention: R,
+) -> Result<AuditServer, AuditServerError> {
     let files = TlsFiles::from(&settings);
     let (contents, tls) = files.load()?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
@@ -207,6 +216,11 @@ pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditSe
     let mut registry = Registry::default();
     let metrics = IngestMetrics::register(&mut registry);
     let ingest = Ingest::new(collector.clone(), settings.trust_domain.clone(), metrics);
+    let export = Export::new(
+        collector.clone(),
+        authorizer,
+        ExportMetrics::register(&mut registry),
+    );
 
     let listener = bind(settings.listen).await?;
     let addr = listener
@@ -230,7 +244,7 @@ pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditSe
     tasks.spawn(serve::serve(
         listener,
         Some(ServerTls::Current(Arc::new(move || current.load_full()))),
-        move |request| ingest.clone().handle(request),
+        move |request| portcullis_collector::route(ingest.clone(), export.clone(), request),
         shutdown.clone(),
     ));
     let registry = Arc::new(registry);
@@ -261,11 +275,7 @@ pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditSe
         },
         shutdown.clone(),
     ));
-    tasks.spawn(enforce_retention(
-        collector,
-        settings.retention_days,
-        shutdown.clone(),
-    ));
+    tasks.spawn(enforce_retention(collector, retention, shutdown.clone()));
     tracing::info!(%addr, %metrics_addr, data = %settings.data_dir.display(), "audit server serving");
     Ok(AuditServer {
         addr,
@@ -275,9 +285,9 @@ pub async fn start(settings: AuditServerSettings) -> Result<AuditServer, AuditSe
     })
 }
 
-async fn enforce_retention(
+async fn enforce_retention<R: RetentionPolicy>(
     collector: Arc<Mutex<Collector<FileStore>>>,
-    retention_days: u32,
+    retention: R,
     shutdown: CancellationToken,
 ) {
     let mut every = tokio::time::interval(PRUNE_EVERY);
@@ -286,22 +296,24 @@ async fn enforce_retention(
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let collector = collector.clone();
-        let pruned = tokio::task::spawn_blocking(move || {
-            let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
-            let tenants = collector.tenants()?;
-            let mut pruned = 0;
-            for tenant in tenants {
-                pruned += collector.prune(&tenant, retention_days)?;
+        match portcullis_collector::prune_all(&collector, &retention).await {
+            Ok(rounds) => {
+                for (tenant, pruned) in rounds {
+                    if let Pruned::Days {
+                        retention_days,
+                        removed: removed @ 1..,
+                    } = pruned
+                    {
+                        tracing::info!(
+                            tenant,
+                            days = removed,
+                            retention_days,
+                            "retention: pruned days"
+                        );
+                    }
+                }
             }
-            Ok::<_, StoreError>(pruned)
-        })
-        .await;
-        match pruned {
-            Ok(Ok(0)) => {}
-            Ok(Ok(days)) => tracing::info!(days, retention_days, "retention: pruned days"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention: pruning failed"),
-            Err(e) => tracing::warn!(error = %e, "retention: pruning task failed"),
+            Err(e) => tracing::warn!(error = %e, "retention: pruning failed"),
         }
     }
 }

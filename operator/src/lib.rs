@@ -1,7 +1,9 @@
 //! The Portcullis operator: controllers for Tenant, Role and ApiKey, the certificate
 //! authority and identity service, admission webhooks and the policy server.
 
+pub mod access_review;
 pub mod admin;
+pub mod audit_cluster;
 pub mod audit_server;
 pub mod ca;
 pub mod clock;

@@ -97,7 +97,26 @@ async fn run_operator(args: Box<RunArgs>) -> anyhow::Result<()> {
 
 async fn run_audit_server(args: Box<AuditServerArgs>) -> anyhow::Result<()> {
     init_tracing(args.log_json);
-    let server = portcullis_operator::audit_server::start(args.settings()).await?;
+    let settings = args.settings();
+    // Exports are authorised by the API server; without one the collector still ingests.
+    let server = match kube::Client::try_default().await {
+        Ok(client) => {
+            use portcullis_operator::audit_cluster::{KubeExportAuthorizer, KubeRetention};
+            let retention = KubeRetention::new(client.clone(), settings.retention_days);
+            let authorizer = KubeExportAuthorizer::new(client);
+            portcullis_operator::audit_server::start(settings, authorizer, retention).await?
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes API access: exports are refused (503) and every tenant keeps --retention-days until the collector runs with its ServiceAccount");
+            let retention = portcullis_collector::FixedRetention(settings.retention_days);
+            portcullis_operator::audit_server::start(
+                settings,
+                portcullis_collector::NoExport,
+                retention,
+            )
+            .await?
+        }
+    };
     termination().await?;
     tracing::info!("shutting down: finishing open batches");
     server.stop().await;

@@ -37,9 +37,15 @@ fn grants(permission: Permission) -> Vec<(&'static str, &'static str, Vec<&'stat
                 "get", "list", "watch", "create", "update", "patch", "delete",
             ],
         )],
-        // Audit records reach people through the sidecars' stdout sink (pod logs) and
-        // the checkpoint/trust ConfigMaps; reading them needs these, nothing more.
+        // Audit records reach people through the collector's export (which asks the
+        // API server for exactly this verb and resource), the sidecars' stdout sink
+        // (pod logs) and the checkpoint/trust ConfigMaps.
         Permission::AuditRead => vec![
+            (
+                portcullis_api::audit_export::GROUP,
+                portcullis_api::audit_export::RESOURCE,
+                vec![portcullis_api::audit_export::VERB],
+            ),
             ("", "pods", vec!["get", "list"]),
             ("", "pods/log", vec!["get"]),
             ("", "configmaps", READ.to_vec()),
@@ -173,6 +179,25 @@ mod tests {
         assert_eq!(verbs(&rules, "apikeys"), ["patch", "update"]);
         let rules = rules_for(&BTreeSet::from([Permission::KeysRevoke]));
         assert_eq!(verbs(&rules, "apikeys"), ["delete", "patch"]);
+    }
+
+    #[test]
+    fn audit_read_grants_the_export_the_collector_asks_about() {
+        let rules = rules_for(&BTreeSet::from([Permission::AuditRead]));
+        assert_eq!(verbs(&rules, "auditrecords"), ["export"]);
+        let export = rules
+            .iter()
+            .find(|r| r.resources.as_deref() == Some(&["auditrecords".to_owned()][..]));
+        assert_eq!(
+            export.and_then(|r| r.api_groups.clone()),
+            Some(vec!["portcullis.dev".to_owned()])
+        );
+        // Keys alone do not read the audit log.
+        let keys = rules_for(&BTreeSet::from([
+            Permission::KeysCreate,
+            Permission::KeysRead,
+        ]));
+        assert!(verbs(&keys, "auditrecords").is_empty());
     }
 
     #[test]

@@ -35,8 +35,21 @@ use tokio_util::sync::CancellationToken;
 
 use connections::{Connection, Registry, Slot};
 
+/// Why a streamed response body stopped early. The connection then ends the response
+/// without its terminator (HTTP/1.1) or resets the stream (HTTP/2), so the client sees
+/// a failure rather than a complete-looking body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Response body type of every handler: a whole body or a stream.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+
+/// A body that cannot fail, as a [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+{
+    body.map_err(|never| match never {}).boxed_unsync()
+}
 
 /// How long a closed-for-idleness or evicted connection gets to say goodbye
 /// (HTTP/2 GOAWAY, TLS close_notify).
@@ -128,7 +141,7 @@ pub struct PeerCertificates(pub Arc<[CertificateDer<'static>]>);
 
 /// A whole response.
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    let mut response = Response::new(boxed(Full::new(body.into())));
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);

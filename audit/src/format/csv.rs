@@ -41,27 +41,7 @@ impl<W: Write> CsvExport<W> {
 
     /// Writes one record.
     pub fn write(&mut self, r: &AuditRecord) -> Result<(), Error> {
-        let row = [
-            r.timestamp.to_string(),
-            r.chain_id.clone(),
-            r.seq.to_string(),
-            r.tenant.clone(),
-            r.pod.clone(),
-            r.action.clone(),
-            r.principal.clone(),
-            r.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            r.method.clone(),
-            r.path.clone(),
-            r.status.to_string(),
-            r.latency_ms.to_string(),
-            r.bytes.received.to_string(),
-            r.bytes.sent.to_string(),
-            r.decision.as_str().to_string(),
-            r.reason.clone(),
-            r.prev_hash.clone(),
-            r.hash.clone(),
-        ];
-        self.writer.write_record(&row).map_err(csv_error)
+        self.writer.write_record(row(r)).map_err(csv_error)
     }
 
     /// Flushes and returns the output.
@@ -70,6 +50,53 @@ impl<W: Write> CsvExport<W> {
             .into_inner()
             .map_err(|e| Error::Serialize(format!("csv flush: {}", e.error())))
     }
+}
+
+/// For output sent in pieces (a streamed export): appends the header row to `out`.
+pub fn append_header(out: &mut Vec<u8>) -> Result<(), Error> {
+    append_row(HEADER, out)
+}
+
+/// For output sent in pieces: appends `r`'s row to `out`, quoted exactly as
+/// [`CsvExport`] quotes it.
+pub fn append_record(r: &AuditRecord, out: &mut Vec<u8>) -> Result<(), Error> {
+    append_row(row(r), out)
+}
+
+fn append_row<T: AsRef<[u8]>>(
+    row: impl IntoIterator<Item = T>,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let mut writer = csv::WriterBuilder::new()
+        .buffer_capacity(512)
+        .from_writer(out);
+    writer.write_record(row).map_err(csv_error)?;
+    writer
+        .flush()
+        .map_err(|e| Error::Serialize(format!("csv flush: {e}")))
+}
+
+fn row(r: &AuditRecord) -> [String; 18] {
+    [
+        r.timestamp.to_string(),
+        r.chain_id.clone(),
+        r.seq.to_string(),
+        r.tenant.clone(),
+        r.pod.clone(),
+        r.action.clone(),
+        r.principal.clone(),
+        r.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        r.method.clone(),
+        r.path.clone(),
+        r.status.to_string(),
+        r.latency_ms.to_string(),
+        r.bytes.received.to_string(),
+        r.bytes.sent.to_string(),
+        r.decision.as_str().to_string(),
+        r.reason.clone(),
+        r.prev_hash.clone(),
+        r.hash.clone(),
+    ]
 }
 
 fn csv_error(e: csv::Error) -> Error {
@@ -101,6 +128,38 @@ mod tests {
         assert!(
             row.contains("\"user:a,b\"") && row.contains(",403,") && row.contains(",deny,"),
             "{row}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn pieces_match_the_whole_export() -> Result<(), Error> {
+        let mut first = AuditRecord::new(
+            jiff::Timestamp::UNIX_EPOCH,
+            "acme",
+            "p",
+            "api.x",
+            "user:\"q\"",
+        );
+        first.reason = "line\nbreak".into();
+        let second = AuditRecord::new(
+            jiff::Timestamp::UNIX_EPOCH,
+            "acme",
+            "p",
+            "api.y",
+            "key:ak_***abc",
+        );
+        let mut export = CsvExport::new(Vec::new())?;
+        export.write(&first)?;
+        export.write(&second)?;
+        let whole = export.finish()?;
+        let mut pieces = Vec::new();
+        append_header(&mut pieces)?;
+        append_record(&first, &mut pieces)?;
+        append_record(&second, &mut pieces)?;
+        assert_eq!(
+            String::from_utf8_lossy(&pieces),
+            String::from_utf8_lossy(&whole)
         );
         Ok(())
     }

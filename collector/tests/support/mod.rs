@@ -31,26 +31,30 @@ impl Proxy {
 
     /// Makes `n` more records and returns their lines.
     pub fn requests(&mut self, n: usize) -> Vec<String> {
-        let mut made = Vec::new();
-        for i in 0..n {
-            let mut record = AuditRecord::new(
-                start(),
-                self.tenant.as_str(),
-                "web-7d9f",
-                "api.identify",
-                "key:ak_***7f2",
-            );
-            record.method = "POST".into();
-            record.path = format!("/v1/identify/{i}");
-            record.status = 200;
-            let record = self.chain.append(record).unwrap_or_else(|e| panic!("{e}"));
-            let line = Entry::Record(record)
-                .to_json_line()
-                .unwrap_or_else(|e| panic!("{e}"));
-            made.push(line.clone());
-            self.lines.push(line);
-        }
-        made
+        (0..n)
+            .map(|i| {
+                self.request(
+                    start(),
+                    "api.identify",
+                    "key:ak_***7f2",
+                    &format!("/v1/identify/{i}"),
+                )
+            })
+            .collect()
+    }
+
+    /// Makes one more record and returns its line.
+    pub fn request(&mut self, at: Timestamp, action: &str, principal: &str, path: &str) -> String {
+        let mut record = AuditRecord::new(at, self.tenant.as_str(), "web-7d9f", action, principal);
+        record.method = "POST".into();
+        record.path = path.into();
+        record.status = 200;
+        let record = self.chain.append(record).unwrap_or_else(|e| panic!("{e}"));
+        let line = Entry::Record(record)
+            .to_json_line()
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.lines.push(line.clone());
+        line
     }
 }
 

@@ -749,7 +749,24 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
         collector["spec"]["template"]["metadata"]["annotations"]["portcullis.dev/inject"],
         "disabled"
     );
-    assert_eq!(pod["automountServiceAccountToken"], false);
+    // Its own ServiceAccount, which may only ask who a token is, what it may do, and
+    // read Tenants: what authorising an export needs.
+    assert_eq!(pod["serviceAccountName"], "portcullis-audit");
+    let role = find(&objects, "ClusterRole", "portcullis-audit")?;
+    let granted: Vec<String> = role["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .map(|r| format!("{} {} {}", r["apiGroups"][0], r["resources"], r["verbs"]))
+        .collect();
+    assert_eq!(
+        granted,
+        [
+            r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
+            r#""authorization.k8s.io" ["subjectaccessreviews"] ["create"]"#,
+            r#""portcullis.dev" ["tenants"] ["get"]"#,
+        ]
+    );
     let container = &pod["containers"][0];
     assert_eq!(container["args"][0], "audit-server");
     assert_eq!(

@@ -329,12 +329,7 @@ impl BoundIdentityService {
         let max_body = config.max_body_bytes;
         let handler = move |request| {
             let service = service.clone();
-            async move {
-                service
-                    .respond(request, max_body)
-                    .await
-                    .map(BodyExt::boxed_unsync)
-            }
+            async move { service.respond(request, max_body).await.map(serve::boxed) }
         };
         serve::serve_with(listener, Some(tls.into()), handler, config.limits, shutdown).await;
         Ok(())

@@ -43,7 +43,9 @@ pub struct AuditServerArgs {
     /// Workloads of this trust domain may ship.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local", value_parser = trust_domain)]
     trust_domain: TrustDomain,
-    /// Days of records kept per tenant (at most 2555, seven years).
+    /// Days of records kept for a tenant whose Tenant is gone, or for every tenant when
+    /// the API server cannot be reached (at most 2555, seven years); a live tenant keeps
+    /// its Tenant's retention.
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION_DAYS", default_value_t = 365,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RETENTION_DAYS)))]
     retention_days: u32,

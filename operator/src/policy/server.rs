@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use hyper::body::{Frame, Incoming};
 use portcullis_api::names::is_dns_subdomain;
 use portcullis_api::policy::PolicyPath;
@@ -213,7 +213,7 @@ async fn route(
     if watch {
         let lines = watch_lines(hub.subscribe(tenant), shutdown);
         let body = StreamBody::new(lines.map(|line| Ok::<_, Infallible>(Frame::data(line))));
-        let mut response = Response::new(body.boxed_unsync());
+        let mut response = Response::new(serve::boxed(body));
         response.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static(NDJSON),

@@ -74,11 +74,7 @@ pub async fn serve_on(
     let handler = move |request| {
         let state = state.clone();
         let limits = limits.clone();
-        async move {
-            route(request, &state, &limits)
-                .await
-                .map(BodyExt::boxed_unsync)
-        }
+        async move { route(request, &state, &limits).await.map(serve::boxed) }
     };
     serve::serve_with(listener, Some(tls.into()), handler, connections, shutdown).await;
     Ok(())

@@ -9,12 +9,10 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::UserInfo;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_crds::{Role, Tenant};
 
@@ -141,15 +139,9 @@ impl ClusterLookup for KubeLookup {
         user: &'a UserInfo,
     ) -> BoxFuture<'a, Result<bool, LookupError>> {
         Box::pin(async move {
-            let review = portcullis_admin_review(user);
-            let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-            let reviewed = api
-                .create(&PostParams::default(), &review)
+            crate::access_review::allowed(&self.client, &portcullis_admin_review(user))
                 .await
-                .map_err(failed("a SubjectAccessReview"))?;
-            Ok(reviewed
-                .status
-                .is_some_and(|s| s.allowed && s.denied != Some(true)))
+                .map_err(failed("a SubjectAccessReview"))
         })
     }
 }
@@ -157,22 +149,15 @@ impl ClusterLookup for KubeLookup {
 /// The SubjectAccessReview asking whether `user` may `*` `*` in group `portcullis.dev`
 /// cluster-wide.
 pub fn portcullis_admin_review(user: &UserInfo) -> SubjectAccessReview {
-    SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: user.username.clone(),
-            groups: user.groups.clone(),
-            uid: user.uid.clone(),
-            extra: user.extra.clone(),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(portcullis_crds::GROUP.into()),
-                resource: Some("*".into()),
-                verb: Some("*".into()),
-                ..ResourceAttributes::default()
-            }),
-            ..SubjectAccessReviewSpec::default()
+    crate::access_review::review(
+        user,
+        ResourceAttributes {
+            group: Some(portcullis_crds::GROUP.into()),
+            resource: Some("*".into()),
+            verb: Some("*".into()),
+            ..ResourceAttributes::default()
         },
-        ..SubjectAccessReview::default()
-    }
+    )
 }
 
 /// The Roles of `namespace` (built-ins included).

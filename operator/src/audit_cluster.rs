@@ -1,0 +1,209 @@
+//! What the audit collector asks the API server.
+//!
+//! Who may export a tenant's records, the way kubelet authorises its API: TokenReview
+//! says who the bearer is, SubjectAccessReview says whether that subject may `export`
+//! `auditrecords.portcullis.dev` in one of the tenant's namespaces. The operator's RBAC
+//! for the `audit:read` permission grants it (Analyst, Admin, Owner); a Developer's
+//! does not; a cluster admin's wildcard does.
+//!
+//! How long each tenant's log is kept: its Tenant's retention in force
+//! (`spec.audit.retentionDays`, else its classification's default); the collector's
+//! default for a log whose Tenant is gone.
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
+use kube::Api;
+use kube::api::PostParams;
+use portcullis_api::audit_export::{GROUP, RESOURCE, VERB};
+use portcullis_collector::{ExportAuthorizer, ExportDenial, Reader, RetentionPolicy};
+use portcullis_crds::Tenant;
+
+use crate::access_review;
+
+/// Asks the API server.
+#[derive(Clone)]
+pub struct KubeExportAuthorizer {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeExportAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeExportAuthorizer")
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str) -> impl FnOnce(kube::Error) -> ExportDenial + '_ {
+    move |e| {
+        tracing::warn!(error = %e, "export authorisation: {what} failed");
+        ExportDenial::Unavailable(format!(
+            "the collector could not ask the API server ({what}); try again"
+        ))
+    }
+}
+
+/// The SubjectAccessReview asking whether `user` may export `tenant`'s records in
+/// `namespace` (cluster-wide when `None`).
+pub fn export_review(
+    user: &UserInfo,
+    tenant: &str,
+    namespace: Option<&str>,
+) -> SubjectAccessReview {
+    access_review::review(
+        user,
+        ResourceAttributes {
+            group: Some(GROUP.into()),
+            resource: Some(RESOURCE.into()),
+            verb: Some(VERB.into()),
+            namespace: namespace.map(str::to_owned),
+            name: Some(tenant.into()),
+            ..ResourceAttributes::default()
+        },
+    )
+}
+
+impl KubeExportAuthorizer {
+    /// Authorises with `client` (the collector's ServiceAccount: it may create
+    /// TokenReviews and SubjectAccessReviews and get Tenants).
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    async fn who(&self, token: &str) -> Result<UserInfo, ExportDenial> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: None,
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(unavailable("a TokenReview"))?;
+        let status = reviewed.status.unwrap_or_default();
+        match (status.authenticated, status.user) {
+            (Some(true), Some(user)) => Ok(user),
+            _ => Err(ExportDenial::Unauthenticated(
+                "the API server does not accept this token (expired, revoked, or for another audience); get a fresh one, e.g. kubectl create token <serviceaccount>".into(),
+            )),
+        }
+    }
+
+    async fn may_export(
+        &self,
+        user: &UserInfo,
+        tenant: &str,
+        namespace: Option<&str>,
+    ) -> Result<bool, ExportDenial> {
+        access_review::allowed(&self.client, &export_review(user, tenant, namespace))
+            .await
+            .map_err(unavailable("a SubjectAccessReview"))
+    }
+}
+
+impl ExportAuthorizer for KubeExportAuthorizer {
+    async fn authorize(&self, token: &str, tenant: &str) -> Result<Reader, ExportDenial> {
+        let user = self.who(token).await?;
+        let name = user.username.clone().unwrap_or_default();
+        let forbidden = || {
+            ExportDenial::Forbidden(format!(
+                "{name} may not {VERB} {RESOURCE}.{GROUP} in any namespace of tenant {tenant}; a tenant role with the audit:read permission (analyst, admin, owner) grants it"
+            ))
+        };
+        let found = Api::<Tenant>::all(self.client.clone())
+            .get_opt(tenant)
+            .await
+            .map_err(unavailable("reading the Tenant"))?;
+        // Cluster-wide (a ClusterRoleBinding): a security team reading every tenant.
+        let everywhere = self.may_export(&user, tenant, None).await?;
+        let Some(found) = found else {
+            // Only someone who could read it learns that it does not exist.
+            return Err(if everywhere {
+                ExportDenial::NoTenant(format!(
+                    "there is no Tenant named {tenant:?}; kubectl get tenants lists them"
+                ))
+            } else {
+                forbidden()
+            });
+        };
+        if everywhere {
+            return Ok(Reader { user: name });
+        }
+        for namespace in found.status.map(|s| s.namespaces).unwrap_or_default() {
+            if self.may_export(&user, tenant, Some(&namespace)).await? {
+                return Ok(Reader { user: name });
+            }
+        }
+        Err(forbidden())
+    }
+}
+
+/// Each tenant's retention from its Tenant.
+#[derive(Clone)]
+pub struct KubeRetention {
+    client: kube::Client,
+    default_days: u32,
+}
+
+impl std::fmt::Debug for KubeRetention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeRetention")
+            .field("default_days", &self.default_days)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeRetention {
+    /// Reads Tenants with `client`; a log whose Tenant is gone keeps `default_days`.
+    pub fn new(client: kube::Client, default_days: u32) -> Self {
+        Self {
+            client,
+            default_days,
+        }
+    }
+}
+
+/// The retention of a log whose Tenant is `tenant` (`None`: deleted).
+pub fn retention_of(tenant: Option<&Tenant>, default_days: u32) -> u32 {
+    tenant.map_or(default_days, |t| t.spec.retention_days())
+}
+
+impl RetentionPolicy for KubeRetention {
+    async fn days(&self, tenant: &str) -> Option<u32> {
+        match Api::<Tenant>::all(self.client.clone())
+            .get_opt(tenant)
+            .await
+        {
+            Ok(found) => Some(retention_of(found.as_ref(), self.default_days)),
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "retention: cannot read the Tenant; nothing of its log is pruned this round");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(spec: serde_json::Value) -> Tenant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "acme"}, "spec": spec
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_tenant_keeps_its_log_for_its_own_retention() {
+        let set = tenant(serde_json::json!({"audit": {"retentionDays": 30}}));
+        assert_eq!(retention_of(Some(&set), 365), 30);
+        // Confidential defaults to seven years, whatever the collector's default.
+        let confidential = tenant(serde_json::json!({"dataClassification": "Confidential"}));
+        assert_eq!(retention_of(Some(&confidential), 365), 2555);
+        // A deleted Tenant's log is kept for the collector's default.
+        assert_eq!(retention_of(None, 90), 90);
+    }
+}
