@@ -36,7 +36,7 @@ pub struct ShipAck {
 }
 
 /// Why a batch was refused; nothing of it was stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ShipRefusalReason {
     /// A line is not a record or checkpoint.
     Malformed,

@@ -1348,8 +1348,11 @@ mod export_from_the_collector {
                 retention_days: 365,
                 reload_every: Duration::from_secs(30),
             },
-            KubeExportAuthorizer::new(client.clone()),
-            portcullis_collector::FixedRetention(365),
+            audit_server::ClusterAccess {
+                authorizer: KubeExportAuthorizer::new(client.clone()),
+                retention: portcullis_collector::FixedRetention(365),
+                observer: None,
+            },
         )
         .await
         .unwrap();
@@ -1432,5 +1435,66 @@ mod export_from_the_collector {
             "{stranger:?}"
         );
         server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_a_warning_event_on_its_tenant() {
+        use k8s_openapi::api::events::v1::Event;
+        use portcullis_api::audit_ship::{ShipRefusal, ShipRefusalReason};
+        use portcullis_collector::RefusalObserver;
+        use portcullis_operator::audit_cluster::{BATCH_REFUSED, TenantEvents};
+        let Some(env) = env().await else { return };
+        let client = env.client().unwrap();
+        let ns = env.create_namespace("refused").await.unwrap();
+        let name = format!("{ns}-t");
+        tenant(&client, &name, &ns).await;
+        let events = TenantEvents::new(client.clone(), "portcullis-audit-0".into());
+        let refusal = ShipRefusal {
+            error: "the batch skips records; resend from seq 4".into(),
+            reason: ShipRefusalReason::MissingRecords,
+            chain_id: Some("web-1".into()),
+            expected_seq: Some(4),
+        };
+        events.refused(&name, "spiffe://cluster.local/ns/shop/sa/web", &refusal);
+        // The same refusal again, as a proxy's resend: no second Event.
+        events.refused(&name, "spiffe://cluster.local/ns/shop/sa/web", &refusal);
+        let api: Api<Event> = Api::namespaced(client.clone(), "kube-system");
+        let mut found = Vec::new();
+        for _ in 0..50 {
+            found = api
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                })
+                .collect();
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Long enough for a second Event to have landed, had one been sent.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let again = api.list(&ListParams::default()).await.unwrap().items;
+        let count = again
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+            .count();
+        assert_eq!((found.len(), count), (1, 1), "{found:?}");
+        let event = &found[0];
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.reason.as_deref(), Some(BATCH_REFUSED));
+        let note = event.note.clone().unwrap_or_default();
+        assert!(
+            note.contains("chain web-1") && note.contains("resend from seq 4"),
+            "{note}"
+        );
+        assert_eq!(
+            event.regarding.as_ref().and_then(|r| r.kind.as_deref()),
+            Some("Tenant")
+        );
     }
 }

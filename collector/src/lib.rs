@@ -32,5 +32,5 @@ pub use collector::{Collector, IngestError, Ingested, MAX_RETENTION_DAYS};
 pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport, Reader};
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
-pub use server::{Ingest, MAX_BATCH_BYTES, route, server_config};
+pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
 pub use store::{FileStore, RecordStore, StoreError};

@@ -69,6 +69,13 @@ pub struct Ingest<S> {
     collector: Arc<Mutex<Collector<S>>>,
     trust_domain: TrustDomain,
     metrics: IngestMetrics,
+    observer: Option<Arc<dyn RefusalObserver>>,
+}
+
+/// Told of every refused batch, to tell people (in a cluster: an Event on the Tenant).
+pub trait RefusalObserver: Send + Sync {
+    /// `workload` of `tenant` sent a batch that was refused, stored nothing.
+    fn refused(&self, tenant: &str, workload: &str, refusal: &ShipRefusal);
 }
 
 impl<S> Clone for Ingest<S> {
@@ -77,6 +84,7 @@ impl<S> Clone for Ingest<S> {
             collector: self.collector.clone(),
             trust_domain: self.trust_domain.clone(),
             metrics: self.metrics.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -106,7 +114,15 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
             collector,
             trust_domain,
             metrics,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every refused batch.
+    #[must_use]
+    pub fn observe_refusals(mut self, observer: Arc<dyn RefusalObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Answers a request to [`RECORDS_PATH`].
@@ -187,6 +203,7 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
         };
         let collector = self.collector.clone();
         let tenant = shipper.tenant.clone();
+        let workload = shipper.workload.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
             let sender = Sender {
@@ -211,6 +228,9 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
                     chain = refusal.chain_id.as_deref().unwrap_or("-"),
                     "batch refused"
                 );
+                if let Some(observer) = &self.observer {
+                    observer.refused(&tenant, &workload, &refusal);
+                }
                 refusal_response(&refusal)
             }
             Ok(Err(IngestError::Store(e))) => {

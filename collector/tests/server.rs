@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipAck, ShipRefusal};
+use portcullis_api::audit_ship::{
+    CONTENT_TYPE, RECORDS_PATH, ShipAck, ShipRefusal, ShipRefusalReason,
+};
 use portcullis_api::clock::ManualClock;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::{
     Collector, Export, ExportAuthorizer, ExportDenial, ExportMetrics, FileStore, Ingest,
-    IngestMetrics, Reader, route, server_config,
+    IngestMetrics, Reader, RefusalObserver, route, server_config,
 };
 use prometheus_client::registry::Registry;
 use rcgen::{
@@ -118,10 +120,24 @@ impl ExportAuthorizer for ScriptedRbac {
     }
 }
 
+/// What the collector told about refused batches: (tenant, workload, reason).
+#[derive(Default)]
+struct Told(Mutex<Vec<(String, String, ShipRefusalReason)>>);
+
+impl RefusalObserver for Told {
+    fn refused(&self, tenant: &str, workload: &str, refusal: &ShipRefusal) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((tenant.into(), workload.into(), refusal.reason));
+    }
+}
+
 struct Running {
     addr: SocketAddr,
     roots: RootCertStore,
     collector: Arc<Mutex<Collector<FileStore>>>,
+    told: Arc<Told>,
     registry: Registry,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
@@ -141,11 +157,13 @@ async fn start_collector(ca: &TestCa) -> Running {
         clock,
     ))));
     let mut registry = Registry::default();
+    let told = Arc::new(Told::default());
     let ingest = Ingest::new(
         collector.clone(),
         ok(TrustDomain::new("td")),
         IngestMetrics::register(&mut registry),
-    );
+    )
+    .observe_refusals(told.clone());
     let export = Export::new(
         collector.clone(),
         ScriptedRbac,
@@ -169,6 +187,7 @@ async fn start_collector(ca: &TestCa) -> Running {
         addr,
         roots: ca.roots(),
         collector,
+        told,
         registry,
         shutdown,
         _dir: dir,
@@ -406,6 +425,19 @@ async fn a_gap_is_answered_with_where_to_resend_from() {
             .contains("portcullis_audit_refusals_total{reason=\"MissingRecords\"} 1"),
         "{}",
         running.metrics()
+    );
+    // Told, so that it can be shown on the Tenant.
+    assert_eq!(
+        *running
+            .told
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        [(
+            "shop".to_owned(),
+            "spiffe://td/ns/shop/sa/web".to_owned(),
+            ShipRefusalReason::MissingRecords
+        )]
     );
 
     // Resending from where the collector asked closes the gap.

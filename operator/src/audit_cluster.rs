@@ -9,16 +9,30 @@
 //! How long each tenant's log is kept: its Tenant's retention in force
 //! (`spec.audit.retentionDays`, else its classification's default); the collector's
 //! default for a log whose Tenant is gone.
+//!
+//! And it tells: a refused batch (a gap, fork or altered record) becomes a Warning
+//! Event on the Tenant, at most one per chain and reason every five minutes.
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
 use kube::Api;
 use kube::api::PostParams;
 use portcullis_api::audit_export::{GROUP, RESOURCE, VERB};
-use portcullis_collector::{ExportAuthorizer, ExportDenial, Reader, RetentionPolicy};
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
+use kube::runtime::events::EventType;
+use portcullis_api::audit_ship::{ShipRefusal, ShipRefusalReason};
+use portcullis_collector::{
+    ExportAuthorizer, ExportDenial, Reader, RefusalObserver, RetentionPolicy,
+};
 use portcullis_crds::Tenant;
 
 use crate::access_review;
+use crate::context::publish_cluster_scoped_event;
 
 /// Asks the API server.
 #[derive(Clone)]
@@ -184,6 +198,98 @@ impl RetentionPolicy for KubeRetention {
     }
 }
 
+/// The Event reason of a refused batch.
+pub const BATCH_REFUSED: &str = "AuditBatchRefused";
+
+/// How often the same refusal (tenant, chain, reason) becomes an Event: a proxy resends
+/// a refused batch until someone acts, and one Event per resend would bury the rest.
+pub const REFUSAL_EVENT_EVERY: Duration = Duration::from_secs(300);
+
+/// What makes a refusal news: its tenant, chain and reason.
+type RefusalKind = (String, Option<String>, ShipRefusalReason);
+
+/// Refused batches as Warning Events on their Tenant.
+pub struct TenantEvents {
+    client: kube::Client,
+    instance: String,
+    last: Mutex<HashMap<RefusalKind, Instant>>,
+}
+
+impl std::fmt::Debug for TenantEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantEvents").finish_non_exhaustive()
+    }
+}
+
+impl TenantEvents {
+    /// Publishes with `client`, as `instance` (the collector's pod).
+    pub fn new(client: kube::Client, instance: String) -> Self {
+        Self {
+            client,
+            instance,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a refusal of this kind is due an Event at `now` (and notes that it had one).
+    fn due(&self, tenant: &str, refusal: &ShipRefusal, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        last.retain(|_, at| now.duration_since(*at) < REFUSAL_EVENT_EVERY);
+        let key = (tenant.to_owned(), refusal.chain_id.clone(), refusal.reason);
+        if last.contains_key(&key) {
+            return false;
+        }
+        last.insert(key, now);
+        true
+    }
+}
+
+/// The Event's note for a refused batch.
+pub fn refusal_note(workload: &str, refusal: &ShipRefusal) -> String {
+    format!(
+        "the audit collector refused a batch from {workload} ({:?}{}): {}; nothing of it was stored, and the proxy keeps it in its spool",
+        refusal.reason,
+        refusal
+            .chain_id
+            .as_deref()
+            .map(|c| format!(", chain {c}"))
+            .unwrap_or_default(),
+        refusal.error
+    )
+}
+
+impl RefusalObserver for TenantEvents {
+    fn refused(&self, tenant: &str, workload: &str, refusal: &ShipRefusal) {
+        if !self.due(tenant, refusal, Instant::now()) {
+            return;
+        }
+        let regarding = ObjectReference {
+            api_version: Some(Tenant::api_version(&()).into_owned()),
+            kind: Some(Tenant::kind(&()).into_owned()),
+            name: Some(tenant.to_owned()),
+            ..ObjectReference::default()
+        };
+        let note = refusal_note(workload, refusal);
+        let client = self.client.clone();
+        let instance = self.instance.clone();
+        tokio::spawn(async move {
+            let published = publish_cluster_scoped_event(
+                &client,
+                &instance,
+                &regarding,
+                EventType::Warning,
+                BATCH_REFUSED,
+                note,
+                jiff::Timestamp::now(),
+            )
+            .await;
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "could not publish the refused batch's Event");
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +311,44 @@ mod tests {
         assert_eq!(retention_of(Some(&confidential), 365), 2555);
         // A deleted Tenant's log is kept for the collector's default.
         assert_eq!(retention_of(None, 90), 90);
+    }
+
+    fn refusal(chain: &str, reason: ShipRefusalReason) -> ShipRefusal {
+        ShipRefusal {
+            error: "the batch skips records".into(),
+            reason,
+            chain_id: Some(chain.into()),
+            expected_seq: Some(4),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resent_refusal_is_one_event_per_five_minutes() {
+        let config = kube::Config::new(
+            "http://127.0.0.1:9"
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let client = kube::Client::try_from(config).unwrap_or_else(|e| panic!("{e}"));
+        let events = TenantEvents::new(client, "portcullis-audit-0".into());
+        let gap = refusal("web-1", ShipRefusalReason::MissingRecords);
+        let start = Instant::now();
+        assert!(events.due("shop", &gap, start));
+        assert!(!events.due("shop", &gap, start + Duration::from_secs(10)));
+        // Another chain, another reason or another tenant is news.
+        assert!(events.due(
+            "shop",
+            &refusal("web-2", ShipRefusalReason::MissingRecords),
+            start
+        ));
+        assert!(events.due("shop", &refusal("web-1", ShipRefusalReason::Fork), start));
+        assert!(events.due("bank", &gap, start));
+        assert!(events.due("shop", &gap, start + REFUSAL_EVENT_EVERY));
+        let note = refusal_note("spiffe://td/ns/shop/sa/web", &gap);
+        assert!(
+            note.contains("MissingRecords, chain web-1")
+                && note.contains("spiffe://td/ns/shop/sa/web"),
+            "{note}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::{
     Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, Ingest, IngestMetrics, Pruned,
-    RetentionPolicy, StoreError,
+    RefusalObserver, RetentionPolicy, StoreError,
 };
 use portcullis_server::{self as serve, ServerTls};
 use portcullis_tls::{parse_pem_certs, root_store};
@@ -200,13 +200,38 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AuditServerError> {
         .map_err(|source| AuditServerError::Bind { addr, source })
 }
 
-/// Opens the store (recovering every chain from it), then serves; `authorizer` decides
-/// who may export, `retention` how long each tenant's log is kept.
+/// What the collector learns from and tells the cluster.
+pub struct ClusterAccess<A, R> {
+    /// Who may export.
+    pub authorizer: A,
+    /// How long each tenant's log is kept.
+    pub retention: R,
+    /// Told of refused batches.
+    pub observer: Option<Arc<dyn RefusalObserver>>,
+}
+
+impl ClusterAccess<portcullis_collector::NoExport, portcullis_collector::FixedRetention> {
+    /// No API server: exports refused, every tenant kept `retention_days`, refusals
+    /// only logged and counted.
+    pub fn none(retention_days: u32) -> Self {
+        Self {
+            authorizer: portcullis_collector::NoExport,
+            retention: portcullis_collector::FixedRetention(retention_days),
+            observer: None,
+        }
+    }
+}
+
+/// Opens the store (recovering every chain from it), then serves.
 pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
     settings: AuditServerSettings,
-    authorizer: A,
-    retention: R,
+    cluster: ClusterAccess<A, R>,
 ) -> Result<AuditServer, AuditServerError> {
+    let ClusterAccess {
+        authorizer,
+        retention,
+        observer,
+    } = cluster;
     let files = TlsFiles::from(&settings);
     let (contents, tls) = files.load()?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
@@ -215,7 +240,10 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
     let collector = Arc::new(Mutex::new(Collector::open(store, Arc::new(SystemClock))?));
     let mut registry = Registry::default();
     let metrics = IngestMetrics::register(&mut registry);
-    let ingest = Ingest::new(collector.clone(), settings.trust_domain.clone(), metrics);
+    let mut ingest = Ingest::new(collector.clone(), settings.trust_domain.clone(), metrics);
+    if let Some(observer) = observer {
+        ingest = ingest.observe_refusals(observer);
+    }
     let export = Export::new(
         collector.clone(),
         authorizer,

@@ -196,44 +196,16 @@ impl Context {
         reason: &str,
         note: String,
     ) -> Result<(), kube::Error> {
-        use k8s_openapi::api::events::v1::Event as K8sEvent;
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-        let now = self.clock.now();
-        let event = K8sEvent {
-            metadata: kube::api::ObjectMeta {
-                name: Some(format!(
-                    "{}.{:x}",
-                    regarding.name.as_deref().unwrap_or(CONTROLLER_NAME),
-                    now.as_nanosecond()
-                )),
-                namespace: Some(EVENT_NAMESPACE_FOR_CLUSTER_OBJECTS.to_owned()),
-                ..kube::api::ObjectMeta::default()
-            },
-            action: Some(reason.to_owned()),
-            reason: Some(reason.to_owned()),
-            note: Some(note),
-            event_time: Some(MicroTime(now)),
-            regarding: Some(regarding.clone()),
-            reporting_controller: Some(CONTROLLER_NAME.to_owned()),
-            reporting_instance: Some(
-                self.instance
-                    .clone()
-                    .unwrap_or_else(|| CONTROLLER_NAME.to_owned()),
-            ),
-            type_: Some(
-                if type_ == EventType::Warning {
-                    "Warning"
-                } else {
-                    "Normal"
-                }
-                .to_owned(),
-            ),
-            ..K8sEvent::default()
-        };
-        kube::Api::<K8sEvent>::namespaced(self.client.clone(), EVENT_NAMESPACE_FOR_CLUSTER_OBJECTS)
-            .create(&kube::api::PostParams::default(), &event)
-            .await
-            .map(|_| ())
+        publish_cluster_scoped_event(
+            &self.client,
+            self.instance.as_deref().unwrap_or(CONTROLLER_NAME),
+            regarding,
+            type_,
+            reason,
+            note,
+            self.clock.now(),
+        )
+        .await
     }
 
     /// Records a successful reconcile: clears the object's backoff.
@@ -273,6 +245,54 @@ impl Context {
 pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
     base.saturating_mul(factor).min(max)
+}
+
+/// Publishes an Event about a cluster-scoped object (a Tenant) in
+/// [`EVENT_NAMESPACE_FOR_CLUSTER_OBJECTS`], written directly because kube-runtime's
+/// Recorder puts such Events in `default`, which API servers before
+/// 1.20.12/1.21.6/1.22.3 refuse (kube-rs/kube#870).
+pub async fn publish_cluster_scoped_event(
+    client: &Client,
+    instance: &str,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    now: jiff::Timestamp,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let event = K8sEvent {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!(
+                "{}.{:x}",
+                regarding.name.as_deref().unwrap_or(CONTROLLER_NAME),
+                now.as_nanosecond()
+            )),
+            namespace: Some(EVENT_NAMESPACE_FOR_CLUSTER_OBJECTS.to_owned()),
+            ..kube::api::ObjectMeta::default()
+        },
+        action: Some(reason.to_owned()),
+        reason: Some(reason.to_owned()),
+        note: Some(note),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(regarding.clone()),
+        reporting_controller: Some(CONTROLLER_NAME.to_owned()),
+        reporting_instance: Some(instance.to_owned()),
+        type_: Some(
+            if type_ == EventType::Warning {
+                "Warning"
+            } else {
+                "Normal"
+            }
+            .to_owned(),
+        ),
+        ..K8sEvent::default()
+    };
+    kube::Api::<K8sEvent>::namespaced(client.clone(), EVENT_NAMESPACE_FOR_CLUSTER_OBJECTS)
+        .create(&kube::api::PostParams::default(), &event)
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 mod flags;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use portcullis_operator::audit_server::{self, ClusterAccess};
 use portcullis_operator::run;
 
 use flags::{AuditServerArgs, RunArgs};
@@ -101,20 +103,21 @@ async fn run_audit_server(args: Box<AuditServerArgs>) -> anyhow::Result<()> {
     // Exports are authorised by the API server; without one the collector still ingests.
     let server = match kube::Client::try_default().await {
         Ok(client) => {
-            use portcullis_operator::audit_cluster::{KubeExportAuthorizer, KubeRetention};
-            let retention = KubeRetention::new(client.clone(), settings.retention_days);
-            let authorizer = KubeExportAuthorizer::new(client);
-            portcullis_operator::audit_server::start(settings, authorizer, retention).await?
+            use portcullis_operator::audit_cluster::{
+                KubeExportAuthorizer, KubeRetention, TenantEvents,
+            };
+            let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "portcullis-audit".into());
+            let access = ClusterAccess {
+                retention: KubeRetention::new(client.clone(), settings.retention_days),
+                observer: Some(Arc::new(TenantEvents::new(client.clone(), instance))),
+                authorizer: KubeExportAuthorizer::new(client),
+            };
+            audit_server::start(settings, access).await?
         }
         Err(e) => {
             tracing::warn!(error = %e, "no Kubernetes API access: exports are refused (503) and every tenant keeps --retention-days until the collector runs with its ServiceAccount");
-            let retention = portcullis_collector::FixedRetention(settings.retention_days);
-            portcullis_operator::audit_server::start(
-                settings,
-                portcullis_collector::NoExport,
-                retention,
-            )
-            .await?
+            let access = ClusterAccess::none(settings.retention_days);
+            audit_server::start(settings, access).await?
         }
     };
     termination().await?;

@@ -161,13 +161,9 @@ async fn ships_over_mtls_and_serves_a_renewed_certificate_without_a_restart() {
     let ca = new_ca();
     let dir = tempfile::tempdir().unwrap();
     let first = write_serving_files(&ca, dir.path());
-    let server = audit_server::start(
-        settings(dir.path()),
-        portcullis_collector::NoExport,
-        portcullis_collector::FixedRetention(365),
-    )
-    .await
-    .unwrap();
+    let server = audit_server::start(settings(dir.path()), audit_server::ClusterAccess::none(365))
+        .await
+        .unwrap();
 
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(
@@ -226,14 +222,10 @@ async fn an_unusable_file_is_named_at_start() {
     let dir = tempfile::tempdir().unwrap();
     write_serving_files(&ca, dir.path());
     std::fs::write(dir.path().join("tls.key"), "not a key").unwrap();
-    let error = audit_server::start(
-        settings(dir.path()),
-        portcullis_collector::NoExport,
-        portcullis_collector::FixedRetention(365),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let error = audit_server::start(settings(dir.path()), audit_server::ClusterAccess::none(365))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("tls.key") && error.contains("PEM"),
         "{error}"

@@ -749,8 +749,8 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
         collector["spec"]["template"]["metadata"]["annotations"]["portcullis.dev/inject"],
         "disabled"
     );
-    // Its own ServiceAccount, which may only ask who a token is, what it may do, and
-    // read Tenants: what authorising an export needs.
+    // Its own ServiceAccount, which may only ask who a token is and what it may do,
+    // read Tenants (their namespaces and retention) and write Events.
     assert_eq!(pod["serviceAccountName"], "portcullis-audit");
     let role = find(&objects, "ClusterRole", "portcullis-audit")?;
     let granted: Vec<String> = role["rules"]
@@ -765,6 +765,7 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
             r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
             r#""authorization.k8s.io" ["subjectaccessreviews"] ["create"]"#,
             r#""portcullis.dev" ["tenants"] ["get"]"#,
+            r#""events.k8s.io" ["events"] ["create"]"#,
         ]
     );
     let container = &pod["containers"][0];
