@@ -50,8 +50,13 @@ pub const UNTIL: &str = "until";
 pub const ACTION: &str = "action";
 /// Query parameter: only this principal (`key:ak_***7f2`, `spiffe://...`, `user:...`).
 pub const PRINCIPAL: &str = "principal";
-/// Query parameter: `json` (default) or `csv`.
+/// Query parameter: `json` (default), `csv`, or [`CHAIN_FORMAT`].
 pub const FORMAT: &str = "format";
+
+/// `format=chain`: every stored entry of the tenant's log, records and checkpoints, as
+/// JSON lines in arrival order, for verifying the whole history; takes no filter (a
+/// filtered chain does not verify).
+pub const CHAIN_FORMAT: &str = "chain";
 
 /// Content type of a JSON-lines export.
 pub const JSON_CONTENT_TYPE: &str = "application/x-ndjson";

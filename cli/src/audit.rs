@@ -8,7 +8,7 @@ use base64::Engine as _;
 use portcullis_audit::files::{ExportFilter, export_path, verify_path};
 use portcullis_audit::format::csv::CsvExport;
 use portcullis_audit::keyring::parse_key_material;
-use portcullis_audit::{KeyRing, TrustBundle, VerifyOptions};
+use portcullis_audit::{KeyRing, TrustBundle, VerifyOptions, VerifyReport};
 use std::io::Write;
 use std::path::Path;
 
@@ -95,15 +95,13 @@ fn trust_bundle(pem: &[u8], from: &str) -> anyhow::Result<TrustBundle> {
         .with_context(|| format!("{from} is not a usable trust bundle; {HOW_TO_TRUST}"))
 }
 
-/// `kubectl portcullis audit verify`. `cluster_bundle` is the cluster's trust bundle
-/// PEM, read by the caller when [`needs_cluster_bundle`].
-pub fn verify(
+/// The verification options `args` ask for; `cluster_bundle` is the cluster's trust
+/// bundle PEM when it was read. Also whether signers are checked against anything.
+pub fn verify_options(
     args: &VerifyArgs,
     cluster_bundle: Option<Vec<u8>>,
-    out: &mut dyn Write,
     err: &mut dyn Write,
-) -> anyhow::Result<Outcome> {
-    let keys = load_keys(&args.keys)?;
+) -> anyhow::Result<(VerifyOptions, bool)> {
     let bundle = match (&args.trust_bundle, cluster_bundle) {
         (Some(path), _) => {
             let pem = std::fs::read(path).with_context(|| {
@@ -137,25 +135,55 @@ pub fn verify(
         trusted_keys.push(trusted_key_from_cert(path)?);
     }
     let checked = !trusted_keys.is_empty() || bundle.is_some();
-    let options = VerifyOptions {
-        trusted_keys,
-        trust_bundle: bundle,
-        allow_pruned_start: args.allow_pruned_start,
+    Ok((
+        VerifyOptions {
+            trusted_keys,
+            trust_bundle: bundle,
+            allow_pruned_start: args.allow_pruned_start,
+        },
+        checked,
+    ))
+}
+
+/// `kubectl portcullis audit verify` of files. `cluster_bundle` is the cluster's trust
+/// bundle PEM, read by the caller when [`needs_cluster_bundle`].
+pub fn verify(
+    args: &VerifyArgs,
+    cluster_bundle: Option<Vec<u8>>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let Some(path) = &args.path else {
+        bail!(
+            "give a record file or directory, or --tenant and --server to verify a tenant's log in the audit collector"
+        );
     };
-    let result = verify_path(&args.path, keys.as_ref(), options, |n| {
+    let keys = load_keys(&args.keys)?;
+    let (options, checked) = verify_options(args, cluster_bundle, err)?;
+    let result = verify_path(path, keys.as_ref(), options, |n| {
         let _ = writeln!(err, "verifying: {n} records checked...");
     })
     .map_err(|e| anyhow::anyhow!("{e}"))
-    .with_context(|| format!("cannot verify {}", args.path.display()))?;
+    .with_context(|| format!("cannot verify {}", path.display()))?;
+    report(result, &path.display().to_string(), checked, out, err)
+}
+
+/// Prints a verification's outcome: what was checked, or the first problem.
+pub fn report(
+    result: Result<VerifyReport, portcullis_audit::Problem>,
+    source: &str,
+    checked: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
     match result {
         Ok(report) => {
             writeln!(
                 out,
-                "OK: {} records, {} checkpoints, {} chain(s) in {}",
+                "OK: {} records, {} checkpoints, {} chain(s) in {source}",
                 report.records,
                 report.checkpoints,
                 report.chains.len(),
-                args.path.display()
             )?;
             for (id, chain) in &report.chains {
                 let range = match (chain.first_seq, chain.last_seq) {
@@ -238,6 +266,9 @@ pub fn export(
             "give a record file or directory, or --tenant and --server to read from the audit collector"
         );
     };
+    if args.collector.server.is_some() {
+        bail!("give either a FILE|DIR or --server, not both");
+    }
     let keys = load_keys(&args.keys)?;
     let filter = ExportFilter {
         tenant: args.tenant.clone(),

@@ -312,8 +312,21 @@ pub struct KeyArgs {
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
     /// A record file, checkpoint file or encrypted segment, or a directory of them.
-    #[arg(value_name = "FILE|DIR")]
-    pub path: PathBuf,
+    /// Leave it out to verify a tenant's whole log in the audit collector (--tenant and
+    /// --server; pruned starts are allowed there, retention removes old days).
+    #[arg(value_name = "FILE|DIR", required_unless_present = "tenant")]
+    pub path: Option<PathBuf>,
+    /// The tenant whose log in the collector to verify.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "path",
+        requires = "server"
+    )]
+    pub tenant: Option<String>,
+    /// Reading from the audit collector instead of files.
+    #[command(flatten)]
+    pub collector: CollectorArgs,
     /// Decryption keys.
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -378,14 +391,17 @@ pub struct ExportArgs {
     /// Decryption keys (local files only).
     #[command(flatten)]
     pub keys: KeyArgs,
+    /// Reading from the audit collector instead of files.
+    #[command(flatten)]
+    pub collector: CollectorArgs,
+}
+
+/// Where the audit collector is and how to prove who you are to it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CollectorArgs {
     /// Where the collector is reached, e.g. https://127.0.0.1:8091 after
     /// `kubectl -n portcullis-system port-forward svc/portcullis-audit 8091`.
-    #[arg(
-        long,
-        value_name = "URL",
-        conflicts_with = "path",
-        help_heading = "Collector"
-    )]
+    #[arg(long, value_name = "URL", help_heading = "Collector")]
     pub server: Option<String>,
     /// The name the collector's certificate must carry (default:
     /// portcullis-audit.<operator namespace>.svc, whatever address --server uses).

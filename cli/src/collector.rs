@@ -15,13 +15,15 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use portcullis_api::audit_export::{ACTION, FORMAT, PRINCIPAL, SINCE, UNTIL, records_path};
+use portcullis_api::audit_export::{
+    ACTION, CHAIN_FORMAT, FORMAT, PRINCIPAL, SINCE, UNTIL, records_path,
+};
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
 
 use crate::Outcome;
 use crate::audit::{check_range, export_sink};
-use crate::cli::{ClusterArgs, ExportArgs, ExportFormat};
+use crate::cli::{ClusterArgs, CollectorArgs, ExportArgs, ExportFormat, VerifyArgs};
 use crate::cluster::Cluster;
 
 /// How long connecting and the first answer may take; the stream itself has no limit.
@@ -56,7 +58,7 @@ fn path_and_query(tenant: &str, args: &ExportArgs) -> String {
 }
 
 /// The bearer token: `--token-file`, else the kubeconfig user's.
-async fn token(cluster: &ClusterArgs, args: &ExportArgs) -> anyhow::Result<String> {
+async fn token(cluster: &ClusterArgs, args: &CollectorArgs) -> anyhow::Result<String> {
     const HOW: &str = "pass --token-file FILE with a token the API server accepts (kubectl create token <serviceaccount> > FILE)";
     let from_file = |path: &std::path::Path| {
         std::fs::read_to_string(path)
@@ -83,7 +85,10 @@ async fn token(cluster: &ClusterArgs, args: &ExportArgs) -> anyhow::Result<Strin
 }
 
 /// The roots the collector's certificate must chain to.
-async fn roots(cluster: &ClusterArgs, args: &ExportArgs) -> anyhow::Result<rustls::RootCertStore> {
+async fn roots(
+    cluster: &ClusterArgs,
+    args: &CollectorArgs,
+) -> anyhow::Result<rustls::RootCertStore> {
     let (pem, from) = match &args.ca_file {
         Some(path) => (
             std::fs::read(path)
@@ -119,22 +124,13 @@ fn refusal(status: http::StatusCode, body: &[u8]) -> anyhow::Error {
     anyhow::anyhow!("the collector answered {status}: {said}{hint}")
 }
 
-/// `kubectl portcullis audit export --tenant T --server URL`.
-pub async fn export(
+/// GETs `path_and_query` from the collector; the answer when it is 200, else what the
+/// collector said and what to do.
+async fn get(
     cluster: &ClusterArgs,
-    args: &ExportArgs,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> anyhow::Result<Outcome> {
-    check_range(args)?;
-    let Some(tenant) = args.tenant.as_deref() else {
-        bail!(
-            "give --tenant NAME: the collector keeps one log per tenant (or give a FILE|DIR to export local records)"
-        );
-    };
-    if args.keys.dek_file.is_some() || args.keys.key_ring.is_some() {
-        bail!("--dek-file and --key-ring decrypt local segments; the collector decrypts its own");
-    }
+    args: &CollectorArgs,
+    path_and_query: &str,
+) -> anyhow::Result<hyper::body::Incoming> {
     let Some(server) = args.server.as_deref() else {
         bail!(
             "give --server URL: for example run kubectl -n {ns} port-forward svc/{SERVICE} 8091 and pass --server https://127.0.0.1:8091",
@@ -182,7 +178,7 @@ pub async fn export(
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = http::Request::get(path_and_query(tenant, args))
+        let request = http::Request::get(path_and_query)
             .header(http::header::HOST, name.as_str())
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Empty::<Bytes>::new())?;
@@ -197,7 +193,7 @@ pub async fn export(
             )
         })??;
     let status = response.status();
-    let mut body = response.into_body();
+    let body = response.into_body();
     if status != http::StatusCode::OK {
         let text = tokio::time::timeout(CONNECT_TIMEOUT, body.collect())
             .await
@@ -207,12 +203,16 @@ pub async fn export(
             .unwrap_or_default();
         return Err(refusal(status, &text));
     }
+    Ok(body)
+}
 
-    let mut sink = export_sink(args, out)?;
+/// Writes the answer to `sink` as it arrives; returns how many lines it held. An answer
+/// cut off by the collector is an error.
+async fn drain(mut body: hyper::body::Incoming, sink: &mut dyn Write) -> anyhow::Result<u64> {
     let mut lines: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            anyhow::anyhow!("the collector cut the export off part-way ({e}); the output is incomplete, run the export again")
+            anyhow::anyhow!("the collector cut the answer off part-way ({e}); what arrived is incomplete, run the command again")
         })?;
         if let Ok(data) = frame.into_data() {
             lines += data.iter().filter(|b| **b == b'\n').count() as u64;
@@ -220,6 +220,28 @@ pub async fn export(
         }
     }
     sink.flush()?;
+    Ok(lines)
+}
+
+/// `kubectl portcullis audit export --tenant T --server URL`.
+pub async fn export(
+    cluster: &ClusterArgs,
+    args: &ExportArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    check_range(args)?;
+    let Some(tenant) = args.tenant.as_deref() else {
+        bail!(
+            "give --tenant NAME: the collector keeps one log per tenant (or give a FILE|DIR to export local records)"
+        );
+    };
+    if args.keys.dek_file.is_some() || args.keys.key_ring.is_some() {
+        bail!("--dek-file and --key-ring decrypt local segments; the collector decrypts its own");
+    }
+    let body = get(cluster, &args.collector, &path_and_query(tenant, args)).await?;
+    let mut sink = export_sink(args, out)?;
+    let lines = drain(body, &mut sink).await?;
     let records = match args.format {
         ExportFormat::Json => lines,
         ExportFormat::Csv => lines.saturating_sub(1),
@@ -229,6 +251,30 @@ pub async fn export(
         "exported {records} records of tenant {tenant} from the collector"
     )?;
     Ok(Outcome::Clean)
+}
+
+/// `kubectl portcullis audit verify --tenant T --server URL`: the tenant's whole log,
+/// every pod chain with its checkpoints, checked like a file. `cluster_bundle` is the
+/// cluster's trust bundle PEM when the signers are checked against it.
+pub async fn verify(
+    cluster: &ClusterArgs,
+    args: &VerifyArgs,
+    tenant: &str,
+    cluster_bundle: Option<Vec<u8>>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let path = format!("{}?{FORMAT}={CHAIN_FORMAT}", records_path(tenant));
+    let body = get(cluster, &args.collector, &path).await?;
+    let mut log = Vec::new();
+    drain(body, &mut log).await?;
+    let text = String::from_utf8(log).context("the collector's answer is not UTF-8 text")?;
+    // Retention removes a log's oldest days, so a chain may start after seq 0.
+    let (mut options, checked) = crate::audit::verify_options(args, cluster_bundle, err)?;
+    options.allow_pruned_start = true;
+    let source = format!("tenant {tenant} in the collector");
+    let result = portcullis_audit::verify::verify_jsonl(&text, &source, options);
+    crate::audit::report(result, &source, checked, out, err)
 }
 
 #[cfg(test)]

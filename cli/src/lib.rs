@@ -43,7 +43,9 @@ pub fn run(
     err: &mut dyn std::io::Write,
 ) -> anyhow::Result<Outcome> {
     match cli.command {
-        Command::Audit(cli::AuditCommand::Verify(args)) if !audit::needs_cluster_bundle(&args) => {
+        Command::Audit(cli::AuditCommand::Verify(args))
+            if args.tenant.is_none() && !audit::needs_cluster_bundle(&args) =>
+        {
             audit::verify(&args, None, out, err)
         }
         Command::Audit(cli::AuditCommand::Export(args)) if args.path.is_some() => {
@@ -82,6 +84,9 @@ pub async fn run_async(
             } else {
                 None
             };
+            if let Some(tenant) = &args.tenant {
+                return collector::verify(&cli.cluster, args, tenant, bundle, out, err).await;
+            }
             return audit::verify(args, bundle, out, err);
         }
         Command::Audit(cli::AuditCommand::Export(args)) if args.path.is_some() => {

@@ -1426,6 +1426,50 @@ mod export_from_the_collector {
         let elsewhere = cli(env, &args).await;
         assert!(elsewhere.stderr.contains("403"), "{elsewhere:?}");
 
+        // The tenant's whole history verifies (pruned starts allowed: retention).
+        let token_file = dir.path().join("analyst-token");
+        std::fs::write(&token_file, &analyst).unwrap();
+        let verify = |env| {
+            let args = [
+                "audit".to_owned(),
+                "verify".into(),
+                "--tenant".into(),
+                name.clone(),
+                "--server".into(),
+                url.clone(),
+                "--ca-file".into(),
+                ca.display().to_string(),
+                "--token-file".into(),
+                token_file.display().to_string(),
+                "--insecure-any-signer".into(),
+            ];
+            async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                cli(env, &args).await
+            }
+        };
+        let verified = verify(env).await;
+        assert_eq!(verified.code, Some(0), "{verified:?}");
+        assert!(
+            verified.stdout.contains("OK: 4 records") && verified.stdout.contains("chain web-1"),
+            "{verified:?}"
+        );
+        // Someone with the volume edits a stored record: the next verify says so.
+        let day_file = std::fs::read_dir(dir.path().join("data").join(&name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().is_some_and(|n| n != "chains.jsonl"))
+            .unwrap();
+        let stored = std::fs::read_to_string(&day_file).unwrap();
+        std::fs::write(
+            &day_file,
+            stored.replace("/v1/identify/2", "/v1/identify/9"),
+        )
+        .unwrap();
+        let tampered = verify(env).await;
+        assert_eq!(tampered.code, Some(1), "{tampered:?}");
+        assert!(tampered.stdout.contains("FAILED"), "{tampered:?}");
+
         // A token the API server does not know.
         let args = export("not-a-token", &name, &[]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

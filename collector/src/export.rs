@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use portcullis_api::audit_export::{
-    ACTION, CSV_CONTENT_TYPE, FORMAT, JSON_CONTENT_TYPE, PRINCIPAL, SINCE, UNTIL,
+    ACTION, CHAIN_FORMAT, CSV_CONTENT_TYPE, FORMAT, JSON_CONTENT_TYPE, PRINCIPAL, SINCE, UNTIL,
 };
 use portcullis_api::names::is_dns_subdomain;
 use portcullis_audit::entry::Entry;
@@ -42,6 +42,8 @@ pub enum ExportFormat {
     Json,
     /// CSV with a header row.
     Csv,
+    /// Every stored entry, records and checkpoints, unfiltered: the history to verify.
+    Chain,
 }
 
 /// A parsed export query.
@@ -74,8 +76,11 @@ impl ExportQuery {
                     format = match value.as_ref() {
                         "json" => ExportFormat::Json,
                         "csv" => ExportFormat::Csv,
+                        CHAIN_FORMAT => ExportFormat::Chain,
                         other => {
-                            return Err(format!("format={other:?}: use format=json or format=csv"));
+                            return Err(format!(
+                                "format={other:?}: use format=json, format=csv or format={CHAIN_FORMAT}"
+                            ));
                         }
                     }
                 }
@@ -90,6 +95,16 @@ impl ExportQuery {
             && since >= until
         {
             return Err(format!("since={since} is not before until={until}"));
+        }
+        if format == ExportFormat::Chain
+            && (filter.since.is_some()
+                || filter.until.is_some()
+                || filter.action.is_some()
+                || filter.principal.is_some())
+        {
+            return Err(format!(
+                "format={CHAIN_FORMAT} is the whole log, to verify; a filtered chain does not verify, so it takes no {SINCE}, {UNTIL}, {ACTION} or {PRINCIPAL}"
+            ));
         }
         Ok(Self { filter, format })
     }
@@ -284,7 +299,7 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
         tracing::info!(tenant, user = %reader.user, format = ?query.format, "export");
         self.metrics.count("served");
         let content_type = match query.format {
-            ExportFormat::Json => JSON_CONTENT_TYPE,
+            ExportFormat::Json | ExportFormat::Chain => JSON_CONTENT_TYPE,
             ExportFormat::Csv => CSV_CONTENT_TYPE,
         };
         let (mut sender, body) = Channel::<Bytes, BodyError>::new(2);
@@ -334,20 +349,23 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
             let owner = tenant.to_owned();
             let lines = blocking(&self.collector, move |c| c.read_day(&owner, day)).await?;
             for line in lines {
-                let Ok(Entry::Record(record)) = Entry::from_json_line(&line) else {
-                    continue;
-                };
-                if !query.filter.keeps(&record) {
-                    continue;
-                }
-                match query.format {
-                    ExportFormat::Json => {
+                match (query.format, Entry::from_json_line(&line)) {
+                    (ExportFormat::Chain, Ok(_)) => {
                         out.chunk.extend_from_slice(line.as_bytes());
                         out.chunk.push(b'\n');
                     }
-                    ExportFormat::Csv => {
+                    (ExportFormat::Json, Ok(Entry::Record(record)))
+                        if query.filter.keeps(&record) =>
+                    {
+                        out.chunk.extend_from_slice(line.as_bytes());
+                        out.chunk.push(b'\n');
+                    }
+                    (ExportFormat::Csv, Ok(Entry::Record(record)))
+                        if query.filter.keeps(&record) =>
+                    {
                         csv::append_record(&record, &mut out.chunk).map_err(format_error)?;
                     }
+                    _ => continue,
                 }
                 if out.chunk.len() >= CHUNK && out.send().await == Sent::ClientGone {
                     return Ok(Sent::ClientGone);
@@ -410,7 +428,11 @@ mod tests {
 
         for (bad, names) in [
             ("since=yesterday", "since=\"yesterday\""),
-            ("format=xml", "format=json or format=csv"),
+            ("format=xml", "format=json, format=csv or format=chain"),
+            (
+                "format=chain&action=api.x",
+                "a filtered chain does not verify",
+            ),
             ("tenant=other", "unknown parameter \"tenant\""),
             (
                 "since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z",

@@ -501,6 +501,21 @@ async fn an_analyst_exports_exactly_what_was_shipped() {
     assert_eq!(json.content_type, "application/x-ndjson");
     // Byte for byte as the chain wrote them, so the export still verifies.
     assert_eq!(json.body, batch(&shipped));
+    // The whole history, to verify: every entry, unfiltered (and no filter allowed).
+    let chain = running
+        .export("/v1/tenants/shop/records?format=chain", Some("analyst"))
+        .await;
+    assert_eq!(
+        (chain.status, chain.body.as_str()),
+        (200, batch(&shipped).as_str())
+    );
+    let filtered = running
+        .export(
+            "/v1/tenants/shop/records?format=chain&since=2027-01-01T00:00:00Z",
+            Some("analyst"),
+        )
+        .await;
+    assert_eq!(filtered.status, 400, "{}", filtered.body);
 
     let csv = running
         .export("/v1/tenants/shop/records?format=csv", Some("analyst"))
@@ -525,7 +540,8 @@ async fn an_analyst_exports_exactly_what_was_shipped() {
     );
     let metrics = running.metrics();
     assert!(
-        metrics.contains("portcullis_audit_exports_total{outcome=\"served\"} 2"),
+        metrics.contains("portcullis_audit_exports_total{outcome=\"served\"} 3")
+            && metrics.contains("portcullis_audit_exports_total{outcome=\"bad_request\"} 1"),
         "{metrics}"
     );
 }
