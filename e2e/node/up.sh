@@ -65,12 +65,41 @@ if ! buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep -x 'docker.
 fi
 "$root/e2e/node/images.sh" "$tag"
 
+# The audit collector's volume. The node has no volume provisioner, so a hostPath
+# PersistentVolume waits for the collector's claim: its records then outlive the
+# collector pod, as with the chart's default PersistentVolumeClaim. (On a cluster this
+# script did not start, the collector keeps values.yaml's emptyDir.)
+collector_volume=()
+if [ ! -f "$dir/external-kubeconfig" ]; then
+  mkdir -p "$dir/audit-volume"
+  chown 65532:65532 "$dir/audit-volume"
+  chmod 0700 "$dir/audit-volume"
+  kubectl apply -f - >&2 <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: portcullis-node-audit
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: portcullis-node-local
+  hostPath: {path: "$dir/audit-volume", type: Directory}
+EOF
+  collector_volume=(
+    --set audit.collector.persistence.enabled=true
+    --set audit.collector.persistence.storageClassName=portcullis-node-local
+    --set audit.collector.persistence.size=1Gi
+  )
+fi
+
 # 3. The chart.
 log "helm upgrade --install portcullis (images localhost/portcullis-*:$tag)"
 # shellcheck disable=SC2086
 helm upgrade --install portcullis "$root/charts/portcullis" \
   --namespace "$release_ns" --create-namespace \
   -f "$root/e2e/node/values.yaml" \
+  "${collector_volume[@]}" \
   --set operator.image.repository=localhost/portcullis-operator \
   --set operator.image.tag="$tag" \
   --set proxy.image.repository=localhost/portcullis-proxy \

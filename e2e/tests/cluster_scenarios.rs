@@ -668,6 +668,42 @@ code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert /tmp/ca.cr
     Ok(())
 }
 
+/// Whether the chart's collector keeps its records on a PersistentVolumeClaim (up.sh
+/// gives it one on the node it starts), so that they outlive the collector pod.
+async fn collector_is_persistent(client: &Client, release: &str) -> Result<bool> {
+    let set = Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client.clone(), release)
+        .get("portcullis-audit")
+        .await?;
+    Ok(set
+        .spec
+        .and_then(|s| s.volume_claim_templates)
+        .is_some_and(|t| !t.is_empty()))
+}
+
+/// Deletes the collector pod and waits for its replacement to be Ready.
+async fn restart_collector(client: &Client, release: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), release);
+    let old = pods.get("portcullis-audit-0").await?.uid();
+    pods.delete("portcullis-audit-0", &DeleteParams::default())
+        .await?;
+    wait_for(
+        "the collector's new pod Ready",
+        Duration::from_secs(120),
+        || async {
+            let Some(pod) = pods.get_opt("portcullis-audit-0").await? else {
+                return Ok(None);
+            };
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Ok((pod.uid() != old && ready).then_some(()))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn audit_records_reach_the_collector_once_each_and_outlive_the_app_pod() -> Result<()> {
     let Some((client, fx)) = fixture().await? else {
@@ -682,7 +718,15 @@ async fn audit_records_reach_the_collector_once_each_and_outlive_the_app_pod() -
         println!("skipping: the chart's audit collector is not enabled on this tier");
         return Ok(());
     }
-    // A tenant of its own: no other scenario's requests land in its log.
+    let persistent = collector_is_persistent(&client, &release).await?;
+    if !persistent {
+        println!(
+            "the collector keeps its records on an emptyDir here: it is not restarted under load"
+        );
+    }
+    // A tenant of its own: no other scenario's requests land in its log. Its analysts
+    // read the log back over the export API with a Kubernetes token: a Role inheriting
+    // Analyst for the client Jobs' ServiceAccount.
     let ns = tenant_with_echo(&client, fx.tier, "pc-audit").await?;
     let token = create_key(
         &client,
@@ -691,77 +735,6 @@ async fn audit_records_reach_the_collector_once_each_and_outlive_the_app_pod() -
         json!({"role": "Developer", "scopes": ["identify"]}),
     )
     .await?;
-    // Every request that reached the proxy (any status but curl's 000) is one record.
-    // Right after the last one the app pod is deleted: what its proxy still held in its
-    // spool must reach the collector before it exits.
-    let script = format!(
-        r#"answered=0; ok=0
-call() {{
-  code=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST -H "Authorization: Bearer $KEY" https://echo.{ns}.svc:{port}/v1/identify)
-  [ "$code" != 000 ] && answered=$((answered+1))
-  [ "$code" = 200 ] && ok=$((ok+1))
-}}
-for i in $(seq 1 60); do call; [ "$code" = 200 ] && break; sleep 1; done
-for i in $(seq 2 30); do call; done
-echo "answered=$answered"; echo "ok=$ok""#,
-        ns = ns,
-        port = APP_PORT,
-    );
-    let run = run_job(
-        &client,
-        fx.tier,
-        &fx.client_ns,
-        None,
-        &[("KEY", token.as_str())],
-        &script,
-    )
-    .await?;
-    let answered: u64 = run
-        .value("answered")
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("the client printed no count:\n{}", run.logs))?;
-    ensure!(
-        run.value("ok") == Some("30"),
-        "30 requests should have been served:\n{}",
-        run.logs
-    );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.delete("echo", &DeleteParams::default()).await?;
-    wait_for("the app pod gone", Duration::from_secs(90), || async {
-        Ok(pods.get_opt("echo").await?.is_none().then_some(()))
-    })
-    .await?;
-
-    // The collector's count of this tenant's records, read from its metrics.
-    let metric = format!(r#"portcullis_audit_records_total{{tenant="{ns}"}}"#);
-    let read = format!(
-        r#"for i in $(seq 1 30); do
-  n=$(curl -s --max-time 5 http://portcullis-audit.{release}.svc:8080/metrics | grep -F '{metric}' | awk '{{print $2}}')
-  [ "$n" = "$WANT" ] && break
-  sleep 2
-done
-echo "records=$n""#
-    );
-    let want = answered.to_string();
-    let run = run_job(
-        &client,
-        fx.tier,
-        &fx.client_ns,
-        None,
-        &[("WANT", want.as_str())],
-        &read,
-    )
-    .await?;
-    ensure!(
-        run.value("records") == Some(want.as_str()),
-        "the collector holds {:?} records of tenant {ns}; {answered} requests reached its proxy:\n{}",
-        run.value("records"),
-        run.logs
-    );
-
-    // The tenant's analysts read the log back over the export API with a Kubernetes
-    // token: a Role inheriting Analyst for the client Job's ServiceAccount. Without a
-    // token the collector answers 401.
     let role: portcullis_crds::Role = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "Role",
         "metadata": {"name": "auditor", "namespace": ns},
@@ -771,23 +744,86 @@ echo "records=$n""#
     Api::<portcullis_crds::Role>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &role)
         .await?;
+
+    // A bounded load of 40 requests over about 10 s; every request that reached the
+    // proxy (any status but curl's 000) is one record. Three seconds in, the collector
+    // pod is deleted: its outage refuses nothing (the proxies' spools have room) and
+    // loses nothing (what was acknowledged is on its volume, the rest is resent).
+    let script = format!(
+        r#"answered=0; ok=0
+call() {{
+  code=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 5 -X POST -H "Authorization: Bearer $KEY" https://echo.{ns}.svc:{port}/v1/identify)
+  [ "$code" != 000 ] && answered=$((answered+1))
+  [ "$code" = 200 ] && ok=$((ok+1))
+}}
+for i in $(seq 1 60); do call; [ "$code" = 200 ] && break; sleep 1; done
+for i in $(seq 2 40); do call; sleep 0.25; done
+echo "answered=$answered"; echo "ok=$ok""#,
+        ns = ns,
+        port = APP_PORT,
+    );
+    let env = [("KEY", token.as_str())];
+    let load = run_job(&client, fx.tier, &fx.client_ns, None, &env, &script);
+    let outage = async {
+        if persistent {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            restart_collector(&client, &release).await?;
+        }
+        anyhow::Ok(())
+    };
+    let (run, restarted) = tokio::join!(load, outage);
+    let run = run?;
+    restarted?;
+    let answered: u64 = run
+        .value("answered")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("the client printed no count:\n{}", run.logs))?;
+    ensure!(
+        run.value("ok") == Some("40"),
+        "40 requests should have been served, the collector's outage notwithstanding:\n{}",
+        run.logs
+    );
+    // Right after the last request the app pod is deleted: what its proxy still held in
+    // its spool must reach the collector before it exits.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.delete("echo", &DeleteParams::default()).await?;
+    wait_for("the app pod gone", Duration::from_secs(90), || async {
+        Ok(pods.get_opt("echo").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    // The export holds exactly one record per request that reached the proxy, in order;
+    // the whole chain (with the proxy's checkpoints) comes back for verification.
+    // Without a token the collector answers 401.
     let export = format!(
         r#"T=/var/run/secrets/kubernetes.io/serviceaccount/token
-URL="https://portcullis-audit.{release}.svc:8091/v1/tenants/{ns}/records?format=csv"
-for i in $(seq 1 30); do
-  code=$(curl -sk -o /tmp/out -w '%{{http_code}}' --max-time 10 -H "Authorization: Bearer $(cat $T)" "$URL")
-  [ "$code" = 200 ] && break
+URL="https://portcullis-audit.{release}.svc:8091/v1/tenants/{ns}/records"
+rows=-1
+for i in $(seq 1 60); do
+  code=$(curl -sk -o /tmp/out -w '%{{http_code}}' --max-time 10 -H "Authorization: Bearer $(cat $T)" "$URL?format=csv")
+  [ "$code" = 200 ] && rows=$(($(wc -l < /tmp/out) - 1))
+  [ "$rows" = "$WANT" ] && break
   sleep 2
 done
 echo "status=$code"
-echo "rows=$(($(wc -l < /tmp/out) - 1))"
+echo "rows=$rows"
 echo "seqs=$(tail -n +2 /tmp/out | cut -d, -f3 | tr '\n' ' ')"
+echo "chain=$(curl -sk --max-time 10 -H "Authorization: Bearer $(cat $T)" "$URL?format=chain" | base64 -w0)"
 echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL")""#
     );
-    let run = run_job(&client, fx.tier, &fx.client_ns, None, &[], &export).await?;
+    let want = answered.to_string();
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("WANT", want.as_str())],
+        &export,
+    )
+    .await?;
     ensure!(
         run.value("status") == Some("200") && run.value("rows") == Some(want.as_str()),
-        "the analyst's export should hold the {answered} records:\n{}",
+        "the analyst's export should hold the {answered} records that reached the proxy:\n{}",
         run.logs
     );
     // One chain, exported in order: sequence numbers 0, 1, 2, ...
@@ -806,6 +842,36 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
         run.value("anonymous") == Some("401"),
         "an export without a token should be refused with 401:\n{}",
         run.logs
+    );
+    // The history verifies: every hash and link, every checkpoint signed by a workload
+    // of this cluster's trust bundle.
+    use base64::Engine as _;
+    let chain = base64::engine::general_purpose::STANDARD
+        .decode(run.value("chain").unwrap_or_default())
+        .context("the chain export as base64")?;
+    let bundle = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns)
+        .get("portcullis-trust-bundle")
+        .await?
+        .data
+        .and_then(|mut d| d.remove("ca-bundle.crt"))
+        .context("the tenant namespace's trust bundle")?;
+    let options = portcullis_audit::VerifyOptions {
+        trust_bundle: Some(
+            portcullis_audit::TrustBundle::from_pem(bundle.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        ..portcullis_audit::VerifyOptions::default()
+    };
+    let report = portcullis_audit::verify::verify_jsonl(
+        &String::from_utf8(chain)?,
+        "the collector",
+        options,
+    )
+    .map_err(|p| anyhow::anyhow!("the tenant's history does not verify: {p}"))?;
+    ensure!(
+        report.records == answered,
+        "the verified history holds {} records, {answered} expected",
+        report.records
     );
     Ok(())
 }
