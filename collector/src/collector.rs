@@ -12,7 +12,7 @@ use portcullis_audit::entry::Entry;
 use serde_json::Value;
 
 use crate::arrival::{Arrivals, Sender};
-use crate::store::{RecordStore, StoreError};
+use crate::store::{DayPiece, RecordStore, StoreError};
 
 /// Longest retention a tenant may set: seven years.
 pub const MAX_RETENTION_DAYS: u32 = 2555;
@@ -142,6 +142,18 @@ impl<S: RecordStore> Collector<S> {
     /// `tenant`'s entries that arrived on `day`, one JSON line each.
     pub fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError> {
         self.store.read_day(tenant, day)
+    }
+
+    /// A piece of `tenant`'s entries of `day` from byte `offset` on (see
+    /// [`RecordStore::read_day_piece`]).
+    pub fn read_day_piece(
+        &self,
+        tenant: &str,
+        day: Date,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<DayPiece, StoreError> {
+        self.store.read_day_piece(tenant, day, offset, max_bytes)
     }
 
     /// What the collector knows of each chain.

@@ -33,4 +33,4 @@ pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
-pub use store::{FileStore, RecordStore, StoreError};
+pub use store::{DayPiece, FileStore, RecordStore, StoreError};

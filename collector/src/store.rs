@@ -68,8 +68,30 @@ pub trait RecordStore {
     /// `tenant`'s entries that arrived on `day`, one JSON line each, in arrival order.
     fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError>;
 
+    /// `tenant`'s entries of `day` from byte `offset` on, whole lines only, about
+    /// `max_bytes` of them (more when one line is longer), so a reader holds a piece of
+    /// a day at a time.
+    fn read_day_piece(
+        &self,
+        tenant: &str,
+        day: Date,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<DayPiece, StoreError>;
+
     /// Removes `tenant`'s days before `before`; returns how many went.
     fn prune(&mut self, tenant: &str, before: Date) -> Result<usize, StoreError>;
+}
+
+/// A piece of a day's entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayPiece {
+    /// Whole lines, in arrival order.
+    pub lines: Vec<String>,
+    /// Where the next piece starts.
+    pub next: u64,
+    /// Whether the day has no more (as of this read).
+    pub end: bool,
 }
 
 /// One stored chain start.
@@ -284,6 +306,52 @@ impl RecordStore for FileStore {
             .filter(|l| !l.trim().is_empty())
             .map(str::to_owned)
             .collect())
+    }
+
+    fn read_day_piece(
+        &self,
+        tenant: &str,
+        day: Date,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<DayPiece, StoreError> {
+        let path = self.day_file(tenant, day)?;
+        let mut file = File::open(&path).map_err(io_error("opening", &path))?;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(io_error("seeking", &path))?;
+        let limit = max_bytes.max(1);
+        let mut bytes = Vec::with_capacity(limit.min(1 << 20));
+        let mut buf = vec![0u8; 64 * 1024];
+        // The piece ends at the first line end at or past `limit`.
+        let cut = |bytes: &[u8]| {
+            bytes
+                .get(limit - 1..)
+                .and_then(|rest| rest.iter().position(|b| *b == b'\n'))
+                .map(|i| limit + i)
+        };
+        let mut eof = false;
+        while cut(&bytes).is_none() {
+            let n = file.read(&mut buf).map_err(io_error("reading", &path))?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        // Only whole lines: a torn last line (never acknowledged) is left alone.
+        let whole = cut(&bytes)
+            .unwrap_or_else(|| bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1));
+        let end = eof && whole == bytes.len();
+        let text = String::from_utf8_lossy(&bytes[..whole]);
+        Ok(DayPiece {
+            lines: text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+                .collect(),
+            next: offset + whole as u64,
+            end,
+        })
     }
 
     fn prune(&mut self, tenant: &str, before: Date) -> Result<usize, StoreError> {

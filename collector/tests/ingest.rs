@@ -325,3 +325,39 @@ async fn each_tenant_keeps_its_own_retention_and_an_unknown_one_prunes_nothing()
         shop.lines[3..].to_vec()
     );
 }
+
+#[test]
+fn a_day_reads_in_whole_line_pieces_that_add_up_to_the_day() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    collector
+        .ingest(SHOP, &batch(&proxy.requests(25)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let day = collector.days("shop").unwrap_or_else(|e| panic!("{e}"))[0];
+    let whole = collector
+        .read_day("shop", day)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Pieces of about 1 000 bytes: several lines each, never a line cut in two.
+    let (mut offset, mut pieces, mut lines) = (0, 0, Vec::new());
+    loop {
+        let piece = collector
+            .read_day_piece("shop", day, offset, 1_000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(piece.next > offset || piece.end, "no progress at {offset}");
+        offset = piece.next;
+        pieces += 1;
+        lines.extend(piece.lines);
+        if piece.end {
+            break;
+        }
+    }
+    assert_eq!(lines, whole);
+    assert!(pieces > 3, "{pieces} pieces");
+    // A line longer than the piece size still comes whole.
+    let first = collector
+        .read_day_piece("shop", day, 0, 10)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.lines, whole[..1].to_vec());
+}
