@@ -212,6 +212,7 @@ impl OperatorSettings {
         service_names(
             &self.service_name,
             &self.reconcile.namespace,
+            &self.cluster_domain,
             &self.extra_sans,
         )
     }
@@ -552,6 +553,7 @@ pub async fn start(
             ca.clone(),
             &settings.reconcile.namespace,
             service,
+            &settings.cluster_domain,
         )
     });
     let leading = Arc::new(AtomicBool::new(false));

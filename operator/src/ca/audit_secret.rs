@@ -55,19 +55,21 @@ pub fn secret_name(service: &str) -> String {
 }
 
 impl AuditTlsSecret {
-    /// The Secret for the audit Service `service` in `namespace`.
+    /// The Secret for the audit Service `service` in `namespace` of a cluster whose DNS
+    /// domain is `cluster_domain`.
     pub fn new(
         client: kube::Client,
         ca: Arc<CertificateAuthority>,
         namespace: &str,
         service: &str,
+        cluster_domain: &str,
     ) -> Self {
         Self {
             client,
             ca,
             namespace: namespace.to_owned(),
             secret: secret_name(service),
-            names: service_names(service, namespace, &[]),
+            names: service_names(service, namespace, cluster_domain, &[]),
         }
     }
 

@@ -51,7 +51,12 @@ impl Default for IdentityServiceConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
-            server_names: operator_names(DEFAULT_SERVICE, DEFAULT_NAMESPACE, &[]),
+            server_names: operator_names(
+                DEFAULT_SERVICE,
+                DEFAULT_NAMESPACE,
+                DEFAULT_CLUSTER_DOMAIN,
+                &[],
+            ),
             max_body_bytes: 64 * 1024,
             limits: ConnectionLimits::default(),
         }

@@ -19,7 +19,7 @@
 //! tokio::spawn(run_rotation(ca.clone(), Some(store), Duration::from_secs(60), shutdown.clone()));
 //! let metrics = IdentityMetrics::register(&mut registry);
 //! let service = Arc::new(IdentityService::new(ca.clone(), Arc::new(KubeAuthenticator::new(client.clone())), metrics));
-//! let config = IdentityServiceConfig { server_names: service_names(&service_name, &ns, &extra_sans), ..IdentityServiceConfig::default() };
+//! let config = IdentityServiceConfig { server_names: service_names(&service_name, &ns, &cluster_domain, &extra_sans), ..IdentityServiceConfig::default() };
 //! let bound = service.bind(config).await?;
 //! tokio::spawn(bound.serve(shutdown.clone()));
 //! // on ca.subscribe() changes and tenant namespace changes:

@@ -17,12 +17,17 @@ use super::CaError;
 use super::authority::CertificateAuthority;
 
 /// The names a serving certificate of the operator carries: `<service>.<namespace>.svc`,
-/// `<service>.<namespace>.svc.cluster.local`, then `extra` (DNS names or IP addresses,
+/// `<service>.<namespace>.svc.<cluster domain>`, then `extra` (DNS names or IP addresses,
 /// e.g. the bridge IP the local-cluster tests reach the operator on), without repeats.
-pub fn service_names(service: &str, namespace: &str, extra: &[String]) -> Vec<String> {
+pub fn service_names(
+    service: &str,
+    namespace: &str,
+    cluster_domain: &str,
+    extra: &[String],
+) -> Vec<String> {
     let mut names = vec![
         format!("{service}.{namespace}.svc"),
-        format!("{service}.{namespace}.svc.cluster.local"),
+        format!("{service}.{namespace}.svc.{cluster_domain}"),
     ];
     for name in extra {
         if !names.contains(name) {
@@ -141,6 +146,7 @@ mod tests {
         let names = service_names(
             "portcullis-operator",
             "portcullis-system",
+            "cluster.local",
             &[
                 "10.1.0.1".into(),
                 "portcullis-operator.portcullis-system.svc".into(),
@@ -153,6 +159,11 @@ mod tests {
                 "portcullis-operator.portcullis-system.svc.cluster.local",
                 "10.1.0.1"
             ]
+        );
+        // A cluster with its own domain gets its own fully qualified name.
+        assert_eq!(
+            service_names("portcullis-audit", "ops", "corp.example", &[])[1],
+            "portcullis-audit.ops.svc.corp.example"
         );
     }
 }
