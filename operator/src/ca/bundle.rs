@@ -11,8 +11,8 @@ use kube::{Api, Client};
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "portcullis-trust-bundle";
 /// Data key holding the PEM roots (contract).
 pub use portcullis_api::injection::env::TRUST_BUNDLE_KEY;
-/// The operator's server-side apply field manager.
-pub const FIELD_MANAGER: &str = "portcullis-operator";
+/// The operator's server-side apply field manager (one name for every object it applies).
+pub use portcullis_crds::annotations::FIELD_MANAGER;
 
 /// Namespaces the bundle could not be written to.
 #[derive(Debug, thiserror::Error)]
