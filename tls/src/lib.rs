@@ -1,7 +1,7 @@
 //! The TLS vocabulary the operator and the proxy share, so the control plane never
 //! depends on the data plane to agree on what a certificate says: the one crypto
 //! provider, what a workload leaf names ([`leaf`]), the peer-server check ([`verify`]),
-//! trust roots ([`roots`]) and the verdict on a bring-your-own serving certificate
+//! trust roots ([`roots`]), PEM writing ([`pem`]) and the verdict on a bring-your-own serving certificate
 //! ([`serving_certificate`]). No runtime: the proxy's hot-swapped stores and the
 //! operator's servers build on these.
 
@@ -12,11 +12,13 @@ use std::sync::{Arc, OnceLock};
 use rustls::crypto::CryptoProvider;
 
 pub mod leaf;
+pub mod pem;
 pub mod roots;
 pub mod serving_certificate;
 pub mod verify;
 
 pub use leaf::{LeafFacts, leaf_facts, serial_hex};
+pub use pem::{pem_block, pem_chain};
 pub use roots::{parse_pem_certs, root_store, unix_time};
 pub use verify::PeerServerVerifier;
 

@@ -89,18 +89,8 @@ pub fn pem_encode(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)
 }
 
-/// One PEM block of `label` (RFC 7468: base64 in 64-character lines).
-pub fn pem_block(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
+/// One PEM block (RFC 7468), written as everywhere else.
+pub use portcullis_tls::pem_block;
 
 /// A random positive 128-bit serial.
 fn random_serial() -> SerialNumber {

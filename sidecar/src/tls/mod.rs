@@ -47,21 +47,7 @@ pub enum TlsError {
 pub type ClientConfigSource = Arc<dyn Fn() -> Result<Arc<ClientConfig>, TlsError> + Send + Sync>;
 
 /// Certificates as concatenated PEM blocks (public material only).
-pub fn pem_chain(certificates: &[CertificateDer<'_>]) -> String {
-    use base64::Engine as _;
-    let mut pem = String::new();
-    for cert in certificates {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-        pem.push_str("-----BEGIN CERTIFICATE-----\n");
-        // 64 ASCII characters per line, as RFC 7468 asks.
-        for line in encoded.as_bytes().chunks(64) {
-            pem.push_str(&String::from_utf8_lossy(line));
-            pem.push('\n');
-        }
-        pem.push_str("-----END CERTIFICATE-----\n");
-    }
-    pem
-}
+pub use portcullis_tls::pem_chain;
 
 /// The peer's SPIFFE ID: the first `spiffe://` URI SAN of its leaf certificate that
 /// names a workload (a `spiffe://<td>/tenant/<t>` SAN is the tenant, not the workload).
