@@ -253,9 +253,47 @@ pub async fn export(
     Ok(Outcome::Clean)
 }
 
+/// Calls `line` with each line of the answer (1-based numbers) as it arrives; an answer
+/// cut off by the collector is an error.
+async fn for_each_line(
+    mut body: hyper::body::Incoming,
+    mut line: impl FnMut(u64, &str),
+) -> anyhow::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut number = 0;
+    let mut emit = |bytes: &[u8], number: &mut u64| {
+        *number += 1;
+        line(*number, &String::from_utf8_lossy(bytes));
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            anyhow::anyhow!(
+                "the collector cut the answer off part-way ({e}); run the command again"
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        let mut start = 0;
+        while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
+            emit(&pending[start..start + end], &mut number);
+            start += end + 1;
+        }
+        pending.drain(..start);
+    }
+    if !pending.is_empty() {
+        emit(&pending, &mut number);
+    }
+    Ok(())
+}
+
 /// `kubectl portcullis audit verify --tenant T --server URL`: the tenant's whole log,
 /// every pod chain with its checkpoints, checked like a file. `cluster_bundle` is the
 /// cluster's trust bundle PEM when the signers are checked against it.
+///
+/// Like files, the log is read twice (checkpoints, then records), so the CLI holds one
+/// line and each chain's head, never the whole log.
 pub async fn verify(
     cluster: &ClusterArgs,
     args: &VerifyArgs,
@@ -264,17 +302,42 @@ pub async fn verify(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
+    use portcullis_audit::{Entry, Location, Problem, Verifier};
     let path = format!("{}?{FORMAT}={CHAIN_FORMAT}", records_path(tenant));
-    let body = get(cluster, &args.collector, &path).await?;
-    let mut log = Vec::new();
-    drain(body, &mut log).await?;
-    let text = String::from_utf8(log).context("the collector's answer is not UTF-8 text")?;
-    // Retention removes a log's oldest days, so a chain may start after seq 0.
     let (mut options, checked) = crate::audit::verify_options(args, cluster_bundle, err)?;
+    // Retention removes a log's oldest days, so a chain may start after seq 0.
     options.allow_pruned_start = true;
     let source = format!("tenant {tenant} in the collector");
-    let result = portcullis_audit::verify::verify_jsonl(&text, &source, options);
-    crate::audit::report(result, &source, checked, out, err)
+    let label: std::sync::Arc<str> = std::sync::Arc::from(source.as_str());
+    let mut verifier = Verifier::new(options);
+    let parse = |line: &str| serde_json::from_str::<serde_json::Value>(line);
+
+    let checkpoints = get(cluster, &args.collector, &path).await?;
+    for_each_line(checkpoints, |number, line| {
+        if let Ok(value) = parse(line)
+            && Entry::is_checkpoint_value(&value)
+        {
+            verifier.add_checkpoint(value, Location::new(label.clone(), 0, number));
+        }
+    })
+    .await?;
+    let records = get(cluster, &args.collector, &path).await?;
+    for_each_line(records, |number, line| {
+        if line.trim().is_empty() {
+            return;
+        }
+        let location = Location::new(label.clone(), 0, number);
+        match parse(line) {
+            Ok(value) if Entry::is_checkpoint_value(&value) => {}
+            Ok(value) => verifier.push_record(value, location),
+            Err(e) => verifier.report(Problem::Malformed {
+                location,
+                message: e.to_string(),
+            }),
+        }
+    })
+    .await?;
+    crate::audit::report(verifier.finish(), &source, checked, out, err)
 }
 
 #[cfg(test)]
