@@ -139,11 +139,6 @@ impl<S: RecordStore> Collector<S> {
         self.store.days(tenant)
     }
 
-    /// `tenant`'s entries that arrived on `day`, one JSON line each.
-    pub fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError> {
-        self.store.read_day(tenant, day)
-    }
-
     /// A piece of `tenant`'s entries of `day` from byte `offset` on (see
     /// [`RecordStore::read_day_piece`]).
     pub fn read_day_piece(
@@ -163,14 +158,15 @@ impl<S: RecordStore> Collector<S> {
 }
 
 /// Runs `work` on the shared collector on a blocking thread (store work ends in file
-/// I/O and fsync), holding its lock only for that.
-pub(crate) async fn blocking<S, T>(
+/// I/O and fsync), holding its lock only for that. A task that dies is a store failure.
+pub(crate) async fn blocking<S, T, E>(
     collector: &Arc<Mutex<Collector<S>>>,
-    work: impl FnOnce(&mut Collector<S>) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError>
+    work: impl FnOnce(&mut Collector<S>) -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
 where
     S: RecordStore + Send + 'static,
     T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
 {
     let collector = collector.clone();
     tokio::task::spawn_blocking(move || {
@@ -178,9 +174,11 @@ where
         work(&mut collector)
     })
     .await
-    .map_err(|e| StoreError::Io {
-        action: "working on",
-        path: "the tenant logs".into(),
-        source: std::io::Error::other(e.to_string()),
+    .map_err(|e| {
+        E::from(StoreError::Io {
+            action: "working on",
+            path: "the tenant logs".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
     })?
 }

@@ -360,7 +360,7 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
                 // No progress: only a torn last line is left (never acknowledged).
                 let stuck = piece.next == offset;
                 offset = piece.next;
-                if self.write_lines(query, piece.lines, &mut out).await? == Sent::ClientGone {
+                if out.write_lines(query, piece.lines).await? == Sent::ClientGone {
                     return Ok(Sent::ClientGone);
                 }
                 if piece.end || stuck {
@@ -369,41 +369,6 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
             }
         }
         Ok(out.send().await)
-    }
-
-    /// Formats the lines the query keeps into `out`, sending full chunks.
-    async fn write_lines(
-        &self,
-        query: &ExportQuery,
-        lines: Vec<String>,
-        out: &mut Out<'_>,
-    ) -> Result<Sent, StoreError> {
-        {
-            for line in lines {
-                match (query.format, Entry::from_json_line(&line)) {
-                    (ExportFormat::Chain, Ok(_)) => {
-                        out.chunk.extend_from_slice(line.as_bytes());
-                        out.chunk.push(b'\n');
-                    }
-                    (ExportFormat::Json, Ok(Entry::Record(record)))
-                        if query.filter.keeps(&record) =>
-                    {
-                        out.chunk.extend_from_slice(line.as_bytes());
-                        out.chunk.push(b'\n');
-                    }
-                    (ExportFormat::Csv, Ok(Entry::Record(record)))
-                        if query.filter.keeps(&record) =>
-                    {
-                        csv::append_record(&record, &mut out.chunk).map_err(format_error)?;
-                    }
-                    _ => continue,
-                }
-                if out.chunk.len() >= CHUNK && out.send().await == Sent::ClientGone {
-                    return Ok(Sent::ClientGone);
-                }
-            }
-        }
-        Ok(Sent::All)
     }
 }
 
@@ -427,6 +392,40 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
+    /// Writes the lines the query keeps, sending each full chunk.
+    async fn write_lines(
+        &mut self,
+        query: &ExportQuery,
+        lines: Vec<String>,
+    ) -> Result<Sent, StoreError> {
+        for line in lines {
+            let Ok(entry) = Entry::from_json_line(&line) else {
+                continue;
+            };
+            match (query.format, &entry) {
+                // The whole history: every entry as stored.
+                (ExportFormat::Chain, _) => self.push_line(&line),
+                (format, Entry::Record(record)) if query.filter.keeps(record) => {
+                    if format == ExportFormat::Csv {
+                        csv::append_record(record, &mut self.chunk).map_err(format_error)?;
+                    } else {
+                        self.push_line(&line);
+                    }
+                }
+                _ => continue,
+            }
+            if self.chunk.len() >= CHUNK && self.send().await == Sent::ClientGone {
+                return Ok(Sent::ClientGone);
+            }
+        }
+        Ok(Sent::All)
+    }
+
+    fn push_line(&mut self, line: &str) {
+        self.chunk.extend_from_slice(line.as_bytes());
+        self.chunk.push(b'\n');
+    }
+
     async fn send(&mut self) -> Sent {
         if self.chunk.is_empty() {
             return Sent::All;

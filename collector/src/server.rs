@@ -8,7 +8,7 @@
 //! blocking thread (it ends in fsync), and only then acknowledged.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::arrival::Sender;
-use crate::collector::{Collector, IngestError};
+use crate::collector::{Collector, IngestError, blocking};
 use crate::export::{Export, ExportAuthorizer};
 use crate::metrics::IngestMetrics;
 use crate::store::RecordStore;
@@ -201,11 +201,9 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
                 expected_seq: None,
             });
         };
-        let collector = self.collector.clone();
         let tenant = shipper.tenant.clone();
         let workload = shipper.workload.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut collector = collector.lock().unwrap_or_else(PoisonError::into_inner);
+        let outcome = blocking(&self.collector, move |collector| {
             let sender = Sender {
                 tenant: &shipper.tenant,
                 workload: &shipper.workload,
@@ -214,14 +212,14 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
         })
         .await;
         match outcome {
-            Ok(Ok(ingested)) => {
+            Ok(ingested) => {
                 self.metrics.stored(&tenant, &ingested);
                 match serde_json::to_vec(&ingested.ack) {
                     Ok(body) => serve::full(StatusCode::OK, "application/json", body),
                     Err(e) => serve::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 }
             }
-            Ok(Err(IngestError::Refused(refusal))) => {
+            Err(IngestError::Refused(refusal)) => {
                 self.metrics.refused(refusal.reason);
                 tracing::warn!(
                     reason = ?refusal.reason,
@@ -233,17 +231,9 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
                 }
                 refusal_response(&refusal)
             }
-            Ok(Err(IngestError::Store(e))) => {
+            Err(IngestError::Store(e)) => {
                 self.metrics.batch("store_failed");
                 tracing::error!(error = %e, "batch not made durable");
-                serve::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the collector could not make the batch durable; nothing was stored, resend it",
-                )
-            }
-            Err(e) => {
-                self.metrics.batch("store_failed");
-                tracing::error!(error = %e, "ingest task failed");
                 serve::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the collector could not make the batch durable; nothing was stored, resend it",
