@@ -625,6 +625,20 @@ async fn only_a_reader_the_api_server_allows_may_export() {
         .await;
     assert_eq!(other.status, 403, "{}", other.body);
 
+    // Records are written only by shipping proxies: no other method on the export path.
+    let post = ok(http::Request::post("/v1/tenants/shop/records")
+        .header(http::header::AUTHORIZATION, "Bearer analyst")
+        .body(Full::new(Bytes::from("{}"))));
+    let post = ok(running.send(&running.client(None), post).await);
+    assert_eq!(post.status, 405, "{}", post.body);
+    assert!(post.body.contains("GET"), "{}", post.body);
+    // A name no tenant can have.
+    let odd = running
+        .export("/v1/tenants/Shop_1/records", Some("analyst"))
+        .await;
+    assert_eq!(odd.status, 404, "{}", odd.body);
+    assert!(odd.body.contains("is not a tenant name"), "{}", odd.body);
+
     let bad = running
         .export("/v1/tenants/shop/records?format=xml", Some("analyst"))
         .await;
