@@ -52,11 +52,12 @@ fn writer(
     spool_dir: &Path,
     deliver: impl Deliver,
     every: u64,
+    retry: RetryPolicy,
 ) -> Result<(AuditWriter, Arc<SpooledSink>), portcullis_audit::Error> {
     let sink = Arc::new(SpooledSink::start(
         Spool::open(spool_dir, 1 << 20)?,
         deliver,
-        FAST_RETRY,
+        retry,
     ));
     let mut config = WriterConfig::new(Chain::new_id("api-7d9f", t0()));
     config.batch_max = 4;
@@ -117,7 +118,7 @@ async fn splunk_hec_gets_every_record_through_outage_and_restart() -> TestResult
     let addr = unused_port()?;
 
     // 1. Nothing listening: batches pile up in the spool; the writer shuts down.
-    let (w1, sink1) = writer(spool_dir.path(), splunk(addr)?, 5)?;
+    let (w1, sink1) = writer(spool_dir.path(), splunk(addr)?, 5, FAST_RETRY)?;
     submit_n(&w1, 12).await?;
     assert!(
         wait_for(Duration::from_secs(5), || sink1.stats().transient_errors
@@ -133,7 +134,7 @@ async fn splunk_hec_gets_every_record_through_outage_and_restart() -> TestResult
 
     // 2. The service comes back answering 503, then recovers; a new writer reopens the spool.
     let server = TestServer::start(addr, 503).await?;
-    let (w2, sink2) = writer(spool_dir.path(), splunk(addr)?, 5)?;
+    let (w2, sink2) = writer(spool_dir.path(), splunk(addr)?, 5, FAST_RETRY)?;
     submit_n(&w2, 8).await?;
     assert!(wait_for(Duration::from_secs(5), || !server.captured().is_empty()).await);
     assert_eq!(sink2.stats().delivered_batches, 0);
@@ -183,7 +184,7 @@ async fn splunk_hec_gets_every_record_through_outage_and_restart() -> TestResult
 async fn datadog_gets_every_record_and_keeps_batches_on_permanent_errors() -> TestResult {
     let spool_dir = tempfile::tempdir()?;
     let server = TestServer::start("127.0.0.1:0".parse()?, 403).await?;
-    let (w, sink) = writer(spool_dir.path(), datadog(server.addr)?, 4)?;
+    let (w, sink) = writer(spool_dir.path(), datadog(server.addr)?, 4, FAST_RETRY)?;
     submit_n(&w, 10).await?;
     assert!(
         wait_for(Duration::from_secs(5), || sink.stats().permanent_errors
@@ -227,6 +228,39 @@ async fn datadog_gets_every_record_and_keeps_batches_on_permanent_errors() -> Te
     let received = accepted_entries(&server, dd_messages)?;
     let report = verify_entries(&received, VerifyOptions::default())?;
     assert_eq!((report.records, report.checkpoints), (10, 3));
+    Ok(())
+}
+
+/// A destination that comes back only after the close began (a restarted collector whose
+/// Service endpoint is programmed a moment later) still gets the whole spool before the
+/// deadline, however long the backoff had grown: the spool may die with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_sink_keeps_retrying_until_its_deadline() -> TestResult {
+    let spool_dir = tempfile::tempdir()?;
+    let addr = unused_port()?;
+    let slow = RetryPolicy {
+        initial: Duration::from_secs(20),
+        max: Duration::from_secs(60),
+    };
+    let (w, sink) = writer(spool_dir.path(), splunk(addr)?, 5, slow)?;
+    submit_n(&w, 6).await?;
+    assert!(wait_for(Duration::from_secs(5), || sink.stats().transient_errors > 0).await);
+    let closing = tokio::spawn(async move { w.shutdown(Duration::from_secs(4)).await });
+    // The close's first attempt is refused too; only then does the destination come up.
+    assert!(
+        wait_for(Duration::from_secs(3), || sink.stats().transient_errors > 1).await,
+        "the close retries at once, not after the 20 s backoff"
+    );
+    let server = TestServer::start(addr, 200).await?;
+    closing.await?;
+    assert_eq!(
+        sink.stats().spool_batches,
+        0,
+        "every batch is delivered before the deadline"
+    );
+    let received = accepted_entries(&server, hec_events)?;
+    let report = verify_entries(&received, VerifyOptions::default())?;
+    assert_eq!(report.records, 6);
     Ok(())
 }
 

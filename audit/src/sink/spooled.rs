@@ -2,6 +2,11 @@
 //! the oldest batch, removes it on 2xx, and retries with exponential backoff otherwise.
 //! Permanent errors (4xx other than 408/429) are counted and logged, and the batch stays
 //! spooled (retried at the longest backoff) rather than dropped.
+//!
+//! Once closing, the backoff no longer applies: the spool may live on a pod's scratch
+//! space that dies with the process, so a destination that comes back (a restarted
+//! collector whose Service endpoint is not programmed yet) is retried every
+//! [`CLOSING_RETRY`] until the deadline instead of once.
 
 use super::spool::Spool;
 use super::{Deliver, DeliveryError, Sink, SinkFuture, SinkStats};
@@ -13,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+
+/// The delay between attempts once the sink is closing.
+pub const CLOSING_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Counters {
@@ -129,7 +137,10 @@ async fn deliver_loop<D: Deliver>(
             }
             Err(DeliveryError::Transient(message)) => {
                 counters.transient_errors.fetch_add(1, Ordering::Relaxed);
-                let delay = backoff.next_delay();
+                let delay = match deadline {
+                    Some(_) => CLOSING_RETRY,
+                    None => backoff.next_delay(),
+                };
                 tracing::warn!(sink = deliver.name(), %message, retry_in = ?delay, "audit delivery failed; batch kept in spool");
                 if !pause(&mut stop, delay).await {
                     break;
@@ -138,6 +149,10 @@ async fn deliver_loop<D: Deliver>(
             Err(DeliveryError::Permanent { status, message }) => {
                 counters.permanent_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(sink = deliver.name(), status, %message, "audit sink refused the batch (check its URL, token and index); batch kept in spool");
+                // A refusal does not change in the seconds a close has left.
+                if deadline.is_some() {
+                    break;
+                }
                 if !pause(&mut stop, backoff.max_delay()).await {
                     break;
                 }
@@ -186,7 +201,7 @@ impl Sink for SpooledSink {
             }
             let left = self.spool.batches();
             if left > 0 {
-                tracing::warn!(sink = %self.name, batches = left, "audit batches left in spool for the next start");
+                tracing::warn!(sink = %self.name, batches = left, "audit batches undelivered at exit: the next process to open this spool sends them (they are lost if the spool's directory goes with the pod)");
             }
             Ok(())
         })

@@ -37,7 +37,10 @@ use crate::{
     },
 };
 
-/// How long the audit trail gets to write what is queued after the listeners drained.
+/// How long the audit trail gets at least to write what is queued and deliver its spool
+/// after the listeners drained; it also gets whatever of the listeners' drain budget
+/// they did not use, so a pod deleted right after a collector outage ships its spool
+/// within the kubelet's grace period (drain 25 s + 5 s = the default 30 s).
 pub const AUDIT_DRAIN: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
@@ -116,6 +119,7 @@ impl RunningProxy {
     pub async fn wait(mut self) {
         // The inbound listener task finishes last, after its drain.
         self.shutdown.cancelled().await;
+        let budget = tokio::time::Instant::now() + self.drain + AUDIT_DRAIN;
         let joined = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.drain + Duration::from_secs(5), joined)
             .await
@@ -125,7 +129,8 @@ impl RunningProxy {
             self.tasks.abort_all();
         }
         if let Some(trail) = &self.audit {
-            trail.shutdown(AUDIT_DRAIN).await;
+            let left = budget.saturating_duration_since(tokio::time::Instant::now());
+            trail.shutdown(left.max(AUDIT_DRAIN)).await;
         }
     }
 }
