@@ -1272,6 +1272,22 @@ mod export_from_the_collector {
         .unwrap();
     }
 
+    /// The audit server on 127.0.0.1 over the files of [`collector_files`] in `dir`.
+    fn server_settings(dir: &Path) -> AuditServerSettings {
+        AuditServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.join("data"),
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+            trust_bundle_file: dir.join("ca.crt"),
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            retention_days: 365,
+            reload_every: Duration::from_secs(30),
+            sinks_every: Duration::from_millis(200),
+        }
+    }
+
     /// The collector's files: its serving certificate from a CA like the operator's,
     /// and a log already holding `records` of tenant `owner`.
     fn collector_files(dir: &Path, owner: &str, records: usize) -> Vec<String> {
@@ -1337,20 +1353,11 @@ mod export_from_the_collector {
         let dir = tempfile::tempdir().unwrap();
         let shipped = collector_files(dir.path(), &name, 4);
         let server = audit_server::start(
-            AuditServerSettings {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                metrics_addr: "127.0.0.1:0".parse().unwrap(),
-                data_dir: dir.path().join("data"),
-                cert_file: dir.path().join("tls.crt"),
-                key_file: dir.path().join("tls.key"),
-                trust_bundle_file: dir.path().join("ca.crt"),
-                trust_domain: TrustDomain::new("cluster.local").unwrap(),
-                retention_days: 365,
-                reload_every: Duration::from_secs(30),
-            },
+            server_settings(dir.path()),
             audit_server::ClusterAccess {
                 authorizer: KubeExportAuthorizer::new(client.clone()),
                 retention: portcullis_collector::FixedRetention(365),
+                sinks: portcullis_collector::NoSinks,
                 observer: None,
             },
         )
@@ -1478,6 +1485,89 @@ mod export_from_the_collector {
             stranger.stderr.contains("401") && stranger.stderr.contains("--token-file"),
             "{stranger:?}"
         );
+        server.stop().await;
+    }
+
+    /// The Tenant names a Splunk HEC and a Secret in the collector's namespace; the
+    /// collector reads both through this API server and forwards the tenant's log, once,
+    /// in order. A wrong token is refused by the SIEM and nothing is skipped: once the
+    /// Secret is corrected, the records arrive.
+    #[tokio::test]
+    async fn the_collector_forwards_the_tenants_log_to_its_splunk_hec_with_the_secrets_token() {
+        use k8s_openapi::api::core::v1::Secret;
+        use portcullis_operator::audit_sinks::KubeSinks;
+        let Some(env) = env().await else { return };
+        let client = env.client().unwrap();
+        let ns = env.create_namespace("forward").await.unwrap();
+        let home = env.create_namespace("forward-home").await.unwrap();
+        let name = format!("{ns}-t");
+        tenant(&client, &name, &ns).await;
+        let received =
+            portcullis_e2e::hec::Receiver::start("127.0.0.1:0".parse().unwrap(), "hec-0042")
+                .await
+                .unwrap();
+        let hec = received.addr;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &home);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "splunk"}, "stringData": {"token": "stale-token"}
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        Api::<Tenant>::all(client.clone())
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"audit": {"sinks": [
+                    {"stdout": {}},
+                    {"splunkHec": {"url": format!("http://{hec}"), "index": "audit",
+                                   "tokenSecretRef": {"name": "splunk"}}}
+                ]}}})),
+            )
+            .await
+            .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = collector_files(dir.path(), &name, 4);
+        let server = audit_server::start(
+            server_settings(dir.path()),
+            audit_server::ClusterAccess {
+                authorizer: KubeExportAuthorizer::new(client.clone()),
+                retention: portcullis_collector::FixedRetention(365),
+                sinks: KubeSinks::new(client.clone(), home.clone(), "portcullis-audit-0".into()),
+                observer: None,
+            },
+        )
+        .await
+        .unwrap();
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            received.events().is_empty(),
+            "the SIEM refuses a wrong token"
+        );
+        secrets
+            .patch(
+                "splunk",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": {"token": "hec-0042"}})),
+            )
+            .await
+            .unwrap();
+        let want: Vec<serde_json::Value> = shipped
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        for _ in 0..100 {
+            if received.events().len() >= want.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(received.events(), want, "every record once, in order");
         server.stop().await;
     }
 

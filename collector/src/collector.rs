@@ -12,7 +12,8 @@ use portcullis_audit::entry::Entry;
 use serde_json::Value;
 
 use crate::arrival::{Arrivals, Sender};
-use crate::store::{DayPiece, RecordStore, StoreError};
+use crate::forward::AppendSignal;
+use crate::store::{DayPiece, Position, RecordStore, StoreError};
 
 /// Longest retention a tenant may set: seven years.
 pub const MAX_RETENTION_DAYS: u32 = 2555;
@@ -43,6 +44,21 @@ pub struct Collector<S> {
     store: S,
     arrivals: Arrivals,
     clock: Arc<dyn Clock>,
+    appended: AppendSignal,
+}
+
+/// What a reader finds from a place in a tenant's log on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Stored entries, one JSON line each, and where the reader stands after them.
+    Lines {
+        /// The entries.
+        lines: Vec<String>,
+        /// The place after them.
+        next: Position,
+    },
+    /// Nothing stored past the place yet.
+    Nothing,
 }
 
 impl<S: RecordStore> Collector<S> {
@@ -70,11 +86,24 @@ impl<S: RecordStore> Collector<S> {
             store,
             arrivals,
             clock,
+            appended: AppendSignal::default(),
         })
     }
 
     fn today(&self) -> Date {
         self.clock.now().to_zoned(TimeZone::UTC).date()
+    }
+
+    /// The start of yesterday's part of every log (UTC): where a new reader begins, so
+    /// it misses nothing of a log that began moments before it, whatever the hour.
+    pub fn start_of_yesterday(&self) -> Position {
+        let today = self.today();
+        Position::start_of(today.yesterday().unwrap_or(today))
+    }
+
+    /// Told of every append, per tenant.
+    pub fn append_signal(&self) -> AppendSignal {
+        self.appended.clone()
     }
 
     /// Checks `body` (NDJSON) from `sender`, stores what is new, and acknowledges it.
@@ -104,7 +133,11 @@ impl<S: RecordStore> Collector<S> {
             duplicates: batch.duplicates,
         };
         let records = batch.records;
+        let stored = !batch.fresh.is_empty();
         self.arrivals.commit(batch);
+        if stored {
+            self.appended.appended(sender.tenant);
+        }
         Ok(Ingested { ack, records })
     }
 
@@ -149,6 +182,52 @@ impl<S: RecordStore> Collector<S> {
         max_bytes: usize,
     ) -> Result<DayPiece, StoreError> {
         self.store.read_day_piece(tenant, day, offset, max_bytes)
+    }
+
+    /// About `max_bytes` of `tenant`'s entries from `at` on, crossing into later days
+    /// when `at`'s day has no more; a day pruned from under a reader is skipped.
+    pub fn read_from(
+        &self,
+        tenant: &str,
+        at: Position,
+        max_bytes: usize,
+    ) -> Result<Found, StoreError> {
+        let days = self.store.days(tenant)?;
+        let first = at.day;
+        let mut at = at;
+        for day in days.into_iter().filter(|day| *day >= first) {
+            if day != at.day {
+                at = Position::start_of(day);
+            }
+            let piece = self
+                .store
+                .read_day_piece(tenant, day, at.offset, max_bytes)?;
+            if !piece.lines.is_empty() {
+                return Ok(Found::Lines {
+                    lines: piece.lines,
+                    next: Position {
+                        day,
+                        offset: piece.next,
+                    },
+                });
+            }
+        }
+        Ok(Found::Nothing)
+    }
+
+    /// Where the reader `name` stands in `tenant`'s log.
+    pub fn cursor(&self, tenant: &str, name: &str) -> Result<Option<Position>, StoreError> {
+        self.store.cursor(tenant, name)
+    }
+
+    /// Saves (or forgets, with `None`) where the reader `name` stands in `tenant`'s log.
+    pub fn save_cursor(
+        &self,
+        tenant: &str,
+        name: &str,
+        position: Option<Position>,
+    ) -> Result<(), StoreError> {
+        self.store.save_cursor(tenant, name, position)
     }
 
     /// What the collector knows of each chain.

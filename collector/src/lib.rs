@@ -14,23 +14,28 @@
 //! The same listener serves a tenant's log back ([`export`]) to whoever the API server
 //! says may read it.
 //!
-//! Status: checking, storage, recovery, retention, ingest and export. Encryption under
-//! the tenant DEK, signed off-host checkpoints and SIEM forwarding are not built yet.
+//! Each tenant's log goes on to the SIEM sinks its Tenant names ([`forward`]), every
+//! sink from its own cursor in the stored log.
+//!
+//! Status: checking, storage, recovery, retention, ingest, export and SIEM forwarding.
+//! Encryption under the tenant DEK and signed off-host checkpoints are not built yet.
 
 #![warn(missing_docs)]
 
 pub mod arrival;
 pub mod collector;
 pub mod export;
+pub mod forward;
 pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod store;
 
 pub use arrival::{Arrivals, ChainHead, Sender};
-pub use collector::{Collector, IngestError, Ingested, MAX_RETENTION_DAYS};
+pub use collector::{Collector, Found, IngestError, Ingested, MAX_RETENTION_DAYS};
 pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport, Reader};
+pub use forward::{AppendSignal, ForwardMetrics, Forwarding, NoSinks, SinkDirectory, SinkTarget};
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
-pub use store::{DayPiece, FileStore, RecordStore, StoreError};
+pub use store::{DayPiece, FileStore, Position, RecordStore, StoreError};

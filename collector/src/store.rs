@@ -81,6 +81,34 @@ pub trait RecordStore {
 
     /// Removes `tenant`'s days before `before`; returns how many went.
     fn prune(&mut self, tenant: &str, before: Date) -> Result<usize, StoreError>;
+
+    /// Where a reader named `name` (a SIEM sink's forwarder) stands in `tenant`'s log.
+    fn cursor(&self, tenant: &str, name: &str) -> Result<Option<Position>, StoreError>;
+
+    /// Saves (or, with `None`, forgets) where `name` stands in `tenant`'s log; returns
+    /// once it is durable.
+    fn save_cursor(
+        &self,
+        tenant: &str,
+        name: &str,
+        position: Option<Position>,
+    ) -> Result<(), StoreError>;
+}
+
+/// A place in a tenant's log: a day and a byte offset into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// The day of arrival.
+    pub day: Date,
+    /// Bytes of that day already read.
+    pub offset: u64,
+}
+
+impl Position {
+    /// The start of `day`.
+    pub fn start_of(day: Date) -> Self {
+        Self { day, offset: 0 }
+    }
 }
 
 /// A piece of a day's entries.
@@ -104,9 +132,11 @@ struct ChainStart {
 
 const CHAINS_FILE: &str = "chains.jsonl";
 const DAY_SUFFIX: &str = ".jsonl";
+const CURSORS_DIR: &str = "cursors";
 
-/// Tenant logs in a directory: `<root>/<tenant>/chains.jsonl` and
-/// `<root>/<tenant>/<YYYY-MM-DD>.jsonl`.
+/// Tenant logs in a directory: `<root>/<tenant>/chains.jsonl`,
+/// `<root>/<tenant>/<YYYY-MM-DD>.jsonl` and readers' places in
+/// `<root>/<tenant>/cursors/<name>.json`.
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
@@ -192,6 +222,17 @@ impl FileStore {
 
     fn day_file(&self, tenant: &str, day: Date) -> Result<PathBuf, StoreError> {
         Ok(self.tenant_dir(tenant)?.join(format!("{day}{DAY_SUFFIX}")))
+    }
+
+    fn cursor_file(&self, tenant: &str, name: &str) -> Result<PathBuf, StoreError> {
+        // Cursor names are ours (a sink kind and a digest), never a path.
+        if !is_dns_subdomain(name) {
+            return Err(StoreError::BadTenant(name.to_owned()));
+        }
+        Ok(self
+            .tenant_dir(tenant)?
+            .join(CURSORS_DIR)
+            .join(format!("{name}.json")))
     }
 }
 
@@ -368,5 +409,55 @@ impl RecordStore for FileStore {
             sync_dir(&self.tenant_dir(tenant)?)?;
         }
         Ok(removed)
+    }
+
+    fn cursor(&self, tenant: &str, name: &str) -> Result<Option<Position>, StoreError> {
+        let path = self.cursor_file(tenant, name)?;
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("reading", &path)(e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path,
+                line: 1,
+                message: e.to_string(),
+            })
+    }
+
+    fn save_cursor(
+        &self,
+        tenant: &str,
+        name: &str,
+        position: Option<Position>,
+    ) -> Result<(), StoreError> {
+        let path = self.cursor_file(tenant, name)?;
+        let Some(position) = position else {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(io_error("removing", &path)(e))
+                }
+                _ => Ok(()),
+            };
+        };
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
+        let text = serde_json::to_string(&position).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            line: 1,
+            message: e.to_string(),
+        })?;
+        // Written aside, then renamed over: a crash leaves the old place or the new one.
+        let staged = path.with_extension("json.new");
+        {
+            let mut file = File::create(&staged).map_err(io_error("creating", &staged))?;
+            file.write_all(text.as_bytes())
+                .map_err(io_error("writing", &staged))?;
+            file.sync_data().map_err(io_error("syncing", &staged))?;
+        }
+        fs::rename(&staged, &path).map_err(io_error("renaming", &staged))?;
+        sync_dir(&dir)
     }
 }

@@ -227,7 +227,8 @@ pub struct AuditSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 2555))]
     pub retention_days: Option<u32>,
-    /// Where records go, in addition to the sidecar's local encrypted file.
+    /// Where records go besides the audit collector's log: the collector forwards the
+    /// tenant's log to each Splunk HEC and Datadog sink; `stdout` is the proxies' own.
     #[serde(default)]
     pub sinks: Vec<AuditSinkSpec>,
 }
@@ -251,7 +252,9 @@ pub struct AuditSinkSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StdoutSink {}
 
-/// A key of a Secret in the tenant's namespace.
+/// A key of a Secret in the Portcullis namespace, where the audit collector that
+/// forwards the tenant's log runs (list the Secret in the chart's
+/// `audit.collector.sinkSecrets` so the collector may read it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {

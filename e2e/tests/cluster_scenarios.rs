@@ -744,6 +744,7 @@ async fn audit_records_reach_the_collector_once_each_and_outlive_the_app_pod() -
     Api::<portcullis_crds::Role>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &role)
         .await?;
+    let hec = tenant_splunk_hec(&client, fx, &release, &ns).await?;
 
     // A bounded load of 40 requests over about 10 s; every request that reached the
     // proxy (any status but curl's 000) is one record. Three seconds in, the collector
@@ -827,12 +828,7 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
         run.logs
     );
     // One chain, exported in order: sequence numbers 0, 1, 2, ...
-    let seqs: Vec<u64> = run
-        .value("seqs")
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let seqs = sequence_numbers(&run);
     ensure!(
         seqs == (0..answered).collect::<Vec<_>>(),
         "the export is not the chain in order: {seqs:?}\n{}",
@@ -873,5 +869,122 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
         "the verified history holds {} records, {answered} expected",
         report.records
     );
+
+    // The collector forwarded the same records to the tenant's Splunk HEC, each once,
+    // in order (a new sink is looked up within 30 s).
+    let Some(hec) = hec else { return Ok(()) };
+    let received = format!(
+        r#"for i in $(seq 1 60); do
+  curl -s --max-time 5 "{hec}/received" | grep -v '"type":"checkpoint"' | grep "\"tenant\":\"$NS\"" > /tmp/got
+  [ "$(wc -l < /tmp/got)" -ge "$WANT" ] && break
+  sleep 2
+done
+echo "records=$(wc -l < /tmp/got)"
+echo "seqs=$(grep -o '"seq":[0-9]*' /tmp/got | cut -d: -f2 | tr '\n' ' ')""#
+    );
+    let run = run_job(
+        &client,
+        fx.tier,
+        &fx.client_ns,
+        None,
+        &[("WANT", want.as_str()), ("NS", ns.as_str())],
+        &received,
+    )
+    .await?;
+    ensure!(
+        sequence_numbers(&run) == (0..answered).collect::<Vec<_>>(),
+        "the Splunk HEC should hold the {answered} records once each, in order:\n{}",
+        run.logs
+    );
     Ok(())
+}
+
+/// The `seqs=` a job printed, space-separated.
+fn sequence_numbers(run: &JobRun) -> Vec<u64> {
+    run.value("seqs")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The Secret the node tier's chart values let the collector read (`sinkSecrets`).
+const HEC_SECRET: &str = "portcullis-e2e-hec";
+
+/// A Splunk HEC stand-in pod (`pod-app hec`) in the client namespace, its token in the
+/// Secret the chart lets the collector read, named in tenant `ns`'s `spec.audit.sinks`;
+/// returns its URL. `None` (printed) when the chart was installed without that Secret
+/// in `audit.collector.sinkSecrets`.
+async fn tenant_splunk_hec(
+    client: &Client,
+    fx: &Fixture,
+    release: &str,
+    ns: &str,
+) -> Result<Option<String>> {
+    let readable = Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), release)
+        .get_opt("portcullis-audit-sink-secrets")
+        .await?
+        .is_some_and(|role| {
+            role.rules.iter().flatten().any(|rule| {
+                rule.resource_names
+                    .iter()
+                    .flatten()
+                    .any(|name| name == HEC_SECRET)
+            })
+        });
+    if !readable {
+        println!(
+            "skipping the SIEM check: the chart's audit.collector.sinkSecrets does not list {HEC_SECRET}"
+        );
+        return Ok(None);
+    }
+    let token = format!("hec-{}", suffix());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), release);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": HEC_SECRET},
+        "stringData": {"token": token}
+    });
+    secrets
+        .patch(
+            HEC_SECRET,
+            &PatchParams::apply("portcullis-e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    let name = format!("hec-{}", suffix());
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"containers": [{
+            "name": "hec",
+            "image": fx.tier.app_image(),
+            "imagePullPolicy": "IfNotPresent",
+            "args": ["hec", "--port", "8088"],
+            "env": [{"name": "HEC_TOKEN", "value": token}],
+            "ports": [{"name": "hec", "containerPort": 8088}],
+            "readinessProbe": {"tcpSocket": {"port": 8088}, "periodSeconds": 1}
+        }]}
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), &fx.client_ns)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "hec", "port": 8088, "targetPort": 8088}]}
+    }))?;
+    Api::<Service>::namespaced(client.clone(), &fx.client_ns)
+        .create(&PostParams::default(), &service)
+        .await?;
+    pod_ready(client, &fx.client_ns, &name).await?;
+    let url = format!("http://{name}.{}.svc:8088", fx.client_ns);
+    Api::<portcullis_crds::Tenant>::all(client.clone())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"audit": {"sinks": [
+                {"splunkHec": {"url": url, "tokenSecretRef": {"name": HEC_SECRET}}}
+            ]}}})),
+        )
+        .await?;
+    Ok(Some(url))
 }

@@ -3,7 +3,8 @@
 //! server: [`crate::audit_cluster`]) on `--listen`, with the files it is given (a
 //! mounted `kubernetes.io/tls` Secret the operator keeps fresh: re-read every 30 s and
 //! served from the next handshake on), `/metrics` and `/healthz` on `--metrics-addr`,
-//! and retention enforced hourly.
+//! retention enforced hourly, and each tenant's log forwarded to its SIEM sinks
+//! ([`crate::audit_sinks`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,11 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
+use portcullis_audit::retry::RetryPolicy;
 use portcullis_collector::{
-    Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, Ingest, IngestMetrics, Pruned,
-    RefusalObserver, RetentionPolicy, StoreError,
+    Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, ForwardMetrics, Forwarding,
+    Ingest, IngestMetrics, NoSinks, Pruned, RefusalObserver, RetentionPolicy, SinkDirectory,
+    StoreError,
 };
 use portcullis_server::{self as serve, ServerTls};
 use portcullis_tls::{parse_pem_certs, root_store};
@@ -31,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 /// How often the certificate files are checked for a renewal (kubelet refreshes a
 /// mounted Secret within about a minute).
 pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+/// How often each tenant's SIEM sinks are read again: a sink added to a Tenant, or a
+/// rotated token, is in force within this.
+pub const SINKS_EVERY: Duration = Duration::from_secs(30);
 
 /// How often retention is enforced.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -56,6 +63,8 @@ pub struct AuditServerSettings {
     pub retention_days: u32,
     /// How often the certificate files are checked for a renewal.
     pub reload_every: Duration,
+    /// How often each tenant's SIEM sinks are read again (a new sink, a rotated token).
+    pub sinks_every: Duration,
 }
 
 /// Why the audit server did not start.
@@ -201,35 +210,39 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AuditServerError> {
 }
 
 /// What the collector learns from and tells the cluster.
-pub struct ClusterAccess<A, R> {
+pub struct ClusterAccess<A, R, K> {
     /// Who may export.
     pub authorizer: A,
     /// How long each tenant's log is kept.
     pub retention: R,
+    /// Where each tenant's log is forwarded.
+    pub sinks: K,
     /// Told of refused batches.
     pub observer: Option<Arc<dyn RefusalObserver>>,
 }
 
-impl ClusterAccess<portcullis_collector::NoExport, portcullis_collector::FixedRetention> {
-    /// No API server: exports refused, every tenant kept `retention_days`, refusals
-    /// only logged and counted.
+impl ClusterAccess<portcullis_collector::NoExport, portcullis_collector::FixedRetention, NoSinks> {
+    /// No API server: exports refused, every tenant kept `retention_days`, nothing
+    /// forwarded, refusals only logged and counted.
     pub fn none(retention_days: u32) -> Self {
         Self {
             authorizer: portcullis_collector::NoExport,
             retention: portcullis_collector::FixedRetention(retention_days),
+            sinks: NoSinks,
             observer: None,
         }
     }
 }
 
 /// Opens the store (recovering every chain from it), then serves.
-pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
+pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
     settings: AuditServerSettings,
-    cluster: ClusterAccess<A, R>,
+    cluster: ClusterAccess<A, R, K>,
 ) -> Result<AuditServer, AuditServerError> {
     let ClusterAccess {
         authorizer,
         retention,
+        sinks,
         observer,
     } = cluster;
     let files = TlsFiles::from(&settings);
@@ -248,6 +261,12 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
         collector.clone(),
         authorizer,
         ExportMetrics::register(&mut registry),
+    );
+    let forwarding = Forwarding::new(
+        collector.clone(),
+        sinks,
+        ForwardMetrics::register(&mut registry),
+        RetryPolicy::default(),
     );
 
     let listener = bind(settings.listen).await?;
@@ -303,6 +322,7 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy>(
         },
         shutdown.clone(),
     ));
+    tasks.spawn(forwarding.run(settings.sinks_every, shutdown.clone()));
     tasks.spawn(enforce_retention(collector, retention, shutdown.clone()));
     tracing::info!(%addr, %metrics_addr, data = %settings.data_dir.display(), "audit server serving");
     Ok(AuditServer {

@@ -5,6 +5,7 @@ pub mod access_review;
 pub mod admin;
 pub mod audit_cluster;
 pub mod audit_server;
+pub mod audit_sinks;
 pub mod ca;
 pub mod clock;
 pub mod context;

@@ -99,6 +99,7 @@ fn settings(dir: &Path) -> AuditServerSettings {
         trust_domain: td(),
         retention_days: 365,
         reload_every: Duration::from_millis(100),
+        sinks_every: Duration::from_millis(100),
     }
 }
 

@@ -1,6 +1,8 @@
 //! `pod-app`: the application the local-cluster tier runs inside pods.
 //!
 //! - `pod-app serve --port P`: the echo app (method, path, headers and body as JSON).
+//! - `pod-app hec --port P` (token in `HEC_TOKEN`): a Splunk HEC stand-in
+//!   ([`portcullis_e2e::hec`]); `GET /received` lists what it accepted.
 //! - `pod-app request URL [-X METHOD] [-H 'Name: value']... [--cacert F] [--cert F --key F]`:
 //!   one HTTP(S) request; prints `{"status":..,"headers":{..},"body":".."}` on stdout, or
 //!   `{"error":".."}` and exits 2 when no response came back (refused, reset, TLS error).
@@ -37,6 +39,13 @@ enum Command {
         #[arg(long)]
         port: u16,
     },
+    /// Receive Splunk HEC events on 0.0.0.0:PORT, accepting the token in `HEC_TOKEN`.
+    Hec {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, env = "HEC_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Send one request and print the response as JSON.
     Request(Box<RequestArgs>),
 }
@@ -68,6 +77,17 @@ struct RequestArgs {
     for_seconds: u64,
 }
 
+/// Waits for SIGTERM or Ctrl-C: as PID 1 in a container, SIGTERM (kubelet, Job end)
+/// must stop it.
+async fn terminated() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -79,15 +99,21 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             eprintln!("pod-app: echo listening on {bound}");
-            // PID 1 in a container: SIGTERM (kubelet, Job end) must stop it, not just Ctrl-C.
-            let mut terminate =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                interrupted = tokio::signal::ctrl_c() => interrupted?,
-                _ = terminate.recv() => {}
-            }
+            terminated().await?;
             shutdown.cancel();
             Ok(())
+        }
+        Command::Hec { port, token } => {
+            let receiver = portcullis_e2e::hec::Receiver::start(
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                &token,
+            )
+            .await?;
+            eprintln!(
+                "pod-app: Splunk HEC stand-in listening on {}",
+                receiver.addr
+            );
+            terminated().await
         }
         Command::Request(args) => {
             let RequestArgs {

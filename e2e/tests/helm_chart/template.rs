@@ -737,6 +737,11 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
     };
     let objects = helm.render(&[])?;
     assert_eq!(kinds(&objects, "StatefulSet"), 0, "off by default");
+    let enabled = helm.render(&["--set", "audit.collector.enabled=true"])?;
+    assert!(
+        find(&enabled, "Role", "portcullis-audit-sink-secrets").is_err(),
+        "no Secret is readable until sinkSecrets lists it"
+    );
     let operator = &find(&objects, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"]
         ["containers"][0];
     assert!(env_value(operator, "PORTCULLIS_AUDIT_COLLECTOR_URL").is_none());
@@ -768,6 +773,16 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
             r#""events.k8s.io" ["events"] ["create"]"#,
         ]
     );
+    // SIEM tokens: `get` on exactly the listed Secrets, in the release namespace only.
+    let sink_secrets = find(&objects, "Role", "portcullis-audit-sink-secrets")?;
+    assert_eq!(sink_secrets["metadata"]["namespace"], TEMPLATE_NAMESPACE);
+    assert_eq!(
+        sink_secrets["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"],
+                            "resourceNames": ["splunk-hec", "datadog-key"], "verbs": ["get"]}])
+    );
+    let binding = find(&objects, "RoleBinding", "portcullis-audit-sink-secrets")?;
+    assert_eq!(binding["subjects"][0]["name"], "portcullis-audit");
     let container = &pod["containers"][0];
     assert_eq!(container["args"][0], "audit-server");
     assert_eq!(

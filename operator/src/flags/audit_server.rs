@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::MAX_RETENTION_DAYS;
-use portcullis_operator::audit_server::{AuditServerSettings, RELOAD_EVERY};
+use portcullis_operator::audit_server::{AuditServerSettings, RELOAD_EVERY, SINKS_EVERY};
 
 use super::values::trust_domain;
 
@@ -67,6 +67,7 @@ impl AuditServerArgs {
             trust_domain: self.trust_domain.clone(),
             retention_days: self.retention_days,
             reload_every: RELOAD_EVERY,
+            sinks_every: SINKS_EVERY,
         }
     }
 }
