@@ -769,8 +769,85 @@ async fn overlapping_tenants_never_take_over_and_deletion_releases_labels() -> R
         Ok((l.as_deref() != Some(first.as_str())).then_some(()))
     })
     .await?;
-    // Freed, the namespace goes to the tenant that asked for it.
-    ready_tenant(&h.client, &second).await?;
+    // Freed, the namespace goes to the tenant that asked for it; the built-in Roles are
+    // the new Tenant's alone (the old ones went with the label, not with the GC).
+    let won = ready_tenant(&h.client, &second).await?;
+    let roles = Api::<portcullis_crds::Role>::namespaced(h.client.clone(), &ns)
+        .list(&Default::default())
+        .await?;
+    for role in roles.items {
+        let owners: Vec<String> = role
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.uid)
+            .collect();
+        ensure!(
+            owners.is_empty() || owners == [won.metadata.uid.clone().unwrap_or_default()],
+            "Role {:?} is still owned by {owners:?}",
+            role.metadata.name
+        );
+    }
+    operator.stop().await;
+    Ok(())
+}
+
+/// Tenants are reconciled concurrently: a dozen created at once for one namespace, and
+/// exactly one gets it; every other one says which Tenant holds it.
+#[tokio::test]
+async fn tenants_reconciled_together_never_share_a_namespace() -> Result<()> {
+    let Some(h) = harness().await? else {
+        return Ok(());
+    };
+    let operator = start_operator(&h, "race-test").await?;
+    let ns = h.env.create_namespace("contested").await?;
+    let names: Vec<String> = (0..12).map(|_| unique("racer")).collect();
+    let wanted = [ns.as_str()];
+    futures::future::try_join_all(names.iter().map(|n| create_tenant(&h.client, n, &wanted)))
+        .await?;
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    let outcomes = eventually("every racer settled", WAIT, || async {
+        let mut outcomes = Vec::new();
+        for name in &names {
+            let t = tenants.get(name).await?;
+            let (status, reason, message) = ready_reason(&t.status.unwrap_or_default().conditions);
+            if status.is_empty() || (status == "False" && reason != "NamespaceClaimed") {
+                return Ok(None);
+            }
+            outcomes.push((name.clone(), status, message));
+        }
+        Ok(Some(outcomes))
+    })
+    .await?;
+    let winners: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, status, _)| status == "True")
+        .map(|(name, _, _)| name)
+        .collect();
+    ensure!(
+        winners.len() == 1,
+        "exactly one Tenant binds {ns}: {outcomes:#?}"
+    );
+    let winner = winners[0];
+    let label = Api::<Namespace>::all(h.client.clone())
+        .get(&ns)
+        .await?
+        .metadata
+        .labels
+        .unwrap_or_default()
+        .get(TENANT_LABEL)
+        .cloned();
+    ensure!(
+        label.as_ref() == Some(winner),
+        "{ns} is labelled {label:?}, not {winner}"
+    );
+    for (name, status, message) in &outcomes {
+        ensure!(
+            name == winner || (status == "False" && message.contains(winner.as_str())),
+            "{name} should name {winner} as the holder: {message}"
+        );
+    }
     operator.stop().await;
     Ok(())
 }

@@ -205,6 +205,12 @@ impl Error {
     pub fn api_code(&self) -> Option<u16> {
         match self {
             Self::Kube(kube::Error::Api(status)) => Some(status.code),
+            Self::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.api_code()
+                }
+                _ => None,
+            },
             _ => None,
         }
     }

@@ -1,13 +1,14 @@
 //! The Tenant reconciler against a scripted fake API server (fixtures/): its first
 //! reconcile only puts its finalizer on (so namespaces it labels are released when the
-//! Tenant goes), and a Tenant whose spec is invalid says what is wrong, field by field,
-//! in its status and an Event, and touches nothing else.
+//! Tenant goes), a Tenant whose spec is invalid says what is wrong, field by field, in
+//! its status and an Event, and touches nothing else, and a namespace is bound only if
+//! nobody changed it since it was read (Tenants are reconciled concurrently).
 
 mod fixtures;
 
 use std::sync::Arc;
 
-use fixtures::{TENANT, tenant, testing_context, with_status};
+use fixtures::{NS, TENANT, tenant, testing_context, with_status};
 use http::StatusCode;
 use portcullis_crds::{Tenant, TenantStatus};
 use portcullis_operator::controller::tenant::{FINALIZER, reconcile};
@@ -103,4 +104,51 @@ async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched(
     }
     assert_eq!(event.body["type"], "Warning");
     assert_eq!(event.body["regarding"]["name"], TENANT);
+}
+
+#[tokio::test]
+async fn a_namespace_changed_since_it_was_read_is_not_bound_but_read_again() {
+    let (ctx, mut api, _writers) = testing_context();
+    let mut acme: Tenant = tenant();
+    acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let namespace = format!("/api/v1/namespaces/{NS}");
+    let script = tokio::spawn(async move {
+        api.expect("GET", &namespace, StatusCode::OK, |_| {
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": NS, "resourceVersion": "17"}})
+        })
+        .await;
+        api.expect("GET", "/api/v1/namespaces", StatusCode::OK, |_| {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                   "metadata": {}, "items": []})
+        })
+        .await;
+        // Another Tenant's reconcile labelled it in between.
+        let bind = api
+            .expect("PATCH", &namespace, StatusCode::CONFLICT, |_| {
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                       "reason": "Conflict", "code": 409,
+                       "message": format!("Operation cannot be fulfilled on namespaces \"{NS}\": the object has been modified")})
+            })
+            .await;
+        // Planned again from what the namespace is now (here the API server then fails).
+        api.expect("GET", &namespace, StatusCode::SERVICE_UNAVAILABLE, |_| {
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                   "reason": "ServiceUnavailable", "code": 503, "message": "etcd is busy"})
+        })
+        .await;
+        api.expect_nothing_more().await;
+        bind
+    });
+    let error = reconcile(Arc::new(acme), ctx)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("the reconcile should have failed"));
+    let bind = script.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        bind.body["metadata"],
+        json!({"labels": {"portcullis.dev/tenant": TENANT}, "resourceVersion": "17"}),
+        "the label is set only on the namespace as it was read"
+    );
+    assert_eq!(error.api_code(), Some(503), "{error}");
 }

@@ -63,6 +63,9 @@ pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action>
     .await
 }
 
+/// How many times a reconcile plans again after a namespace changed under it.
+const BIND_CONFLICTS: u32 = 3;
+
 /// Which namespaces to label, keep, release, and which cannot be had.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespacePlan {
@@ -199,23 +202,10 @@ impl<'a> TenantReconciler<'a> {
             return Err(error);
         }
 
-        let plan = self.plan_namespaces().await?;
-        for ns in &plan.bind {
-            self.label(ns, Some(&self.name)).await?;
-            self.ctx
-                .event(
-                    &self.reference(),
-                    false,
-                    "NamespaceBound",
-                    format!("namespace {ns} bound to tenant {}", self.name),
-                )
-                .await;
-        }
+        let plan = self.plan_and_bind().await?;
         let owner = self.owner()?;
         for ns in &plan.release {
-            self.label(ns, None).await?;
-            self.remove_builtin_roles(ns).await?;
-            tenant_network::remove(self.ctx, ns, &owner.uid).await?;
+            self.vacate(ns, &owner).await?;
             self.ctx
                 .event(
                     &self.reference(),
@@ -310,7 +300,7 @@ impl<'a> TenantReconciler<'a> {
         // collector gets to it.
         let owner = self.owner()?;
         for ns in self.labelled_ours().await? {
-            self.label(&ns, None).await?;
+            self.vacate(&ns, &owner).await?;
             tenant_secrets::remove(self.ctx, &ns, &owner.uid).await?;
         }
         self.ctx
@@ -351,9 +341,16 @@ impl<'a> TenantReconciler<'a> {
             .collect())
     }
 
-    async fn plan_namespaces(&self) -> Result<NamespacePlan> {
+    /// The plan, and the resourceVersion each existing wanted namespace had when read.
+    async fn plan_namespaces(&self) -> Result<(NamespacePlan, BTreeMap<String, String>)> {
         let spec = &self.tenant.spec;
         let mut labels: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut note = |ns: &Namespace, name: &str| {
+            if let Some(version) = &ns.metadata.resource_version {
+                seen.insert(name.to_owned(), version.clone());
+            }
+        };
         let mut wanted: BTreeSet<String> = BTreeSet::new();
         let tenant_label = |n: &Namespace| {
             n.metadata
@@ -364,6 +361,7 @@ impl<'a> TenantReconciler<'a> {
         for name in &spec.namespaces {
             wanted.insert(name.clone());
             if let Some(ns) = self.namespaces.get_opt(name).await? {
+                note(&ns, name);
                 labels.insert(name.clone(), tenant_label(&ns));
             }
         }
@@ -397,28 +395,79 @@ impl<'a> TenantReconciler<'a> {
                         continue;
                     }
                     wanted.insert(name.clone());
+                    note(&ns, &name);
                     labels.insert(name, tenant_label(&ns));
                 }
             }
         }
-        Ok(NamespacePlan::new(
-            &self.name,
-            &wanted,
-            &labels,
-            &self.labelled_ours().await?,
-        ))
+        let plan = NamespacePlan::new(&self.name, &wanted, &labels, &self.labelled_ours().await?);
+        Ok((plan, seen))
     }
 
-    /// Sets (`Some`) or removes (`None`) the tenant label of a namespace.
-    async fn label(&self, namespace: &str, tenant: Option<&str>) -> Result<()> {
-        let patch = serde_json::json!({"metadata": {"labels": {TENANT_LABEL: tenant}}});
+    /// Plans the namespaces and binds the free ones. A namespace is bound only if it is
+    /// still as planned: of two Tenants reconciled at once for one namespace, the second
+    /// gets 409, plans again and finds it claimed (client-go's retry on conflict).
+    async fn plan_and_bind(&self) -> Result<NamespacePlan> {
+        let mut conflicts = 0;
+        'plan: loop {
+            let (plan, seen) = self.plan_namespaces().await?;
+            for ns in &plan.bind {
+                match self.bind(ns, seen.get(ns).map(String::as_str)).await {
+                    Err(Error::Kube(e))
+                        if crate::error::is_api_code(&e, 409) && conflicts < BIND_CONFLICTS =>
+                    {
+                        conflicts += 1;
+                        tracing::debug!(namespace = %ns, "namespace changed while binding it; planning again");
+                        continue 'plan;
+                    }
+                    bound => bound?,
+                }
+                self.ctx
+                    .event(
+                        &self.reference(),
+                        false,
+                        "NamespaceBound",
+                        format!("namespace {ns} bound to tenant {}", self.name),
+                    )
+                    .await;
+            }
+            return Ok(plan);
+        }
+    }
+
+    /// Labels `namespace` for this Tenant if it is still at `version` (compare and swap:
+    /// the API server answers 409 when anything changed it since it was read).
+    async fn bind(&self, namespace: &str, version: Option<&str>) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {
+            "labels": {TENANT_LABEL: self.name},
+            "resourceVersion": version,
+        }});
+        self.namespaces
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Gives a namespace up: its built-in Roles and NetworkPolicy go first, then its
+    /// label, so the next Tenant to bind it (at once: Tenants are reconciled
+    /// concurrently) finds nothing another Tenant controls, without waiting for the
+    /// garbage collector.
+    async fn vacate(&self, namespace: &str, owner: &OwnerReference) -> Result<()> {
+        self.remove_builtin_roles(namespace).await?;
+        tenant_network::remove(self.ctx, namespace, &owner.uid).await?;
+        self.unlabel(namespace).await
+    }
+
+    /// Removes the tenant label of a namespace (gone already is fine).
+    async fn unlabel(&self, namespace: &str) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {TENANT_LABEL: null}}});
         match self
             .namespaces
             .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if tenant.is_none() && crate::error::is_api_code(&e, 404) => Ok(()),
+            Err(e) if crate::error::is_api_code(&e, 404) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
