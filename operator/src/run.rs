@@ -508,6 +508,7 @@ pub async fn start(
                 webhook_settings,
                 kek.clone(),
                 Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
+                Some(stores.tenants.clone()),
                 shutdown.clone(),
             )
             .await?;

@@ -114,7 +114,9 @@ pub async fn run(
     let mut first = true;
     loop {
         let now = clock.now();
+        let started = tokio::time::Instant::now();
         let next = compile_all(&stores, &hub, &metrics, now);
+        let took = started.elapsed();
         if first {
             ready.store(true, Ordering::Relaxed);
             first = false;
@@ -127,8 +129,20 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
         }
+        // Every cache event recompiles every tenant: under a stream of events (a
+        // thousand Tenants reconciling) that alone kept a core busy. Compiling takes at
+        // most a quarter of the time; with few tenants a compile takes well under a
+        // millisecond, so a revocation still goes out at once.
+        let earliest = started + took * COMPILE_SHARE;
+        tokio::select! {
+            () = tokio::time::sleep_until(earliest) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }
+
+/// A compile is followed by at least (this - 1) times its duration before the next.
+const COMPILE_SHARE: u32 = 4;
 
 /// `portcullis-operator policy dump`: compiles one tenant's bundle straight from the
 /// API server (no running operator needed), with the keys left out and why.

@@ -205,7 +205,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
     let socket = reserve(settings.addr)?;
-    start(client, socket, settings, kek, audit, shutdown)
+    start(client, socket, settings, kek, audit, None, shutdown)
         .await?
         .await
 }
@@ -221,6 +221,7 @@ pub async fn start(
     settings: WebhookSettings,
     kek: Arc<Kek>,
     audit: Arc<dyn AdminAuditSink>,
+    tenant_cache: Option<kube::runtime::reflector::Store<portcullis_crds::Tenant>>,
     shutdown: CancellationToken,
 ) -> Result<
     impl std::future::Future<Output = Result<(), WebhookError>> + Send + 'static,
@@ -252,6 +253,7 @@ pub async fn start(
     tokio::spawn(certificates.clone().run(shutdown.clone()));
     let state = WebhookState {
         clock,
+        lookup: Arc::new(KubeLookup::new(client.clone()).with_tenant_cache(tenant_cache)),
         ..WebhookState::new(client, settings.inject, settings.validator, server_version)
             .with_audit(audit)
     };

@@ -7,12 +7,14 @@
 
 use std::collections::BTreeMap;
 
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::UserInfo;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::ListParams;
+use kube::runtime::reflector::Store;
 use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_crds::{Role, Tenant};
 
@@ -40,6 +42,13 @@ pub trait ClusterLookup: Send + Sync {
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
     /// Every Tenant.
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>>;
+    /// Every Tenant as the operator's watch cache holds them, when it has synced: for
+    /// the namespace-claim check of a Tenant admission, which would otherwise LIST every
+    /// Tenant per admission. A Tenant created a moment ago may be missing; the Tenant
+    /// controller's compare-and-swap on the namespace label still lets only one win.
+    fn cached_tenants(&self) -> Option<Vec<Tenant>> {
+        None
+    }
     /// The Tenant called `name`; `None` when it does not exist. Default: searched in
     /// [`tenants`](Self::tenants).
     fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
@@ -64,16 +73,26 @@ pub trait ClusterLookup: Send + Sync {
     }
 }
 
-/// [`ClusterLookup`] over a kube client.
+/// [`ClusterLookup`] over a kube client (and the operator's Tenant cache).
 #[derive(Clone)]
 pub struct KubeLookup {
     client: kube::Client,
+    tenant_cache: Option<Store<Tenant>>,
 }
 
 impl KubeLookup {
     /// Reads through `client`.
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            tenant_cache: None,
+        }
+    }
+
+    /// Also answers [`ClusterLookup::cached_tenants`] from `cache`.
+    pub fn with_tenant_cache(mut self, cache: Option<Store<Tenant>>) -> Self {
+        self.tenant_cache = cache;
+        self
     }
 }
 
@@ -123,6 +142,13 @@ impl ClusterLookup for KubeLookup {
                 .map_err(failed("tenants"))?;
             Ok(list.items)
         })
+    }
+
+    fn cached_tenants(&self) -> Option<Vec<Tenant>> {
+        let cache = self.tenant_cache.as_ref()?;
+        // Synced once: from then on the watch keeps it current.
+        cache.wait_until_ready().now_or_never()?.ok()?;
+        Some(cache.state().iter().map(|t| Tenant::clone(t)).collect())
     }
 
     fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
@@ -199,7 +225,11 @@ pub async fn tenant_claims(
     lookup: &dyn ClusterLookup,
     namespaces: &[String],
 ) -> Result<TenantClaims, LookupError> {
-    let mut claims = TenantClaims::new(&lookup.tenants().await?);
+    let tenants = match lookup.cached_tenants() {
+        Some(tenants) => tenants,
+        None => lookup.tenants().await?,
+    };
+    let mut claims = TenantClaims::new(&tenants);
     for namespace in namespaces {
         if let Some(labels) = lookup.namespace_labels(namespace).await?
             && let Some(owner) = labels.get(TENANT_LABEL)
