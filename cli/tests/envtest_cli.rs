@@ -1359,6 +1359,7 @@ mod export_from_the_collector {
                 retention: portcullis_collector::FixedRetention(365),
                 sinks: portcullis_collector::NoSinks,
                 observer: None,
+                sink_observer: None,
             },
         )
         .await
@@ -1495,6 +1496,8 @@ mod export_from_the_collector {
     #[tokio::test]
     async fn the_collector_forwards_the_tenants_log_to_its_splunk_hec_with_the_secrets_token() {
         use k8s_openapi::api::core::v1::Secret;
+        use k8s_openapi::api::events::v1::Event;
+        use portcullis_operator::audit_cluster::{SINK_FAILING, TenantEvents};
         use portcullis_operator::audit_sinks::KubeSinks;
         let Some(env) = env().await else { return };
         let client = env.client().unwrap();
@@ -1538,12 +1541,40 @@ mod export_from_the_collector {
                 retention: portcullis_collector::FixedRetention(365),
                 sinks: KubeSinks::new(client.clone(), home.clone(), "portcullis-audit-0".into()),
                 observer: None,
+                sink_observer: Some(Arc::new(TenantEvents::new(
+                    client.clone(),
+                    "portcullis-audit-0".into(),
+                ))),
             },
         )
         .await
         .unwrap();
 
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The SIEM refuses the wrong token: nothing arrives, and the Tenant says why.
+        let api: Api<Event> = Api::namespaced(client.clone(), "kube-system");
+        let mut warned = None;
+        for _ in 0..50 {
+            warned = api
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(SINK_FAILING)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(name.as_str())
+                });
+            if warned.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let note = warned.and_then(|e| e.note).unwrap_or_default();
+        assert!(
+            note.contains("403") && note.contains("splunk-hec-"),
+            "a Warning Event names the sink and the SIEM's answer: {note:?}"
+        );
         assert!(
             received.events().is_empty(),
             "the SIEM refuses a wrong token"

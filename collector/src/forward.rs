@@ -81,6 +81,13 @@ pub trait SinkDirectory: Send + Sync + 'static {
     fn sinks(&self, tenant: &str) -> impl Future<Output = Result<Vec<SinkTarget>, String>> + Send;
 }
 
+/// Told when a sink cannot be used or refuses what it is sent (a Warning Event on the
+/// Tenant in a cluster), so the fix is visible where the sink is configured.
+pub trait SinkObserver: Send + Sync {
+    /// `sink` of `tenant` is failing for `problem` (records wait in the log meanwhile).
+    fn sink_failing(&self, tenant: &str, sink: &str, problem: &str);
+}
+
 /// No SIEM sinks: a collector running without the API server to ask.
 #[derive(Debug, Clone, Copy)]
 pub struct NoSinks;
@@ -153,6 +160,7 @@ pub struct Forwarding<S, D> {
     directory: D,
     metrics: ForwardMetrics,
     retry: RetryPolicy,
+    observer: Option<Arc<dyn SinkObserver>>,
     running: HashMap<(String, String), Running>,
 }
 
@@ -169,8 +177,15 @@ impl<S: RecordStore + Send + 'static, D: SinkDirectory> Forwarding<S, D> {
             directory,
             metrics,
             retry,
+            observer: None,
             running: HashMap::new(),
         }
+    }
+
+    /// Tells `observer` of failing sinks.
+    pub fn observe(mut self, observer: Arc<dyn SinkObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Looks at every tenant's sinks now and every `every`, until `shutdown`; then
@@ -248,6 +263,9 @@ impl<S: RecordStore + Send + 'static, D: SinkDirectory> Forwarding<S, D> {
             let deliver = match target.deliver {
                 Ok(deliver) => deliver,
                 Err(problem) => {
+                    if let Some(observer) = &self.observer {
+                        observer.sink_failing(tenant, &target.id, &problem);
+                    }
                     tracing::warn!(
                         tenant,
                         sink = target.id,
@@ -275,6 +293,7 @@ impl<S: RecordStore + Send + 'static, D: SinkDirectory> Forwarding<S, D> {
                 deliver,
                 metrics: self.metrics.clone(),
                 retry: self.retry,
+                observer: self.observer.clone(),
             };
             let task = tokio::spawn(forwarder.run(stop.clone()));
             self.running.insert(
@@ -302,6 +321,7 @@ struct Forwarder<S> {
     deliver: Arc<dyn Deliver>,
     metrics: ForwardMetrics,
     retry: RetryPolicy,
+    observer: Option<Arc<dyn SinkObserver>>,
 }
 
 impl<S: RecordStore + Send + 'static> Forwarder<S> {
@@ -429,6 +449,10 @@ impl<S: RecordStore + Send + 'static> Forwarder<S> {
                 }
                 Err(DeliveryError::Permanent { status, message }) => {
                     self.failed("permanent");
+                    if let Some(observer) = &self.observer {
+                        let problem = format!("the SIEM answered {status}: {message}");
+                        observer.sink_failing(&self.tenant, &self.id, &problem);
+                    }
                     tracing::error!(tenant = self.tenant, sink = self.id, status, %message, "audit forwarding: the SIEM refused the batch (check the sink's URL, token Secret and index in the Tenant); retrying from the same place");
                     backoff.max_delay()
                 }

@@ -34,7 +34,9 @@ pub mod store;
 pub use arrival::{Arrivals, ChainHead, Sender};
 pub use collector::{Collector, Found, IngestError, Ingested, MAX_RETENTION_DAYS};
 pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport, Reader};
-pub use forward::{AppendSignal, ForwardMetrics, Forwarding, NoSinks, SinkDirectory, SinkTarget};
+pub use forward::{
+    AppendSignal, ForwardMetrics, Forwarding, NoSinks, SinkDirectory, SinkObserver, SinkTarget,
+};
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};

@@ -11,7 +11,8 @@
 //! default for a log whose Tenant is gone.
 //!
 //! And it tells: a refused batch (a gap, fork or altered record) becomes a Warning
-//! Event on the Tenant, at most one per chain and reason every five minutes.
+//! Event on the Tenant, at most one per chain and reason every five minutes; so does a
+//! SIEM sink that cannot be used or refuses what it is sent, one per sink.
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
@@ -27,7 +28,7 @@ use kube::Resource;
 use kube::runtime::events::EventType;
 use portcullis_api::audit_ship::{ShipRefusal, ShipRefusalReason};
 use portcullis_collector::{
-    ExportAuthorizer, ExportDenial, Reader, RefusalObserver, RetentionPolicy,
+    ExportAuthorizer, ExportDenial, Reader, RefusalObserver, RetentionPolicy, SinkObserver,
 };
 use portcullis_crds::Tenant;
 
@@ -205,14 +206,28 @@ pub const BATCH_REFUSED: &str = "AuditBatchRefused";
 /// a refused batch until someone acts, and one Event per resend would bury the rest.
 pub const REFUSAL_EVENT_EVERY: Duration = Duration::from_secs(300);
 
-/// What makes a refusal news: its tenant, chain and reason.
-type RefusalKind = (String, Option<String>, ShipRefusalReason);
+/// The Event reason of a SIEM sink that cannot be used or refuses batches.
+pub const SINK_FAILING: &str = "AuditSinkFailing";
 
-/// Refused batches as Warning Events on their Tenant.
+/// What makes a problem news: a refused batch's tenant, chain and reason, or a failing
+/// sink's tenant and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum News {
+    Refusal(String, Option<String>, ShipRefusalReason),
+    Sink(String, String),
+}
+
+impl News {
+    fn refusal(tenant: &str, refusal: &ShipRefusal) -> Self {
+        Self::Refusal(tenant.to_owned(), refusal.chain_id.clone(), refusal.reason)
+    }
+}
+
+/// Refused batches and failing SIEM sinks as Warning Events on their Tenant.
 pub struct TenantEvents {
     client: kube::Client,
     instance: String,
-    last: Mutex<HashMap<RefusalKind, Instant>>,
+    last: Mutex<HashMap<News, Instant>>,
 }
 
 impl std::fmt::Debug for TenantEvents {
@@ -231,16 +246,42 @@ impl TenantEvents {
         }
     }
 
-    /// Whether a refusal of this kind is due an Event at `now` (and notes that it had one).
-    fn due(&self, tenant: &str, refusal: &ShipRefusal, now: Instant) -> bool {
+    /// Whether `news` is due an Event at `now` (and notes that it had one).
+    fn due(&self, news: News, now: Instant) -> bool {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         last.retain(|_, at| now.duration_since(*at) < REFUSAL_EVENT_EVERY);
-        let key = (tenant.to_owned(), refusal.chain_id.clone(), refusal.reason);
-        if last.contains_key(&key) {
+        if last.contains_key(&news) {
             return false;
         }
-        last.insert(key, now);
+        last.insert(news, now);
         true
+    }
+
+    /// Publishes a Warning Event `reason` on Tenant `tenant`, in the background.
+    fn warn(&self, tenant: &str, reason: &'static str, note: String) {
+        let regarding = ObjectReference {
+            api_version: Some(Tenant::api_version(&()).into_owned()),
+            kind: Some(Tenant::kind(&()).into_owned()),
+            name: Some(tenant.to_owned()),
+            ..ObjectReference::default()
+        };
+        let client = self.client.clone();
+        let instance = self.instance.clone();
+        tokio::spawn(async move {
+            let published = publish_cluster_scoped_event(
+                &client,
+                &instance,
+                &regarding,
+                EventType::Warning,
+                reason,
+                note,
+                jiff::Timestamp::now(),
+            )
+            .await;
+            if let Err(e) = published {
+                tracing::warn!(error = %e, reason, "could not publish the Tenant's Event");
+            }
+        });
     }
 }
 
@@ -260,33 +301,21 @@ pub fn refusal_note(workload: &str, refusal: &ShipRefusal) -> String {
 
 impl RefusalObserver for TenantEvents {
     fn refused(&self, tenant: &str, workload: &str, refusal: &ShipRefusal) {
-        if !self.due(tenant, refusal, Instant::now()) {
-            return;
+        if self.due(News::refusal(tenant, refusal), Instant::now()) {
+            self.warn(tenant, BATCH_REFUSED, refusal_note(workload, refusal));
         }
-        let regarding = ObjectReference {
-            api_version: Some(Tenant::api_version(&()).into_owned()),
-            kind: Some(Tenant::kind(&()).into_owned()),
-            name: Some(tenant.to_owned()),
-            ..ObjectReference::default()
-        };
-        let note = refusal_note(workload, refusal);
-        let client = self.client.clone();
-        let instance = self.instance.clone();
-        tokio::spawn(async move {
-            let published = publish_cluster_scoped_event(
-                &client,
-                &instance,
-                &regarding,
-                EventType::Warning,
-                BATCH_REFUSED,
-                note,
-                jiff::Timestamp::now(),
-            )
-            .await;
-            if let Err(e) = published {
-                tracing::warn!(error = %e, "could not publish the refused batch's Event");
-            }
-        });
+    }
+}
+
+impl SinkObserver for TenantEvents {
+    fn sink_failing(&self, tenant: &str, sink: &str, problem: &str) {
+        let news = News::Sink(tenant.to_owned(), sink.to_owned());
+        if self.due(news, Instant::now()) {
+            let note = format!(
+                "the audit collector cannot forward this tenant's log to sink {sink} (spec.audit.sinks): {problem}; the records wait in the log and are sent once this is fixed"
+            );
+            self.warn(tenant, SINK_FAILING, note);
+        }
     }
 }
 
@@ -323,7 +352,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_resent_refusal_is_one_event_per_five_minutes() {
+    async fn a_resent_refusal_or_a_failing_sink_is_one_event_per_five_minutes() {
         let config = kube::Config::new(
             "http://127.0.0.1:9"
                 .parse()
@@ -333,17 +362,21 @@ mod tests {
         let events = TenantEvents::new(client, "portcullis-audit-0".into());
         let gap = refusal("web-1", ShipRefusalReason::MissingRecords);
         let start = Instant::now();
-        assert!(events.due("shop", &gap, start));
-        assert!(!events.due("shop", &gap, start + Duration::from_secs(10)));
+        let news = |tenant: &str, refusal: &ShipRefusal| News::refusal(tenant, refusal);
+        assert!(events.due(news("shop", &gap), start));
+        assert!(!events.due(news("shop", &gap), start + Duration::from_secs(10)));
         // Another chain, another reason or another tenant is news.
-        assert!(events.due(
-            "shop",
-            &refusal("web-2", ShipRefusalReason::MissingRecords),
-            start
-        ));
-        assert!(events.due("shop", &refusal("web-1", ShipRefusalReason::Fork), start));
-        assert!(events.due("bank", &gap, start));
-        assert!(events.due("shop", &gap, start + REFUSAL_EVENT_EVERY));
+        let other_chain = refusal("web-2", ShipRefusalReason::MissingRecords);
+        assert!(events.due(news("shop", &other_chain), start));
+        let fork = refusal("web-1", ShipRefusalReason::Fork);
+        assert!(events.due(news("shop", &fork), start));
+        assert!(events.due(news("bank", &gap), start));
+        assert!(events.due(news("shop", &gap), start + REFUSAL_EVENT_EVERY));
+        // A failing sink is news once per sink, apart from refusals.
+        let sink = || News::Sink("shop".into(), "splunk-hec-1".into());
+        assert!(events.due(sink(), start));
+        assert!(!events.due(sink(), start + Duration::from_secs(30)));
+        assert!(events.due(News::Sink("shop".into(), "datadog-1".into()), start));
         let note = refusal_note("spiffe://td/ns/shop/sa/web", &gap);
         assert!(
             note.contains("MissingRecords, chain web-1")

@@ -19,7 +19,7 @@ use portcullis_audit::retry::RetryPolicy;
 use portcullis_collector::{
     Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, ForwardMetrics, Forwarding,
     Ingest, IngestMetrics, NoSinks, Pruned, RefusalObserver, RetentionPolicy, SinkDirectory,
-    StoreError,
+    SinkObserver, StoreError,
 };
 use portcullis_server::{self as serve, ServerTls};
 use portcullis_tls::{parse_pem_certs, root_store};
@@ -219,6 +219,8 @@ pub struct ClusterAccess<A, R, K> {
     pub sinks: K,
     /// Told of refused batches.
     pub observer: Option<Arc<dyn RefusalObserver>>,
+    /// Told of failing SIEM sinks.
+    pub sink_observer: Option<Arc<dyn SinkObserver>>,
 }
 
 impl ClusterAccess<portcullis_collector::NoExport, portcullis_collector::FixedRetention, NoSinks> {
@@ -230,6 +232,7 @@ impl ClusterAccess<portcullis_collector::NoExport, portcullis_collector::FixedRe
             retention: portcullis_collector::FixedRetention(retention_days),
             sinks: NoSinks,
             observer: None,
+            sink_observer: None,
         }
     }
 }
@@ -244,6 +247,7 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
         retention,
         sinks,
         observer,
+        sink_observer,
     } = cluster;
     let files = TlsFiles::from(&settings);
     let (contents, tls) = files.load()?;
@@ -262,12 +266,15 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
         authorizer,
         ExportMetrics::register(&mut registry),
     );
-    let forwarding = Forwarding::new(
+    let mut forwarding = Forwarding::new(
         collector.clone(),
         sinks,
         ForwardMetrics::register(&mut registry),
         RetryPolicy::default(),
     );
+    if let Some(observer) = sink_observer {
+        forwarding = forwarding.observe(observer);
+    }
 
     let listener = bind(settings.listen).await?;
     let addr = listener

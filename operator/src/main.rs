@@ -109,10 +109,12 @@ async fn run_audit_server(args: Box<AuditServerArgs>) -> anyhow::Result<()> {
             use portcullis_operator::audit_sinks::KubeSinks;
             let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "portcullis-audit".into());
             let namespace = client.default_namespace().to_owned();
+            let events = Arc::new(TenantEvents::new(client.clone(), instance.clone()));
             let access = ClusterAccess {
                 retention: KubeRetention::new(client.clone(), settings.retention_days),
                 sinks: KubeSinks::new(client.clone(), namespace, instance.clone()),
-                observer: Some(Arc::new(TenantEvents::new(client.clone(), instance))),
+                observer: Some(events.clone()),
+                sink_observer: Some(events),
                 authorizer: KubeExportAuthorizer::new(client),
             };
             audit_server::start(settings, access).await?
