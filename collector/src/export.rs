@@ -29,8 +29,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::collector::{Collector, blocking};
-use crate::store::{RecordStore, StoreError};
+use crate::collector::{Collector, Found, blocking};
+use crate::store::{Position, RecordStore, StoreError};
 
 /// Bytes gathered before a piece of the answer is sent.
 const CHUNK: usize = 64 * 1024;
@@ -340,32 +340,25 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
             csv::append_header(&mut out.chunk).map_err(format_error)?;
         }
         // Days are days of arrival, never earlier than the record's own day.
-        let first_day: Option<Date> = query
+        let first_day = query
             .filter
             .since
-            .map(|since| since.to_zoned(TimeZone::UTC).date());
-        let owner = tenant.to_owned();
-        let days = blocking(&self.collector, move |c| c.days(&owner)).await?;
-        for day in days {
-            if first_day.is_some_and(|first| day < first) {
-                continue;
-            }
-            let mut offset = 0;
-            loop {
-                let owner = tenant.to_owned();
-                let piece = blocking(&self.collector, move |c| {
-                    c.read_day_piece(&owner, day, offset, READ_PIECE)
-                })
-                .await?;
-                // No progress: only a torn last line is left (never acknowledged).
-                let stuck = piece.next == offset;
-                offset = piece.next;
-                if out.write_lines(query, piece.lines).await? == Sent::ClientGone {
-                    return Ok(Sent::ClientGone);
-                }
-                if piece.end || stuck {
-                    break;
-                }
+            .map_or(Date::MIN, |since| since.to_zoned(TimeZone::UTC).date());
+        let mut at = Position::start_of(first_day);
+        loop {
+            let owner = tenant.to_owned();
+            let found = blocking(&self.collector, move |c| {
+                c.read_from(&owner, at, READ_PIECE)
+            })
+            .await?;
+            // Nothing more: the end of the last day (a torn last line, never
+            // acknowledged, is not read).
+            let Found::Lines { lines, next } = found else {
+                break;
+            };
+            at = next;
+            if out.write_lines(query, lines).await? == Sent::ClientGone {
+                return Ok(Sent::ClientGone);
             }
         }
         Ok(out.send().await)
