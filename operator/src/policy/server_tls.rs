@@ -8,13 +8,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use portcullis_api::spiffe::{SpiffeId, TrustDomain};
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
-use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-};
+use rustls::{DistinguishedName, RootCertStore, ServerConfig};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -24,6 +22,8 @@ use crate::ca::{CaError, CaServingCertificate, CertificateAuthority};
 /// atomic swap) after every CA rotation, so handshakes in flight keep the old roots.
 pub struct TrustBundleVerifier {
     current: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    // Handshake signatures do not depend on the roots: the server speaks TLS 1.3 only.
+    provider: Arc<CryptoProvider>,
 }
 
 impl std::fmt::Debug for TrustBundleVerifier {
@@ -56,6 +56,7 @@ impl TrustBundleVerifier {
     pub fn new(ca: &CertificateAuthority) -> Result<Self, CaError> {
         Ok(Self {
             current: ArcSwap::from_pointee(verifier_for(ca)?),
+            provider: portcullis_tls::provider(),
         })
     }
 
@@ -91,31 +92,7 @@ impl ClientCertVerifier for TrustBundleVerifier {
             .verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current
-            .load()
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current
-            .load()
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current.load().supported_verify_schemes()
-    }
+    portcullis_tls::tls13_signatures!(provider);
 }
 
 /// The policy server's TLS: a configuration to serve with, and what keeps it current.
