@@ -143,6 +143,20 @@ impl CheckpointSigner {
         self.key_pair.public_key().as_ref()
     }
 
+    /// Who signs: the key and certificate every signed object carries.
+    pub fn info(&self) -> &SignerInfo {
+        &self.signer
+    }
+
+    /// Base64 of the signature over `message` (canonical bytes of a signed object).
+    pub fn sign_message(&self, message: &[u8]) -> Result<String, Error> {
+        let signature = self
+            .key_pair
+            .sign(&self.rng, message)
+            .map_err(|_| Error::Signing)?;
+        Ok(B64.encode(signature.as_ref()))
+    }
+
     /// Signs a checkpoint for record `seq` with hash `hash` of `chain_id`.
     pub fn sign(
         &self,
@@ -160,12 +174,7 @@ impl CheckpointSigner {
             signer: self.signer.clone(),
             signature: String::new(),
         };
-        let message = checkpoint_signing_bytes(&checkpoint)?;
-        let signature = self
-            .key_pair
-            .sign(&self.rng, &message)
-            .map_err(|_| Error::Signing)?;
-        checkpoint.signature = B64.encode(signature.as_ref());
+        checkpoint.signature = self.sign_message(&checkpoint_signing_bytes(&checkpoint)?)?;
         Ok(checkpoint)
     }
 }
@@ -190,31 +199,39 @@ pub enum CheckpointFault {
 pub fn verify_checkpoint_value(value: Value) -> Result<Checkpoint, CheckpointFault> {
     let checkpoint: Checkpoint = serde_json::from_value(value.clone())
         .map_err(|e| CheckpointFault::Malformed(e.to_string()))?;
-    if checkpoint.signer.algorithm != ALGORITHM {
+    verify_signed_value(value, &checkpoint.signer, &checkpoint.signature)?;
+    Ok(checkpoint)
+}
+
+/// Checks `signature` over `value` (a stored signed object; the signature covers its
+/// canonical form without `signature`) against `signer`'s embedded key, and that the
+/// embedded certificate, when there is one, carries that key.
+pub fn verify_signed_value(
+    value: Value,
+    signer: &SignerInfo,
+    signature: &str,
+) -> Result<(), CheckpointFault> {
+    if signer.algorithm != ALGORITHM {
         return Err(CheckpointFault::Malformed(format!(
             "unsupported algorithm {:?}",
-            checkpoint.signer.algorithm
+            signer.algorithm
         )));
     }
     let public_key = B64
-        .decode(&checkpoint.signer.public_key)
+        .decode(&signer.public_key)
         .map_err(|_| CheckpointFault::Malformed("public_key is not base64".into()))?;
     let signature = B64
-        .decode(&checkpoint.signature)
+        .decode(signature)
         .map_err(|_| CheckpointFault::BadSignature)?;
     let message = canonical_without(value, "signature")
         .map_err(|e| CheckpointFault::Malformed(e.to_string()))?;
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &public_key)
         .verify(&message, &signature)
         .map_err(|_| CheckpointFault::BadSignature)?;
-    if let Some(cert_b64) = &checkpoint.signer.certificate {
-        check_certificate(
-            cert_b64,
-            &public_key,
-            checkpoint.signer.spiffe_id.as_deref(),
-        )?;
+    if let Some(cert_b64) = &signer.certificate {
+        check_certificate(cert_b64, &public_key, signer.spiffe_id.as_deref())?;
     }
-    Ok(checkpoint)
+    Ok(())
 }
 
 fn check_certificate(

@@ -30,6 +30,7 @@ pub mod format;
 pub mod keyring;
 pub mod record;
 pub mod retry;
+pub mod seal;
 pub mod secret;
 pub mod segment;
 pub mod sink;
@@ -43,6 +44,7 @@ pub use entry::Entry;
 pub use error::Error;
 pub use keyring::{DataKey, KeyRing};
 pub use record::{AuditRecord, ByteCounts, Decision};
+pub use seal::{Seal, SealedHead};
 pub use secret::Secret;
 pub use verify::{Location, Problem, TrustBundle, Verifier, VerifyOptions, VerifyReport};
 pub use writer::{

@@ -185,6 +185,13 @@ pub fn report(
                 report.checkpoints,
                 report.chains.len(),
             )?;
+            if let Some(last) = report.last_seal {
+                writeln!(
+                    out,
+                    "  {} collector seal(s), the last is seal {last}",
+                    report.seals
+                )?;
+            }
             for (id, chain) in &report.chains {
                 let range = match (chain.first_seq, chain.last_seq) {
                     (Some(a), Some(b)) => format!("seq {a}..={b}"),
@@ -211,6 +218,15 @@ pub fn report(
         }
         Err(problem) => {
             writeln!(out, "FAILED: {problem}")?;
+            if matches!(
+                problem,
+                portcullis_audit::Problem::SealSignerNotTrusted { .. }
+            ) {
+                writeln!(
+                    err,
+                    "hint: a seal is signed by something other than this cluster's audit collector; the log did not come from it unchanged"
+                )?;
+            }
             if matches!(
                 problem,
                 portcullis_audit::Problem::SignerNotInTrustBundle { .. }

@@ -289,7 +289,7 @@ async fn for_each_line(
 }
 
 /// `kubectl portcullis audit verify --tenant T --server URL`: the tenant's whole log,
-/// every pod chain with its checkpoints, checked like a file. `cluster_bundle` is the
+/// every pod chain with its checkpoints and the collector's seals, checked like a file. `cluster_bundle` is the
 /// cluster's trust bundle PEM when the signers are checked against it.
 ///
 /// Like files, the log is read twice (checkpoints, then records), so the CLI holds one
@@ -302,7 +302,7 @@ pub async fn verify(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    use portcullis_audit::{Entry, Location, Problem, Verifier};
+    use portcullis_audit::{Entry, Location, Problem, Seal, Verifier};
     let path = format!("{}?{FORMAT}={CHAIN_FORMAT}", records_path(tenant));
     let (mut options, checked) = crate::audit::verify_options(args, cluster_bundle, err)?;
     // Retention removes a log's oldest days, so a chain may start after seq 0.
@@ -314,10 +314,14 @@ pub async fn verify(
 
     let checkpoints = get(cluster, &args.collector, &path).await?;
     for_each_line(checkpoints, |number, line| {
-        if let Ok(value) = parse(line)
-            && Entry::is_checkpoint_value(&value)
-        {
-            verifier.add_checkpoint(value, Location::new(label.clone(), 0, number));
+        let Ok(value) = parse(line) else {
+            return;
+        };
+        let location = Location::new(label.clone(), 0, number);
+        if Entry::is_checkpoint_value(&value) {
+            verifier.add_checkpoint(value, location);
+        } else if Seal::is_seal_value(&value) {
+            verifier.add_seal(value, location);
         }
     })
     .await?;
@@ -328,7 +332,7 @@ pub async fn verify(
         }
         let location = Location::new(label.clone(), 0, number);
         match parse(line) {
-            Ok(value) if Entry::is_checkpoint_value(&value) => {}
+            Ok(value) if Entry::is_checkpoint_value(&value) || Seal::is_seal_value(&value) => {}
             Ok(value) => verifier.push_record(value, location),
             Err(e) => verifier.report(Problem::Malformed {
                 location,

@@ -1285,6 +1285,7 @@ mod export_from_the_collector {
             retention_days: 365,
             reload_every: Duration::from_secs(30),
             sinks_every: Duration::from_millis(200),
+            seal_every: Duration::from_millis(200),
         }
     }
 

@@ -133,6 +133,11 @@ impl Arrivals {
         self.chains.get(chain_id)
     }
 
+    /// Every chain held, with its head.
+    pub fn chains(&self) -> impl Iterator<Item = (&str, &ChainHead)> {
+        self.chains.iter().map(|(id, head)| (id.as_str(), head))
+    }
+
     /// Chains held.
     pub fn len(&self) -> usize {
         self.chains.len()

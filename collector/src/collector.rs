@@ -8,11 +8,14 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use portcullis_api::audit_ship::{ShipAck, ShipRefusal};
 use portcullis_api::clock::Clock;
+use portcullis_audit::checkpoint::CheckpointSigner;
 use portcullis_audit::entry::Entry;
+use portcullis_audit::seal::Seal;
 use serde_json::Value;
 
-use crate::arrival::{Arrivals, Sender};
+use crate::arrival::{Arrivals, Fresh, Sender};
 use crate::forward::AppendSignal;
+use crate::sealing::Sealing;
 use crate::store::{DayPiece, Position, RecordStore, StoreError};
 
 /// Longest retention a tenant may set: seven years.
@@ -25,6 +28,17 @@ pub enum IngestError {
     #[error("{}", .0.error)]
     Refused(ShipRefusal),
     /// The store failed; nothing was acknowledged, so the proxy resends.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why tenant logs were not sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The seal could not be signed (the key is unusable).
+    #[error("signing a seal: {0}")]
+    Sign(#[from] portcullis_audit::Error),
+    /// The seal could not be stored; the next round seals the same heads again.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -43,6 +57,7 @@ pub struct Ingested {
 pub struct Collector<S> {
     store: S,
     arrivals: Arrivals,
+    sealing: Sealing,
     clock: Arc<dyn Clock>,
     appended: AppendSignal,
 }
@@ -66,6 +81,7 @@ impl<S: RecordStore> Collector<S> {
     /// `clock`'s, in UTC.
     pub fn open(store: S, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let mut arrivals = Arrivals::default();
+        let mut sealing = Sealing::default();
         for tenant in store.tenants()? {
             for (chain_id, owner) in store.chains(&tenant)? {
                 arrivals.restore_chain(&chain_id, &tenant, &owner);
@@ -75,7 +91,9 @@ impl<S: RecordStore> Collector<S> {
                     let Ok(value) = serde_json::from_str::<Value>(&line) else {
                         continue;
                     };
-                    if !Entry::is_checkpoint_value(&value) {
+                    if Seal::is_seal_value(&value) {
+                        sealing.restore(value);
+                    } else if !Entry::is_checkpoint_value(&value) {
                         arrivals.restore_record(&value);
                     }
                 }
@@ -85,6 +103,7 @@ impl<S: RecordStore> Collector<S> {
         Ok(Self {
             store,
             arrivals,
+            sealing,
             clock,
             appended: AppendSignal::default(),
         })
@@ -139,6 +158,35 @@ impl<S: RecordStore> Collector<S> {
             self.appended.appended(sender.tenant);
         }
         Ok(Ingested { ack, records })
+    }
+
+    /// Seals every tenant log with records the last seal did not name, signed by
+    /// `signer`; returns the tenants sealed, with their new seal's number. Each seal is
+    /// durable in its log before the next names it as `prev`.
+    pub fn seal(&mut self, signer: &CheckpointSigner) -> Result<Vec<(String, u64)>, SealError> {
+        let mut sealed = Vec::new();
+        for (tenant, heads) in self.sealing.due(&self.arrivals) {
+            let seal = Seal::sign(
+                signer,
+                &tenant,
+                self.sealing.last(&tenant),
+                heads,
+                self.clock.now(),
+            )?;
+            let line = serde_json::to_string(&seal)
+                .map_err(|e| portcullis_audit::Error::Serialize(e.to_string()))?;
+            let digest = seal.digest()?;
+            let day = self.today();
+            // A seal belongs to no chain.
+            let fresh = Fresh {
+                chain_id: String::new(),
+                line,
+            };
+            self.store.append(&tenant, day, &[], &[fresh])?;
+            self.sealing.adopt(&seal, digest);
+            sealed.push((tenant, seal.number));
+        }
+        Ok(sealed)
     }
 
     /// Removes `tenant`'s days older than `retention_days` (capped at

@@ -23,6 +23,7 @@ use portcullis_api::names::is_dns_subdomain;
 use portcullis_audit::entry::Entry;
 use portcullis_audit::files::ExportFilter;
 use portcullis_audit::format::csv;
+use portcullis_audit::seal::Seal;
 use portcullis_server::{self as serve, Body, BodyError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -365,6 +366,10 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
     }
 }
 
+fn is_seal_line(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|value| Seal::is_seal_value(&value))
+}
+
 fn format_error(e: portcullis_audit::Error) -> StoreError {
     StoreError::Io {
         action: "formatting",
@@ -393,6 +398,10 @@ impl Out<'_> {
     ) -> Result<Sent, StoreError> {
         for line in lines {
             let Ok(entry) = Entry::from_json_line(&line) else {
+                // Seals are not entries, but they are part of the history to verify.
+                if query.format == ExportFormat::Chain && is_seal_line(&line) {
+                    self.push_line(&line);
+                }
                 continue;
             };
             match (query.format, &entry) {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use portcullis_audit::entry::Entry;
 use portcullis_audit::retry::{Backoff, RetryPolicy};
+use portcullis_audit::seal::Seal;
 use portcullis_audit::sink::{Deliver, DeliveryError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -471,9 +472,13 @@ impl<S: RecordStore + Send + 'static> Forwarder<S> {
             .iter()
             .filter_map(|line| {
                 match serde_json::from_str(line).map_err(|e| e.to_string()).and_then(|v| {
-                    Entry::from_value(v).map_err(|e| e.to_string())
+                    // The collector's seals stay with the log; a SIEM gets what pods wrote.
+                    if Seal::is_seal_value(&v) {
+                        return Ok(None);
+                    }
+                    Entry::from_value(v).map(Some).map_err(|e| e.to_string())
                 }) {
-                    Ok(entry) => Some(entry),
+                    Ok(entry) => entry,
                     Err(e) => {
                         tracing::error!(tenant = self.tenant, sink = self.id, error = %e, "audit forwarding: a stored line is not an entry; left out");
                         None

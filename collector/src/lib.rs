@@ -17,8 +17,13 @@
 //! Each tenant's log goes on to the SIEM sinks its Tenant names ([`forward`]), every
 //! sink from its own cursor in the stored log.
 //!
-//! Status: checking, storage, recovery, retention, ingest, export and SIEM forwarding.
-//! Encryption under the tenant DEK and signed off-host checkpoints are not built yet.
+//! Every little while the collector seals each tenant log that grew ([`sealing`],
+//! [`portcullis_audit::seal`]): a signed statement of every chain's head, linked to
+//! the seal before it, which no workload can make.
+//!
+//! Status: checking, storage, recovery, retention, ingest, export, seals and SIEM
+//! forwarding. Encryption under the tenant DEK and anchoring the seals outside the
+//! collector are not built yet.
 
 #![warn(missing_docs)]
 
@@ -28,16 +33,18 @@ pub mod export;
 pub mod forward;
 pub mod metrics;
 pub mod retention;
+pub mod sealing;
 pub mod server;
 pub mod store;
 
 pub use arrival::{Arrivals, ChainHead, Sender};
-pub use collector::{Collector, Found, IngestError, Ingested, MAX_RETENTION_DAYS};
+pub use collector::{Collector, Found, IngestError, Ingested, MAX_RETENTION_DAYS, SealError};
 pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport, Reader};
 pub use forward::{
     AppendSignal, ForwardMetrics, Forwarding, NoSinks, SinkDirectory, SinkObserver, SinkTarget,
 };
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
+pub use sealing::seal_all;
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
 pub use store::{DayPiece, FileStore, Position, RecordStore, StoreError};

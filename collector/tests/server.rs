@@ -24,81 +24,18 @@ use portcullis_collector::{
     IngestMetrics, Reader, RefusalObserver, route, server_config,
 };
 use prometheus_client::registry::Registry;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rcgen::{ExtendedKeyUsagePurpose, SanType};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_util::sync::CancellationToken;
 
 mod support;
 use support::{Proxy, batch, start};
+#[path = "support/ca.rs"]
+mod ca;
+use ca::{Leaf, TestCa, ok};
 
 const SERVER_NAME: &str = "portcullis-audit.portcullis-system.svc";
-
-fn ok<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
-    result.unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A CA like the operator's, issuing leaves on demand.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
-}
-
-/// A leaf and its key.
-struct Leaf {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let key = ok(KeyPair::generate());
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "portcullis test root");
-        let root = ok(params.self_signed(&key)).der().clone();
-        Self {
-            issuer: Issuer::new(params, key),
-            root,
-        }
-    }
-
-    fn roots(&self) -> RootCertStore {
-        let mut roots = RootCertStore::empty();
-        ok(roots.add(self.root.clone()));
-        roots
-    }
-
-    fn leaf(&self, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let key = ok(KeyPair::generate());
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = sans;
-        params.extended_key_usages = vec![usage];
-        let cert = ok(params.signed_by(&key, &self.issuer));
-        Leaf {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        }
-    }
-
-    /// A workload certificate as the identity service issues it: the workload and its
-    /// tenant as URI SANs.
-    fn workload(&self, namespace: &str, account: &str, tenant: &str) -> Leaf {
-        let uri = |s: String| SanType::URI(ok(s.as_str().try_into()));
-        self.leaf(
-            vec![
-                uri(format!("spiffe://td/ns/{namespace}/sa/{account}")),
-                uri(format!("spiffe://td/tenant/{tenant}")),
-            ],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )
-    }
-}
 
 /// The tenant's RBAC, scripted: `analyst` may export tenant shop, `developer` may not,
 /// any other token is not one the API server knows.

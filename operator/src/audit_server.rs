@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::TrustDomain;
+use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
 use portcullis_audit::retry::RetryPolicy;
 use portcullis_collector::{
     Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, ForwardMetrics, Forwarding,
@@ -38,6 +39,9 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// How often each tenant's SIEM sinks are read again: a sink added to a Tenant, or a
 /// rotated token, is in force within this.
 pub const SINKS_EVERY: Duration = Duration::from_secs(30);
+
+/// How often each tenant log that grew is sealed.
+pub const SEAL_EVERY: Duration = Duration::from_secs(60);
 
 /// How often retention is enforced.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -65,6 +69,8 @@ pub struct AuditServerSettings {
     pub reload_every: Duration,
     /// How often each tenant's SIEM sinks are read again (a new sink, a rotated token).
     pub sinks_every: Duration,
+    /// How often each tenant log that grew is sealed with the serving key.
+    pub seal_every: Duration,
 }
 
 /// Why the audit server did not start.
@@ -167,6 +173,28 @@ impl TlsFiles {
         Ok((contents, config))
     }
 
+    /// The serving key as a seal signer, with the serving chain as its identity: read
+    /// at each round, so seals follow a renewed certificate.
+    fn signer(&self) -> Result<CheckpointSigner, AuditServerError> {
+        let chain = certificates(&self.cert, &Self::read(&self.cert)?)?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read(&self.key)?)
+            .map_err(|e| pem_error(&self.key, e))?;
+        let PrivateKeyDer::Pkcs8(key) = key else {
+            return Err(pem_error(
+                &self.key,
+                "seals need a PKCS#8 ECDSA P-256 key, as the operator issues",
+            ));
+        };
+        let mut chain = chain.into_iter().map(|der| der.to_vec());
+        let identity = SignerIdentity {
+            spiffe_id: None,
+            certificate_der: chain.next(),
+            intermediates_der: chain.collect(),
+        };
+        CheckpointSigner::from_pkcs8(key.secret_pkcs8_der(), identity)
+            .map_err(|e| pem_error(&self.key, e))
+    }
+
     /// Re-reads the files every `every` and swaps in the config they make when
     /// they changed; a broken renewal is logged and the current config kept.
     async fn follow(
@@ -251,6 +279,9 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
     } = cluster;
     let files = TlsFiles::from(&settings);
     let (contents, tls) = files.load()?;
+    // Refuse to start with a key that cannot seal, rather than run without seals.
+    files.signer()?;
+    let files_for_seals = files.clone();
     let tls = Arc::new(ArcSwap::from_pointee(tls));
 
     let store = FileStore::open(&settings.data_dir)?;
@@ -330,6 +361,12 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
         shutdown.clone(),
     ));
     tasks.spawn(forwarding.run(settings.sinks_every, shutdown.clone()));
+    tasks.spawn(seal_periodically(
+        collector.clone(),
+        files_for_seals,
+        settings.seal_every,
+        shutdown.clone(),
+    ));
     tasks.spawn(enforce_retention(collector, retention, shutdown.clone()));
     tracing::info!(%addr, %metrics_addr, data = %settings.data_dir.display(), "audit server serving");
     Ok(AuditServer {
@@ -338,6 +375,41 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
         shutdown,
         tasks,
     })
+}
+
+/// Seals every tenant log that grew, every `every` and once more at shutdown, so the
+/// records of the last moments are sealed too.
+async fn seal_periodically(
+    collector: Arc<Mutex<Collector<FileStore>>>,
+    files: TlsFiles,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(every);
+    every.tick().await;
+    loop {
+        let last_round = tokio::select! {
+            _ = every.tick() => false,
+            () = shutdown.cancelled() => true,
+        };
+        match files.signer() {
+            Ok(signer) => match portcullis_collector::seal_all(&collector, signer).await {
+                Ok(sealed) if !sealed.is_empty() => {
+                    tracing::debug!(tenants = sealed.len(), "sealed tenant logs");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "sealing tenant logs failed; the next round seals them")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot seal tenant logs with the serving key");
+            }
+        }
+        if last_round {
+            return;
+        }
+    }
 }
 
 async fn enforce_retention<R: RetentionPolicy>(

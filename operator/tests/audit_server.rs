@@ -1,7 +1,8 @@
 //! `portcullis-operator audit-server` in process, with certificates from the operator's
 //! real CA written to files the way a mounted Secret holds them: a workload ships its
 //! chain over mutual TLS, a renewed certificate on disk is served from the next
-//! handshake on while the chain continues, `/metrics` counts what was stored, and an
+//! handshake on while the chain continues, `/metrics` counts what was stored, the log
+//! is sealed with the serving key so it verifies against the trust bundle, and an
 //! unusable file is named at start.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +18,8 @@ use jiff::Timestamp;
 use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipAck};
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
-use portcullis_audit::{AuditRecord, Chain, Entry};
+use portcullis_audit::verify::{TrustBundle, VerifyOptions, verify_jsonl};
+use portcullis_audit::{AuditRecord, Chain, Entry, Seal};
 use portcullis_operator::audit_server::{self, AuditServerSettings};
 use portcullis_operator::ca::certs::{pem_block, pem_encode};
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
@@ -100,6 +102,7 @@ fn settings(dir: &Path) -> AuditServerSettings {
         retention_days: 365,
         reload_every: Duration::from_millis(100),
         sinks_every: Duration::from_millis(100),
+        seal_every: Duration::from_millis(200),
     }
 }
 
@@ -215,6 +218,34 @@ async fn ships_over_mtls_and_serves_a_renewed_certificate_without_a_restart() {
             .contains("portcullis_audit_entries_stored_total 3")
     );
     server.stop().await;
+
+    // The log is sealed with the operator-issued serving key, the last seal made at
+    // shutdown; seals from both certificates chain to the trust bundle as the
+    // collector's, and they name record 2 of the chain.
+    let day_files = std::fs::read_dir(dir.path().join("data").join("shop"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl") && !p.ends_with("chains.jsonl"));
+    let stored: String = day_files
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let options = VerifyOptions {
+        trust_bundle: Some(TrustBundle::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap()),
+        ..VerifyOptions::default()
+    };
+    let report = verify_jsonl(&stored, "collector", options).unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!(report.records, 3);
+    assert!(report.seals >= 1, "{report:?}");
+    let last: Seal = stored
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap();
+    assert_eq!(
+        last.heads.values().map(|h| h.seq).max(),
+        Some(2),
+        "{last:?}"
+    );
 }
 
 #[tokio::test]

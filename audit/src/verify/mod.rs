@@ -15,6 +15,12 @@
 //! given ([`Problem::SignerNotInTrustBundle`]), match the record it names
 //! ([`Problem::CheckpointMismatch`]) and name a record that is present
 //! ([`Problem::Truncated`]).
+//!
+//! Seals, the audit collector's signatures over a tenant log ([`crate::seal`]), are
+//! fed with the checkpoints ([`Verifier::add_seal`]): each must verify, be signed by the
+//! collector's certificate when a trust bundle is given, link to the seal before it, and
+//! every head it names must match the record present ([`Problem::SealMismatch`]) or be
+//! present at all ([`Problem::SealedRecordMissing`]).
 
 mod problem;
 mod signer_trust;
@@ -24,6 +30,7 @@ pub use signer_trust::TrustBundle;
 
 use crate::canonical::{GENESIS_HASH, record_hash_of_value};
 use crate::checkpoint::{CheckpointFault, verify_checkpoint_value};
+use crate::seal::{Seal, verify_seal_value};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
@@ -66,6 +73,10 @@ pub struct VerifyReport {
     pub records: u64,
     /// Checkpoints checked, all chains.
     pub checkpoints: u64,
+    /// Collector seals checked.
+    pub seals: u64,
+    /// The last seal's number, if any.
+    pub last_seal: Option<u64>,
 }
 
 struct Gap {
@@ -99,6 +110,14 @@ impl ChainState {
 struct PendingCheckpoint {
     hash: String,
     location: Location,
+    /// The seal that names the record, when this is a seal's head.
+    seal: Option<u64>,
+}
+
+struct SealSeen {
+    digest: String,
+    prev: String,
+    location: Location,
 }
 
 /// Streaming verifier; see the module docs for the order of calls.
@@ -106,6 +125,8 @@ pub struct Verifier {
     options: VerifyOptions,
     chains: HashMap<String, ChainState>,
     checkpoints: HashMap<String, BTreeMap<u64, Vec<PendingCheckpoint>>>,
+    seals: BTreeMap<u64, SealSeen>,
+    first_record: Option<Location>,
     first_problem: Option<Problem>,
     records: u64,
     checkpoint_count: u64,
@@ -118,6 +139,8 @@ impl Verifier {
             options,
             chains: HashMap::new(),
             checkpoints: HashMap::new(),
+            seals: BTreeMap::new(),
+            first_record: None,
             first_problem: None,
             records: 0,
             checkpoint_count: 0,
@@ -199,12 +222,64 @@ impl Verifier {
             .push(PendingCheckpoint {
                 hash: checkpoint.hash,
                 location,
+                seal: None,
             });
+    }
+
+    /// Checks a collector seal's signature and signer and remembers its heads for the
+    /// records to come.
+    pub fn add_seal(&mut self, value: Value, location: Location) {
+        let number = value
+            .get("number")
+            .and_then(Value::as_u64)
+            .unwrap_or_default();
+        let (seal, digest) = match verify_seal_value(value) {
+            Ok(seal) => seal,
+            Err(fault) => {
+                return self.report(Problem::BadSeal {
+                    number,
+                    location,
+                    detail: fault.to_string(),
+                });
+            }
+        };
+        if let Some(bundle) = &self.options.trust_bundle
+            && let Err(detail) = bundle.check_service(&seal.signer, seal.timestamp)
+        {
+            self.report(Problem::SealSignerNotTrusted {
+                number,
+                location: location.clone(),
+                detail,
+            });
+        }
+        for (chain_id, head) in seal.heads {
+            self.checkpoints
+                .entry(chain_id)
+                .or_default()
+                .entry(head.seq)
+                .or_default()
+                .push(PendingCheckpoint {
+                    hash: head.hash,
+                    location: location.clone(),
+                    seal: Some(number),
+                });
+        }
+        self.seals.insert(
+            number,
+            SealSeen {
+                digest,
+                prev: seal.prev,
+                location,
+            },
+        );
     }
 
     /// Checks one record (a stored JSON object) against its chain so far.
     pub fn push_record(&mut self, value: Value, location: Location) {
         self.records += 1;
+        if self.first_record.is_none() {
+            self.first_record = Some(location.clone());
+        }
         let fields = (
             value
                 .get("chain_id")
@@ -342,12 +417,22 @@ impl Verifier {
         pending
             .iter()
             .find(|cp| cp.hash != hash)
-            .map(|cp| Problem::CheckpointMismatch {
-                chain_id: chain_id.to_string(),
-                seq,
-                location: location.clone(),
-                checkpoint_hash: cp.hash.clone(),
-                record_hash: hash.to_string(),
+            .map(|cp| match cp.seal {
+                Some(number) => Problem::SealMismatch {
+                    number,
+                    chain_id: chain_id.to_string(),
+                    seq,
+                    location: location.clone(),
+                    sealed_hash: cp.hash.clone(),
+                    record_hash: hash.to_string(),
+                },
+                None => Problem::CheckpointMismatch {
+                    chain_id: chain_id.to_string(),
+                    seq,
+                    location: location.clone(),
+                    checkpoint_hash: cp.hash.clone(),
+                    record_hash: hash.to_string(),
+                },
             })
     }
 
@@ -371,16 +456,12 @@ impl Verifier {
             for (seq, pending) in by_seq {
                 if last_seq.is_none_or(|last| *seq > last) {
                     for cp in pending {
-                        late.push(Problem::Truncated {
-                            chain_id: chain_id.clone(),
-                            checkpoint_seq: *seq,
-                            last_seq,
-                            location: cp.location.clone(),
-                        });
+                        late.extend(self.absent(chain_id, *seq, last_seq, cp));
                     }
                 }
             }
         }
+        late.extend(self.seal_links());
         for problem in late {
             self.report(problem);
         }
@@ -395,7 +476,86 @@ impl Verifier {
                 .collect(),
             records: self.records,
             checkpoints: self.checkpoint_count,
+            seals: self.seals.len() as u64,
+            last_seal: self.seals.last_key_value().map(|(number, _)| *number),
         })
+    }
+
+    /// The problem with a checkpoint or seal naming a record past the chain's last.
+    fn absent(
+        &self,
+        chain_id: &str,
+        seq: u64,
+        last_seq: Option<u64>,
+        pending: &PendingCheckpoint,
+    ) -> Option<Problem> {
+        let Some(number) = pending.seal else {
+            return Some(Problem::Truncated {
+                chain_id: chain_id.to_owned(),
+                checkpoint_seq: seq,
+                last_seq,
+                location: pending.location.clone(),
+            });
+        };
+        // Retention removes whole days, oldest first: a seal before every record left
+        // may name a chain whose records all went with an earlier day.
+        let before_every_record = self
+            .first_record
+            .as_ref()
+            .is_none_or(|first| pending.location.key() < first.key());
+        let pruned = self.options.allow_pruned_start && last_seq.is_none() && before_every_record;
+        (!pruned).then(|| Problem::SealedRecordMissing {
+            number,
+            chain_id: chain_id.to_owned(),
+            seq,
+            last_seq,
+            location: pending.location.clone(),
+        })
+    }
+
+    /// Problems with the order of the seals: each links to the one before; the first
+    /// is seal 0 unless retention may have removed older ones.
+    fn seal_links(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut previous: Option<(u64, &SealSeen)> = None;
+        for (number, seal) in &self.seals {
+            match previous {
+                None if *number > 0 && !self.options.allow_pruned_start => {
+                    problems.push(Problem::SealsMissing {
+                        expected: 0,
+                        found: *number,
+                        location: seal.location.clone(),
+                    });
+                }
+                None if *number == 0 && seal.prev != GENESIS_HASH => {
+                    problems.push(Problem::SealLinkBroken {
+                        number: *number,
+                        location: seal.location.clone(),
+                        expected: GENESIS_HASH.to_owned(),
+                        found: seal.prev.clone(),
+                    });
+                }
+                None => {}
+                Some((before, _)) if *number != before + 1 => {
+                    problems.push(Problem::SealsMissing {
+                        expected: before + 1,
+                        found: *number,
+                        location: seal.location.clone(),
+                    });
+                }
+                Some((_, before)) if seal.prev != before.digest => {
+                    problems.push(Problem::SealLinkBroken {
+                        number: *number,
+                        location: seal.location.clone(),
+                        expected: before.digest.clone(),
+                        found: seal.prev.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+            previous = Some((*number, seal));
+        }
+        problems
     }
 }
 
@@ -434,6 +594,7 @@ pub fn verify_jsonl(
             Ok(value) if crate::Entry::is_checkpoint_value(&value) => {
                 verifier.add_checkpoint(value, location)
             }
+            Ok(value) if Seal::is_seal_value(&value) => verifier.add_seal(value, location),
             Ok(value) => records.push((value, location)),
             Err(e) => verifier.report(Problem::Malformed {
                 location,

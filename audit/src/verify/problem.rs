@@ -183,6 +183,84 @@ pub enum Problem {
         /// Where the checkpoint is.
         location: Location,
     },
+    /// A seal's signature does not verify, or it is malformed.
+    #[error("{location}: seal {number} does not verify: {detail}")]
+    BadSeal {
+        /// The seal's number.
+        number: u64,
+        /// Where the seal is.
+        location: Location,
+        /// Why.
+        detail: String,
+    },
+    /// A seal is not signed by the audit collector's certificate from the trust bundle.
+    #[error("{location}: seal {number} is not signed by the audit collector: {detail}")]
+    SealSignerNotTrusted {
+        /// The seal's number.
+        number: u64,
+        /// Where the seal is.
+        location: Location,
+        /// Why.
+        detail: String,
+    },
+    /// A record differs from what a seal says it was: rewritten after sealing.
+    #[error(
+        "{location}: record seq {seq} of chain {chain_id} hashes to {record_hash}, but seal {number} sealed it as {sealed_hash}: the log was rewritten after the collector sealed it"
+    )]
+    SealMismatch {
+        /// The seal's number.
+        number: u64,
+        /// Chain.
+        chain_id: String,
+        /// The record.
+        seq: u64,
+        /// Where the record is.
+        location: Location,
+        /// The hash the seal names.
+        sealed_hash: String,
+        /// The record's hash.
+        record_hash: String,
+    },
+    /// A seal names a record the log no longer holds: records were cut after sealing.
+    #[error(
+        "{location}: seal {number} names record seq {seq} of chain {chain_id}, which the log does not hold (last present: {last_seq:?}): records were removed after the collector sealed them"
+    )]
+    SealedRecordMissing {
+        /// The seal's number.
+        number: u64,
+        /// Chain.
+        chain_id: String,
+        /// The sealed record.
+        seq: u64,
+        /// The last record of the chain present, if any.
+        last_seq: Option<u64>,
+        /// Where the seal is.
+        location: Location,
+    },
+    /// A seal does not link to the seal before it: seals were replaced or reordered.
+    #[error(
+        "{location}: seal {number} names {found} as the seal before it, but seal {} has digest {expected}", number.saturating_sub(1)
+    )]
+    SealLinkBroken {
+        /// The seal's number.
+        number: u64,
+        /// Where the seal is.
+        location: Location,
+        /// The previous seal's digest.
+        expected: String,
+        /// The `prev` the seal carries.
+        found: String,
+    },
+    /// Seals are missing from the log.
+    #[error("{location}: seals {expected} to {} are missing before seal {found}", found.saturating_sub(1))]
+    SealsMissing {
+        /// The first missing seal.
+        expected: u64,
+        /// The seal found after the gap.
+        found: u64,
+        /// Where that seal is.
+        location: Location,
+    },
 }
 
 impl Problem {
@@ -199,14 +277,28 @@ impl Problem {
             | Problem::UntrustedSigner { location, .. }
             | Problem::SignerNotInTrustBundle { location, .. }
             | Problem::CheckpointMismatch { location, .. }
-            | Problem::Truncated { location, .. } => location,
+            | Problem::Truncated { location, .. }
+            | Problem::BadSeal { location, .. }
+            | Problem::SealSignerNotTrusted { location, .. }
+            | Problem::SealMismatch { location, .. }
+            | Problem::SealedRecordMissing { location, .. }
+            | Problem::SealLinkBroken { location, .. }
+            | Problem::SealsMissing { location, .. } => location,
         }
     }
 
     /// The seq the problem is about, when it is about one.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Problem::Malformed { .. } | Problem::Unreadable { .. } => None,
+            Problem::Malformed { .. }
+            | Problem::Unreadable { .. }
+            | Problem::BadSeal { .. }
+            | Problem::SealSignerNotTrusted { .. }
+            | Problem::SealLinkBroken { .. }
+            | Problem::SealsMissing { .. } => None,
+            Problem::SealMismatch { seq, .. } | Problem::SealedRecordMissing { seq, .. } => {
+                Some(*seq)
+            }
             Problem::AlteredRecord { seq, .. }
             | Problem::BrokenLink { seq, .. }
             | Problem::Reordered { seq, .. }

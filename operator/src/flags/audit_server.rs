@@ -9,7 +9,9 @@ use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::MAX_RETENTION_DAYS;
 use portcullis_operator::audit_server::{AuditServerSettings, RELOAD_EVERY, SINKS_EVERY};
 
-use super::values::trust_domain;
+use portcullis_crds::DurationSpec;
+
+use super::values::{positive_duration, trust_domain};
 
 /// Everything `audit-server` takes.
 #[derive(Args, Debug)]
@@ -49,6 +51,10 @@ pub struct AuditServerArgs {
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION_DAYS", default_value_t = 365,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RETENTION_DAYS)))]
     retention_days: u32,
+    /// How often each tenant log that grew is sealed: signed with the serving key, so
+    /// `audit verify` notices records rewritten or removed after the seal.
+    #[arg(long, env = "PORTCULLIS_AUDIT_SEAL_EVERY", default_value = "1m", value_parser = positive_duration)]
+    seal_every: DurationSpec,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PORTCULLIS_LOG_JSON")]
     pub log_json: bool,
@@ -68,6 +74,7 @@ impl AuditServerArgs {
             retention_days: self.retention_days,
             reload_every: RELOAD_EVERY,
             sinks_every: SINKS_EVERY,
+            seal_every: self.seal_every.get(),
         }
     }
 }

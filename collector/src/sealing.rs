@@ -1,0 +1,93 @@
+//! The collector's seals over each tenant's log ([`portcullis_audit::seal`]): what the
+//! last seal of every tenant was, and which chains advanced since, so each seal names
+//! only what is new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use portcullis_audit::checkpoint::CheckpointSigner;
+use portcullis_audit::seal::{Seal, SealedHead};
+use serde_json::Value;
+
+use crate::arrival::Arrivals;
+use crate::collector::{Collector, SealError, blocking};
+use crate::store::RecordStore;
+
+/// Seals every tenant log that grew since its last seal ([`Collector::seal`]) on a
+/// blocking thread; returns the tenants sealed with their new seal's number.
+pub async fn seal_all<S: RecordStore + Send + 'static>(
+    collector: &Arc<Mutex<Collector<S>>>,
+    signer: CheckpointSigner,
+) -> Result<Vec<(String, u64)>, SealError> {
+    blocking(collector, move |collector| collector.seal(&signer)).await
+}
+
+/// The newest seal of every tenant and how far it (and the seals before it) reached.
+#[derive(Debug, Default)]
+pub struct Sealing {
+    tenants: HashMap<String, TenantSeals>,
+}
+
+#[derive(Debug, Default)]
+struct TenantSeals {
+    /// The newest seal's number and digest.
+    last: Option<(u64, String)>,
+    /// Per chain, the last seq some seal named.
+    sealed: HashMap<String, u64>,
+}
+
+impl Sealing {
+    /// Adopts a stored seal (recovery after a restart, in stored order); a line that
+    /// is not a seal the collector could have written is ignored.
+    pub fn restore(&mut self, value: Value) {
+        let Ok(digest) = portcullis_audit::seal::seal_digest(&value) else {
+            return;
+        };
+        if let Ok(seal) = serde_json::from_value::<Seal>(value) {
+            self.adopt(&seal, digest);
+        }
+    }
+
+    /// Records `seal` (with its `digest`) as its tenant's newest.
+    pub fn adopt(&mut self, seal: &Seal, digest: String) {
+        let tenant = self.tenants.entry(seal.tenant.clone()).or_default();
+        tenant.last = Some((seal.number, digest));
+        for (chain, head) in &seal.heads {
+            tenant.sealed.insert(chain.clone(), head.seq);
+        }
+    }
+
+    /// The tenant's newest seal, as (number, digest).
+    pub fn last(&self, tenant: &str) -> Option<(u64, &str)> {
+        self.tenants
+            .get(tenant)?
+            .last
+            .as_ref()
+            .map(|(number, digest)| (*number, digest.as_str()))
+    }
+
+    /// Per tenant, the chains that advanced since its newest seal, with their heads.
+    pub fn due(&self, arrivals: &Arrivals) -> BTreeMap<String, BTreeMap<String, SealedHead>> {
+        let mut due: BTreeMap<String, BTreeMap<String, SealedHead>> = BTreeMap::new();
+        for (chain, head) in arrivals.chains() {
+            let Some(last) = head.next_seq.checked_sub(1) else {
+                continue;
+            };
+            let sealed = self
+                .tenants
+                .get(&head.tenant)
+                .and_then(|tenant| tenant.sealed.get(chain));
+            if sealed.is_some_and(|seq| *seq >= last) {
+                continue;
+            }
+            due.entry(head.tenant.clone()).or_default().insert(
+                chain.to_owned(),
+                SealedHead {
+                    seq: last,
+                    hash: head.last_hash.clone(),
+                },
+            );
+        }
+        due
+    }
+}
