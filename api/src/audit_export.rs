@@ -41,6 +41,22 @@ pub fn tenant_of_path(path: &str) -> Option<&str> {
         .filter(|t| !t.is_empty() && !t.contains('/'))
 }
 
+/// Path suffix after the tenant name for the tenant log's newest seal.
+pub const SEAL_SUFFIX: &str = "/seal";
+
+/// `GET` here answers the newest seal of `tenant`'s log (one JSON line, as stored), to
+/// the same readers as the export; the operator witnesses it into the Tenant's status.
+pub fn seal_path(tenant: &str) -> String {
+    format!("{TENANTS_PREFIX}{tenant}{SEAL_SUFFIX}")
+}
+
+/// The tenant a seal path names, if it is one.
+pub fn tenant_of_seal_path(path: &str) -> Option<&str> {
+    path.strip_prefix(TENANTS_PREFIX)?
+        .strip_suffix(SEAL_SUFFIX)
+        .filter(|t| !t.is_empty() && !t.contains('/'))
+}
+
 /// Query parameter: records at or after this RFC 3339 time.
 pub const SINCE: &str = "since";
 /// Query parameter: records before this RFC 3339 time.

@@ -46,7 +46,7 @@ pub use keyring::{DataKey, KeyRing};
 pub use record::{AuditRecord, ByteCounts, Decision};
 pub use seal::{Seal, SealedHead};
 pub use secret::Secret;
-pub use verify::{Location, Problem, TrustBundle, Verifier, VerifyOptions, VerifyReport};
+pub use verify::{Anchor, Location, Problem, TrustBundle, Verifier, VerifyOptions, VerifyReport};
 pub use writer::{
     Accepted, AuditWriter, FailureMode, RecordSlot, SubmitError, WriterConfig, WriterStats,
 };

@@ -140,6 +140,7 @@ pub fn verify_options(
             trusted_keys,
             trust_bundle: bundle,
             allow_pruned_start: args.allow_pruned_start,
+            anchors: Vec::new(),
         },
         checked,
     ))
@@ -188,8 +189,8 @@ pub fn report(
             if let Some(last) = report.last_seal {
                 writeln!(
                     out,
-                    "  {} collector seal(s), the last is seal {last}",
-                    report.seals
+                    "  {} collector seal(s), the last is seal {last}; {} witnessed by the operator and matched",
+                    report.seals, report.anchors
                 )?;
             }
             for (id, chain) in &report.chains {

@@ -288,6 +288,47 @@ async fn for_each_line(
     Ok(())
 }
 
+/// The seals of `tenant`'s log the operator witnessed (`status.auditAnchors`); none,
+/// with a warning saying what is then not checked, when the Tenant cannot be read.
+async fn anchors(
+    cluster: &ClusterArgs,
+    tenant: &str,
+    err: &mut dyn Write,
+) -> anyhow::Result<Vec<portcullis_audit::Anchor>> {
+    let api: kube::Api<portcullis_crds::Tenant> =
+        kube::Api::all(Cluster::connect(cluster).await?.client);
+    let anchors = match api.get_opt(tenant).await {
+        Ok(Some(found)) => found.status.map(|s| s.audit_anchors).unwrap_or_default(),
+        Ok(None) => {
+            writeln!(
+                err,
+                "warning: there is no Tenant {tenant:?}, so no seals witnessed by the operator to check the log against"
+            )?;
+            return Ok(Vec::new());
+        }
+        Err(e) => {
+            writeln!(
+                err,
+                "warning: cannot read Tenant {tenant:?} ({e}): the log's seals are checked, but not against the ones the operator witnessed; that needs get on tenants.portcullis.dev"
+            )?;
+            return Ok(Vec::new());
+        }
+    };
+    if anchors.is_empty() {
+        writeln!(
+            err,
+            "note: the operator has witnessed no seal of this log yet (status.auditAnchors is empty)"
+        )?;
+    }
+    Ok(anchors
+        .into_iter()
+        .map(|anchor| portcullis_audit::Anchor {
+            number: anchor.number,
+            digest: anchor.digest,
+        })
+        .collect())
+}
+
 /// `kubectl portcullis audit verify --tenant T --server URL`: the tenant's whole log,
 /// every pod chain with its checkpoints and the collector's seals, checked like a file. `cluster_bundle` is the
 /// cluster's trust bundle PEM when the signers are checked against it.
@@ -307,6 +348,7 @@ pub async fn verify(
     let (mut options, checked) = crate::audit::verify_options(args, cluster_bundle, err)?;
     // Retention removes a log's oldest days, so a chain may start after seq 0.
     options.allow_pruned_start = true;
+    options.anchors = anchors(cluster, tenant, err).await?;
     let source = format!("tenant {tenant} in the collector");
     let label: std::sync::Arc<str> = std::sync::Arc::from(source.as_str());
     let mut verifier = Verifier::new(options);

@@ -319,6 +319,7 @@ mod tests {
             roles: 5,
             unprotected_pods: vec![],
             observed_generation: None,
+            audit_anchors: vec![],
         });
         let now = 1_000 * 86_400;
         let keys = [

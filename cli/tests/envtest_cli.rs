@@ -1179,6 +1179,7 @@ mod export_from_the_collector {
     use portcullis_crds::{Permission, Tenant};
     use portcullis_operator::audit_cluster::KubeExportAuthorizer;
     use portcullis_operator::audit_server::{self, AuditServerSettings};
+    use portcullis_operator::audit_witness::{self, AuditWitness, WitnessSettings};
     use portcullis_operator::ca::certs::{pem_block, pem_encode};
     use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority};
     use portcullis_operator::rbac::rules_for;
@@ -1291,14 +1292,18 @@ mod export_from_the_collector {
 
     /// The collector's files: its serving certificate from a CA like the operator's,
     /// and a log already holding `records` of tenant `owner`.
-    fn collector_files(dir: &Path, owner: &str, records: usize) -> Vec<String> {
+    fn collector_files(
+        dir: &Path,
+        owner: &str,
+        records: usize,
+    ) -> (Vec<String>, Arc<CertificateAuthority>) {
         let td = TrustDomain::new("cluster.local").unwrap();
         let settings = CaSettings::new(td);
-        let ca = CertificateAuthority::new(
+        let ca = Arc::new(CertificateAuthority::new(
             settings.clone(),
             CaState::generate(&settings, Timestamp::now()).unwrap(),
             Arc::new(SystemClock),
-        );
+        ));
         let issued = ca.issue_server_certificate(&[SERVICE.to_owned()]).unwrap();
         let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
         std::fs::write(dir.join("tls.crt"), chain).unwrap();
@@ -1335,7 +1340,7 @@ mod export_from_the_collector {
             workload: "spiffe://cluster.local/ns/shop/sa/web",
         };
         collector.ingest(sender, &body).unwrap();
-        lines
+        (lines, ca)
     }
 
     #[tokio::test]
@@ -1352,7 +1357,7 @@ mod export_from_the_collector {
         let developer = member(&client, &ns, "dev", "developer").await;
 
         let dir = tempfile::tempdir().unwrap();
-        let shipped = collector_files(dir.path(), &name, 4);
+        let (shipped, authority) = collector_files(dir.path(), &name, 4);
         let server = audit_server::start(
             server_settings(dir.path()),
             audit_server::ClusterAccess {
@@ -1463,6 +1468,72 @@ mod export_from_the_collector {
             verified.stdout.contains("OK: 4 records") && verified.stdout.contains("chain web-1"),
             "{verified:?}"
         );
+
+        // The operator witnesses the newest seal (the collector seals every 200 ms here)
+        // into the Tenant's status, through the same authorisation as the export.
+        let witness = AuditWitness::new(
+            client.clone(),
+            kube::runtime::reflector::store().0,
+            authority,
+            WitnessSettings {
+                collector_url: url.clone(),
+                server_name: SERVICE.into(),
+                token_file: token_file.clone(),
+                every: Duration::from_secs(300),
+            },
+            "envtest".into(),
+        );
+        let tenants: Api<Tenant> = Api::all(client.clone());
+        let mut anchored = false;
+        for _ in 0..50 {
+            let current = tenants.get(&name).await.unwrap();
+            if witness.witness_now(&current).await.unwrap() {
+                anchored = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(anchored, "the newest seal is anchored");
+        let anchors = tenants
+            .get(&name)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .audit_anchors;
+        assert_eq!(anchors.len(), 1, "{anchors:?}");
+        let verified = verify(env).await;
+        assert_eq!(verified.code, Some(0), "{verified:?}");
+        assert!(
+            verified
+                .stdout
+                .contains("1 witnessed by the operator and matched"),
+            "{verified:?}"
+        );
+
+        // A log whose seal differs from the one witnessed fails, naming the seal.
+        let mut forged = anchors.clone();
+        forged[0].digest = "0".repeat(64);
+        tenants
+            .patch_status(
+                &name,
+                &PatchParams::apply(audit_witness::FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+                    "status": {"auditAnchors": forged},
+                })),
+            )
+            .await
+            .unwrap();
+        let mismatched = verify(env).await;
+        assert_eq!(mismatched.code, Some(1), "{mismatched:?}");
+        assert!(
+            mismatched.stdout.contains(&format!(
+                "but the operator witnessed seal {}",
+                anchors[0].number
+            )),
+            "{mismatched:?}"
+        );
         // Someone with the volume edits a stored record: the next verify says so.
         let day_file = std::fs::read_dir(dir.path().join("data").join(&name))
             .unwrap()
@@ -1534,7 +1605,7 @@ mod export_from_the_collector {
             .unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let shipped = collector_files(dir.path(), &name, 4);
+        let (shipped, _) = collector_files(dir.path(), &name, 4);
         let server = audit_server::start(
             server_settings(dir.path()),
             audit_server::ClusterAccess {

@@ -92,7 +92,7 @@ impl<S: RecordStore> Collector<S> {
                         continue;
                     };
                     if Seal::is_seal_value(&value) {
-                        sealing.restore(value);
+                        sealing.restore(&line, value);
                     } else if !Entry::is_checkpoint_value(&value) {
                         arrivals.restore_record(&value);
                     }
@@ -182,11 +182,17 @@ impl<S: RecordStore> Collector<S> {
                 chain_id: String::new(),
                 line,
             };
-            self.store.append(&tenant, day, &[], &[fresh])?;
-            self.sealing.adopt(&seal, digest);
+            self.store
+                .append(&tenant, day, &[], std::slice::from_ref(&fresh))?;
+            self.sealing.adopt(&seal, digest, fresh.line);
             sealed.push((tenant, seal.number));
         }
         Ok(sealed)
+    }
+
+    /// `tenant`'s newest seal as stored, if it has one.
+    pub fn last_seal(&self, tenant: &str) -> Option<String> {
+        self.sealing.last_line(tenant).map(str::to_owned)
     }
 
     /// Removes `tenant`'s days older than `retention_days` (capped at

@@ -265,34 +265,65 @@ impl<S: RecordStore + Send + 'static, A: ExportAuthorizer> Export<S, A> {
         }
     }
 
-    /// Answers `GET /v1/tenants/{tenant}/records`.
-    pub async fn handle<B>(self, request: Request<B>, tenant: &str) -> Response<Body> {
+    /// Who asks, if they may read `tenant`'s log; else the answer to give.
+    async fn admit<B>(&self, request: &Request<B>, tenant: &str) -> Result<Reader, Response<Body>> {
         if request.method() != Method::GET {
-            return serve::error(
+            return Err(serve::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "read records with GET; records are written only by shipping proxies",
-            );
+            ));
         }
-        let Some(token) = bearer(&request) else {
+        let Some(token) = bearer(request) else {
             let denial = ExportDenial::Unauthenticated(
                 "send a Kubernetes token as Authorization: Bearer <token> (a ServiceAccount token, or your own); kubectl portcullis audit export does this for you".into(),
             );
             self.metrics.count(denial.outcome());
-            return denied(&denial);
+            return Err(denied(&denial));
         };
         if !is_dns_subdomain(tenant) {
-            return serve::error(
+            return Err(serve::error(
                 StatusCode::NOT_FOUND,
                 &format!("{tenant:?} is not a tenant name"),
-            );
+            ));
         }
-        let reader = match self.authorizer.authorize(token, tenant).await {
-            Ok(reader) => reader,
-            Err(denial) => {
+        self.authorizer
+            .authorize(token, tenant)
+            .await
+            .map_err(|denial| {
                 self.metrics.count(denial.outcome());
                 tracing::info!(tenant, outcome = denial.outcome(), "export refused");
-                return denied(&denial);
-            }
+                denied(&denial)
+            })
+    }
+
+    /// Answers `GET /v1/tenants/{tenant}/seal`: the newest seal of the tenant's log.
+    pub async fn handle_seal<B>(self, request: Request<B>, tenant: &str) -> Response<Body> {
+        if let Err(refused) = self.admit(&request, tenant).await {
+            return refused;
+        }
+        let collector = self.collector.clone();
+        let owned = tenant.to_owned();
+        let seal = blocking(&collector, move |collector| {
+            Ok::<_, StoreError>(collector.last_seal(&owned))
+        })
+        .await;
+        match seal {
+            Ok(Some(line)) => serve::full(StatusCode::OK, "application/json", line),
+            Ok(None) => serve::error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "tenant {tenant:?} has no sealed log yet: the collector seals a log once records arrive"
+                ),
+            ),
+            Err(e) => serve::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+
+    /// Answers `GET /v1/tenants/{tenant}/records`.
+    pub async fn handle<B>(self, request: Request<B>, tenant: &str) -> Response<Body> {
+        let reader = match self.admit(&request, tenant).await {
+            Ok(reader) => reader,
+            Err(refused) => return refused,
         };
         let query = match ExportQuery::parse(request.uri().query()) {
             Ok(query) => query,

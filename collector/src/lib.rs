@@ -21,9 +21,12 @@
 //! [`portcullis_audit::seal`]): a signed statement of every chain's head, linked to
 //! the seal before it, which no workload can make.
 //!
+//! The newest seal of each log is served to the same readers as the export
+//! (`GET /v1/tenants/{t}/seal`); the operator witnesses it into the Tenant's status,
+//! where the collector cannot rewrite it.
+//!
 //! Status: checking, storage, recovery, retention, ingest, export, seals and SIEM
-//! forwarding. Encryption under the tenant DEK and anchoring the seals outside the
-//! collector are not built yet.
+//! forwarding. Encryption under the tenant DEK is not built yet.
 
 #![warn(missing_docs)]
 

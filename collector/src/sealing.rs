@@ -32,6 +32,8 @@ pub struct Sealing {
 struct TenantSeals {
     /// The newest seal's number and digest.
     last: Option<(u64, String)>,
+    /// The newest seal as stored.
+    last_line: Option<String>,
     /// Per chain, the last seq some seal named.
     sealed: HashMap<String, u64>,
 }
@@ -39,19 +41,20 @@ struct TenantSeals {
 impl Sealing {
     /// Adopts a stored seal (recovery after a restart, in stored order); a line that
     /// is not a seal the collector could have written is ignored.
-    pub fn restore(&mut self, value: Value) {
+    pub fn restore(&mut self, line: &str, value: Value) {
         let Ok(digest) = portcullis_audit::seal::seal_digest(&value) else {
             return;
         };
         if let Ok(seal) = serde_json::from_value::<Seal>(value) {
-            self.adopt(&seal, digest);
+            self.adopt(&seal, digest, line.to_owned());
         }
     }
 
-    /// Records `seal` (with its `digest`) as its tenant's newest.
-    pub fn adopt(&mut self, seal: &Seal, digest: String) {
+    /// Records `seal` (with its `digest`, stored as `line`) as its tenant's newest.
+    pub fn adopt(&mut self, seal: &Seal, digest: String, line: String) {
         let tenant = self.tenants.entry(seal.tenant.clone()).or_default();
         tenant.last = Some((seal.number, digest));
+        tenant.last_line = Some(line);
         for (chain, head) in &seal.heads {
             tenant.sealed.insert(chain.clone(), head.seq);
         }
@@ -64,6 +67,11 @@ impl Sealing {
             .last
             .as_ref()
             .map(|(number, digest)| (*number, digest.as_str()))
+    }
+
+    /// The tenant's newest seal as stored (one JSON line).
+    pub fn last_line(&self, tenant: &str) -> Option<&str> {
+        self.tenants.get(tenant)?.last_line.as_deref()
     }
 
     /// Per tenant, the chains that advanced since its newest seal, with their heads.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use portcullis_api::audit_export::tenant_of_path;
+use portcullis_api::audit_export::{tenant_of_path, tenant_of_seal_path};
 use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipRefusal, ShipRefusalReason};
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_server::{self as serve, Body, PeerCertificates};
@@ -259,6 +259,10 @@ where
     if let Some(tenant) = tenant_of_path(request.uri().path()) {
         let tenant = tenant.to_owned();
         return export.handle(request, &tenant).await;
+    }
+    if let Some(tenant) = tenant_of_seal_path(request.uri().path()) {
+        let tenant = tenant.to_owned();
+        return export.handle_seal(request, &tenant).await;
     }
     serve::error(StatusCode::NOT_FOUND, "no such endpoint")
 }

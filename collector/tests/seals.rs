@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use portcullis_api::clock::ManualClock;
 use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
-use portcullis_audit::seal::Seal;
-use portcullis_audit::verify::{Problem, TrustBundle, VerifyOptions, VerifyReport, verify_jsonl};
+use portcullis_audit::seal::{Seal, seal_digest};
+use portcullis_audit::verify::{
+    Anchor, Problem, TrustBundle, VerifyOptions, VerifyReport, verify_jsonl,
+};
 use portcullis_collector::{Collector, FileStore, IngestError, Sender};
 
 mod support;
@@ -50,12 +52,32 @@ fn signer(leaf: &Leaf) -> CheckpointSigner {
 /// `audit verify --tenant` as the CLI runs it: signers against the cluster's trust
 /// bundle, pruned starts allowed.
 fn verify(ca: &TestCa, lines: &[String]) -> Result<VerifyReport, Problem> {
+    verify_anchored(ca, lines, Vec::new())
+}
+
+/// [`verify`], with the seals the operator witnessed.
+fn verify_anchored(
+    ca: &TestCa,
+    lines: &[String],
+    anchors: Vec<Anchor>,
+) -> Result<VerifyReport, Problem> {
     let options = VerifyOptions {
         trust_bundle: Some(ok(TrustBundle::from_pem(ca.root_pem().as_bytes()))),
         allow_pruned_start: true,
+        anchors,
         ..VerifyOptions::default()
     };
     verify_jsonl(&lines.join("\n"), "collector", options)
+}
+
+/// The newest seal of `collector`'s tenant shop, as the operator witnesses it.
+fn witness(collector: &Collector<FileStore>) -> Anchor {
+    let line = collector.last_seal("shop").unwrap_or_default();
+    let value: serde_json::Value = ok(serde_json::from_str(&line));
+    Anchor {
+        number: value["number"].as_u64().unwrap_or_default(),
+        digest: ok(seal_digest(&value)),
+    }
 }
 
 fn is_seal(line: &str) -> bool {
@@ -304,4 +326,62 @@ fn a_workload_cannot_ship_a_seal_into_its_log() {
             .any(|line| is_seal(line)),
         "nothing of it stored"
     );
+}
+
+#[test]
+fn a_log_rewritten_and_sealed_again_by_the_collector_fails_the_operators_anchor() {
+    let ca = TestCa::new();
+    let key = signer(&ca.collector());
+    let mut genuine = shop_log(5);
+    ok(genuine.collector.seal(&key));
+    let anchors = vec![witness(&genuine.collector)];
+    ok(genuine
+        .collector
+        .ingest(SHOP, &batch(&genuine.web.requests(2))));
+    ok(genuine.collector.seal(&key));
+    let report = verify_anchored(&ca, &ok(genuine.collector.entries("shop")), anchors.clone())
+        .unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!((report.seals, report.anchors), (2, 1));
+
+    // Whoever holds the collector's key rebuilds the log from scratch and seals it
+    // again: every hash, link, seal and signature is consistent.
+    let mut forged = shop_log(0);
+    let mut chain = Proxy::new("web-7d9f-1", "shop");
+    let lines: Vec<String> = (0..7)
+        .map(|i| {
+            chain.request(
+                start(),
+                "api.identify",
+                "key:ak_***000",
+                &format!("/v1/forged/{i}"),
+            )
+        })
+        .collect();
+    ok(forged.collector.ingest(SHOP, &batch(&lines)));
+    ok(forged.collector.seal(&key));
+    let forged_log = ok(forged.collector.entries("shop"));
+    assert!(
+        verify(&ca, &forged_log).is_ok(),
+        "without the operator's anchor the forgery verifies"
+    );
+    match verify_anchored(&ca, &forged_log, anchors) {
+        Err(Problem::AnchorMismatch { number: 0, .. }) => {}
+        other => panic!("expected the witnessed seal to differ, got {other:?}"),
+    }
+
+    // A log cut back to before the witnessed seal is missing it.
+    let mut cut = shop_log(3);
+    let anchors = vec![Anchor {
+        number: 4,
+        digest: "0".repeat(64),
+    }];
+    ok(cut.collector.seal(&key));
+    match verify_anchored(&ca, &ok(cut.collector.entries("shop")), anchors) {
+        Err(Problem::AnchoredSealMissing {
+            number: 4,
+            last_seal: Some(0),
+            ..
+        }) => {}
+        other => panic!("expected the witnessed seal to be missing, got {other:?}"),
+    }
 }

@@ -589,3 +589,62 @@ async fn only_a_reader_the_api_server_allows_may_export() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn the_newest_seal_is_served_to_readers_of_the_log_and_comes_with_the_chain() {
+    let ca = TestCa::new();
+    let running = start_collector(&ca).await;
+    let none = running
+        .export("/v1/tenants/shop/seal", Some("analyst"))
+        .await;
+    assert_eq!(none.status, 404, "nothing sealed yet: {}", none.body);
+    assert!(none.body.contains("no sealed log yet"), "{}", none.body);
+
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    ship_as_shop(&ca, &running, &proxy.requests(3)).await;
+    let leaf = ca.collector();
+    let identity = portcullis_audit::checkpoint::SignerIdentity {
+        spiffe_id: None,
+        certificate_der: Some(leaf.chain[0].to_vec()),
+        intermediates_der: Vec::new(),
+    };
+    let signer = ok(portcullis_audit::checkpoint::CheckpointSigner::from_pkcs8(
+        leaf.key.secret_der(),
+        identity,
+    ));
+    let sealed = ok(portcullis_collector::seal_all(&running.collector, signer).await);
+    assert_eq!(sealed, [("shop".to_owned(), 0)]);
+
+    let seal = running
+        .export("/v1/tenants/shop/seal", Some("analyst"))
+        .await;
+    assert_eq!(seal.status, 200, "{}", seal.body);
+    let value: serde_json::Value = ok(serde_json::from_str(&seal.body));
+    assert_eq!(
+        (value["type"].as_str(), value["number"].as_u64()),
+        (Some("seal"), Some(0))
+    );
+    assert_eq!(value["heads"]["web-7d9f-1"]["seq"].as_u64(), Some(2));
+
+    // The same readers as the export, and no one else.
+    assert_eq!(
+        running.export("/v1/tenants/shop/seal", None).await.status,
+        401
+    );
+    assert_eq!(
+        running
+            .export("/v1/tenants/shop/seal", Some("developer"))
+            .await
+            .status,
+        403
+    );
+    // The history to verify carries the seal; the records export does not.
+    let chain = running
+        .export("/v1/tenants/shop/records?format=chain", Some("analyst"))
+        .await;
+    assert_eq!(chain.body.lines().last(), Some(seal.body.as_str()));
+    let records = running
+        .export("/v1/tenants/shop/records", Some("analyst"))
+        .await;
+    assert_eq!(records.body, batch(&proxy.lines));
+}

@@ -28,7 +28,7 @@ pub use peers::{AllowedPeer, RevokedCertificate};
 pub use policy::{InboundMode, KeyPolicy, PolicyBundle, RateLimitPolicy};
 pub use role::{Permission, Role, RoleSpec, RoleStatus, Subject, SubjectKind};
 pub use scope::{HttpMethod, RouteRule, ScopeMap, ScopeName};
-pub use tenant::{DataClassification, RateLimit, Tenant, TenantSpec, TenantStatus};
+pub use tenant::{DataClassification, RateLimit, SealAnchor, Tenant, TenantSpec, TenantStatus};
 pub use token::{ApiToken, KeyId, TokenError};
 pub use validation::{FieldError, FieldErrors};
 

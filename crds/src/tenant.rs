@@ -346,6 +346,24 @@ pub struct TenantStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Seals of the tenant's audit log that the operator saw the audit collector make,
+    /// oldest first, thinned to at most 32 spread over the log's life: written only by
+    /// the operator, so a collector that rewrites its log and seals it again cannot
+    /// match them (`kubectl portcullis audit verify --tenant` checks each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit_anchors: Vec<SealAnchor>,
+}
+
+/// One seal of a tenant's audit log, as the operator witnessed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SealAnchor {
+    /// The seal's number in the tenant's log.
+    pub number: u64,
+    /// SHA-256 (hex) of the seal as the collector served it.
+    pub digest: String,
+    /// When the collector made it (RFC 3339).
+    pub sealed_at: String,
 }
 
 impl TenantSpec {

@@ -793,6 +793,25 @@ echo "answered=$answered"; echo "ok=$ok""#,
     })
     .await?;
 
+    // The collector seals the log (every 2 s here) and the operator witnesses the
+    // newest seal into the Tenant's status (every 5 s here). Read before the export:
+    // every seal witnessed by then is in the log the export returns.
+    let tenants: Api<portcullis_crds::Tenant> = Api::all(client.clone());
+    let anchors = wait_for(
+        "the operator to witness a seal of the tenant's log",
+        Duration::from_secs(90),
+        || async {
+            let anchors = tenants
+                .get(&ns)
+                .await?
+                .status
+                .map(|s| s.audit_anchors)
+                .unwrap_or_default();
+            Ok((!anchors.is_empty()).then_some(anchors))
+        },
+    )
+    .await?;
+
     // The export holds exactly one record per request that reached the proxy, in order;
     // the whole chain (with the proxy's checkpoints) comes back for verification.
     // Without a token the collector answers 401.
@@ -840,7 +859,8 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
         run.logs
     );
     // The history verifies: every hash and link, every checkpoint signed by a workload
-    // of this cluster's trust bundle.
+    // of this cluster's trust bundle, every seal signed by the collector and linked,
+    // and the seals the operator witnessed are the log's.
     use base64::Engine as _;
     let chain = base64::engine::general_purpose::STANDARD
         .decode(run.value("chain").unwrap_or_default())
@@ -856,6 +876,13 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
             portcullis_audit::TrustBundle::from_pem(bundle.as_bytes())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
+        anchors: anchors
+            .iter()
+            .map(|a| portcullis_audit::Anchor {
+                number: a.number,
+                digest: a.digest.clone(),
+            })
+            .collect(),
         ..portcullis_audit::VerifyOptions::default()
     };
     let report = portcullis_audit::verify::verify_jsonl(
@@ -868,6 +895,10 @@ echo "anonymous=$(curl -sk -o /dev/null -w '%{{http_code}}' --max-time 10 "$URL"
         report.records == answered,
         "the verified history holds {} records, {answered} expected",
         report.records
+    );
+    ensure!(
+        report.seals >= 1 && report.anchors == anchors.len() as u64,
+        "the history should carry the collector's seals and match every witnessed one: {report:?}"
     );
 
     // The collector forwarded the same records to the tenant's Splunk HEC, each once,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod audit_cluster;
 pub mod audit_server;
 pub mod audit_sinks;
+pub mod audit_witness;
 pub mod ca;
 pub mod clock;
 pub mod context;

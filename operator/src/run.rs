@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::audit_witness::{AuditWitness, WitnessSettings};
 use crate::ca::audit_secret::AuditTlsSecret;
 use crate::ca::{
     CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, KubeLeafLedger,
@@ -156,6 +157,9 @@ pub struct OperatorSettings {
     /// The audit service's Service name: its serving certificate is kept in the Secret
     /// `<name>-tls` ([`crate::ca::audit_secret`]); `None`: no audit service.
     pub audit_service: Option<String>,
+    /// Witness the audit collector's seals into each Tenant's status; `None`: no
+    /// collector to witness.
+    pub audit_witness: Option<WitnessSettings>,
 }
 
 impl std::fmt::Debug for OperatorSettings {
@@ -176,6 +180,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("lease", &self.lease)
             .field("kek_secret", &self.kek_secret)
             .field("audit_service", &self.audit_service)
+            .field("audit_witness", &self.audit_witness)
             .finish()
     }
 }
@@ -204,6 +209,7 @@ impl OperatorSettings {
             lease: LeaseSettings::new(LEASE_NAME, namespace, identity),
             kek_secret: None,
             audit_service: None,
+            audit_witness: None,
         }
     }
 
@@ -557,6 +563,15 @@ pub async fn start(
             &settings.cluster_domain,
         )
     });
+    let witness = settings.audit_witness.clone().map(|witness| {
+        Arc::new(AuditWitness::new(
+            client.clone(),
+            stores.tenants.clone(),
+            ca.clone(),
+            witness,
+            settings.lease.identity.clone(),
+        ))
+    });
     let leading = Arc::new(AtomicBool::new(false));
     tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
     let lead = {
@@ -566,16 +581,23 @@ pub async fn start(
             let publisher = publisher.clone();
             let ca_runtime = ca_runtime.clone();
             let audit_secret = audit_secret.clone();
+            let witness = witness.clone();
             async move {
                 let audit_secret = async {
                     if let Some(secret) = audit_secret {
                         secret.run(term.clone()).await;
                     }
                 };
+                let witness = async {
+                    if let Some(witness) = witness {
+                        witness.run(term.clone()).await;
+                    }
+                };
                 tokio::join!(
                     crate::controller::run(ctx, term.clone()),
                     publisher.run(term.clone()),
                     audit_secret,
+                    witness,
                     ca_runtime.rotate_while_leading(term.clone()),
                 );
             }

@@ -16,33 +16,20 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipAck};
-use portcullis_api::clock::SystemClock;
-use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use portcullis_audit::verify::{TrustBundle, VerifyOptions, verify_jsonl};
 use portcullis_audit::{AuditRecord, Chain, Entry, Seal};
 use portcullis_operator::audit_server::{self, AuditServerSettings};
+use portcullis_operator::ca::CertificateAuthority;
 use portcullis_operator::ca::certs::{pem_block, pem_encode};
-use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
+#[path = "support/ca.rs"]
+mod ca_support;
+use ca_support::{new_ca, td, workload_identity};
+
 const SERVICE: &str = "portcullis-audit.portcullis-system.svc";
-
-fn td() -> TrustDomain {
-    TrustDomain::new("cluster.local").unwrap()
-}
-
-fn new_ca() -> Arc<CertificateAuthority> {
-    let settings = CaSettings::new(td());
-    let state = CaState::generate(&settings, Timestamp::now()).unwrap();
-    Arc::new(CertificateAuthority::new(
-        settings,
-        state,
-        Arc::new(SystemClock),
-    ))
-}
 
 /// Writes a fresh serving certificate for the audit Service into `dir` as a
 /// `kubernetes.io/tls` Secret mount holds it; returns the leaf.
@@ -63,31 +50,6 @@ fn write_serving_files(ca: &CertificateAuthority, dir: &Path) -> CertificateDer<
         std::fs::rename(&tmp, dir.join(name)).unwrap();
     }
     issued.chain[0].clone()
-}
-
-/// A workload certificate of tenant `shop` from the CA, as the identity service issues.
-fn workload_identity(
-    ca: &CertificateAuthority,
-) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let workload = WorkloadId::new(td(), "shop", "web").unwrap();
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(workload.to_string().try_into().unwrap())];
-    let csr_pem = params.serialize_request(&key).unwrap().pem().unwrap();
-    let csr = validate_csr(&csr_pem, &workload).unwrap();
-    let issued = ca
-        .issue(&csr, &workload, &TenantId::new(td(), "shop").unwrap())
-        .unwrap();
-    let chain = CertificateDer::pem_slice_iter(
-        format!("{}{}", issued.certificate, issued.chain).as_bytes(),
-    )
-    .collect::<Result<Vec<_>, _>>()
-    .unwrap();
-    (
-        chain,
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
 }
 
 fn settings(dir: &Path) -> AuditServerSettings {
@@ -173,7 +135,7 @@ async fn ships_over_mtls_and_serves_a_renewed_certificate_without_a_restart() {
     roots.add_parsable_certificates(
         CertificateDer::pem_slice_iter(ca.trust_bundle_pem().as_bytes()).map(Result::unwrap),
     );
-    let (chain_der, key) = workload_identity(&ca);
+    let (chain_der, key) = workload_identity(&ca, "shop");
     let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -49,6 +49,19 @@ pub struct VerifyOptions {
     /// Accept chains whose first present record is not seq 0 (older segments removed by
     /// retention). The first present record's `prev_hash` is then taken on trust.
     pub allow_pruned_start: bool,
+    /// Seals someone other than the collector saw it make (the operator, in the
+    /// Tenant's status): each must be in the log with that digest
+    /// ([`Problem::AnchorMismatch`], [`Problem::AnchoredSealMissing`]).
+    pub anchors: Vec<Anchor>,
+}
+
+/// A seal witnessed outside the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The seal's number.
+    pub number: u64,
+    /// Its digest ([`crate::seal::seal_digest`]).
+    pub digest: String,
 }
 
 /// Counts for one verified chain.
@@ -77,6 +90,8 @@ pub struct VerifyReport {
     pub seals: u64,
     /// The last seal's number, if any.
     pub last_seal: Option<u64>,
+    /// Anchors matched by the seal in the log.
+    pub anchors: u64,
 }
 
 struct Gap {
@@ -462,6 +477,8 @@ impl Verifier {
             }
         }
         late.extend(self.seal_links());
+        let (anchors, problems) = self.anchors();
+        late.extend(problems);
         for problem in late {
             self.report(problem);
         }
@@ -478,6 +495,7 @@ impl Verifier {
             checkpoints: self.checkpoint_count,
             seals: self.seals.len() as u64,
             last_seal: self.seals.last_key_value().map(|(number, _)| *number),
+            anchors,
         })
     }
 
@@ -511,6 +529,33 @@ impl Verifier {
             last_seq,
             location: pending.location.clone(),
         })
+    }
+
+    /// How many anchors the log's seals match, and the problem with each that none does.
+    fn anchors(&self) -> (u64, Vec<Problem>) {
+        let first_seal = self.seals.first_key_value().map(|(number, _)| *number);
+        let mut matched = 0;
+        let mut problems = Vec::new();
+        for anchor in &self.options.anchors {
+            match self.seals.get(&anchor.number) {
+                Some(seal) if seal.digest == anchor.digest => matched += 1,
+                Some(seal) => problems.push(Problem::AnchorMismatch {
+                    number: anchor.number,
+                    location: seal.location.clone(),
+                    anchored: anchor.digest.clone(),
+                    found: seal.digest.clone(),
+                }),
+                // Retention removed the day that held it.
+                None if self.options.allow_pruned_start
+                    && first_seal.is_some_and(|first| anchor.number < first) => {}
+                None => problems.push(Problem::AnchoredSealMissing {
+                    number: anchor.number,
+                    last_seal: self.seals.last_key_value().map(|(number, _)| *number),
+                    location: Location::new(Arc::from("the witnessed anchors"), usize::MAX, 0),
+                }),
+            }
+        }
+        (matched, problems)
     }
 
     /// Problems with the order of the seals: each links to the one before; the first

@@ -261,6 +261,33 @@ pub enum Problem {
         /// Where that seal is.
         location: Location,
     },
+    /// A seal differs from the one the operator witnessed: the collector's log and
+    /// seals were rewritten after that.
+    #[error(
+        "{location}: seal {number} has digest {found}, but the operator witnessed seal {number} with digest {anchored}: the log was rewritten and sealed again after it was witnessed"
+    )]
+    AnchorMismatch {
+        /// The seal's number.
+        number: u64,
+        /// Where the seal in the log is.
+        location: Location,
+        /// The witnessed digest.
+        anchored: String,
+        /// The digest of the seal in the log.
+        found: String,
+    },
+    /// A witnessed seal is not in the log, and retention does not explain it.
+    #[error(
+        "seal {number}, witnessed by the operator, is not in the log (its last seal: {last_seal:?}): the log was cut or replaced after it was witnessed"
+    )]
+    AnchoredSealMissing {
+        /// The seal's number.
+        number: u64,
+        /// The log's last seal, if any.
+        last_seal: Option<u64>,
+        /// Placed after every line of the log.
+        location: Location,
+    },
 }
 
 impl Problem {
@@ -283,7 +310,9 @@ impl Problem {
             | Problem::SealMismatch { location, .. }
             | Problem::SealedRecordMissing { location, .. }
             | Problem::SealLinkBroken { location, .. }
-            | Problem::SealsMissing { location, .. } => location,
+            | Problem::SealsMissing { location, .. }
+            | Problem::AnchorMismatch { location, .. }
+            | Problem::AnchoredSealMissing { location, .. } => location,
         }
     }
 
@@ -295,7 +324,9 @@ impl Problem {
             | Problem::BadSeal { .. }
             | Problem::SealSignerNotTrusted { .. }
             | Problem::SealLinkBroken { .. }
-            | Problem::SealsMissing { .. } => None,
+            | Problem::SealsMissing { .. }
+            | Problem::AnchorMismatch { .. }
+            | Problem::AnchoredSealMissing { .. } => None,
             Problem::SealMismatch { seq, .. } | Problem::SealedRecordMissing { seq, .. } => {
                 Some(*seq)
             }

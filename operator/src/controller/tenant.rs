@@ -694,12 +694,19 @@ impl<'a> TenantReconciler<'a> {
             roles: u32::try_from(roles).unwrap_or(u32::MAX),
             unprotected_pods,
             observed_generation: generation,
+            audit_anchors: Vec::new(),
         }
     }
 
     async fn apply_status(&self, status: &TenantStatus) -> Result<()> {
         let api: Api<Tenant> = Api::all(self.ctx.client.clone());
-        frame::apply_status(&api, &self.name, self.tenant.status.as_ref(), status).await
+        // The audit anchors are the witness's (its own field manager): never applied
+        // here, so they are not part of what decides whether anything changed.
+        let current = self.tenant.status.clone().map(|mut current| {
+            current.audit_anchors.clear();
+            current
+        });
+        frame::apply_status(&api, &self.name, current.as_ref(), status).await
     }
 
     /// A Warning Event when the problem is new (not on every retry).

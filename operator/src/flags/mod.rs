@@ -64,6 +64,9 @@ impl RunArgs {
         settings.webhooks = self
             .webhooks
             .settings(&namespace, &self.serving, &self.inject);
+        settings.audit_witness = self
+            .serving
+            .audit_witness(&namespace, self.webhooks.audit_collector_url.as_ref());
         Ok(settings)
     }
 }
@@ -93,6 +96,36 @@ mod tests {
 
     fn settings(args: &[&str]) -> OperatorSettings {
         parse(args).unwrap().settings().unwrap()
+    }
+
+    #[test]
+    fn the_audit_witness_runs_only_with_a_collector_to_witness() {
+        assert!(
+            settings(&["--audit-service", "portcullis-audit"])
+                .audit_witness
+                .is_none()
+        );
+        let s = settings(&[
+            "--namespace",
+            "ops",
+            "--audit-service",
+            "portcullis-audit",
+            "--audit-collector-url",
+            "https://portcullis-audit.ops.svc:8091",
+            "--audit-witness-every",
+            "30s",
+        ]);
+        let witness = s.audit_witness.unwrap();
+        assert_eq!(witness.server_name, "portcullis-audit.ops.svc");
+        assert_eq!(
+            witness.collector_url,
+            "https://portcullis-audit.ops.svc:8091"
+        );
+        assert_eq!(witness.every.as_secs(), 30);
+        assert_eq!(
+            witness.token_file.display().to_string(),
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        );
     }
 
     #[test]

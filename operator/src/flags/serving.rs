@@ -1,11 +1,14 @@
 //! Where the operator listens and what its serving certificates are called.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::Args;
+use portcullis_crds::DurationSpec;
+use portcullis_operator::audit_witness::WitnessSettings;
 use portcullis_operator::run::{self, OperatorSettings};
 
-use super::values::{dns_label, dns_subdomain, san};
+use super::values::{dns_label, dns_subdomain, positive_duration, san};
 
 /// The operator's Service, its listeners and their certificate names.
 #[derive(Args, Debug)]
@@ -39,6 +42,18 @@ pub(super) struct ServingFlags {
     /// certificate, from the workload CA, in the Secret <name>-tls (default: none).
     #[arg(long, env = "PORTCULLIS_AUDIT_SERVICE", value_parser = dns_label)]
     pub(super) audit_service: Option<String>,
+    /// How often the audit collector's newest seal of each tenant log is witnessed into
+    /// the Tenant's status.auditAnchors (with --audit-collector-url and --audit-service).
+    #[arg(long, env = "PORTCULLIS_AUDIT_WITNESS_EVERY", default_value = "5m", value_parser = positive_duration)]
+    pub(super) audit_witness_every: DurationSpec,
+    /// The token the witness shows the audit collector: the operator's ServiceAccount
+    /// token, which the collector checks with the API server.
+    #[arg(
+        long,
+        env = "PORTCULLIS_AUDIT_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub(super) audit_token_file: PathBuf,
     /// Serve the policy server over plain HTTP, to anyone, without the tenant check
     /// (audit keys are then not served). For debugging only: never in a cluster.
     #[arg(long, env = "PORTCULLIS_POLICY_INSECURE_DEBUG")]
@@ -54,6 +69,22 @@ impl ServingFlags {
         settings.service_name.clone_from(&self.service_name);
         settings.extra_sans.clone_from(&self.extra_sans);
         settings.audit_service.clone_from(&self.audit_service);
+    }
+
+    /// The witness of the collector at `collector_url` (the one pods ship to), whose
+    /// certificate names the audit Service in `namespace`; none without both.
+    pub(super) fn audit_witness(
+        &self,
+        namespace: &str,
+        collector_url: Option<&String>,
+    ) -> Option<WitnessSettings> {
+        let service = self.audit_service.as_ref()?;
+        Some(WitnessSettings {
+            collector_url: collector_url?.clone(),
+            server_name: format!("{service}.{namespace}.svc"),
+            token_file: self.audit_token_file.clone(),
+            every: self.audit_witness_every.get(),
+        })
     }
 
     /// The ServiceAccount the operator runs as.
