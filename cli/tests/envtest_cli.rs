@@ -1287,6 +1287,7 @@ mod export_from_the_collector {
             reload_every: Duration::from_secs(30),
             sinks_every: Duration::from_millis(200),
             seal_every: Duration::from_millis(200),
+            admin_writer: None,
         }
     }
 

@@ -37,6 +37,9 @@ use ca::{Leaf, TestCa, ok};
 
 const SERVER_NAME: &str = "portcullis-audit.portcullis-system.svc";
 
+/// The operator's workload id: the admin writer.
+const OPERATOR: &str = "spiffe://td/ns/portcullis-system/sa/portcullis-operator";
+
 /// The tenant's RBAC, scripted: `analyst` may export tenant shop, `developer` may not,
 /// any other token is not one the API server knows.
 struct ScriptedRbac;
@@ -100,7 +103,8 @@ async fn start_collector(ca: &TestCa) -> Running {
         ok(TrustDomain::new("td")),
         IngestMetrics::register(&mut registry),
     )
-    .observe_refusals(told.clone());
+    .observe_refusals(told.clone())
+    .admin_writer(OPERATOR);
     let export = Export::new(
         collector.clone(),
         ScriptedRbac,
@@ -647,4 +651,50 @@ async fn the_newest_seal_is_served_to_readers_of_the_log_and_comes_with_the_chai
         .export("/v1/tenants/shop/records", Some("analyst"))
         .await;
     assert_eq!(records.body, batch(&proxy.lines));
+}
+
+#[tokio::test]
+async fn the_operators_admin_chains_are_filed_under_the_tenants_their_records_name() {
+    let ca = TestCa::new();
+    let running = start_collector(&ca).await;
+    let operator = running.client(Some(ca.workload(
+        "portcullis-system",
+        "portcullis-operator",
+        "portcullis-system",
+    )));
+    let mut shop_admin = Proxy::new("operator-0-admin-shop", "shop");
+    let mut bank_admin = Proxy::new("operator-0-admin-bank", "bank");
+    let shop_lines = shop_admin.requests(2);
+    let bank_lines = bank_admin.requests(1);
+    assert_eq!(
+        ok(running.ship(&operator, batch(&shop_lines)).await)
+            .ack()
+            .stored,
+        2
+    );
+    assert_eq!(
+        ok(running.ship(&operator, batch(&bank_lines)).await)
+            .ack()
+            .stored,
+        1
+    );
+    assert_eq!(running.entries("shop"), shop_lines);
+    assert_eq!(running.entries("bank"), bank_lines);
+    assert!(running.entries("portcullis-system").is_empty());
+
+    // One batch, one tenant: a record naming another is refused, nothing stored.
+    let mut mixed = shop_admin.requests(1);
+    mixed.extend(Proxy::new("operator-0-admin-shop-2", "bank").requests(1));
+    let refusal = ok(running.ship(&operator, batch(&mixed)).await).refusal(403);
+    assert_eq!(
+        refusal.reason,
+        portcullis_api::audit_ship::ShipRefusalReason::WrongTenant
+    );
+    assert_eq!(running.entries("shop"), shop_lines);
+
+    // Any other workload still writes only its own tenant's log.
+    let web = running.client(Some(ca.workload("shop", "web", "shop")));
+    let mut forger = Proxy::new("bank-2", "bank");
+    ok(running.ship(&web, batch(&forger.requests(1))).await).refusal(403);
+    assert_eq!(running.entries("bank"), bank_lines);
 }

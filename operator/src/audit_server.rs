@@ -71,6 +71,9 @@ pub struct AuditServerSettings {
     pub sinks_every: Duration,
     /// How often each tenant log that grew is sealed with the serving key.
     pub seal_every: Duration,
+    /// The operator's SPIFFE id: its admin chains are filed under the tenants their
+    /// records name.
+    pub admin_writer: Option<String>,
 }
 
 /// Why the audit server did not start.
@@ -291,6 +294,9 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
     let mut ingest = Ingest::new(collector.clone(), settings.trust_domain.clone(), metrics);
     if let Some(observer) = observer {
         ingest = ingest.observe_refusals(observer);
+    }
+    if let Some(writer) = &settings.admin_writer {
+        ingest = ingest.admin_writer(writer);
     }
     let export = Export::new(
         collector.clone(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use portcullis_api::spiffe::TrustDomain;
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -27,8 +27,8 @@ use crate::admin::{self, AdminState};
 use crate::audit_witness::{AuditWitness, WitnessSettings};
 use crate::ca::audit_secret::AuditTlsSecret;
 use crate::ca::{
-    CaError, CaSettings, IdentityService, IdentityServiceConfig, KubeAuthenticator, KubeLeafLedger,
-    service_names,
+    CaError, CaSettings, CertificateAuthority, IdentityService, IdentityServiceConfig,
+    KubeAuthenticator, KubeLeafLedger, service_names,
 };
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
@@ -46,8 +46,8 @@ use crate::stores::Stores;
 use crate::trust_bundle::TrustBundlePublisher;
 use crate::webhook::config::{WebhookConfigSettings, WebhookTarget};
 use crate::webhook::{
-    self, ChainedAdminAudit, InjectSettings, ValidatorSettings, WebhookError, WebhookSettings,
-    WebhookTlsSettings,
+    self, AdminIdentity, AdminShipping, ChainedAdminAudit, InjectSettings, ValidatorSettings,
+    WebhookError, WebhookSettings, WebhookTlsSettings,
 };
 
 /// Default Lease name.
@@ -504,6 +504,8 @@ pub async fn start(
     reconcile.inject.trust_domain = settings.ca.trust_domain.to_string();
     let webhook_addr = match (settings.webhooks.clone(), webhook_socket) {
         (Some(webhooks), Some((socket, addr))) => {
+            let account = webhooks.service_account.clone();
+            let collector_url = webhooks.inject.audit_collector_url.clone();
             let webhook_settings =
                 webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr);
             // The Tenant controller judges pods by what this webhook injects.
@@ -513,7 +515,13 @@ pub async fn start(
                 socket,
                 webhook_settings,
                 kek.clone(),
-                Arc::new(ChainedAdminAudit::start(&settings.lease.identity)?),
+                Arc::new(admin_audit(
+                    &settings,
+                    &account,
+                    collector_url,
+                    &namespace,
+                    &ca,
+                )?),
                 Some(stores.tenants.clone()),
                 shutdown.clone(),
             )
@@ -688,6 +696,35 @@ pub fn default_identity() -> String {
 
 /// How long after SIGTERM a second signal forces exit (documented; enforced by main).
 pub const FORCE_AFTER: Duration = Duration::from_secs(30);
+
+/// The admin audit chains: signed with the operator's own workload certificate from
+/// `ca`, shipped per tenant to the audit collector the injector points pods at.
+fn admin_audit(
+    settings: &OperatorSettings,
+    account: &str,
+    collector_url: Option<String>,
+    namespace: &str,
+    ca: &Arc<CertificateAuthority>,
+) -> Result<ChainedAdminAudit, StartError> {
+    let trust_domain = settings.ca.trust_domain.clone();
+    let own = |e: &dyn std::fmt::Display| {
+        StartError::Settings(format!("the operator's own workload identity: {e}"))
+    };
+    let workload =
+        WorkloadId::new(trust_domain.clone(), namespace, account).map_err(|e| own(&e))?;
+    let tenant = TenantId::new(trust_domain, namespace).map_err(|e| own(&e))?;
+    let identity = AdminIdentity::new(ca.clone(), workload, tenant)
+        .map_err(crate::webhook::AdminAuditError::from)?;
+    let shipping = collector_url.map(|collector_url| AdminShipping {
+        collector_url,
+        spool_dir: std::env::temp_dir().join("portcullis-admin-audit"),
+    });
+    Ok(ChainedAdminAudit::new(
+        &settings.lease.identity,
+        Arc::new(identity),
+        shipping,
+    ))
+}
 
 #[cfg(test)]
 mod tests {

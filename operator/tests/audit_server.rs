@@ -65,6 +65,7 @@ fn settings(dir: &Path) -> AuditServerSettings {
         reload_every: Duration::from_millis(100),
         sinks_every: Duration::from_millis(100),
         seal_every: Duration::from_millis(200),
+        admin_writer: None,
     }
 }
 

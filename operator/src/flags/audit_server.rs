@@ -55,6 +55,10 @@ pub struct AuditServerArgs {
     /// `audit verify` notices records rewritten or removed after the seal.
     #[arg(long, env = "PORTCULLIS_AUDIT_SEAL_EVERY", default_value = "1m", value_parser = positive_duration)]
     seal_every: DurationSpec,
+    /// The operator's SPIFFE id (spiffe://<trust domain>/ns/<namespace>/sa/<account>):
+    /// the admin changes it ships are filed under the tenants they concern.
+    #[arg(long, env = "PORTCULLIS_AUDIT_ADMIN_WRITER")]
+    admin_writer: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PORTCULLIS_LOG_JSON")]
     pub log_json: bool,
@@ -75,6 +79,7 @@ impl AuditServerArgs {
             reload_every: RELOAD_EVERY,
             sinks_every: SINKS_EVERY,
             seal_every: self.seal_every.get(),
+            admin_writer: self.admin_writer.clone(),
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct AdminAuditEvent {
     pub status: u16,
     /// `<namespace>/<name>`, or `<name>` for a cluster-scoped Tenant.
     pub object: String,
+    /// The tenant whose log the change belongs in: the Tenant itself, or the tenant
+    /// owning the object's namespace; `None` when no tenant owns it.
+    pub tenant: Option<String>,
     /// When the webhook admitted the change.
     pub time: Timestamp,
 }
@@ -74,6 +77,7 @@ mod tests {
             principal: "user:david@acme".into(),
             status: 201,
             object: "acme-prod/ingest".into(),
+            tenant: Some("acme".into()),
             time: "2026-03-16T14:22:01.734Z".parse().unwrap(),
         };
         assert_eq!(

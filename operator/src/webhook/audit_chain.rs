@@ -4,56 +4,99 @@
 //! checkpoints, so `kubectl portcullis audit verify` checks admin and request trails
 //! alike.
 //!
-//! The checkpoint key is generated per operator process; its public key travels in each
-//! checkpoint. Admin changes are already admitted when the record is made, so a record
-//! that cannot be queued is counted and logged loudly, never silently lost.
+//! One chain per tenant (the tenant owning the changed object's namespace, or the
+//! Tenant itself), plus one for changes no tenant owns. With an audit collector, each
+//! tenant's chain is also shipped to it through a bounded spool, so the tenant's log
+//! holds its admin changes beside its requests. Checkpoints are signed with the
+//! operator's own workload certificate ([`AdminIdentity`]).
+//!
+//! Admin changes are already admitted when the record is made, so a record that cannot
+//! be queued is counted and logged loudly, never silently lost.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use jiff::Timestamp;
+use portcullis_audit::sink::Sink;
+use portcullis_audit::sink::collector::AuditCollector;
+use portcullis_audit::sink::spool::Spool;
+use portcullis_audit::sink::spooled::SpooledSink;
 use portcullis_audit::{
-    Accepted, AuditRecord, AuditWriter, Chain, CheckpointSigner, Decision, FailureMode,
-    SignerIdentity, WriterConfig, sink::stdout::StdoutSink,
+    Accepted, AuditRecord, AuditWriter, Chain, Decision, FailureMode, WriterConfig,
+    retry::RetryPolicy, sink::stdout::StdoutSink,
 };
 
+use super::admin_identity::{AdminIdentity, AdminIdentityError};
 use super::audit::{AdminAuditEvent, AdminAuditSink};
+
+/// Room each tenant's admin chain may take in the spool while the collector is away.
+const SPOOL_BYTES: u64 = 4 << 20;
+
+/// How long one shipment may take before it is retried.
+const SHIP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the admin audit chain could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminAuditError {
-    /// The checkpoint key could not be made.
-    #[error("generating the admin audit checkpoint key: {0}")]
-    Key(#[from] rcgen::Error),
+    /// The operator's own certificate could not be issued.
+    #[error(transparent)]
+    Identity(#[from] AdminIdentityError),
     /// The audit writer refused the key.
     #[error("starting the admin audit writer: {0}")]
     Writer(#[from] portcullis_audit::Error),
 }
 
-/// Writes admin audit events into a hash chain on stdout.
-pub struct ChainedAdminAudit {
+/// Where tenants' admin chains are shipped.
+#[derive(Clone, Debug)]
+pub struct AdminShipping {
+    /// The collector (`https://…`).
+    pub collector_url: String,
+    /// Spools live under here, one directory per tenant.
+    pub spool_dir: PathBuf,
+}
+
+struct TenantChain {
     writer: AuditWriter,
+    /// When the certificate its signer carries was issued.
+    signed_with: Timestamp,
+}
+
+/// Writes admin audit events into per-tenant hash chains.
+pub struct ChainedAdminAudit {
     pod: String,
+    identity: Arc<AdminIdentity>,
+    shipping: Option<AdminShipping>,
+    chains: Mutex<HashMap<String, TenantChain>>,
+}
+
+impl std::fmt::Debug for ChainedAdminAudit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainedAdminAudit")
+            .field("pod", &self.pod)
+            .field("shipping", &self.shipping)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChainedAdminAudit {
-    /// Starts the chain for this operator replica (`pod` names it in every record).
-    /// Must run inside a tokio runtime.
-    pub fn start(pod: &str) -> Result<Self, AdminAuditError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let signer = CheckpointSigner::from_pkcs8(&key.serialize_der(), SignerIdentity::default())?;
-        let mut config = WriterConfig::new(Chain::new_id(pod, jiff::Timestamp::now()));
-        config.failure_mode = FailureMode::FailOpen;
-        let writer = AuditWriter::start(config, signer, vec![Arc::new(StdoutSink::new())]);
-        Ok(Self {
-            writer,
+    /// Admin chains of this operator replica (`pod` names it in every record), signed by
+    /// `identity`, shipped when `shipping` says where.
+    pub fn new(pod: &str, identity: Arc<AdminIdentity>, shipping: Option<AdminShipping>) -> Self {
+        Self {
             pod: pod.to_owned(),
-        })
+            identity,
+            shipping,
+            chains: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The record an event becomes: the object's `namespace/name` as its path.
     fn to_record(&self, event: &AdminAuditEvent) -> AuditRecord {
         let mut record = AuditRecord::new(
             event.time,
-            "",
+            event.tenant.as_deref().unwrap_or_default(),
             self.pod.clone(),
             event.action.clone(),
             event.principal.clone(),
@@ -63,16 +106,87 @@ impl ChainedAdminAudit {
         record.decision = Decision::Allow;
         record
     }
+
+    /// Where `tenant`'s chain goes: stdout, and the collector when there is one and the
+    /// change has a tenant.
+    fn sinks(&self, tenant: &str) -> Result<Vec<Arc<dyn Sink>>, AdminAuditError> {
+        let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::new())];
+        if let Some(shipping) = self.shipping.as_ref().filter(|_| !tenant.is_empty()) {
+            let identity = self.identity.clone();
+            let collector = AuditCollector::new(
+                &shipping.collector_url,
+                Arc::new(move || identity.client_config().map_err(|e| e.to_string())),
+                SHIP_TIMEOUT,
+            )?;
+            let spool = Spool::open(shipping.spool_dir.join(tenant), SPOOL_BYTES)?;
+            sinks.push(Arc::new(SpooledSink::start(
+                spool,
+                collector,
+                RetryPolicy::default(),
+            )));
+        }
+        Ok(sinks)
+    }
+
+    fn start_chain(&self, tenant: &str) -> Result<TenantChain, AdminAuditError> {
+        let signed_with = self.identity.issued_at()?;
+        let name = if tenant.is_empty() {
+            format!("{}-admin", self.pod)
+        } else {
+            format!("{}-admin-{tenant}", self.pod)
+        };
+        let mut config = WriterConfig::new(Chain::new_id(&name, Timestamp::now()));
+        config.failure_mode = FailureMode::FailOpen;
+        let writer = AuditWriter::start(config, self.identity.signer()?, self.sinks(tenant)?);
+        Ok(TenantChain {
+            writer,
+            signed_with,
+        })
+    }
+
+    /// Queues `record` on its tenant's chain, starting the chain or renewing its signer
+    /// as needed.
+    fn submit(&self, record: AuditRecord) -> Result<Accepted, AdminAuditError> {
+        let mut chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
+        let tenant = record.tenant.clone();
+        let chain = match chains.entry(tenant) {
+            std::collections::hash_map::Entry::Occupied(found) => found.into_mut(),
+            std::collections::hash_map::Entry::Vacant(empty) => {
+                let chain = self.start_chain(empty.key())?;
+                empty.insert(chain)
+            }
+        };
+        let issued = self.identity.issued_at()?;
+        if issued != chain.signed_with {
+            chain.writer.replace_signer(self.identity.signer()?);
+            chain.signed_with = issued;
+        }
+        Ok(chain.writer.try_submit(record).unwrap_or(Accepted::Dropped))
+    }
+
+    /// The chains started so far, by tenant (`""`: changes no tenant owns).
+    pub fn tenants(&self) -> Vec<String> {
+        let chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut tenants: Vec<String> = chains.keys().cloned().collect();
+        tenants.sort();
+        tenants
+    }
 }
 
 impl AdminAuditSink for ChainedAdminAudit {
     fn record(&self, event: AdminAuditEvent) {
         tracing::info!(target: "portcullis::audit", object = %event.object, "{event}");
-        match self.writer.try_submit(self.to_record(&event)) {
+        match self.submit(self.to_record(&event)) {
             Ok(Accepted::Queued) => {}
-            Ok(Accepted::Dropped) | Err(_) => tracing::error!(
+            Ok(Accepted::Dropped) => tracing::error!(
                 object = %event.object,
                 action = %event.action,
+                "admin audit record could not be queued; the change was admitted"
+            ),
+            Err(e) => tracing::error!(
+                object = %event.object,
+                action = %event.action,
+                error = %e,
                 "admin audit record could not be written; the change was admitted"
             ),
         }
@@ -80,28 +194,61 @@ impl AdminAuditSink for ChainedAdminAudit {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::ca::{CaSettings, CaState, CertificateAuthority};
+    use portcullis_api::clock::SystemClock;
+    use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 
-    #[tokio::test]
-    async fn events_become_chained_records_with_the_object_as_path() {
-        let audit = ChainedAdminAudit::start("operator-0").unwrap();
-        let event = AdminAuditEvent {
+    fn identity() -> Arc<AdminIdentity> {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let settings = CaSettings::new(td.clone());
+        let state = CaState::generate(&settings, Timestamp::now()).unwrap();
+        let ca = Arc::new(CertificateAuthority::new(
+            settings,
+            state,
+            Arc::new(SystemClock),
+        ));
+        Arc::new(
+            AdminIdentity::new(
+                ca,
+                WorkloadId::new(td.clone(), "portcullis-system", "portcullis-operator").unwrap(),
+                TenantId::new(td, "portcullis-system").unwrap(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn event(tenant: Option<&str>, object: &str) -> AdminAuditEvent {
+        AdminAuditEvent {
             action: "admin.key.create".into(),
             principal: "user:david@acme".into(),
             status: 201,
-            object: "acme-prod/ingest".into(),
+            object: object.into(),
+            tenant: tenant.map(str::to_owned),
             time: "2026-03-16T14:22:01Z".parse().unwrap(),
-        };
-        let record = audit.to_record(&event);
+        }
+    }
+
+    #[tokio::test]
+    async fn events_become_records_on_their_tenants_chain() {
+        let audit = ChainedAdminAudit::new("operator-0", identity(), None);
+        let record = audit.to_record(&event(Some("acme"), "acme-prod/ingest"));
         assert_eq!(record.action, "admin.key.create");
         assert_eq!(record.principal, "user:david@acme");
         assert_eq!(record.status, 201);
         assert_eq!(record.path, "acme-prod/ingest");
         assert_eq!(record.pod, "operator-0");
-        audit.record(event);
-        let stats = audit.writer.stats();
-        assert_eq!(stats.submitted, 1, "{stats:?}");
-        assert_eq!(stats.dropped, 0, "{stats:?}");
+        assert_eq!(record.tenant, "acme");
+
+        audit.record(event(Some("acme"), "acme-prod/ingest"));
+        audit.record(event(Some("globex"), "globex/web"));
+        audit.record(event(Some("acme"), "acme-prod/batch"));
+        audit.record(event(None, "unbound/key"));
+        assert_eq!(audit.tenants(), ["", "acme", "globex"]);
+        let chains = audit.chains.lock().unwrap();
+        let acme = chains["acme"].writer.stats();
+        assert_eq!((acme.submitted, acme.dropped), (2, 0), "{acme:?}");
     }
 }

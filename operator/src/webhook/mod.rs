@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Kek;
 
+pub mod admin_identity;
 pub mod audit;
 pub mod audit_chain;
 pub mod config;
@@ -38,8 +39,9 @@ pub mod server;
 pub mod tls;
 pub mod validate;
 
+pub use admin_identity::{AdminIdentity, AdminIdentityError};
 pub use audit::{AdminAuditEvent, AdminAuditSink, TracingAuditSink};
-pub use audit_chain::{AdminAuditError, ChainedAdminAudit};
+pub use audit_chain::{AdminAuditError, AdminShipping, ChainedAdminAudit};
 pub use inject::{Decision, InjectSettings, ServerVersion};
 pub use review::{review_admin, review_pod};
 pub use server::{ServerLimits, serve, serve_on};

@@ -219,9 +219,10 @@ pub async fn review_admin(
     match result {
         Ok(Ok(())) => {
             if !request.dry_run && is_admin_change(request, operation) {
+                let tenant = admin_tenant(state, request, noun).await;
                 state
                     .audit
-                    .record(audit_event(state, request, noun, operation));
+                    .record(audit_event(state, request, noun, operation, tenant));
             }
             AdmissionResponse::from(request)
         }
@@ -384,11 +385,34 @@ fn is_admin_change(request: &AdmissionRequest<DynamicObject>, operation: Operati
         || new.metadata.annotations != old.metadata.annotations
 }
 
+/// The tenant whose audit log an admitted change belongs in: a Tenant's own, else the
+/// one the object's namespace is bound to (its tenant label); `None` when no tenant owns
+/// it or the namespace cannot be read (the record then stays in the operator's chain
+/// of changes no tenant owns).
+async fn admin_tenant(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+    noun: &str,
+) -> Option<String> {
+    if noun == "tenant" {
+        return Some(request.name.clone());
+    }
+    let namespace = request.namespace.as_deref().filter(|ns| !ns.is_empty())?;
+    match state.lookup.namespace_labels(namespace).await {
+        Ok(labels) => labels?.get(TENANT_LABEL).cloned(),
+        Err(e) => {
+            tracing::warn!(namespace, error = %e, "admin audit: cannot read the namespace's tenant");
+            None
+        }
+    }
+}
+
 fn audit_event(
     state: &WebhookState,
     request: &AdmissionRequest<DynamicObject>,
     noun: &str,
     operation: Operation,
+    tenant: Option<String>,
 ) -> AdminAuditEvent {
     let (verb, status) = match operation {
         Operation::Create => ("create", 201),
@@ -404,6 +428,7 @@ fn audit_event(
         principal: Requester::from_user_info(&request.user_info).principal(),
         status,
         object,
+        tenant,
         time: state.clock.now(),
     }
 }
