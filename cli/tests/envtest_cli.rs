@@ -1570,7 +1570,7 @@ mod export_from_the_collector {
     async fn the_collector_forwards_the_tenants_log_to_its_splunk_hec_with_the_secrets_token() {
         use k8s_openapi::api::core::v1::Secret;
         use k8s_openapi::api::events::v1::Event;
-        use portcullis_operator::audit_cluster::{SINK_FAILING, TenantEvents};
+        use portcullis_operator::audit_cluster::{SINK_FAILING, TenantEvents, TenantSource};
         use portcullis_operator::audit_sinks::KubeSinks;
         let Some(env) = env().await else { return };
         let client = env.client().unwrap();
@@ -1612,7 +1612,16 @@ mod export_from_the_collector {
             audit_server::ClusterAccess {
                 authorizer: KubeExportAuthorizer::new(client.clone()),
                 retention: portcullis_collector::FixedRetention(365),
-                sinks: KubeSinks::new(client.clone(), home.clone(), "portcullis-audit-0".into()),
+                // Tenants from a watch, as the collector reads them.
+                sinks: KubeSinks::new(
+                    client.clone(),
+                    TenantSource::watched(
+                        client.clone(),
+                        tokio_util::sync::CancellationToken::new(),
+                    ),
+                    home.clone(),
+                    "portcullis-audit-0".into(),
+                ),
                 observer: None,
                 sink_observer: Some(Arc::new(TenantEvents::new(
                     client.clone(),
@@ -1664,7 +1673,8 @@ mod export_from_the_collector {
             .iter()
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
-        for _ in 0..100 {
+        // A Secret is read again at most every 5 s.
+        for _ in 0..200 {
             if received.events().len() >= want.len() {
                 break;
             }

@@ -20,8 +20,12 @@ use kube::Api;
 use kube::api::PostParams;
 use portcullis_api::audit_export::{GROUP, RESOURCE, VERB};
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use tokio_util::sync::CancellationToken;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
@@ -157,8 +161,65 @@ impl ExportAuthorizer for KubeExportAuthorizer {
 /// Each tenant's retention from its Tenant.
 #[derive(Clone)]
 pub struct KubeRetention {
-    client: kube::Client,
+    tenants: TenantSource,
     default_days: u32,
+}
+
+/// Where the collector reads Tenants: a watch cache once it has synced, so forwarding
+/// and retention cost no API call per tenant; a GET until then (or without a cache).
+#[derive(Clone)]
+pub struct TenantSource {
+    client: kube::Client,
+    cache: Option<Store<Tenant>>,
+}
+
+impl std::fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantSource")
+            .field("cached", &self.cache.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantSource {
+    /// Every read a GET.
+    pub fn uncached(client: kube::Client) -> Self {
+        Self {
+            client,
+            cache: None,
+        }
+    }
+
+    /// Reads from a watch of every Tenant, kept until `shutdown` (the collector's
+    /// ClusterRole may list and watch Tenants).
+    pub fn watched(client: kube::Client, shutdown: CancellationToken) -> Self {
+        let (cache, writer) = reflector::store();
+        crate::stores::reflect(
+            Api::<Tenant>::all(client.clone()),
+            writer,
+            Arc::new(tokio::sync::Notify::new()),
+            shutdown,
+        );
+        Self {
+            client,
+            cache: Some(cache),
+        }
+    }
+
+    /// The Tenant `name`, `None` when there is none.
+    pub async fn get(&self, name: &str) -> Result<Option<Tenant>, kube::Error> {
+        if let Some(cache) = &self.cache
+            && cache
+                .wait_until_ready()
+                .now_or_never()
+                .is_some_and(|ready| ready.is_ok())
+        {
+            return Ok(cache
+                .get(&ObjectRef::new(name))
+                .map(|tenant| Tenant::clone(&tenant)));
+        }
+        Api::<Tenant>::all(self.client.clone()).get_opt(name).await
+    }
 }
 
 impl std::fmt::Debug for KubeRetention {
@@ -170,10 +231,10 @@ impl std::fmt::Debug for KubeRetention {
 }
 
 impl KubeRetention {
-    /// Reads Tenants with `client`; a log whose Tenant is gone keeps `default_days`.
-    pub fn new(client: kube::Client, default_days: u32) -> Self {
+    /// Reads Tenants from `tenants`; a log whose Tenant is gone keeps `default_days`.
+    pub fn new(tenants: TenantSource, default_days: u32) -> Self {
         Self {
-            client,
+            tenants,
             default_days,
         }
     }
@@ -186,10 +247,7 @@ pub fn retention_of(tenant: Option<&Tenant>, default_days: u32) -> u32 {
 
 impl RetentionPolicy for KubeRetention {
     async fn days(&self, tenant: &str) -> Option<u32> {
-        match Api::<Tenant>::all(self.client.clone())
-            .get_opt(tenant)
-            .await
-        {
+        match self.tenants.get(tenant).await {
             Ok(found) => Some(retention_of(found.as_ref(), self.default_days)),
             Err(e) => {
                 tracing::warn!(tenant, error = %e, "retention: cannot read the Tenant; nothing of its log is pruned this round");

@@ -6,8 +6,9 @@
 //! namespace and no application pod ever holds a SIEM token. The chart lets the
 //! collector read exactly the Secrets listed in `audit.collector.sinkSecrets`.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
@@ -16,20 +17,30 @@ use portcullis_audit::sink::Deliver;
 use portcullis_audit::sink::datadog::{Datadog, DatadogConfig};
 use portcullis_audit::sink::splunk_hec::{SplunkHec, SplunkHecConfig};
 use portcullis_collector::{SinkDirectory, SinkTarget};
-use portcullis_crds::Tenant;
 use portcullis_crds::tenant::{DatadogSink, SecretKeyRef, SplunkHecSink};
 use sha2::{Digest, Sha256};
 
+use crate::audit_cluster::TenantSource;
+
 /// How long one delivery to a SIEM may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Secret read this recently is not read again: every tenant naming the same token
+/// Secret in one round of [`SINKS_EVERY`](crate::audit_server::SINKS_EVERY) costs one
+/// GET, and each round still reads a rotated token.
+const SECRET_FRESH: Duration = Duration::from_secs(5);
+
+type SecretReads = HashMap<(String, String), (Instant, Result<Token, String>)>;
 
 /// Reads Tenants and the Secrets they name.
 #[derive(Clone)]
 pub struct KubeSinks {
     client: kube::Client,
+    tenants: TenantSource,
     namespace: String,
     host: String,
     roots: Option<rustls::RootCertStore>,
+    secrets: Arc<Mutex<SecretReads>>,
 }
 
 impl std::fmt::Debug for KubeSinks {
@@ -45,7 +56,12 @@ impl KubeSinks {
     /// Tokens from Secrets in `namespace` (the collector's); records are sent as coming
     /// from `host` (the collector's pod). `https` sinks are checked against the
     /// system's CA certificates (`SSL_CERT_FILE` to use another bundle).
-    pub fn new(client: kube::Client, namespace: String, host: String) -> Self {
+    pub fn new(
+        client: kube::Client,
+        tenants: TenantSource,
+        namespace: String,
+        host: String,
+    ) -> Self {
         let found = rustls_native_certs::load_native_certs();
         for e in &found.errors {
             tracing::debug!(error = %e, "audit forwarding: a system CA certificate source failed");
@@ -54,14 +70,35 @@ impl KubeSinks {
         let (added, _) = roots.add_parsable_certificates(found.certs);
         Self {
             client,
+            tenants,
             namespace,
             host,
             roots: (added > 0).then_some(roots),
+            secrets: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    /// The token under `reference`, or what to fix.
+    /// The token under `reference`, or what to fix; read again once [`SECRET_FRESH`]
+    /// has passed.
     async fn token(&self, reference: &SecretKeyRef) -> Result<Token, String> {
+        let key = (reference.name.clone(), reference.key.clone());
+        {
+            let reads = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((at, read)) = reads.get(&key)
+                && at.elapsed() < SECRET_FRESH
+            {
+                return read.clone();
+            }
+        }
+        let read = self.read_token(reference).await;
+        self.secrets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, (Instant::now(), read.clone()));
+        read
+    }
+
+    async fn read_token(&self, reference: &SecretKeyRef) -> Result<Token, String> {
         let (ns, name, key) = (&self.namespace, &reference.name, &reference.key);
         let secret = Api::<Secret>::namespaced(self.client.clone(), ns)
             .get_opt(name)
@@ -182,8 +219,9 @@ fn fingerprint(id: &str, token: Option<&Token>, settings: &[&str]) -> [u8; 32] {
 
 impl SinkDirectory for KubeSinks {
     async fn sinks(&self, tenant: &str) -> Result<Vec<SinkTarget>, String> {
-        let Some(found) = Api::<Tenant>::all(self.client.clone())
-            .get_opt(tenant)
+        let Some(found) = self
+            .tenants
+            .get(tenant)
             .await
             .map_err(|e| format!("reading Tenant {tenant}: {e}"))?
         else {

@@ -104,15 +104,18 @@ async fn run_audit_server(args: Box<AuditServerArgs>) -> anyhow::Result<()> {
     let server = match kube::Client::try_default().await {
         Ok(client) => {
             use portcullis_operator::audit_cluster::{
-                KubeExportAuthorizer, KubeRetention, TenantEvents,
+                KubeExportAuthorizer, KubeRetention, TenantEvents, TenantSource,
             };
             use portcullis_operator::audit_sinks::KubeSinks;
             let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "portcullis-audit".into());
             let namespace = client.default_namespace().to_owned();
             let events = Arc::new(TenantEvents::new(client.clone(), instance.clone()));
+            // Forwarding and retention read every tenant's Tenant: from one watch.
+            let tenants =
+                TenantSource::watched(client.clone(), tokio_util::sync::CancellationToken::new());
             let access = ClusterAccess {
-                retention: KubeRetention::new(client.clone(), settings.retention_days),
-                sinks: KubeSinks::new(client.clone(), namespace, instance.clone()),
+                retention: KubeRetention::new(tenants.clone(), settings.retention_days),
+                sinks: KubeSinks::new(client.clone(), tenants, namespace, instance.clone()),
                 observer: Some(events.clone()),
                 sink_observer: Some(events),
                 authorizer: KubeExportAuthorizer::new(client),

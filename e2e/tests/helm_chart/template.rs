@@ -755,7 +755,7 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
         "disabled"
     );
     // Its own ServiceAccount, which may only ask who a token is and what it may do,
-    // read Tenants (their namespaces and retention) and write Events.
+    // read and watch Tenants (their namespaces, retention and sinks) and write Events.
     assert_eq!(pod["serviceAccountName"], "portcullis-audit");
     let role = find(&objects, "ClusterRole", "portcullis-audit")?;
     let granted: Vec<String> = role["rules"]
@@ -769,7 +769,7 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
         [
             r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
             r#""authorization.k8s.io" ["subjectaccessreviews"] ["create"]"#,
-            r#""portcullis.dev" ["tenants"] ["get"]"#,
+            r#""portcullis.dev" ["tenants"] ["get","list","watch"]"#,
             r#""events.k8s.io" ["events"] ["create"]"#,
         ]
     );
