@@ -45,6 +45,10 @@ pub struct AllOptions {
     pub nice: i32,
 }
 
+/// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
+/// can hold under a 20 000 descriptor limit (it reserves two per connection).
+const HOLD_MANY: usize = 9_000;
+
 /// Durations and counts of one run.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -52,6 +56,8 @@ struct Plan {
     open: Duration,
     handshakes: Duration,
     hold: usize,
+    /// Idle TLS connections held for the memory-per-connection figure (0: skipped).
+    hold_many: usize,
 }
 
 impl Plan {
@@ -62,6 +68,7 @@ impl Plan {
                 open: Duration::from_secs(3),
                 handshakes: Duration::from_secs(2),
                 hold: 1000,
+                hold_many: 0,
             }
         } else {
             Self {
@@ -69,6 +76,7 @@ impl Plan {
                 open: Duration::from_secs(10),
                 handshakes: Duration::from_secs(5),
                 hold: 1000,
+                hold_many: HOLD_MANY,
             }
         }
     }
@@ -125,6 +133,8 @@ pub struct Figures {
     pub rss_idle: Option<u64>,
     /// RSS with 1000 TLS connections open.
     pub rss_1k: Option<u64>,
+    /// RSS with [`HOLD_MANY`] idle TLS connections open.
+    pub rss_many: Option<u64>,
     /// Full handshakes: per wall second, per server CPU second.
     pub full_hs: Option<(f64, Option<f64>)>,
     /// Resumption offered: per wall second, per server CPU second, fraction resumed.
@@ -581,6 +591,13 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
         figures.entry(c.name).or_default().rss_1k = Some(procfs::rss_bytes(c.pid));
         drop(held);
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if plan.hold_many > 0 {
+            let held = load::hold(&c.target, plan.hold_many, Duration::from_secs(120)).await?;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            figures.entry(c.name).or_default().rss_many = Some(procfs::rss_bytes(c.pid));
+            drop(held);
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
     }
 
     // The big policy: a second Portcullis with `options.keys` keys plus the bench key.
@@ -789,6 +806,21 @@ pub fn render_report(
         "RSS, 1000 TLS conns open (MiB)",
         &|_, f| f.rss_1k.map_or("–".into(), mib),
         ratio_cell(pc.rss_1k.map(|v| v as f64), ng.rss_1k.map(|v| v as f64)),
+    );
+    row(
+        &format!("RSS, {HOLD_MANY} idle TLS conns open (MiB)"),
+        &|_, f| f.rss_many.map_or("–".into(), mib),
+        ratio_cell(pc.rss_many.map(|v| v as f64), ng.rss_many.map(|v| v as f64)),
+    );
+    // What one more idle connection costs: the slope from 1000 held to HOLD_MANY.
+    let per_conn = |f: &Figures| {
+        let (few, many) = (f.rss_1k?, f.rss_many?);
+        Some(many.saturating_sub(few) as f64 / (HOLD_MANY - 1000) as f64 / 1024.0)
+    };
+    row(
+        &format!("KiB per idle TLS conn (1000 → {HOLD_MANY})"),
+        &|_, f| num(per_conn(f), 1),
+        ratio_cell(per_conn(&pc), per_conn(&ng)),
     );
     row(
         "full handshakes/s (wall)",

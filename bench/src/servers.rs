@@ -75,7 +75,7 @@ pub fn proxy_yaml(
          upstream:\n  appPort: {app_port}\n\
          tls:\n  certificate: {cert}\n  privateKey: {key}\n  trustBundle: {ca}\n  reloadInterval: 60s\n\
          policy:\n  file: {policy}\n  pollInterval: 60s\n\
-         limits:\n  maxConnections: 10000\n",
+         limits:\n  maxConnections: 16384\n  maxConnectionsPerSource: 16384\n",
         cert = pki.server_cert.display(),
         key = pki.server_key.display(),
         ca = pki.ca.display(),
@@ -106,8 +106,8 @@ pub fn nginx_conf(dir: &Path, port: u16, app_port: u16, pki: &Pki) -> String {
     let d = dir.display();
     format!(
         "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
-         worker_rlimit_nofile 8192;\n\
-         events {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile 20000;\n\
+         events {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n\
          \x20 client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
          \x20 fastcgi_temp_path {d}/nginx-fastcgi;\n  uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n\
@@ -126,7 +126,7 @@ pub fn nginx_conf(dir: &Path, port: u16, app_port: u16, pki: &Pki) -> String {
 /// haproxy.cfg: one thread, TLS 1.3 only, connection reuse to the app, no logging.
 pub fn haproxy_cfg(port: u16, app_port: u16, pki: &Pki) -> String {
     format!(
-        "global\n  nbthread 1\n  maxconn 8000\n\
+        "global\n  nbthread 1\n  maxconn 9950\n  ulimit-n 20000\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 30s\n\
          \x20 timeout http-keep-alive 60s\n  option http-keep-alive\n  http-reuse always\n\
          frontend fe\n  bind 127.0.0.1:{port} ssl crt {crt} alpn http/1.1 ssl-min-ver TLSv1.3\n\
