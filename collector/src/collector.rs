@@ -156,6 +156,7 @@ impl<S: RecordStore> Collector<S> {
         self.arrivals.commit(batch);
         if stored {
             self.appended.appended(sender.tenant);
+            self.sealing.grew(sender.tenant, records);
         }
         Ok(Ingested { ack, records })
     }
@@ -164,8 +165,22 @@ impl<S: RecordStore> Collector<S> {
     /// `signer`; returns the tenants sealed, with their new seal's number. Each seal is
     /// durable in its log before the next names it as `prev`.
     pub fn seal(&mut self, signer: &CheckpointSigner) -> Result<Vec<(String, u64)>, SealError> {
+        self.seal_grown(signer, 0)
+    }
+
+    /// [`Collector::seal`], only for the tenants that stored at least `records` request
+    /// records since their last seal (0: every tenant log that grew at all): a busy log
+    /// is sealed every so many records, not only every so many seconds.
+    pub fn seal_grown(
+        &mut self,
+        signer: &CheckpointSigner,
+        records: u64,
+    ) -> Result<Vec<(String, u64)>, SealError> {
         let mut sealed = Vec::new();
         for (tenant, heads) in self.sealing.due(&self.arrivals) {
+            if self.sealing.unsealed(&tenant) < records {
+                continue;
+            }
             let seal = Seal::sign(
                 signer,
                 &tenant,

@@ -48,6 +48,6 @@ pub use forward::{
 };
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
-pub use sealing::seal_all;
+pub use sealing::{seal_all, seal_grown};
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
 pub use store::{DayPiece, FileStore, Position, RecordStore, StoreError};

@@ -19,7 +19,19 @@ pub async fn seal_all<S: RecordStore + Send + 'static>(
     collector: &Arc<Mutex<Collector<S>>>,
     signer: CheckpointSigner,
 ) -> Result<Vec<(String, u64)>, SealError> {
-    blocking(collector, move |collector| collector.seal(&signer)).await
+    seal_grown(collector, signer, 0).await
+}
+
+/// [`Collector::seal_grown`] on a blocking thread.
+pub async fn seal_grown<S: RecordStore + Send + 'static>(
+    collector: &Arc<Mutex<Collector<S>>>,
+    signer: CheckpointSigner,
+    records: u64,
+) -> Result<Vec<(String, u64)>, SealError> {
+    blocking(collector, move |collector| {
+        collector.seal_grown(&signer, records)
+    })
+    .await
 }
 
 /// The newest seal of every tenant and how far it (and the seals before it) reached.
@@ -34,6 +46,8 @@ struct TenantSeals {
     last: Option<(u64, String)>,
     /// The newest seal as stored.
     last_line: Option<String>,
+    /// Request records stored since the newest seal (since start, after a restart).
+    unsealed: u64,
     /// Per chain, the last seq some seal named.
     sealed: HashMap<String, u64>,
 }
@@ -55,6 +69,7 @@ impl Sealing {
         let tenant = self.tenants.entry(seal.tenant.clone()).or_default();
         tenant.last = Some((seal.number, digest));
         tenant.last_line = Some(line);
+        tenant.unsealed = 0;
         for (chain, head) in &seal.heads {
             tenant.sealed.insert(chain.clone(), head.seq);
         }
@@ -67,6 +82,17 @@ impl Sealing {
             .last
             .as_ref()
             .map(|(number, digest)| (*number, digest.as_str()))
+    }
+
+    /// Counts `records` stored for `tenant` since its newest seal.
+    pub fn grew(&mut self, tenant: &str, records: u64) {
+        let tenant = self.tenants.entry(tenant.to_owned()).or_default();
+        tenant.unsealed = tenant.unsealed.saturating_add(records);
+    }
+
+    /// Request records stored for `tenant` since its newest seal.
+    pub fn unsealed(&self, tenant: &str) -> u64 {
+        self.tenants.get(tenant).map_or(0, |t| t.unsealed)
     }
 
     /// The tenant's newest seal as stored (one JSON line).

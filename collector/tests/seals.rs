@@ -385,3 +385,27 @@ fn a_log_rewritten_and_sealed_again_by_the_collector_fails_the_operators_anchor(
         other => panic!("expected the witnessed seal to be missing, got {other:?}"),
     }
 }
+
+#[test]
+fn a_busy_log_is_sealed_every_so_many_records_a_quiet_one_waits_for_the_round() {
+    let ca = TestCa::new();
+    let key = signer(&ca.collector());
+    let ShopLog {
+        dir: _dir,
+        mut collector,
+        mut web,
+    } = shop_log(0);
+
+    ok(collector.ingest(SHOP, &batch(&web.requests(3))));
+    assert!(
+        ok(collector.seal_grown(&key, 5)).is_empty(),
+        "3 records are not yet 5"
+    );
+    ok(collector.ingest(SHOP, &batch(&web.requests(2))));
+    assert_eq!(ok(collector.seal_grown(&key, 5)), [("shop".to_owned(), 0)]);
+
+    // The count starts again after a seal; the periodic round seals whatever grew.
+    ok(collector.ingest(SHOP, &batch(&web.requests(1))));
+    assert!(ok(collector.seal_grown(&key, 5)).is_empty());
+    assert_eq!(ok(collector.seal(&key)), [("shop".to_owned(), 1)]);
+}

@@ -43,6 +43,13 @@ pub const SINKS_EVERY: Duration = Duration::from_secs(30);
 /// How often each tenant log that grew is sealed.
 pub const SEAL_EVERY: Duration = Duration::from_secs(60);
 
+/// A log that stored this many records since its last seal is sealed before
+/// [`SEAL_EVERY`] comes round.
+pub const SEAL_RECORDS: u64 = 10_000;
+
+/// How often logs are checked for [`SEAL_RECORDS`].
+const SEAL_CHECK: Duration = Duration::from_secs(5);
+
 /// How often retention is enforced.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -384,7 +391,8 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
 }
 
 /// Seals every tenant log that grew, every `every` and once more at shutdown, so the
-/// records of the last moments are sealed too.
+/// records of the last moments are sealed too; and in between, every
+/// [`SEAL_CHECK`], each log that stored [`SEAL_RECORDS`] records since its last seal.
 async fn seal_periodically(
     collector: Arc<Mutex<Collector<FileStore>>>,
     files: TlsFiles,
@@ -393,21 +401,26 @@ async fn seal_periodically(
 ) {
     let mut every = tokio::time::interval(every);
     every.tick().await;
+    let mut busy = tokio::time::interval(SEAL_CHECK);
+    busy.tick().await;
     loop {
-        let last_round = tokio::select! {
-            _ = every.tick() => false,
-            () = shutdown.cancelled() => true,
+        let (records, last_round) = tokio::select! {
+            _ = every.tick() => (0, false),
+            _ = busy.tick() => (SEAL_RECORDS, false),
+            () = shutdown.cancelled() => (0, true),
         };
         match files.signer() {
-            Ok(signer) => match portcullis_collector::seal_all(&collector, signer).await {
-                Ok(sealed) if !sealed.is_empty() => {
-                    tracing::debug!(tenants = sealed.len(), "sealed tenant logs");
+            Ok(signer) => {
+                match portcullis_collector::seal_grown(&collector, signer, records).await {
+                    Ok(sealed) if !sealed.is_empty() => {
+                        tracing::debug!(tenants = sealed.len(), "sealed tenant logs");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sealing tenant logs failed; the next round seals them")
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "sealing tenant logs failed; the next round seals them")
-                }
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot seal tenant logs with the serving key");
             }
