@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -224,7 +225,12 @@ pub async fn serve_with<F, Fut>(
             slot,
             acceptor: tls.as_ref().map(ServerTls::acceptor),
         };
-        tasks.spawn(accepted.serve(handler.clone()));
+        // A span per connection: every log line of it names the peer.
+        tasks.spawn(
+            accepted
+                .serve(handler.clone())
+                .instrument(tracing::debug_span!("conn", %peer)),
+        );
     }
     drop(listener);
     let drained = tokio::time::timeout(limits.drain_timeout, async {
