@@ -269,10 +269,24 @@ impl RunningOperator {
     }
 
     /// Stops gracefully: controllers finish in-flight reconciles, the Lease is released,
-    /// servers drain. Returns when everything has stopped.
+    /// servers drain. Returns when everything has stopped, or after [`FORCE_AFTER`] with
+    /// whatever still runs aborted.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let stopped = tokio::time::timeout(FORCE_AFTER, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        // Bounded like the process's own shutdown: a task that does not stop is aborted,
+        // and said so, rather than holding its caller forever.
+        if stopped.is_err() {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "operator tasks still running {FORCE_AFTER:?} after shutdown: aborted"
+            );
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
     }
 
     /// Waits until the replica stops (after [`RunningOperator::shutdown_token`] fires).
