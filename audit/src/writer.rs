@@ -13,9 +13,12 @@ use crate::chain::Chain;
 use crate::checkpoint::{CheckpointPolicy, CheckpointSigner};
 use crate::clock::{Clock, SystemClock};
 use crate::entry::Entry;
+use crate::error::Error;
 use crate::record::AuditRecord;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::sink::{Sink, SinkStats};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -449,41 +452,63 @@ impl Pipeline {
     /// Hands `entries` to every sink, retrying each until it takes them; gives up only
     /// past the shutdown deadline. True when every sink took them.
     async fn deliver(&mut self, entries: &[Entry]) -> bool {
-        let counters = &self.shared.counters;
         let mut all = true;
         for sink in &self.shared.sinks {
+            all &= self.write_to(sink.as_ref(), entries).await;
+        }
+        if all {
+            self.shared
+                .counters
+                .sinks_blocked
+                .store(false, Ordering::Relaxed);
+        }
+        all
+    }
+
+    /// Writes `entries` to one sink, retrying until it takes them or the shutdown
+    /// deadline passes. A batch larger than the sink's whole spool goes in halves:
+    /// waiting for room it can never have would stop the trail for good (a batch grows
+    /// while the sink is down).
+    fn write_to<'a>(
+        &'a self,
+        sink: &'a dyn Sink,
+        entries: &'a [Entry],
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let counters = &self.shared.counters;
             let mut backoff = Backoff::new(self.config.sink_retry);
             let mut failures = 0u64;
             loop {
-                match sink.write(entries).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        failures += 1;
-                        counters.sink_write_errors.fetch_add(1, Ordering::Relaxed);
-                        counters.sinks_blocked.store(true, Ordering::Relaxed);
-                        if failures.is_power_of_two() {
-                            tracing::error!(sink = sink.name(), error = %e, attempts = failures, "audit sink cannot take records; retrying");
-                        }
-                        if self.deadline().is_some_and(|d| Instant::now() >= d) {
-                            counters
-                                .lost_at_shutdown
-                                .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                            tracing::error!(
-                                sink = sink.name(),
-                                entries = entries.len(),
-                                "audit entries not written before shutdown deadline"
-                            );
-                            all = false;
-                            break;
-                        }
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
+                let error = match sink.write(entries).await {
+                    Ok(()) => return true,
+                    Err(e) => e,
+                };
+                if let Error::SpoolFull { max, needed, .. } = error
+                    && needed > max
+                    && entries.len() > 1
+                {
+                    let (first, rest) = entries.split_at(entries.len() / 2);
+                    return self.write_to(sink, first).await && self.write_to(sink, rest).await;
                 }
+                failures += 1;
+                counters.sink_write_errors.fetch_add(1, Ordering::Relaxed);
+                counters.sinks_blocked.store(true, Ordering::Relaxed);
+                if failures.is_power_of_two() {
+                    tracing::error!(sink = sink.name(), error = %error, attempts = failures, "audit sink cannot take records; retrying");
+                }
+                if self.deadline().is_some_and(|d| Instant::now() >= d) {
+                    counters
+                        .lost_at_shutdown
+                        .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    tracing::error!(
+                        sink = sink.name(),
+                        entries = entries.len(),
+                        "audit entries not written before shutdown deadline"
+                    );
+                    return false;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
-        }
-        if all {
-            counters.sinks_blocked.store(false, Ordering::Relaxed);
-        }
-        all
+        })
     }
 }

@@ -197,3 +197,62 @@ async fn a_failing_sink_recovers_without_gaps() -> TestResult {
     assert!(!writer.stats().sinks_blocked);
     Ok(())
 }
+
+/// A sink whose spool holds at most `max_entries` entries at once (a byte per entry):
+/// a larger batch is refused as never fitting, a smaller one is delivered.
+struct SmallSpool {
+    inner: MemorySink,
+    max_entries: u64,
+}
+
+impl Sink for SmallSpool {
+    fn name(&self) -> &str {
+        "small-spool"
+    }
+
+    fn write<'a>(
+        &'a self,
+        entries: &'a [Entry],
+    ) -> portcullis_audit::sink::SinkFuture<'a, Result<(), portcullis_audit::Error>> {
+        let needed = entries.len() as u64;
+        if needed > self.max_entries {
+            return Box::pin(async move {
+                Err(portcullis_audit::Error::SpoolFull {
+                    used: 0,
+                    max: self.max_entries,
+                    needed,
+                })
+            });
+        }
+        self.inner.write(entries)
+    }
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_the_whole_spool_is_delivered_in_parts() -> TestResult {
+    let memory = MemorySink::new();
+    let mut cfg = config(FailureMode::FailClosed, 1000, Duration::from_secs(3600));
+    cfg.channel_capacity = 100;
+    cfg.batch_max = 64;
+    cfg.batch_linger = Duration::from_millis(300);
+    let sink = SmallSpool {
+        inner: memory.clone(),
+        max_entries: 5,
+    };
+    let writer = AuditWriter::start(cfg, signer()?, vec![Arc::new(sink)]);
+    for i in 0..23u64 {
+        writer.try_submit(record(i, t0()))?;
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || writer.stats().records_written
+            == 23)
+        .await,
+        "a batch the spool can never hold must not stop the trail: {:?}",
+        writer.stats()
+    );
+    assert!(!writer.stats().sinks_blocked);
+    writer.shutdown(Duration::from_secs(2)).await;
+    let report = verify_entries(&memory.entries(), VerifyOptions::default())?;
+    assert_eq!(report.records, 23);
+    Ok(())
+}
