@@ -35,6 +35,10 @@ pub struct AllOptions {
     pub quick: bool,
     /// The `portcullis-proxy` binary (default: next to this one).
     pub proxy_bin: Option<PathBuf>,
+    /// Another build measured side by side as [`BASELINE`].
+    pub baseline_proxy_bin: Option<PathBuf>,
+    /// Closed-loop rounds, every column taking its turn in each.
+    pub rounds: u32,
     /// Connections for the request loads.
     pub connections: usize,
     /// Open-loop rates, requests per second.
@@ -44,6 +48,9 @@ pub struct AllOptions {
     /// Niceness of the generator and the servers (0: unchanged).
     pub nice: i32,
 }
+
+/// The column of `--baseline-proxy-bin`.
+pub const BASELINE: &str = "portcullis before";
 
 /// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
 /// can hold under a 20 000 descriptor limit (it reserves two per connection).
@@ -292,26 +299,44 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     keys::write_bundle(&small_policy, &keys::bundle(1, small_keys))?;
 
     // Servers under test, all on core 1.
+    let start_build =
+        |bin: &Path, name: &str, policy: &Path, rust_log: &str, log: &Path, extra: &str| {
+            let (inbound, admin) = (servers::free_port()?, servers::free_port()?);
+            let config = d.join(format!("{name}.yaml"));
+            std::fs::write(
+                &config,
+                servers::proxy_yaml(inbound, admin, echo_port, &pki, policy) + extra,
+            )?;
+            let server = Server::spawn(
+                name,
+                "1",
+                bin,
+                &["run", "--config", &config.display().to_string()],
+                &[("RUST_LOG", rust_log)],
+                log,
+            )?;
+            anyhow::Ok((
+                server,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, inbound)),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, admin)),
+            ))
+        };
     let start_proxy = |name: &str, policy: &Path, rust_log: &str, log: &Path, extra: &str| {
-        let (inbound, admin) = (servers::free_port()?, servers::free_port()?);
-        let config = d.join(format!("{name}.yaml"));
-        std::fs::write(
-            &config,
-            servers::proxy_yaml(inbound, admin, echo_port, &pki, policy) + extra,
-        )?;
-        let server = Server::spawn(
-            name,
-            "1",
-            &proxy_bin,
-            &["run", "--config", &config.display().to_string()],
-            &[("RUST_LOG", rust_log)],
-            log,
-        )?;
-        anyhow::Ok((
-            server,
-            SocketAddr::from((Ipv4Addr::LOCALHOST, inbound)),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, admin)),
-        ))
+        start_build(&proxy_bin, name, policy, rust_log, log, extra)
+    };
+    let baseline = match &options.baseline_proxy_bin {
+        Some(bin) => {
+            anyhow::ensure!(bin.exists(), "{} not found", bin.display());
+            Some(start_build(
+                bin,
+                "portcullis-before",
+                &small_policy,
+                "warn",
+                &d.join("portcullis-before.log"),
+                "",
+            )?)
+        }
+        None => None,
     };
     let (portcullis, pc_addr, pc_admin) = start_proxy(
         "portcullis",
@@ -390,6 +415,9 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port));
     let haproxy_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, haproxy_port));
     servers::wait_ready(pc_admin, Duration::from_secs(20)).await?;
+    if let Some((_, _, admin)) = &baseline {
+        servers::wait_ready(*admin, Duration::from_secs(20)).await?;
+    }
     servers::wait_ready(au_admin, Duration::from_secs(20)).await?;
     servers::wait_listening(nginx_addr, Duration::from_secs(10))
         .await
@@ -428,7 +456,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
         headers: if key { key_header.clone() } else { vec![] },
         path: "/v1/events/1".to_owned(),
     };
-    let columns = vec![
+    let mut columns = vec![
         Column {
             name: "direct",
             target: target("direct", echo_addr, None, true),
@@ -472,6 +500,18 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             open_loop: true,
         },
     ];
+    if let Some((server, addr, _)) = &baseline {
+        columns.insert(
+            2,
+            Column {
+                name: BASELINE,
+                target: target(BASELINE, *addr, Some(verified.clone()), true),
+                pid: server.pid,
+                tls_server: true,
+                open_loop: true,
+            },
+        );
+    }
     let mut figures: BTreeMap<&str, Figures> = BTreeMap::new();
 
     // Idle RSS before any request.
@@ -489,28 +529,39 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     }
 
     eprintln!(
-        "== closed loop, {} connections, {:?} each",
-        options.connections, plan.closed
+        "== closed loop, {} connections, {:?} each, {} round(s) taking turns",
+        options.connections, plan.closed, options.rounds
     );
-    for c in &columns {
-        let before = procfs::cpu_seconds(c.pid, ticks);
-        let result = load::closed_loop(
-            &c.target,
-            options.connections,
-            Bounds {
-                count: 5_000_000,
-                time: plan.closed,
-            },
-            &format!("closed {}", c.name),
-        )
-        .await?;
-        let cpu = procfs::cpu_seconds(c.pid, ticks) - before;
-        let f = figures.entry(c.name).or_default();
-        f.max_rps = Some(result.rps());
-        f.cpu_cores = stats::ratio(cpu, result.elapsed.as_secs_f64());
-        f.per_core = stats::per_core_second(result.ok, cpu);
-        f.cpu_per_1k = stats::cpu_per_thousand(cpu, result.ok);
-        f.errors += result.errors;
+    // (requests ok, CPU seconds, wall seconds) per column, summed over the rounds, so
+    // a slow patch of a shared machine falls on every column alike.
+    let mut closed: BTreeMap<&str, (u64, f64, f64)> = BTreeMap::new();
+    for round in 1..=options.rounds.max(1) {
+        for c in &columns {
+            let before = procfs::cpu_seconds(c.pid, ticks);
+            let result = load::closed_loop(
+                &c.target,
+                options.connections,
+                Bounds {
+                    count: 5_000_000,
+                    time: plan.closed,
+                },
+                &format!("closed {} (round {round})", c.name),
+            )
+            .await?;
+            let cpu = procfs::cpu_seconds(c.pid, ticks) - before;
+            let sum = closed.entry(c.name).or_default();
+            sum.0 += result.ok;
+            sum.1 += cpu;
+            sum.2 += result.elapsed.as_secs_f64();
+            figures.entry(c.name).or_default().errors += result.errors;
+        }
+    }
+    for (name, (ok, cpu, wall)) in closed {
+        let f = figures.entry(name).or_default();
+        f.max_rps = Some(ok as f64 / wall.max(1e-9));
+        f.cpu_cores = stats::ratio(cpu, wall);
+        f.per_core = stats::per_core_second(ok, cpu);
+        f.cpu_per_1k = stats::cpu_per_thousand(cpu, ok);
     }
 
     for &rate in &options.rates {

@@ -65,6 +65,14 @@ enum Command {
         /// The portcullis-proxy binary (default: next to this binary).
         #[arg(long)]
         proxy_bin: Option<PathBuf>,
+        /// Another portcullis-proxy build measured side by side as "portcullis before"
+        /// (same config), for before/after figures from one run.
+        #[arg(long)]
+        baseline_proxy_bin: Option<PathBuf>,
+        /// Closed-loop rounds, the columns taking turns in each (the figures are the
+        /// sums): evens out a shared machine's slow patches.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         /// Keys in the big policy bundle (generated once at bcrypt cost 4, then cached).
         #[arg(long, default_value_t = 100_000)]
         keys: usize,
@@ -236,6 +244,8 @@ fn main() -> anyhow::Result<()> {
         Command::All {
             quick,
             proxy_bin,
+            baseline_proxy_bin,
+            rounds,
             keys: n,
             connections,
             rates,
@@ -256,6 +266,8 @@ fn main() -> anyhow::Result<()> {
             let options = all::AllOptions {
                 quick,
                 proxy_bin,
+                baseline_proxy_bin,
+                rounds,
                 connections,
                 rates,
                 out,

@@ -174,3 +174,118 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
         .unwrap()
         .unwrap();
 }
+
+/// An app on 127.0.0.1 that counts the connections it accepts: `/big` answers 4 MiB,
+/// anything else `ok`; with `close_after`, it closes each connection that long after
+/// a response, as apps with a short keep-alive timeout do, without saying so.
+async fn counting_app(
+    close_after: Option<Duration>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<_>| async move {
+                    let body = if request.uri().path() == "/v1/events/big" {
+                        Bytes::from(vec![b'x'; 4 << 20])
+                    } else {
+                        Bytes::from_static(b"ok")
+                    };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                match close_after {
+                    None => {
+                        let _ = connection.await;
+                    }
+                    Some(after) => {
+                        let _ = tokio::time::timeout(after, connection).await;
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test]
+async fn the_app_connection_is_kept_alive_across_requests_and_clients() {
+    let (port, accepted) = counting_app(None).await;
+    let h = Harness::start(Options {
+        app_port: Some(port),
+        ..Options::default()
+    })
+    .await;
+    let key = h.token("events").to_owned();
+    for _ in 0..3 {
+        let client = h.client(Identity::Anonymous);
+        let mut connection = client.h1().await.unwrap();
+        for _ in 0..5 {
+            let request = client::request("GET", "/v1/events/1", &[("x-api-key", &key)], "");
+            let reply = client::send_on(&mut connection, request).await.unwrap();
+            assert_eq!((reply.status, reply.body.as_ref()), (200, &b"ok"[..]));
+        }
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "15 requests in turn, from three client connections, need one app connection"
+    );
+}
+
+#[tokio::test]
+async fn an_app_that_closes_idle_connections_loses_no_request() {
+    let (port, accepted) = counting_app(Some(Duration::from_millis(50))).await;
+    let h = Harness::start(Options {
+        app_port: Some(port),
+        ..Options::default()
+    })
+    .await;
+    let client = h.client(Identity::Anonymous);
+    let key = h.token("events").to_owned();
+    let mut connection = client.h1().await.unwrap();
+    for _ in 0..4 {
+        let request = client::request("GET", "/v1/events/1", &[("x-api-key", &key)], "");
+        let reply = client::send_on(&mut connection, request).await.unwrap();
+        assert_eq!((reply.status, reply.body.as_ref()), (200, &b"ok"[..]));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_never_reaches_the_next_request() {
+    let (port, accepted) = counting_app(None).await;
+    let h = Harness::start(Options {
+        app_port: Some(port),
+        ..Options::default()
+    })
+    .await;
+    let client = h.client(Identity::Anonymous);
+    let key = h.token("events").to_owned();
+    // The client reads the head of a 4 MiB answer and hangs up.
+    let mut stream = client.tls(false).await.unwrap();
+    let head =
+        format!("GET /v1/events/big HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut start = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut start))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&start, b"HTTP/1.1 200");
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The rest of that answer is still on its app connection, which must not be reused.
+    for _ in 0..3 {
+        let reply = client.get("/v1/events/1", &[("x-api-key", &key)]).await;
+        assert_eq!((reply.status, reply.body.as_ref()), (200, &b"ok"[..]));
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

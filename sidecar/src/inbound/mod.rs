@@ -25,6 +25,7 @@ use portcullis_crds::{DataClassification, InboundMode, scope::ScopeMap};
 
 pub mod accept;
 pub mod allowlist;
+pub mod app_connections;
 pub mod authn;
 pub mod authorize;
 pub mod authorize_peer;
@@ -482,6 +483,6 @@ impl Inbound {
         if let Some(verdict) = admitted.rate {
             verdict.insert_headers(response.headers_mut());
         }
-        Ok(response.map(|body| body.map_err(Into::into).boxed()))
+        Ok(response)
     }
 }

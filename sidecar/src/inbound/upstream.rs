@@ -1,16 +1,16 @@
-//! The app on 127.0.0.1:<app-port>, through one pooled HTTP/1.1 client. Bodies stream
-//! both ways; a 101 response hands both connections to a byte pump (WebSocket and
-//! other upgrades).
+//! The app on 127.0.0.1:<app-port>, over keep-alive HTTP/1.1 connections
+//! ([`AppConnections`]). Bodies stream both ways; a 101 response hands both connections to a
+//! byte pump (WebSocket and other upgrades).
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response, Uri, Version, header, uri::Authority};
-use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, client::conn::http1};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
+use super::app_connections::{AppConnection, AppConnections, Returning};
 use crate::{
     config::UpstreamConfig,
     listener::{
@@ -19,38 +19,47 @@ use crate::{
     },
 };
 
-/// The pooled client to the app.
+/// Where the app listens and how to reach it; shared by every connection.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
     // None: the pod declares no application port, so nothing can be forwarded.
-    authority: Option<Authority>,
+    app: Option<Arc<App>>,
+}
+
+#[derive(Debug)]
+struct App {
+    addr: SocketAddr,
+    authority: Authority,
+    connect_timeout: Duration,
+    connections: Arc<AppConnections>,
+}
+
+/// Why a request did not reach the app, before any status is chosen.
+enum Failure {
+    Connect(std::io::Error),
+    Http(hyper::Error),
 }
 
 impl Upstream {
-    /// A client for the app described by `config`.
+    /// The app described by `config`.
     pub fn new(config: &UpstreamConfig) -> Self {
-        let authority = Authority::try_from(format!("127.0.0.1:{}", config.app_port))
+        let addr = SocketAddr::from(([127, 0, 0, 1], config.app_port));
+        let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1:80"));
-        Self::build(config, Some(authority))
+        Self {
+            app: Some(Arc::new(App {
+                addr,
+                authority,
+                connect_timeout: config.connect_timeout,
+                connections: Arc::new(AppConnections::new(config.pool_idle_timeout)),
+            })),
+        }
     }
 
     /// For a pod without an application port: every forward is answered 502
     /// `upstream_unavailable` saying so.
-    pub fn without_app(config: &UpstreamConfig) -> Self {
-        Self::build(config, None)
-    }
-
-    fn build(config: &UpstreamConfig, authority: Option<Authority>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Self { client, authority }
+    pub fn without_app() -> Self {
+        Self { app: None }
     }
 
     /// Sends `request` to the app, waiting at most `timeout` for the response head.
@@ -58,18 +67,13 @@ impl Upstream {
         &self,
         mut request: Request<ProxyBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, Denial> {
-        let Some(authority) = self.authority.clone() else {
+    ) -> Result<Response<ProxyBody>, Denial> {
+        let Some(app) = self.app.as_deref() else {
             return Err(Denial::new(
                 Reason::UpstreamUnavailable,
                 "this pod declares no application port; set the portcullis.dev/app-port annotation",
             ));
         };
-        let path = request
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".to_owned());
         // HTTP/2 requests carry the host in :authority; the app speaks HTTP/1.1.
         if !request.headers().contains_key(header::HOST)
             && let Some(authority) = request.uri().authority()
@@ -77,19 +81,20 @@ impl Upstream {
         {
             request.headers_mut().insert(header::HOST, value);
         }
-        *request.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|_| {
-                Denial::new(
-                    Reason::BadRequest,
-                    "the request target cannot be forwarded; send an origin-form path",
-                )
-            })?;
+        if !request.headers().contains_key(header::HOST)
+            && let Ok(value) = header::HeaderValue::from_str(app.authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        // The app gets origin-form, as HTTP/1.1 clients send it.
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
         *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        match tokio::time::timeout(timeout, app.send(request)).await {
             Err(_) => Err(Denial::new(
                 Reason::UpstreamTimeout,
                 format!(
@@ -97,12 +102,17 @@ impl Upstream {
                     timeout.as_secs()
                 ),
             )),
-            Ok(Err(e)) if body_over_limit(&e) => Err(Denial::new(
+            Ok(Err(Failure::Http(e))) if body_over_limit(&e) => Err(Denial::new(
                 Reason::BodyTooLarge,
                 "the request body is over this service's limit; send a smaller body",
             )),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
+            Ok(Err(failure)) => {
+                match failure {
+                    Failure::Connect(e) => {
+                        tracing::warn!(error = %e, app = %app.authority, "cannot connect to the app")
+                    }
+                    Failure::Http(e) => tracing::warn!(error = %e, "upstream request failed"),
+                }
                 Err(Denial::new(
                     Reason::UpstreamUnavailable,
                     "the service behind this proxy is not reachable; retry later",
@@ -113,10 +123,78 @@ impl Upstream {
     }
 }
 
+impl App {
+    /// Sends on a kept connection, or a new one when none is kept or the kept one
+    /// closed before taking the request (the app may close idle connections at will).
+    async fn send(&self, request: Request<ProxyBody>) -> Result<Response<ProxyBody>, Failure> {
+        let kept = self.connections.take();
+        let is_kept = kept.is_some();
+        let mut connection = match kept {
+            Some(kept) => kept,
+            None => self.connect().await?,
+        };
+        if connection.ready().await.is_err() {
+            // Closed while idle, between the check in `take` and now.
+            connection = self.connect().await?;
+            connection.ready().await.map_err(Failure::Http)?;
+        }
+        match connection.try_send_request(request).await {
+            Ok(response) => Ok(self.returning(connection, response)),
+            Err(mut refused) => match refused.take_message() {
+                // Closed by the app before the request went out: once more on a new one.
+                Some(unsent) if is_kept => {
+                    let mut fresh = self.connect().await?;
+                    fresh.ready().await.map_err(Failure::Http)?;
+                    let response = fresh.send_request(unsent).await.map_err(Failure::Http)?;
+                    Ok(self.returning(fresh, response))
+                }
+                _ => Err(Failure::Http(refused.into_error())),
+            },
+        }
+    }
+
+    async fn connect(&self) -> Result<AppConnection, Failure> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| {
+                Failure::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
+            .map_err(Failure::Connect)?;
+        tcp.set_nodelay(true).map_err(Failure::Connect)?;
+        let (sender, io) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(Failure::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = io.with_upgrades().await {
+                tracing::debug!(error = %e, "app connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response, its body giving the connection back at its end. A switch of
+    /// protocols takes the connection over for good.
+    fn returning(
+        &self,
+        connection: AppConnection,
+        response: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return response.map(|body| body.map_err(Into::into).boxed());
+        }
+        let home = self.connections.clone();
+        response.map(|body| Returning::wrap(body, connection, home).boxed())
+    }
+}
+
 /// Whether forwarding failed because the request body passed its limit
 /// (`http_body_util::Limited`), which is the client's fault, not the app's.
-fn body_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
+fn body_over_limit(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cause {
         if e.is::<http_body_util::LengthLimitError>() {
             return true;

@@ -316,7 +316,7 @@ pub async fn start(
             tracing::warn!(
                 "PORTCULLIS_APP_PORT is not set: the pod declares no port, so inbound requests are answered 502"
             );
-            Upstream::without_app(&config.upstream(1))
+            Upstream::without_app()
         }
     };
 
