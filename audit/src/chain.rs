@@ -4,7 +4,7 @@
 //! Timestamps play no part in the order: a wall clock that jumps backwards changes
 //! nothing here.
 
-use crate::canonical::{GENESIS_HASH, record_hash};
+use crate::canonical::{GENESIS_HASH, sha256_hex};
 use crate::error::Error;
 use crate::record::AuditRecord;
 use jiff::Timestamp;
@@ -53,7 +53,7 @@ impl Chain {
         record.seq = self.next_seq;
         record.prev_hash.clone_from(&self.last_hash);
         record.hash.clear();
-        record.hash = record_hash(&record)?;
+        record.hash = sha256_hex(&record.canonical_without_hash()?);
         self.next_seq += 1;
         self.last_hash.clone_from(&record.hash);
         Ok(record)

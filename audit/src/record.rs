@@ -14,6 +14,7 @@
 //! process), so records of several pods or restarts can sit in one directory and still
 //! be verified chain by chain.
 
+use crate::error::Error;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -124,6 +125,64 @@ impl AuditRecord {
     }
 }
 
+/// The largest integer JCS writes digit for digit: it writes numbers as doubles.
+const EXACT_IN_DOUBLE: u64 = 1 << 53;
+
+impl AuditRecord {
+    /// The RFC 8785 bytes the record hash covers: every member but `hash`, in sorted
+    /// order (see [`crate::canonical`]). Written member by member, not through a
+    /// `serde_json::Value`, because the writer hashes every record and building a map of
+    /// seventeen owned members each time was most of that cost; the bytes are the same
+    /// as [`crate::canonical::record_hash`]'s (a test holds them equal). Numbers past
+    /// 2^53, which JCS writes as doubles, take that general path.
+    pub fn canonical_without_hash(&self) -> Result<Vec<u8>, Error> {
+        let numbers = [
+            self.seq,
+            self.latency_ms,
+            self.bytes.received,
+            self.bytes.sent,
+        ];
+        if numbers.iter().any(|n| *n > EXACT_IN_DOUBLE) {
+            let value = serde_json::to_value(self).map_err(|e| Error::Serialize(e.to_string()))?;
+            return crate::canonical::canonical_without(value, "hash");
+        }
+        let mut out = Vec::with_capacity(512);
+        let text = |out: &mut Vec<u8>, key: &str, value: &str| -> Result<(), Error> {
+            out.extend_from_slice(key.as_bytes());
+            serde_json::to_writer(&mut *out, value).map_err(|e| Error::Serialize(e.to_string()))
+        };
+        let number = |out: &mut Vec<u8>, key: &str, value: u64| {
+            use std::io::Write as _;
+            out.extend_from_slice(key.as_bytes());
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{value}");
+        };
+        // Members in RFC 8785 order (UTF-16 code units; every name here is ASCII).
+        text(&mut out, "{\"action\":", &self.action)?;
+        number(&mut out, ",\"bytes\":{\"in\":", self.bytes.received);
+        number(&mut out, ",\"out\":", self.bytes.sent);
+        text(&mut out, "},\"chain_id\":", &self.chain_id)?;
+        match self.client_ip {
+            Some(ip) => text(&mut out, ",\"client_ip\":", &ip.to_string())?,
+            None => out.extend_from_slice(b",\"client_ip\":null"),
+        }
+        text(&mut out, ",\"decision\":", self.decision.as_str())?;
+        number(&mut out, ",\"latency_ms\":", self.latency_ms);
+        text(&mut out, ",\"method\":", &self.method)?;
+        text(&mut out, ",\"path\":", &self.path)?;
+        text(&mut out, ",\"pod\":", &self.pod)?;
+        text(&mut out, ",\"prev_hash\":", &self.prev_hash)?;
+        text(&mut out, ",\"principal\":", &self.principal)?;
+        text(&mut out, ",\"reason\":", &self.reason)?;
+        number(&mut out, ",\"seq\":", self.seq);
+        number(&mut out, ",\"status\":", u64::from(self.status));
+        text(&mut out, ",\"tenant\":", &self.tenant)?;
+        text(&mut out, ",\"timestamp\":", &self.timestamp.to_string())?;
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
 /// Builders for the `action` field.
 pub mod action {
     /// `api.<scope>`: a request authorised for `scope`.
@@ -187,6 +246,72 @@ mod tests {
         );
         assert_eq!(action::admin("key", "create"), "admin.key.create");
         assert_eq!(action::api("identify"), "api.identify");
+    }
+
+    /// Records whose strings hold everything JSON escapes, non-ASCII text, empty
+    /// members, every kind of client address and decision, and numbers up to 2^53
+    /// (written directly) and past it (the general path).
+    fn awkward_records() -> Vec<AuditRecord> {
+        let texts = [
+            "",
+            "plain",
+            "quote \" backslash \\ slash /",
+            "controls \u{0}\u{1}\u{8}\u{9}\u{a}\u{c}\u{d}\u{1f}\u{7f}",
+            "ünïcödé ✓ 😀 \u{2028}",
+        ];
+        let addresses = [
+            None,
+            Some(IpAddr::from([10, 0, 0, 7])),
+            Some(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1])),
+        ];
+        let numbers: [[u64; 4]; 2] = [
+            [0, 429, 1_773_670, EXACT_IN_DOUBLE],
+            [EXACT_IN_DOUBLE + 1, 7, u64::MAX, 1],
+        ];
+        let mut records = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            for address in addresses {
+                for decision in [Decision::Allow, Decision::Deny] {
+                    for [seq, latency, received, sent] in numbers {
+                        let mut r = AuditRecord::new(
+                            Timestamp::from_millisecond(1_773_670_921_123 + i as i64 * 7919)
+                                .unwrap_or(Timestamp::UNIX_EPOCH),
+                            *text,
+                            format!("pod-{text}"),
+                            format!("api.{text}"),
+                            principal::api_key(text),
+                        );
+                        r.chain_id = format!("chain-{i}");
+                        r.seq = seq;
+                        r.client_ip = address;
+                        r.method = text.to_string();
+                        r.path = format!("/v1/{text}");
+                        r.status = [200, 403, 0, 503, u16::MAX][i];
+                        r.latency_ms = latency;
+                        r.bytes = ByteCounts { received, sent };
+                        r.decision = decision;
+                        r.reason = text.to_string();
+                        r.prev_hash = crate::canonical::GENESIS_HASH.to_owned();
+                        r.hash = "left out of the hash".to_owned();
+                        records.push(r);
+                    }
+                }
+            }
+        }
+        records
+    }
+
+    #[test]
+    fn the_direct_canonical_form_is_the_general_one_byte_for_byte() {
+        for record in awkward_records() {
+            let general = crate::canonical::canonical_without(
+                serde_json::to_value(&record).unwrap_or_default(),
+                "hash",
+            )
+            .ok();
+            assert_eq!(record.canonical_without_hash().ok(), general, "{record:?}");
+            assert!(general.is_some());
+        }
     }
 
     #[test]

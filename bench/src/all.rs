@@ -52,6 +52,9 @@ pub struct AllOptions {
 /// The column of `--baseline-proxy-bin`.
 pub const BASELINE: &str = "portcullis before";
 
+/// The column of `--baseline-proxy-bin` with the audit file sink on.
+pub const BASELINE_AUDITED: &str = "portcullis before +audit file";
+
 /// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
 /// can hold under a 20 000 descriptor limit (it reserves two per connection).
 const HOLD_MANY: usize = 9_000;
@@ -324,20 +327,6 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     let start_proxy = |name: &str, policy: &Path, rust_log: &str, log: &Path, extra: &str| {
         start_build(&proxy_bin, name, policy, rust_log, log, extra)
     };
-    let baseline = match &options.baseline_proxy_bin {
-        Some(bin) => {
-            anyhow::ensure!(bin.exists(), "{} not found", bin.display());
-            Some(start_build(
-                bin,
-                "portcullis-before",
-                &small_policy,
-                "warn",
-                &d.join("portcullis-before.log"),
-                "",
-            )?)
-        }
-        None => None,
-    };
     let (portcullis, pc_addr, pc_admin) = start_proxy(
         "portcullis",
         &small_policy,
@@ -379,6 +368,32 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             ""
         },
     )?;
+    // The baseline build, with and (when this build has the file sink) without audit.
+    let mut baseline = None;
+    let mut baseline_audited = None;
+    if let Some(bin) = &options.baseline_proxy_bin {
+        anyhow::ensure!(bin.exists(), "{} not found", bin.display());
+        baseline = Some(start_build(
+            bin,
+            "portcullis-before",
+            &small_policy,
+            "warn",
+            &d.join("portcullis-before.log"),
+            "",
+        )?);
+        if audit_file_sink.is_ok() {
+            let dir = d.join("audit-before");
+            std::fs::create_dir_all(&dir)?;
+            baseline_audited = Some(start_build(
+                bin,
+                "portcullis-before-audit",
+                &small_policy,
+                "warn",
+                &d.join("portcullis-before-audit.log"),
+                &servers::audit_section(&dir, &audit_key),
+            )?);
+        }
+    }
     let nginx_port = servers::free_port()?;
     std::fs::write(
         d.join("nginx.conf"),
@@ -415,7 +430,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port));
     let haproxy_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, haproxy_port));
     servers::wait_ready(pc_admin, Duration::from_secs(20)).await?;
-    if let Some((_, _, admin)) = &baseline {
+    for (_, _, admin) in baseline.iter().chain(&baseline_audited) {
         servers::wait_ready(*admin, Duration::from_secs(20)).await?;
     }
     servers::wait_ready(au_admin, Duration::from_secs(20)).await?;
@@ -509,6 +524,22 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
                 pid: server.pid,
                 tls_server: true,
                 open_loop: true,
+            },
+        );
+    }
+    if let Some((server, addr, _)) = &baseline_audited {
+        let at = columns
+            .iter()
+            .position(|c| c.name == audit_label)
+            .map_or(columns.len(), |i| i + 1);
+        columns.insert(
+            at,
+            Column {
+                name: BASELINE_AUDITED,
+                target: target(BASELINE_AUDITED, *addr, Some(verified.clone()), true),
+                pid: server.pid,
+                tls_server: false,
+                open_loop: false,
             },
         );
     }
