@@ -214,14 +214,18 @@ async fn counting_app(
     (port, accepted)
 }
 
+async fn proxy_in_front_of(app_port: u16) -> Harness {
+    Harness::start(Options {
+        app_port: Some(app_port),
+        ..Options::default()
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_app_connection_is_kept_alive_across_requests_and_clients() {
     let (port, accepted) = counting_app(None).await;
-    let h = Harness::start(Options {
-        app_port: Some(port),
-        ..Options::default()
-    })
-    .await;
+    let h = proxy_in_front_of(port).await;
     let key = h.token("events").to_owned();
     for _ in 0..3 {
         let client = h.client(Identity::Anonymous);
@@ -242,11 +246,7 @@ async fn the_app_connection_is_kept_alive_across_requests_and_clients() {
 #[tokio::test]
 async fn an_app_that_closes_idle_connections_loses_no_request() {
     let (port, accepted) = counting_app(Some(Duration::from_millis(50))).await;
-    let h = Harness::start(Options {
-        app_port: Some(port),
-        ..Options::default()
-    })
-    .await;
+    let h = proxy_in_front_of(port).await;
     let client = h.client(Identity::Anonymous);
     let key = h.token("events").to_owned();
     let mut connection = client.h1().await.unwrap();
@@ -262,11 +262,7 @@ async fn an_app_that_closes_idle_connections_loses_no_request() {
 #[tokio::test]
 async fn a_response_the_client_abandons_never_reaches_the_next_request() {
     let (port, accepted) = counting_app(None).await;
-    let h = Harness::start(Options {
-        app_port: Some(port),
-        ..Options::default()
-    })
-    .await;
+    let h = proxy_in_front_of(port).await;
     let client = h.client(Identity::Anonymous);
     let key = h.token("events").to_owned();
     // The client reads the head of a 4 MiB answer and hangs up.

@@ -127,30 +127,34 @@ impl App {
     /// Sends on a kept connection, or a new one when none is kept or the kept one
     /// closed before taking the request (the app may close idle connections at will).
     async fn send(&self, request: Request<ProxyBody>) -> Result<Response<ProxyBody>, Failure> {
-        let kept = self.connections.take();
-        let is_kept = kept.is_some();
-        let mut connection = match kept {
-            Some(kept) => kept,
-            None => self.connect().await?,
+        let Some(mut kept) = self.connections.take() else {
+            return self.send_on_new(request).await;
         };
-        if connection.ready().await.is_err() {
+        if kept.ready().await.is_err() {
             // Closed while idle, between the check in `take` and now.
-            connection = self.connect().await?;
-            connection.ready().await.map_err(Failure::Http)?;
+            return self.send_on_new(request).await;
         }
-        match connection.try_send_request(request).await {
-            Ok(response) => Ok(self.returning(connection, response)),
+        match kept.try_send_request(request).await {
+            Ok(response) => Ok(self.returning(kept, response)),
             Err(mut refused) => match refused.take_message() {
                 // Closed by the app before the request went out: once more on a new one.
-                Some(unsent) if is_kept => {
-                    let mut fresh = self.connect().await?;
-                    fresh.ready().await.map_err(Failure::Http)?;
-                    let response = fresh.send_request(unsent).await.map_err(Failure::Http)?;
-                    Ok(self.returning(fresh, response))
-                }
-                _ => Err(Failure::Http(refused.into_error())),
+                Some(unsent) => self.send_on_new(unsent).await,
+                None => Err(Failure::Http(refused.into_error())),
             },
         }
+    }
+
+    async fn send_on_new(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let mut connection = self.connect().await?;
+        connection.ready().await.map_err(Failure::Http)?;
+        let response = connection
+            .send_request(request)
+            .await
+            .map_err(Failure::Http)?;
+        Ok(self.returning(connection, response))
     }
 
     async fn connect(&self) -> Result<AppConnection, Failure> {
