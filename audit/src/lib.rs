@@ -16,6 +16,7 @@
 //! - [`verify`] and [`files`]: checking chains and signatures, from memory or from a
 //!   file or directory (plain JSON lines or encrypted segments).
 //! - [`format`]: JSON lines, the human line and CSV export.
+//! - [`tenant_keys`]: a tenant's data-encryption keys as the operator hands them out.
 
 #![warn(missing_docs)]
 
@@ -34,6 +35,7 @@ pub mod seal;
 pub mod secret;
 pub mod segment;
 pub mod sink;
+pub mod tenant_keys;
 pub mod verify;
 pub mod writer;
 
@@ -46,6 +48,7 @@ pub use keyring::{DataKey, KeyRing};
 pub use record::{AuditRecord, ByteCounts, Decision};
 pub use seal::{Seal, SealedHead};
 pub use secret::Secret;
+pub use tenant_keys::TenantKeys;
 pub use verify::{Anchor, Location, Problem, TrustBundle, Verifier, VerifyOptions, VerifyReport};
 pub use writer::{
     Accepted, AuditWriter, FailureMode, RecordSlot, SubmitError, WriterConfig, WriterStats,

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod connections;
+pub mod oneshot;
 
 use std::convert::Infallible;
 use std::future::Future;
