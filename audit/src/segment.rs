@@ -88,6 +88,123 @@ fn aad(header: &[u8], frame: u64) -> Vec<u8> {
     aad
 }
 
+/// The DEK version a segment header names.
+pub fn header_version(header: &[u8]) -> Option<u32> {
+    let bytes: [u8; 4] = header.get(8..12)?.try_into().ok()?;
+    is_segment(header).then_some(u32::from_be_bytes(bytes))
+}
+
+/// A frame at the front of some bytes, as [`SegmentCipher::open`] found it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRead {
+    /// A whole frame: its plaintext, and the bytes it took.
+    Whole {
+        /// The decrypted batch.
+        plaintext: Vec<u8>,
+        /// Length prefix, nonce and ciphertext.
+        len: usize,
+    },
+    /// The bytes end inside the frame (being written, or torn by a crash).
+    Partial,
+}
+
+/// Why a frame could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is outside what a frame can be.
+    #[error("impossible frame length")]
+    BadLength,
+    /// The frame does not authenticate under the key, header and position.
+    #[error("frame fails authentication")]
+    Unauthentic,
+}
+
+/// One segment's key and header: seals and opens its frames by number.
+pub struct SegmentCipher {
+    cipher: Aes256Gcm,
+    header: [u8; HEADER_LEN],
+}
+
+impl std::fmt::Debug for SegmentCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentCipher")
+            .field("version", &header_version(&self.header))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SegmentCipher {
+    /// The cipher of the segment starting with `header`, under `key`.
+    pub fn new(key: &DataKey, header: [u8; HEADER_LEN]) -> Result<Self, crate::Error> {
+        let cipher = Aes256Gcm::new_from_slice(key.bytes())
+            .map_err(|_| crate::Error::DataKey("AES-256 key rejected".into()))?;
+        Ok(Self { cipher, header })
+    }
+
+    /// The segment's header.
+    pub fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    /// Encrypts `plaintext` as frame number `frame`.
+    pub fn seal(&self, frame: u64, plaintext: &[u8]) -> Result<Vec<u8>, crate::Error> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let aad = aad(&self.header, frame);
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| crate::Error::DataKey("encryption failed".into()))?;
+        let len = u32::try_from(ciphertext.len())
+            .map_err(|_| crate::Error::Config("audit batch too large for one frame".into()))?;
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + ciphertext.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        Ok(out)
+    }
+
+    /// Decrypts the frame at the front of `bytes` as frame number `frame`.
+    pub fn open(&self, frame: u64, bytes: &[u8]) -> Result<FrameRead, FrameError> {
+        let Some(len_bytes) = bytes.get(..4) else {
+            return Ok(FrameRead::Partial);
+        };
+        let mut len = [0u8; 4];
+        len.copy_from_slice(len_bytes);
+        let len = u32::from_be_bytes(len) as usize;
+        if !(TAG_LEN..=MAX_FRAME).contains(&len) {
+            return Err(FrameError::BadLength);
+        }
+        let body_start = 4 + NONCE_LEN;
+        let (Some(nonce), Some(ciphertext)) = (
+            bytes.get(4..body_start),
+            bytes.get(body_start..body_start + len),
+        ) else {
+            return Ok(FrameRead::Partial);
+        };
+        let aad = aad(&self.header, frame);
+        let plaintext = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| FrameError::Unauthentic)?;
+        Ok(FrameRead::Whole {
+            plaintext,
+            len: body_start + len,
+        })
+    }
+}
+
 /// Encrypts `plaintext` as frame number `frame` of the segment with `header`.
 pub fn seal_frame(
     key: &DataKey,
@@ -95,26 +212,7 @@ pub fn seal_frame(
     frame: u64,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, crate::Error> {
-    let cipher = Aes256Gcm::new_from_slice(key.bytes())
-        .map_err(|_| crate::Error::DataKey("AES-256 key rejected".into()))?;
-    let nonce: [u8; NONCE_LEN] = rand::random();
-    let aad = aad(header, frame);
-    let ciphertext = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| crate::Error::DataKey("encryption failed".into()))?;
-    let len = u32::try_from(ciphertext.len())
-        .map_err(|_| crate::Error::Config("audit batch too large for one frame".into()))?;
-    let mut out = Vec::with_capacity(4 + NONCE_LEN + ciphertext.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ciphertext);
-    Ok(out)
+    SegmentCipher::new(key, *header)?.seal(frame, plaintext)
 }
 
 /// What could be read from a segment.
@@ -133,14 +231,10 @@ pub struct OpenedSegment {
 /// Decrypts a whole segment with keys from `keys`, stopping at the first bad frame.
 pub fn open_segment(bytes: &[u8], keys: &KeyRing) -> OpenedSegment {
     let mut out = OpenedSegment::default();
-    if bytes.len() < HEADER_LEN || !is_segment(bytes) {
+    let Some(version) = bytes.get(..HEADER_LEN).and_then(header_version) else {
         out.error = Some(SegmentError::NotASegment);
         return out;
-    }
-    let header = &bytes[..HEADER_LEN];
-    let mut version_bytes = [0u8; 4];
-    version_bytes.copy_from_slice(&header[8..12]);
-    let version = u32::from_be_bytes(version_bytes);
+    };
     out.key_version = Some(version);
     let Some(key) = keys.get(version) else {
         out.error = Some(SegmentError::UnknownKeyVersion {
@@ -149,47 +243,26 @@ pub fn open_segment(bytes: &[u8], keys: &KeyRing) -> OpenedSegment {
         });
         return out;
     };
-    let Ok(cipher) = Aes256Gcm::new_from_slice(key.bytes()) else {
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&bytes[..HEADER_LEN]);
+    let Ok(cipher) = SegmentCipher::new(key, header) else {
         out.error = Some(SegmentError::WrongKey { version });
         return out;
     };
     let mut offset = HEADER_LEN;
     let mut frame = 0u64;
     while offset < bytes.len() {
-        let truncated = SegmentError::Truncated { frame, offset };
-        let Some(len_bytes) = bytes.get(offset..offset + 4) else {
-            out.error = Some(truncated);
-            return out;
+        let opened = match cipher.open(frame, &bytes[offset..]) {
+            Ok(FrameRead::Whole { plaintext, len }) => String::from_utf8(plaintext)
+                .map(|text| (text, len))
+                .map_err(|_| FrameError::Unauthentic),
+            Ok(FrameRead::Partial) => {
+                out.error = Some(SegmentError::Truncated { frame, offset });
+                return out;
+            }
+            Err(e) => Err(e),
         };
-        let mut len = [0u8; 4];
-        len.copy_from_slice(len_bytes);
-        let len = u32::from_be_bytes(len) as usize;
-        if !(TAG_LEN..=MAX_FRAME).contains(&len) {
-            out.error = Some(if frame == 0 {
-                SegmentError::WrongKey { version }
-            } else {
-                SegmentError::CorruptFrame { frame, offset }
-            });
-            return out;
-        }
-        let body_start = offset + 4 + NONCE_LEN;
-        let (Some(nonce), Some(ciphertext)) = (
-            bytes.get(offset + 4..body_start),
-            bytes.get(body_start..body_start + len),
-        ) else {
-            out.error = Some(truncated);
-            return out;
-        };
-        let aad = aad(header, frame);
-        let plain = cipher.decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: ciphertext,
-                aad: &aad,
-            },
-        );
-        let text = plain.ok().and_then(|p| String::from_utf8(p).ok());
-        let Some(text) = text else {
+        let Ok((text, len)) = opened else {
             out.error = Some(if frame == 0 {
                 SegmentError::WrongKey { version }
             } else {
@@ -198,9 +271,9 @@ pub fn open_segment(bytes: &[u8], keys: &KeyRing) -> OpenedSegment {
             return out;
         };
         out.plaintext.push_str(&text);
+        offset += len;
         out.frames += 1;
         frame += 1;
-        offset = body_start + len;
     }
     out
 }

@@ -71,8 +71,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     );
 
     let dir = tempfile::tempdir()?;
+    // Stored days are sealed under the tenant's key, as in a cluster.
+    let keys = portcullis_collector::KeyCache::new();
+    keys.insert(portcullis_audit::TenantKeys::generate(TENANT));
     let mut collector = Collector::open(
-        FileStore::open(dir.path())?,
+        FileStore::open(dir.path(), Arc::new(keys))?,
         Arc::new(portcullis_api::clock::SystemClock),
     )?;
     let sender = Sender {
@@ -106,7 +109,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     println!("| measure | value |");
     println!("| --- | --- |");
     println!(
-        "| records ingested, checked and fsynced | {records} ({entries} entries incl. checkpoints) |"
+        "| records ingested, checked, encrypted and fsynced | {records} ({entries} entries incl. checkpoints) |"
     );
     println!("| batches of {batch} lines | {batches} |");
     println!(

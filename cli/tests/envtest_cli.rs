@@ -1173,8 +1173,9 @@ mod export_from_the_collector {
     use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding, RoleRef, Subject};
     use portcullis_api::clock::SystemClock;
     use portcullis_api::spiffe::TrustDomain;
-    use portcullis_audit::{AuditRecord, Chain, Entry};
-    use portcullis_collector::{Collector, FileStore, Sender};
+    use portcullis_audit::segment;
+    use portcullis_audit::{AuditRecord, Chain, DataKey, Entry, TenantKeys};
+    use portcullis_collector::{Collector, FileStore, KeyCache, Sender};
     use portcullis_crds::role::builtin_role;
     use portcullis_crds::{Permission, Tenant};
     use portcullis_operator::audit_cluster::KubeExportAuthorizer;
@@ -1274,7 +1275,14 @@ mod export_from_the_collector {
     }
 
     /// The audit server on 127.0.0.1 over the files of [`collector_files`] in `dir`.
-    fn server_settings(dir: &Path) -> AuditServerSettings {
+    /// Tenant `tenant`'s key, the same at every call.
+    fn tenant_keys(tenant: &str) -> Arc<KeyCache> {
+        let keys = KeyCache::new();
+        keys.insert(TenantKeys::single(tenant, DataKey::new(1, [5; 32])));
+        Arc::new(keys)
+    }
+
+    fn server_settings(dir: &Path, tenant: &str) -> AuditServerSettings {
         AuditServerSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
@@ -1288,6 +1296,7 @@ mod export_from_the_collector {
             sinks_every: Duration::from_millis(200),
             seal_every: Duration::from_millis(200),
             admin_writer: None,
+            keys: audit_server::KeySupply::Given(tenant_keys(tenant)),
         }
     }
 
@@ -1316,7 +1325,7 @@ mod export_from_the_collector {
         std::fs::write(dir.join("ca.crt"), ca.trust_bundle_pem()).unwrap();
 
         let mut collector = Collector::open(
-            FileStore::open(dir.join("data")).unwrap(),
+            FileStore::open(dir.join("data"), tenant_keys(owner)).unwrap(),
             Arc::new(SystemClock),
         )
         .unwrap();
@@ -1360,7 +1369,7 @@ mod export_from_the_collector {
         let dir = tempfile::tempdir().unwrap();
         let (shipped, authority) = collector_files(dir.path(), &name, 4);
         let server = audit_server::start(
-            server_settings(dir.path()),
+            server_settings(dir.path(), &name),
             audit_server::ClusterAccess {
                 authorizer: KubeExportAuthorizer::new(client.clone()),
                 retention: portcullis_collector::FixedRetention(365),
@@ -1535,18 +1544,25 @@ mod export_from_the_collector {
             )),
             "{mismatched:?}"
         );
-        // Someone with the volume edits a stored record: the next verify says so.
+        // Someone with the volume and the tenant's key edits a stored record: the next
+        // verify says so.
         let day_file = std::fs::read_dir(dir.path().join("data").join(&name))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().is_some_and(|n| n != "chains.jsonl"))
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
             .unwrap();
-        let stored = std::fs::read_to_string(&day_file).unwrap();
-        std::fs::write(
-            &day_file,
-            stored.replace("/v1/identify/2", "/v1/identify/9"),
-        )
-        .unwrap();
+        let key = tenant_keys(&name).get(&name).unwrap().active.clone();
+        let opened = segment::open_segment(
+            &std::fs::read(&day_file).unwrap(),
+            &portcullis_audit::KeyRing::from_keys([key.clone()]),
+        );
+        assert_eq!(opened.error, None);
+        let edited = opened.plaintext.replace("/v1/identify/2", "/v1/identify/9");
+        assert_ne!(edited, opened.plaintext);
+        let header = segment::new_header(&key);
+        let mut bytes = header.to_vec();
+        bytes.extend(segment::seal_frame(&key, &header, 0, edited.as_bytes()).unwrap());
+        std::fs::write(&day_file, bytes).unwrap();
         let tampered = verify(env).await;
         assert_eq!(tampered.code, Some(1), "{tampered:?}");
         assert!(tampered.stdout.contains("FAILED"), "{tampered:?}");
@@ -1608,7 +1624,7 @@ mod export_from_the_collector {
         let dir = tempfile::tempdir().unwrap();
         let (shipped, _) = collector_files(dir.path(), &name, 4);
         let server = audit_server::start(
-            server_settings(dir.path()),
+            server_settings(dir.path(), &name),
             audit_server::ClusterAccess {
                 authorizer: KubeExportAuthorizer::new(client.clone()),
                 retention: portcullis_collector::FixedRetention(365),

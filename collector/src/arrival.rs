@@ -155,6 +155,16 @@ impl Arrivals {
             .or_insert_with(|| ChainHead::new(tenant, owner));
     }
 
+    /// Forgets what was read back of `tenant`'s records: its chains start again from
+    /// their owners (a recovery that failed half-way).
+    pub fn reset_tenant(&mut self, tenant: &str) {
+        for head in self.chains.values_mut() {
+            if head.tenant == tenant {
+                *head = ChainHead::new(tenant, &head.owner);
+            }
+        }
+    }
+
     /// Adopts a stored record (recovery after a restart, in stored order).
     pub fn restore_record(&mut self, value: &Value) {
         let (Some(chain), Some(seq), Some(hash)) = (

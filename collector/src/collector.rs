@@ -2,6 +2,7 @@
 //! rebuilds what it knows of every chain from the store after a restart; prunes days
 //! past a tenant's retention.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::civil::Date;
@@ -16,7 +17,7 @@ use serde_json::Value;
 use crate::arrival::{Arrivals, Fresh, Sender};
 use crate::forward::AppendSignal;
 use crate::sealing::Sealing;
-use crate::store::{DayPiece, Position, RecordStore, StoreError};
+use crate::store::{DayOffset, DayPiece, Position, RecordStore, StoreError};
 
 /// Longest retention a tenant may set: seven years.
 pub const MAX_RETENTION_DAYS: u32 = 2555;
@@ -57,6 +58,9 @@ pub struct Ingested {
 pub struct Collector<S> {
     store: S,
     arrivals: Arrivals,
+    /// Tenants whose records could not be read back yet (their keys were not at
+    /// hand): recovered before their next batch is taken.
+    unrecovered: BTreeSet<String>,
     sealing: Sealing,
     clock: Arc<dyn Clock>,
     appended: AppendSignal,
@@ -78,35 +82,74 @@ pub enum Found {
 
 impl<S: RecordStore> Collector<S> {
     /// The collector over `store`, knowing every chain the store holds; days are
-    /// `clock`'s, in UTC.
+    /// `clock`'s, in UTC. A tenant whose days cannot be opened yet (its key is not at
+    /// hand) is recovered before its next batch is taken.
     pub fn open(store: S, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let mut arrivals = Arrivals::default();
-        let mut sealing = Sealing::default();
-        for tenant in store.tenants()? {
-            for (chain_id, owner) in store.chains(&tenant)? {
-                arrivals.restore_chain(&chain_id, &tenant, &owner);
+        let mut collector = Self {
+            store,
+            arrivals: Arrivals::default(),
+            unrecovered: BTreeSet::new(),
+            sealing: Sealing::default(),
+            clock,
+            appended: AppendSignal::default(),
+        };
+        for tenant in collector.store.tenants()? {
+            // Chain owners are readable without a key: no other tenant can claim them.
+            for (chain_id, owner) in collector.store.chains(&tenant)? {
+                collector.arrivals.restore_chain(&chain_id, &tenant, &owner);
             }
-            for day in store.days(&tenant)? {
-                for line in store.read_day(&tenant, day)? {
-                    let Ok(value) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    if Seal::is_seal_value(&value) {
-                        sealing.restore(&line, value);
-                    } else if !Entry::is_checkpoint_value(&value) {
-                        arrivals.restore_record(&value);
-                    }
+            match collector.recover(&tenant) {
+                Ok(()) => {}
+                Err(StoreError::NoKey { .. }) => {
+                    tracing::info!(%tenant, "tenant log read back once its data-encryption key is at hand");
+                    collector.unrecovered.insert(tenant);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(
+            chains = collector.arrivals.len(),
+            waiting = collector.unrecovered.len(),
+            "collector opened"
+        );
+        Ok(collector)
+    }
+
+    /// Reads `tenant`'s stored records and seals back into what the collector knows;
+    /// on failure the tenant's heads are as if nothing was read.
+    fn recover(&mut self, tenant: &str) -> Result<(), StoreError> {
+        let result = self.replay(tenant);
+        if result.is_err() {
+            self.arrivals.reset_tenant(tenant);
+            self.sealing.forget(tenant);
+        }
+        result
+    }
+
+    fn replay(&mut self, tenant: &str) -> Result<(), StoreError> {
+        for day in self.store.days(tenant)? {
+            for line in self.store.read_day(tenant, day)? {
+                let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if Seal::is_seal_value(&value) {
+                    self.sealing.restore(&line, value);
+                } else if !Entry::is_checkpoint_value(&value) {
+                    self.arrivals.restore_record(&value);
                 }
             }
         }
-        tracing::info!(chains = arrivals.len(), "collector opened");
-        Ok(Self {
-            store,
-            arrivals,
-            sealing,
-            clock,
-            appended: AppendSignal::default(),
-        })
+        Ok(())
+    }
+
+    /// Recovers `tenant` if it still waits for its key.
+    fn ensure_recovered(&mut self, tenant: &str) -> Result<(), StoreError> {
+        if self.unrecovered.contains(tenant) {
+            self.recover(tenant)?;
+            self.unrecovered.remove(tenant);
+            tracing::info!(%tenant, "tenant log read back");
+        }
+        Ok(())
     }
 
     fn today(&self) -> Date {
@@ -137,6 +180,7 @@ impl<S: RecordStore> Collector<S> {
         sender: Sender<'_>,
         body: &str,
     ) -> Result<Ingested, IngestError> {
+        self.ensure_recovered(sender.tenant)?;
         let batch = self
             .arrivals
             .check(sender, body)
@@ -241,16 +285,16 @@ impl<S: RecordStore> Collector<S> {
         self.store.days(tenant)
     }
 
-    /// A piece of `tenant`'s entries of `day` from byte `offset` on (see
+    /// A piece of `tenant`'s entries of `day` from `from` on (see
     /// [`RecordStore::read_day_piece`]).
     pub fn read_day_piece(
         &self,
         tenant: &str,
         day: Date,
-        offset: u64,
+        from: DayOffset,
         max_bytes: usize,
     ) -> Result<DayPiece, StoreError> {
-        self.store.read_day_piece(tenant, day, offset, max_bytes)
+        self.store.read_day_piece(tenant, day, from, max_bytes)
     }
 
     /// About `max_bytes` of `tenant`'s entries from `at` on, crossing into later days
@@ -268,15 +312,13 @@ impl<S: RecordStore> Collector<S> {
             if day != at.day {
                 at = Position::start_of(day);
             }
-            let piece = self
-                .store
-                .read_day_piece(tenant, day, at.offset, max_bytes)?;
+            let piece = self.store.read_day_piece(tenant, day, at.at, max_bytes)?;
             if !piece.lines.is_empty() {
                 return Ok(Found::Lines {
                     lines: piece.lines,
                     next: Position {
                         day,
-                        offset: piece.next,
+                        at: piece.next,
                     },
                 });
             }

@@ -404,7 +404,15 @@ impl<S: RecordStore + Send + 'static> Forwarder<S> {
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(tenant = self.tenant, sink = self.id, error = %e, "audit forwarding: cannot read the log");
+                    if matches!(e, StoreError::NoKey { .. }) {
+                        tracing::info!(
+                            tenant = self.tenant,
+                            sink = self.id,
+                            "audit forwarding: waits for the tenant's data-encryption key"
+                        );
+                    } else {
+                        tracing::error!(tenant = self.tenant, sink = self.id, error = %e, "audit forwarding: cannot read the log");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         () = stop.cancelled() => return,

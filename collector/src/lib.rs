@@ -25,8 +25,8 @@
 //! (`GET /v1/tenants/{t}/seal`); the operator witnesses it into the Tenant's status,
 //! where the collector cannot rewrite it.
 //!
-//! Status: checking, storage, recovery, retention, ingest, export, seals and SIEM
-//! forwarding. Encryption under the tenant DEK is not built yet.
+//! Each tenant's days rest encrypted under the tenant's DEK ([`keys`], [`store`]); a
+//! tenant whose key is not at hand yet is read back, and takes batches, once it is.
 
 #![warn(missing_docs)]
 
@@ -34,6 +34,7 @@ pub mod arrival;
 pub mod collector;
 pub mod export;
 pub mod forward;
+pub mod keys;
 pub mod metrics;
 pub mod retention;
 pub mod sealing;
@@ -46,8 +47,9 @@ pub use export::{Export, ExportAuthorizer, ExportDenial, ExportMetrics, NoExport
 pub use forward::{
     AppendSignal, ForwardMetrics, Forwarding, NoSinks, SinkDirectory, SinkObserver, SinkTarget,
 };
+pub use keys::KeyCache;
 pub use metrics::IngestMetrics;
 pub use retention::{FixedRetention, Pruned, RetentionPolicy, prune_all};
 pub use sealing::{seal_all, seal_grown};
 pub use server::{Ingest, MAX_BATCH_BYTES, RefusalObserver, route, server_config};
-pub use store::{DayPiece, FileStore, Position, RecordStore, StoreError};
+pub use store::{DayOffset, DayPiece, FileStore, Position, RecordStore, StoreError};

@@ -11,7 +11,8 @@ use crate::collector::Ingested;
 /// `outcome` label of a batch.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
-    /// `stored`, `refused`, `unauthenticated` or `store_failed`.
+    /// `stored`, `refused`, `unauthenticated`, `key_pending` (the tenant's key is
+    /// not at hand yet) or `store_failed`.
     pub outcome: String,
 }
 

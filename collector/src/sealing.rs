@@ -64,6 +64,11 @@ impl Sealing {
         }
     }
 
+    /// Forgets `tenant`'s seals (a recovery that failed half-way).
+    pub fn forget(&mut self, tenant: &str) {
+        self.tenants.remove(tenant);
+    }
+
     /// Records `seal` (with its `digest`, stored as `line`) as its tenant's newest.
     pub fn adopt(&mut self, seal: &Seal, digest: String, line: String) {
         let tenant = self.tenants.entry(seal.tenant.clone()).or_default();

@@ -28,7 +28,7 @@ use crate::arrival::Sender;
 use crate::collector::{Collector, IngestError, blocking};
 use crate::export::{Export, ExportAuthorizer};
 use crate::metrics::IngestMetrics;
-use crate::store::RecordStore;
+use crate::store::{RecordStore, StoreError};
 
 /// Largest batch accepted. A proxy ships at most this much per request; more is a 413
 /// that tells it to split.
@@ -292,6 +292,14 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
                     observer.refused(&tenant, &workload, &refusal);
                 }
                 refusal_response(&refusal)
+            }
+            Err(IngestError::Store(StoreError::NoKey { tenant })) => {
+                self.metrics.batch("key_pending");
+                tracing::warn!(%tenant, "batch waits for the tenant's data-encryption key");
+                serve::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the collector does not hold this tenant's data-encryption key yet; nothing was stored, resend it",
+                )
             }
             Err(IngestError::Store(e)) => {
                 self.metrics.batch("store_failed");

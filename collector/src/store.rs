@@ -3,18 +3,27 @@
 //! collector's volume).
 //!
 //! A tenant's log is its chain starts (which workload started which chain) and one file
-//! of entries per day of arrival, so retention removes whole days. Appends return only
-//! once the bytes are on disk (fsync), which is when the proxy may forget them.
+//! of entries per day of arrival, so retention removes whole days. Each day is an
+//! encrypted segment ([`portcullis_audit::segment`]) under the tenant's DEK active when
+//! the day began, one frame per stored batch; the chain starts name workloads only and
+//! stay readable. Appends return only once the bytes are on disk (fsync), which is when
+//! the proxy may forget them.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{self, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::civil::Date;
 use portcullis_api::names::is_dns_subdomain;
+use portcullis_audit::segment::{
+    self, FrameError, FrameRead, HEADER_LEN, MAX_FRAME, SegmentCipher,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::arrival::Fresh;
+use crate::keys::KeyCache;
 
 /// Why the store failed; the batch was not acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +40,45 @@ pub enum StoreError {
         path: PathBuf,
         /// Why.
         source: io::Error,
+    },
+    /// The tenant's data-encryption key is not at hand yet (it is being fetched from
+    /// the operator); nothing was stored or read.
+    #[error(
+        "the data-encryption key of tenant {tenant:?} is not at hand yet (asked the operator); retry shortly"
+    )]
+    NoKey {
+        /// The tenant.
+        tenant: String,
+    },
+    /// A day was sealed under a DEK version the tenant's keys no longer hold.
+    #[error("{path} is sealed under DEK version {version}, which tenant {tenant:?} no longer has")]
+    UnknownKeyVersion {
+        /// The tenant.
+        tenant: String,
+        /// The day's file.
+        path: PathBuf,
+        /// The version its header names.
+        version: u32,
+    },
+    /// A stored frame that does not open: the file was damaged or altered.
+    #[error("{path}: frame {frame} at byte {offset}: {problem}")]
+    Damaged {
+        /// The day's file.
+        path: PathBuf,
+        /// The frame, from 0.
+        frame: u64,
+        /// Where it starts.
+        offset: u64,
+        /// What is wrong.
+        problem: FrameError,
+    },
+    /// Sealing a batch failed.
+    #[error("sealing a batch for tenant {tenant:?}: {message}")]
+    Seal {
+        /// The tenant.
+        tenant: String,
+        /// Why.
+        message: String,
     },
     /// A stored chain start that does not parse.
     #[error("{path}: line {line} is not a chain start: {message}")]
@@ -68,14 +116,14 @@ pub trait RecordStore {
     /// `tenant`'s entries that arrived on `day`, one JSON line each, in arrival order.
     fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError>;
 
-    /// `tenant`'s entries of `day` from byte `offset` on, whole lines only, about
-    /// `max_bytes` of them (more when one line is longer), so a reader holds a piece of
-    /// a day at a time.
+    /// `tenant`'s entries of `day` from `from` on, whole batches only, about
+    /// `max_bytes` of them (more when one batch is longer), so a reader holds a piece
+    /// of a day at a time.
     fn read_day_piece(
         &self,
         tenant: &str,
         day: Date,
-        offset: u64,
+        from: DayOffset,
         max_bytes: usize,
     ) -> Result<DayPiece, StoreError>;
 
@@ -95,19 +143,42 @@ pub trait RecordStore {
     ) -> Result<(), StoreError>;
 }
 
-/// A place in a tenant's log: a day and a byte offset into it.
+/// A place in a day's file: the bytes before it and the frames they hold (a frame
+/// is opened knowing its number).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DayOffset {
+    /// Bytes of the day already read (0: the start).
+    pub offset: u64,
+    /// Frames in them.
+    #[serde(default)]
+    pub frame: u64,
+}
+
+impl DayOffset {
+    /// The start of a day.
+    pub const START: Self = Self {
+        offset: 0,
+        frame: 0,
+    };
+}
+
+/// A place in a tenant's log: a day and a place in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Position {
     /// The day of arrival.
     pub day: Date,
-    /// Bytes of that day already read.
-    pub offset: u64,
+    /// Where in that day.
+    #[serde(flatten)]
+    pub at: DayOffset,
 }
 
 impl Position {
     /// The start of `day`.
     pub fn start_of(day: Date) -> Self {
-        Self { day, offset: 0 }
+        Self {
+            day,
+            at: DayOffset::START,
+        }
     }
 }
 
@@ -117,7 +188,7 @@ pub struct DayPiece {
     /// Whole lines, in arrival order.
     pub lines: Vec<String>,
     /// Where the next piece starts.
-    pub next: u64,
+    pub next: DayOffset,
     /// Whether the day has no more (as of this read).
     pub end: bool,
 }
@@ -131,15 +202,25 @@ struct ChainStart {
 }
 
 const CHAINS_FILE: &str = "chains.jsonl";
-const DAY_SUFFIX: &str = ".jsonl";
+const DAY_SUFFIX: &str = ".seg";
 const CURSORS_DIR: &str = "cursors";
 
 /// Tenant logs in a directory: `<root>/<tenant>/chains.jsonl`,
-/// `<root>/<tenant>/<YYYY-MM-DD>.jsonl` and readers' places in
+/// `<root>/<tenant>/<YYYY-MM-DD>.seg` and readers' places in
 /// `<root>/<tenant>/cursors/<name>.json`.
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
+    keys: Arc<KeyCache>,
+    /// The day each tenant appends to, with its cipher and the frames it holds.
+    appending: HashMap<String, OpenDay>,
+}
+
+#[derive(Debug)]
+struct OpenDay {
+    day: Date,
+    cipher: SegmentCipher,
+    frames: u64,
 }
 
 fn io_error<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> StoreError + 'p {
@@ -157,16 +238,15 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_error("syncing", dir))
 }
 
-/// Appends `text` to `path` and syncs it; a new file's directory entry is synced too.
-fn append_durably(path: &Path, text: &str) -> Result<(), StoreError> {
+/// Appends `bytes` to `path` and syncs it; a new file's directory entry is synced too.
+fn append_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let existed = path.exists();
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(io_error("opening", path))?;
-    file.write_all(text.as_bytes())
-        .map_err(io_error("writing", path))?;
+    file.write_all(bytes).map_err(io_error("writing", path))?;
     file.sync_data().map_err(io_error("syncing", path))?;
     if !existed && let Some(dir) = path.parent() {
         sync_dir(dir)?;
@@ -190,24 +270,81 @@ fn repair_torn_tail(path: &Path) -> Result<(), StoreError> {
     }
     let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     tracing::warn!(path = %path.display(), cut = bytes.len() - keep, "cutting a torn last line");
-    file.set_len(keep as u64)
-        .map_err(io_error("truncating", path))?;
-    file.seek(SeekFrom::End(0))
-        .map_err(io_error("seeking", path))?;
+    cut_to(&file, path, keep as u64)
+}
+
+fn cut_to(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+    file.set_len(len).map_err(io_error("truncating", path))?;
     file.sync_data().map_err(io_error("syncing", path))
 }
 
+/// The header of the day file at `path`, `None` when the file is shorter (its first
+/// write was torn: never acknowledged).
+fn read_header(
+    file: &mut impl io::Read,
+    path: &Path,
+) -> Result<Option<[u8; HEADER_LEN]>, StoreError> {
+    let mut header = [0u8; HEADER_LEN];
+    match file.read_exact(&mut header) {
+        Ok(()) => Ok(Some(header)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(io_error("reading", path)(e)),
+    }
+}
+
+/// The next whole frame of `file` (length prefix, nonce, ciphertext), `None` at the
+/// end or at a frame torn by a crash.
+fn next_frame(
+    file: &mut impl io::Read,
+    path: &Path,
+    offset: u64,
+    frame: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut len = [0u8; 4];
+    if !read_fully(file, &mut len, path)? {
+        return Ok(None);
+    }
+    let body = u32::from_be_bytes(len) as usize;
+    if body > MAX_FRAME {
+        return Err(StoreError::Damaged {
+            path: path.to_owned(),
+            frame,
+            offset,
+            problem: FrameError::BadLength,
+        });
+    }
+    let mut bytes = vec![0u8; 4 + 12 + body];
+    bytes[..4].copy_from_slice(&len);
+    if !read_fully(file, &mut bytes[4..], path)? {
+        return Ok(None);
+    }
+    Ok(Some(bytes))
+}
+
+/// Fills `buf`; false when the file ended first.
+fn read_fully(file: &mut impl io::Read, buf: &mut [u8], path: &Path) -> Result<bool, StoreError> {
+    match file.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io_error("reading", path)(e)),
+    }
+}
+
 impl FileStore {
-    /// The store under `root` (created if missing), with torn last lines cut.
-    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+    /// The store under `root` (created if missing), sealing and opening days with the
+    /// keys in `keys`; a torn last chain start is cut.
+    pub fn open(root: impl Into<PathBuf>, keys: Arc<KeyCache>) -> Result<Self, StoreError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
-        let store = Self { root };
+        let store = Self {
+            root,
+            keys,
+            appending: HashMap::new(),
+        };
         for tenant in store.tenants()? {
-            let dir = store.tenant_dir(&tenant)?;
-            repair_torn_tail_if_present(&dir.join(CHAINS_FILE))?;
-            for day in store.days(&tenant)? {
-                repair_torn_tail(&store.day_file(&tenant, day)?)?;
+            let chains = store.tenant_dir(&tenant)?.join(CHAINS_FILE);
+            if chains.exists() {
+                repair_torn_tail(&chains)?;
             }
         }
         Ok(store)
@@ -234,13 +371,188 @@ impl FileStore {
             .join(CURSORS_DIR)
             .join(format!("{name}.json")))
     }
+
+    /// The cipher of the day whose file starts with `header`.
+    fn cipher_for(
+        &self,
+        tenant: &str,
+        path: &Path,
+        header: [u8; HEADER_LEN],
+    ) -> Result<SegmentCipher, StoreError> {
+        let keys = self.keys.get(tenant).ok_or_else(|| StoreError::NoKey {
+            tenant: tenant.to_owned(),
+        })?;
+        let damaged = |problem| StoreError::Damaged {
+            path: path.to_owned(),
+            frame: 0,
+            offset: 0,
+            problem,
+        };
+        let version =
+            segment::header_version(&header).ok_or_else(|| damaged(FrameError::Unauthentic))?;
+        let key = keys
+            .ring
+            .get(version)
+            .ok_or_else(|| StoreError::UnknownKeyVersion {
+                tenant: tenant.to_owned(),
+                path: path.to_owned(),
+                version,
+            })?;
+        SegmentCipher::new(key, header).map_err(|e| StoreError::Seal {
+            tenant: tenant.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The day `tenant` appends to now: the open one, the file on disk (a torn end
+    /// cut), or a new file under the active key.
+    fn day_to_append(&mut self, tenant: &str, day: Date) -> Result<&mut OpenDay, StoreError> {
+        if self
+            .appending
+            .get(tenant)
+            .is_some_and(|open| open.day != day)
+        {
+            self.appending.remove(tenant);
+        }
+        if !self.appending.contains_key(tenant) {
+            let path = self.day_file(tenant, day)?;
+            let open = match self.resume(tenant, &path)? {
+                Some((cipher, frames)) => OpenDay {
+                    day,
+                    cipher,
+                    frames,
+                },
+                None => OpenDay {
+                    day,
+                    cipher: self.fresh_cipher(tenant)?,
+                    frames: 0,
+                },
+            };
+            self.appending.insert(tenant.to_owned(), open);
+        }
+        self.appending
+            .get_mut(tenant)
+            .ok_or_else(|| StoreError::NoKey {
+                tenant: tenant.to_owned(),
+            })
+    }
+
+    /// A new day's cipher: the tenant's active key, a new segment header.
+    fn fresh_cipher(&self, tenant: &str) -> Result<SegmentCipher, StoreError> {
+        let keys = self.keys.get(tenant).ok_or_else(|| StoreError::NoKey {
+            tenant: tenant.to_owned(),
+        })?;
+        SegmentCipher::new(&keys.active, segment::new_header(&keys.active)).map_err(|e| {
+            StoreError::Seal {
+                tenant: tenant.to_owned(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// The cipher and frame count of the day file at `path`, `None` when there is no
+    /// whole frame to go on from (the file, if any, is removed: nothing in it was
+    /// acknowledged). Each frame is opened; what a crash left after the last good one
+    /// (a torn frame, or zeros the disk never filled) is cut, since the proxy resends
+    /// it. A bad frame with good data after it is damage, not a crash, and is refused.
+    fn resume(
+        &self,
+        tenant: &str,
+        path: &Path,
+    ) -> Result<Option<(SegmentCipher, u64)>, StoreError> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("opening", path)(e)),
+        };
+        let mut reader = BufReader::new(&file);
+        let Some(header) = read_header(&mut reader, path)? else {
+            drop(reader);
+            tracing::warn!(path = %path.display(), "removing a day file torn before its first frame");
+            fs::remove_file(path).map_err(io_error("removing", path))?;
+            return Ok(None);
+        };
+        let cipher = self.cipher_for(tenant, path, header)?;
+        let mut at = DayOffset {
+            offset: HEADER_LEN as u64,
+            frame: 0,
+        };
+        while let FrameRead::Whole { len, .. } =
+            next_whole_frame(&mut reader, &file, path, &cipher, at)?
+        {
+            at.offset += len as u64;
+            at.frame += 1;
+        }
+        drop(reader);
+        if at.frame == 0 {
+            tracing::warn!(path = %path.display(), "removing a day file torn in its first frame");
+            fs::remove_file(path).map_err(io_error("removing", path))?;
+            return Ok(None);
+        }
+        let size = file.metadata().map_err(io_error("reading", path))?.len();
+        if size > at.offset {
+            tracing::warn!(path = %path.display(), cut = size - at.offset, "cutting a torn last frame");
+            cut_to(&file, path, at.offset)?;
+        }
+        Ok(Some((cipher, at.frame)))
+    }
 }
 
-fn repair_torn_tail_if_present(path: &Path) -> Result<(), StoreError> {
-    if path.exists() {
-        repair_torn_tail(path)?;
+/// The frame at `at` of the day `reader` reads (from `file` at `path`), opened:
+/// `Partial` at the end, and at what a crash leaves after the last good frame (a torn
+/// frame, a frame of the right length that does not open and ends the file, or zeros
+/// the disk never filled), which was never acknowledged. A bad frame with data after
+/// it is damage, not a crash: an error.
+fn next_whole_frame(
+    reader: &mut BufReader<impl io::Read + io::Seek>,
+    file: &File,
+    path: &Path,
+    cipher: &SegmentCipher,
+    at: DayOffset,
+) -> Result<FrameRead, StoreError> {
+    let problem = match next_frame(reader, path, at.offset, at.frame) {
+        Ok(None) => return Ok(FrameRead::Partial),
+        Ok(Some(bytes)) => match cipher.open(at.frame, &bytes) {
+            Ok(read) => return Ok(read),
+            Err(problem) => {
+                let ends_file = io::BufRead::fill_buf(reader)
+                    .map_err(io_error("reading", path))?
+                    .is_empty();
+                if ends_file {
+                    return Ok(FrameRead::Partial);
+                }
+                problem
+            }
+        },
+        Err(StoreError::Damaged { problem, .. }) => problem,
+        Err(e) => return Err(e),
+    };
+    if zeros_from(file, path, at.offset)? {
+        return Ok(FrameRead::Partial);
     }
-    Ok(())
+    Err(StoreError::Damaged {
+        path: path.to_owned(),
+        frame: at.frame,
+        offset: at.offset,
+        problem,
+    })
+}
+
+/// Whether `file` holds only zero bytes from `offset` on.
+fn zeros_from(file: &File, path: &Path, offset: u64) -> Result<bool, StoreError> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(io_error("seeking", path))?;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).map_err(io_error("reading", path))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 impl RecordStore for FileStore {
@@ -252,6 +564,10 @@ impl RecordStore for FileStore {
         entries: &[Fresh],
     ) -> Result<(), StoreError> {
         let dir = self.tenant_dir(tenant)?;
+        // The key first: a batch that cannot be sealed changes nothing.
+        if !entries.is_empty() {
+            self.day_to_append(tenant, day)?;
+        }
         if !dir.exists() {
             fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
             sync_dir(&self.root)?;
@@ -272,17 +588,41 @@ impl RecordStore for FileStore {
                 text.push_str(&line);
                 text.push('\n');
             }
-            append_durably(&dir.join(CHAINS_FILE), &text)?;
+            append_durably(&dir.join(CHAINS_FILE), text.as_bytes())?;
         }
-        if !entries.is_empty() {
-            let mut text = String::new();
-            for entry in entries {
-                text.push_str(&entry.line);
-                text.push('\n');
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for entry in entries {
+            text.push_str(&entry.line);
+            text.push('\n');
+        }
+        let path = self.day_file(tenant, day)?;
+        let open = self.day_to_append(tenant, day)?;
+        let mut bytes = Vec::new();
+        if open.frames == 0 {
+            bytes.extend_from_slice(open.cipher.header());
+        }
+        let sealed = open
+            .cipher
+            .seal(open.frames, text.as_bytes())
+            .map_err(|e| StoreError::Seal {
+                tenant: tenant.to_owned(),
+                message: e.to_string(),
+            })?;
+        bytes.extend_from_slice(&sealed);
+        match append_durably(&path, &bytes) {
+            Ok(()) => {
+                open.frames += 1;
+                Ok(())
             }
-            append_durably(&self.day_file(tenant, day)?, &text)?;
+            Err(e) => {
+                // What reached the file is unknown: count its frames again next time.
+                self.appending.remove(tenant);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     fn tenants(&self) -> Result<Vec<String>, StoreError> {
@@ -340,57 +680,77 @@ impl RecordStore for FileStore {
     }
 
     fn read_day(&self, tenant: &str, day: Date) -> Result<Vec<String>, StoreError> {
-        let path = self.day_file(tenant, day)?;
-        let text = fs::read_to_string(&path).map_err(io_error("reading", &path))?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
-            .collect())
+        self.read_day_piece(tenant, day, DayOffset::START, usize::MAX)
+            .map(|piece| piece.lines)
     }
 
     fn read_day_piece(
         &self,
         tenant: &str,
         day: Date,
-        offset: u64,
+        from: DayOffset,
         max_bytes: usize,
     ) -> Result<DayPiece, StoreError> {
         let path = self.day_file(tenant, day)?;
-        let mut file = File::open(&path).map_err(io_error("opening", &path))?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(io_error("seeking", &path))?;
-        let limit = max_bytes.max(1);
-        let mut bytes = Vec::with_capacity(limit.min(1 << 20));
-        let mut buf = vec![0u8; 64 * 1024];
-        // The piece ends at the first line end at or past `limit`.
-        let cut = |bytes: &[u8]| {
-            bytes
-                .get(limit - 1..)
-                .and_then(|rest| rest.iter().position(|b| *b == b'\n'))
-                .map(|i| limit + i)
+        let day = File::open(&path).map_err(io_error("opening", &path))?;
+        let mut file = BufReader::new(&day);
+        let ended = |next| DayPiece {
+            lines: Vec::new(),
+            next,
+            end: true,
         };
-        let mut eof = false;
-        while cut(&bytes).is_none() {
-            let n = file.read(&mut buf).map_err(io_error("reading", &path))?;
-            if n == 0 {
-                eof = true;
-                break;
+        let Some(header) = read_header(&mut file, &path)? else {
+            return Ok(ended(from));
+        };
+        let cipher = self.cipher_for(tenant, &path, header)?;
+        let mut at = if from.offset == 0 {
+            DayOffset {
+                offset: HEADER_LEN as u64,
+                frame: 0,
             }
-            bytes.extend_from_slice(&buf[..n]);
+        } else {
+            from
+        };
+        file.seek(SeekFrom::Start(at.offset))
+            .map_err(io_error("seeking", &path))?;
+        let mut lines = Vec::new();
+        let mut read = 0usize;
+        while read < max_bytes.max(1) {
+            let FrameRead::Whole { plaintext, len } =
+                next_whole_frame(&mut file, &day, &path, &cipher, at)?
+            else {
+                // The end so far, or a frame torn by a crash (never acknowledged).
+                return Ok(DayPiece {
+                    lines,
+                    next: at,
+                    end: true,
+                });
+            };
+            let damaged = |problem| StoreError::Damaged {
+                path: path.clone(),
+                frame: at.frame,
+                offset: at.offset,
+                problem,
+            };
+            let text =
+                String::from_utf8(plaintext).map_err(|_| damaged(FrameError::Unauthentic))?;
+            read += text.len();
+            lines.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned),
+            );
+            at = DayOffset {
+                offset: at.offset + len as u64,
+                frame: at.frame + 1,
+            };
         }
-        // Only whole lines: a torn last line (never acknowledged) is left alone.
-        let whole = cut(&bytes)
-            .unwrap_or_else(|| bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1));
-        let end = eof && whole == bytes.len();
-        let text = String::from_utf8_lossy(&bytes[..whole]);
+        let end = io::BufRead::fill_buf(&mut file)
+            .map_err(io_error("reading", &path))?
+            .is_empty();
         Ok(DayPiece {
-            lines: text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_owned)
-                .collect(),
-            next: offset + whole as u64,
+            lines,
+            next: at,
             end,
         })
     }
@@ -403,6 +763,13 @@ impl RecordStore for FileStore {
             }
             let path = self.day_file(tenant, day)?;
             fs::remove_file(&path).map_err(io_error("removing", &path))?;
+            if self
+                .appending
+                .get(tenant)
+                .is_some_and(|open| open.day == day)
+            {
+                self.appending.remove(tenant);
+            }
             removed += 1;
         }
         if removed > 0 {

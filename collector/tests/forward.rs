@@ -120,7 +120,7 @@ impl SinkDirectory for Directory {
 type Shared = Arc<Mutex<Collector<FileStore>>>;
 
 fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Shared {
-    let store = FileStore::open(dir).unwrap_or_else(|e| panic!("{e}"));
+    let store = FileStore::open(dir, support::keys()).unwrap_or_else(|e| panic!("{e}"));
     let collector =
         Collector::open(store, clock.clone() as Arc<dyn Clock>).unwrap_or_else(|e| panic!("{e}"));
     Arc::new(Mutex::new(collector))

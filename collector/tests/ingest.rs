@@ -8,8 +8,11 @@ use portcullis_api::audit_ship::ShipRefusalReason;
 use portcullis_api::clock::ManualClock;
 use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
 use portcullis_audit::entry::Entry;
+use portcullis_audit::segment::{self, SegmentError};
 use portcullis_audit::verify::{VerifyOptions, verify_jsonl};
-use portcullis_collector::{Collector, FileStore, IngestError, Sender};
+use portcullis_collector::{
+    Collector, DayOffset, FileStore, IngestError, KeyCache, Sender, StoreError,
+};
 use std::sync::Arc;
 
 mod support;
@@ -31,7 +34,7 @@ fn refused(
 
 fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Collector<FileStore> {
     Collector::open(
-        FileStore::open(dir).unwrap_or_else(|e| panic!("{e}")),
+        FileStore::open(dir, support::keys()).unwrap_or_else(|e| panic!("{e}")),
         clock.clone() as Arc<dyn portcullis_api::clock::Clock>,
     )
     .unwrap_or_else(|e| panic!("{e}"))
@@ -190,8 +193,13 @@ fn checkpoints_must_sign_what_arrived() {
     assert_eq!((report.records, report.checkpoints), (3, 1));
 }
 
-#[test]
-fn a_restarted_collector_continues_every_chain_and_cuts_a_torn_line() {
+fn day_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("shop").join("2027-01-15.seg")
+}
+
+/// Stores four records, leaves `tail` after them as a crash would, and checks that a
+/// restarted collector continues the chain and stores exactly what follows.
+fn restart_after_a_torn_append(tail: &[u8]) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::new(start()));
     let mut proxy = Proxy::new("web-7d9f-1", "shop");
@@ -201,11 +209,9 @@ fn a_restarted_collector_continues_every_chain_and_cuts_a_torn_line() {
             .ingest(SHOP, &batch(&proxy.requests(4)))
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    // A crash in the middle of the next append left half a line behind.
-    let day_file = dir.path().join("shop").join("2027-01-15.jsonl");
-    let mut torn = std::fs::read_to_string(&day_file).unwrap_or_else(|e| panic!("{e}"));
-    torn.push_str("{\"timestamp\":\"2027-01-15T08:00:00Z\",\"chain_id\":\"web-7d9f-1\",\"se");
-    std::fs::write(&day_file, torn).unwrap_or_else(|e| panic!("{e}"));
+    let mut bytes = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    bytes.extend_from_slice(tail);
+    std::fs::write(day_file(dir.path()), bytes).unwrap_or_else(|e| panic!("{e}"));
 
     let mut collector = open(dir.path(), &clock);
     let head = collector
@@ -235,6 +241,131 @@ fn a_restarted_collector_continues_every_chain_and_cuts_a_torn_line() {
     };
     let refusal = refused(collector.ingest(cart, &batch(&proxy.requests(1))));
     assert_eq!(refusal.reason, ShipRefusalReason::ForeignChain);
+}
+
+#[test]
+fn a_restarted_collector_cuts_a_frame_torn_mid_write() {
+    // A length prefix saying 300 bytes, and only a few of them.
+    let mut tail = 300u32.to_be_bytes().to_vec();
+    tail.extend_from_slice(&[7; 40]);
+    restart_after_a_torn_append(&tail);
+}
+
+#[test]
+fn a_restarted_collector_cuts_zeros_the_disk_never_filled() {
+    restart_after_a_torn_append(&[0; 700]);
+}
+
+#[test]
+fn a_restarted_collector_cuts_a_whole_length_frame_that_does_not_open() {
+    let mut tail = 64u32.to_be_bytes().to_vec();
+    tail.extend_from_slice(&[9; 12 + 64]);
+    restart_after_a_torn_append(&tail);
+}
+
+#[test]
+fn records_rest_encrypted_under_the_tenant_key() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut collector = open(dir.path(), &clock);
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    collector
+        .ingest(SHOP, &batch(&proxy.requests(3)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&bytes);
+    for visible in ["/v1/identify", "web-7d9f", "api.identify", "key:ak_"] {
+        assert!(!text.contains(visible), "{visible:?} is readable on disk");
+    }
+    // The day is an audit segment: `audit verify` opens it with the tenant's key ...
+    let key = support::keys()
+        .get("shop")
+        .unwrap_or_else(|| panic!("no test key"));
+    let opened = segment::open_segment(&bytes, &key.ring);
+    assert_eq!(opened.error, None);
+    assert_eq!(opened.plaintext.lines().count(), 3);
+    // ... and with another tenant's key it opens nothing.
+    let other = support::keys()
+        .get("bank")
+        .unwrap_or_else(|| panic!("no test key"));
+    let wrong = segment::open_segment(&bytes, &other.ring);
+    assert!(
+        matches!(wrong.error, Some(SegmentError::WrongKey { .. })),
+        "{:?}",
+        wrong.error
+    );
+}
+
+#[test]
+fn without_the_tenant_key_nothing_is_stored_until_it_arrives() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    {
+        let mut collector = open(dir.path(), &clock);
+        collector
+            .ingest(SHOP, &batch(&proxy.requests(4)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A restart before the operator answered: the cache holds no key yet.
+    let keys = Arc::new(KeyCache::new());
+    let mut collector = Collector::open(
+        FileStore::open(dir.path(), keys.clone()).unwrap_or_else(|e| panic!("{e}")),
+        clock.clone() as Arc<dyn portcullis_api::clock::Clock>,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(keys.wanted(), vec!["shop".to_owned()]);
+    let next = batch(&proxy.requests(2));
+    match collector.ingest(SHOP, &next) {
+        Err(IngestError::Store(StoreError::NoKey { tenant })) => assert_eq!(tenant, "shop"),
+        other => panic!("expected NoKey, got {other:?}"),
+    }
+    // The key arrives: the log is read back first, so the chain goes on from seq 4.
+    let shop_key = support::keys()
+        .get("shop")
+        .unwrap_or_else(|| panic!("no test key"));
+    keys.insert((*shop_key).clone());
+    let ack = collector
+        .ingest(SHOP, &next)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (ack.stored, ack.durable_through.get("web-7d9f-1").copied()),
+        (2, Some(5))
+    );
+    assert_eq!(
+        collector.entries("shop").unwrap_or_else(|e| panic!("{e}")),
+        proxy.lines
+    );
+}
+
+#[test]
+fn a_damaged_frame_with_records_after_it_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    {
+        let mut collector = open(dir.path(), &clock);
+        for _ in 0..3 {
+            collector
+                .ingest(SHOP, &batch(&proxy.requests(2)))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // One byte of the first frame's ciphertext flipped: damage, not a crash.
+    let mut bytes = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let size = bytes.len();
+    bytes[segment::HEADER_LEN + 4 + 12 + 5] ^= 1;
+    std::fs::write(day_file(dir.path()), &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let opened = Collector::open(
+        FileStore::open(dir.path(), support::keys()).unwrap_or_else(|e| panic!("{e}")),
+        clock.clone() as Arc<dyn portcullis_api::clock::Clock>,
+    );
+    match opened {
+        Err(StoreError::Damaged { frame: 0, .. }) => {}
+        other => panic!("expected the damage named, got {other:?}"),
+    }
+    let after = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(after.len(), size, "records after the damage were cut");
 }
 
 #[test]
@@ -327,25 +458,29 @@ async fn each_tenant_keeps_its_own_retention_and_an_unknown_one_prunes_nothing()
 }
 
 #[test]
-fn a_day_reads_in_whole_line_pieces_that_add_up_to_the_day() {
+fn a_day_reads_in_whole_batch_pieces_that_add_up_to_the_day() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::new(start()));
     let mut collector = open(dir.path(), &clock);
     let mut proxy = Proxy::new("web-7d9f-1", "shop");
-    collector
-        .ingest(SHOP, &batch(&proxy.requests(25)))
-        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..10 {
+        collector
+            .ingest(SHOP, &batch(&proxy.requests(3)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let day = collector.days("shop").unwrap_or_else(|e| panic!("{e}"))[0];
     // One day holds the whole log here.
     let whole = collector.entries("shop").unwrap_or_else(|e| panic!("{e}"));
-    // Pieces of about 1 000 bytes: several lines each, never a line cut in two.
-    let (mut offset, mut pieces, mut lines) = (0, 0, Vec::new());
+    assert_eq!(whole.len(), 30);
+    // Pieces of about 1 000 bytes: a few stored batches each, never a batch cut in two.
+    let (mut at, mut pieces, mut lines) = (DayOffset::START, 0, Vec::new());
     loop {
         let piece = collector
-            .read_day_piece("shop", day, offset, 1_000)
+            .read_day_piece("shop", day, at, 1_000)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(piece.next > offset || piece.end, "no progress at {offset}");
-        offset = piece.next;
+        assert!(piece.next > at || piece.end, "no progress at {at:?}");
+        assert_eq!(piece.lines.len() % 3, 0, "a batch was cut");
+        at = piece.next;
         pieces += 1;
         lines.extend(piece.lines);
         if piece.end {
@@ -354,9 +489,9 @@ fn a_day_reads_in_whole_line_pieces_that_add_up_to_the_day() {
     }
     assert_eq!(lines, whole);
     assert!(pieces > 3, "{pieces} pieces");
-    // A line longer than the piece size still comes whole.
+    // A batch longer than the piece size still comes whole.
     let first = collector
-        .read_day_piece("shop", day, 0, 10)
+        .read_day_piece("shop", day, DayOffset::START, 10)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first.lines, whole[..1].to_vec());
+    assert_eq!(first.lines, whole[..3].to_vec());
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use portcullis_api::clock::ManualClock;
 use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
 use portcullis_audit::seal::{Seal, seal_digest};
+use portcullis_audit::segment;
 use portcullis_audit::verify::{
     Anchor, Problem, TrustBundle, VerifyOptions, VerifyReport, verify_jsonl,
 };
@@ -31,7 +32,7 @@ const SHOP: Sender<'static> = Sender {
 
 fn open(dir: &Path, clock: &Arc<ManualClock>) -> Collector<FileStore> {
     ok(Collector::open(
-        ok(FileStore::open(dir)),
+        ok(FileStore::open(dir, support::keys())),
         clock.clone() as Arc<dyn portcullis_api::clock::Clock>,
     ))
 }
@@ -87,14 +88,34 @@ fn is_seal(line: &str) -> bool {
 /// The stored day file of tenant shop (every test's records are of one day).
 fn day_file(dir: &Path) -> PathBuf {
     let day = start().to_zoned(jiff::tz::TimeZone::UTC).date();
-    dir.join("shop").join(format!("{day}.jsonl"))
+    dir.join("shop").join(format!("{day}.seg"))
 }
 
+/// Tenant shop's stored day, decrypted with its key.
+fn read_stored(dir: &Path) -> String {
+    let keys = support::keys()
+        .get("shop")
+        .unwrap_or_else(|| panic!("no test key"));
+    let opened = segment::open_segment(&ok(std::fs::read(day_file(dir))), &keys.ring);
+    assert_eq!(opened.error, None);
+    opened.plaintext
+}
+
+/// Rewrites tenant shop's stored day as whoever holds its key could.
 fn rewrite_stored(dir: &Path, edit: impl FnOnce(Vec<String>) -> Vec<String>) {
-    let path = day_file(dir);
-    let text = ok(std::fs::read_to_string(&path));
-    let lines = edit(text.lines().map(str::to_owned).collect());
-    ok(std::fs::write(&path, batch(&lines)));
+    let lines = edit(read_stored(dir).lines().map(str::to_owned).collect());
+    let keys = support::keys()
+        .get("shop")
+        .unwrap_or_else(|| panic!("no test key"));
+    let header = segment::new_header(&keys.active);
+    let mut bytes = header.to_vec();
+    bytes.extend(ok(segment::seal_frame(
+        &keys.active,
+        &header,
+        0,
+        batch(&lines).as_bytes(),
+    )));
+    ok(std::fs::write(day_file(dir), bytes));
 }
 
 /// Tenant shop's log in a fresh directory, holding `n` records of chain web-7d9f-1.
@@ -193,7 +214,7 @@ fn a_chain_rewritten_and_signed_again_by_its_workload_fails_the_seal() {
         let seals = lines.into_iter().filter(|line| is_seal(line));
         forged_lines.iter().cloned().chain(seals).collect()
     });
-    let stored = ok(std::fs::read_to_string(day_file(dir.path())));
+    let stored = read_stored(dir.path());
     let records: Vec<String> = stored
         .lines()
         .filter(|line| !is_seal(line))
@@ -230,10 +251,7 @@ fn records_cut_after_sealing_fail_the_seal() {
             .map(|(_, line)| line)
             .collect()
     });
-    let lines: Vec<String> = ok(std::fs::read_to_string(day_file(dir.path())))
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let lines: Vec<String> = read_stored(dir.path()).lines().map(str::to_owned).collect();
     match verify(&ca, &lines) {
         Err(Problem::SealedRecordMissing {
             number: 0,

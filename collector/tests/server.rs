@@ -93,7 +93,7 @@ async fn start_collector(ca: &TestCa) -> Running {
     let dir = ok(tempfile::tempdir());
     let clock = Arc::new(ManualClock::new(start()));
     let collector = Arc::new(Mutex::new(ok(Collector::open(
-        ok(FileStore::open(dir.path())),
+        ok(FileStore::open(dir.path(), support::keys())),
         clock,
     ))));
     let mut registry = Registry::default();

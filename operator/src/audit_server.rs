@@ -3,8 +3,9 @@
 //! server: [`crate::audit_cluster`]) on `--listen`, with the files it is given (a
 //! mounted `kubernetes.io/tls` Secret the operator keeps fresh: re-read every 30 s and
 //! served from the next handshake on), `/metrics` and `/healthz` on `--metrics-addr`,
-//! retention enforced hourly, and each tenant's log forwarded to its SIEM sinks
-//! ([`crate::audit_sinks`]).
+//! retention enforced hourly, each tenant's log forwarded to its SIEM sinks
+//! ([`crate::audit_sinks`]), and each tenant's data-encryption keys fetched from the
+//! operator ([`crate::audit_keys`]) to seal its stored days.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,9 +20,10 @@ use portcullis_audit::checkpoint::{CheckpointSigner, SignerIdentity};
 use portcullis_audit::retry::RetryPolicy;
 use portcullis_collector::{
     Collector, Export, ExportAuthorizer, ExportMetrics, FileStore, ForwardMetrics, Forwarding,
-    Ingest, IngestMetrics, NoSinks, Pruned, RefusalObserver, RetentionPolicy, SinkDirectory,
-    SinkObserver, StoreError,
+    Ingest, IngestMetrics, KeyCache, NoSinks, Pruned, RefusalObserver, RetentionPolicy,
+    SinkDirectory, SinkObserver, StoreError,
 };
+use portcullis_server::oneshot::Target;
 use portcullis_server::{self as serve, ServerTls};
 use portcullis_tls::{parse_pem_certs, root_store};
 use prometheus_client::registry::Registry;
@@ -81,6 +83,18 @@ pub struct AuditServerSettings {
     /// The operator's SPIFFE id: its admin chains are filed under the tenants their
     /// records name.
     pub admin_writer: Option<String>,
+    /// Where each tenant's data-encryption keys come from.
+    pub keys: KeySupply,
+}
+
+/// Where the collector's tenant keys come from.
+#[derive(Clone, Debug)]
+pub enum KeySupply {
+    /// The operator's policy server at this `https://` URL, asked with the serving
+    /// certificate ([`crate::audit_keys`]).
+    Operator(String),
+    /// Keys the caller holds (tests; a collector beside no operator).
+    Given(Arc<KeyCache>),
 }
 
 /// Why the audit server did not start.
@@ -97,6 +111,11 @@ pub enum AuditServerError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] portcullis_collector::server::ServerTlsError),
+    /// The key URL cannot be used.
+    #[error(
+        "--key-url: {0}; give the operator's policy server, https://<operator service>.<namespace>.svc:8090"
+    )]
+    KeyUrl(portcullis_server::oneshot::OneshotError),
     /// The data directory cannot be used.
     #[error("audit data directory: {0}")]
     Store(#[from] StoreError),
@@ -181,6 +200,23 @@ impl TlsFiles {
             .map_err(|e| pem_error(&self.bundle, e))?;
         let config = portcullis_collector::server_config(chain, key, roots)?;
         Ok((contents, config))
+    }
+
+    /// A client configuration presenting the serving certificate (the policy server
+    /// lets the audit service read tenant keys) and trusting the bundle.
+    fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, AuditServerError> {
+        let chain = certificates(&self.cert, &Self::read(&self.cert)?)?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read(&self.key)?)
+            .map_err(|e| pem_error(&self.key, e))?;
+        let roots = root_store(&certificates(&self.bundle, &Self::read(&self.bundle)?)?)
+            .map_err(|e| pem_error(&self.bundle, e))?;
+        let config = rustls::ClientConfig::builder_with_provider(portcullis_tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| pem_error(&self.cert, e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| pem_error(&self.key, e))?;
+        Ok(Arc::new(config))
     }
 
     /// The serving key as a seal signer, with the serving chain as its identity: read
@@ -292,9 +328,17 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
     // Refuse to start with a key that cannot seal, rather than run without seals.
     files.signer()?;
     let files_for_seals = files.clone();
+    let files_for_keys = files.clone();
     let tls = Arc::new(ArcSwap::from_pointee(tls));
 
-    let store = FileStore::open(&settings.data_dir)?;
+    let (keys, key_source) = match &settings.keys {
+        KeySupply::Given(keys) => (keys.clone(), None),
+        KeySupply::Operator(url) => (
+            Arc::new(KeyCache::new()),
+            Some(Target::from_url(url).map_err(AuditServerError::KeyUrl)?),
+        ),
+    };
+    let store = FileStore::open(&settings.data_dir, keys.clone())?;
     let collector = Arc::new(Mutex::new(Collector::open(store, Arc::new(SystemClock))?));
     let mut registry = Registry::default();
     let metrics = IngestMetrics::register(&mut registry);
@@ -373,6 +417,14 @@ pub async fn start<A: ExportAuthorizer, R: RetentionPolicy, K: SinkDirectory>(
         },
         shutdown.clone(),
     ));
+    if let Some(target) = key_source {
+        tasks.spawn(crate::audit_keys::supply(
+            keys,
+            target,
+            move || files_for_keys.client_config(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(forwarding.run(settings.sinks_every, shutdown.clone()));
     tasks.spawn(seal_periodically(
         collector.clone(),

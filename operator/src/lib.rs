@@ -4,6 +4,7 @@
 pub mod access_review;
 pub mod admin;
 pub mod audit_cluster;
+pub mod audit_keys;
 pub mod audit_server;
 pub mod audit_sinks;
 pub mod audit_witness;

@@ -155,7 +155,8 @@ pub struct OperatorSettings {
     /// An existing Secret holding the KEK; `None`: `portcullis-kek`, created if absent.
     pub kek_secret: Option<String>,
     /// The audit service's Service name: its serving certificate is kept in the Secret
-    /// `<name>-tls` ([`crate::ca::audit_secret`]); `None`: no audit service.
+    /// `<name>-tls` ([`crate::ca::audit_secret`]), with which the collector also reads
+    /// every tenant's audit keys from the policy server; `None`: no audit service.
     pub audit_service: Option<String>,
     /// Witness the audit collector's seals into each Tenant's status; `None`: no
     /// collector to witness.
@@ -479,6 +480,11 @@ pub async fn start(
                 Some(stores.tenants.clone()),
             )
         }),
+        // The audit collector reads every tenant's DEKs with its Service certificate.
+        audit_collector: settings
+            .audit_service
+            .as_deref()
+            .map(|service| crate::ca::audit_secret::collector_name(service, &namespace)),
         app_exits: {
             let (exits, cache) = AppExits::start(&client, &shutdown);
             tasks.spawn(async move {

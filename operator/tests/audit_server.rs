@@ -9,21 +9,25 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use portcullis_api::audit_ship::{CONTENT_TYPE, RECORDS_PATH, ShipAck};
 use portcullis_audit::verify::{TrustBundle, VerifyOptions, verify_jsonl};
-use portcullis_audit::{AuditRecord, Chain, Entry, Seal};
+use portcullis_audit::{AuditRecord, Chain, DataKey, Entry, Seal, TenantKeys};
+use portcullis_collector::KeyCache;
 use portcullis_operator::audit_server::{self, AuditServerSettings};
 use portcullis_operator::ca::CertificateAuthority;
 use portcullis_operator::ca::certs::{pem_block, pem_encode};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use tokio_util::sync::CancellationToken;
 
 #[path = "support/ca.rs"]
 mod ca_support;
@@ -34,7 +38,9 @@ const SERVICE: &str = "portcullis-audit.portcullis-system.svc";
 /// Writes a fresh serving certificate for the audit Service into `dir` as a
 /// `kubernetes.io/tls` Secret mount holds it; returns the leaf.
 fn write_serving_files(ca: &CertificateAuthority, dir: &Path) -> CertificateDer<'static> {
-    let issued = ca.issue_server_certificate(&[SERVICE.to_owned()]).unwrap();
+    let issued = ca
+        .issue_audit_service_certificate(&[SERVICE.to_owned()])
+        .unwrap();
     let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
     // Written beside, then renamed: kubelet swaps a Secret mount atomically too.
     for (name, text) in [
@@ -66,7 +72,15 @@ fn settings(dir: &Path) -> AuditServerSettings {
         sinks_every: Duration::from_millis(100),
         seal_every: Duration::from_millis(200),
         admin_writer: None,
+        keys: audit_server::KeySupply::Given(shop_keys()),
     }
+}
+
+/// Tenant shop's key, the same at every call.
+fn shop_keys() -> Arc<KeyCache> {
+    let keys = KeyCache::new();
+    keys.insert(TenantKeys::single("shop", DataKey::new(1, [3; 32])));
+    Arc::new(keys)
 }
 
 struct Shipper {
@@ -188,9 +202,14 @@ async fn ships_over_mtls_and_serves_a_renewed_certificate_without_a_restart() {
     let day_files = std::fs::read_dir(dir.path().join("data").join("shop"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl") && !p.ends_with("chains.jsonl"));
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"));
+    let ring = shop_keys().get("shop").unwrap().ring.clone();
     let stored: String = day_files
-        .map(|p| std::fs::read_to_string(p).unwrap())
+        .map(|p| {
+            let opened = portcullis_audit::segment::open_segment(&std::fs::read(p).unwrap(), &ring);
+            assert_eq!(opened.error, None);
+            opened.plaintext
+        })
         .collect();
     let options = VerifyOptions {
         trust_bundle: Some(TrustBundle::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap()),
@@ -208,6 +227,134 @@ async fn ships_over_mtls_and_serves_a_renewed_certificate_without_a_restart() {
         last.heads.values().map(|h| h.seq).max(),
         Some(2),
         "{last:?}"
+    );
+}
+
+/// A stand-in for the operator's policy server on `https://localhost:<port>`: mutual
+/// TLS with the CA's roots (so only a client certificate with clientAuth from that CA
+/// gets through), answering tenant shop's audit key `key`; counts the answers.
+async fn policy_server(
+    ca: &CertificateAuthority,
+    key: &DataKey,
+    shutdown: CancellationToken,
+) -> (String, Arc<AtomicUsize>) {
+    let issued = ca
+        .issue_server_certificate(&["localhost".to_owned()])
+        .unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(
+        CertificateDer::pem_slice_iter(ca.trust_bundle_pem().as_bytes()).map(Result::unwrap),
+    );
+    let provider = portcullis_tls::provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            issued.chain.clone(),
+            PrivateKeyDer::Pkcs8(issued.key.clone_key()),
+        )
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = serde_json::json!({
+        "tenant": "shop",
+        "activeVersion": key.version(),
+        "keys": {key.version().to_string(): base64::engine::general_purpose::STANDARD.encode(key.bytes())},
+    })
+    .to_string();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(portcullis_server::serve(
+        listener,
+        Some(portcullis_server::ServerTls::Fixed(Arc::new(tls))),
+        move |request: http::Request<hyper::body::Incoming>| {
+            let (answer, count) = (answer.clone(), count.clone());
+            async move {
+                if request.uri().path() == "/v1/audit-key/shop" {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    portcullis_server::full(http::StatusCode::OK, "application/json", answer)
+                } else {
+                    portcullis_server::error(http::StatusCode::NOT_FOUND, "no key")
+                }
+            }
+        },
+        shutdown,
+    ));
+    (format!("https://localhost:{port}"), answered)
+}
+
+#[tokio::test]
+async fn tenant_days_are_sealed_under_the_key_the_operator_hands_the_audit_certificate() {
+    let ca = new_ca();
+    let dir = tempfile::tempdir().unwrap();
+    write_serving_files(&ca, dir.path());
+    let key = DataKey::new(4, [9; 32]);
+    let stop_policy = CancellationToken::new();
+    let (url, answered) = policy_server(&ca, &key, stop_policy.clone()).await;
+    let mut settings = settings(dir.path());
+    settings.keys = audit_server::KeySupply::Operator(url);
+    let server = audit_server::start(settings, audit_server::ClusterAccess::none(365))
+        .await
+        .unwrap();
+
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(
+        CertificateDer::pem_slice_iter(ca.trust_bundle_pem().as_bytes()).map(Result::unwrap),
+    );
+    let (chain_der, workload_key) = workload_identity(&ca, "shop");
+    let config = ClientConfig::builder_with_provider(portcullis_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain_der, workload_key)
+        .unwrap();
+    let shipper = Shipper {
+        config: Arc::new(config),
+        addr: server.addr,
+    };
+    // Until the key is at hand the batch is refused whole (503) and resent, as a
+    // proxy does.
+    let batch = lines(&mut Chain::new("web-1-20270115"), 3);
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        let (status, body, _) = shipper.post(batch.clone()).await;
+        answer = (status, body);
+        if status != 503 {
+            break;
+        }
+        assert!(answer.1.contains("data-encryption key"), "{}", answer.1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert!(answered.load(Ordering::SeqCst) >= 1);
+    server.stop().await;
+    stop_policy.cancel();
+
+    let day = std::fs::read_dir(dir.path().join("data").join("shop"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let bytes = std::fs::read(day).unwrap();
+    let opened = portcullis_audit::segment::open_segment(
+        &bytes,
+        &portcullis_audit::KeyRing::from_keys([key]),
+    );
+    assert_eq!((opened.error, opened.key_version), (None, Some(4)));
+    assert_eq!(
+        opened
+            .plaintext
+            .lines()
+            .filter(|l| l.contains("/v1/events/"))
+            .count(),
+        3
     );
 }
 

@@ -1,6 +1,7 @@
 //! The policy server over mTLS on loopback, as the operator runs it: a client
 //! certificate from the CA is required, and a workload may read only the tenant its
-//! certificate names (anything else: 403 with a JSON body).
+//! certificate names (anything else: 403 with a JSON body) — except the audit
+//! collector, which reads every tenant's audit keys and nothing else.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +17,7 @@ use jiff::Timestamp;
 use portcullis_api::clock::SystemClock;
 use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use portcullis_crds::PolicyBundle;
+use portcullis_operator::ca::audit_secret::{audit_service_names, collector_name};
 use portcullis_operator::ca::{CaSettings, CaState, CertificateAuthority, validate_csr};
 use portcullis_operator::policy::PolicyHub;
 use portcullis_operator::policy::app_exit::AppExits;
@@ -53,16 +55,41 @@ fn csr_pem(key: &KeyPair, workload: &WorkloadId) -> String {
     params.serialize_request(key).unwrap().pem().unwrap()
 }
 
+/// The operator's namespace and the audit Service in it.
+const OPERATOR_NAMESPACE: &str = "portcullis-system";
+const AUDIT_SERVICE: &str = "portcullis-audit";
+
+/// The collector's name as the operator configures it from `--audit-service`.
+fn audit_collector() -> String {
+    collector_name(AUDIT_SERVICE, OPERATOR_NAMESPACE)
+}
+
 /// A workload certificate (leaf + intermediate) and its key, for `tenant`.
 fn workload_identity(
     ca: &CertificateAuthority,
     tenant: &str,
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let workload = WorkloadId::new(td(), format!("{tenant}-prod"), "web").unwrap();
+    named_workload_identity(ca, &format!("{tenant}-prod"), tenant, &[])
+}
+
+/// A workload certificate of `tenant` in `namespace` whose pod Services select under
+/// `dns_names` (the identity service adds their names as DNS SANs).
+fn named_workload_identity(
+    ca: &CertificateAuthority,
+    namespace: &str,
+    tenant: &str,
+    dns_names: &[String],
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let workload = WorkloadId::new(td(), namespace, "web").unwrap();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = validate_csr(&csr_pem(&key, &workload), &workload).unwrap();
     let issued = ca
-        .issue(&csr, &workload, &TenantId::new(td(), tenant).unwrap())
+        .issue_named(
+            &csr,
+            &workload,
+            &TenantId::new(td(), tenant).unwrap(),
+            dns_names,
+        )
         .unwrap();
     let chain = CertificateDer::pem_slice_iter(
         format!("{}{}", issued.certificate, issued.chain).as_bytes(),
@@ -70,6 +97,21 @@ fn workload_identity(
     .collect::<Result<Vec<_>, _>>()
     .unwrap();
     (chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
+}
+
+/// The audit service's certificate, issued as `ca::audit_secret` issues it into the
+/// `<service>-tls` Secret the collector mounts.
+fn audit_service_identity(
+    ca: &CertificateAuthority,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let issued = ca
+        .issue_audit_service_certificate(&audit_service_names(
+            AUDIT_SERVICE,
+            OPERATOR_NAMESPACE,
+            "cluster.local",
+        ))
+        .unwrap();
+    (issued.chain, issued.key.into())
 }
 
 /// A Job pod whose app container exited 0 while its proxy still runs.
@@ -130,6 +172,11 @@ async fn start() -> Server {
 }
 
 async fn start_with(limits: ConnectionLimits) -> Server {
+    start_serving(limits, Some(audit_collector())).await
+}
+
+/// A server whose audit collector is `audit_collector` (`None`: there is none).
+async fn start_serving(limits: ConnectionLimits, audit_collector: Option<String>) -> Server {
     let ca = new_ca();
     let tls =
         PolicyServerTls::new(&ca, &["127.0.0.1".to_owned(), "policy.test".to_owned()]).unwrap();
@@ -141,6 +188,7 @@ async fn start_with(limits: ConnectionLimits) -> Server {
         hub: hub.clone(),
         access: Access::TenantCertificate(td()),
         audit_keys: None,
+        audit_collector,
         app_exits: Some(AppExits::fixed([finished_job_pod("acme-prod", "report")])),
     };
     let config = tls.config.clone();
@@ -256,6 +304,99 @@ async fn another_tenant_is_forbidden_with_a_json_reason() {
     // Its own tenant's audit key: not served by this server (no DEK source), not refused.
     let (status, _) = get(&server, config, "/v1/audit-key/acme").await.unwrap();
     assert_eq!(status, 404);
+}
+
+/// The status and JSON `reason` of `GET path` with `config`.
+async fn status_and_reason(
+    server: &Server,
+    config: &Arc<ClientConfig>,
+    path: &str,
+) -> (u16, Value) {
+    let (status, body) = get(server, config.clone(), path).await.unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, body["reason"].clone())
+}
+
+#[tokio::test]
+async fn the_audit_collector_reads_every_tenants_audit_keys() {
+    let server = start().await;
+    let collector = client_config(&server.ca, Some(audit_service_identity(&server.ca)));
+    // 404 NotServed: authorized, and this server has no DEK source.
+    for tenant in ["acme", "globex"] {
+        let path = format!("/v1/audit-key/{tenant}");
+        assert_eq!(
+            status_and_reason(&server, &collector, &path).await,
+            (404, "NotServed".into()),
+            "{path}"
+        );
+    }
+    // A workload still reads only its own tenant's keys.
+    let acme = client_config(&server.ca, Some(workload_identity(&server.ca, "acme")));
+    assert_eq!(
+        status_and_reason(&server, &acme, "/v1/audit-key/globex").await,
+        (403, "WrongTenant".into())
+    );
+    assert_eq!(
+        status_and_reason(&server, &acme, "/v1/audit-key/acme").await,
+        (404, "NotServed".into())
+    );
+}
+
+#[tokio::test]
+async fn a_workload_behind_a_service_named_like_the_collector_is_no_collector() {
+    let server = start().await;
+    // A workload of acme in the operator's namespace, selected by a Service with the
+    // audit Service's name: its leaf carries the collector's DNS names and its SPIFFE ids.
+    let names = audit_service_names(AUDIT_SERVICE, OPERATOR_NAMESPACE, "cluster.local");
+    assert!(names.contains(&audit_collector()));
+    let impostor = client_config(
+        &server.ca,
+        Some(named_workload_identity(
+            &server.ca,
+            OPERATOR_NAMESPACE,
+            "acme",
+            &names,
+        )),
+    );
+    assert_eq!(
+        status_and_reason(&server, &impostor, "/v1/audit-key/globex").await,
+        (403, "WrongTenant".into())
+    );
+    assert_eq!(
+        status_and_reason(&server, &impostor, "/v1/audit-key/acme").await,
+        (404, "NotServed".into())
+    );
+}
+
+#[tokio::test]
+async fn the_audit_collector_reads_no_policy() {
+    let server = start().await;
+    let collector = client_config(&server.ca, Some(audit_service_identity(&server.ca)));
+    for path in [
+        "/v1/policy/acme",
+        "/v1/policy/acme/watch",
+        "/v1/app-exit/acme/acme-prod/report",
+    ] {
+        assert_eq!(
+            status_and_reason(&server, &collector, path).await,
+            (403, "NoTenant".into()),
+            "{path}"
+        );
+    }
+    let (status, body) = get(&server, collector, "/debug/policy").await.unwrap();
+    assert_eq!(status, 200);
+    let summary: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(summary, serde_json::json!({}), "{summary}");
+}
+
+#[tokio::test]
+async fn without_a_configured_collector_the_audit_certificate_reads_no_audit_key() {
+    let server = start_serving(ConnectionLimits::default(), None).await;
+    let collector = client_config(&server.ca, Some(audit_service_identity(&server.ca)));
+    assert_eq!(
+        status_and_reason(&server, &collector, "/v1/audit-key/acme").await,
+        (403, "NoTenant".into())
+    );
 }
 
 #[tokio::test]

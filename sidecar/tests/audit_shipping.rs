@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_audit::{Entry, VerifyOptions, retry::RetryPolicy, verify::verify_jsonl};
-use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, server_config};
+use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, KeyCache, server_config};
 use portcullis_crds::DataClassification;
 use portcullis_sidecar::audit::AuditHook;
 use support::{
@@ -33,6 +33,13 @@ const RETRY: RetryPolicy = RetryPolicy {
     initial: Duration::from_millis(50),
     max: Duration::from_millis(500),
 };
+
+/// The tenant's key as the collector holds it.
+fn tenant_keys() -> Arc<KeyCache> {
+    let keys = KeyCache::new();
+    keys.insert(portcullis_audit::TenantKeys::generate(TENANT));
+    Arc::new(keys)
+}
 
 /// A collector that is not running yet: the proxy is configured with its URL and
 /// meets an outage (connection refused) first.
@@ -74,7 +81,7 @@ impl Collector0 {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         let collector = Arc::new(Mutex::new(
             Collector::open(
-                FileStore::open(self.dir.path()).unwrap(),
+                FileStore::open(self.dir.path(), tenant_keys()).unwrap(),
                 Arc::new(portcullis_api::clock::SystemClock),
             )
             .unwrap(),

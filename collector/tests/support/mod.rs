@@ -1,8 +1,24 @@
 //! What the collector's tests share: a proxy's hash chain, and batches of it.
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use portcullis_audit::entry::Entry;
-use portcullis_audit::{AuditRecord, Chain};
+use portcullis_audit::{AuditRecord, Chain, DataKey, TenantKeys};
+use portcullis_collector::KeyCache;
+
+/// Keys of the tenants the tests use, the same at every call: a store opened again
+/// reads what the one before wrote.
+pub fn keys() -> Arc<KeyCache> {
+    let cache = KeyCache::new();
+    for (i, tenant) in ["shop", "bank"].into_iter().enumerate() {
+        cache.insert(TenantKeys::single(
+            tenant,
+            DataKey::new(1, [i as u8 + 1; 32]),
+        ));
+    }
+    Arc::new(cache)
+}
 
 /// When the test records were made.
 pub fn start() -> Timestamp {

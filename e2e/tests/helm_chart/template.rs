@@ -802,6 +802,24 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
     assert_eq!(claim["storageClassName"], "fast-ssd");
     let service = find(&objects, "Service", "portcullis-audit")?;
     assert_eq!(service["spec"]["ports"][0]["port"], 8091);
+    // Tenant keys come from the operator's policy server, which lets the collector's
+    // pods (and only them, besides injected pods) in.
+    assert_eq!(
+        env_value(container, "PORTCULLIS_AUDIT_KEY_URL").map(|e| &e["value"]),
+        Some(&Value::from(format!(
+            "https://pc-operator.{TEMPLATE_NAMESPACE}.svc:8090"
+        )))
+    );
+    let rules = network_policy_rules(&objects, "pc-operator")?;
+    let collector_peer =
+        json!({"podSelector": {"matchLabels": collector["spec"]["selector"]["matchLabels"]}});
+    assert!(
+        rules
+            .iter()
+            .any(|(ports, peers)| ports == &["policy"]
+                && peers == std::slice::from_ref(&collector_peer)),
+        "{rules:?}"
+    );
 
     let operator =
         &find(&objects, "Deployment", "pc-operator")?["spec"]["template"]["spec"]["containers"][0];

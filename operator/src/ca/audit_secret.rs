@@ -4,6 +4,10 @@
 //! hold; `ca.crt` is that trust bundle, so the collector verifies the workloads that
 //! ship to it. Re-issued at half-life, after every CA rotation, and whenever the Secret
 //! does not hold what it should. Run by the leader.
+//!
+//! The certificate is also the collector's client certificate towards the policy
+//! server (serverAuth + clientAuth): with it the collector reads every tenant's audit
+//! keys, as [`collector_name`] and no SPIFFE id (see `policy::server`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use portcullis_api::clock;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::authority::CertificateAuthority;
 use super::bundle::FIELD_MANAGER;
@@ -54,6 +59,19 @@ pub fn secret_name(service: &str) -> String {
     format!("{service}-tls")
 }
 
+/// The names the audit service's certificate carries: those of the Service `service`
+/// in `namespace` of a cluster whose DNS domain is `cluster_domain`.
+pub fn audit_service_names(service: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    service_names(service, namespace, cluster_domain, &[])
+}
+
+/// The DNS name by which the policy server knows the audit collector of Service
+/// `service` in `namespace`: `<service>.<namespace>.svc`, the first of
+/// [`audit_service_names`].
+pub fn collector_name(service: &str, namespace: &str) -> String {
+    format!("{service}.{namespace}.svc")
+}
+
 impl AuditTlsSecret {
     /// The Secret for the audit Service `service` in `namespace` of a cluster whose DNS
     /// domain is `cluster_domain`.
@@ -69,7 +87,7 @@ impl AuditTlsSecret {
             ca,
             namespace: namespace.to_owned(),
             secret: secret_name(service),
-            names: service_names(service, namespace, cluster_domain, &[]),
+            names: audit_service_names(service, namespace, cluster_domain),
         }
     }
 
@@ -103,7 +121,7 @@ impl AuditTlsSecret {
         {
             return Ok(refresh_at);
         }
-        let issued = match self.ca.issue_server_certificate(&self.names) {
+        let issued = match self.ca.issue_audit_service_certificate(&self.names) {
             Ok(issued) => issued,
             Err(e) => {
                 // The CA cannot sign (it is being rotated or not loaded): try again soon.
@@ -144,8 +162,10 @@ impl AuditTlsSecret {
 }
 
 /// When the certificate in `secret` is due for replacement, if it may stay until then:
-/// its `ca.crt` is the current trust bundle and it is not past half its life.
-fn still_current(secret: &Secret, bundle: &str, now: Timestamp) -> Option<Timestamp> {
+/// its `ca.crt` is the current trust bundle, it may authenticate a client (certificates
+/// written before the collector needed that are replaced at once) and it is not past
+/// half its life.
+pub(super) fn still_current(secret: &Secret, bundle: &str, now: Timestamp) -> Option<Timestamp> {
     let data = secret.data.as_ref()?;
     if data.get("ca.crt")?.0 != bundle.as_bytes() || !data.contains_key("tls.key") {
         return None;
@@ -153,8 +173,18 @@ fn still_current(secret: &Secret, bundle: &str, now: Timestamp) -> Option<Timest
     let leaf = CertificateDer::pem_slice_iter(&data.get("tls.crt")?.0)
         .next()?
         .ok()?;
+    if !has_client_auth(&leaf) {
+        return None;
+    }
     let facts = portcullis_tls::leaf_facts(&leaf).ok()?;
     let half = clock::until(facts.not_before, facts.not_after) / 2;
     let refresh_at = clock::add(facts.not_before, half);
     (refresh_at > now).then_some(refresh_at)
+}
+
+/// Whether `leaf` carries the clientAuth extended key usage.
+fn has_client_auth(leaf: &CertificateDer<'_>) -> bool {
+    X509Certificate::from_der(leaf).is_ok_and(
+        |(_, cert)| matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth),
+    )
 }

@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use portcullis_api::clock::{self, Clock};
 use portcullis_api::identity::IssueResponse;
 use portcullis_api::spiffe::{TenantId, WorkloadId};
-use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::{CertificateParams, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
@@ -359,7 +359,6 @@ impl CaState {
         settings: &CaSettings,
         now: Timestamp,
     ) -> Result<ServerCertificate, CaError> {
-        let key = new_key()?;
         let params = certs::server_params(
             &settings.trust_domain,
             dns_names,
@@ -367,6 +366,33 @@ impl CaState {
             settings.backdate,
             settings.leaf_lifetime(),
         )?;
+        self.sign_with_new_key(&params)
+    }
+
+    /// Signs the audit service's certificate (with a fresh key): a server certificate
+    /// that also authenticates the collector as a client of the policy server
+    /// ([`certs::audit_service_params`]).
+    pub fn issue_audit_service_certificate(
+        &mut self,
+        dns_names: &[String],
+        settings: &CaSettings,
+        now: Timestamp,
+    ) -> Result<ServerCertificate, CaError> {
+        let params = certs::audit_service_params(
+            &settings.trust_domain,
+            dns_names,
+            now,
+            settings.backdate,
+            settings.leaf_lifetime(),
+        )?;
+        self.sign_with_new_key(&params)
+    }
+
+    fn sign_with_new_key(
+        &mut self,
+        params: &CertificateParams,
+    ) -> Result<ServerCertificate, CaError> {
+        let key = new_key()?;
         let cert = params
             .signed_by(&key, &self.intermediate.ca.issuer)
             .map_err(|e| CaError::Signing(format!("server certificate: {e}")))?;
@@ -479,6 +505,17 @@ impl CertificateAuthority {
         let now = self.clock.now();
         self.lock()
             .issue_server_certificate(dns_names, &self.settings, now)
+    }
+
+    /// Signs the audit service's certificate (serverAuth + clientAuth; see
+    /// [`CaState::issue_audit_service_certificate`]).
+    pub fn issue_audit_service_certificate(
+        &self,
+        dns_names: &[String],
+    ) -> Result<ServerCertificate, CaError> {
+        let now = self.clock.now();
+        self.lock()
+            .issue_audit_service_certificate(dns_names, &self.settings, now)
     }
 
     /// Applies due rotations; subscribers are notified when anything changed.

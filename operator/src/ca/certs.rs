@@ -231,3 +231,21 @@ pub fn server_params(
     set_validity(&mut params, now, backdate, lifetime);
     Ok(params)
 }
+
+/// The audit service's certificate: [`server_params`] plus clientAuth. The collector
+/// presents the same certificate to the policy server to fetch tenant DEKs; the
+/// operator's own serving certificates stay serverAuth only, so none of them can pass
+/// as a client.
+pub fn audit_service_params(
+    trust_domain: &TrustDomain,
+    dns_names: &[String],
+    now: Timestamp,
+    backdate: Duration,
+    lifetime: Duration,
+) -> Result<CertificateParams, CaError> {
+    let mut params = server_params(trust_domain, dns_names, now, backdate, lifetime)?;
+    params
+        .extended_key_usages
+        .push(ExtendedKeyUsagePurpose::ClientAuth);
+    Ok(params)
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use clap::Args;
 use portcullis_api::spiffe::TrustDomain;
 use portcullis_collector::MAX_RETENTION_DAYS;
-use portcullis_operator::audit_server::{AuditServerSettings, RELOAD_EVERY, SINKS_EVERY};
+use portcullis_operator::audit_server::{
+    AuditServerSettings, KeySupply, RELOAD_EVERY, SINKS_EVERY,
+};
 
 use portcullis_crds::DurationSpec;
 
@@ -59,6 +61,10 @@ pub struct AuditServerArgs {
     /// the admin changes it ships are filed under the tenants they concern.
     #[arg(long, env = "PORTCULLIS_AUDIT_ADMIN_WRITER")]
     admin_writer: Option<String>,
+    /// The operator's policy server, which hands each tenant's data-encryption keys to
+    /// the audit service's certificate: https://<operator service>.<namespace>.svc:8090.
+    #[arg(long, env = "PORTCULLIS_AUDIT_KEY_URL")]
+    key_url: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PORTCULLIS_LOG_JSON")]
     pub log_json: bool,
@@ -80,6 +86,7 @@ impl AuditServerArgs {
             sinks_every: SINKS_EVERY,
             seal_every: self.seal_every.get(),
             admin_writer: self.admin_writer.clone(),
+            keys: KeySupply::Operator(self.key_url.clone()),
         }
     }
 }

@@ -12,8 +12,10 @@
 //!
 //! In the operator it runs over mTLS ([`server_tls`]): a client certificate from the
 //! CA is required, and a workload may read only the tenant its certificate names
-//! (`spiffe://<td>/tenant/<t>`); anything else is 403 with a JSON body. Plain HTTP with
-//! no tenant check ([`Access::Open`]) exists for debugging and tests only.
+//! (`spiffe://<td>/tenant/<t>`); anything else is 403 with a JSON body. One exception,
+//! on the audit-key endpoint only: the audit collector ([`PolicyApi::audit_collector`])
+//! reads every tenant's keys, to encrypt the records it stores. Plain HTTP with no
+//! tenant check ([`Access::Open`]) exists for debugging and tests only.
 //!
 //! [`server_audit_key`]: super::server_audit_key
 //! [`server_tls`]: super::server_tls
@@ -37,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::PolicyHub;
 use super::app_exit::AppExits;
 use super::server_audit_key::{AuditKeys, denial};
-use super::server_tls::{client_namespace, client_tenant};
+use super::server_tls::{client_namespace, client_tenant, is_audit_collector};
 use portcullis_server::{self as serve, Body, ConnectionLimits, PeerCertificates};
 
 /// Content type of the watch stream.
@@ -62,6 +64,10 @@ pub struct PolicyApi {
     pub access: Access,
     /// The audit-key endpoint; `None`: 404.
     pub audit_keys: Option<AuditKeys>,
+    /// The DNS name (`<audit service>.<operator namespace>.svc`) of the audit
+    /// collector, which may read every tenant's audit keys (and nothing else) with a
+    /// CA certificate naming it and no SPIFFE id; `None`: no one is the collector.
+    pub audit_collector: Option<String>,
     /// The app-exit endpoint for run-to-completion pods; `None`: 404.
     pub app_exits: Option<AppExits>,
 }
@@ -73,6 +79,7 @@ impl PolicyApi {
             hub,
             access: Access::Open,
             audit_keys: None,
+            audit_collector: None,
             app_exits: None,
         }
     }
@@ -150,12 +157,34 @@ fn authorize(
                 "WrongTenant",
             )))
         }
-        None => Err(Box::new(denial(
-            StatusCode::FORBIDDEN,
-            &format!("the client certificate names no tenant of trust domain {trust_domain}"),
-            "NoTenant",
-        ))),
+        None => {
+            tracing::info!(asked = %tenant, path = %req.uri().path(), "policy server refused a client certificate that names no tenant");
+            Err(Box::new(denial(
+                StatusCode::FORBIDDEN,
+                &format!("the client certificate names no tenant of trust domain {trust_domain}"),
+                "NoTenant",
+            )))
+        }
     }
+}
+
+/// [`authorize`] for the audit keys of `tenant`, which the audit collector may also
+/// read: a CA certificate (verified in the handshake) with no SPIFFE id whose DNS SANs
+/// name the collector. Workload leaves carry the DNS names of the Services selecting
+/// their pod, so a DNS name alone never makes a workload the collector.
+fn authorize_audit_key(
+    api: &PolicyApi,
+    req: &Request<Incoming>,
+    tenant: &str,
+) -> Result<(), Box<Response<Body>>> {
+    if let (Access::TenantCertificate(_), Some(collector)) = (&api.access, &api.audit_collector)
+        && let Some(PeerCertificates(chain)) = req.extensions().get::<PeerCertificates>()
+        && is_audit_collector(chain, collector)
+    {
+        tracing::debug!(%tenant, %collector, "audit collector reads a tenant's audit keys");
+        return Ok(());
+    }
+    authorize(api, req, tenant)
 }
 
 async fn route(
@@ -188,7 +217,7 @@ async fn route(
         if !is_dns_subdomain(tenant) {
             return serve::error(StatusCode::NOT_FOUND, "no such endpoint");
         }
-        if let Err(denied) = authorize(api, req, tenant) {
+        if let Err(denied) = authorize_audit_key(api, req, tenant) {
             return *denied;
         }
         return match &api.audit_keys {

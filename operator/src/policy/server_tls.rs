@@ -2,7 +2,8 @@
 //! (the operator's Service names plus extra SANs), client certificates are required
 //! and must chain to the CA's trust bundle — both followed across CA rotations without
 //! a restart — and [`client_tenant`] reads the tenant a verified client certificate
-//! names, which is the only tenant it may read.
+//! names, which is the only tenant it may read ([`is_audit_collector`] tells the one
+//! client that may read more).
 
 use std::sync::Arc;
 
@@ -205,4 +206,25 @@ pub fn client_namespace(
         });
     let namespace = namespaces.next()?;
     namespaces.next().is_none().then_some(namespace)
+}
+
+/// Whether a (verified) client certificate is the audit collector's: its leaf has no
+/// URI SAN at all — the CA writes URI SANs only as SPIFFE ids, into workload leaves —
+/// and names `collector` among its DNS SANs. The DNS name alone proves nothing: a
+/// workload leaf carries the names of the Services that select its pod.
+pub fn is_audit_collector(chain: &[CertificateDer<'_>], collector: &str) -> bool {
+    let Some(leaf) = chain.first() else {
+        return false;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let names = &san.value.general_names;
+    !names.iter().any(|name| matches!(name, GeneralName::URI(_)))
+        && names.iter().any(
+            |name| matches!(name, GeneralName::DNSName(dns) if dns.eq_ignore_ascii_case(collector)),
+        )
 }

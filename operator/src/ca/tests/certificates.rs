@@ -199,3 +199,114 @@ fn server_certificate_names_the_service() {
     // Server certificates count as leaves for the trust bundle bookkeeping.
     assert_eq!(state.active_max_leaf_expiry(), Some(cert.not_after));
 }
+
+#[test]
+fn only_the_audit_service_certificate_also_authenticates_a_client() {
+    use crate::ca::audit_secret::{audit_service_names, collector_name};
+    use crate::ca::certs::pem_encode;
+    use crate::ca::{CaServingCertificate, CertificateAuthority};
+
+    let s = settings();
+    let ca = CertificateAuthority::new(
+        s.clone(),
+        CaState::generate(&s, t(0)).unwrap(),
+        std::sync::Arc::new(portcullis_api::clock::ManualClock::new(t(10))),
+    );
+    let bundle = ca.trust_bundle_pem();
+    let names = audit_service_names("portcullis-audit", "portcullis-system", "cluster.local");
+    assert!(names.contains(&collector_name("portcullis-audit", "portcullis-system")));
+
+    // The audit service: serverAuth + clientAuth, DNS SANs only (no SPIFFE id).
+    let audit = ca.issue_audit_service_certificate(&names).unwrap();
+    with_cert(&audit.chain[0], |leaf| {
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!eku.any && eku.other.is_empty());
+        let sans = &leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        assert_eq!(
+            sans,
+            &vec![
+                GeneralName::DNSName("portcullis-audit.portcullis-system.svc"),
+                GeneralName::DNSName("portcullis-audit.portcullis-system.svc.cluster.local"),
+            ]
+        );
+    });
+    let audit_leaf = pem_encode(&audit.chain[0]);
+    let intermediate = pem_encode(&audit.chain[1]);
+    verify_client_chain(&audit_leaf, &intermediate, &bundle, t(20)).unwrap();
+
+    // The policy and identity servers' certificate: serverAuth only, refused as a client.
+    let serving = CaServingCertificate::new(&ca, &["policy.test".to_owned()]).unwrap();
+    let serving_chain = serving.chain();
+    with_cert(&serving_chain[0], |leaf| {
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+    });
+    assert!(
+        verify_client_chain(
+            &pem_encode(&serving_chain[0]),
+            &pem_encode(&serving_chain[1]),
+            &bundle,
+            t(20)
+        )
+        .is_err(),
+        "a serving certificate passed as a client certificate"
+    );
+
+    // The webhook's serving certificate (its own CA): serverAuth only.
+    let webhook_ca =
+        crate::webhook::tls::WebhookCa::generate(t(0), Duration::from_secs(3600)).unwrap();
+    let webhook = webhook_ca
+        .issue_leaf(
+            &["portcullis-webhook.portcullis-system.svc".to_owned()],
+            t(10),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    with_cert(webhook.der(), |leaf| {
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+    });
+}
+
+#[test]
+fn an_audit_secret_without_client_auth_is_replaced() {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+
+    use crate::ca::audit_secret::still_current;
+    use crate::ca::certs::pem_encode;
+
+    let s = settings();
+    let mut state = CaState::generate(&s, t(0)).unwrap();
+    let bundle = state.trust_bundle_pem();
+    let names = vec!["portcullis-audit.portcullis-system.svc".to_owned()];
+    let secret_of = |chain: &[rustls::pki_types::CertificateDer<'static>]| {
+        let pem: String = chain.iter().map(|c| pem_encode(c)).collect();
+        Secret {
+            data: Some(BTreeMap::from([
+                ("tls.crt".to_owned(), ByteString(pem.into_bytes())),
+                ("tls.key".to_owned(), ByteString(b"key".to_vec())),
+                ("ca.crt".to_owned(), ByteString(bundle.clone().into_bytes())),
+            ])),
+            ..Secret::default()
+        }
+    };
+    let audit = state
+        .issue_audit_service_certificate(&names, &s, t(10))
+        .unwrap();
+    assert!(still_current(&secret_of(&audit.chain), &bundle, t(20)).is_some());
+    // Written before the collector needed clientAuth: replaced now, not at half-life.
+    let server_only = state.issue_server_certificate(&names, &s, t(10)).unwrap();
+    assert_eq!(
+        still_current(&secret_of(&server_only.chain), &bundle, t(20)),
+        None
+    );
+}
