@@ -213,7 +213,8 @@ pub(super) async fn install_and_upgrade(env: &'static EnvTest, helm: &Helm) -> R
         .as_ref()
         .and_then(|s| s.ingress.clone())
         .unwrap_or_default();
-    ensure!(ingress.len() == 3, "NetworkPolicy ingress {ingress:?}");
+    // Webhooks, identity and policy, policy for the audit collector, metrics.
+    ensure!(ingress.len() == 4, "NetworkPolicy ingress {ingress:?}");
     let cluster_roles: Api<ClusterRole> = Api::all(admin.clone());
     cluster_roles.get("portcullis-operator").await?;
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());

@@ -512,8 +512,8 @@ fn only_the_api_server_and_meshed_pods_reach_the_operator_ports() -> Result<()> 
     );
     assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
     let rules = network_policy_rules(&objects, "portcullis-operator")?;
-    assert_eq!(rules.len(), 3, "{rules:?}");
-    // Every container port is covered by exactly one rule; nothing else gets in.
+    assert_eq!(rules.len(), 4, "{rules:?}");
+    // Every container port is covered by a rule; nothing else gets in.
     let deployment = find(&objects, "Deployment", "portcullis-operator")?;
     let mut named: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
         .as_array()
@@ -525,6 +525,7 @@ fn only_the_api_server_and_meshed_pods_reach_the_operator_ports() -> Result<()> 
     named.sort();
     let mut covered: Vec<String> = rules.iter().flat_map(|(p, _)| p.clone()).collect();
     covered.sort();
+    covered.dedup();
     assert_eq!(covered, named);
     // The webhooks: by default every address (the API server's is not known in
     // general), as ipBlocks only — so `except` can carve out pod CIDRs.
@@ -546,8 +547,15 @@ fn only_the_api_server_and_meshed_pods_reach_the_operator_ports() -> Result<()> 
             json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"portcullis.dev/injected": "true"}}})
         ]
     );
-    // Metrics and health: anyone by default (kubelet probes, Prometheus anywhere).
+    // Policy: also the audit collector's pods (tenant keys).
     let (ports, peers) = &rules[2];
+    assert_eq!(ports, &["policy"]);
+    assert_eq!(
+        peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "audit"
+    );
+    // Metrics and health: anyone by default (kubelet probes, Prometheus anywhere).
+    let (ports, peers) = &rules[3];
     assert_eq!(ports, &["metrics"]);
     assert!(peers.is_empty());
 
@@ -645,8 +653,12 @@ fn helm_template_follows_non_default_values() -> Result<()> {
             json!({"ipBlock": {"cidr": "fd00:10::/64"}})
         ]
     );
+    let metrics = rules
+        .iter()
+        .find(|(ports, _)| ports == &["metrics"])
+        .context("a metrics rule")?;
     assert_eq!(
-        rules[2].1,
+        metrics.1,
         [json!({"namespaceSelector": {"matchLabels": {"team": "monitoring"}}})]
     );
     let monitor = find(&objects, "ServiceMonitor", "pc-operator")?;
@@ -735,15 +747,23 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
     let Some(helm) = Helm::find() else {
         return Ok(());
     };
-    let objects = helm.render(&[])?;
-    assert_eq!(kinds(&objects, "StatefulSet"), 0, "off by default");
-    let enabled = helm.render(&["--set", "audit.collector.enabled=true"])?;
+    let defaults = helm.render(&[])?;
+    assert_eq!(kinds(&defaults, "StatefulSet"), 1, "on by default");
     assert!(
-        find(&enabled, "Role", "portcullis-audit-sink-secrets").is_err(),
+        find(&defaults, "Role", "portcullis-audit-sink-secrets").is_err(),
         "no Secret is readable until sinkSecrets lists it"
     );
-    let operator = &find(&objects, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"]
-        ["containers"][0];
+    let claim = &find(&defaults, "StatefulSet", "portcullis-audit")?["spec"]["volumeClaimTemplates"]
+        [0]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "10Gi");
+    assert!(
+        claim.get("storageClassName").is_none(),
+        "the cluster's default"
+    );
+    let off = helm.render(&["--set", "audit.collector.enabled=false"])?;
+    assert_eq!(kinds(&off, "StatefulSet"), 0);
+    let operator = &find(&off, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"]["containers"]
+        [0];
     assert!(env_value(operator, "PORTCULLIS_AUDIT_COLLECTOR_URL").is_none());
 
     let values = chart_dir().join("ci").join("non-default-values.yaml");
