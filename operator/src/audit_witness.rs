@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
@@ -23,7 +22,7 @@ use portcullis_api::audit_export::seal_path;
 use portcullis_audit::seal::{Seal, verify_seal_value};
 use portcullis_audit::verify::TrustBundle;
 use portcullis_crds::{SealAnchor, Tenant};
-use rustls::pki_types::ServerName;
+use portcullis_server::oneshot::{self, Target};
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::CertificateAuthority;
@@ -286,29 +285,26 @@ impl AuditWitness {
 
     /// The newest seal of `tenant`'s log, `None` when it has none yet.
     async fn newest_seal(&self, tenant: &str) -> Result<Option<String>, WitnessError> {
-        let url = &self.settings.collector_url;
         let fail = |message: String| WitnessError::Collector {
-            url: url.clone(),
+            url: self.settings.collector_url.clone(),
             message,
         };
-        match tokio::time::timeout(TIMEOUT, self.get(&seal_path(tenant))).await {
-            Ok(Ok((200, body))) => Ok(Some(body)),
-            Ok(Ok((404, _))) => Ok(None),
-            Ok(Ok((status, body))) => Err(fail(format!("answered {status}: {}", body.trim()))),
-            Ok(Err(message)) => Err(fail(message)),
-            Err(_) => Err(fail(format!("no answer within {TIMEOUT:?}"))),
+        match self.get(&seal_path(tenant)).await.map_err(fail)? {
+            (StatusCode::OK, body) => Ok(Some(String::from_utf8_lossy(&body).into_owned())),
+            (StatusCode::NOT_FOUND, _) => Ok(None),
+            (status, body) => Err(fail(format!(
+                "answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ))),
         }
     }
 
-    async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let uri: http::Uri = self
-            .settings
-            .collector_url
-            .parse()
-            .map_err(|e| format!("not a URL: {e}"))?;
-        let host = uri.host().ok_or("the URL names no host")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(443);
+    /// `GET path` on the collector with the ServiceAccount token, verifying the
+    /// collector against the trust bundle.
+    async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), String> {
+        let mut target =
+            Target::from_url(&self.settings.collector_url).map_err(|e| e.to_string())?;
+        target.server_name.clone_from(&self.settings.server_name);
         let token = tokio::fs::read_to_string(&self.settings.token_file)
             .await
             .map_err(|e| {
@@ -317,6 +313,11 @@ impl AuditWitness {
                     self.settings.token_file.display()
                 )
             })?;
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        bearer.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, bearer);
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(
             portcullis_tls::parse_pem_certs(&self.ca.trust_bundle_pem(), "trust bundle")
@@ -327,40 +328,16 @@ impl AuditWitness {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let name = ServerName::try_from(self.settings.server_name.clone())
-            .map_err(|e| format!("server name {:?}: {e}", self.settings.server_name))?;
-        let tcp = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let request = http::Request::get(path)
-            .header(http::header::HOST, &self.settings.server_name)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_SEAL_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        oneshot::get(
+            &target,
+            Arc::new(tls),
+            path,
+            headers,
+            MAX_SEAL_BYTES,
+            TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -14,10 +14,12 @@ use rustls::pki_types::ServerName;
 /// Where to send the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// Host name or address to connect to; also the TLS server name.
+    /// Host name or address to connect to.
     pub host: String,
     /// Port.
     pub port: u16,
+    /// The name the server's certificate must carry (and the Host header's).
+    pub server_name: String,
 }
 
 impl Target {
@@ -32,13 +34,17 @@ impl Target {
         let host = uri
             .host()
             .ok_or_else(|| OneshotError::Url(format!("{url:?} names no host")))?;
-        Ok(Self {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port: uri.port_u16().unwrap_or(443),
-        })
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Self::new(host, uri.port_u16().unwrap_or(443)))
+    }
+
+    /// `host` on `port`, its certificate naming `host`.
+    pub fn new(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+            server_name: host.to_owned(),
+        }
     }
 
     fn authority(&self) -> String {
@@ -109,8 +115,8 @@ async fn exchange(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let server_name = ServerName::try_from(target.host.clone())
-        .map_err(|_| OneshotError::ServerName(target.host.clone()))?;
+    let server_name = ServerName::try_from(target.server_name.clone())
+        .map_err(|_| OneshotError::ServerName(target.server_name.clone()))?;
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(server_name, tcp)
         .await
@@ -123,8 +129,9 @@ async fn exchange(
         .map_err(|e| OneshotError::Http(e.to_string()))?;
     let driver = tokio::spawn(connection);
     let result = async {
+        let host = format!("{}:{}", target.server_name, target.port);
         let mut request = Request::get(path)
-            .header(header::HOST, endpoint.as_str())
+            .header(header::HOST, host.as_str())
             .body(Empty::<Bytes>::new())
             .map_err(|e| OneshotError::Http(e.to_string()))?;
         request.headers_mut().extend(headers);
@@ -154,17 +161,11 @@ mod tests {
         let target = Target::from_url("https://portcullis-policy.portcullis-system.svc:8090");
         assert_eq!(
             target.ok(),
-            Some(Target {
-                host: "portcullis-policy.portcullis-system.svc".into(),
-                port: 8090
-            })
+            Some(Target::new("portcullis-policy.portcullis-system.svc", 8090))
         );
         assert_eq!(
             Target::from_url("https://[::1]").ok(),
-            Some(Target {
-                host: "::1".into(),
-                port: 443
-            })
+            Some(Target::new("::1", 443))
         );
         for bad in ["http://policy:8090", "policy:8090", "https://"] {
             assert!(Target::from_url(bad).is_err(), "{bad}");

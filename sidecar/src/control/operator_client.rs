@@ -33,10 +33,7 @@ pub async fn get(
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), OperatorError> {
     let config = tls().map_err(|e| OperatorError::NoIdentity(e.to_string()))?;
-    let target = Target {
-        host: endpoint.host.clone(),
-        port: endpoint.port,
-    };
+    let target = Target::new(&endpoint.host, endpoint.port);
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     Ok(oneshot::get(&target, config, path, headers, MAX_BODY_BYTES, timeout).await?)
