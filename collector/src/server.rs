@@ -195,25 +195,24 @@ impl<S: RecordStore + Send + 'static> Ingest<S> {
         if self.admin_writer.as_deref() != Some(shipper.workload.as_str()) {
             return Ok(shipper);
         }
-        let entries: Vec<serde_json::Value> = body
-            .split(|b| *b == b'\n')
-            .filter_map(|line| serde_json::from_slice(line).ok())
-            .collect();
-        let named = entries
-            .iter()
-            .find_map(|value| value.get("tenant")?.as_str().map(str::to_owned));
+        // Parsed only as far as needed (the batch is parsed whole on ingest): the first
+        // record names the tenant.
+        let entries = || {
+            body.split(|b| *b == b'\n')
+                .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        };
+        let named = entries().find_map(|value| value.get("tenant")?.as_str().map(str::to_owned));
         // A batch of checkpoints alone belongs where its chain already is.
         let tenant = named.or_else(|| {
-            let chain = entries
-                .iter()
-                .find_map(|value| value.get("chain_id")?.as_str())?;
+            let chain =
+                entries().find_map(|value| value.get("chain_id")?.as_str().map(str::to_owned))?;
             let collector = self
                 .collector
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             collector
                 .arrivals()
-                .head(chain)
+                .head(&chain)
                 .map(|head| head.tenant.clone())
         });
         match tenant {
