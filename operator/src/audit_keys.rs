@@ -1,10 +1,11 @@
 //! The collector's tenant keys, from the operator's policy server
 //! (`GET /v1/audit-key/<tenant>`, the endpoint proxies use), asked with the audit
 //! service's own certificate, which the policy server lets read every tenant's keys.
-//! Tenants the store asks for are fetched at once (and again every few seconds while
-//! the operator has none); the ones held are fetched again every few minutes, so a
-//! rotated DEK is in use within that. Key material is never logged.
+//! Tenants the store asks for are fetched at once (and again, less and less often,
+//! while the operator has none); the ones held are fetched again every few minutes, so
+//! a rotated DEK is in use within that. Key material is never logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,20 +71,30 @@ pub async fn fetch(
 }
 
 /// Keeps `cache` supplied from `target` until `shutdown`; `tls` gives the client
-/// configuration at each round (the certificate is renewed under it).
+/// configuration at each round (the certificate is renewed under it). A tenant the
+/// operator has no key for is asked again after 5 s, then twice as long each time up
+/// to [`REFRESH_EVERY`] (a new Tenant's key comes within seconds; a deleted Tenant's
+/// never does).
 pub async fn supply<F, E>(cache: Arc<KeyCache>, target: Target, tls: F, shutdown: CancellationToken)
 where
     F: Fn() -> Result<Arc<rustls::ClientConfig>, E>,
     E: std::fmt::Display,
 {
     let mut next_refresh = Instant::now() + REFRESH_EVERY;
+    // Per tenant without a key: when to ask again, and the wait after that.
+    let mut later: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
-        let refresh = Instant::now() >= next_refresh;
-        let mut tenants = cache.wanted();
-        if refresh {
+        let now = Instant::now();
+        let mut tenants: Vec<String> = cache
+            .wanted()
+            .into_iter()
+            .filter(|t| later.get(t).is_none_or(|(at, _)| *at <= now))
+            .collect();
+        if now >= next_refresh {
             tenants.extend(cache.held());
-            next_refresh = Instant::now() + REFRESH_EVERY;
+            next_refresh = now + REFRESH_EVERY;
         }
+        let mut retry_soon = false;
         if !tenants.is_empty() {
             match tls() {
                 Ok(config) => {
@@ -91,28 +102,39 @@ where
                         match fetch(&target, config.clone(), &tenant).await {
                             Ok(keys) => {
                                 tracing::debug!(%tenant, active_version = keys.active.version(), "tenant key at hand");
+                                later.remove(&tenant);
                                 cache.insert(keys);
                             }
-                            Err(e @ FetchError::NoKey(_)) => tracing::info!(error = %e),
                             Err(e) => {
-                                tracing::warn!(%tenant, error = %e, "fetching the tenant's key failed; retrying")
+                                let wait = later.get(&tenant).map_or(RETRY_AFTER, |(_, wait)| {
+                                    (*wait * 2).min(REFRESH_EVERY)
+                                });
+                                if matches!(e, FetchError::NoKey(_)) {
+                                    tracing::info!(error = %e, retry_in = ?wait);
+                                } else {
+                                    tracing::warn!(%tenant, error = %e, retry_in = ?wait, "fetching the tenant's key failed");
+                                }
+                                later.insert(tenant, (Instant::now() + wait, wait));
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "no client configuration to fetch tenant keys with")
+                    tracing::warn!(error = %e, "no client configuration to fetch tenant keys with");
+                    retry_soon = true;
                 }
             }
         }
-        let wait = if cache.wanted().is_empty() {
-            next_refresh.saturating_duration_since(Instant::now())
-        } else {
-            RETRY_AFTER
-        };
+        let wanted = cache.wanted();
+        later.retain(|tenant, _| wanted.contains(tenant));
+        let next_ask = later.values().map(|(at, _)| *at).min();
+        let mut until = next_ask.map_or(next_refresh, |at| at.min(next_refresh));
+        if retry_soon {
+            until = until.min(Instant::now() + RETRY_AFTER);
+        }
         tokio::select! {
             () = cache.asked() => {}
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(until) => {}
             () = shutdown.cancelled() => return,
         }
     }
