@@ -15,14 +15,28 @@ pub fn ready(
     previous: &[Condition],
     now: Time,
 ) -> Condition {
-    let status = if ready { "True" } else { "False" };
+    condition(READY, ready, reason, message, generation, previous, now)
+}
+
+/// Builds a condition of type `type_`; `previous` keeps `lastTransitionTime` when its
+/// status did not change.
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
     let last_transition_time = previous
         .iter()
-        .find(|c| c.type_ == READY && c.status == status)
+        .find(|c| c.type_ == type_ && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or(now);
     Condition {
-        type_: READY.to_owned(),
+        type_: type_.to_owned(),
         status: status.to_owned(),
         reason: reason.to_owned(),
         message: message.into(),

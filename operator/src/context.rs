@@ -15,6 +15,7 @@ use tokio::sync::RwLock;
 use crate::clock::Clock;
 use crate::envelope::Kek;
 use crate::error::Error;
+use crate::kek_custody::KekCustody;
 use crate::metrics::{Kind, Metrics};
 use crate::stores::Stores;
 use crate::webhook::inject::InjectSettings;
@@ -45,6 +46,8 @@ pub struct ReconcileSettings {
     /// What the operator binds in each tenant namespace to reach its ApiKey Secrets;
     /// `None`: nothing (its credentials reach them already).
     pub secrets_binding: Option<SecretsBinding>,
+    /// Where the KEK is kept (a Restricted Tenant's `KeyCustody` condition).
+    pub kek_custody: KekCustody,
 }
 
 /// The chart's tenant-secrets ClusterRole and the ServiceAccount (in the operator's
@@ -68,13 +71,17 @@ impl ReconcileSettings {
                 &namespace,
                 crate::run::SERVICE_NAME,
             ),
-            namespace,
             key_rotation_overlap: Duration::from_secs(3_600),
             hash_cost: portcullis_crds::token::HASH_COST,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             resync: Duration::from_secs(3_600),
             secrets_binding: None,
+            kek_custody: KekCustody::Secret {
+                namespace: namespace.clone(),
+                name: crate::envelope::KEK_SECRET_NAME.to_owned(),
+            },
+            namespace,
         }
     }
 }

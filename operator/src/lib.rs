@@ -17,6 +17,7 @@ pub mod dek;
 pub mod envelope;
 pub mod error;
 pub mod identity;
+pub mod kek_custody;
 pub mod leader;
 pub mod metrics;
 pub mod policy;

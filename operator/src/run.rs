@@ -699,7 +699,10 @@ fn webhook_settings(
         addr: webhook_addr,
         tls,
         inject,
-        validator: ValidatorSettings::new(namespace, &webhooks.service_account),
+        validator: ValidatorSettings {
+            kek_custody: settings.reconcile.kek_custody.clone(),
+            ..ValidatorSettings::new(namespace, &webhooks.service_account)
+        },
         configurations,
     }
 }

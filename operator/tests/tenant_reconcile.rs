@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use fixtures::{NS, TENANT, tenant, testing_context, with_status};
 use http::StatusCode;
-use portcullis_crds::{Tenant, TenantStatus};
+use portcullis_crds::{DataClassification, Tenant, TenantStatus};
 use portcullis_operator::controller::tenant::{FINALIZER, reconcile};
 use serde_json::json;
 
@@ -104,6 +104,56 @@ async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched(
     }
     assert_eq!(event.body["type"], "Warning");
     assert_eq!(event.body["regarding"]["name"], TENANT);
+}
+
+/// A Restricted Tenant's status says its keys are wrapped by a KEK kept in a Secret
+/// (its other conditions as ever; the invalid spec keeps the scripted exchange short).
+#[tokio::test]
+async fn a_restricted_tenant_reports_that_its_kek_is_a_secret() {
+    let (ctx, mut api, _writers) = testing_context();
+    let mut acme: Tenant = tenant();
+    acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    acme.metadata.generation = Some(2);
+    acme.spec.data_classification = DataClassification::Restricted;
+    acme.spec.namespaces.push("Not_A_Namespace".into());
+    let object = acme.clone();
+    let script = tokio::spawn(async move {
+        let status = api
+            .expect(
+                "PATCH",
+                &format!("{TENANT_PATH}/status"),
+                StatusCode::OK,
+                |s| with_status(&object, s),
+            )
+            .await;
+        api.expect_echo(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/kube-system/events",
+            StatusCode::CREATED,
+        )
+        .await;
+        api.expect_nothing_more().await;
+        status
+    });
+    let _ = reconcile(Arc::new(acme), ctx).await;
+    let status = script.await.unwrap_or_else(|e| panic!("{e}"));
+    let written: TenantStatus = serde_json::from_value(status.body["status"].clone())
+        .unwrap_or_else(|e| panic!("status: {e}"));
+    let custody = written
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "KeyCustody")
+        .unwrap_or_else(|| panic!("no KeyCustody condition: {written:?}"));
+    assert_eq!(
+        (custody.status.as_str(), custody.reason.as_str()),
+        ("False", "SoftwareKek")
+    );
+    assert!(
+        custody.message.contains("portcullis-system/portcullis-kek"),
+        "{}",
+        custody.message
+    );
+    assert_eq!(custody.observed_generation, Some(2));
 }
 
 #[tokio::test]

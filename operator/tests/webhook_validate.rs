@@ -788,3 +788,39 @@ async fn the_pod_handler_returns_a_json_patch() {
     assert_eq!(patch[0]["path"], "/spec/initContainers");
     assert_eq!(patch[1]["value"]["name"], "portcullis-proxy");
 }
+
+#[tokio::test]
+async fn a_restricted_tenant_is_admitted_with_a_warning_naming_the_kek_secret() {
+    let (state, _audit) = state();
+    let create = |name: &str, classification: &str| {
+        let object = serde_json::to_value(tenant(
+            name,
+            json!({"namespaces": [format!("{name}-prod")], "dataClassification": classification}),
+        ))
+        .unwrap();
+        request(
+            "Tenant",
+            "tenants",
+            "CREATE",
+            "system:admin",
+            object,
+            Value::Null,
+            false,
+        )
+    };
+    let response = review_admin(&state, &create("vault", "Restricted")).await;
+    assert!(response.allowed, "{:?}", response.result);
+    let warnings = response.warnings.unwrap_or_default();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("Tenant \"vault\" is Restricted")
+            && warnings[0].contains("portcullis-system/portcullis-kek")
+            && warnings[0].contains("hardware-backed"),
+        "{warnings:?}"
+    );
+    for quiet in ["Public", "Internal", "Confidential"] {
+        let response = review_admin(&state, &create("shop", quiet)).await;
+        assert!(response.allowed, "{:?}", response.result);
+        assert_eq!(response.warnings, None, "{quiet}");
+    }
+}

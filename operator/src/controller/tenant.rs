@@ -643,6 +643,13 @@ impl<'a> TenantReconciler<'a> {
                 now.clone(),
             ),
         };
+        // Restricted data and a KEK that is not held in hardware.
+        let custody = self.ctx.settings.kek_custody.condition(
+            self.tenant.spec.data_classification,
+            generation,
+            &prev.conditions,
+            now.clone(),
+        );
         // A separate condition: the tenant works, but some of its pods are exposed.
         // Opt-outs alone get their own reason: allowed, but still not behind the proxy.
         // `None`: not looked at this time, the previous report stands.
@@ -687,7 +694,11 @@ impl<'a> TenantReconciler<'a> {
             )
         };
         TenantStatus {
-            conditions: [ready, protected].into_iter().chain(serving).collect(),
+            conditions: [ready, protected]
+                .into_iter()
+                .chain(serving)
+                .chain(custody)
+                .collect(),
             namespaces,
             active_dek_version,
             api_keys: u32::try_from(keys).unwrap_or(u32::MAX),
@@ -742,22 +753,10 @@ fn protected_condition(
     reason: &str,
     message: String,
     generation: Option<i64>,
-    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    previous: &[Condition],
     now: Time,
-) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    let status = if ok { "True" } else { "False" };
-    let last_transition_time = previous
-        .iter()
-        .find(|c| c.type_ == PROTECTED && c.status == status)
-        .map_or(now, |c| c.last_transition_time.clone());
-    k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-        type_: PROTECTED.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
+) -> Condition {
+    conditions::condition(PROTECTED, ok, reason, message, generation, previous, now)
 }
 
 /// Condition type reporting pods that run without the proxy.

@@ -4,6 +4,7 @@
 use clap::Args;
 use portcullis_crds::DurationSpec;
 use portcullis_operator::context::SecretsBinding;
+use portcullis_operator::kek_custody::KekCustody;
 use portcullis_operator::run::OperatorSettings;
 
 use super::values::dns_subdomain;
@@ -33,6 +34,12 @@ impl KeyFlags {
     /// `service_account`: the account the tenant-secrets binding names.
     pub(super) fn apply(&self, settings: &mut OperatorSettings, service_account: String) {
         settings.kek_secret.clone_from(&self.kek_secret);
+        if let Some(name) = &self.kek_secret {
+            settings.reconcile.kek_custody = KekCustody::Secret {
+                namespace: settings.reconcile.namespace.clone(),
+                name: name.clone(),
+            };
+        }
         settings.reconcile.key_rotation_overlap = self.key_rotation_overlap.get();
         settings.reconcile.hash_cost = self.key_hash_cost;
         settings.reconcile.secrets_binding =

@@ -218,17 +218,36 @@ pub async fn review_admin(
     };
     match result {
         Ok(Ok(())) => {
-            if !request.dry_run && is_admin_change(request, operation) {
+            let changed = is_admin_change(request, operation);
+            if !request.dry_run && changed {
                 let tenant = admin_tenant(state, request, noun).await;
                 state
                     .audit
                     .record(audit_event(state, request, noun, operation, tenant));
             }
-            AdmissionResponse::from(request)
+            let warnings = if noun == "tenant" && changed && operation != Operation::Delete {
+                tenant_warnings(state, request)
+            } else {
+                Vec::new()
+            };
+            with_warnings(AdmissionResponse::from(request), warnings)
         }
         Ok(Err(refusal)) => refuse(request, refusal),
         Err(response) => *response,
     }
+}
+
+/// What an admitted Tenant is told: a Restricted one, when the KEK is not in hardware.
+fn tenant_warnings(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> Vec<String> {
+    let Some(Ok(tenant)) = request.object.as_ref().map(typed::<Tenant>) else {
+        return Vec::new();
+    };
+    state
+        .validator
+        .kek_custody
+        .admission_warning(&request.name, tenant.spec.data_classification)
+        .into_iter()
+        .collect()
 }
 
 type Checked = Result<Result<(), Refusal>, Box<AdmissionResponse>>;

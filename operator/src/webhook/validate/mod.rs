@@ -37,6 +37,8 @@ pub mod lookup;
 mod role;
 mod tenant;
 
+use crate::kek_custody::KekCustody;
+
 pub use apikey::validate_api_key;
 pub use role::validate_role;
 pub use tenant::{TenantClaims, validate_tenant};
@@ -82,6 +84,8 @@ pub struct ValidatorSettings {
     pub privileged_users: Vec<String>,
     /// User-name prefixes that are exempt: the kube-system controllers' ServiceAccounts.
     pub privileged_user_prefixes: Vec<String>,
+    /// Where the KEK is kept: a Restricted Tenant is warned when it is not hardware.
+    pub kek_custody: KekCustody,
 }
 
 impl ValidatorSettings {
@@ -95,6 +99,10 @@ impl ValidatorSettings {
                 "system:kube-controller-manager".into(),
             ],
             privileged_user_prefixes: vec!["system:serviceaccount:kube-system:".into()],
+            kek_custody: KekCustody::Secret {
+                namespace: operator_namespace.to_owned(),
+                name: crate::envelope::KEK_SECRET_NAME.to_owned(),
+            },
         }
     }
 
