@@ -90,6 +90,7 @@ pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
         checks.push(check_ca(cluster, kind, &deployment, now).await);
     }
     checks.push(check_audit_collector(cluster).await);
+    checks.push(check_key_custody(cluster).await);
     checks.extend(check_namespaces(cluster, now).await);
     let operator_logs = format!(
         "kubectl -n {} logs deploy/{deployment}",
@@ -240,6 +241,19 @@ async fn check_audit_collector(cluster: &Cluster) -> CheckResult {
         .await
         .is_ok_and(|s| s.is_some());
     probes::judge_audit_collector(ns, Some(&collector), &pods, certificate)
+}
+
+async fn check_key_custody(cluster: &Cluster) -> CheckResult {
+    match Api::<Tenant>::all(cluster.client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => probes::judge_key_custody(&cluster.operator_namespace, &list.items),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            probes::judge_key_custody(&cluster.operator_namespace, &[])
+        }
+        Err(e) => unreadable("Key-encryption key", "Tenants", e),
+    }
 }
 
 async fn check_ca(

@@ -8,10 +8,15 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::ResourceExt;
+use portcullis_crds::Tenant;
 use portcullis_crds::annotations::INJECT;
 use portcullis_crds::tenant::{DataClassification, TENANT_LABEL};
 
 use super::report::{CheckResult, bounded};
+
+/// The condition a Restricted Tenant reports its key custody under (the operator's
+/// `kek_custody::KEY_CUSTODY`).
+const KEY_CUSTODY: &str = "KeyCustody";
 use crate::cert::{Expiry, parse_pem_bundle};
 use crate::identity::PROXY_CONTAINER;
 use crate::output::{relative, short_duration, timestamp, timestamp_relative};
@@ -143,6 +148,49 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
 
 /// The audit collector's StatefulSet, Service and the Secret the operator writes it.
 pub const AUDIT_COLLECTOR: &str = "portcullis-audit";
+
+/// Where the key-encryption key is kept, as the Restricted Tenants' `KeyCustody`
+/// conditions say: a KEK in a Secret is a warning only once Restricted data depends on it.
+pub fn judge_key_custody(namespace: &str, tenants: &[Tenant]) -> CheckResult {
+    const CHECK: &str = "Key-encryption key";
+    let restricted: Vec<&Tenant> = tenants
+        .iter()
+        .filter(|t| t.spec.data_classification == DataClassification::Restricted)
+        .collect();
+    let unbacked: Vec<String> = restricted
+        .iter()
+        .filter(|t| {
+            t.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == KEY_CUSTODY && c.status == "False")
+            })
+        })
+        .map(|t| format!("tenant {}", t.name_any()))
+        .collect();
+    if unbacked.is_empty() {
+        let message = if restricted.is_empty() {
+            format!("a Secret in {namespace}; no Restricted tenant depends on it")
+        } else {
+            format!(
+                "{} Restricted tenant(s), none reporting a software KEK",
+                restricted.len()
+            )
+        };
+        return CheckResult::pass(CHECK, message);
+    }
+    CheckResult::warn(
+        CHECK,
+        format!(
+            "{} Restricted tenant(s) have their keys wrapped by a KEK kept in a Secret in {namespace} (KeyCustody=False)",
+            unbacked.len()
+        ),
+    )
+    .details(unbacked)
+    .hint(format!(
+        "limit who may read Secrets in {namespace} and keep its backups apart from the cluster's; an HSM or KMS-held KEK is not available yet"
+    ))
+}
 
 /// The audit collector: off (records stay in pods), or its StatefulSet and whether its
 /// certificate Secret exists.
@@ -553,6 +601,43 @@ pub fn judge_trust_bundles(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kek_in_a_secret_warns_once_restricted_tenants_depend_on_it() {
+        let tenant = |name: &str, classification: &str, custody: Option<&str>| -> Tenant {
+            let conditions: Vec<serde_json::Value> = custody
+                .map(|status| {
+                    serde_json::json!({"type": "KeyCustody", "status": status, "reason": "SoftwareKek",
+                        "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+                })
+                .into_iter()
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+                "metadata": {"name": name},
+                "spec": {"namespaces": [name], "dataClassification": classification},
+                "status": {"conditions": conditions}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let quiet = judge_key_custody("portcullis-system", &[tenant("shop", "Internal", None)]);
+        assert_eq!(quiet.status, Status::Pass);
+        assert!(
+            quiet.message.contains("no Restricted tenant"),
+            "{}",
+            quiet.message
+        );
+        let told = judge_key_custody(
+            "portcullis-system",
+            &[
+                tenant("shop", "Internal", None),
+                tenant("vault", "Restricted", Some("False")),
+            ],
+        );
+        assert_eq!(told.status, Status::Warn);
+        assert_eq!(told.details, vec!["tenant vault".to_owned()]);
+        assert!(told.hint.unwrap_or_default().contains("portcullis-system"));
+    }
     use crate::check::report::Status;
     use k8s_openapi::ByteString;
 
