@@ -154,6 +154,9 @@ pub struct OperatorSettings {
     pub lease: LeaseSettings,
     /// An existing Secret holding the KEK; `None`: `portcullis-kek`, created if absent.
     pub kek_secret: Option<String>,
+    /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
+    /// it is admitted with a warning).
+    pub restricted_requires_hardware_kek: bool,
     /// The audit service's Service name: its serving certificate is kept in the Secret
     /// `<name>-tls` ([`crate::ca::audit_secret`]), with which the collector also reads
     /// every tenant's audit keys from the policy server; `None`: no audit service.
@@ -180,6 +183,10 @@ impl std::fmt::Debug for OperatorSettings {
             .field("leader_election", &self.leader_election)
             .field("lease", &self.lease)
             .field("kek_secret", &self.kek_secret)
+            .field(
+                "restricted_requires_hardware_kek",
+                &self.restricted_requires_hardware_kek,
+            )
             .field("audit_service", &self.audit_service)
             .field("audit_witness", &self.audit_witness)
             .finish()
@@ -209,6 +216,7 @@ impl OperatorSettings {
             leader_election: true,
             lease: LeaseSettings::new(LEASE_NAME, namespace, identity),
             kek_secret: None,
+            restricted_requires_hardware_kek: false,
             audit_service: None,
             audit_witness: None,
         }
@@ -701,6 +709,7 @@ fn webhook_settings(
         inject,
         validator: ValidatorSettings {
             kek_custody: settings.reconcile.kek_custody.clone(),
+            restricted_requires_hardware_kek: settings.restricted_requires_hardware_kek,
             ..ValidatorSettings::new(namespace, &webhooks.service_account)
         },
         configurations,

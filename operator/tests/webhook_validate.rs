@@ -494,7 +494,8 @@ fn a_namespace_owned_by_another_tenant_is_refused_naming_it() {
     let globex = tenant("globex", json!({"namespaces": ["shared"]}));
     let claims = TenantClaims::new(&[acme(), globex]);
     let grabby = tenant("acme", json!({"namespaces": ["acme-prod", "shared"]}));
-    let refusal = validate_tenant(&update("acme", &acme(), &grabby), &claims).unwrap_err();
+    let refusal =
+        validate_tenant(&update("acme", &acme(), &grabby), &claims, &exempt()).unwrap_err();
     assert_eq!(refusal.code, 409);
     assert_eq!(
         refusal.message,
@@ -506,14 +507,14 @@ fn a_namespace_owned_by_another_tenant_is_refused_naming_it() {
     claims.claim("acme-staging", "acme");
     let grown = tenant("acme", json!({"namespaces": ["acme-prod", "acme-staging"]}));
     assert_eq!(
-        validate_tenant(&update("acme", &acme(), &grown), &claims),
+        validate_tenant(&update("acme", &acme(), &grown), &claims, &exempt()),
         Ok(())
     );
     // A namespace labelled for another tenant (bound through its selector).
     claims.claim("payments", "initech");
     let more = tenant("acme", json!({"namespaces": ["payments"]}));
     assert!(
-        validate_tenant(&update("acme", &acme(), &more), &claims)
+        validate_tenant(&update("acme", &acme(), &more), &claims, &exempt())
             .unwrap_err()
             .message
             .contains("Tenant \"initech\"")
@@ -521,7 +522,7 @@ fn a_namespace_owned_by_another_tenant_is_refused_naming_it() {
 
     let bad = tenant("acme", json!({"namespaces": ["Bad_NS"]}));
     assert_eq!(
-        validate_tenant(&create("acme", &bad), &claims)
+        validate_tenant(&create("acme", &bad), &claims, &exempt())
             .unwrap_err()
             .code,
         422
@@ -823,4 +824,57 @@ async fn a_restricted_tenant_is_admitted_with_a_warning_naming_the_kek_secret() 
         assert!(response.allowed, "{:?}", response.result);
         assert_eq!(response.warnings, None, "{quiet}");
     }
+}
+
+#[test]
+fn with_hardware_required_a_tenant_becoming_restricted_is_refused_with_the_way_out() {
+    let strict = ValidatorSettings {
+        restricted_requires_hardware_kek: true,
+        ..exempt()
+    };
+    let claims = TenantClaims::default();
+    let classified = |classification: &str| {
+        tenant(
+            "vault",
+            json!({"namespaces": ["vault-prod"], "dataClassification": classification}),
+        )
+    };
+    let restricted = classified("Restricted");
+    let refusal = validate_tenant(&create("vault", &restricted), &claims, &strict).unwrap_err();
+    assert_eq!(refusal.code, 403);
+    for words in [
+        "\"vault\" is Restricted",
+        "portcullis-system/portcullis-kek",
+        "--restricted-requires-hardware-kek",
+        "classify the Tenant Confidential",
+    ] {
+        assert!(refusal.message.contains(words), "{}", refusal.message);
+    }
+    let confidential = classified("Confidential");
+    assert_eq!(
+        validate_tenant(
+            &update("vault", &confidential, &restricted),
+            &claims,
+            &strict
+        )
+        .map_err(|r| r.code),
+        Err(403),
+        "becoming Restricted by an update is refused too"
+    );
+    // A Tenant already Restricted is not locked out of other edits, and the default
+    // admits it (with the warning the review adds).
+    let mut grown = classified("Restricted");
+    grown.spec.namespaces.push("vault-dr".into());
+    assert_eq!(
+        validate_tenant(&update("vault", &restricted, &grown), &claims, &strict),
+        Ok(())
+    );
+    assert_eq!(
+        validate_tenant(&create("vault", &restricted), &claims, &exempt()),
+        Ok(())
+    );
+    assert_eq!(
+        validate_tenant(&create("vault", &confidential), &claims, &strict),
+        Ok(())
+    );
 }

@@ -621,6 +621,10 @@ fn helm_template_follows_non_default_values() -> Result<()> {
         setting("PORTCULLIS_KEK_SECRET").as_deref(),
         Some("portcullis-kek-from-kms")
     );
+    assert_eq!(
+        setting("PORTCULLIS_RESTRICTED_REQUIRES_HARDWARE_KEK").as_deref(),
+        Some("true")
+    );
     assert_eq!(setting("PORTCULLIS_LOG_JSON").as_deref(), Some("false"));
     assert_eq!(
         setting("PORTCULLIS_PROXY_IMAGE").as_deref(),

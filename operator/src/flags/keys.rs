@@ -17,6 +17,10 @@ pub(super) struct KeyFlags {
     /// by default `portcullis-kek`, created on first start.
     #[arg(long, env = "PORTCULLIS_KEK_SECRET")]
     pub(super) kek_secret: Option<String>,
+    /// Refuse a Tenant becoming Restricted while the key-encryption key is a Secret
+    /// (not held in an HSM or KMS); off: it is admitted with a warning.
+    #[arg(long, env = "PORTCULLIS_RESTRICTED_REQUIRES_HARDWARE_KEK")]
+    pub(super) restricted_requires_hardware_kek: bool,
     /// How long a rotated key's previous token stays valid.
     #[arg(long, env = "PORTCULLIS_KEY_ROTATION_OVERLAP", default_value = "1h")]
     pub(super) key_rotation_overlap: DurationSpec,
@@ -34,6 +38,7 @@ impl KeyFlags {
     /// `service_account`: the account the tenant-secrets binding names.
     pub(super) fn apply(&self, settings: &mut OperatorSettings, service_account: String) {
         settings.kek_secret.clone_from(&self.kek_secret);
+        settings.restricted_requires_hardware_kek = self.restricted_requires_hardware_kek;
         if let Some(name) = &self.kek_secret {
             settings.reconcile.kek_custody = KekCustody::Secret {
                 namespace: settings.reconcile.namespace.clone(),

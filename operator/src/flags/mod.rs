@@ -129,6 +129,35 @@ mod tests {
     }
 
     #[test]
+    fn the_kek_secret_names_the_custody_restricted_tenants_are_told_of() {
+        use portcullis_operator::kek_custody::KekCustody;
+        let s = settings(&["--namespace", "ops"]);
+        assert!(!s.restricted_requires_hardware_kek);
+        assert_eq!(
+            s.reconcile.kek_custody,
+            KekCustody::Secret {
+                namespace: "ops".into(),
+                name: "portcullis-kek".into()
+            }
+        );
+        let s = settings(&[
+            "--namespace",
+            "ops",
+            "--kek-secret",
+            "kek-from-vault",
+            "--restricted-requires-hardware-kek",
+        ]);
+        assert!(s.restricted_requires_hardware_kek);
+        assert_eq!(
+            s.reconcile.kek_custody,
+            KekCustody::Secret {
+                namespace: "ops".into(),
+                name: "kek-from-vault".into()
+            }
+        );
+    }
+
+    #[test]
     fn defaults_match_the_chart_and_the_design() {
         let s = settings(&["--namespace", "portcullis-system"]);
         assert_eq!(s.service_name, "portcullis-operator");

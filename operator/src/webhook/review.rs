@@ -387,6 +387,7 @@ async fn check_tenant(
     Ok(validate_tenant(
         &change(request, operation, &objects),
         &claims,
+        &state.validator,
     ))
 }
 

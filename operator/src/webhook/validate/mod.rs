@@ -86,6 +86,9 @@ pub struct ValidatorSettings {
     pub privileged_user_prefixes: Vec<String>,
     /// Where the KEK is kept: a Restricted Tenant is warned when it is not hardware.
     pub kek_custody: KekCustody,
+    /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed, rather
+    /// than only warn (`--restricted-requires-hardware-kek`).
+    pub restricted_requires_hardware_kek: bool,
 }
 
 impl ValidatorSettings {
@@ -103,6 +106,7 @@ impl ValidatorSettings {
                 namespace: operator_namespace.to_owned(),
                 name: crate::envelope::KEK_SECRET_NAME.to_owned(),
             },
+            restricted_requires_hardware_kek: false,
         }
     }
 

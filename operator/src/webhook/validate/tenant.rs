@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use portcullis_crds::Tenant;
+use portcullis_crds::{DataClassification, Tenant};
 
-use super::{Change, Operation, Refusal};
+use super::{Change, Operation, Refusal, ValidatorSettings};
 
 /// Which tenant owns which namespace, from every Tenant's `spec.namespaces` and
 /// `status.namespaces` and the `portcullis.dev/tenant` namespace labels.
@@ -45,8 +45,13 @@ impl TenantClaims {
     }
 }
 
-/// Checks a Tenant change against the claims of every tenant.
-pub fn validate_tenant(change: &Change<'_, Tenant>, claims: &TenantClaims) -> Result<(), Refusal> {
+/// Checks a Tenant change against the claims of every tenant, and a Tenant becoming
+/// Restricted against where the KEK is kept when `settings` require hardware for it.
+pub fn validate_tenant(
+    change: &Change<'_, Tenant>,
+    claims: &TenantClaims,
+    settings: &ValidatorSettings,
+) -> Result<(), Refusal> {
     let name = change.name;
     let Some(tenant) = change
         .object
@@ -61,6 +66,20 @@ pub fn validate_tenant(change: &Change<'_, Tenant>, claims: &TenantClaims) -> Re
         .spec
         .validate()
         .map_err(|errors| Refusal::invalid(format!("Tenant {name:?} is invalid: {errors}")))?;
+    let restricted = |t: &Tenant| t.spec.data_classification == DataClassification::Restricted;
+    let becomes_restricted = restricted(tenant) && !change.old_object.is_some_and(restricted);
+    if becomes_restricted
+        && settings.restricted_requires_hardware_kek
+        && let Some(why) = settings
+            .kek_custody
+            .admission_warning(name, DataClassification::Restricted)
+    {
+        return Err(Refusal::forbidden(format!(
+            "{why}. This operator refuses Restricted Tenants until its KEK is hardware-backed \
+             (--restricted-requires-hardware-kek, chart value kek.restrictedRequiresHardware); \
+             classify the Tenant Confidential, or turn the setting off to admit it with a warning"
+        )));
+    }
     for namespace in &tenant.spec.namespaces {
         if let Some(owner) = claims.other_owner(namespace, name) {
             return Err(Refusal::conflict(format!(
