@@ -193,6 +193,24 @@ fn checkpoints_must_sign_what_arrived() {
     assert_eq!((report.records, report.checkpoints), (3, 1));
 }
 
+/// Tenant shop's log in a fresh directory after `batches` batches of `per_batch`
+/// records of chain web-7d9f-1, the collector that wrote it closed again.
+fn stored_shop_log(
+    batches: usize,
+    per_batch: usize,
+) -> (tempfile::TempDir, Arc<ManualClock>, Proxy) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(start()));
+    let mut proxy = Proxy::new("web-7d9f-1", "shop");
+    let mut collector = open(dir.path(), &clock);
+    for _ in 0..batches {
+        collector
+            .ingest(SHOP, &batch(&proxy.requests(per_batch)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    (dir, clock, proxy)
+}
+
 fn day_file(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("shop").join("2027-01-15.seg")
 }
@@ -200,15 +218,7 @@ fn day_file(dir: &std::path::Path) -> std::path::PathBuf {
 /// Stores four records, leaves `tail` after them as a crash would, and checks that a
 /// restarted collector continues the chain and stores exactly what follows.
 fn restart_after_a_torn_append(tail: &[u8]) {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let clock = Arc::new(ManualClock::new(start()));
-    let mut proxy = Proxy::new("web-7d9f-1", "shop");
-    {
-        let mut collector = open(dir.path(), &clock);
-        collector
-            .ingest(SHOP, &batch(&proxy.requests(4)))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let (dir, clock, mut proxy) = stored_shop_log(1, 4);
     let mut bytes = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     bytes.extend_from_slice(tail);
     std::fs::write(day_file(dir.path()), bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -298,15 +308,7 @@ fn records_rest_encrypted_under_the_tenant_key() {
 
 #[test]
 fn without_the_tenant_key_nothing_is_stored_until_it_arrives() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let clock = Arc::new(ManualClock::new(start()));
-    let mut proxy = Proxy::new("web-7d9f-1", "shop");
-    {
-        let mut collector = open(dir.path(), &clock);
-        collector
-            .ingest(SHOP, &batch(&proxy.requests(4)))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let (dir, clock, mut proxy) = stored_shop_log(1, 4);
     // A restart before the operator answered: the cache holds no key yet.
     let keys = Arc::new(KeyCache::new());
     let mut collector = Collector::open(
@@ -340,17 +342,7 @@ fn without_the_tenant_key_nothing_is_stored_until_it_arrives() {
 
 #[test]
 fn a_damaged_frame_with_records_after_it_is_refused_not_cut() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let clock = Arc::new(ManualClock::new(start()));
-    let mut proxy = Proxy::new("web-7d9f-1", "shop");
-    {
-        let mut collector = open(dir.path(), &clock);
-        for _ in 0..3 {
-            collector
-                .ingest(SHOP, &batch(&proxy.requests(2)))
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-    }
+    let (dir, clock, _proxy) = stored_shop_log(3, 2);
     // One byte of the first frame's ciphertext flipped: damage, not a crash.
     let mut bytes = std::fs::read(day_file(dir.path())).unwrap_or_else(|e| panic!("{e}"));
     let size = bytes.len();

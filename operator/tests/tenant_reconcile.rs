@@ -43,14 +43,17 @@ async fn the_first_reconcile_only_adds_the_finalizer() {
     );
 }
 
-#[tokio::test]
-async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched() {
+/// Reconciles `acme`, whose spec is invalid, against a script expecting exactly its
+/// status write and a Warning Event; returns the reconcile's error, the status write
+/// and the Event.
+async fn reconcile_invalid(
+    acme: Tenant,
+) -> (
+    portcullis_operator::error::Error,
+    fixtures::Seen,
+    fixtures::Seen,
+) {
     let (ctx, mut api, _writers) = testing_context();
-    let mut acme: Tenant = tenant();
-    acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    acme.metadata.generation = Some(4);
-    acme.spec.namespaces.push("Not_A_Namespace".into());
-    acme.spec.scopes.insert("events".into(), Vec::new());
     let object = acme.clone();
     let script = tokio::spawn(async move {
         let status = api
@@ -77,6 +80,17 @@ async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched(
         .err()
         .unwrap_or_else(|| panic!("an invalid Tenant reconciled Ok"));
     let (status, event) = script.await.unwrap_or_else(|e| panic!("{e}"));
+    (error, status, event)
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched() {
+    let mut acme: Tenant = tenant();
+    acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    acme.metadata.generation = Some(4);
+    acme.spec.namespaces.push("Not_A_Namespace".into());
+    acme.spec.scopes.insert("events".into(), Vec::new());
+    let (error, status, event) = reconcile_invalid(acme).await;
     assert_eq!(error.metric_label(), "InvalidSpec");
 
     assert_eq!(status.content_type, "application/apply-patch+yaml");
@@ -110,33 +124,12 @@ async fn an_invalid_spec_is_reported_field_by_field_and_nothing_else_is_touched(
 /// (its other conditions as ever; the invalid spec keeps the scripted exchange short).
 #[tokio::test]
 async fn a_restricted_tenant_reports_that_its_kek_is_a_secret() {
-    let (ctx, mut api, _writers) = testing_context();
     let mut acme: Tenant = tenant();
     acme.metadata.finalizers = Some(vec![FINALIZER.into()]);
     acme.metadata.generation = Some(2);
     acme.spec.data_classification = DataClassification::Restricted;
     acme.spec.namespaces.push("Not_A_Namespace".into());
-    let object = acme.clone();
-    let script = tokio::spawn(async move {
-        let status = api
-            .expect(
-                "PATCH",
-                &format!("{TENANT_PATH}/status"),
-                StatusCode::OK,
-                |s| with_status(&object, s),
-            )
-            .await;
-        api.expect_echo(
-            "POST",
-            "/apis/events.k8s.io/v1/namespaces/kube-system/events",
-            StatusCode::CREATED,
-        )
-        .await;
-        api.expect_nothing_more().await;
-        status
-    });
-    let _ = reconcile(Arc::new(acme), ctx).await;
-    let status = script.await.unwrap_or_else(|e| panic!("{e}"));
+    let (_, status, _) = reconcile_invalid(acme).await;
     let written: TenantStatus = serde_json::from_value(status.body["status"].clone())
         .unwrap_or_else(|e| panic!("status: {e}"));
     let custody = written

@@ -9,11 +9,12 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use portcullis_api::clock::{self, Clock};
 use portcullis_api::identity::IssueResponse;
-use portcullis_api::spiffe::{TenantId, WorkloadId};
+use portcullis_api::spiffe::{TenantId, TrustDomain, WorkloadId};
 use rcgen::{CertificateParams, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
@@ -22,6 +23,16 @@ use super::CaError;
 use super::certs::{self, CaCertificate};
 use super::csr::ValidatedCsr;
 use super::settings::CaSettings;
+
+/// How a serving certificate's parameters are made ([`certs::server_params`] and the
+/// audit service's).
+type ServingParams = fn(
+    &TrustDomain,
+    &[String],
+    Timestamp,
+    Duration,
+    Duration,
+) -> Result<CertificateParams, CaError>;
 
 /// A CA certificate with the key that signs under it.
 pub struct SigningCa {
@@ -359,14 +370,7 @@ impl CaState {
         settings: &CaSettings,
         now: Timestamp,
     ) -> Result<ServerCertificate, CaError> {
-        let params = certs::server_params(
-            &settings.trust_domain,
-            dns_names,
-            now,
-            settings.backdate,
-            settings.leaf_lifetime(),
-        )?;
-        self.sign_with_new_key(&params)
+        self.issue_serving(certs::server_params, dns_names, settings, now)
     }
 
     /// Signs the audit service's certificate (with a fresh key): a server certificate
@@ -378,7 +382,17 @@ impl CaState {
         settings: &CaSettings,
         now: Timestamp,
     ) -> Result<ServerCertificate, CaError> {
-        let params = certs::audit_service_params(
+        self.issue_serving(certs::audit_service_params, dns_names, settings, now)
+    }
+
+    fn issue_serving(
+        &mut self,
+        params: ServingParams,
+        dns_names: &[String],
+        settings: &CaSettings,
+        now: Timestamp,
+    ) -> Result<ServerCertificate, CaError> {
+        let params = params(
             &settings.trust_domain,
             dns_names,
             now,
