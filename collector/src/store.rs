@@ -342,9 +342,27 @@ impl FileStore {
             appending: HashMap::new(),
         };
         for tenant in store.tenants()? {
-            let chains = store.tenant_dir(&tenant)?.join(CHAINS_FILE);
+            let dir = store.tenant_dir(&tenant)?;
+            let chains = dir.join(CHAINS_FILE);
             if chains.exists() {
                 repair_torn_tail(&chains)?;
+            }
+            // Days an earlier version kept as plain JSON lines are not read back.
+            let plain = fs::read_dir(&dir)
+                .map_err(io_error("listing", &dir))?
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name != CHAINS_FILE && name.ends_with(".jsonl")
+                })
+                .count();
+            if plain > 0 {
+                tracing::warn!(
+                    %tenant,
+                    days = plain,
+                    dir = %dir.display(),
+                    "plaintext day files from an earlier version are not read; export them with that version or remove them"
+                );
             }
         }
         Ok(store)
