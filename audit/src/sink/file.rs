@@ -14,7 +14,7 @@ use crate::entry::Entry;
 use crate::error::Error;
 use crate::format::json::write_lines;
 use crate::keyring::DataKey;
-use crate::segment::{HEADER_LEN, new_header, seal_frame};
+use crate::segment::{HEADER_LEN, SegmentCipher, new_header};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,8 +57,8 @@ struct OpenSegment {
     last_ms: i64,
     bytes: u64,
     frames: u64,
-    header: [u8; HEADER_LEN],
-    key: DataKey,
+    /// The segment's key and header, set up once for all its frames.
+    cipher: SegmentCipher,
 }
 
 struct FileState {
@@ -173,7 +173,7 @@ impl FileState {
         let Some(seg) = self.current.as_mut() else {
             return Err(Error::Config("no open segment".into()));
         };
-        let frame = seal_frame(&seg.key, &seg.header, seg.frames, plaintext)?;
+        let frame = seg.cipher.seal(seg.frames, plaintext)?;
         let written = seg
             .file
             .write_all(&frame)
@@ -196,6 +196,7 @@ impl FileState {
     fn open_new(&mut self, now: i64) -> Result<OpenSegment, Error> {
         let index = self.next_index;
         let start_ms = now.max(0);
+        let cipher = SegmentCipher::new(&self.key, new_header(&self.key))?;
         let path = self
             .config
             .dir
@@ -205,8 +206,7 @@ impl FileState {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let header = new_header(&self.key);
-        file.write_all(&header)
+        file.write_all(cipher.header())
             .and_then(|()| file.sync_data())
             .map_err(|e| Error::io(&path, e))?;
         self.next_index += 1;
@@ -218,8 +218,7 @@ impl FileState {
             last_ms: start_ms,
             bytes: HEADER_LEN as u64,
             frames: 0,
-            header,
-            key: self.key.clone(),
+            cipher,
         })
     }
 
