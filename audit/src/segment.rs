@@ -21,6 +21,8 @@ pub const MAGIC: &[u8; 8] = b"PCAUDSG1";
 pub const HEADER_LEN: usize = 8 + 4 + 16;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
+/// Bytes of a frame before its ciphertext: the length prefix and the nonce.
+pub const FRAME_OVERHEAD: usize = 4 + NONCE_LEN;
 /// Largest frame accepted when reading (guards against a corrupted length).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -162,7 +164,7 @@ impl SegmentCipher {
             .map_err(|_| crate::Error::DataKey("encryption failed".into()))?;
         let len = u32::try_from(ciphertext.len())
             .map_err(|_| crate::Error::Config("audit batch too large for one frame".into()))?;
-        let mut out = Vec::with_capacity(4 + NONCE_LEN + ciphertext.len());
+        let mut out = Vec::with_capacity(FRAME_OVERHEAD + ciphertext.len());
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
@@ -180,7 +182,7 @@ impl SegmentCipher {
         if !(TAG_LEN..=MAX_FRAME).contains(&len) {
             return Err(FrameError::BadLength);
         }
-        let body_start = 4 + NONCE_LEN;
+        let body_start = FRAME_OVERHEAD;
         let (Some(nonce), Some(ciphertext)) = (
             bytes.get(4..body_start),
             bytes.get(body_start..body_start + len),

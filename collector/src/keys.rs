@@ -82,18 +82,6 @@ impl KeyCache {
         held
     }
 
-    /// Marks `tenants` wanted (the ones with a log on disk, at start).
-    pub fn want(&self, tenants: impl IntoIterator<Item = String>) {
-        let held = self.held();
-        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
-        for tenant in tenants {
-            if !held.contains(&tenant) {
-                wanted.insert(tenant);
-            }
-        }
-        self.asked.notify_one();
-    }
-
     /// Returns when a tenant was newly asked for since the last call.
     pub async fn asked(&self) {
         self.asked.notified().await;

@@ -10,6 +10,7 @@
 //! the proxy may forget them.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
@@ -17,8 +18,9 @@ use std::sync::Arc;
 
 use jiff::civil::Date;
 use portcullis_api::names::is_dns_subdomain;
+use portcullis_audit::TenantKeys;
 use portcullis_audit::segment::{
-    self, FrameError, FrameRead, HEADER_LEN, MAX_FRAME, SegmentCipher,
+    self, FRAME_OVERHEAD, FrameError, FrameRead, HEADER_LEN, MAX_FRAME, SegmentCipher,
 };
 use serde::{Deserialize, Serialize};
 
@@ -313,7 +315,7 @@ fn next_frame(
             problem: FrameError::BadLength,
         });
     }
-    let mut bytes = vec![0u8; 4 + 12 + body];
+    let mut bytes = vec![0u8; FRAME_OVERHEAD + body];
     bytes[..4].copy_from_slice(&len);
     if !read_fully(file, &mut bytes[4..], path)? {
         return Ok(None);
@@ -390,130 +392,120 @@ impl FileStore {
             .join(format!("{name}.json")))
     }
 
-    /// The cipher of the day whose file starts with `header`.
-    fn cipher_for(
-        &self,
-        tenant: &str,
-        path: &Path,
-        header: [u8; HEADER_LEN],
-    ) -> Result<SegmentCipher, StoreError> {
-        let keys = self.keys.get(tenant).ok_or_else(|| StoreError::NoKey {
-            tenant: tenant.to_owned(),
-        })?;
-        let damaged = |problem| StoreError::Damaged {
-            path: path.to_owned(),
-            frame: 0,
-            offset: 0,
-            problem,
-        };
-        let version =
-            segment::header_version(&header).ok_or_else(|| damaged(FrameError::Unauthentic))?;
-        let key = keys
-            .ring
-            .get(version)
-            .ok_or_else(|| StoreError::UnknownKeyVersion {
-                tenant: tenant.to_owned(),
-                path: path.to_owned(),
-                version,
-            })?;
-        SegmentCipher::new(key, header).map_err(|e| StoreError::Seal {
-            tenant: tenant.to_owned(),
-            message: e.to_string(),
-        })
-    }
-
     /// The day `tenant` appends to now: the open one, the file on disk (a torn end
     /// cut), or a new file under the active key.
     fn day_to_append(&mut self, tenant: &str, day: Date) -> Result<&mut OpenDay, StoreError> {
-        if self
-            .appending
-            .get(tenant)
-            .is_some_and(|open| open.day != day)
-        {
-            self.appending.remove(tenant);
-        }
-        if !self.appending.contains_key(tenant) {
-            let path = self.day_file(tenant, day)?;
-            let open = match self.resume(tenant, &path)? {
-                Some((cipher, frames)) => OpenDay {
+        let path = self.day_file(tenant, day)?;
+        let keys = &self.keys;
+        match self.appending.entry(tenant.to_owned()) {
+            Entry::Occupied(open) if open.get().day == day => Ok(open.into_mut()),
+            entry => {
+                let (cipher, frames) = match resume(keys, tenant, &path)? {
+                    Some(resumed) => resumed,
+                    None => (fresh_cipher(keys, tenant)?, 0),
+                };
+                let open = OpenDay {
                     day,
                     cipher,
                     frames,
-                },
-                None => OpenDay {
-                    day,
-                    cipher: self.fresh_cipher(tenant)?,
-                    frames: 0,
-                },
-            };
-            self.appending.insert(tenant.to_owned(), open);
-        }
-        self.appending
-            .get_mut(tenant)
-            .ok_or_else(|| StoreError::NoKey {
-                tenant: tenant.to_owned(),
-            })
-    }
-
-    /// A new day's cipher: the tenant's active key, a new segment header.
-    fn fresh_cipher(&self, tenant: &str) -> Result<SegmentCipher, StoreError> {
-        let keys = self.keys.get(tenant).ok_or_else(|| StoreError::NoKey {
-            tenant: tenant.to_owned(),
-        })?;
-        SegmentCipher::new(&keys.active, segment::new_header(&keys.active)).map_err(|e| {
-            StoreError::Seal {
-                tenant: tenant.to_owned(),
-                message: e.to_string(),
+                };
+                Ok(entry.insert_entry(open).into_mut())
             }
-        })
+        }
     }
+}
 
-    /// The cipher and frame count of the day file at `path`, `None` when there is no
-    /// whole frame to go on from (the file, if any, is removed: nothing in it was
-    /// acknowledged). Each frame is opened; what a crash left after the last good one
-    /// (a torn frame, or zeros the disk never filled) is cut, since the proxy resends
-    /// it. A bad frame with good data after it is damage, not a crash, and is refused.
-    fn resume(
-        &self,
-        tenant: &str,
-        path: &Path,
-    ) -> Result<Option<(SegmentCipher, u64)>, StoreError> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("opening", path)(e)),
-        };
-        let mut reader = BufReader::new(&file);
-        let Some(header) = read_header(&mut reader, path)? else {
-            drop(reader);
-            tracing::warn!(path = %path.display(), "removing a day file torn before its first frame");
-            fs::remove_file(path).map_err(io_error("removing", path))?;
-            return Ok(None);
-        };
-        let cipher = self.cipher_for(tenant, path, header)?;
-        let mut at = DayOffset {
-            offset: HEADER_LEN as u64,
-            frame: 0,
-        };
-        while let FrameRead::Whole { len, .. } =
-            next_whole_frame(&mut reader, &file, path, &cipher, at)?
-        {
-            at.offset += len as u64;
-            at.frame += 1;
-        }
-        drop(reader);
-        if at.frame == 0 {
-            tracing::warn!(path = %path.display(), "removing a day file torn in its first frame");
-            fs::remove_file(path).map_err(io_error("removing", path))?;
-            return Ok(None);
-        }
-        let size = file.metadata().map_err(io_error("reading", path))?.len();
-        if size > at.offset {
-            tracing::warn!(path = %path.display(), cut = size - at.offset, "cutting a torn last frame");
-            cut_to(&file, path, at.offset)?;
-        }
-        Ok(Some((cipher, at.frame)))
+/// `tenant`'s keys, or why there are none yet.
+fn tenant_keys(keys: &KeyCache, tenant: &str) -> Result<Arc<TenantKeys>, StoreError> {
+    keys.get(tenant).ok_or_else(|| StoreError::NoKey {
+        tenant: tenant.to_owned(),
+    })
+}
+
+/// A failed seal of `tenant`'s data as a store error.
+fn seal_error(tenant: &str) -> impl FnOnce(portcullis_audit::Error) -> StoreError + '_ {
+    move |e| StoreError::Seal {
+        tenant: tenant.to_owned(),
+        message: e.to_string(),
     }
+}
+
+/// The cipher of `tenant`'s day whose file (at `path`) starts with `header`.
+fn cipher_for(
+    keys: &KeyCache,
+    tenant: &str,
+    path: &Path,
+    header: [u8; HEADER_LEN],
+) -> Result<SegmentCipher, StoreError> {
+    let keys = tenant_keys(keys, tenant)?;
+    let version = segment::header_version(&header).ok_or_else(|| StoreError::Damaged {
+        path: path.to_owned(),
+        frame: 0,
+        offset: 0,
+        problem: FrameError::Unauthentic,
+    })?;
+    let key = keys
+        .ring
+        .get(version)
+        .ok_or_else(|| StoreError::UnknownKeyVersion {
+            tenant: tenant.to_owned(),
+            path: path.to_owned(),
+            version,
+        })?;
+    SegmentCipher::new(key, header).map_err(seal_error(tenant))
+}
+
+/// A new day's cipher: the tenant's active key, a new segment header.
+fn fresh_cipher(keys: &KeyCache, tenant: &str) -> Result<SegmentCipher, StoreError> {
+    let keys = tenant_keys(keys, tenant)?;
+    SegmentCipher::new(&keys.active, segment::new_header(&keys.active)).map_err(seal_error(tenant))
+}
+
+/// The cipher and frame count of the day file at `path`, `None` when there is no
+/// whole frame to go on from (the file, if any, is removed: nothing in it was
+/// acknowledged). Each frame is opened; what a crash left after the last good one
+/// (a torn frame, or zeros the disk never filled) is cut, since the proxy resends
+/// it. A bad frame with good data after it is damage, not a crash, and is refused.
+fn resume(
+    keys: &KeyCache,
+    tenant: &str,
+    path: &Path,
+) -> Result<Option<(SegmentCipher, u64)>, StoreError> {
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("opening", path)(e)),
+    };
+    let mut reader = BufReader::new(&file);
+    let Some(header) = read_header(&mut reader, path)? else {
+        drop(reader);
+        tracing::warn!(path = %path.display(), "removing a day file torn before its first frame");
+        fs::remove_file(path).map_err(io_error("removing", path))?;
+        return Ok(None);
+    };
+    let cipher = cipher_for(keys, tenant, path, header)?;
+    let mut at = DayOffset {
+        offset: HEADER_LEN as u64,
+        frame: 0,
+    };
+    while let FrameRead::Whole { len, .. } =
+        next_whole_frame(&mut reader, &file, path, &cipher, at)?
+    {
+        at.offset += len as u64;
+        at.frame += 1;
+    }
+    drop(reader);
+    if at.frame == 0 {
+        tracing::warn!(path = %path.display(), "removing a day file torn in its first frame");
+        fs::remove_file(path).map_err(io_error("removing", path))?;
+        return Ok(None);
+    }
+    let size = file.metadata().map_err(io_error("reading", path))?.len();
+    if size > at.offset {
+        tracing::warn!(path = %path.display(), cut = size - at.offset, "cutting a torn last frame");
+        cut_to(&file, path, at.offset)?;
+    }
+    Ok(Some((cipher, at.frame)))
 }
 
 /// The frame at `at` of the day `reader` reads (from `file` at `path`), opened:
@@ -625,10 +617,7 @@ impl RecordStore for FileStore {
         let sealed = open
             .cipher
             .seal(open.frames, text.as_bytes())
-            .map_err(|e| StoreError::Seal {
-                tenant: tenant.to_owned(),
-                message: e.to_string(),
-            })?;
+            .map_err(seal_error(tenant))?;
         bytes.extend_from_slice(&sealed);
         match append_durably(&path, &bytes) {
             Ok(()) => {
@@ -720,7 +709,7 @@ impl RecordStore for FileStore {
         let Some(header) = read_header(&mut file, &path)? else {
             return Ok(ended(from));
         };
-        let cipher = self.cipher_for(tenant, &path, header)?;
+        let cipher = cipher_for(&self.keys, tenant, &path, header)?;
         let mut at = if from.offset == 0 {
             DayOffset {
                 offset: HEADER_LEN as u64,
