@@ -115,9 +115,11 @@ fn dd_messages(body: &[u8]) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splunk_hec_gets_every_record_through_outage_and_restart() -> TestResult {
     let spool_dir = tempfile::tempdir()?;
-    let addr = unused_port()?;
+    let port = DownPort::reserve().await?;
+    let addr = port.addr;
 
-    // 1. Nothing listening: batches pile up in the spool; the writer shuts down.
+    // 1. The service is down (its port closes every connection): batches pile up in
+    // the spool; the writer shuts down.
     let (w1, sink1) = writer(spool_dir.path(), splunk(addr)?, 5, FAST_RETRY)?;
     submit_n(&w1, 12).await?;
     assert!(
@@ -133,7 +135,7 @@ async fn splunk_hec_gets_every_record_through_outage_and_restart() -> TestResult
     drop((w1, sink1));
 
     // 2. The service comes back answering 503, then recovers; a new writer reopens the spool.
-    let server = TestServer::start(addr, 503).await?;
+    let server = port.serve(503).await?;
     let (w2, sink2) = writer(spool_dir.path(), splunk(addr)?, 5, FAST_RETRY)?;
     submit_n(&w2, 8).await?;
     assert!(wait_for(Duration::from_secs(5), || !server.captured().is_empty()).await);
@@ -237,7 +239,8 @@ async fn datadog_gets_every_record_and_keeps_batches_on_permanent_errors() -> Te
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_sink_keeps_retrying_until_its_deadline() -> TestResult {
     let spool_dir = tempfile::tempdir()?;
-    let addr = unused_port()?;
+    let port = DownPort::reserve().await?;
+    let addr = port.addr;
     let slow = RetryPolicy {
         initial: Duration::from_secs(20),
         max: Duration::from_secs(60),
@@ -251,7 +254,7 @@ async fn a_closing_sink_keeps_retrying_until_its_deadline() -> TestResult {
         wait_for(Duration::from_secs(3), || sink.stats().transient_errors > 1).await,
         "the close retries at once, not after the 20 s backoff"
     );
-    let server = TestServer::start(addr, 200).await?;
+    let server = port.serve(200).await?;
     closing.await?;
     assert_eq!(
         sink.stats().spool_batches,

@@ -42,9 +42,13 @@ fn tenant_keys() -> Arc<KeyCache> {
 }
 
 /// A collector that is not running yet: the proxy is configured with its URL and
-/// meets an outage (connection refused) first.
+/// meets an outage first (each connection closed unanswered). The port stays bound
+/// meanwhile: a released loopback port can be taken by another socket, even by the
+/// proxy's own reconnect connecting to itself, and the start would then fail.
 struct Collector0 {
-    addr: SocketAddr,
+    /// Closes connections until cancelled, then hands the listener back.
+    refusing: tokio::task::JoinHandle<TcpListener>,
+    stop_refusing: CancellationToken,
     dir: tempfile::TempDir,
 }
 
@@ -63,13 +67,28 @@ impl Drop for RunningCollector {
 
 impl Collector0 {
     async fn reserve() -> (Self, SocketAddr) {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop_refusing = CancellationToken::new();
+        let stop = stop_refusing.clone();
+        let refusing = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return listener,
+                    // Dropping the accepted socket closes it unanswered.
+                    _ = listener.accept() => {}
+                }
+            }
+        });
         let dir = tempfile::tempdir().unwrap();
-        (Self { addr, dir }, addr)
+        (
+            Self {
+                refusing,
+                stop_refusing,
+                dir,
+            },
+            addr,
+        )
     }
 
     /// The URL the proxy ships to (the operator CA's server certificate names localhost).
@@ -78,7 +97,8 @@ impl Collector0 {
     }
 
     async fn start(self, op: &FakeOperator) -> RunningCollector {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.stop_refusing.cancel();
+        let listener = self.refusing.await.unwrap();
         let collector = Arc::new(Mutex::new(
             Collector::open(
                 FileStore::open(self.dir.path(), tenant_keys()).unwrap(),
@@ -193,7 +213,7 @@ async fn a_collector_outage_refuses_nothing_and_loses_nothing() {
     let client = mesh_client_config(&op);
     let headers = [("x-api-key", tokens["events"].expose_secret())];
 
-    // The collector is down (its port accepts, nobody answers): a Confidential tenant
+    // The collector is down (its port closes every connection): a Confidential tenant
     // is still served, because each record is durable in the proxy's spool.
     for i in 0..3 {
         let path = format!("/v1/events/{i}");

@@ -91,9 +91,46 @@ pub struct TestServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A loopback port held for a server that is not up yet: every connection is closed
+/// unanswered. Holding it matters: a released port can be taken meanwhile, even by the
+/// client's own reconnect connecting to itself, and the later start would then fail.
+pub struct DownPort {
+    pub addr: SocketAddr,
+    up: tokio::sync::oneshot::Sender<()>,
+    refusing: tokio::task::JoinHandle<tokio::net::TcpListener>,
+}
+
+impl DownPort {
+    pub async fn reserve() -> std::io::Result<DownPort> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (up, mut until_up) = tokio::sync::oneshot::channel();
+        let refusing = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut until_up => return listener,
+                    // Dropping the accepted socket closes it.
+                    _ = listener.accept() => {}
+                }
+            }
+        });
+        Ok(DownPort { addr, up, refusing })
+    }
+
+    /// Serves on the held port, answering `status`.
+    pub async fn serve(self, status: u16) -> std::io::Result<TestServer> {
+        let _ = self.up.send(());
+        let listener = self.refusing.await.map_err(std::io::Error::other)?;
+        TestServer::serve(listener, status)
+    }
+}
+
 impl TestServer {
     pub async fn start(addr: SocketAddr, status: u16) -> std::io::Result<TestServer> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        Self::serve(tokio::net::TcpListener::bind(addr).await?, status)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, status: u16) -> std::io::Result<TestServer> {
         let addr = listener.local_addr()?;
         let status = Arc::new(AtomicU16::new(status));
         let requests = Arc::new(Mutex::new(Vec::new()));

@@ -2,6 +2,10 @@
 //! `GET /v1/policy/<tenant>/watch` over mTLS, newline-delimited JSON bundles (the
 //! current one first, then one per change). It can be stopped and restarted on the
 //! same port to test fail-static behaviour.
+//!
+//! While stopped it keeps the port bound and closes every connection it accepts: a
+//! released loopback port can be taken meanwhile (by another test's outbound socket, or
+//! by the proxy's own reconnect connecting to itself), and the restart would then fail.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -23,6 +27,7 @@ use super::{TestCa, client::roots};
 
 pub struct PolicyServer {
     pub addr: SocketAddr,
+    listener: Arc<TcpListener>,
     bundle: watch::Sender<PolicyBundle>,
     tasks: Option<JoinSet<()>>,
     config: Arc<ServerConfig>,
@@ -48,20 +53,21 @@ impl PolicyServer {
             .with_single_cert(chain, key)
             .unwrap();
         let (bundle, _) = watch::channel(bundle);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut server = Self {
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: listener.local_addr().unwrap(),
+            listener: Arc::new(listener),
             bundle,
             tasks: None,
             config: Arc::new(config),
             connections: Default::default(),
         };
-        server.listen().await;
+        server.listen();
         server
     }
 
-    async fn listen(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.addr = listener.local_addr().unwrap();
+    fn listen(&mut self) {
+        let listener = self.listener.clone();
         let mut tasks = JoinSet::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
         let bundle = self.bundle.clone();
@@ -98,16 +104,28 @@ impl PolicyServer {
         self.bundle.send_replace(bundle);
     }
 
-    /// Stops listening and drops every open stream.
+    /// Drops every open stream and closes each new connection until [`Self::restart`].
     pub async fn stop(&mut self) {
         if let Some(mut tasks) = self.tasks.take() {
             tasks.shutdown().await;
         }
+        let listener = self.listener.clone();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            loop {
+                // Dropping the accepted socket closes it before any TLS is spoken.
+                let _ = listener.accept().await;
+            }
+        });
+        self.tasks = Some(tasks);
     }
 
-    /// Listens again on the same port.
+    /// Serves again on the same port.
     pub async fn restart(&mut self) {
-        self.listen().await;
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+        self.listen();
     }
 }
 
