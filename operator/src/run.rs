@@ -538,18 +538,19 @@ pub async fn start(
                 webhook_settings(&settings, webhooks, addr, identity_addr, policy_addr);
             // The Tenant controller judges pods by what this webhook injects.
             reconcile.inject = webhook_settings.inject.clone();
+            let admin_audit = Arc::new(admin_audit(
+                &settings,
+                &account,
+                collector_url,
+                &namespace,
+                &ca,
+            )?);
             let serve = webhook::start(
                 client.clone(),
                 socket,
                 webhook_settings,
                 kek.clone(),
-                Arc::new(admin_audit(
-                    &settings,
-                    &account,
-                    collector_url,
-                    &namespace,
-                    &ca,
-                )?),
+                admin_audit.clone(),
                 Some(stores.tenants.clone()),
                 shutdown.clone(),
             )
@@ -558,6 +559,9 @@ pub async fn start(
                 if let Err(e) = serve.await {
                     tracing::error!(error = %e, "webhook server stopped");
                 }
+                // The webhook admits nothing more: hand the admin chains to the collector
+                // before the pod (and the spool on its scratch space) goes.
+                admin_audit.close(ADMIN_AUDIT_DRAIN).await;
             });
             Some(addr)
         }
@@ -729,6 +733,10 @@ pub fn default_identity() -> String {
 /// How long after SIGTERM a second signal forces exit (documented; enforced by main).
 pub const FORCE_AFTER: Duration = Duration::from_secs(30);
 
+/// How long the admin audit chains get at shutdown to reach the collector: well inside
+/// [`FORCE_AFTER`] and the chart's default termination grace period.
+const ADMIN_AUDIT_DRAIN: Duration = Duration::from_secs(10);
+
 /// The admin audit chains: signed with the operator's own workload certificate from
 /// `ca`, shipped per tenant to the audit collector the injector points pods at.
 fn admin_audit(
@@ -747,9 +755,11 @@ fn admin_audit(
     let tenant = TenantId::new(trust_domain, namespace).map_err(|e| own(&e))?;
     let identity = AdminIdentity::new(ca.clone(), workload, tenant)
         .map_err(crate::webhook::AdminAuditError::from)?;
-    let shipping = collector_url.map(|collector_url| AdminShipping {
-        collector_url,
-        spool_dir: std::env::temp_dir().join("portcullis-admin-audit"),
+    let shipping = collector_url.map(|collector_url| {
+        AdminShipping::new(
+            collector_url,
+            std::env::temp_dir().join("portcullis-admin-audit"),
+        )
     });
     Ok(ChainedAdminAudit::new(
         &settings.lease.identity,

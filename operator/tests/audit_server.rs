@@ -38,8 +38,17 @@ const SERVICE: &str = "portcullis-audit.portcullis-system.svc";
 /// Writes a fresh serving certificate for the audit Service into `dir` as a
 /// `kubernetes.io/tls` Secret mount holds it; returns the leaf.
 fn write_serving_files(ca: &CertificateAuthority, dir: &Path) -> CertificateDer<'static> {
+    write_serving_files_for(ca, dir, SERVICE)
+}
+
+/// As [`write_serving_files`], for the DNS name `name`.
+fn write_serving_files_for(
+    ca: &CertificateAuthority,
+    dir: &Path,
+    name: &str,
+) -> CertificateDer<'static> {
     let issued = ca
-        .issue_audit_service_certificate(&[SERVICE.to_owned()])
+        .issue_audit_service_certificate(&[name.to_owned()])
         .unwrap();
     let chain: String = issued.chain.iter().map(|c| pem_encode(c)).collect();
     // Written beside, then renamed: kubelet swaps a Secret mount atomically too.
@@ -356,6 +365,104 @@ async fn tenant_days_are_sealed_under_the_key_the_operator_hands_the_audit_certi
             .count(),
         3
     );
+}
+
+/// The plaintext of every day file of `tenant` under `data`, opened with shop's key.
+fn stored_days(data: &Path, tenant: &str) -> String {
+    let ring = shop_keys().get("shop").unwrap().ring.clone();
+    std::fs::read_dir(data.join(tenant))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| {
+            portcullis_audit::segment::open_segment(&std::fs::read(p).unwrap(), &ring).plaintext
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn admin_records_spooled_during_a_collector_outage_are_handed_over_at_shutdown() {
+    use portcullis_api::spiffe::{TenantId, WorkloadId};
+    use portcullis_operator::webhook::{
+        AdminAuditEvent, AdminAuditSink, AdminIdentity, AdminShipping, ChainedAdminAudit,
+    };
+
+    let ca = new_ca();
+    let dir = tempfile::tempdir().unwrap();
+    write_serving_files_for(&ca, dir.path(), "localhost");
+
+    // The collector is down: its port closes every connection.
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = down.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let refusing = {
+        let refused = refused.clone();
+        tokio::spawn(async move {
+            loop {
+                if down.accept().await.is_ok() {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    let operator = WorkloadId::new(td(), "portcullis-system", "portcullis-operator").unwrap();
+    let identity = AdminIdentity::new(
+        ca.clone(),
+        operator.clone(),
+        TenantId::new(td(), "portcullis-system").unwrap(),
+    )
+    .unwrap();
+    let mut shipping = AdminShipping::new(
+        format!("https://localhost:{}", addr.port()),
+        dir.path().join("spool"),
+    );
+    // Far longer than the test: only the close can deliver what the outage refused.
+    shipping.retry = portcullis_audit::retry::RetryPolicy {
+        initial: Duration::from_secs(600),
+        max: Duration::from_secs(600),
+    };
+    let audit = ChainedAdminAudit::new("portcullis-operator-0", Arc::new(identity), Some(shipping));
+    for i in 0..3 {
+        audit.record(AdminAuditEvent {
+            action: "admin.key.create".into(),
+            principal: "user:david@shop".into(),
+            status: 201,
+            object: format!("shop/key-{i}"),
+            tenant: Some("shop".into()),
+            time: Timestamp::now(),
+        });
+    }
+    for _ in 0..200 {
+        if refused.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the shipment met the outage"
+    );
+
+    // The collector comes back on its port; the operator is then told to stop.
+    refusing.abort();
+    let _ = refusing.await;
+    let mut settings = settings(dir.path());
+    settings.listen = addr;
+    settings.admin_writer = Some(operator.to_string());
+    let server = audit_server::start(settings, audit_server::ClusterAccess::none(365))
+        .await
+        .unwrap();
+    audit.close(Duration::from_secs(5)).await;
+    server.stop().await;
+
+    let stored = stored_days(&dir.path().join("data"), "shop");
+    let keys: Vec<&str> = stored
+        .lines()
+        .filter(|l| l.contains("admin.key.create"))
+        .filter_map(|l| l.split("\"path\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(keys, ["shop/key-0", "shop/key-1", "shop/key-2"], "{stored}");
 }
 
 #[tokio::test]

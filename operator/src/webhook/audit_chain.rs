@@ -12,6 +12,10 @@
 //!
 //! Admin changes are already admitted when the record is made, so a record that cannot
 //! be queued is counted and logged loudly, never silently lost.
+//!
+//! The spool sits on the operator pod's scratch space, which a replaced pod loses, so
+//! [`ChainedAdminAudit::close`] (run on shutdown) gives every chain a bounded time to
+//! hand what it holds to the collector, and names what is still undelivered.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,12 +59,28 @@ pub struct AdminShipping {
     pub collector_url: String,
     /// Spools live under here, one directory per tenant.
     pub spool_dir: PathBuf,
+    /// How a refused shipment is retried while running (closing retries at once).
+    pub retry: RetryPolicy,
+}
+
+impl AdminShipping {
+    /// Shipping to `collector_url`, spooled under `spool_dir`, retried with the default
+    /// backoff.
+    pub fn new(collector_url: String, spool_dir: PathBuf) -> Self {
+        Self {
+            collector_url,
+            spool_dir,
+            retry: RetryPolicy::default(),
+        }
+    }
 }
 
 struct TenantChain {
     writer: AuditWriter,
     /// When the certificate its signer carries was issued.
     signed_with: Timestamp,
+    /// The spooled shipment to the collector, when there is one.
+    shipment: Option<Arc<dyn Sink>>,
 }
 
 /// Writes admin audit events into per-tenant hash chains.
@@ -107,25 +127,24 @@ impl ChainedAdminAudit {
         record
     }
 
-    /// Where `tenant`'s chain goes: stdout, and the collector when there is one and the
-    /// change has a tenant.
-    fn sinks(&self, tenant: &str) -> Result<Vec<Arc<dyn Sink>>, AdminAuditError> {
-        let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::new())];
-        if let Some(shipping) = self.shipping.as_ref().filter(|_| !tenant.is_empty()) {
-            let identity = self.identity.clone();
-            let collector = AuditCollector::new(
-                &shipping.collector_url,
-                Arc::new(move || identity.client_config().map_err(|e| e.to_string())),
-                SHIP_TIMEOUT,
-            )?;
-            let spool = Spool::open(shipping.spool_dir.join(tenant), SPOOL_BYTES)?;
-            sinks.push(Arc::new(SpooledSink::start(
-                spool,
-                collector,
-                RetryPolicy::default(),
-            )));
-        }
-        Ok(sinks)
+    /// The spooled shipment of `tenant`'s chain to the collector, when there is one and
+    /// the change has a tenant.
+    fn shipment(&self, tenant: &str) -> Result<Option<Arc<dyn Sink>>, AdminAuditError> {
+        let Some(shipping) = self.shipping.as_ref().filter(|_| !tenant.is_empty()) else {
+            return Ok(None);
+        };
+        let identity = self.identity.clone();
+        let collector = AuditCollector::new(
+            &shipping.collector_url,
+            Arc::new(move || identity.client_config().map_err(|e| e.to_string())),
+            SHIP_TIMEOUT,
+        )?;
+        let spool = Spool::open(shipping.spool_dir.join(tenant), SPOOL_BYTES)?;
+        Ok(Some(Arc::new(SpooledSink::start(
+            spool,
+            collector,
+            shipping.retry,
+        ))))
     }
 
     fn start_chain(&self, tenant: &str) -> Result<TenantChain, AdminAuditError> {
@@ -137,10 +156,14 @@ impl ChainedAdminAudit {
         };
         let mut config = WriterConfig::new(Chain::new_id(&name, Timestamp::now()));
         config.failure_mode = FailureMode::FailOpen;
-        let writer = AuditWriter::start(config, self.identity.signer()?, self.sinks(tenant)?);
+        let shipment = self.shipment(tenant)?;
+        let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::new())];
+        sinks.extend(shipment.clone());
+        let writer = AuditWriter::start(config, self.identity.signer()?, sinks);
         Ok(TenantChain {
             writer,
             signed_with,
+            shipment,
         })
     }
 
@@ -162,6 +185,35 @@ impl ChainedAdminAudit {
             chain.signed_with = issued;
         }
         Ok(chain.writer.try_submit(record).unwrap_or(Accepted::Dropped))
+    }
+
+    /// Stops every chain, giving each `drain` to write its last checkpoint and hand its
+    /// spool to the collector; logs each tenant whose records are still undelivered,
+    /// since the spool does not outlive the pod. A change admitted after this starts a
+    /// new chain.
+    pub async fn close(&self, drain: Duration) {
+        let chains =
+            std::mem::take(&mut *self.chains.lock().unwrap_or_else(PoisonError::into_inner));
+        let closing = chains.into_iter().map(|(tenant, chain)| async move {
+            chain.writer.shutdown(drain).await;
+            (tenant, chain.shipment.map(|s| s.stats()))
+        });
+        for (tenant, shipped) in futures::future::join_all(closing).await {
+            match shipped {
+                Some(stats) if stats.spool_batches > 0 => tracing::error!(
+                    tenant,
+                    batches = stats.spool_batches,
+                    "admin audit records not yet acknowledged by the collector at shutdown; \
+                     they are on stdout, but the spool holding them goes with this pod"
+                ),
+                Some(stats) => tracing::info!(
+                    tenant,
+                    batches = stats.delivered_batches,
+                    "admin audit chain handed to the collector"
+                ),
+                None => {}
+            }
+        }
     }
 
     /// The chains started so far, by tenant (`""`: changes no tenant owns).
