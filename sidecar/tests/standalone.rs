@@ -1,5 +1,6 @@
 //! `run --config proxy.yaml` without Kubernetes: the `audit:` section (encrypted file
-//! sink, checkpoints signed with the TLS key) and the `outbound:` listener.
+//! sink, checkpoints signed with the TLS key; shipping to an audit collector) and the
+//! `outbound:` listener.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -106,6 +107,137 @@ async fn the_audit_section_writes_an_encrypted_verifiable_trail() {
         checkpoints[0].signer.spiffe_id.as_deref(),
         Some("spiffe://test.local/ns/acme/sa/proxy"),
         "signed with the TLS key, naming its certificate"
+    );
+}
+
+/// An audit collector in process on 127.0.0.1 with `ca`'s localhost certificate,
+/// trusting `ca`'s workloads of trust domain test.local; tenant acme's key is at hand.
+async fn collector(
+    ca: &support::TestCa,
+    dir: &std::path::Path,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<
+        std::sync::Mutex<portcullis_collector::Collector<portcullis_collector::FileStore>>,
+    >,
+    tokio_util::sync::CancellationToken,
+) {
+    use portcullis_collector::{Collector, FileStore, Ingest, IngestMetrics, KeyCache};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use std::sync::{Arc, Mutex};
+
+    let keys = KeyCache::new();
+    keys.insert(portcullis_audit::TenantKeys::generate("acme"));
+    let collector = Arc::new(Mutex::new(
+        Collector::open(
+            FileStore::open(dir, Arc::new(keys)).unwrap(),
+            Arc::new(portcullis_api::clock::SystemClock),
+        )
+        .unwrap(),
+    ));
+    let ingest = Ingest::new(
+        collector.clone(),
+        portcullis_api::spiffe::TrustDomain::new("test.local").unwrap(),
+        IngestMetrics::default(),
+    );
+    let issued = ca.server();
+    let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let tls = portcullis_collector::server_config(chain, key, ca.root_store()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(portcullis_server::serve(
+        listener,
+        Some(Arc::new(tls).into()),
+        move |request| ingest.clone().handle(request),
+        shutdown.clone(),
+    ));
+    (addr, collector, shutdown)
+}
+
+#[tokio::test]
+async fn the_audit_section_ships_the_chain_to_a_collector_over_mtls() {
+    let h = Harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, collector, stop_collector) = collector(&h.ca, &dir.path().join("collector")).await;
+    // The proxy's own certificate (workload and tenant acme) is its client certificate.
+    let text = yaml(
+        &h,
+        dir.path(),
+        &format!(
+            "audit:
+  pod: edge-1
+  sinks:
+    - collector: {{url: \"https://localhost:{port}\", caFile: {d}/ca.pem, certFile: {d}/server.pem, keyFile: {d}/server-key.pem, spoolDir: {d}/spool}}
+",
+            port = addr.port(),
+            d = dir.path().display()
+        ),
+    );
+    let config = ProxyConfig::parse(&text, "proxy.yaml").unwrap();
+    let running = proxy::start_default(config).await.unwrap();
+    let trail = running.audit.clone().unwrap();
+    wait_until(|| trail.is_running()).await;
+    let client = support::TestClient::new(running.inbound_addr, &h.ca, Identity::Anonymous);
+    let key = h.token("events");
+    for i in 0..3 {
+        let path = format!("/v1/events/{i}");
+        assert_eq!(client.get(&path, &[("x-api-key", key)]).await.status, 200);
+    }
+    running.shutdown_token().cancel();
+    tokio::time::timeout(Duration::from_secs(30), running.wait())
+        .await
+        .unwrap();
+
+    let lines = collector.lock().unwrap().entries("acme").unwrap();
+    stop_collector.cancel();
+    let paths: Vec<String> = lines
+        .iter()
+        .filter_map(|line| match Entry::from_json_line(line).unwrap() {
+            Entry::Record(record) => Some(record.path),
+            Entry::Checkpoint(_) => None,
+        })
+        .collect();
+    assert_eq!(paths, ["/v1/events/0", "/v1/events/1", "/v1/events/2"]);
+    let report = portcullis_audit::verify::verify_jsonl(
+        &lines.join("\n"),
+        "collector",
+        VerifyOptions::default(),
+    )
+    .unwrap_or_else(|p| panic!("{p}"));
+    assert!(
+        report.checkpoints >= 1,
+        "the last checkpoint was shipped too"
+    );
+}
+
+#[tokio::test]
+async fn an_unusable_collector_client_certificate_stops_the_start_naming_the_file() {
+    let h = Harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate").unwrap();
+    let text = yaml(
+        &h,
+        dir.path(),
+        &format!(
+            "audit:
+  sinks:
+    - collector: {{url: \"https://localhost:1\", caFile: {d}/ca.pem, certFile: {d}/bad.pem, keyFile: {d}/server-key.pem, spoolDir: {d}/spool}}
+",
+            d = dir.path().display()
+        ),
+    );
+    let config = ProxyConfig::parse(&text, "proxy.yaml").unwrap();
+    let error = match proxy::start_default(config).await {
+        Ok(_) => panic!("the proxy started with an unusable client certificate"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("audit.sinks[0].collector") && error.contains("bad.pem"),
+        "{error}"
     );
 }
 

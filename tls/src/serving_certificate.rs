@@ -117,20 +117,30 @@ pub fn display_time(unix: i64) -> String {
 /// Parses a PEM chain and key (PKCS#8, PKCS#1 RSA or SEC1 EC) and checks that they
 /// belong together; validity in time is checked separately, as it changes by itself.
 pub fn parse(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, Refused> {
+    parse_files(cert_pem, key_pem, CERT_FILE, KEY_FILE)
+}
+
+/// As [`parse`], naming the files `cert_file` and `key_file` in what it refuses.
+pub fn parse_files(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Loaded, Refused> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| refused(Refusal::Unparseable, format!("{CERT_FILE} is not PEM: {e}")))?;
+        .map_err(|e| refused(Refusal::Unparseable, format!("{cert_file} is not PEM: {e}")))?;
     if chain.is_empty() {
         return Err(refused(
             Refusal::Unparseable,
-            format!("{CERT_FILE} holds no CERTIFICATE block"),
+            format!("{cert_file} holds no CERTIFICATE block"),
         ));
     }
     // The parser's own error could quote key bytes; say only what is wrong.
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
         refused(
             Refusal::Unparseable,
-            format!("{KEY_FILE} holds no PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PRIVATE KEY block"),
+            format!("{key_file} holds no PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PRIVATE KEY block"),
         )
     })?;
     let signing_key = crate::provider()
@@ -139,14 +149,14 @@ pub fn parse(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, Refused> {
         .map_err(|_| {
             refused(
                 Refusal::Unparseable,
-                format!("{KEY_FILE} is a key type this proxy cannot sign with (use RSA, ECDSA P-256/P-384 or Ed25519)"),
+                format!("{key_file} is a key type this proxy cannot sign with (use RSA, ECDSA P-256/P-384 or Ed25519)"),
             )
         })?;
     let certified = CertifiedKey::new(chain, signing_key);
     let (_, leaf) = x509_parser::parse_x509_certificate(&certified.cert[0]).map_err(|_| {
         refused(
             Refusal::Unparseable,
-            format!("the first certificate in {CERT_FILE} is not X.509"),
+            format!("the first certificate in {cert_file} is not X.509"),
         )
     })?;
     let not_before = leaf.validity().not_before.timestamp();
@@ -155,7 +165,7 @@ pub fn parse(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, Refused> {
         refused(
             Refusal::KeyMismatch,
             format!(
-                "{KEY_FILE} is not the key of the first certificate in {CERT_FILE} ({e}); the leaf must come first"
+                "{key_file} is not the key of the first certificate in {cert_file} ({e}); the leaf must come first"
             ),
         )
     })?;

@@ -2,7 +2,10 @@
 //! signer, the writer settings, and the task that starts the writer once the first
 //! policy says how the tenant's audit fails.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use portcullis_audit::{
     AuditWriter, Chain, CheckpointPolicy, CheckpointSigner, SignerIdentity, SystemClock,
@@ -12,8 +15,10 @@ use portcullis_audit::{
     secret::Secret,
     sink::{
         Sink,
+        collector::AuditCollector,
         datadog::{Datadog, DatadogConfig},
         file::{FileSink, FileSinkConfig},
+        http::CurrentClientConfig,
         splunk_hec::{SplunkHec, SplunkHecConfig},
         spool::Spool,
         spooled::SpooledSink,
@@ -21,7 +26,7 @@ use portcullis_audit::{
     },
 };
 use rustls::{
-    RootCertStore,
+    ClientConfig, RootCertStore,
     pki_types::{CertificateDer, PrivatePkcs8KeyDer, pem::PemObject},
 };
 use tokio_util::sync::CancellationToken;
@@ -30,7 +35,7 @@ use super::trail::{AuditTrail, failure_mode};
 use crate::{
     config::{
         TlsFiles,
-        audit::{AuditConfig, AuditSink, Spool as SpoolConfig},
+        audit::{AuditConfig, AuditSink, CollectorAudit, Spool as SpoolConfig},
     },
     policy::PolicyStore,
 };
@@ -150,6 +155,25 @@ pub fn build_sinks(config: &AuditConfig) -> Result<Vec<Arc<dyn Sink>>, AuditSetu
                     RetryPolicy::default(),
                 )));
             }
+            AuditSink::Collector(collector) => {
+                let field = format!("{field}.collector");
+                let roots = roots(&format!("{field}.caFile"), Some(&collector.ca_file))?
+                    .unwrap_or_else(RootCertStore::empty);
+                let client = collector_client(collector, Arc::new(roots));
+                // A pair that cannot be used stops the start, naming the files.
+                client().map_err(|message| AuditSetupError::Sink {
+                    field: field.clone(),
+                    message,
+                })?;
+                let deliver = AuditCollector::new(&collector.url, client, collector.timeout)
+                    .map_err(|e| sink_error(&field, e))?;
+                let spool = spool(&field, &collector.spool)?;
+                sinks.push(Arc::new(SpooledSink::start(
+                    spool,
+                    deliver,
+                    RetryPolicy::default(),
+                )));
+            }
             AuditSink::Datadog(dd) => {
                 let field = format!("{field}.datadog");
                 let deliver = Datadog::new(DatadogConfig {
@@ -172,6 +196,43 @@ pub fn build_sinks(config: &AuditConfig) -> Result<Vec<Arc<dyn Sink>>, AuditSetu
         }
     }
     Ok(sinks)
+}
+
+/// A client config and the certificate and key PEM it was built from.
+type BuiltClient = (Vec<u8>, Vec<u8>, Arc<ClientConfig>);
+
+/// The collector's TLS client: the certificate and key files are read for every batch
+/// and the config rebuilt only when they changed, so a renewed pair is presented at
+/// once while an unchanged one keeps its TLS sessions for resumption.
+fn collector_client(config: &CollectorAudit, roots: Arc<RootCertStore>) -> CurrentClientConfig {
+    let (cert_file, key_file) = (config.cert_file.clone(), config.key_file.clone());
+    let built: Mutex<Option<BuiltClient>> = Mutex::new(None);
+    Arc::new(move || {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+        };
+        let (cert_pem, key_pem) = (read(&cert_file)?, read(&key_file)?);
+        let mut built = built.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cert, key, config)) = built.as_ref()
+            && *cert == cert_pem
+            && *key == key_pem
+        {
+            return Ok(config.clone());
+        }
+        let loaded = portcullis_tls::serving_certificate::parse_files(
+            &cert_pem,
+            &key_pem,
+            &cert_file.display().to_string(),
+            &key_file.display().to_string(),
+        )
+        .map_err(|refused| refused.detail)?;
+        let config =
+            crate::tls::client::operator_config(loaded.certified_key().clone(), roots.clone())
+                .map(Arc::new)
+                .map_err(|e| e.to_string())?;
+        *built = Some((cert_pem, key_pem, config.clone()));
+        Ok(config)
+    })
 }
 
 /// A signer with a key made for this process. Its public key is in every checkpoint

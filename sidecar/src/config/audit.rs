@@ -13,10 +13,14 @@
 //!                   caFile: /etc/portcullis/splunk-ca.pem, spoolDir: /var/lib/portcullis/spool/hec}
 //!     - datadog: {url: "https://http-intake.logs.datadoghq.eu", apiKeyFile: /etc/portcullis/dd-key,
 //!                 caFile: /etc/ssl/certs/ca-certificates.crt, spoolDir: /var/lib/portcullis/spool/dd}
+//!     - collector: {url: "https://audit.example:8443", caFile: /etc/portcullis/ca.pem,
+//!                   certFile: /etc/portcullis/workload.pem, keyFile: /etc/portcullis/workload-key.pem,
+//!                   spoolDir: /var/lib/portcullis/spool/collector}
 //! ```
 //!
-//! Secrets (the DEK, tokens) are named by file and read when the proxy starts; the
-//! configuration itself never holds them.
+//! Secrets (the DEK, tokens, the client key) are named by file and read when the proxy
+//! starts (the collector's client certificate and key again for every batch, so a renewed
+//! pair is used at once); the configuration itself never holds them.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -47,6 +51,8 @@ pub enum AuditSink {
     SplunkHec(SplunkAudit),
     /// Datadog logs intake, behind a disk spool.
     Datadog(DatadogAudit),
+    /// A Portcullis audit collector over mutual TLS, behind a disk spool.
+    Collector(CollectorAudit),
 }
 
 /// The encrypted file sink.
@@ -112,6 +118,26 @@ pub struct DatadogAudit {
     pub timeout: Duration,
 }
 
+/// Shipping to a Portcullis audit collector: the chain goes as it is, acknowledged only
+/// once the collector has fsynced it, and files under the tenant the client
+/// certificate names.
+#[derive(Clone, Debug)]
+pub struct CollectorAudit {
+    /// The collector, `https://host:port`.
+    pub url: String,
+    /// CA bundle the collector's certificate chains to.
+    pub ca_file: PathBuf,
+    /// The workload certificate (PEM chain, with the SPIFFE workload and tenant URI
+    /// SANs the collector files by).
+    pub cert_file: PathBuf,
+    /// Its PKCS#8 private key (PEM).
+    pub key_file: PathBuf,
+    /// The disk spool.
+    pub spool: Spool,
+    /// Timeout of one delivery.
+    pub timeout: Duration,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct RawAudit {
@@ -130,6 +156,19 @@ struct RawSink {
     file: Option<RawFile>,
     splunk_hec: Option<RawSplunk>,
     datadog: Option<RawDatadog>,
+    collector: Option<RawCollector>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCollector {
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -229,6 +268,7 @@ impl RawSink {
             self.file.is_some(),
             self.splunk_hec.is_some(),
             self.datadog.is_some(),
+            self.collector.is_some(),
         ]
         .iter()
         .filter(|set| **set)
@@ -236,7 +276,7 @@ impl RawSink {
         if given != 1 {
             p.add(
                 field,
-                "each sink is exactly one of stdout, file, splunkHec or datadog, e.g. `- stdout: {}`",
+                "each sink is exactly one of stdout, file, splunkHec, datadog or collector, e.g. `- stdout: {}`",
             );
             return None;
         }
@@ -317,6 +357,9 @@ impl RawSink {
                 timeout,
             }));
         }
+        if let Some(raw) = self.collector {
+            return raw.validate(p, &format!("{field}.collector"));
+        }
         let raw = self.datadog?;
         let field = format!("{field}.datadog");
         let url = p.required(
@@ -351,6 +394,58 @@ impl RawSink {
             service: raw.service.unwrap_or_else(|| "portcullis".to_owned()),
             tags: raw.tags.unwrap_or_default(),
             ca_file: raw.ca_file,
+            spool: spool?,
+            timeout,
+        }))
+    }
+}
+
+impl RawCollector {
+    fn validate(self, p: &mut Problems, field: &str) -> Option<AuditSink> {
+        let url = p.required(
+            &format!("{field}.url"),
+            self.url,
+            "the collector's URL, e.g. https://portcullis-audit.portcullis-system.svc:8443",
+        );
+        if let Some(url) = url.as_ref().filter(|u| !u.starts_with("https://")) {
+            p.add(
+                &format!("{field}.url"),
+                format!("{url:?} must start with https://: records travel over mutual TLS"),
+            );
+        }
+        let ca_file = p.required(
+            &format!("{field}.caFile"),
+            self.ca_file,
+            "the PEM CA bundle the collector's certificate chains to",
+        );
+        let cert_file = p.required(
+            &format!("{field}.certFile"),
+            self.cert_file,
+            "the workload certificate (PEM) the collector files records by",
+        );
+        let key_file = p.required(
+            &format!("{field}.keyFile"),
+            self.key_file,
+            "the workload certificate's PKCS#8 private key (PEM)",
+        );
+        let spool = spool(
+            p,
+            field,
+            RawSpool {
+                spool_dir: self.spool_dir,
+                spool_max_bytes: self.spool_max_bytes,
+            },
+        );
+        let timeout = p.duration(
+            &format!("{field}.timeout"),
+            self.timeout.as_ref(),
+            Duration::from_secs(10),
+        );
+        Some(AuditSink::Collector(CollectorAudit {
+            url: url?,
+            ca_file: ca_file?,
+            cert_file: cert_file?,
+            key_file: key_file?,
             spool: spool?,
             timeout,
         }))
@@ -420,13 +515,17 @@ policy: {file: /policy.json}
     - file: {{dir: /a, keyFile: /k, keyVersion: 3, retentionDays: 2555}}
     - splunkHec: {{url: \"https://s:8088\", tokenFile: /t, caFile: /ca, spoolDir: /sp}}
     - datadog: {{url: \"http://dd:8080\", apiKeyFile: /d, spoolDir: /sd, tags: \"env:prod\"}}
+    - collector: {{url: \"https://audit:8443\", caFile: /ca, certFile: /w.pem, keyFile: /w-key.pem, spoolDir: /sc, timeout: 3s}}
 "
         );
         let config = ProxyConfig::parse(&text, "p.yaml").unwrap();
         let audit = config.audit.unwrap();
         assert_eq!(audit.pod, "edge-1");
         assert_eq!(audit.checkpoint.every, Duration::from_secs(5));
-        assert_eq!(audit.sinks.len(), 4);
+        assert_eq!(audit.sinks.len(), 5);
+        assert!(
+            matches!(&audit.sinks[4], AuditSink::Collector(c) if c.spool.dir == std::path::Path::new("/sc") && c.timeout == Duration::from_secs(3))
+        );
         assert!(matches!(audit.sinks[0], AuditSink::Stdout));
         assert!(matches!(&audit.sinks[1], AuditSink::File(f) if f.key_version == 3));
         assert!(
@@ -444,6 +543,7 @@ policy: {file: /policy.json}
     - file: {{dir: /a, retentionDays: 9000}}
     - splunkHec: {{url: \"https://s\", tokenFile: /t, spoolDir: /s}}
     - datadog: {{url: \"ftp://x\", apiKeyFile: /k}}
+    - collector: {{url: \"http://audit:8443\", caFile: /ca, spoolDir: /sc}}
 "
         );
         let err = ProxyConfig::parse(&text, "p.yaml").unwrap_err().to_string();
@@ -454,6 +554,9 @@ policy: {file: /policy.json}
             "audit.sinks[2].splunkHec.caFile: is required",
             "audit.sinks[3].datadog.url",
             "audit.sinks[3].datadog.spoolDir: is required",
+            "audit.sinks[4].collector.url: \"http://audit:8443\" must start with https://",
+            "audit.sinks[4].collector.certFile: is required",
+            "audit.sinks[4].collector.keyFile: is required",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
