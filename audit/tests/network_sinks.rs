@@ -277,3 +277,75 @@ fn secrets_stay_out_of_debug_output() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sink_keeps_its_connection_between_batches_and_opens_a_new_one_after_a_failure()
+-> TestResult {
+    use portcullis_audit::sink::http::HttpEndpoint;
+    let server = TestServer::start("127.0.0.1:0".parse()?, 200).await?;
+    let endpoint = HttpEndpoint::new(
+        &format!("http://{}", server.addr),
+        None,
+        Duration::from_secs(5),
+    )?;
+    let post = || endpoint.post("/batch", &[], bytes::Bytes::from_static(b"{}"));
+    for _ in 0..3 {
+        post().await?;
+    }
+    assert_eq!(
+        server.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "three batches over one connection"
+    );
+
+    server.set_status(503);
+    assert!(post().await.is_err());
+    server.set_status(200);
+    post().await?;
+    post().await?;
+    assert_eq!(
+        server.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a refused batch closes the connection; the next ones share a new one"
+    );
+    assert_eq!(server.captured().len(), 6);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_service_closed_is_replaced_without_failing_the_batch() -> TestResult
+{
+    use portcullis_audit::sink::http::HttpEndpoint;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A service that answers one request per connection, then closes it (as an idle
+    // timeout would) without saying so in the answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"{}") {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let endpoint = HttpEndpoint::new(&format!("http://{addr}"), None, Duration::from_secs(5))?;
+    for _ in 0..3 {
+        endpoint
+            .post("/batch", &[], bytes::Bytes::from_static(b"{}"))
+            .await?;
+    }
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
+    server.abort();
+    Ok(())
+}

@@ -1,7 +1,13 @@
-//! A minimal HTTP(S) POST client for the network sinks: hyper 1.x over one connection
-//! per batch, rustls (ring) for `https` URLs, a timeout on the whole exchange. The TLS
+//! A minimal HTTP(S) POST client for the network sinks: hyper 1.x over one kept-alive
+//! connection, rustls (ring) for `https` URLs, a timeout on the whole exchange. The TLS
 //! client config is fixed (a SIEM's CA) or taken fresh per batch ([`ClientTls::Current`]:
 //! a workload certificate that rotates).
+//!
+//! The connection is kept between batches, since a TLS handshake per batch (a full one
+//! with a client certificate) costs the proxy more than the batch itself. It is opened
+//! again when the client config changed (a renewed certificate is presented from the
+//! next batch on), after [`KEEP_FOR`], after any failed or non-2xx exchange, and once at
+//! once when a kept connection fails, since the service may have closed it while idle.
 
 use super::DeliveryError;
 use crate::error::Error;
@@ -13,11 +19,39 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 const ERROR_BODY_LIMIT: usize = 512;
+
+/// The most of a 2xx answer's body read so the connection can carry the next batch; a
+/// longer body closes it instead.
+const OK_BODY_LIMIT: usize = 64 * 1024;
+
+/// How long one connection carries batches before a new one is opened.
+pub const KEEP_FOR: Duration = Duration::from_secs(300);
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A connection kept for the next batch.
+struct Kept {
+    sender: Sender,
+    /// The TLS config it was opened with (`None`: plain HTTP).
+    config: Option<Arc<rustls::ClientConfig>>,
+    opened: Instant,
+}
+
+impl Kept {
+    fn usable_with(&self, config: Option<&Arc<rustls::ClientConfig>>) -> bool {
+        let same_config = match (&self.config, config) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_config && self.opened.elapsed() < KEEP_FOR && !self.sender.is_closed()
+    }
+}
 
 /// The client config in force when a batch starts; `Err` says why there is none yet.
 pub type CurrentClientConfig =
@@ -42,7 +76,8 @@ impl ClientTls {
     }
 }
 
-/// Where a sink posts to: scheme, host, port and base path of its URL.
+/// Where a sink posts to: scheme, host, port and base path of its URL, and the
+/// connection kept between batches (shared by clones).
 #[derive(Clone)]
 pub struct HttpEndpoint {
     host: String,
@@ -50,6 +85,7 @@ pub struct HttpEndpoint {
     base_path: String,
     tls: Option<ClientTls>,
     timeout: Duration,
+    kept: Arc<tokio::sync::Mutex<Option<Kept>>>,
 }
 
 /// A parsed sink URL.
@@ -154,6 +190,7 @@ impl HttpEndpoint {
             base_path: url.base_path,
             tls,
             timeout,
+            kept: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -164,17 +201,20 @@ impl HttpEndpoint {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<(), DeliveryError> {
-        let mut request = Request::post(format!("{}{path}", self.base_path))
-            .header(hyper::header::HOST, self.host_header())
-            .header(hyper::header::CONTENT_LENGTH, body.len());
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request
-            .body(Full::new(body))
-            .map_err(|_| DeliveryError::Transient("invalid request header value".into()))?;
+        let request = || {
+            let mut request = Request::post(format!("{}{path}", self.base_path))
+                .header(hyper::header::HOST, self.host_header())
+                .header(hyper::header::CONTENT_LENGTH, body.len());
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request
+                .body(Full::new(body.clone()))
+                .map_err(|_| DeliveryError::Transient("invalid request header value".into()))
+        };
         match tokio::time::timeout(self.timeout, self.exchange(request)).await {
             Ok(result) => result,
+            // The connection in use was taken out of `kept`, so it goes with the future.
             Err(_) => Err(DeliveryError::Transient(format!(
                 "no answer within {:?}",
                 self.timeout
@@ -190,27 +230,42 @@ impl HttpEndpoint {
         }
     }
 
-    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<(), DeliveryError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| {
-                DeliveryError::Transient(format!("connect {}: {e}", self.host_header()))
-            })?;
-        let response = match &self.tls {
-            None => send(tcp, request).await?,
-            Some(tls) => {
-                let config = tls.config()?;
-                let name = ServerName::try_from(self.host.clone())
-                    .map_err(|_| DeliveryError::Transient("invalid TLS server name".into()))?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| DeliveryError::Transient(format!("TLS handshake: {e}")))?;
-                send(tls, request).await?
-            }
+    /// Sends on the kept connection when it is still usable (once more on a new one if
+    /// it fails), else on a new one, and keeps the connection after a 2xx.
+    async fn exchange(
+        &self,
+        request: impl Fn() -> Result<Request<Full<Bytes>>, DeliveryError>,
+    ) -> Result<(), DeliveryError> {
+        let config = match &self.tls {
+            Some(tls) => Some(tls.config()?),
+            None => None,
+        };
+        let mut kept = self.kept.lock().await;
+        let reusable = kept.take().filter(|k| k.usable_with(config.as_ref()));
+        let (response, sender, opened) = match reusable {
+            Some(Kept {
+                mut sender, opened, ..
+            }) => match send(&mut sender, request()?).await {
+                Ok(response) => (response, sender, opened),
+                // The service may have closed it while idle: once more, on a new one.
+                Err(_) => self.open_and_send(config.as_ref(), request()?).await?,
+            },
+            None => self.open_and_send(config.as_ref(), request()?).await?,
         };
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
+            // Read the answer through so the connection is free for the next batch.
+            if Limited::new(response.into_body(), OK_BODY_LIMIT)
+                .collect()
+                .await
+                .is_ok()
+            {
+                *kept = Some(Kept {
+                    sender,
+                    config,
+                    opened,
+                });
+            }
             return Ok(());
         }
         let excerpt = Limited::new(response.into_body(), ERROR_BODY_LIMIT)
@@ -220,25 +275,63 @@ impl HttpEndpoint {
             .unwrap_or_default();
         Err(DeliveryError::from_status(status, excerpt.trim()))
     }
+
+    async fn open_and_send(
+        &self,
+        config: Option<&Arc<rustls::ClientConfig>>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(hyper::Response<Incoming>, Sender, Instant), DeliveryError> {
+        let opened = Instant::now();
+        let mut sender = self.open(config).await?;
+        let response = send(&mut sender, request)
+            .await
+            .map_err(|e| DeliveryError::Transient(format!("HTTP request: {e}")))?;
+        Ok((response, sender, opened))
+    }
+
+    async fn open(
+        &self,
+        config: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Sender, DeliveryError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| {
+                DeliveryError::Transient(format!("connect {}: {e}", self.host_header()))
+            })?;
+        match config {
+            None => handshake(tcp).await,
+            Some(config) => {
+                let name = ServerName::try_from(self.host.clone())
+                    .map_err(|_| DeliveryError::Transient("invalid TLS server name".into()))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| DeliveryError::Transient(format!("TLS handshake: {e}")))?;
+                handshake(tls).await
+            }
+        }
+    }
 }
 
-async fn send<S>(
-    io: S,
+async fn send(
+    sender: &mut Sender,
     request: Request<Full<Bytes>>,
-) -> Result<hyper::Response<Incoming>, DeliveryError>
+) -> Result<hyper::Response<Incoming>, hyper::Error> {
+    sender.ready().await?;
+    sender.send_request(request).await
+}
+
+async fn handshake<S>(io: S) -> Result<Sender, DeliveryError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| DeliveryError::Transient(format!("HTTP handshake: {e}")))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| DeliveryError::Transient(format!("HTTP request: {e}")))
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -86,6 +86,8 @@ pub struct Captured {
 /// A local HTTP server standing in for Splunk HEC or Datadog; answers `status`.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     pub status: Arc<AtomicU16>,
     pub requests: Arc<Mutex<Vec<Captured>>>,
     task: tokio::task::JoinHandle<()>,
@@ -135,11 +137,14 @@ impl TestServer {
         let status = Arc::new(AtomicU16::new(status));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (st, rq) = (status.clone(), requests.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (st, rq) = (st.clone(), rq.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -173,6 +178,7 @@ impl TestServer {
         });
         Ok(TestServer {
             addr,
+            connections,
             status,
             requests,
             task,
