@@ -33,10 +33,7 @@ impl AuditCollector {
     /// The request body for `entries`: one chain line each.
     pub fn body(entries: &[Entry]) -> Result<Vec<u8>, Error> {
         let mut out = Vec::new();
-        for entry in entries {
-            out.extend_from_slice(entry.to_json_line()?.as_bytes());
-            out.push(b'\n');
-        }
+        crate::format::json::write_lines(entries, &mut out)?;
         Ok(out)
     }
 }
@@ -49,14 +46,22 @@ impl Deliver for AuditCollector {
     fn deliver<'a>(&'a self, entries: &'a [Entry]) -> SinkFuture<'a, Result<(), DeliveryError>> {
         Box::pin(async move {
             let body = Self::body(entries).map_err(|e| DeliveryError::Transient(e.to_string()))?;
+            self.deliver_lines(Bytes::from(body)).await
+        })
+    }
+
+    // The spool holds the chain's lines exactly as the body carries them, and the
+    // collector checks every line on arrival.
+    fn takes_lines(&self) -> bool {
+        true
+    }
+
+    fn deliver_lines(&self, lines: Bytes) -> SinkFuture<'_, Result<(), DeliveryError>> {
+        Box::pin(async move {
             // A refusal (409 gap or fork, 403 wrong tenant) is permanent for this batch:
             // it stays spooled and is counted, never dropped.
             self.endpoint
-                .post(
-                    RECORDS_PATH,
-                    &[("content-type", CONTENT_TYPE)],
-                    Bytes::from(body),
-                )
+                .post(RECORDS_PATH, &[("content-type", CONTENT_TYPE)], lines)
                 .await
         })
     }

@@ -96,6 +96,23 @@ pub trait Deliver: Send + Sync + 'static {
 
     /// Sends `entries` as one request.
     fn deliver<'a>(&'a self, entries: &'a [Entry]) -> SinkFuture<'a, Result<(), DeliveryError>>;
+
+    /// Whether the service takes the spooled JSON lines as they are (see
+    /// [`Deliver::deliver_lines`]), so the spool need not parse them back into entries.
+    fn takes_lines(&self) -> bool {
+        false
+    }
+
+    /// Sends a spooled batch's JSON lines, one entry each, as one request; called only
+    /// when [`Deliver::takes_lines`].
+    fn deliver_lines(&self, lines: bytes::Bytes) -> SinkFuture<'_, Result<(), DeliveryError>> {
+        let _ = lines;
+        Box::pin(async {
+            Err(DeliveryError::Transient(
+                "this sink takes parsed entries, not lines".into(),
+            ))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -152,6 +152,35 @@ impl Spool {
         Ok(None)
     }
 
+    /// The oldest batch as its JSON lines (one entry each) and their count, with its id
+    /// for [`Spool::ack`], for a destination that takes the lines as they are. A batch
+    /// file that cannot be read, or is not UTF-8 lines, is set aside as in
+    /// [`Spool::oldest`].
+    pub fn oldest_lines(&self) -> Result<Option<(u64, bytes::Bytes, usize)>, Error> {
+        let mut state = self.lock();
+        while let Some((&id, &size)) = state.batches.iter().next() {
+            let path = batch_path(&self.dir, id);
+            let read = std::fs::read(&path).map_err(|e| Error::io(&path, e));
+            match read {
+                Ok(bytes) if std::str::from_utf8(&bytes).is_ok() && bytes.ends_with(b"\n") => {
+                    let count = bytes.iter().filter(|b| **b == b'\n').count();
+                    return Ok(Some((id, bytes::Bytes::from(bytes), count)));
+                }
+                read => {
+                    let error = read.err().map_or_else(
+                        || "not JSON lines (not UTF-8, or cut short)".to_owned(),
+                        |e| e.to_string(),
+                    );
+                    tracing::error!(batch = %path.display(), %error, "unreadable spooled audit batch set aside");
+                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                    state.batches.remove(&id);
+                    state.used = state.used.saturating_sub(size);
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes a delivered batch.
     pub fn ack(&self, id: u64) -> Result<(), Error> {
         let mut state = self.lock();
@@ -226,6 +255,35 @@ mod tests {
         assert!(spool.oldest()?.is_none());
         assert_eq!(spool.used_bytes(), 0);
         assert!(!dir.path().join("batch-00000000000000000001.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn lines_come_back_as_spooled_and_unreadable_ones_are_set_aside()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let spool = Spool::open(dir.path(), 1 << 20)?;
+        let batch = entries(3)?;
+        spool.push(&batch)?;
+        let mut expected = Vec::new();
+        write_lines(&batch, &mut expected)?;
+        let (id, lines, count) = spool.oldest_lines()?.ok_or("no batch")?;
+        assert_eq!((&lines[..], count), (&expected[..], 3));
+        spool.ack(id)?;
+
+        // Not UTF-8, and cut short of its last newline: both set aside.
+        std::fs::write(
+            dir.path().join("batch-00000000000000000007.jsonl"),
+            [0xff, b'\n'],
+        )?;
+        std::fs::write(
+            dir.path().join("batch-00000000000000000008.jsonl"),
+            b"{\"seq\":1",
+        )?;
+        let spool = Spool::open(dir.path(), 1 << 20)?;
+        assert_eq!(spool.batches(), 2);
+        assert!(spool.oldest_lines()?.is_none());
+        assert_eq!(spool.used_bytes(), 0);
         Ok(())
     }
 }

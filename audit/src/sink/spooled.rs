@@ -68,6 +68,22 @@ impl SpooledSink {
     }
 }
 
+/// A spooled batch as read back for its destination.
+enum Batch {
+    Entries(Vec<Entry>),
+    /// JSON lines as spooled, and how many.
+    Lines(bytes::Bytes, usize),
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Entries(entries) => entries.len(),
+            Batch::Lines(_, count) => *count,
+        }
+    }
+}
+
 /// Waits `delay` or until a stop is requested; false when the sink is gone.
 async fn pause(stop: &mut watch::Receiver<Option<Instant>>, delay: Duration) -> bool {
     tokio::select! {
@@ -92,9 +108,21 @@ async fn deliver_loop<D: Deliver>(
         }
         let batch = {
             let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.oldest()).await
+            let takes_lines = deliver.takes_lines();
+            tokio::task::spawn_blocking(move || {
+                if takes_lines {
+                    spool
+                        .oldest_lines()
+                        .map(|b| b.map(|(id, lines, count)| (id, Batch::Lines(lines, count))))
+                } else {
+                    spool
+                        .oldest()
+                        .map(|b| b.map(|(id, entries)| (id, Batch::Entries(entries))))
+                }
+            })
+            .await
         };
-        let (id, entries) = match batch {
+        let (id, batch) = match batch {
             Ok(Ok(Some(batch))) => batch,
             Ok(Ok(None)) => {
                 if deadline.is_some() {
@@ -124,7 +152,11 @@ async fn deliver_loop<D: Deliver>(
                 continue;
             }
         };
-        match deliver.deliver(&entries).await {
+        let delivered = match &batch {
+            Batch::Entries(entries) => deliver.deliver(entries).await,
+            Batch::Lines(lines, _) => deliver.deliver_lines(lines.clone()).await,
+        };
+        match delivered {
             Ok(()) => {
                 if let Err(e) = spool.ack(id) {
                     tracing::error!(sink = deliver.name(), error = %e, "cannot remove delivered audit batch; it will be sent again");
@@ -132,7 +164,7 @@ async fn deliver_loop<D: Deliver>(
                 counters.delivered_batches.fetch_add(1, Ordering::Relaxed);
                 counters
                     .delivered_entries
-                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 backoff.reset();
             }
             Err(DeliveryError::Transient(message)) => {
