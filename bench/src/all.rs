@@ -25,6 +25,7 @@ use crate::{
     load::{self, Bounds, Target, Verify},
     procfs,
     servers::{self, Server},
+    shipping,
     stats::{self, Summary},
 };
 
@@ -54,6 +55,12 @@ pub const BASELINE: &str = "portcullis before";
 
 /// The column of `--baseline-proxy-bin` with the audit file sink on.
 pub const BASELINE_AUDITED: &str = "portcullis before +audit file";
+
+/// The column of this build with the audit file sink on.
+pub const AUDITED: &str = "portcullis +audit file";
+
+/// The column of this build shipping its audit chain to a collector.
+pub const SHIPPING: &str = "portcullis +collector";
 
 /// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
 /// can hold under a 20 000 descriptor limit (it reserves two per connection).
@@ -139,6 +146,9 @@ pub struct Figures {
     pub open: BTreeMap<u32, Summary>,
     /// Open-loop requests missed by rate (the server fell behind the bound).
     pub missed: BTreeMap<u32, u64>,
+    /// Open loop: server CPU µs per answered request, by rate (equal load for every
+    /// column, whatever the generator's core can drive in a closed loop).
+    pub open_cpu_us: BTreeMap<u32, f64>,
     /// RSS right after start, bytes.
     pub rss_idle: Option<u64>,
     /// RSS with 1000 TLS connections open.
@@ -299,7 +309,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
         );
     }
     let small_policy = d.join("policy.json");
-    keys::write_bundle(&small_policy, &keys::bundle(1, small_keys))?;
+    keys::write_bundle(&small_policy, &keys::bundle(1, small_keys.clone()))?;
 
     // Servers under test, all on core 1.
     let start_build =
@@ -349,7 +359,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
         );
     }
     let audit_label: &'static str = if audit_file_sink.is_ok() {
-        "portcullis +audit file"
+        AUDITED
     } else {
         "portcullis +audit log line"
     };
@@ -368,6 +378,29 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             ""
         },
     )?;
+    // Shipping on: the chain to an audit collector in this process (core 0), under the
+    // tenant the demo client certificate names.
+    let collector = shipping::start_collector(&pki, &d.join("collector")).await?;
+    let ship_yaml = shipping::collector_section(collector.addr, &pki, &d.join("ship-spool"));
+    let ship_policy = d.join("policy-demo.json");
+    let mut demo_bundle = keys::bundle(1, small_keys);
+    portcullis_sidecar::run::demo::TENANT.clone_into(&mut demo_bundle.tenant);
+    keys::write_bundle(&ship_policy, &demo_bundle)?;
+    let shipped = match servers::proxy_accepts(
+        &(servers::proxy_yaml(1, 2, 3, &pki, &ship_policy) + &ship_yaml),
+    ) {
+        Ok(()) => Some(start_proxy(
+            "portcullis-ship",
+            &ship_policy,
+            "warn",
+            &d.join("portcullis-ship.log"),
+            &ship_yaml,
+        )?),
+        Err(e) => {
+            eprintln!("proxy config has no collector sink ({e}); no shipping column");
+            None
+        }
+    };
     // The baseline build, with and (when this build has the file sink) without audit.
     let mut baseline = None;
     let mut baseline_audited = None;
@@ -434,6 +467,9 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
         servers::wait_ready(*admin, Duration::from_secs(20)).await?;
     }
     servers::wait_ready(au_admin, Duration::from_secs(20)).await?;
+    if let Some((_, _, admin)) = &shipped {
+        servers::wait_ready(*admin, Duration::from_secs(20)).await?;
+    }
     servers::wait_listening(nginx_addr, Duration::from_secs(10))
         .await
         .with_context(|| {
@@ -498,7 +534,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             target: target(audit_label, au_addr, Some(verified.clone()), true),
             pid: audited.pid,
             tls_server: false,
-            open_loop: false,
+            open_loop: true,
         },
         Column {
             name: "nginx",
@@ -527,6 +563,22 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             },
         );
     }
+    if let Some((server, addr, _)) = &shipped {
+        let at = columns
+            .iter()
+            .position(|c| c.name == audit_label)
+            .map_or(columns.len(), |i| i + 1);
+        columns.insert(
+            at,
+            Column {
+                name: SHIPPING,
+                target: target(SHIPPING, *addr, Some(verified.clone()), true),
+                pid: server.pid,
+                tls_server: false,
+                open_loop: true,
+            },
+        );
+    }
     if let Some((server, addr, _)) = &baseline_audited {
         let at = columns
             .iter()
@@ -539,7 +591,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
                 target: target(BASELINE_AUDITED, *addr, Some(verified.clone()), true),
                 pid: server.pid,
                 tls_server: false,
-                open_loop: false,
+                open_loop: true,
             },
         );
     }
@@ -587,6 +639,16 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             figures.entry(c.name).or_default().errors += result.errors;
         }
     }
+    if shipped.is_some() {
+        // The column measures shipping only if the records arrived.
+        let stored = collector.stored()?;
+        eprintln!("  the collector stored {stored} entries from {SHIPPING}");
+        anyhow::ensure!(
+            stored > 0,
+            "the collector stored nothing from {SHIPPING}; see {}",
+            d.join("portcullis-ship.log").display()
+        );
+    }
     for (name, (ok, cpu, wall)) in closed {
         let f = figures.entry(name).or_default();
         f.max_rps = Some(ok as f64 / wall.max(1e-9));
@@ -598,6 +660,7 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     for &rate in &options.rates {
         eprintln!("== open loop, {rate} req/s, {:?} each", plan.open);
         for c in columns.iter().filter(|c| c.open_loop) {
+            let before = procfs::cpu_seconds(c.pid, ticks);
             let result = load::open_loop(
                 &c.target,
                 options.connections,
@@ -615,7 +678,11 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
                     result.generator_lag_us
                 );
             }
+            let cpu = procfs::cpu_seconds(c.pid, ticks) - before;
             let f = figures.entry(c.name).or_default();
+            if result.ok > 0 {
+                f.open_cpu_us.insert(rate, cpu * 1e6 / result.ok as f64);
+            }
             f.open.insert(rate, stats::summary(&result.latency));
             f.missed.insert(rate, result.missed);
             f.errors += result.errors;
@@ -741,7 +808,9 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     let costs = keys::key_check_costs(&big_bundle, &token, options.quick).await?;
 
     meta.load_after = procfs::load_average();
-    drop((portcullis, audited, nginx, haproxy, echo));
+    drop((
+        portcullis, audited, shipped, collector, nginx, haproxy, echo,
+    ));
     let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
     let report = render_report(&meta, &names, &figures, &options.rates, &big, &costs);
     println!("{report}");
@@ -866,6 +935,16 @@ pub fn render_report(
                     _ => "–".into(),
                 }
             },
+        );
+    }
+    for &rate in rates {
+        row(
+            &format!("server CPU µs per request @{rate}/s"),
+            &|_, f| num(f.open_cpu_us.get(&rate).copied(), 1),
+            ratio_cell(
+                pc.open_cpu_us.get(&rate).copied(),
+                ng.open_cpu_us.get(&rate).copied(),
+            ),
         );
     }
     row(
@@ -1038,6 +1117,47 @@ pub fn render_report(
             .zip(ng.full_hs.and_then(|h| h.1))
             .map(|(p, n)| p >= 2.0 * n),
     );
+    let audited = get(AUDITED);
+    target(
+        "audit on ≥ 0.9× audit off (per server core)",
+        format!(
+            "{} ({} vs {} req/s per core)",
+            ratio_cell(audited.per_core, pc.per_core),
+            num(audited.per_core, 0),
+            num(pc.per_core, 0)
+        ),
+        audited.per_core.zip(pc.per_core).map(|(a, p)| a >= 0.9 * p),
+    );
+    let shipping = get(SHIPPING);
+    target(
+        "shipping to a collector ≥ 0.9× audit off (per server core, closed loop)",
+        format!(
+            "{} ({} vs {} req/s per core; the in-process collector shares the generator's core)",
+            ratio_cell(shipping.per_core, pc.per_core),
+            num(shipping.per_core, 0),
+            num(pc.per_core, 0)
+        ),
+        shipping
+            .per_core
+            .zip(pc.per_core)
+            .map(|(s, p)| s >= 0.9 * p),
+    );
+    // The same at equal load: CPU per request at the highest open-loop rate.
+    if let Some(&rate) = rates.iter().max() {
+        let cpu = |f: &Figures| f.open_cpu_us.get(&rate).copied();
+        target(
+            &format!(
+                "shipping to a collector ≥ 0.9× audit off (per server core, {rate}/s open loop)"
+            ),
+            format!(
+                "{} ({} vs {} CPU µs per request)",
+                ratio_cell(cpu(&pc), cpu(&shipping)),
+                num(cpu(&shipping), 1),
+                num(cpu(&pc), 1)
+            ),
+            cpu(&pc).zip(cpu(&shipping)).map(|(p, s)| p >= 0.9 * s),
+        );
+    }
     target(
         "key check on a cache hit < 1 µs",
         format!("{:.0} ns", costs.hit_ns),

@@ -18,6 +18,7 @@ mod operator_scale;
 mod procfs;
 mod quick;
 mod servers;
+mod shipping;
 mod stats;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
