@@ -1,9 +1,10 @@
 //! Where the key-encryption key (KEK) is kept, and what that means for a Restricted
-//! tenant. Today the KEK is a Kubernetes Secret beside the Secrets it wraps: whoever
+//! tenant. By default the KEK is a Kubernetes Secret beside the Secrets it wraps: whoever
 //! reads one reads the other, and a backup of the namespace holds both. Restricted data
 //! calls for a KEK held in hardware (an HSM or a cloud KMS), so a Restricted Tenant is
 //! told at admission (a Warning `kubectl` prints) and in its status (condition
-//! `KeyCustody`) until the operator's KEK is one.
+//! `KeyCustody`) until the operator's KEK is one: with `--kek-provider pkcs11` it is, and
+//! the condition is True.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use portcullis_crds::{DataClassification, conditions};
@@ -21,6 +22,15 @@ pub enum KekCustody {
         /// The Secret's name.
         name: String,
     },
+    /// A non-extractable key in a PKCS#11 token (an HSM).
+    Pkcs11 {
+        /// The PKCS#11 library.
+        module: String,
+        /// The token, as `--pkcs11-token-label` or `--pkcs11-slot` chose it.
+        token: String,
+        /// The key's label.
+        key_label: String,
+    },
 }
 
 impl KekCustody {
@@ -28,6 +38,7 @@ impl KekCustody {
     pub fn hardware_backed(&self) -> bool {
         match self {
             Self::Secret { .. } => false,
+            Self::Pkcs11 { .. } => true,
         }
     }
 
@@ -39,6 +50,7 @@ impl KekCustody {
                  readable by whoever can read the Secrets it protects; Restricted data calls for a hardware-backed key \
                  (an HSM or a cloud KMS); until then, limit who may read Secrets in {namespace} and keep its backups apart"
             )),
+            Self::Pkcs11 { .. } => None,
         }
     }
 
@@ -67,13 +79,25 @@ impl KekCustody {
         if classification != DataClassification::Restricted {
             return None;
         }
-        let (ok, reason, message) = match self.shortfall() {
-            None => (
+        let (ok, reason, message) = match (self, self.shortfall()) {
+            (_, Some(why)) => (false, "SoftwareKek", why),
+            (
+                Self::Pkcs11 {
+                    token, key_label, ..
+                },
+                None,
+            ) => (
                 true,
-                "HardwareBackedKek",
+                "HardwareKek",
+                format!(
+                    "the key-encryption key is the non-extractable key {key_label:?} in the PKCS#11 {token}; it never leaves the HSM"
+                ),
+            ),
+            (_, None) => (
+                true,
+                "HardwareKek",
                 "the key-encryption key is held in hardware".to_owned(),
             ),
-            Some(why) => (false, "SoftwareKek", why),
         };
         Some(conditions::condition(
             KEY_CUSTODY,
@@ -138,5 +162,49 @@ mod tests {
             ("KeyCustody", "False", "SoftwareKek")
         );
         assert_eq!(condition.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn an_hsm_kek_satisfies_a_restricted_tenant() {
+        let custody = KekCustody::Pkcs11 {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: "token \"portcullis\"".into(),
+            key_label: "portcullis-kek".into(),
+        };
+        assert!(custody.hardware_backed());
+        assert_eq!(
+            custody.admission_warning("acme", DataClassification::Restricted),
+            None
+        );
+        let condition = custody
+            .condition(
+                DataClassification::Restricted,
+                Some(3),
+                &[],
+                Time(jiff::Timestamp::UNIX_EPOCH),
+            )
+            .unwrap_or_else(|| panic!("no condition"));
+        assert_eq!(
+            (
+                condition.type_.as_str(),
+                condition.status.as_str(),
+                condition.reason.as_str()
+            ),
+            ("KeyCustody", "True", "HardwareKek")
+        );
+        assert!(
+            condition.message.contains("portcullis-kek") && condition.message.contains("PKCS#11"),
+            "{}",
+            condition.message
+        );
+        assert_eq!(
+            custody.condition(
+                DataClassification::Confidential,
+                Some(3),
+                &[],
+                Time(jiff::Timestamp::UNIX_EPOCH)
+            ),
+            None
+        );
     }
 }

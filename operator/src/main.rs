@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use portcullis_operator::audit_server::{self, ClusterAccess};
 use portcullis_operator::run;
 
-use flags::{AuditServerArgs, RunArgs};
+use flags::{AuditServerArgs, Pkcs11Flags, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,10 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run the audit service: the per-tenant audit log proxies ship their chains to.
     AuditServer(Box<AuditServerArgs>),
+    /// Create the key-encryption key in an HSM for a new install: a token-resident,
+    /// sensitive, non-extractable AES-256 key under --pkcs11-key-label (never replaces
+    /// one). The operator itself never creates HSM keys.
+    Pkcs11CreateKey(Box<Pkcs11Flags>),
     /// Inspect compiled policy.
     Policy {
         #[command(subcommand)]
@@ -160,6 +164,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => runtime()?.block_on(run_operator(args))?,
         Command::AuditServer(args) => runtime()?.block_on(run_audit_server(args))?,
+        Command::Pkcs11CreateKey(flags) => {
+            let config = flags.config()?;
+            let id = portcullis_operator::envelope::pkcs11::create_key(&config)?;
+            println!(
+                "created AES-256 key {:?} in {} (KEK id {id}); start the operator with --kek-provider pkcs11",
+                config.key_label, config.token
+            );
+        }
         Command::Policy {
             command: PolicyCommand::Dump { tenant },
         } => runtime()?.block_on(dump_policy(&tenant))?,

@@ -154,6 +154,9 @@ pub struct OperatorSettings {
     pub lease: LeaseSettings,
     /// An existing Secret holding the KEK; `None`: `portcullis-kek`, created if absent.
     pub kek_secret: Option<String>,
+    /// The KEK is a key in a PKCS#11 token (`--kek-provider pkcs11`); `kek_secret` is
+    /// then unused. The operator refuses to start when the key is not usable.
+    pub kek_pkcs11: Option<envelope::Pkcs11Config>,
     /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
     /// it is admitted with a warning).
     pub restricted_requires_hardware_kek: bool,
@@ -183,6 +186,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("leader_election", &self.leader_election)
             .field("lease", &self.lease)
             .field("kek_secret", &self.kek_secret)
+            .field("kek_pkcs11", &self.kek_pkcs11)
             .field(
                 "restricted_requires_hardware_kek",
                 &self.restricted_requires_hardware_kek,
@@ -216,6 +220,7 @@ impl OperatorSettings {
             leader_election: true,
             lease: LeaseSettings::new(LEASE_NAME, namespace, identity),
             kek_secret: None,
+            kek_pkcs11: None,
             restricted_requires_hardware_kek: false,
             audit_service: None,
             audit_witness: None,
@@ -324,6 +329,16 @@ pub async fn load_kek(client: &Client, namespace: &str, secret: Option<&str>) ->
     }
 }
 
+/// Opens the KEK in the PKCS#11 token `config` names (blocking on the HSM off the
+/// runtime's threads). Fails with the cause and its fix; writes nothing anywhere.
+pub async fn open_pkcs11_kek(config: envelope::Pkcs11Config) -> Result<Kek> {
+    tokio::task::spawn_blocking(move || envelope::Pkcs11Kek::open(&config))
+        .await
+        .map_err(|e| Error::Task(format!("opening the PKCS#11 KEK: {e}")))?
+        .map(Kek::from)
+        .map_err(|e| Error::Kek(format!("PKCS#11: {e}")))
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
         context: format!("binding the {what} on {addr}"),
@@ -363,8 +378,13 @@ pub async fn start(
 ) -> std::result::Result<RunningOperator, StartError> {
     let namespace = settings.reconcile.namespace.clone();
     settings.ca.validate()?;
-    let kek = Arc::new(load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?);
-    tracing::info!(kek = %kek.id(), namespace = %namespace, "key-encryption key loaded");
+    // First, before anything is written: a KEK that cannot be used stops the start here.
+    let kek = match &settings.kek_pkcs11 {
+        Some(config) => open_pkcs11_kek(config.clone()).await?,
+        None => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
+    };
+    let kek = Arc::new(kek);
+    tracing::info!(kek = %kek.id(), provider = %kek.provider(), namespace = %namespace, "key-encryption key loaded");
     let (metrics_listener, metrics_addr) = bind(settings.metrics_addr, "metrics endpoint").await?;
     let (policy_listener, policy_addr) = bind(settings.policy_addr, "policy server").await?;
     // Reserved now (its port goes into the webhook URL), listening once ready.

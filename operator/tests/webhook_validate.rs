@@ -846,6 +846,8 @@ fn with_hardware_required_a_tenant_becoming_restricted_is_refused_with_the_way_o
         "\"vault\" is Restricted",
         "portcullis-system/portcullis-kek",
         "--restricted-requires-hardware-kek",
+        "operator.restrictedRequiresHardwareKek",
+        "--kek-provider pkcs11",
         "classify the Tenant Confidential",
     ] {
         assert!(refusal.message.contains(words), "{}", refusal.message);
@@ -875,6 +877,19 @@ fn with_hardware_required_a_tenant_becoming_restricted_is_refused_with_the_way_o
     );
     assert_eq!(
         validate_tenant(&create("vault", &confidential), &claims, &strict),
+        Ok(())
+    );
+    // With the KEK in an HSM the strict setting admits it.
+    let hsm = ValidatorSettings {
+        kek_custody: portcullis_operator::kek_custody::KekCustody::Pkcs11 {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: "token \"portcullis\"".into(),
+            key_label: "portcullis-kek".into(),
+        },
+        ..strict
+    };
+    assert_eq!(
+        validate_tenant(&create("vault", &restricted), &claims, &hsm),
         Ok(())
     );
 }

@@ -76,21 +76,24 @@ pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
     checks.extend(check_crds(client).await);
     checks.push(check_mutating(cluster).await);
     checks.push(check_validating(cluster).await);
-    let deployment = match check_operator(cluster).await {
-        Ok((result, name)) => {
+    let (deployment, kek_provider) = match check_operator(cluster).await {
+        Ok((result, name, provider)) => {
             checks.push(result);
-            name
+            (name, provider)
         }
         Err(result) => {
             checks.push(result);
-            OPERATOR_DEPLOYMENT.to_owned()
+            (
+                OPERATOR_DEPLOYMENT.to_owned(),
+                probes::KekProviderSeen::Unknown,
+            )
         }
     };
     for kind in [CaKind::Root, CaKind::Intermediate] {
         checks.push(check_ca(cluster, kind, &deployment, now).await);
     }
     checks.push(check_audit_collector(cluster).await);
-    checks.push(check_key_custody(cluster).await);
+    checks.push(check_key_custody(cluster, &kek_provider).await);
     checks.extend(check_namespaces(cluster, now).await);
     let operator_logs = format!(
         "kubectl -n {} logs deploy/{deployment}",
@@ -178,8 +181,10 @@ async fn check_validating(cluster: &Cluster) -> CheckResult {
     }
 }
 
-/// The operator check and the Deployment's name (for hints).
-async fn check_operator(cluster: &Cluster) -> Result<(CheckResult, String), CheckResult> {
+/// The operator check, the Deployment's name (for hints) and the KEK provider it sets.
+async fn check_operator(
+    cluster: &Cluster,
+) -> Result<(CheckResult, String, probes::KekProviderSeen), CheckResult> {
     let ns = &cluster.operator_namespace;
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
     let selected = ListParams::default().labels(OPERATOR_SELECTOR);
@@ -214,7 +219,8 @@ async fn check_operator(cluster: &Cluster) -> Result<(CheckResult, String), Chec
         }
         None => Vec::new(),
     };
-    Ok((probes::judge_operator(ns, &found, &pods), name))
+    let provider = probes::kek_provider(found.first());
+    Ok((probes::judge_operator(ns, &found, &pods), name, provider))
 }
 
 async fn check_audit_collector(cluster: &Cluster) -> CheckResult {
@@ -243,14 +249,15 @@ async fn check_audit_collector(cluster: &Cluster) -> CheckResult {
     probes::judge_audit_collector(ns, Some(&collector), &pods, certificate)
 }
 
-async fn check_key_custody(cluster: &Cluster) -> CheckResult {
+async fn check_key_custody(cluster: &Cluster, provider: &probes::KekProviderSeen) -> CheckResult {
+    let ns = &cluster.operator_namespace;
     match Api::<Tenant>::all(cluster.client.clone())
         .list(&ListParams::default())
         .await
     {
-        Ok(list) => probes::judge_key_custody(&cluster.operator_namespace, &list.items),
+        Ok(list) => probes::judge_key_custody(ns, provider, &list.items),
         Err(kube::Error::Api(status)) if status.code == 404 => {
-            probes::judge_key_custody(&cluster.operator_namespace, &[])
+            probes::judge_key_custody(ns, provider, &[])
         }
         Err(e) => unreadable("Key-encryption key", "Tenants", e),
     }

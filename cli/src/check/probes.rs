@@ -149,9 +149,76 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
 /// The audit collector's StatefulSet, Service and the Secret the operator writes it.
 pub const AUDIT_COLLECTOR: &str = "portcullis-audit";
 
-/// Where the key-encryption key is kept, as the Restricted Tenants' `KeyCustody`
-/// conditions say: a KEK in a Secret is a warning only once Restricted data depends on it.
-pub fn judge_key_custody(namespace: &str, tenants: &[Tenant]) -> CheckResult {
+/// Where the operator's Deployment says its key-encryption key is kept
+/// (`PORTCULLIS_KEK_PROVIDER` / `--kek-provider` and the PKCS#11 settings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KekProviderSeen {
+    /// The default: a Secret in the operator's namespace.
+    Secret,
+    /// An HSM key.
+    Pkcs11 {
+        /// The token label or slot, as configured.
+        token: Option<String>,
+        /// The key's label.
+        key_label: Option<String>,
+    },
+    /// No operator Deployment to read it from.
+    Unknown,
+}
+
+/// The KEK provider the operator container of `deployment` is configured with: its
+/// environment (how the chart sets it), then its arguments.
+pub fn kek_provider(deployment: Option<&Deployment>) -> KekProviderSeen {
+    let Some(container) = deployment
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| {
+            s.containers
+                .iter()
+                .find(|c| c.name == "operator")
+                .or(s.containers.first())
+        })
+    else {
+        return KekProviderSeen::Unknown;
+    };
+    let setting = |env: &str, flag: &str| -> Option<String> {
+        let from_env = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == env)
+            .and_then(|e| e.value.clone());
+        let args = container.args.iter().flatten();
+        let from_args = args.clone().zip(args.skip(1)).find_map(|(a, b)| {
+            if a == flag {
+                Some(b.clone())
+            } else {
+                a.strip_prefix(&format!("{flag}=")).map(str::to_owned)
+            }
+        });
+        from_args.or(from_env)
+    };
+    match setting("PORTCULLIS_KEK_PROVIDER", "--kek-provider").as_deref() {
+        Some("pkcs11") => KekProviderSeen::Pkcs11 {
+            token: setting("PORTCULLIS_PKCS11_TOKEN_LABEL", "--pkcs11-token-label")
+                .map(|l| format!("token {l:?}"))
+                .or_else(|| {
+                    setting("PORTCULLIS_PKCS11_SLOT", "--pkcs11-slot").map(|s| format!("slot {s}"))
+                }),
+            key_label: setting("PORTCULLIS_PKCS11_KEY_LABEL", "--pkcs11-key-label"),
+        },
+        _ => KekProviderSeen::Secret,
+    }
+}
+
+/// Where the key-encryption key is kept, from the operator's configuration and the
+/// Restricted Tenants' `KeyCustody` conditions: a KEK in a Secret is a warning only once
+/// Restricted data depends on it.
+pub fn judge_key_custody(
+    namespace: &str,
+    provider: &KekProviderSeen,
+    tenants: &[Tenant],
+) -> CheckResult {
     const CHECK: &str = "Key-encryption key";
     let restricted: Vec<&Tenant> = tenants
         .iter()
@@ -168,12 +235,21 @@ pub fn judge_key_custody(namespace: &str, tenants: &[Tenant]) -> CheckResult {
         })
         .map(|t| format!("tenant {}", t.name_any()))
         .collect();
+    let kept = match provider {
+        KekProviderSeen::Secret => format!("a Secret in {namespace}"),
+        KekProviderSeen::Pkcs11 { token, key_label } => format!(
+            "PKCS#11 (HSM) key {} in {}",
+            key_label.as_deref().unwrap_or("?"),
+            token.as_deref().unwrap_or("an unnamed token")
+        ),
+        KekProviderSeen::Unknown => "provider unknown (no operator Deployment)".to_owned(),
+    };
     if unbacked.is_empty() {
         let message = if restricted.is_empty() {
-            format!("a Secret in {namespace}; no Restricted tenant depends on it")
+            format!("{kept}; no Restricted tenant depends on it")
         } else {
             format!(
-                "{} Restricted tenant(s), none reporting a software KEK",
+                "{kept}; {} Restricted tenant(s), none reporting a software KEK",
                 restricted.len()
             )
         };
@@ -182,13 +258,13 @@ pub fn judge_key_custody(namespace: &str, tenants: &[Tenant]) -> CheckResult {
     CheckResult::warn(
         CHECK,
         format!(
-            "{} Restricted tenant(s) have their keys wrapped by a KEK kept in a Secret in {namespace} (KeyCustody=False)",
+            "{kept}; {} Restricted tenant(s) have their keys wrapped by a KEK kept in a Secret in {namespace} (KeyCustody=False)",
             unbacked.len()
         ),
     )
     .details(unbacked)
     .hint(format!(
-        "limit who may read Secrets in {namespace} and keep its backups apart from the cluster's; an HSM or KMS-held KEK is not available yet"
+        "move the KEK into an HSM (--kek-provider pkcs11; chart: kek.provider=pkcs11); until then limit who may read Secrets in {namespace} and keep its backups apart from the cluster's"
     ))
 }
 
@@ -620,15 +696,22 @@ mod tests {
             }))
             .unwrap_or_else(|e| panic!("{e}"))
         };
-        let quiet = judge_key_custody("portcullis-system", &[tenant("shop", "Internal", None)]);
+        let secret = KekProviderSeen::Secret;
+        let quiet = judge_key_custody(
+            "portcullis-system",
+            &secret,
+            &[tenant("shop", "Internal", None)],
+        );
         assert_eq!(quiet.status, Status::Pass);
         assert!(
-            quiet.message.contains("no Restricted tenant"),
+            quiet.message.contains("no Restricted tenant")
+                && quiet.message.starts_with("a Secret in portcullis-system"),
             "{}",
             quiet.message
         );
         let told = judge_key_custody(
             "portcullis-system",
+            &secret,
             &[
                 tenant("shop", "Internal", None),
                 tenant("vault", "Restricted", Some("False")),
@@ -637,6 +720,67 @@ mod tests {
         assert_eq!(told.status, Status::Warn);
         assert_eq!(told.details, vec!["tenant vault".to_owned()]);
         assert!(told.hint.unwrap_or_default().contains("portcullis-system"));
+    }
+
+    #[test]
+    fn the_kek_provider_is_read_from_the_operator_deployment() {
+        let deployment = |env: serde_json::Value, args: serde_json::Value| -> Deployment {
+            from_json(serde_json::json!({
+                "metadata": {"name": "portcullis-operator"},
+                "spec": {"selector": {}, "template": {"spec": {"containers": [
+                    {"name": "operator", "args": args, "env": env}
+                ]}}}
+            }))
+        };
+        assert_eq!(kek_provider(None), KekProviderSeen::Unknown);
+        let chart_default = deployment(serde_json::json!([]), serde_json::json!(["run"]));
+        assert_eq!(kek_provider(Some(&chart_default)), KekProviderSeen::Secret);
+        let hsm = deployment(
+            serde_json::json!([
+                {"name": "PORTCULLIS_KEK_PROVIDER", "value": "pkcs11"},
+                {"name": "PORTCULLIS_PKCS11_TOKEN_LABEL", "value": "portcullis"},
+                {"name": "PORTCULLIS_PKCS11_KEY_LABEL", "value": "portcullis-kek"}
+            ]),
+            serde_json::json!(["run"]),
+        );
+        let provider = kek_provider(Some(&hsm));
+        assert_eq!(
+            provider,
+            KekProviderSeen::Pkcs11 {
+                token: Some("token \"portcullis\"".into()),
+                key_label: Some("portcullis-kek".into())
+            }
+        );
+        let by_args = deployment(
+            serde_json::json!([]),
+            serde_json::json!(["run", "--kek-provider=pkcs11", "--pkcs11-slot", "2"]),
+        );
+        assert_eq!(
+            kek_provider(Some(&by_args)),
+            KekProviderSeen::Pkcs11 {
+                token: Some("slot 2".into()),
+                key_label: None
+            }
+        );
+        let restricted: Tenant = from_json(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "vault"},
+            "spec": {"namespaces": ["vault"], "dataClassification": "Restricted"},
+            "status": {"conditions": [{"type": "KeyCustody", "status": "True", "reason": "HardwareKek",
+                "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }));
+        let result = judge_key_custody("portcullis-system", &provider, &[restricted]);
+        assert_eq!(result.status, Status::Pass);
+        assert!(
+            result
+                .message
+                .starts_with("PKCS#11 (HSM) key portcullis-kek in token \"portcullis\"")
+                && result
+                    .message
+                    .contains("1 Restricted tenant(s), none reporting a software KEK"),
+            "{}",
+            result.message
+        );
     }
     use crate::check::report::Status;
     use k8s_openapi::ByteString;

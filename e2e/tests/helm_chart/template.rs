@@ -860,3 +860,158 @@ fn the_audit_collector_is_installed_only_when_enabled_and_proxies_are_pointed_at
     );
     Ok(())
 }
+
+#[test]
+fn helm_template_wires_the_pkcs11_kek() -> Result<()> {
+    let Some(helm) = Helm::find() else {
+        return Ok(());
+    };
+    let operator = |objects: &[Value]| -> Result<Value> {
+        Ok(find(objects, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"].clone())
+    };
+    // The default: a Secret, no HSM settings, no extra volumes.
+    let pod = operator(&helm.render(&[])?)?;
+    let container = &pod["containers"][0];
+    assert!(env_value(container, "PORTCULLIS_KEK_PROVIDER").is_none());
+    assert!(env_value(container, "PORTCULLIS_PKCS11_MODULE").is_none());
+    assert!(!pod.to_string().contains("pkcs11"));
+
+    let hsm = [
+        "--set",
+        "kek.provider=pkcs11",
+        "--set",
+        "kek.pkcs11.module=/opt/hsm/lib/libvendor-pkcs11.so",
+        "--set",
+        "kek.pkcs11.moduleHostPath=/opt/hsm/lib",
+        "--set",
+        "kek.pkcs11.tokenLabel=portcullis",
+        "--set",
+        "kek.pkcs11.pinSecret.name=hsm-pin",
+    ];
+    let pod = operator(&helm.render(&hsm)?)?;
+    let container = &pod["containers"][0];
+    let setting = |name: &str| {
+        env_value(container, name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        setting("PORTCULLIS_KEK_PROVIDER").as_deref(),
+        Some("pkcs11")
+    );
+    assert_eq!(
+        setting("PORTCULLIS_PKCS11_MODULE").as_deref(),
+        Some("/opt/hsm/lib/libvendor-pkcs11.so")
+    );
+    assert_eq!(
+        setting("PORTCULLIS_PKCS11_TOKEN_LABEL").as_deref(),
+        Some("portcullis")
+    );
+    assert_eq!(setting("PORTCULLIS_PKCS11_SLOT"), None);
+    assert_eq!(
+        setting("PORTCULLIS_PKCS11_KEY_LABEL").as_deref(),
+        Some("portcullis-kek")
+    );
+    let pin_file = setting("PORTCULLIS_PKCS11_PIN_FILE").unwrap_or_default();
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let mount = |name: &str| {
+        container["volumeMounts"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // The PIN: the Secret's key mounted read-only as the file the operator reads.
+    let pin = volume("pkcs11-pin");
+    assert_eq!(pin["secret"]["secretName"], "hsm-pin");
+    assert_eq!(pin["secret"]["items"][0]["key"], "pin");
+    let pin_mount = mount("pkcs11-pin");
+    assert_eq!(pin_mount["readOnly"], true);
+    assert_eq!(
+        format!(
+            "{}/{}",
+            pin_mount["mountPath"].as_str().unwrap_or_default(),
+            pin["secret"]["items"][0]["path"]
+                .as_str()
+                .unwrap_or_default()
+        ),
+        pin_file
+    );
+    // The module from the node, read-only, where --pkcs11-module looks for it.
+    assert_eq!(volume("pkcs11-module")["hostPath"]["path"], "/opt/hsm/lib");
+    assert_eq!(mount("pkcs11-module")["mountPath"], "/opt/hsm/lib");
+    assert_eq!(mount("pkcs11-module")["readOnly"], true);
+
+    // A slot instead of a label; no hostPath when the image carries the module.
+    let by_slot = helm.render(&[
+        "--set",
+        "kek.provider=pkcs11",
+        "--set",
+        "kek.pkcs11.module=/usr/lib/softhsm/libsofthsm2.so",
+        "--set",
+        "kek.pkcs11.slot=0",
+        "--set",
+        "kek.pkcs11.pinSecret.name=hsm-pin",
+    ])?;
+    let pod = operator(&by_slot)?;
+    let container = &pod["containers"][0];
+    assert_eq!(
+        env_value(container, "PORTCULLIS_PKCS11_SLOT").map(|e| e["value"].clone()),
+        Some(Value::from("0"))
+    );
+    assert!(env_value(container, "PORTCULLIS_PKCS11_TOKEN_LABEL").is_none());
+    assert!(!pod.to_string().contains("hostPath"));
+
+    // What is missing or contradictory is named before anything is installed.
+    let chart = chart_dir();
+    let chart = chart.to_string_lossy();
+    let without = |dropped: &str| -> Vec<&str> {
+        let mut args = vec!["template", RELEASE, &*chart];
+        for pair in hsm.chunks(2) {
+            if !pair[1].starts_with(dropped) {
+                args.extend_from_slice(pair);
+            }
+        }
+        args
+    };
+    for (dropped, expected) in [
+        ("kek.pkcs11.module", "needs kek.pkcs11.module"),
+        (
+            "kek.pkcs11.tokenLabel",
+            "needs kek.pkcs11.tokenLabel or kek.pkcs11.slot",
+        ),
+        ("kek.pkcs11.pinSecret", "needs kek.pkcs11.pinSecret.name"),
+    ] {
+        let out = helm.run(&without(dropped), None)?;
+        assert!(!out.success, "rendered without {dropped}");
+        assert!(
+            out.stderr.contains(expected),
+            "without {dropped}: {}",
+            out.stderr
+        );
+    }
+    let mut both = without("nothing");
+    both.extend_from_slice(&["--set", "operator.kekSecret=kek-from-vault"]);
+    let out = helm.run(&both, None)?;
+    assert!(
+        !out.success && out.stderr.contains("exclude each other"),
+        "{}",
+        out.stderr
+    );
+    let out = helm.run(
+        &["template", RELEASE, &chart, "--set", "kek.provider=hsm"],
+        None,
+    )?;
+    assert!(
+        !out.success && out.stderr.contains("/kek/provider"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}

@@ -12,6 +12,7 @@ mod values;
 mod webhooks;
 
 pub use audit_server::AuditServerArgs;
+pub(crate) use keys::Pkcs11Flags;
 
 use clap::Args;
 use portcullis_operator::run::OperatorSettings;
@@ -58,7 +59,7 @@ impl RunArgs {
             .cluster_domain
             .clone_from(&self.identity.cluster_domain);
         self.keys
-            .apply(&mut settings, self.serving.service_account());
+            .apply(&mut settings, self.serving.service_account())?;
         self.leader.apply(&mut settings)?;
         settings.ca = self.identity.ca()?;
         settings.webhooks = self
@@ -155,6 +156,84 @@ mod tests {
                 name: "kek-from-vault".into()
             }
         );
+    }
+
+    #[test]
+    fn the_pkcs11_provider_takes_its_flags_and_is_hardware_custody() {
+        use portcullis_operator::envelope::TokenSelector;
+        use portcullis_operator::kek_custody::KekCustody;
+        let pkcs11 = [
+            "--kek-provider",
+            "pkcs11",
+            "--pkcs11-module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--pkcs11-token-label",
+            "portcullis",
+            "--pkcs11-key-label",
+            "portcullis-kek",
+            "--pkcs11-pin-file",
+            "/var/run/portcullis/pkcs11/pin",
+        ];
+        let s = settings(&pkcs11);
+        let config = s.kek_pkcs11.clone().unwrap();
+        assert_eq!(config.token, TokenSelector::Label("portcullis".into()));
+        assert_eq!(config.key_label, "portcullis-kek");
+        assert_eq!(
+            config.pin_file.display().to_string(),
+            "/var/run/portcullis/pkcs11/pin"
+        );
+        assert_eq!(
+            s.reconcile.kek_custody,
+            KekCustody::Pkcs11 {
+                module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                token: "token \"portcullis\"".into(),
+                key_label: "portcullis-kek".into(),
+            }
+        );
+        assert!(s.reconcile.kek_custody.hardware_backed());
+        // A slot instead of a label.
+        let mut by_slot = pkcs11.to_vec();
+        by_slot[4] = "--pkcs11-slot";
+        by_slot[5] = "3";
+        assert_eq!(
+            settings(&by_slot).kek_pkcs11.unwrap().token,
+            TokenSelector::Slot(3)
+        );
+        // The default stays the Secret, and no HSM is opened.
+        assert!(settings(&[]).kek_pkcs11.is_none());
+
+        // Each missing flag is named; mixing providers is refused.
+        for (i, flag) in [
+            (2, "--pkcs11-module"),
+            (6, "--pkcs11-key-label"),
+            (8, "--pkcs11-pin-file"),
+        ] {
+            let mut args = pkcs11.to_vec();
+            args.drain(i..i + 2);
+            let message = parse(&args).unwrap().settings().unwrap_err().to_string();
+            assert!(message.contains(flag), "{flag}: {message}");
+        }
+        let mut args = pkcs11.to_vec();
+        args.drain(4..6);
+        let message = parse(&args).unwrap().settings().unwrap_err().to_string();
+        assert!(
+            message.contains("--pkcs11-token-label or --pkcs11-slot"),
+            "{message}"
+        );
+        assert!(parse(&[&pkcs11[..], &["--pkcs11-slot", "1"]].concat()).is_err());
+        let message = parse(&[&pkcs11[..], &["--kek-secret", "kek"]].concat())
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--kek-secret"), "{message}");
+        let message = parse(&pkcs11[2..])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--kek-provider pkcs11"), "{message}");
+        assert!(parse(&["--kek-provider", "kms"]).is_err());
     }
 
     #[test]

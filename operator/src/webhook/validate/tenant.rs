@@ -76,7 +76,8 @@ pub fn validate_tenant(
     {
         return Err(Refusal::forbidden(format!(
             "{why}. This operator refuses Restricted Tenants until its KEK is hardware-backed \
-             (--restricted-requires-hardware-kek, chart value kek.restrictedRequiresHardware); \
+             (--restricted-requires-hardware-kek, chart value operator.restrictedRequiresHardwareKek): \
+             move the KEK into an HSM (--kek-provider pkcs11, chart value kek.provider=pkcs11), \
              classify the Tenant Confidential, or turn the setting off to admit it with a warning"
         )));
     }

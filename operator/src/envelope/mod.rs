@@ -1,0 +1,348 @@
+//! Envelope encryption under the key-encryption key (KEK).
+//!
+//! The KEK wraps the CA's private keys and each tenant's data-encryption keys before
+//! they are written to Secrets, so a leaked Secret backup without the KEK reveals
+//! nothing. A KEK comes from a provider: `secret` (32 raw bytes in the Secret
+//! `portcullis-kek`, [`secret`]) or `pkcs11` (an AES-256 key inside an HSM that never
+//! leaves it, [`pkcs11`]). Callers see one type, [`Kek`], with the same synchronous
+//! [`Kek::wrap`] and [`Kek::unwrap`] whichever provider holds the key.
+//!
+//! Wrapped formats (AES-256-GCM, 12-byte random nonce, 16-byte tag):
+//!
+//! ```text
+//! v1: [0x01][kek id: 8][nonce: 12][ciphertext + tag]                 secret provider only
+//! v2: [0x02][provider: 1][key id: 8][nonce: 12][ciphertext + tag]    1 = secret, 2 = pkcs11
+//! ```
+//!
+//! The header up to the nonce (`[0x01][kek id]`, or `[0x02][provider][key id]`) is
+//! authenticated together with the caller's AAD, which binds a ciphertext to the slot it
+//! was written to. The key id tells "wrapped under another KEK" apart from "tampered
+//! with": for a secret KEK the first 8 bytes of a domain-separated SHA-256 of the key;
+//! for a PKCS#11 KEK the first 8 bytes of a domain-separated SHA-256 of the token label
+//! and the key label (the key itself is never seen, see [`pkcs11::key_id`]).
+//!
+//! The secret provider keeps writing v1 (a v1 blob says all there is: a secret KEK and
+//! its id), so a rolled-back or not yet upgraded replica still reads what a new one
+//! writes; the pkcs11 provider writes v2. Both read v1 and v2. A blob under another
+//! provider or key is refused with [`EnvelopeError::WrongKey`] naming both.
+
+pub mod pkcs11;
+pub mod secret;
+
+use std::fmt;
+use std::sync::Arc;
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{AeadCore, OsRng};
+
+pub use pkcs11::{Pkcs11Config, Pkcs11Error, Pkcs11Kek, TokenSelector};
+pub use secret::{KEK_SECRET_KEY, KEK_SECRET_NAME, KekStoreError, SecretKek, load_or_create_kek};
+
+/// The newest wrapped-format version this code reads (and the pkcs11 provider writes).
+pub const ENVELOPE_VERSION: u8 = 2;
+/// The first format: secret KEKs only, still written by the secret provider.
+pub const ENVELOPE_VERSION_1: u8 = 1;
+
+const KEY_LEN: usize = 32;
+const KEK_ID_LEN: usize = 8;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// `[version][kek id]`: the authenticated part of a v1 header.
+const V1_AUTHENTICATED: usize = 1 + KEK_ID_LEN;
+const V1_HEADER_LEN: usize = V1_AUTHENTICATED + NONCE_LEN;
+/// `[version][provider][key id]`: the authenticated part of a v2 header.
+const V2_AUTHENTICATED: usize = 2 + KEK_ID_LEN;
+const V2_HEADER_LEN: usize = V2_AUTHENTICATED + NONCE_LEN;
+
+/// Why wrapping, unwrapping or loading a KEK failed. Never carries key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The ciphertext is shorter than header + tag.
+    #[error("wrapped data truncated: {len} bytes, at least {min} needed")]
+    Truncated {
+        /// Length received.
+        len: usize,
+        /// Minimum valid length.
+        min: usize,
+    },
+    /// The version byte is not one this code understands.
+    #[error(
+        "unsupported envelope version {0}, expected {ENVELOPE_VERSION_1} or {ENVELOPE_VERSION}"
+    )]
+    UnsupportedVersion(u8),
+    /// A v2 header names a provider this code does not know.
+    #[error("wrapped by unknown KEK provider {0} (known: 1 = secret, 2 = pkcs11)")]
+    UnknownProvider(u8),
+    /// The data was wrapped under a different KEK (another key, or another provider).
+    #[error("wrapped under {found}, but the loaded KEK is {expected}")]
+    WrongKey {
+        /// The KEK in use.
+        expected: KeyRef,
+        /// The KEK recorded in the ciphertext.
+        found: KeyRef,
+    },
+    /// Authentication failed: the ciphertext, header or AAD was altered.
+    #[error("wrapped data failed authentication (tampered, or wrong associated data)")]
+    Tampered,
+    /// Key material of the wrong length.
+    #[error("a KEK is {KEY_LEN} bytes, got {0}")]
+    InvalidKeyLength(usize),
+    /// The KEK Secret exists but holds no usable key.
+    #[error("KEK Secret {0} has no valid {KEK_SECRET_KEY:?} entry")]
+    InvalidSecret(String),
+    /// Encryption itself failed (not expected with valid inputs).
+    #[error("encryption failed")]
+    Encrypt,
+    /// The HSM failed the operation (unreachable, session lost, mechanism refused).
+    #[error("the HSM failed to {operation}: {reason}")]
+    Hsm {
+        /// `wrap` or `unwrap`.
+        operation: &'static str,
+        /// The PKCS#11 function and return value.
+        reason: String,
+    },
+}
+
+/// Where a KEK is kept; its number is the provider byte of a v2 envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KekProvider {
+    /// Raw key bytes in a Kubernetes Secret.
+    Secret,
+    /// A non-extractable key in a PKCS#11 token (an HSM).
+    Pkcs11,
+}
+
+impl KekProvider {
+    /// The provider byte of a v2 envelope.
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Secret => 1,
+            Self::Pkcs11 => 2,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Self, EnvelopeError> {
+        match byte {
+            1 => Ok(Self::Secret),
+            2 => Ok(Self::Pkcs11),
+            other => Err(EnvelopeError::UnknownProvider(other)),
+        }
+    }
+}
+
+impl fmt::Display for KekProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Secret => "secret",
+            Self::Pkcs11 => "pkcs11",
+        })
+    }
+}
+
+/// A short public identifier of a KEK within its provider (see the module doc).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KekId([u8; KEK_ID_LEN]);
+
+impl KekId {
+    /// The raw id bytes.
+    pub fn as_bytes(&self) -> &[u8; KEK_ID_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Display for KekId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for KekId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KekId({self})")
+    }
+}
+
+/// Which KEK: its provider and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    /// The provider holding the key.
+    pub provider: KekProvider,
+    /// The key's id within the provider.
+    pub id: KekId,
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} KEK {}", self.provider, self.id)
+    }
+}
+
+/// The parsed header of a wrapped blob.
+struct Header<'a> {
+    key: KeyRef,
+    nonce: &'a [u8],
+    /// The bytes authenticated with the caller's AAD.
+    authenticated: &'a [u8],
+    body: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    fn parse(wrapped: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let Some(&version) = wrapped.first() else {
+            return Err(EnvelopeError::Truncated {
+                len: 0,
+                min: V1_HEADER_LEN + TAG_LEN,
+            });
+        };
+        let header_len = match version {
+            ENVELOPE_VERSION_1 => V1_HEADER_LEN,
+            ENVELOPE_VERSION => V2_HEADER_LEN,
+            other => return Err(EnvelopeError::UnsupportedVersion(other)),
+        };
+        let min = header_len + TAG_LEN;
+        if wrapped.len() < min {
+            return Err(EnvelopeError::Truncated {
+                len: wrapped.len(),
+                min,
+            });
+        }
+        let (provider, id_at) = if version == ENVELOPE_VERSION_1 {
+            (KekProvider::Secret, 1)
+        } else {
+            (KekProvider::from_byte(wrapped[1])?, 2)
+        };
+        let mut id = [0u8; KEK_ID_LEN];
+        id.copy_from_slice(&wrapped[id_at..id_at + KEK_ID_LEN]);
+        let authenticated_len = id_at + KEK_ID_LEN;
+        Ok(Self {
+            key: KeyRef {
+                provider,
+                id: KekId(id),
+            },
+            nonce: &wrapped[authenticated_len..header_len],
+            authenticated: &wrapped[..authenticated_len],
+            body: &wrapped[header_len..],
+        })
+    }
+}
+
+/// A 256-bit key-encryption key, wherever it is kept. Cheap to clone (an HSM key is
+/// shared); `Debug` never shows key material.
+#[derive(Clone)]
+pub struct Kek(Provider);
+
+#[derive(Clone)]
+enum Provider {
+    Secret(SecretKek),
+    Pkcs11(Arc<Pkcs11Kek>),
+}
+
+impl Kek {
+    /// A new random secret KEK from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        Self(Provider::Secret(SecretKek::generate()))
+    }
+
+    /// A secret KEK from exactly 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        SecretKek::from_bytes(bytes).map(Self::from)
+    }
+
+    /// A secret KEK from standard base64 (surrounding whitespace ignored).
+    pub fn from_base64(text: &str) -> Result<Self, EnvelopeError> {
+        SecretKek::from_base64(text).map(Self::from)
+    }
+
+    /// Reads a secret KEK from a Secret `data` map written by
+    /// [`SecretKek::to_secret_data`].
+    pub fn from_secret_data(
+        data: &std::collections::BTreeMap<String, k8s_openapi::ByteString>,
+    ) -> Result<Self, EnvelopeError> {
+        SecretKek::from_secret_data(data).map(Self::from)
+    }
+
+    /// The KEK's public identifier within its provider.
+    pub fn id(&self) -> KekId {
+        self.key_ref().id
+    }
+
+    /// Where the key is kept.
+    pub fn provider(&self) -> KekProvider {
+        self.key_ref().provider
+    }
+
+    /// The KEK's provider and id, as wrapped blobs record them.
+    pub fn key_ref(&self) -> KeyRef {
+        match &self.0 {
+            Provider::Secret(key) => KeyRef {
+                provider: KekProvider::Secret,
+                id: key.id(),
+            },
+            Provider::Pkcs11(key) => KeyRef {
+                provider: KekProvider::Pkcs11,
+                id: key.id(),
+            },
+        }
+    }
+
+    /// Encrypts `plaintext` bound to `aad` under a fresh random nonce.
+    pub fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let key = self.key_ref();
+        let mut out = Vec::with_capacity(V2_HEADER_LEN + plaintext.len() + TAG_LEN);
+        match &self.0 {
+            Provider::Secret(_) => out.push(ENVELOPE_VERSION_1),
+            Provider::Pkcs11(_) => out.extend_from_slice(&[ENVELOPE_VERSION, key.provider.byte()]),
+        }
+        out.extend_from_slice(key.id.as_bytes());
+        let full_aad = [&out[..], aad].concat();
+        out.extend_from_slice(&nonce);
+        let sealed = match &self.0 {
+            Provider::Secret(key) => key.seal(&nonce, &full_aad, plaintext)?,
+            Provider::Pkcs11(key) => key.seal(&nonce, &full_aad, plaintext)?,
+        };
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Decrypts data written by [`Kek::wrap`] (v1 or v2) with the same `aad`.
+    pub fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let header = Header::parse(wrapped)?;
+        let expected = self.key_ref();
+        if header.key != expected {
+            return Err(EnvelopeError::WrongKey {
+                expected,
+                found: header.key,
+            });
+        }
+        let full_aad = [header.authenticated, aad].concat();
+        match &self.0 {
+            Provider::Secret(key) => key.unseal(header.nonce, &full_aad, header.body),
+            Provider::Pkcs11(key) => key.unseal(header.nonce, &full_aad, header.body),
+        }
+    }
+}
+
+impl From<SecretKek> for Kek {
+    fn from(key: SecretKek) -> Self {
+        Self(Provider::Secret(key))
+    }
+}
+
+impl From<Pkcs11Kek> for Kek {
+    fn from(key: Pkcs11Kek) -> Self {
+        Self(Provider::Pkcs11(Arc::new(key)))
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Provider::Secret(key) => key.fmt(f),
+            Provider::Pkcs11(key) => key.fmt(f),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
