@@ -62,6 +62,9 @@ pub const AUDITED: &str = "portcullis +audit file";
 /// The column of this build shipping its audit chain to a collector.
 pub const SHIPPING: &str = "portcullis +collector";
 
+/// The column of `--baseline-proxy-bin` shipping to the same collector.
+pub const BASELINE_SHIPPING: &str = "portcullis before +collector";
+
 /// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
 /// can hold under a 20 000 descriptor limit (it reserves two per connection).
 const HOLD_MANY: usize = 9_000;
@@ -381,7 +384,8 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     // Shipping on: the chain to an audit collector in this process (core 0), under the
     // tenant the demo client certificate names.
     let collector = shipping::start_collector(&pki, &d.join("collector")).await?;
-    let ship_yaml = shipping::collector_section(collector.addr, &pki, &d.join("ship-spool"));
+    let ship_yaml =
+        shipping::collector_section(collector.addr, &pki, &d.join("ship-spool"), "bench");
     let ship_policy = d.join("policy-demo.json");
     let mut demo_bundle = keys::bundle(1, small_keys);
     portcullis_sidecar::run::demo::TENANT.clone_into(&mut demo_bundle.tenant);
@@ -401,9 +405,11 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             None
         }
     };
-    // The baseline build, with and (when this build has the file sink) without audit.
+    // The baseline build, with and (when this build has the file sink) without audit,
+    // and shipping when it has a collector sink.
     let mut baseline = None;
     let mut baseline_audited = None;
+    let mut baseline_shipped = None;
     if let Some(bin) = &options.baseline_proxy_bin {
         anyhow::ensure!(bin.exists(), "{} not found", bin.display());
         baseline = Some(start_build(
@@ -425,6 +431,32 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
                 &d.join("portcullis-before-audit.log"),
                 &servers::audit_section(&dir, &audit_key),
             )?);
+        }
+        if shipped.is_some() {
+            let yaml = shipping::collector_section(
+                collector.addr,
+                &pki,
+                &d.join("ship-spool-before"),
+                "bench-before",
+            );
+            let mut started = start_build(
+                bin,
+                "portcullis-before-ship",
+                &ship_policy,
+                "warn",
+                &d.join("portcullis-before-ship.log"),
+                &yaml,
+            )?;
+            // An older build without the collector sink refuses the config and exits.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if started.0.running() {
+                baseline_shipped = Some(started);
+            } else {
+                eprintln!(
+                    "the baseline build has no collector sink (see {}); no {BASELINE_SHIPPING} column",
+                    d.join("portcullis-before-ship.log").display()
+                );
+            }
         }
     }
     let nginx_port = servers::free_port()?;
@@ -463,7 +495,11 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port));
     let haproxy_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, haproxy_port));
     servers::wait_ready(pc_admin, Duration::from_secs(20)).await?;
-    for (_, _, admin) in baseline.iter().chain(&baseline_audited) {
+    for (_, _, admin) in baseline
+        .iter()
+        .chain(&baseline_audited)
+        .chain(&baseline_shipped)
+    {
         servers::wait_ready(*admin, Duration::from_secs(20)).await?;
     }
     servers::wait_ready(au_admin, Duration::from_secs(20)).await?;
@@ -573,6 +609,22 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             Column {
                 name: SHIPPING,
                 target: target(SHIPPING, *addr, Some(verified.clone()), true),
+                pid: server.pid,
+                tls_server: false,
+                open_loop: true,
+            },
+        );
+    }
+    if let Some((server, addr, _)) = &baseline_shipped {
+        let at = columns
+            .iter()
+            .position(|c| c.name == SHIPPING)
+            .map_or(columns.len(), |i| i + 1);
+        columns.insert(
+            at,
+            Column {
+                name: BASELINE_SHIPPING,
+                target: target(BASELINE_SHIPPING, *addr, Some(verified.clone()), true),
                 pid: server.pid,
                 tls_server: false,
                 open_loop: true,

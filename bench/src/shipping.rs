@@ -84,10 +84,11 @@ pub async fn start_collector(pki: &Pki, dir: &Path) -> anyhow::Result<RunningCol
     })
 }
 
-/// The `audit:` section shipping to the collector at `addr`, spooled in `spool`.
-pub fn collector_section(addr: SocketAddr, pki: &Pki, spool: &Path) -> String {
+/// The `audit:` section shipping to the collector at `addr`, spooled in `spool`, the
+/// chain named after `pod`.
+pub fn collector_section(addr: SocketAddr, pki: &Pki, spool: &Path, pod: &str) -> String {
     format!(
-        "audit:\n  pod: bench\n  sinks:\n    - collector: {{url: \"https://localhost:{port}\", caFile: {ca}, certFile: {cert}, keyFile: {key}, spoolDir: {spool}}}\n",
+        "audit:\n  pod: {pod}\n  sinks:\n    - collector: {{url: \"https://localhost:{port}\", caFile: {ca}, certFile: {cert}, keyFile: {key}, spoolDir: {spool}}}\n",
         port = addr.port(),
         ca = pki.ca.display(),
         cert = pki.client_cert.display(),
