@@ -937,7 +937,7 @@ policy: {file: /policy.json}
             .collect();
         let extra = ProxyConfig::parse(&format!("{text}\n{sections}"), "sections").unwrap();
         assert_eq!(extra.outbound.unwrap().peer_port, 4143);
-        assert_eq!(extra.audit.unwrap().sinks.len(), 4);
+        assert_eq!(extra.audit.unwrap().sinks.len(), 5);
     }
 
     #[test]
