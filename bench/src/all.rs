@@ -599,53 +599,35 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
             },
         );
     }
-    if let Some((server, addr, _)) = &shipped {
+    // An audited column (closed and open loop, no handshakes) after `anchor`'s.
+    let audited_after = |columns: &mut Vec<Column>,
+                         anchor: &str,
+                         name: &'static str,
+                         server: &Server,
+                         addr: SocketAddr| {
         let at = columns
             .iter()
-            .position(|c| c.name == audit_label)
+            .position(|c| c.name == anchor)
             .map_or(columns.len(), |i| i + 1);
         columns.insert(
             at,
             Column {
-                name: SHIPPING,
-                target: target(SHIPPING, *addr, Some(verified.clone()), true),
+                name,
+                target: target(name, addr, Some(verified.clone()), true),
                 pid: server.pid,
                 tls_server: false,
                 open_loop: true,
             },
         );
+    };
+    if let Some((server, addr, _)) = &shipped {
+        audited_after(&mut columns, audit_label, SHIPPING, server, *addr);
     }
     if let Some((server, addr, _)) = &baseline_shipped {
-        let at = columns
-            .iter()
-            .position(|c| c.name == SHIPPING)
-            .map_or(columns.len(), |i| i + 1);
-        columns.insert(
-            at,
-            Column {
-                name: BASELINE_SHIPPING,
-                target: target(BASELINE_SHIPPING, *addr, Some(verified.clone()), true),
-                pid: server.pid,
-                tls_server: false,
-                open_loop: true,
-            },
-        );
+        audited_after(&mut columns, SHIPPING, BASELINE_SHIPPING, server, *addr);
     }
     if let Some((server, addr, _)) = &baseline_audited {
-        let at = columns
-            .iter()
-            .position(|c| c.name == audit_label)
-            .map_or(columns.len(), |i| i + 1);
-        columns.insert(
-            at,
-            Column {
-                name: BASELINE_AUDITED,
-                target: target(BASELINE_AUDITED, *addr, Some(verified.clone()), true),
-                pid: server.pid,
-                tls_server: false,
-                open_loop: true,
-            },
-        );
+        audited_after(&mut columns, audit_label, BASELINE_AUDITED, server, *addr);
     }
     let mut figures: BTreeMap<&str, Figures> = BTreeMap::new();
 
