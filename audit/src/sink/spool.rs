@@ -37,6 +37,9 @@ impl std::fmt::Debug for Spool {
     }
 }
 
+/// A spooled batch's JSON lines, one entry each, and how many there are.
+pub type SpooledLines = (bytes::Bytes, usize);
+
 fn batch_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("batch-{id:020}.jsonl"))
 }
@@ -133,44 +136,41 @@ impl Spool {
     /// The oldest batch, with its id for [`Spool::ack`]. A batch file that no longer
     /// parses is renamed `*.corrupt` (kept for inspection, no longer counted) and skipped.
     pub fn oldest(&self) -> Result<Option<(u64, Vec<Entry>)>, Error> {
-        let mut state = self.lock();
-        while let Some((&id, &size)) = state.batches.iter().next() {
-            let path = batch_path(&self.dir, id);
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| Error::io(&path, e))
-                .and_then(|text| parse_lines(&text));
-            match parsed {
-                Ok(entries) => return Ok(Some((id, entries))),
-                Err(e) => {
-                    tracing::error!(batch = %path.display(), error = %e, "unreadable spooled audit batch set aside");
-                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
-                    state.batches.remove(&id);
-                    state.used = state.used.saturating_sub(size);
-                }
-            }
-        }
-        Ok(None)
+        self.oldest_read(|path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::io(path, e))
+                .and_then(|text| parse_lines(&text))
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// The oldest batch as its JSON lines (one entry each) and their count, with its id
     /// for [`Spool::ack`], for a destination that takes the lines as they are. A batch
     /// file that cannot be read, or is not UTF-8 lines, is set aside as in
     /// [`Spool::oldest`].
-    pub fn oldest_lines(&self) -> Result<Option<(u64, bytes::Bytes, usize)>, Error> {
+    pub fn oldest_lines(&self) -> Result<Option<(u64, SpooledLines)>, Error> {
+        self.oldest_read(|path| {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
+            if std::str::from_utf8(&bytes).is_err() || !bytes.ends_with(b"\n") {
+                return Err("not JSON lines (not UTF-8, or cut short)".to_owned());
+            }
+            let count = bytes.iter().filter(|b| **b == b'\n').count();
+            Ok((bytes::Bytes::from(bytes), count))
+        })
+    }
+
+    /// The oldest batch as `read` makes it; a batch `read` refuses is renamed
+    /// `*.corrupt`, no longer counted, and the next one tried.
+    fn oldest_read<T>(
+        &self,
+        read: impl Fn(&Path) -> Result<T, String>,
+    ) -> Result<Option<(u64, T)>, Error> {
         let mut state = self.lock();
         while let Some((&id, &size)) = state.batches.iter().next() {
             let path = batch_path(&self.dir, id);
-            let read = std::fs::read(&path).map_err(|e| Error::io(&path, e));
-            match read {
-                Ok(bytes) if std::str::from_utf8(&bytes).is_ok() && bytes.ends_with(b"\n") => {
-                    let count = bytes.iter().filter(|b| **b == b'\n').count();
-                    return Ok(Some((id, bytes::Bytes::from(bytes), count)));
-                }
-                read => {
-                    let error = read.err().map_or_else(
-                        || "not JSON lines (not UTF-8, or cut short)".to_owned(),
-                        |e| e.to_string(),
-                    );
+            match read(&path) {
+                Ok(batch) => return Ok(Some((id, batch))),
+                Err(error) => {
                     tracing::error!(batch = %path.display(), %error, "unreadable spooled audit batch set aside");
                     let _ = std::fs::rename(&path, path.with_extension("corrupt"));
                     state.batches.remove(&id);
@@ -267,7 +267,7 @@ mod tests {
         spool.push(&batch)?;
         let mut expected = Vec::new();
         write_lines(&batch, &mut expected)?;
-        let (id, lines, count) = spool.oldest_lines()?.ok_or("no batch")?;
+        let (id, (lines, count)) = spool.oldest_lines()?.ok_or("no batch")?;
         assert_eq!((&lines[..], count), (&expected[..], 3));
         spool.ack(id)?;
 

@@ -113,7 +113,7 @@ async fn deliver_loop<D: Deliver>(
                 if takes_lines {
                     spool
                         .oldest_lines()
-                        .map(|b| b.map(|(id, lines, count)| (id, Batch::Lines(lines, count))))
+                        .map(|b| b.map(|(id, (lines, count))| (id, Batch::Lines(lines, count))))
                 } else {
                     spool
                         .oldest()
