@@ -1151,30 +1151,29 @@ pub fn render_report(
             .zip(ng.full_hs.and_then(|h| h.1))
             .map(|(p, n)| p >= 2.0 * n),
     );
-    let audited = get(AUDITED);
-    target(
+    // An audited column's requests per core against audit off's.
+    let mut per_core_vs_off = |what: &str, f: &Figures, note: &str| {
+        target(
+            what,
+            format!(
+                "{} ({} vs {} req/s per core{note})",
+                ratio_cell(f.per_core, pc.per_core),
+                num(f.per_core, 0),
+                num(pc.per_core, 0)
+            ),
+            f.per_core.zip(pc.per_core).map(|(a, p)| a >= 0.9 * p),
+        );
+    };
+    per_core_vs_off(
         "audit on ≥ 0.9× audit off (per server core)",
-        format!(
-            "{} ({} vs {} req/s per core)",
-            ratio_cell(audited.per_core, pc.per_core),
-            num(audited.per_core, 0),
-            num(pc.per_core, 0)
-        ),
-        audited.per_core.zip(pc.per_core).map(|(a, p)| a >= 0.9 * p),
+        &get(AUDITED),
+        "",
     );
     let shipping = get(SHIPPING);
-    target(
+    per_core_vs_off(
         "shipping to a collector ≥ 0.9× audit off (per server core, closed loop)",
-        format!(
-            "{} ({} vs {} req/s per core; the in-process collector shares the generator's core)",
-            ratio_cell(shipping.per_core, pc.per_core),
-            num(shipping.per_core, 0),
-            num(pc.per_core, 0)
-        ),
-        shipping
-            .per_core
-            .zip(pc.per_core)
-            .map(|(s, p)| s >= 0.9 * p),
+        &shipping,
+        "; the in-process collector shares the generator's core",
     );
     // The same at equal load: CPU per request at the highest open-loop rate.
     if let Some(&rate) = rates.iter().max() {
