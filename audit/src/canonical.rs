@@ -36,7 +36,12 @@ pub fn canonical_without(mut value: Value, excluded: &str) -> Result<Vec<u8>, Er
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    // `hex::encode` goes char by char; the writer hashes every record.
+    let mut text = [0u8; 64];
+    match hex::encode_to_slice(Sha256::digest(bytes), &mut text) {
+        Ok(()) => String::from_utf8_lossy(&text).into_owned(),
+        Err(_) => hex::encode(Sha256::digest(bytes)),
+    }
 }
 
 /// The record hash of a stored record object (see the module docs).

@@ -51,11 +51,20 @@ impl Entry {
 
     /// The entry as one line of JSON, without the newline.
     pub fn to_json_line(&self) -> Result<String, Error> {
+        let mut out = Vec::with_capacity(512);
+        self.write_json_line(&mut out)?;
+        String::from_utf8(out).map_err(|e| Error::Serialize(e.to_string()))
+    }
+
+    /// Appends the entry as one line of JSON, without the newline, to `out`. Records
+    /// take the direct path ([`AuditRecord::write_json_line`]).
+    pub fn write_json_line(&self, out: &mut Vec<u8>) -> Result<(), Error> {
         match self {
-            Entry::Record(r) => serde_json::to_string(r),
-            Entry::Checkpoint(c) => serde_json::to_string(c),
+            Entry::Record(r) => r.write_json_line(out),
+            Entry::Checkpoint(c) => {
+                serde_json::to_writer(out, c).map_err(|e| Error::Serialize(e.to_string()))
+            }
         }
-        .map_err(|e| Error::Serialize(e.to_string()))
     }
 
     /// When the entry was made.

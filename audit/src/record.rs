@@ -136,6 +136,13 @@ impl AuditRecord {
     /// as [`crate::canonical::record_hash`]'s (a test holds them equal). Numbers past
     /// 2^53, which JCS writes as doubles, take that general path.
     pub fn canonical_without_hash(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.canonical_parts()?.0)
+    }
+
+    /// The canonical bytes of [`AuditRecord::canonical_without_hash`] and, when they were
+    /// written directly, where the `hash` member goes in them: inserting it there gives
+    /// the record's JSON line, so the writer serialises each record once.
+    pub(crate) fn canonical_parts(&self) -> Result<(Vec<u8>, Option<usize>), Error> {
         let numbers = [
             self.seq,
             self.latency_ms,
@@ -144,42 +151,66 @@ impl AuditRecord {
         ];
         if numbers.iter().any(|n| *n > EXACT_IN_DOUBLE) {
             let value = serde_json::to_value(self).map_err(|e| Error::Serialize(e.to_string()))?;
-            return crate::canonical::canonical_without(value, "hash");
+            return Ok((crate::canonical::canonical_without(value, "hash")?, None));
         }
         let mut out = Vec::with_capacity(512);
+        let at = self.write_members(&mut out, false)?;
+        Ok((out, Some(at)))
+    }
+
+    /// Appends the record as one line of JSON (without the newline) to `out`: the same
+    /// object serde writes, members in sorted order, as the writer stores it. Written
+    /// directly for the same reason as [`AuditRecord::canonical_without_hash`]: every
+    /// sink of every record renders it.
+    pub fn write_json_line(&self, out: &mut Vec<u8>) -> Result<(), Error> {
+        self.write_members(out, true).map(|_| ())
+    }
+
+    /// Every member in RFC 8785 order (UTF-16 code units; every name here is ASCII),
+    /// `hash` only `with_hash`. Numbers are written as integers: exact, and what JCS
+    /// writes up to 2^53. Returns where in `out` the `hash` member starts (or would).
+    fn write_members(&self, out: &mut Vec<u8>, with_hash: bool) -> Result<usize, Error> {
+        use std::io::Write as _;
         let text = |out: &mut Vec<u8>, key: &str, value: &str| -> Result<(), Error> {
             out.extend_from_slice(key.as_bytes());
             serde_json::to_writer(&mut *out, value).map_err(|e| Error::Serialize(e.to_string()))
         };
-        let number = |out: &mut Vec<u8>, key: &str, value: u64| {
-            use std::io::Write as _;
+        // Addresses, numbers and timestamps need no escaping, so they are written
+        // through `Display` straight into `out`; writing into a Vec cannot fail.
+        let plain = |out: &mut Vec<u8>, key: &str, value: &dyn std::fmt::Display| {
             out.extend_from_slice(key.as_bytes());
-            // Writing into a Vec cannot fail.
             let _ = write!(out, "{value}");
         };
-        // Members in RFC 8785 order (UTF-16 code units; every name here is ASCII).
-        text(&mut out, "{\"action\":", &self.action)?;
-        number(&mut out, ",\"bytes\":{\"in\":", self.bytes.received);
-        number(&mut out, ",\"out\":", self.bytes.sent);
-        text(&mut out, "},\"chain_id\":", &self.chain_id)?;
-        match self.client_ip {
-            Some(ip) => text(&mut out, ",\"client_ip\":", &ip.to_string())?,
+        let quoted = |out: &mut Vec<u8>, key: &str, value: &dyn std::fmt::Display| {
+            out.extend_from_slice(key.as_bytes());
+            let _ = write!(out, "\"{value}\"");
+        };
+        text(out, "{\"action\":", &self.action)?;
+        plain(out, ",\"bytes\":{\"in\":", &self.bytes.received);
+        plain(out, ",\"out\":", &self.bytes.sent);
+        text(out, "},\"chain_id\":", &self.chain_id)?;
+        match &self.client_ip {
+            Some(ip) => quoted(out, ",\"client_ip\":", ip),
             None => out.extend_from_slice(b",\"client_ip\":null"),
         }
-        text(&mut out, ",\"decision\":", self.decision.as_str())?;
-        number(&mut out, ",\"latency_ms\":", self.latency_ms);
-        text(&mut out, ",\"method\":", &self.method)?;
-        text(&mut out, ",\"path\":", &self.path)?;
-        text(&mut out, ",\"pod\":", &self.pod)?;
-        text(&mut out, ",\"prev_hash\":", &self.prev_hash)?;
-        text(&mut out, ",\"principal\":", &self.principal)?;
-        text(&mut out, ",\"reason\":", &self.reason)?;
-        number(&mut out, ",\"seq\":", self.seq);
-        number(&mut out, ",\"status\":", u64::from(self.status));
-        text(&mut out, ",\"tenant\":", &self.tenant)?;
-        text(&mut out, ",\"timestamp\":", &self.timestamp.to_string())?;
+        text(out, ",\"decision\":", self.decision.as_str())?;
+        let hash_at = out.len();
+        if with_hash {
+            text(out, ",\"hash\":", &self.hash)?;
+        }
+        plain(out, ",\"latency_ms\":", &self.latency_ms);
+        text(out, ",\"method\":", &self.method)?;
+        text(out, ",\"path\":", &self.path)?;
+        text(out, ",\"pod\":", &self.pod)?;
+        text(out, ",\"prev_hash\":", &self.prev_hash)?;
+        text(out, ",\"principal\":", &self.principal)?;
+        text(out, ",\"reason\":", &self.reason)?;
+        plain(out, ",\"seq\":", &self.seq);
+        plain(out, ",\"status\":", &self.status);
+        text(out, ",\"tenant\":", &self.tenant)?;
+        quoted(out, ",\"timestamp\":", &self.timestamp);
         out.push(b'}');
-        Ok(out)
+        Ok(hash_at)
     }
 }
 
@@ -311,6 +342,23 @@ mod tests {
             .ok();
             assert_eq!(record.canonical_without_hash().ok(), general, "{record:?}");
             assert!(general.is_some());
+        }
+    }
+
+    #[test]
+    fn the_direct_json_line_is_the_serde_object_and_reads_back() {
+        for record in awkward_records() {
+            let mut line = Vec::new();
+            assert!(record.write_json_line(&mut line).is_ok());
+            let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+            assert_eq!(
+                parsed,
+                serde_json::to_value(&record).unwrap_or_default(),
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
+            let back: Option<AuditRecord> = serde_json::from_slice(&line).ok();
+            assert_eq!(back.as_ref(), Some(&record));
         }
     }
 

@@ -5,8 +5,9 @@ use crate::error::Error;
 
 /// Appends `entries` as JSON lines to `out`.
 pub fn write_lines(entries: &[Entry], out: &mut Vec<u8>) -> Result<(), Error> {
+    out.reserve(entries.len() * 512);
     for entry in entries {
-        out.extend_from_slice(entry.to_json_line()?.as_bytes());
+        entry.write_json_line(out)?;
         out.push(b'\n');
     }
     Ok(())
