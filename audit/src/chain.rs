@@ -48,12 +48,54 @@ impl Chain {
 
     /// Links `record` into the chain: sets `chain_id`, `seq`, `prev_hash` and `hash`
     /// (overwriting whatever they held) and returns it.
-    pub fn append(&mut self, mut record: AuditRecord) -> Result<AuditRecord, Error> {
+    pub fn append(&mut self, record: AuditRecord) -> Result<AuditRecord, Error> {
+        self.link(record, None)
+    }
+
+    /// [`Chain::append`], also appending the linked record's JSON line and a newline to
+    /// `lines`. The line is made from the bytes just hashed, with `hash` put in its
+    /// place, so a record is serialised once for the hash and every sink.
+    pub fn append_rendered(
+        &mut self,
+        record: AuditRecord,
+        lines: &mut Vec<u8>,
+    ) -> Result<AuditRecord, Error> {
+        self.link(record, Some(lines))
+    }
+
+    /// The chain moves on only once the record is hashed (and rendered): a record that
+    /// fails is left out without a gap.
+    fn link(
+        &mut self,
+        mut record: AuditRecord,
+        lines: Option<&mut Vec<u8>>,
+    ) -> Result<AuditRecord, Error> {
         record.chain_id.clone_from(&self.chain_id);
         record.seq = self.next_seq;
         record.prev_hash.clone_from(&self.last_hash);
         record.hash.clear();
-        record.hash = sha256_hex(&record.canonical_without_hash()?);
+        let (canonical, hash_at) = record.canonical_parts()?;
+        record.hash = sha256_hex(&canonical);
+        if let Some(lines) = lines {
+            let start = lines.len();
+            let rendered = match hash_at {
+                Some(at) => {
+                    lines.extend_from_slice(&canonical[..at]);
+                    lines.extend_from_slice(b",\"hash\":\"");
+                    lines.extend_from_slice(record.hash.as_bytes());
+                    lines.push(b'"');
+                    lines.extend_from_slice(&canonical[at..]);
+                    Ok(())
+                }
+                // Numbers past 2^53: the canonical form holds them as doubles.
+                None => record.write_json_line(lines),
+            };
+            if let Err(e) = rendered {
+                lines.truncate(start);
+                return Err(e);
+            }
+            lines.push(b'\n');
+        }
         self.next_seq += 1;
         self.last_hash.clone_from(&record.hash);
         Ok(record)
@@ -63,6 +105,7 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Entry;
     use crate::record::AuditRecord;
 
     fn rec(ts: Timestamp) -> AuditRecord {
@@ -81,6 +124,30 @@ mod tests {
         assert_ne!(a.hash, b.hash);
         assert_eq!(b.chain_id, "c1");
         assert_eq!(chain.head(), Some((1, b.hash.as_str())));
+        Ok(())
+    }
+
+    #[test]
+    fn rendered_lines_are_the_records_json_lines() -> Result<(), Error> {
+        let mut chain = Chain::new("c1");
+        let mut big = rec(Timestamp::UNIX_EPOCH);
+        big.bytes.received = u64::MAX;
+        big.client_ip = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+        let mut lines = Vec::new();
+        let a = chain.append_rendered(rec(Timestamp::UNIX_EPOCH), &mut lines)?;
+        let b = chain.append_rendered(big, &mut lines)?;
+        let mut expected = Vec::new();
+        for record in [&a, &b] {
+            record.write_json_line(&mut expected)?;
+            expected.push(b'\n');
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&lines),
+            String::from_utf8_lossy(&expected)
+        );
+        let text = String::from_utf8_lossy(&lines);
+        let back = crate::format::json::parse_lines(&text)?;
+        assert_eq!(back, vec![Entry::Record(a), Entry::Record(b)]);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::record::AuditRecord;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::sink::{Sink, SinkStats};
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,14 +56,17 @@ pub struct WriterConfig {
 }
 
 impl WriterConfig {
-    /// Defaults: 10 000 records of queue, batches of up to 256 records, 20 ms linger,
-    /// a checkpoint every 1000 records or 60 s, fail-closed.
+    /// Defaults: 10 000 records of queue, batches of up to 512 records, 50 ms linger,
+    /// a checkpoint every 1000 records or 60 s, fail-closed. Every batch costs each
+    /// file and spool sink an fsync (about 200 µs of CPU here, whatever its size), so
+    /// batches are made large: 512 records stay under Datadog's 1000 entries per
+    /// request and the collector's 8 MiB, and 50 ms bounds what a crash can lose.
     pub fn new(chain_id: impl Into<String>) -> Self {
         WriterConfig {
             chain_id: chain_id.into(),
             channel_capacity: 10_000,
-            batch_max: 256,
-            batch_linger: Duration::from_millis(20),
+            batch_max: 512,
+            batch_linger: Duration::from_millis(50),
             checkpoint: CheckpointPolicy::default(),
             failure_mode: FailureMode::FailClosed,
             sink_retry: RetryPolicy::default(),
@@ -353,23 +357,7 @@ async fn run(
                 continue;
             }
         };
-        let mut records = vec![first];
-        let linger_until = tokio::time::Instant::now() + pipeline.config.batch_linger;
-        while records.len() < pipeline.config.batch_max {
-            match rx.try_recv() {
-                Ok(record) => records.push(record),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if stopping {
-                        break;
-                    }
-                    match tokio::time::timeout_at(linger_until, rx.recv()).await {
-                        Ok(Some(record)) => records.push(record),
-                        _ => break,
-                    }
-                }
-            }
-        }
+        let records = collect_batch(first, &mut rx, &pipeline.config, stopping).await;
         pipeline.write_records(records).await;
     }
     pipeline.checkpoint_if_pending().await;
@@ -381,6 +369,74 @@ async fn run(
     }
 }
 
+/// A batch's entries and their JSON lines, rendered once for every sink.
+struct RenderedBatch {
+    entries: Vec<Entry>,
+    lines: Vec<u8>,
+}
+
+impl RenderedBatch {
+    fn with_capacity(entries: usize) -> Self {
+        RenderedBatch {
+            entries: Vec::with_capacity(entries),
+            lines: Vec::with_capacity(entries * 512),
+        }
+    }
+
+    /// Adds a checkpoint (records come through [`Chain::append_rendered`]). One whose
+    /// line cannot be written is left out; the next checkpoint covers its records.
+    fn push(&mut self, entry: Entry) {
+        let start = self.lines.len();
+        match entry.write_json_line(&mut self.lines) {
+            Ok(()) => {
+                self.lines.push(b'\n');
+                self.entries.push(entry);
+            }
+            Err(e) => {
+                self.lines.truncate(start);
+                tracing::error!(error = %e, "audit checkpoint could not be serialised; left out");
+            }
+        }
+    }
+}
+
+/// How often a lingering batch looks for more records.
+const COLLECT_TICK: Duration = Duration::from_millis(2);
+
+/// A batch starting with `first`: what is queued, then what arrives until the batch is
+/// full or `batch_linger` has passed. It looks at the queue every [`COLLECT_TICK`]
+/// instead of waiting on it, because waiting woke the writer (and armed a timer) for
+/// every single record, which cost more than hashing the record.
+async fn collect_batch(
+    first: AuditRecord,
+    rx: &mut mpsc::Receiver<AuditRecord>,
+    config: &WriterConfig,
+    stopping: bool,
+) -> Vec<AuditRecord> {
+    let batch_max = config.batch_max.max(1);
+    let mut records = Vec::with_capacity(batch_max.min(rx.len() + 1));
+    records.push(first);
+    let linger_until = tokio::time::Instant::now() + config.batch_linger;
+    loop {
+        let mut disconnected = false;
+        while records.len() < batch_max {
+            match rx.try_recv() {
+                Ok(record) => records.push(record),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if records.len() >= batch_max || disconnected || stopping || now >= linger_until {
+            return records;
+        }
+        tokio::time::sleep_until(linger_until.min(now + COLLECT_TICK)).await;
+    }
+}
+
 impl Pipeline {
     fn deadline(&self) -> Option<Instant> {
         *self.stop.borrow()
@@ -388,18 +444,18 @@ impl Pipeline {
 
     async fn write_records(&mut self, records: Vec<AuditRecord>) {
         let every = self.config.checkpoint.every_records.max(1);
-        let mut entries = Vec::with_capacity(records.len() + 1);
+        let mut batch = RenderedBatch::with_capacity(records.len() + 1);
         let mut linked = 0u64;
         for record in records {
-            match self.chain.append(record) {
+            match self.chain.append_rendered(record, &mut batch.lines) {
                 Ok(record) => {
-                    entries.push(Entry::Record(record));
+                    batch.entries.push(Entry::Record(record));
                     linked += 1;
                     self.since_checkpoint += 1;
                     if self.since_checkpoint >= every
                         && let Some(checkpoint) = self.make_checkpoint()
                     {
-                        entries.push(checkpoint);
+                        batch.push(checkpoint);
                     }
                 }
                 Err(e) => {
@@ -408,7 +464,7 @@ impl Pipeline {
                 }
             }
         }
-        if self.deliver(&entries).await {
+        if self.deliver(batch).await {
             self.shared
                 .counters
                 .records_written
@@ -445,16 +501,20 @@ impl Pipeline {
         if self.since_checkpoint > 0
             && let Some(checkpoint) = self.make_checkpoint()
         {
-            self.deliver(&[checkpoint]).await;
+            let mut batch = RenderedBatch::with_capacity(1);
+            batch.push(checkpoint);
+            self.deliver(batch).await;
         }
     }
 
-    /// Hands `entries` to every sink, retrying each until it takes them; gives up only
-    /// past the shutdown deadline. True when every sink took them.
-    async fn deliver(&mut self, entries: &[Entry]) -> bool {
+    /// Hands `batch` to every sink, retrying each until it takes it; gives up only
+    /// past the shutdown deadline. True when every sink took it.
+    async fn deliver(&mut self, batch: RenderedBatch) -> bool {
+        let entries = batch.entries.as_slice();
+        let lines = Bytes::from(batch.lines);
         let mut all = true;
         for sink in &self.shared.sinks {
-            all &= self.write_to(sink.as_ref(), entries).await;
+            all &= self.write_to(sink.as_ref(), entries, Some(&lines)).await;
         }
         if all {
             self.shared
@@ -466,20 +526,25 @@ impl Pipeline {
     }
 
     /// Writes `entries` to one sink, retrying until it takes them or the shutdown
-    /// deadline passes. A batch larger than the sink's whole spool goes in halves:
-    /// waiting for room it can never have would stop the trail for good (a batch grows
-    /// while the sink is down).
+    /// deadline passes. A batch larger than the sink's whole spool goes in halves
+    /// (which the sink renders itself): waiting for room it can never have would stop
+    /// the trail for good (a batch grows while the sink is down).
     fn write_to<'a>(
         &'a self,
         sink: &'a dyn Sink,
         entries: &'a [Entry],
+        lines: Option<&'a Bytes>,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         Box::pin(async move {
             let counters = &self.shared.counters;
             let mut backoff = Backoff::new(self.config.sink_retry);
             let mut failures = 0u64;
             loop {
-                let error = match sink.write(entries).await {
+                let written = match lines {
+                    Some(lines) => sink.write_rendered(entries, lines).await,
+                    None => sink.write(entries).await,
+                };
+                let error = match written {
                     Ok(()) => return true,
                     Err(e) => e,
                 };
@@ -488,7 +553,8 @@ impl Pipeline {
                     && entries.len() > 1
                 {
                     let (first, rest) = entries.split_at(entries.len() / 2);
-                    return self.write_to(sink, first).await && self.write_to(sink, rest).await;
+                    return self.write_to(sink, first, None).await
+                        && self.write_to(sink, rest, None).await;
                 }
                 failures += 1;
                 counters.sink_write_errors.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::format::json::write_lines;
 use crate::keyring::DataKey;
 use crate::segment::{HEADER_LEN, SegmentCipher, new_header};
+use bytes::Bytes;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -129,6 +130,17 @@ impl FileSink {
     /// Writes JSON-lines plaintext as one encrypted frame (blocking I/O).
     pub fn write_plaintext(&self, plaintext: &[u8]) -> Result<(), Error> {
         self.lock().write_frame(plaintext)
+    }
+
+    /// [`FileSink::write_plaintext`] on the blocking pool.
+    async fn write_frame_blocking(&self, plaintext: Bytes) -> Result<(), Error> {
+        let sink = self.clone();
+        tokio::task::spawn_blocking(move || sink.write_plaintext(&plaintext))
+            .await
+            .map_err(|e| Error::Sink {
+                sink: "file".into(),
+                message: format!("write task failed: {e}"),
+            })?
     }
 
     /// Switches to a new DEK: the open segment is closed, the next one uses `key`.
@@ -299,14 +311,16 @@ impl Sink for FileSink {
         Box::pin(async move {
             let mut plaintext = Vec::new();
             write_lines(entries, &mut plaintext)?;
-            let sink = self.clone();
-            tokio::task::spawn_blocking(move || sink.write_plaintext(&plaintext))
-                .await
-                .map_err(|e| Error::Sink {
-                    sink: "file".into(),
-                    message: format!("write task failed: {e}"),
-                })?
+            self.write_frame_blocking(Bytes::from(plaintext)).await
         })
+    }
+
+    fn write_rendered<'a>(
+        &'a self,
+        _entries: &'a [Entry],
+        lines: &'a Bytes,
+    ) -> SinkFuture<'a, Result<(), Error>> {
+        Box::pin(self.write_frame_blocking(lines.clone()))
     }
 
     fn close(&self, _deadline: Instant) -> SinkFuture<'_, Result<(), Error>> {

@@ -14,6 +14,7 @@ pub mod stdout;
 
 use crate::entry::Entry;
 use crate::error::Error;
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
@@ -46,6 +47,19 @@ pub trait Sink: Send + Sync {
     /// Takes a batch. `Ok` means the batch is durably the sink's responsibility (written,
     /// or spooled to disk); an error means the caller still holds it and must retry.
     fn write<'a>(&'a self, entries: &'a [Entry]) -> SinkFuture<'a, Result<(), Error>>;
+
+    /// [`Sink::write`] of a batch the writer has already rendered: `lines` holds the
+    /// entries' JSON lines, one per entry, in order. Sinks that store JSON lines (file,
+    /// spool, stdout) take them as they are instead of rendering every entry again;
+    /// the default ignores them.
+    fn write_rendered<'a>(
+        &'a self,
+        entries: &'a [Entry],
+        lines: &'a Bytes,
+    ) -> SinkFuture<'a, Result<(), Error>> {
+        let _ = lines;
+        self.write(entries)
+    }
 
     /// Flushes and stops, giving background delivery until `deadline` to drain.
     fn close(&self, deadline: Instant) -> SinkFuture<'_, Result<(), Error>> {

@@ -107,6 +107,11 @@ impl Spool {
     pub fn push(&self, entries: &[Entry]) -> Result<(), Error> {
         let mut bytes = Vec::new();
         write_lines(entries, &mut bytes)?;
+        self.push_lines(&bytes)
+    }
+
+    /// [`Spool::push`] of a batch already rendered as JSON lines, one entry each.
+    pub fn push_lines(&self, bytes: &[u8]) -> Result<(), Error> {
         let mut state = self.lock();
         let needed = bytes.len() as u64;
         if state.used.saturating_add(needed) > self.max_bytes {
@@ -120,7 +125,7 @@ impl Spool {
         let tmp = self.dir.join(format!("batch-{id:020}.tmp"));
         let path = batch_path(&self.dir, id);
         let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
         if let Err(e) = written {

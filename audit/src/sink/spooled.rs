@@ -12,7 +12,9 @@ use super::spool::Spool;
 use super::{Deliver, DeliveryError, Sink, SinkFuture, SinkStats};
 use crate::entry::Entry;
 use crate::error::Error;
+use crate::format::json::write_lines;
 use crate::retry::{Backoff, RetryPolicy};
+use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,6 +195,21 @@ async fn deliver_loop<D: Deliver>(
     }
 }
 
+impl SpooledSink {
+    /// Spools a rendered batch on the blocking pool and wakes the delivery task.
+    async fn push_blocking(&self, lines: Bytes) -> Result<(), Error> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || spool.push_lines(&lines))
+            .await
+            .map_err(|e| Error::Sink {
+                sink: self.name.clone(),
+                message: format!("spool task failed: {e}"),
+            })??;
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
 impl Drop for SpooledSink {
     fn drop(&mut self) {
         if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -208,17 +225,18 @@ impl Sink for SpooledSink {
 
     fn write<'a>(&'a self, entries: &'a [Entry]) -> SinkFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            let spool = self.spool.clone();
-            let entries = entries.to_vec();
-            tokio::task::spawn_blocking(move || spool.push(&entries))
-                .await
-                .map_err(|e| Error::Sink {
-                    sink: self.name.clone(),
-                    message: format!("spool task failed: {e}"),
-                })??;
-            self.wake.notify_one();
-            Ok(())
+            let mut lines = Vec::new();
+            write_lines(entries, &mut lines)?;
+            self.push_blocking(Bytes::from(lines)).await
         })
+    }
+
+    fn write_rendered<'a>(
+        &'a self,
+        _entries: &'a [Entry],
+        lines: &'a Bytes,
+    ) -> SinkFuture<'a, Result<(), Error>> {
+        Box::pin(self.push_blocking(lines.clone()))
     }
 
     fn close(&self, deadline: Instant) -> SinkFuture<'_, Result<(), Error>> {

@@ -4,6 +4,7 @@ use super::{Sink, SinkFuture};
 use crate::entry::Entry;
 use crate::error::Error;
 use crate::format::json::write_lines;
+use bytes::Bytes;
 use std::io::Write;
 use std::sync::Mutex;
 
@@ -32,6 +33,15 @@ impl StdoutSink {
     }
 }
 
+impl StdoutSink {
+    fn write_bytes(&self, bytes: &[u8]) -> Result<(), Error> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io("<stdout>", e))
+    }
+}
+
 impl Sink for StdoutSink {
     fn name(&self) -> &str {
         "stdout"
@@ -41,10 +51,15 @@ impl Sink for StdoutSink {
         Box::pin(async move {
             let mut bytes = Vec::new();
             write_lines(entries, &mut bytes)?;
-            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            out.write_all(&bytes)
-                .and_then(|()| out.flush())
-                .map_err(|e| Error::io("<stdout>", e))
+            self.write_bytes(&bytes)
         })
+    }
+
+    fn write_rendered<'a>(
+        &'a self,
+        _entries: &'a [Entry],
+        lines: &'a Bytes,
+    ) -> SinkFuture<'a, Result<(), Error>> {
+        Box::pin(async move { self.write_bytes(lines) })
     }
 }

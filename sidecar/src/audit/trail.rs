@@ -106,6 +106,18 @@ impl Sink for WatchedSink {
         })
     }
 
+    fn write_rendered<'a>(
+        &'a self,
+        entries: &'a [Entry],
+        lines: &'a bytes::Bytes,
+    ) -> SinkFuture<'a, Result<(), portcullis_audit::Error>> {
+        Box::pin(async move {
+            let result = self.inner.write_rendered(entries, lines).await;
+            self.failing.store(result.is_err(), Ordering::SeqCst);
+            result
+        })
+    }
+
     fn close(
         &self,
         deadline: std::time::Instant,
