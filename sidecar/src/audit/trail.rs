@@ -43,14 +43,18 @@ pub fn failure_mode(classification: DataClassification) -> FailureMode {
 
 /// The audit `principal` for the proxy's principal string: keys through
 /// [`principal::api_key`] (only the last 3 characters survive), peers through
-/// [`principal::spiffe`].
-pub fn audit_principal(proxy_principal: &str) -> String {
-    if let Some(masked) = proxy_principal.strip_prefix("key:") {
-        principal::api_key(masked)
-    } else if proxy_principal.starts_with("spiffe://") {
-        principal::spiffe(proxy_principal)
-    } else {
-        proxy_principal.to_owned()
+/// [`principal::spiffe`]. The proxy's own forms (`key:ak_***7f2`, `spiffe://…`) are
+/// already those, and are passed on without a copy.
+pub fn audit_principal(proxy_principal: String) -> String {
+    let masked_as_recorded = |masked: &str| {
+        masked
+            .strip_prefix("ak_***")
+            .is_some_and(|tail| tail.chars().count() == 3)
+    };
+    match proxy_principal.strip_prefix("key:") {
+        Some(masked) if !masked_as_recorded(masked) => principal::api_key(masked),
+        // `spiffe://…` is what `principal::spiffe` makes of it, and `anonymous` stays.
+        _ => proxy_principal,
     }
 }
 
@@ -61,7 +65,7 @@ pub fn to_record(pod: &str, event: RequestOutcome) -> AuditRecord {
         event.tenant,
         pod,
         event.action,
-        audit_principal(&event.principal),
+        audit_principal(event.principal),
     );
     record.client_ip = Some(event.client_ip);
     record.method = event.method;
@@ -358,10 +362,12 @@ mod tests {
         assert_eq!(record.decision, portcullis_audit::Decision::Deny);
         // Even a full token would only leave its last 3 characters.
         assert_eq!(
-            audit_principal("key:ak_abcdefghijkl_secretsecret"),
+            audit_principal("key:ak_abcdefghijkl_secretsecret".into()),
             "key:ak_***ret"
         );
-        assert_eq!(audit_principal("anonymous"), "anonymous");
+        assert_eq!(audit_principal("key:ak_***7f2".into()), "key:ak_***7f2");
+        assert_eq!(audit_principal("key:ak_***".into()), "key:ak_******");
+        assert_eq!(audit_principal("anonymous".into()), "anonymous");
     }
 
     #[tokio::test]
