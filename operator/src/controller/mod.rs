@@ -8,6 +8,7 @@ pub mod frame;
 pub mod key_lifecycle;
 pub mod key_secrets;
 pub mod role;
+pub mod role_watches;
 pub mod serving_certificates;
 pub mod tenant;
 pub mod tenant_changes;
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -197,29 +197,26 @@ const CACHE_CATCH_UP: Duration = Duration::from_millis(250);
 
 async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
-    let owned = watcher::Config::default().labels(crate::rbac::ROLE_LABEL);
-    let controller = Controller::new(Api::<Role>::all(client.clone()), watcher::Config::default())
+    let watches = role_watches::RoleWatches::new(&client);
+    let (own, roles) = watches.roles;
+    let caches = watches.caches;
+    let controller = Controller::for_stream(own, roles.clone())
         .with_config(Config::default().debounce(CACHE_CATCH_UP));
-    let roles = controller.store();
     let siblings = roles.clone();
     let role_tenants = TenantChanges::default();
     controller
-        .owns(Api::<RbacRole>::all(client.clone()), owned.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), owned)
+        .owns_stream(watches.rbac_roles)
+        .owns_stream(watches.role_bindings)
         // A parent's change can change every Role of its namespace.
-        .watches(
-            Api::<Role>::all(client.clone()),
-            watcher::Config::default(),
-            move |changed| {
-                let ns = changed.namespace();
-                siblings
-                    .state()
-                    .iter()
-                    .filter(|r| r.namespace() == ns && r.name_any() != changed.name_any())
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(watches.parents, move |changed| {
+            let ns = changed.namespace();
+            siblings
+                .state()
+                .iter()
+                .filter(|r| r.namespace() == ns && r.name_any() != changed.name_any())
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
         // The catalogue (for allScopes) and the binding live on the Tenant.
         .watches(
             Api::<Tenant>::all(client),
@@ -238,7 +235,11 @@ async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(role::reconcile, frame::error_policy, ctx)
+        .run(
+            move |role, ctx| role::reconcile_with(role, ctx, Some(caches.clone())),
+            frame::error_policy,
+            ctx,
+        )
         .for_each(log_result)
         .await;
 }
