@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -46,6 +47,9 @@ pub async fn reconcile_with(
     })
     .await
 }
+
+/// How long a built-in Role waits for its Tenant to list its namespace.
+const BUILTIN_WAIT: Duration = Duration::from_secs(2);
 
 /// An inheritance problem as the error (and condition reason) it becomes.
 pub fn inheritance_error(e: &InheritanceError) -> Error {
@@ -136,8 +140,9 @@ impl<'a> RoleReconciler<'a> {
         if tenant.is_none() && self.role.labels().contains_key(BUILTIN_LABEL) {
             // Its Tenant creates it just before its status lists the namespace, and that
             // status change wakes every Role of the namespace (`TenantChanges`): resolved
-            // now, it would be resolved and applied twice.
-            return Ok(Action::requeue(self.ctx.settings.resync));
+            // now, it would be resolved and applied twice. Looked at again soon anyway:
+            // that wake finds only the Roles the controller's cache holds by then.
+            return Ok(Action::requeue(BUILTIN_WAIT));
         }
         match resolved {
             Err(error) => {
