@@ -191,3 +191,25 @@ async fn a_role_whose_parent_is_missing_loses_its_rbac_and_says_why() {
     assert!(first.contains("requeue_after"), "{first}");
     assert_ne!(first, second, "no backoff between failures");
 }
+
+/// A built-in Role is created by its Tenant just before the Tenant's status lists the
+/// namespace; until then resolving it would be done again once the status lists it
+/// (that change wakes every Role of the namespace), so it waits and sends nothing.
+#[tokio::test]
+async fn a_builtin_role_waits_until_its_namespace_is_listed_by_a_tenant() {
+    let (ctx, mut api, _writers) = testing_context();
+    let mut viewer = custom_role("viewer", json!({"permissions": ["keys:read"]}));
+    viewer.metadata.namespace = Some("acme-next".into());
+    viewer.metadata.labels = Some(
+        [
+            ("portcullis.dev/builtin".to_owned(), "true".to_owned()),
+            ("portcullis.dev/tenant".to_owned(), "acme".to_owned()),
+        ]
+        .into(),
+    );
+    let script = tokio::spawn(async move { api.expect_nothing_more().await });
+    role::reconcile(Arc::new(viewer), ctx)
+        .await
+        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+    script.await.unwrap_or_else(|e| panic!("{e}"));
+}

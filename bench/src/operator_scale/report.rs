@@ -174,6 +174,15 @@ pub fn render(options: &Options, f: &Figures, load_before: &str, took: Duration)
             "",
         );
         row(
+            format!(
+                "{} Tenants: Role reconciles / API server requests",
+                t.tenants
+            ),
+            format!("{} / {}", t.role_reconciles, t.api_requests.summary(8)),
+            "",
+            "",
+        );
+        row(
             format!("{} Tenants: operator RSS peak / settled, CPU", t.tenants),
             format!(
                 "{} / {} MiB, {:.1} s",

@@ -1,6 +1,7 @@
 //! The operator's Prometheus `/metrics` (plain HTTP on its admin port): fetching and
 //! reading the few samples the benchmark follows.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -94,6 +95,78 @@ impl Sample {
     }
 }
 
+/// The API server's own request counts (`apiserver_request_total` of its `/metrics`),
+/// by verb and resource: which calls the operator's work costs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ApiRequests(pub BTreeMap<String, f64>);
+
+impl ApiRequests {
+    /// One scrape of the API server's `/metrics` through `client`.
+    pub async fn read(client: &kube::Client) -> anyhow::Result<Self> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        Ok(Self::parse(&client.request_text(request).await?))
+    }
+
+    /// `apiserver_request_total` summed per `VERB resource[/subresource]`.
+    pub fn parse(text: &str) -> Self {
+        let mut counts = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once('}') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let (subresource, resource) = (label("subresource"), label("resource"));
+            let what = if subresource.is_empty() {
+                format!("{} {resource}", label("verb"))
+            } else {
+                format!("{} {resource}/{subresource}", label("verb"))
+            };
+            *counts.entry(what).or_insert(0.0) += value;
+        }
+        Self(counts)
+    }
+
+    /// The requests made since `before`.
+    pub fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v - before.0.get(k).copied().unwrap_or(0.0)))
+                .filter(|(_, v)| *v > 0.0)
+                .collect(),
+        )
+    }
+
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum::<f64>() as u64
+    }
+
+    /// `total (VERB resource n, ...)`, the `top` most frequent first.
+    pub fn summary(&self, top: usize) -> String {
+        let mut each: Vec<(&String, &f64)> = self.0.iter().collect();
+        each.sort_by(|a, b| b.1.total_cmp(a.1));
+        let listed: Vec<String> = each
+            .iter()
+            .take(top)
+            .map(|(k, v)| format!("{k} {}", **v as u64))
+            .collect();
+        format!("{} ({})", self.total(), listed.join(", "))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -132,6 +205,21 @@ portcullis_operator_leader_changes 4
         );
         assert_eq!(Sample::parse(TEXT, "Tenant").reconciles, 12);
         assert_eq!(Sample::parse(TEXT, "Tenant").failures, 0);
+    }
+
+    #[test]
+    fn api_server_requests_are_counted_by_verb_and_resource() {
+        let text = r#"# TYPE apiserver_request_total counter
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="namespaces",scope="resource",subresource="",verb="GET",version="v1"} 5
+apiserver_request_total{code="404",component="apiserver",dry_run="",group="",resource="namespaces",scope="resource",subresource="",verb="GET",version="v1"} 2
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="portcullis.dev",resource="tenants",scope="resource",subresource="status",verb="APPLY",version="v1alpha1"} 3
+"#;
+        let counts = ApiRequests::parse(text);
+        assert_eq!(counts.0.get("GET namespaces"), Some(&7.0));
+        assert_eq!(counts.0.get("APPLY tenants/status"), Some(&3.0));
+        let before = ApiRequests([("GET namespaces".to_owned(), 4.0)].into());
+        assert_eq!(counts.since(&before).total(), 6);
+        assert!(counts.summary(1).starts_with("10 (GET namespaces 7)"));
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! Tenants, each owning one namespace: creating them and waiting for Ready=True; with
 //! N = 1000, figure 2.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, ListParams};
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
 use portcullis_crds::Tenant;
 use serde_json::json;
 
-use super::cluster::{Budget, Operator, create_all, create_namespaces, settle, wait_for};
+use super::cluster::{Budget, Operator, create_all, create_namespaces, settle};
+use super::scrape::ApiRequests;
 
 #[derive(Debug)]
 pub struct TenantsFigure {
@@ -21,6 +25,10 @@ pub struct TenantsFigure {
     pub waited: Duration,
     pub reconciles: u64,
     pub failures: u64,
+    /// Role reconciles (the built-in Roles each Tenant creates).
+    pub role_reconciles: u64,
+    /// Requests the API server answered from the first create until the operator settled.
+    pub api_requests: ApiRequests,
     pub peak_rss: u64,
     pub settled_rss: u64,
     pub cpu_seconds: f64,
@@ -36,20 +44,57 @@ pub fn tenant(name: &str, namespace: &str) -> anyhow::Result<Tenant> {
     }))?)
 }
 
-/// Tenants whose Ready condition is True.
-pub async fn ready_count(tenants: &Api<Tenant>) -> anyhow::Result<usize> {
-    Ok(tenants
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter(|t| {
-            t.status.as_ref().is_some_and(|s| {
-                portcullis_crds::conditions::find_ready(&s.conditions)
-                    .is_some_and(|c| c.status == "True")
-            })
-        })
-        .count())
+fn is_ready(tenant: &Tenant) -> bool {
+    tenant.status.as_ref().is_some_and(|s| {
+        portcullis_crds::conditions::find_ready(&s.conditions).is_some_and(|c| c.status == "True")
+    })
+}
+
+/// Follows the Tenants with a watch (no polling: the moment is exact and the API server
+/// is not LISTed while it works) until `n` are Ready or the budget ends; the time and
+/// the count seen.
+async fn watch_until_ready(
+    api: &Api<Tenant>,
+    n: usize,
+    started: Instant,
+    budget: &Budget,
+    prefix: &str,
+) -> anyhow::Result<(Option<Duration>, usize)> {
+    let mut ready: BTreeSet<String> = BTreeSet::new();
+    let mut events = std::pin::pin!(
+        watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+    );
+    let mut last_print = Instant::now();
+    let deadline = tokio::time::Instant::from_std(budget.deadline);
+    loop {
+        let next = tokio::time::timeout_at(deadline, events.try_next()).await;
+        let Ok(next) = next else {
+            eprintln!("  time cap reached: {} of {n} Tenants Ready", ready.len());
+            return Ok((None, ready.len()));
+        };
+        let Some(tenant) = next? else {
+            anyhow::bail!("the Tenant watch ended");
+        };
+        let name = tenant.metadata.name.clone().unwrap_or_default();
+        if is_ready(&tenant) {
+            ready.insert(name);
+        } else {
+            ready.remove(&name);
+        }
+        if ready.len() >= n {
+            return Ok((Some(started.elapsed()), ready.len()));
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            eprintln!(
+                "  [{prefix}] {} of {n} Tenants Ready ({:.0} s)",
+                ready.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Creates tenant `<prefix>-<i>` owning namespace `<prefix>-<i>` for each i < n, and
@@ -67,6 +112,7 @@ pub async fn create_ready(
     eprintln!("[{prefix}] creating {n} namespaces and {n} Tenants");
     let namespaces_created = create_namespaces(client, &names, concurrency).await?;
     let api: Api<Tenant> = Api::all(client.clone());
+    let requests_before = ApiRequests::read(client).await?;
     let started = Instant::now();
     let mut objects = Vec::with_capacity(n);
     for name in &names {
@@ -77,28 +123,13 @@ pub async fn create_ready(
         "[{prefix}] created {n} Tenants in {:.1} s; waiting for Ready=True",
         created.as_secs_f64()
     );
-    let mut ready_seen = 0;
-    // Each poll LISTs every Tenant: at 500 ms with 1000 Tenants that alone was ~1
-    // LIST/s of the API server's load, so poll more rarely as n grows (5 s at 1000).
-    let every = Duration::from_millis((n as u64 * 5).clamp(500, 5000));
-    let ready = wait_for(budget, every, || {
-        let api = api.clone();
-        async move {
-            let ready = ready_count(&api).await?;
-            let done = (ready >= n).then(|| (started.elapsed(), ready));
-            Ok((done, format!("[{prefix}] {ready} of {n} Tenants Ready")))
-        }
-    })
-    .await?;
+    let (ready, ready_seen) = watch_until_ready(&api, n, started, budget, prefix).await?;
     let waited = started.elapsed();
-    if let Some((t, count)) = ready {
-        ready_seen = count;
+    if let Some(t) = ready {
         eprintln!(
             "[{prefix}] all {n} Ready {:.1} s after the first create",
             t.as_secs_f64()
         );
-    } else if let Ok(count) = ready_count(&api).await {
-        ready_seen = count;
     }
     let s = settle(
         operator,
@@ -108,6 +139,16 @@ pub async fn create_ready(
         budget,
     )
     .await?;
+    let roles = settle(
+        operator,
+        "Role",
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+        budget,
+    )
+    .await?;
+    let api_requests = ApiRequests::read(client).await?.since(&requests_before);
+    eprintln!("[{prefix}] API requests: {}", api_requests.summary(12));
     let (settled_rss, peak_rss) = operator.memory();
     Ok((
         names,
@@ -115,11 +156,13 @@ pub async fn create_ready(
             tenants: n,
             namespaces_created,
             created,
-            ready: ready.map(|(t, _)| t),
+            ready,
             ready_count: ready_seen,
             waited,
             reconciles: s.reconciles,
             failures: s.failures,
+            role_reconciles: roles.reconciles,
+            api_requests,
             peak_rss,
             settled_rss,
             cpu_seconds: operator.cpu_seconds(),

@@ -3,16 +3,20 @@
 //! reconciles in flight.
 
 pub mod apikey;
+pub mod applied;
 pub mod frame;
 pub mod key_lifecycle;
 pub mod key_secrets;
 pub mod role;
+pub mod role_watches;
 pub mod serving_certificates;
 pub mod tenant;
 pub mod tenant_changes;
 pub mod tenant_dek;
 pub mod tenant_network;
 pub mod tenant_secrets;
+pub mod tenant_watches;
+pub mod triggers;
 pub mod unprotected;
 
 use std::sync::Arc;
@@ -20,8 +24,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -59,23 +61,37 @@ fn log_result<K: kube::Resource, E: std::fmt::Display, Q: std::fmt::Display>(
     futures::future::ready(())
 }
 
-/// Tenants for a namespace event: those that name it, select namespaces, or label it.
+/// Tenants for a namespace event: those that name it, select namespaces, or label it;
+/// not the Tenant that lists it, holds its label and reports no namespace problem (its
+/// own binding: the reconcile that bound it reports it), unless it is going away.
 fn tenants_for_namespace(
     tenants: &kube::runtime::reflector::Store<Tenant>,
     ns: &Namespace,
 ) -> Vec<ObjectRef<Tenant>> {
     let name = ns.name_any();
     let label = ns.labels().get(TENANT_LABEL).cloned();
+    let deleting = ns.metadata.deletion_timestamp.is_some();
     tenants
         .state()
         .iter()
         .filter(|t| {
-            t.spec.namespaces.contains(&name)
-                || t.spec.namespace_selector.is_some()
-                || label.as_deref() == t.metadata.name.as_deref()
+            let lists = t.spec.namespaces.contains(&name);
+            let labelled = label.as_deref() == t.metadata.name.as_deref();
+            if lists && labelled && !deleting && !reports_namespace_problem(t) {
+                return t.spec.namespace_selector.is_some();
+            }
+            lists || labelled || t.spec.namespace_selector.is_some()
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
         .collect()
+}
+
+/// The Tenant's Ready condition says a namespace is missing or taken.
+fn reports_namespace_problem(tenant: &Tenant) -> bool {
+    let conditions = tenant.status.as_ref().map(|s| s.conditions.as_slice());
+    portcullis_crds::conditions::find_ready(conditions.unwrap_or_default()).is_some_and(|c| {
+        c.status != "True" && ["NamespaceNotFound", "NamespaceClaimed"].contains(&c.reason.as_str())
+    })
 }
 
 /// Deletes `object` if the owner with `owner_uid` owns it; one someone else created
@@ -104,6 +120,12 @@ where
     }
 }
 
+/// The Tenant named by an object's tenant label.
+fn labelled_tenant<K: kube::Resource>(object: &K) -> Option<ObjectRef<Tenant>> {
+    let tenant = object.labels().get(TENANT_LABEL)?;
+    Some(ObjectRef::new(tenant))
+}
+
 fn tenant_of(stores: &Stores, namespace: Option<String>) -> Option<ObjectRef<Tenant>> {
     stores
         .tenant_of_namespace(&namespace?)
@@ -123,40 +145,27 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
     let config = Config::default()
         .concurrency(TENANT_CONCURRENCY)
         .debounce(Duration::from_millis(300));
-    let controller = Controller::new(
-        Api::<Tenant>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(config);
-    let tenants = controller.store();
+    let watches = tenant_watches::TenantWatches::new(&client);
+    let (own, tenants) = watches.tenants;
+    let caches = watches.caches;
+    let controller = Controller::for_stream(own, tenants.clone()).with_config(config);
     let (by_key, by_role, by_pod) = (ctx.stores.clone(), ctx.stores.clone(), ctx.stores.clone());
     let injects = ctx.settings.inject.clone();
     controller
-        .watches(
-            Api::<Namespace>::all(client.clone()),
-            watcher::Config::default(),
-            move |ns| tenants_for_namespace(&tenants, &ns),
-        )
-        .watches(
-            Api::<ApiKey>::all(client.clone()),
-            watcher::Config::default(),
-            move |key| tenant_of(&by_key, key.namespace()),
-        )
-        // Built-in Roles (re-created when deleted) and the counts in the status.
-        .watches(
-            Api::<Role>::all(client.clone()),
-            watcher::Config::default(),
-            move |role| tenant_of(&by_role, role.namespace()),
-        )
-        // Its NetworkPolicies, put back when edited or deleted.
-        .watches(
-            Api::<NetworkPolicy>::all(client.clone()),
-            watcher::Config::default().labels(TENANT_LABEL),
-            |policy| {
-                let tenant = policy.labels().get(TENANT_LABEL)?;
-                Some(ObjectRef::<Tenant>::new(tenant))
-            },
-        )
+        .watches_stream(watches.namespaces, move |ns| {
+            tenants_for_namespace(&tenants, &ns)
+        })
+        .watches_stream(watches.keys, move |key| tenant_of(&by_key, key.namespace()))
+        // The counts in the status (built-in Roles are counted as applied).
+        .watches_stream(watches.roles, move |role| {
+            if role.labels().contains_key(tenant::BUILTIN_LABEL) {
+                return None;
+            }
+            tenant_of(&by_role, role.namespace())
+        })
+        // Built-in Roles and NetworkPolicies, put back when edited or deleted.
+        .watches_stream(watches.builtin_roles, |role| labelled_tenant(&role))
+        .watches_stream(watches.network_policies, |policy| labelled_tenant(&policy))
         // Pods without a genuine proxy are reported on their Tenant; pods with it never
         // trigger a reconcile, so ordinary pod churn costs nothing here.
         .watches(
@@ -171,7 +180,11 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(tenant::reconcile, frame::error_policy, ctx)
+        .run(
+            move |tenant, ctx| tenant::reconcile_with(tenant, ctx, Some(caches.clone())),
+            frame::error_policy,
+            ctx,
+        )
         .for_each(log_result)
         .await;
 }
@@ -184,29 +197,26 @@ const CACHE_CATCH_UP: Duration = Duration::from_millis(250);
 
 async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
-    let owned = watcher::Config::default().labels(crate::rbac::ROLE_LABEL);
-    let controller = Controller::new(Api::<Role>::all(client.clone()), watcher::Config::default())
+    let watches = role_watches::RoleWatches::new(&client);
+    let (own, roles) = watches.roles;
+    let caches = watches.caches;
+    let controller = Controller::for_stream(own, roles.clone())
         .with_config(Config::default().debounce(CACHE_CATCH_UP));
-    let roles = controller.store();
     let siblings = roles.clone();
     let role_tenants = TenantChanges::default();
     controller
-        .owns(Api::<RbacRole>::all(client.clone()), owned.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), owned)
+        .owns_stream(watches.rbac_roles)
+        .owns_stream(watches.role_bindings)
         // A parent's change can change every Role of its namespace.
-        .watches(
-            Api::<Role>::all(client.clone()),
-            watcher::Config::default(),
-            move |changed| {
-                let ns = changed.namespace();
-                siblings
-                    .state()
-                    .iter()
-                    .filter(|r| r.namespace() == ns && r.name_any() != changed.name_any())
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(watches.parents, move |changed| {
+            let ns = changed.namespace();
+            siblings
+                .state()
+                .iter()
+                .filter(|r| r.namespace() == ns && r.name_any() != changed.name_any())
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
         // The catalogue (for allScopes) and the binding live on the Tenant.
         .watches(
             Api::<Tenant>::all(client),
@@ -225,7 +235,11 @@ async fn run_roles(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(role::reconcile, frame::error_policy, ctx)
+        .run(
+            move |role, ctx| role::reconcile_with(role, ctx, Some(caches.clone())),
+            frame::error_policy,
+            ctx,
+        )
         .for_each(log_result)
         .await;
 }
@@ -292,4 +306,73 @@ async fn run_api_keys(ctx: Arc<Context>, shutdown: CancellationToken) {
         .run(apikey::reconcile, frame::error_policy, ctx)
         .for_each(log_result)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    use super::*;
+
+    fn tenant(name: &str, namespaces: &[&str], ready: Option<(&str, &str)>) -> Tenant {
+        let conditions: Vec<serde_json::Value> = ready
+            .map(|(status, reason)| {
+                json!({"type": "Ready", "status": status, "reason": reason, "message": "",
+                       "lastTransitionTime": "2026-01-01T00:00:00Z"})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": name},
+            "spec": {"namespaces": namespaces},
+            "status": {"conditions": conditions}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn namespace(label: Option<&str>, deleting: bool) -> Namespace {
+        serde_json::from_value(json!({"metadata": {
+            "name": "shared",
+            "labels": label.map(|l| json!({TENANT_LABEL: l})),
+            "deletionTimestamp": deleting.then_some("2026-01-01T00:00:00Z"),
+        }}))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn woken(tenants: &[Tenant], ns: &Namespace) -> Vec<String> {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for t in tenants {
+            writer.apply_watcher_event(&Event::Apply(t.clone()));
+        }
+        let mut names: Vec<String> = tenants_for_namespace(&store, ns)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_tenant_binding_its_namespace_is_not_woken_by_it_but_a_rival_is() {
+        let tenants = [
+            tenant("acme", &["shared"], None),
+            tenant("globex", &["shared"], None),
+        ];
+        assert_eq!(woken(&tenants, &namespace(Some("acme"), false)), ["globex"]);
+        assert_eq!(woken(&tenants, &namespace(None, false)), ["acme", "globex"]);
+    }
+
+    #[test]
+    fn a_namespace_going_away_or_awaited_wakes_its_tenant() {
+        let bound = [tenant("acme", &["shared"], Some(("True", "Bound")))];
+        assert_eq!(woken(&bound, &namespace(Some("acme"), true)), ["acme"]);
+        let waiting = [tenant(
+            "acme",
+            &["shared"],
+            Some(("False", "NamespaceNotFound")),
+        )];
+        assert_eq!(woken(&waiting, &namespace(Some("acme"), false)), ["acme"]);
+    }
 }

@@ -5,11 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use portcullis_crds::{
     Role, RoleStatus,
@@ -18,18 +20,36 @@ use portcullis_crds::{
     role::{self, EffectiveRole, InheritanceError, RoleSpec},
 };
 
+use super::applied;
 use super::frame;
+use super::role_watches::RoleCaches;
+use super::tenant::BUILTIN_LABEL;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rbac;
 
-/// Reconciles one Role.
+/// Reconciles one Role, applying its RBAC objects every time.
 pub async fn reconcile(role: Arc<Role>, ctx: Arc<Context>) -> Result<Action> {
+    reconcile_with(role, ctx, None).await
+}
+
+/// Reconciles one Role; RBAC objects `caches` hold as they would be applied are not
+/// applied again.
+pub async fn reconcile_with(
+    role: Arc<Role>,
+    ctx: Arc<Context>,
+    caches: Option<RoleCaches>,
+) -> Result<Action> {
     frame::reconcile(role, ctx, |role, ctx| async move {
-        RoleReconciler::new(&role, &ctx)?.reconcile().await
+        RoleReconciler::new(&role, &ctx, caches.as_ref())?
+            .reconcile()
+            .await
     })
     .await
 }
+
+/// How long a built-in Role waits for its Tenant to list its namespace.
+const BUILTIN_WAIT: Duration = Duration::from_secs(2);
 
 /// An inheritance problem as the error (and condition reason) it becomes.
 pub fn inheritance_error(e: &InheritanceError) -> Error {
@@ -79,12 +99,14 @@ pub fn effective_scopes(
 struct RoleReconciler<'a> {
     role: &'a Role,
     ctx: &'a Context,
+    /// `None`: RBAC objects are always applied.
+    caches: Option<&'a RoleCaches>,
     name: String,
     namespace: String,
 }
 
 impl<'a> RoleReconciler<'a> {
-    fn new(role: &'a Role, ctx: &'a Context) -> Result<Self> {
+    fn new(role: &'a Role, ctx: &'a Context, caches: Option<&'a RoleCaches>) -> Result<Self> {
         Ok(Self {
             name: role
                 .metadata
@@ -98,6 +120,7 @@ impl<'a> RoleReconciler<'a> {
                 .ok_or(Error::MissingObjectKey("namespace"))?,
             role,
             ctx,
+            caches,
         })
     }
 
@@ -114,6 +137,13 @@ impl<'a> RoleReconciler<'a> {
             Ok(()) => role::resolve(&self.name, &roles).map_err(|e| inheritance_error(&e)),
         };
         let tenant = self.ctx.stores.tenant_of_namespace(&self.namespace);
+        if tenant.is_none() && self.role.labels().contains_key(BUILTIN_LABEL) {
+            // Its Tenant creates it just before its status lists the namespace, and that
+            // status change wakes every Role of the namespace (`TenantChanges`): resolved
+            // now, it would be resolved and applied twice. Looked at again soon anyway:
+            // that wake finds only the Roles the controller's cache holds by then.
+            return Ok(Action::requeue(BUILTIN_WAIT));
+        }
         match resolved {
             Err(error) => {
                 self.remove_rbac().await?;
@@ -151,9 +181,13 @@ impl<'a> RoleReconciler<'a> {
             &owner,
             &effective.permissions,
         );
-        Api::<RbacRole>::namespaced(self.ctx.client.clone(), &self.namespace)
-            .patch(&object, &pp, &Patch::Apply(&rbac_role))
-            .await?;
+        let at = ObjectRef::new(&object).within(&self.namespace);
+        let cached = self.caches.and_then(|c| c.rbac_roles.get(&at));
+        if !cached.is_some_and(|c| applied::holds(&rbac_role, c.as_ref())) {
+            Api::<RbacRole>::namespaced(self.ctx.client.clone(), &self.namespace)
+                .patch(&object, &pp, &Patch::Apply(&rbac_role))
+                .await?;
+        }
         let binding = rbac::role_binding(
             &self.name,
             &self.namespace,
@@ -161,9 +195,15 @@ impl<'a> RoleReconciler<'a> {
             &owner,
             &self.role.spec.subjects,
         );
-        Api::<RoleBinding>::namespaced(self.ctx.client.clone(), &self.namespace)
-            .patch(&object, &pp, &Patch::Apply(&binding))
-            .await?;
+        let cached = self.caches.and_then(|c| {
+            c.role_bindings
+                .get(&ObjectRef::new(&object).within(&self.namespace))
+        });
+        if !cached.is_some_and(|c| applied::holds(&binding, c.as_ref())) {
+            Api::<RoleBinding>::namespaced(self.ctx.client.clone(), &self.namespace)
+                .patch(&object, &pp, &Patch::Apply(&binding))
+                .await?;
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::Selector;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use portcullis_crds::{
     Role, Tenant, TenantStatus,
@@ -31,8 +32,10 @@ use portcullis_crds::{
     tenant::TENANT_LABEL,
 };
 
+use super::applied;
 use super::frame;
 use super::serving_certificates::{self, SERVING_CERTIFICATES};
+use super::tenant_watches::TenantCaches;
 use super::unprotected::{self, ExposedPod, Exposure};
 use super::{tenant_dek, tenant_network, tenant_secrets};
 use crate::clock;
@@ -47,14 +50,25 @@ pub const BUILTIN_LABEL: &str = "portcullis.dev/builtin";
 const PROTECTED_NAMESPACES: [&str; 4] =
     ["kube-system", "kube-public", "kube-node-lease", "default"];
 
-/// Reconciles one Tenant (its finalizer releases the namespaces it labelled).
+/// Reconciles one Tenant (its finalizer releases the namespaces it labelled), reading
+/// every object it keeps from the API server.
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
+    reconcile_with(tenant, ctx, None).await
+}
+
+/// Reconciles one Tenant; what `caches` hold as it would apply it is not applied again.
+pub async fn reconcile_with(
+    tenant: Arc<Tenant>,
+    ctx: Arc<Context>,
+    caches: Option<TenantCaches>,
+) -> Result<Action> {
     frame::reconcile(tenant, ctx, |tenant, ctx| async move {
         let api: Api<Tenant> = Api::all(ctx.client.clone());
+        let caches = caches.as_ref();
         finalizer(&api, FINALIZER, tenant, |event| async {
             match event {
-                Finalizer::Apply(t) => TenantReconciler::new(&t, &ctx)?.apply().await,
-                Finalizer::Cleanup(t) => TenantReconciler::new(&t, &ctx)?.cleanup().await,
+                Finalizer::Apply(t) => TenantReconciler::new(&t, &ctx, caches)?.apply().await,
+                Finalizer::Cleanup(t) => TenantReconciler::new(&t, &ctx, caches)?.cleanup().await,
             }
         })
         .await
@@ -162,12 +176,14 @@ pub fn builtin_role_manifest(
 struct TenantReconciler<'a> {
     tenant: &'a Tenant,
     ctx: &'a Context,
+    /// `None`: every object is read from the API server and always applied.
+    caches: Option<&'a TenantCaches>,
     name: String,
     namespaces: Api<Namespace>,
 }
 
 impl<'a> TenantReconciler<'a> {
-    fn new(tenant: &'a Tenant, ctx: &'a Context) -> Result<Self> {
+    fn new(tenant: &'a Tenant, ctx: &'a Context, caches: Option<&'a TenantCaches>) -> Result<Self> {
         Ok(Self {
             name: tenant
                 .metadata
@@ -177,6 +193,7 @@ impl<'a> TenantReconciler<'a> {
             namespaces: Api::all(ctx.client.clone()),
             tenant,
             ctx,
+            caches,
         })
     }
 
@@ -231,6 +248,7 @@ impl<'a> TenantReconciler<'a> {
                 ns,
                 &self.name,
                 &owner,
+                self.caches.map(|c| &c.network_policies),
             )
             .await?;
         }
@@ -341,8 +359,40 @@ impl<'a> TenantReconciler<'a> {
             .collect())
     }
 
-    /// The plan, and the resourceVersion each existing wanted namespace had when read.
-    async fn plan_namespaces(&self) -> Result<(NamespacePlan, BTreeMap<String, String>)> {
+    /// A namespace as the cache holds it (when `cached` and it holds one), else as the
+    /// API server has it now.
+    async fn namespace(&self, name: &str, cached: bool) -> Result<Option<Namespace>> {
+        let cache = self.caches.filter(|_| cached);
+        if let Some(found) = cache.and_then(|c| c.namespaces.get(&ObjectRef::new(name))) {
+            return Ok(Some(found.as_ref().clone()));
+        }
+        Ok(self.namespaces.get_opt(name).await?)
+    }
+
+    /// The namespaces labelled for this Tenant: from the cache when `cached` (one the
+    /// cache has not seen labelled yet wakes a reconcile when it does), else listed.
+    async fn labelled_for_us(&self, cached: bool) -> Result<BTreeSet<String>> {
+        match self.caches.filter(|_| cached) {
+            Some(caches) => Ok(caches
+                .namespaces
+                .state()
+                .iter()
+                .filter(|n| {
+                    n.labels().get(TENANT_LABEL).map(String::as_str) == Some(self.name.as_str())
+                })
+                .filter_map(|n| n.metadata.name.clone())
+                .collect()),
+            None => self.labelled_ours().await,
+        }
+    }
+
+    /// The plan, and the resourceVersion each existing wanted namespace had when read:
+    /// from the caches when `cached` (a stale one makes the binding fail with a conflict,
+    /// and the next plan reads the API server).
+    async fn plan_namespaces(
+        &self,
+        cached: bool,
+    ) -> Result<(NamespacePlan, BTreeMap<String, String>)> {
         let spec = &self.tenant.spec;
         let mut labels: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -360,7 +410,7 @@ impl<'a> TenantReconciler<'a> {
         };
         for name in &spec.namespaces {
             wanted.insert(name.clone());
-            if let Some(ns) = self.namespaces.get_opt(name).await? {
+            if let Some(ns) = self.namespace(name, cached).await? {
                 note(&ns, name);
                 labels.insert(name.clone(), tenant_label(&ns));
             }
@@ -400,7 +450,16 @@ impl<'a> TenantReconciler<'a> {
                 }
             }
         }
-        let plan = NamespacePlan::new(&self.name, &wanted, &labels, &self.labelled_ours().await?);
+        let mut plan = NamespacePlan::new(
+            &self.name,
+            &wanted,
+            &labels,
+            &self.labelled_for_us(cached).await?,
+        );
+        if cached && !plan.release.is_empty() {
+            // Releasing is rare and must not act on a stale label: confirm it.
+            plan = NamespacePlan::new(&self.name, &wanted, &labels, &self.labelled_ours().await?);
+        }
         Ok((plan, seen))
     }
 
@@ -410,7 +469,7 @@ impl<'a> TenantReconciler<'a> {
     async fn plan_and_bind(&self) -> Result<NamespacePlan> {
         let mut conflicts = 0;
         'plan: loop {
-            let (plan, seen) = self.plan_namespaces().await?;
+            let (plan, seen) = self.plan_namespaces(conflicts == 0).await?;
             for ns in &plan.bind {
                 match self.bind(ns, seen.get(ns).map(String::as_str)).await {
                     Err(Error::Kube(e))
@@ -472,8 +531,9 @@ impl<'a> TenantReconciler<'a> {
         }
     }
 
-    /// Applies the built-in Roles of a namespace. Always sent (an unchanged apply writes
-    /// nothing): the caches may not have seen a deleted one yet.
+    /// Applies the built-in Roles of a namespace, except those the cache holds as they
+    /// would be applied (the cache is filled by the watch that wakes this reconcile, so
+    /// it has seen a deletion before the reconcile it causes).
     async fn ensure_builtin_roles(&self, namespace: &str) -> Result<()> {
         let owner = self.owner()?;
         let roles: Api<Role> = Api::namespaced(self.ctx.client.clone(), namespace);
@@ -482,6 +542,11 @@ impl<'a> TenantReconciler<'a> {
             let Some(manifest) = builtin_role_manifest(name, namespace, &self.name, &owner) else {
                 continue;
             };
+            let object = ObjectRef::new(&role_object_name(name)).within(namespace);
+            let cached = self.caches.and_then(|c| c.builtin_roles.get(&object));
+            if cached.is_some_and(|current| applied::holds(&manifest, current.as_ref())) {
+                continue;
+            }
             roles
                 .patch(
                     &role_object_name(name),
@@ -517,7 +582,9 @@ impl<'a> TenantReconciler<'a> {
         let mut pods = Vec::new();
         for ns in namespaces {
             let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), ns);
-            pods.extend(api.list(&ListParams::default()).await?.items);
+            // From the API server's watch cache: the pod watch that wakes this reconcile
+            // is served from it too, and etcd is spared a read per reconcile.
+            pods.extend(api.list(&ListParams::default().match_any()).await?.items);
         }
         Ok(pods)
     }
@@ -619,7 +686,7 @@ impl<'a> TenantReconciler<'a> {
         let prev = self.previous();
         let generation = self.tenant.metadata.generation;
         let keys = self.ctx.stores.keys_in_any(&namespaces).len();
-        let roles = self.ctx.stores.roles_in_any(&namespaces).len();
+        let roles = role_count(&self.ctx.stores.roles_in_any(&namespaces), &namespaces);
         let now = Time(self.ctx.clock.now());
         let ready = match problem {
             Some(e) => conditions::ready(
@@ -736,6 +803,22 @@ impl<'a> TenantReconciler<'a> {
             )
             .await;
     }
+}
+
+/// The Roles of `namespaces`: those cached and the built-in ones, just applied, which
+/// the cache may not hold yet (no other event would correct the count).
+fn role_count(cached: &[Arc<Role>], namespaces: &[String]) -> usize {
+    let builtin = namespaces.iter().flat_map(|ns| {
+        BUILTIN_ROLES
+            .iter()
+            .map(move |name| (Some(ns.clone()), Some(role_object_name(name))))
+    });
+    cached
+        .iter()
+        .map(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()))
+        .chain(builtin)
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 /// `ns/a (no proxy), ns/b (opted out)`.

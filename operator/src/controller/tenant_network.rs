@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use portcullis_api::injection::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT};
 use portcullis_crds::annotations::{FIELD_MANAGER, INJECTED_LABEL};
 use portcullis_crds::tenant::{NetworkPolicyMode, TENANT_LABEL};
@@ -75,19 +76,29 @@ pub fn manifest(
     })
 }
 
-/// Applies (or, for `Unmanaged`, removes) the tenant's NetworkPolicy in `namespace`.
-/// Always sent: an unchanged apply writes nothing, and a policy someone edited is
-/// put back.
+/// Applies (or, for `Unmanaged`, removes) the tenant's NetworkPolicy in `namespace`;
+/// a policy someone edited is put back. Nothing is sent when `cache` holds the policy
+/// as it would be applied (or, to remove, holds none); without a cache, always.
 pub async fn ensure(
     ctx: &Context,
     mode: NetworkPolicyMode,
     namespace: &str,
     tenant: &str,
     owner: &OwnerReference,
+    cache: Option<&Store<NetworkPolicy>>,
 ) -> Result<()> {
+    let cached = cache.map(|c| c.get(&ObjectRef::new(NETWORK_POLICY).within(namespace)));
     let Some(policy) = manifest(mode, namespace, tenant, owner) else {
+        if matches!(cached, Some(None)) {
+            return Ok(());
+        }
         return remove(ctx, namespace, &owner.uid).await;
     };
+    if let Some(Some(current)) = &cached
+        && super::applied::holds(&policy, current.as_ref())
+    {
+        return Ok(());
+    }
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     api.patch(
         NETWORK_POLICY,
