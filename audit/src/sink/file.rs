@@ -135,12 +135,7 @@ impl FileSink {
     /// [`FileSink::write_plaintext`] on the blocking pool.
     async fn write_frame_blocking(&self, plaintext: Bytes) -> Result<(), Error> {
         let sink = self.clone();
-        tokio::task::spawn_blocking(move || sink.write_plaintext(&plaintext))
-            .await
-            .map_err(|e| Error::Sink {
-                sink: "file".into(),
-                message: format!("write task failed: {e}"),
-            })?
+        super::on_blocking_pool("file", "write", move || sink.write_plaintext(&plaintext)).await
     }
 
     /// Switches to a new DEK: the open segment is closed, the next one uses `key`.

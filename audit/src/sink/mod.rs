@@ -73,6 +73,21 @@ pub trait Sink: Send + Sync {
     }
 }
 
+/// Runs a sink's blocking disk work on tokio's blocking pool; `name` and `task` (what
+/// the work is) name it in the error if it dies.
+async fn on_blocking_pool<T: Send + 'static>(
+    name: &str,
+    task: &str,
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Sink {
+            sink: name.to_owned(),
+            message: format!("{task} task failed: {e}"),
+        })?
+}
+
 /// Why a network delivery failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {

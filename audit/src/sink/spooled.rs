@@ -68,6 +68,14 @@ impl SpooledSink {
             task: Mutex::new(Some(task)),
         }
     }
+
+    /// Spools a rendered batch on the blocking pool and wakes the delivery task.
+    async fn push_blocking(&self, lines: Bytes) -> Result<(), Error> {
+        let spool = self.spool.clone();
+        super::on_blocking_pool(&self.name, "spool", move || spool.push_lines(&lines)).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
 }
 
 /// A spooled batch as read back for its destination.
@@ -192,21 +200,6 @@ async fn deliver_loop<D: Deliver>(
                 }
             }
         }
-    }
-}
-
-impl SpooledSink {
-    /// Spools a rendered batch on the blocking pool and wakes the delivery task.
-    async fn push_blocking(&self, lines: Bytes) -> Result<(), Error> {
-        let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || spool.push_lines(&lines))
-            .await
-            .map_err(|e| Error::Sink {
-                sink: self.name.clone(),
-                message: format!("spool task failed: {e}"),
-            })??;
-        self.wake.notify_one();
-        Ok(())
     }
 }
 

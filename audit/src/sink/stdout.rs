@@ -31,9 +31,7 @@ impl StdoutSink {
             out: Mutex::new(out),
         }
     }
-}
 
-impl StdoutSink {
     fn write_bytes(&self, bytes: &[u8]) -> Result<(), Error> {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         out.write_all(bytes)
