@@ -4,6 +4,11 @@
 //! synced and renamed, so a crash never leaves half a batch. A batch file is removed only
 //! when [`Spool::ack`] is called after the sink answered 2xx. The directory is the state:
 //! a new process opening it resumes delivery where the old one stopped.
+//!
+//! Batches this process pushed are also held in memory, up to [`HELD_MAX_BYTES`], until
+//! acknowledged: at full load each batch is delivered within milliseconds of being
+//! written, so reading it back from disk (and checking it) cost the proxy a blocking-pool
+//! hand-off, a read and a page-faulted buffer per batch for bytes it still had.
 
 use crate::entry::Entry;
 use crate::error::Error;
@@ -14,10 +19,35 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The most bytes of pushed batches also held in memory (the rest is read back from
+/// disk); while a destination is down the oldest batches stay held, so this bounds
+/// what an outage adds to the process's memory.
+pub const HELD_MAX_BYTES: u64 = 2 * 1024 * 1024;
+
 struct SpoolState {
     batches: BTreeMap<u64, u64>,
     used: u64,
     next_id: u64,
+    /// Batches pushed by this process and not yet acknowledged, as pushed.
+    held: BTreeMap<u64, SpooledLines>,
+    held_bytes: u64,
+}
+
+impl SpoolState {
+    /// The oldest batch, if it is held in memory.
+    fn oldest_held(&self) -> Option<(u64, SpooledLines)> {
+        let (&id, _) = self.batches.first_key_value()?;
+        self.held.get(&id).map(|lines| (id, lines.clone()))
+    }
+
+    fn forget(&mut self, id: u64) {
+        if let Some(size) = self.batches.remove(&id) {
+            self.used = self.used.saturating_sub(size);
+        }
+        if let Some((lines, _)) = self.held.remove(&id) {
+            self.held_bytes = self.held_bytes.saturating_sub(lines.len() as u64);
+        }
+    }
 }
 
 /// A directory of batches waiting for delivery, bounded in bytes.
@@ -79,6 +109,8 @@ impl Spool {
                 batches,
                 used,
                 next_id,
+                held: BTreeMap::new(),
+                held_bytes: 0,
             }),
         })
     }
@@ -107,11 +139,12 @@ impl Spool {
     pub fn push(&self, entries: &[Entry]) -> Result<(), Error> {
         let mut bytes = Vec::new();
         write_lines(entries, &mut bytes)?;
-        self.push_lines(&bytes)
+        self.push_lines(bytes::Bytes::from(bytes), entries.len())
     }
 
-    /// [`Spool::push`] of a batch already rendered as JSON lines, one entry each.
-    pub fn push_lines(&self, bytes: &[u8]) -> Result<(), Error> {
+    /// [`Spool::push`] of a batch already rendered as JSON lines, `count` of them (one
+    /// entry each).
+    pub fn push_lines(&self, bytes: bytes::Bytes, count: usize) -> Result<(), Error> {
         let mut state = self.lock();
         let needed = bytes.len() as u64;
         if state.used.saturating_add(needed) > self.max_bytes {
@@ -125,7 +158,7 @@ impl Spool {
         let tmp = self.dir.join(format!("batch-{id:020}.tmp"));
         let path = batch_path(&self.dir, id);
         let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
             .and_then(|()| std::fs::rename(&tmp, &path))
             .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
         if let Err(e) = written {
@@ -135,12 +168,28 @@ impl Spool {
         state.next_id += 1;
         state.used += needed;
         state.batches.insert(id, needed);
+        if state.held_bytes + needed <= HELD_MAX_BYTES {
+            state.held_bytes += needed;
+            state.held.insert(id, (bytes, count));
+        }
         Ok(())
+    }
+
+    /// The oldest batch's lines when this process still holds them in memory: no I/O,
+    /// so a caller on an async task need not go to the blocking pool. `None`: the spool
+    /// is empty, or its oldest batch must be read with [`Spool::oldest_lines`].
+    pub fn oldest_held_lines(&self) -> Option<(u64, SpooledLines)> {
+        self.lock().oldest_held()
     }
 
     /// The oldest batch, with its id for [`Spool::ack`]. A batch file that no longer
     /// parses is renamed `*.corrupt` (kept for inspection, no longer counted) and skipped.
     pub fn oldest(&self) -> Result<Option<(u64, Vec<Entry>)>, Error> {
+        if let Some((id, (lines, _))) = self.lock().oldest_held() {
+            // Rendered by this process from entries: UTF-8 JSON lines.
+            let text = std::str::from_utf8(&lines).map_err(|e| Error::Malformed(e.to_string()))?;
+            return Ok(Some((id, parse_lines(text)?)));
+        }
         self.oldest_read(|path| {
             std::fs::read_to_string(path)
                 .map_err(|e| Error::io(path, e))
@@ -154,6 +203,9 @@ impl Spool {
     /// file that cannot be read, or is not UTF-8 lines, is set aside as in
     /// [`Spool::oldest`].
     pub fn oldest_lines(&self) -> Result<Option<(u64, SpooledLines)>, Error> {
+        if let Some(held) = self.oldest_held_lines() {
+            return Ok(Some(held));
+        }
         self.oldest_read(|path| {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
             if std::str::from_utf8(&bytes).is_err() || !bytes.ends_with(b"\n") {
@@ -171,15 +223,14 @@ impl Spool {
         read: impl Fn(&Path) -> Result<T, String>,
     ) -> Result<Option<(u64, T)>, Error> {
         let mut state = self.lock();
-        while let Some((&id, &size)) = state.batches.iter().next() {
+        while let Some((&id, _)) = state.batches.iter().next() {
             let path = batch_path(&self.dir, id);
             match read(&path) {
                 Ok(batch) => return Ok(Some((id, batch))),
                 Err(error) => {
                     tracing::error!(batch = %path.display(), %error, "unreadable spooled audit batch set aside");
                     let _ = std::fs::rename(&path, path.with_extension("corrupt"));
-                    state.batches.remove(&id);
-                    state.used = state.used.saturating_sub(size);
+                    state.forget(id);
                 }
             }
         }
@@ -195,9 +246,7 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
-        if let Some(size) = state.batches.remove(&id) {
-            state.used = state.used.saturating_sub(size);
-        }
+        state.forget(id);
         Ok(())
     }
 }
@@ -289,6 +338,45 @@ mod tests {
         assert_eq!(spool.batches(), 2);
         assert!(spool.oldest_lines()?.is_none());
         assert_eq!(spool.used_bytes(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn pushed_batches_are_delivered_from_memory_within_the_bound()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let spool = Spool::open(dir.path(), 64 << 20)?;
+        let big = |fill: u8| {
+            let mut lines = vec![fill; (HELD_MAX_BYTES as usize) * 3 / 4];
+            if let Some(last) = lines.last_mut() {
+                *last = b'\n';
+            }
+            bytes::Bytes::from(lines)
+        };
+        spool.push_lines(big(b'a'), 1)?;
+        // Over the bound: durable on disk, not held.
+        spool.push_lines(big(b'b'), 1)?;
+        std::fs::remove_file(batch_path(dir.path(), 0))?;
+        std::fs::remove_file(batch_path(dir.path(), 1))?;
+
+        let (id, (lines, count)) = spool.oldest_lines()?.ok_or("no batch")?;
+        assert_eq!((id, count, lines[0]), (0, 1, b'a'));
+        spool.ack(id)?;
+        // Batch 1 was never held, so it is read from disk, where it no longer is.
+        assert!(spool.oldest_held_lines().is_none());
+        assert!(spool.oldest_lines()?.is_none());
+
+        // The acknowledged batch's room is free again.
+        spool.push_lines(big(b'c'), 1)?;
+        let (_, (lines, _)) = spool.oldest_held_lines().ok_or("not held")?;
+        assert_eq!(lines[0], b'c');
+
+        // A new process holds nothing: it reads what the old one left on disk.
+        drop(spool);
+        let spool = Spool::open(dir.path(), 64 << 20)?;
+        assert!(spool.oldest_held_lines().is_none());
+        let (_, (lines, _)) = spool.oldest_lines()?.ok_or("no batch")?;
+        assert_eq!(lines[0], b'c');
         Ok(())
     }
 }

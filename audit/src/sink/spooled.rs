@@ -69,10 +69,12 @@ impl SpooledSink {
         }
     }
 
-    /// Spools a rendered batch on the blocking pool and wakes the delivery task.
-    async fn push_blocking(&self, lines: Bytes) -> Result<(), Error> {
+    /// Spools a rendered batch of `count` lines on the blocking pool and wakes the
+    /// delivery task.
+    async fn push_blocking(&self, lines: Bytes, count: usize) -> Result<(), Error> {
         let spool = self.spool.clone();
-        super::on_blocking_pool(&self.name, "spool", move || spool.push_lines(&lines)).await?;
+        super::on_blocking_pool(&self.name, "spool", move || spool.push_lines(lines, count))
+            .await?;
         self.wake.notify_one();
         Ok(())
     }
@@ -102,6 +104,31 @@ async fn pause(stop: &mut watch::Receiver<Option<Instant>>, delay: Duration) -> 
     }
 }
 
+/// The oldest spooled batch in the form the destination takes. A batch this process
+/// spooled is usually still held in memory and comes without a blocking-pool trip.
+async fn next_batch(spool: &Arc<Spool>, takes_lines: bool) -> Result<Option<(u64, Batch)>, String> {
+    if takes_lines && let Some((id, (lines, count))) = spool.oldest_held_lines() {
+        return Ok(Some((id, Batch::Lines(lines, count))));
+    }
+    let spool = spool.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        if takes_lines {
+            spool
+                .oldest_lines()
+                .map(|b| b.map(|(id, (lines, count))| (id, Batch::Lines(lines, count))))
+        } else {
+            spool
+                .oldest()
+                .map(|b| b.map(|(id, entries)| (id, Batch::Entries(entries))))
+        }
+    })
+    .await;
+    match read {
+        Ok(batch) => batch.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("spool read task failed: {e}")),
+    }
+}
+
 async fn deliver_loop<D: Deliver>(
     spool: Arc<Spool>,
     deliver: D,
@@ -116,25 +143,9 @@ async fn deliver_loop<D: Deliver>(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let batch = {
-            let spool = spool.clone();
-            let takes_lines = deliver.takes_lines();
-            tokio::task::spawn_blocking(move || {
-                if takes_lines {
-                    spool
-                        .oldest_lines()
-                        .map(|b| b.map(|(id, (lines, count))| (id, Batch::Lines(lines, count))))
-                } else {
-                    spool
-                        .oldest()
-                        .map(|b| b.map(|(id, entries)| (id, Batch::Entries(entries))))
-                }
-            })
-            .await
-        };
-        let (id, batch) = match batch {
-            Ok(Ok(Some(batch))) => batch,
-            Ok(Ok(None)) => {
+        let (id, batch) = match next_batch(&spool, deliver.takes_lines()).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
                 if deadline.is_some() {
                     break;
                 }
@@ -147,15 +158,8 @@ async fn deliver_loop<D: Deliver>(
                 }
                 continue;
             }
-            Ok(Err(e)) => {
-                tracing::error!(sink = deliver.name(), error = %e, "cannot read audit spool");
-                if !pause(&mut stop, backoff.next_delay()).await {
-                    break;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(sink = deliver.name(), error = %e, "audit spool read task failed");
+            Err(error) => {
+                tracing::error!(sink = deliver.name(), %error, "cannot read audit spool");
                 if !pause(&mut stop, backoff.next_delay()).await {
                     break;
                 }
@@ -220,16 +224,16 @@ impl Sink for SpooledSink {
         Box::pin(async move {
             let mut lines = Vec::new();
             write_lines(entries, &mut lines)?;
-            self.push_blocking(Bytes::from(lines)).await
+            self.push_blocking(Bytes::from(lines), entries.len()).await
         })
     }
 
     fn write_rendered<'a>(
         &'a self,
-        _entries: &'a [Entry],
+        entries: &'a [Entry],
         lines: &'a Bytes,
     ) -> SinkFuture<'a, Result<(), Error>> {
-        Box::pin(self.push_blocking(lines.clone()))
+        Box::pin(self.push_blocking(lines.clone(), entries.len()))
     }
 
     fn close(&self, deadline: Instant) -> SinkFuture<'_, Result<(), Error>> {
