@@ -400,11 +400,14 @@ impl RenderedBatch {
     }
 }
 
-/// How often a lingering batch looks for more records.
-const COLLECT_TICK: Duration = Duration::from_millis(2);
+/// How often a lingering batch looks for more records: a tenth of the linger, within
+/// these bounds. Each look is a timer wake-up of the writer, so fewer looks cost less at
+/// low rates; a batch that fills up is noticed at most one tick late.
+const COLLECT_TICK_MIN: Duration = Duration::from_millis(1);
+const COLLECT_TICK_MAX: Duration = Duration::from_millis(5);
 
 /// A batch starting with `first`: what is queued, then what arrives until the batch is
-/// full or `batch_linger` has passed. It looks at the queue every [`COLLECT_TICK`]
+/// full or `batch_linger` has passed. It looks at the queue every tick
 /// instead of waiting on it, because waiting woke the writer (and armed a timer) for
 /// every single record, which cost more than hashing the record.
 async fn collect_batch(
@@ -417,6 +420,7 @@ async fn collect_batch(
     let mut records = Vec::with_capacity(batch_max.min(rx.len() + 1));
     records.push(first);
     let linger_until = tokio::time::Instant::now() + config.batch_linger;
+    let tick = (config.batch_linger / 10).clamp(COLLECT_TICK_MIN, COLLECT_TICK_MAX);
     loop {
         let mut disconnected = false;
         while records.len() < batch_max {
@@ -433,7 +437,7 @@ async fn collect_batch(
         if records.len() >= batch_max || disconnected || stopping || now >= linger_until {
             return records;
         }
-        tokio::time::sleep_until(linger_until.min(now + COLLECT_TICK)).await;
+        tokio::time::sleep_until(linger_until.min(now + tick)).await;
     }
 }
 
