@@ -38,7 +38,7 @@ pub struct AllOptions {
     pub proxy_bin: Option<PathBuf>,
     /// Another build measured side by side as [`BASELINE`].
     pub baseline_proxy_bin: Option<PathBuf>,
-    /// Closed-loop rounds, every column taking its turn in each.
+    /// Closed- and open-loop rounds, every column taking its turn in each.
     pub rounds: u32,
     /// Connections for the request loads.
     pub connections: usize,
@@ -68,6 +68,32 @@ pub const BASELINE_SHIPPING: &str = "portcullis before +collector";
 /// Idle TLS connections held for the memory-per-connection figure: as many as HAProxy
 /// can hold under a 20 000 descriptor limit (it reserves two per connection).
 const HOLD_MANY: usize = 9_000;
+
+/// One column's open-loop rounds at one rate, summed.
+#[derive(Default)]
+struct OpenSum {
+    ok: u64,
+    errors: u64,
+    missed: u64,
+    cpu: f64,
+    latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+impl OpenSum {
+    fn add(&mut self, cpu: f64, result: &load::RunResult) -> anyhow::Result<()> {
+        self.ok += result.ok;
+        self.errors += result.errors;
+        self.missed += result.missed;
+        self.cpu += cpu;
+        match &mut self.latency {
+            Some(sum) => sum
+                .add(&result.latency)
+                .context("merging open-loop latency histograms")?,
+            None => self.latency = Some(result.latency.clone()),
+        }
+        Ok(())
+    }
+}
 
 /// Durations and counts of one run.
 #[derive(Clone, Copy, Debug)]
@@ -692,34 +718,49 @@ pub async fn run(options: AllOptions, big_keys: keys::PreparedKeys) -> anyhow::R
     }
 
     for &rate in &options.rates {
-        eprintln!("== open loop, {rate} req/s, {:?} each", plan.open);
-        for c in columns.iter().filter(|c| c.open_loop) {
-            let before = procfs::cpu_seconds(c.pid, ticks);
-            let result = load::open_loop(
-                &c.target,
-                options.connections,
-                f64::from(rate),
-                Bounds {
-                    count: u64::from(rate) * plan.open.as_secs().max(1),
-                    time: plan.open,
-                },
-                &format!("open {rate}/s {}", c.name),
-            )
-            .await?;
-            if result.generator_lag_us > 5_000 {
-                eprintln!(
-                    "  warning: the generator's timer ran up to {} µs late (core 0 busy?)",
-                    result.generator_lag_us
-                );
+        eprintln!(
+            "== open loop, {rate} req/s, {:?} each, {} round(s) taking turns",
+            plan.open, options.rounds
+        );
+        // Per column, summed over the rounds like the closed loop: at equal load the
+        // columns differ by a few µs of CPU per request, which one window of /proc
+        // ticks cannot tell apart from a slow patch of the machine.
+        let mut open: BTreeMap<&str, OpenSum> = BTreeMap::new();
+        for round in 1..=options.rounds.max(1) {
+            for c in columns.iter().filter(|c| c.open_loop) {
+                let before = procfs::cpu_seconds(c.pid, ticks);
+                let result = load::open_loop(
+                    &c.target,
+                    options.connections,
+                    f64::from(rate),
+                    Bounds {
+                        count: u64::from(rate) * plan.open.as_secs().max(1),
+                        time: plan.open,
+                    },
+                    &format!("open {rate}/s {} (round {round})", c.name),
+                )
+                .await?;
+                if result.generator_lag_us > 5_000 {
+                    eprintln!(
+                        "  warning: the generator's timer ran up to {} µs late (core 0 busy?)",
+                        result.generator_lag_us
+                    );
+                }
+                let cpu = procfs::cpu_seconds(c.pid, ticks) - before;
+                open.entry(c.name).or_default().add(cpu, &result)?;
             }
-            let cpu = procfs::cpu_seconds(c.pid, ticks) - before;
-            let f = figures.entry(c.name).or_default();
-            if result.ok > 0 {
-                f.open_cpu_us.insert(rate, cpu * 1e6 / result.ok as f64);
+        }
+        for (name, sum) in open {
+            let f = figures.entry(name).or_default();
+            if sum.ok > 0 {
+                f.open_cpu_us.insert(rate, sum.cpu * 1e6 / sum.ok as f64);
             }
-            f.open.insert(rate, stats::summary(&result.latency));
-            f.missed.insert(rate, result.missed);
-            f.errors += result.errors;
+            f.open.insert(
+                rate,
+                sum.latency.as_ref().map(stats::summary).unwrap_or_default(),
+            );
+            f.missed.insert(rate, sum.missed);
+            f.errors += sum.errors;
         }
     }
 

@@ -70,8 +70,8 @@ enum Command {
         /// (same config), for before/after figures from one run.
         #[arg(long)]
         baseline_proxy_bin: Option<PathBuf>,
-        /// Closed-loop rounds, the columns taking turns in each (the figures are the
-        /// sums): evens out a shared machine's slow patches.
+        /// Rounds of the closed and the open loops, the columns taking turns in each (the
+        /// figures are the sums): evens out a shared machine's slow patches.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
         /// Keys in the big policy bundle (generated once at bcrypt cost 4, then cached).
