@@ -571,7 +571,7 @@ pub async fn start(
                 webhook_settings,
                 kek.clone(),
                 admin_audit.clone(),
-                Some(stores.tenants.clone()),
+                Some(&stores),
                 shutdown.clone(),
             )
             .await?;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -34,6 +35,27 @@ pub struct Stores {
     pub revocations: Option<RevocationCaches>,
     /// Every Service, for the bundles' `serviceRevisions`; `None`: not listed.
     pub services: Option<Store<Service>>,
+    /// Whether the Tenant cache has had its first list.
+    pub tenants_synced: Synced,
+    /// Whether the Role cache has had its first list.
+    pub roles_synced: Synced,
+}
+
+/// Set once a reflector's store has had its first list, and read without waiting:
+/// `Store::wait_until_ready` wakes only one waiter, so a second task polling it (a
+/// webhook asking "may I read the cache yet?") could leave the first asleep.
+#[derive(Clone, Debug, Default)]
+pub struct Synced(Arc<AtomicBool>);
+
+impl Synced {
+    /// Whether the store has had its first list.
+    pub fn is_synced(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Stores {
@@ -92,13 +114,35 @@ where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
+    reflect_synced(events, writer, changed, Synced::default(), shutdown)
+}
+
+/// [`reflect_events`], marking `synced` once the store has had its first list.
+pub(crate) fn reflect_synced<K, S>(
+    events: S,
+    writer: Writer<K>,
+    changed: Arc<Notify>,
+    synced: Synced,
+    shutdown: CancellationToken,
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         let stream = reflector::reflector(writer, events.default_backoff())
             .take_until(shutdown.cancelled_owned());
         stream
             .for_each(|event| {
                 match event {
-                    Ok(_) => changed.notify_one(),
+                    Ok(event) => {
+                        // The reflector has applied the event: after the first
+                        // list's end the store holds every object.
+                        if matches!(event, watcher::Event::InitDone) {
+                            synced.mark();
+                        }
+                        changed.notify_one();
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
                     }
@@ -122,6 +166,8 @@ impl Stores {
                 keys,
                 revocations: None,
                 services: None,
+                tenants_synced: Synced::default(),
+                roles_synced: Synced::default(),
             },
             StoreWriters {
                 tenants: tw,
@@ -139,16 +185,21 @@ impl Stores {
     ) -> (Self, Vec<JoinHandle<()>>) {
         let (stores, writers) = Self::new();
         let tasks = vec![
-            reflect(
-                Api::<Tenant>::all(client.clone()),
+            reflect_synced(
+                watcher(
+                    Api::<Tenant>::all(client.clone()),
+                    watcher::Config::default(),
+                ),
                 writers.tenants,
                 changed.clone(),
+                stores.tenants_synced.clone(),
                 shutdown.clone(),
             ),
-            reflect(
-                Api::<Role>::all(client.clone()),
+            reflect_synced(
+                watcher(Api::<Role>::all(client.clone()), watcher::Config::default()),
                 writers.roles,
                 changed.clone(),
+                stores.roles_synced.clone(),
                 shutdown.clone(),
             ),
             reflect(

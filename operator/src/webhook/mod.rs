@@ -24,10 +24,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt as _;
 use portcullis_api::clock::{Clock, SystemClock};
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Kek;
+use crate::stores::Synced;
+use validate::cached_lookup::{CachedLookup, SyncedStore, WebhookCaches};
 
 pub mod admin_identity;
 pub mod audit;
@@ -212,18 +217,43 @@ pub async fn run(
         .await
 }
 
+/// Every namespace's metadata (labels are all the webhooks read), kept by a watch until
+/// `shutdown`, managed fields dropped.
+fn watch_namespaces(
+    client: &kube::Client,
+    shutdown: &CancellationToken,
+) -> SyncedStore<PartialObjectMeta<Namespace>> {
+    let (store, writer) = kube::runtime::reflector::store();
+    let synced = Synced::default();
+    let events = kube::runtime::watcher(
+        kube::Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        kube::runtime::watcher::Config::default(),
+    )
+    .modify(|namespace| namespace.metadata.managed_fields = None);
+    crate::stores::reflect_synced(
+        events,
+        writer,
+        Arc::new(tokio::sync::Notify::new()),
+        synced.clone(),
+        shutdown.clone(),
+    );
+    SyncedStore { store, synced }
+}
+
 /// Everything up to serving: the API server version, the certificates (CA Secret,
 /// leaf, `caBundle`) and their refresh task, the configurations (when the operator owns
 /// them, applied with the `caBundle` already in, so the API server never sees them
 /// without it), and only then listening on `socket` — a connection accepted means the
 /// webhooks are ready. Returns the server, to be awaited (it runs until `shutdown`).
+/// With `stores` the admission checks read the operator's caches (and a namespace watch
+/// of their own) before the API server.
 pub async fn start(
     client: kube::Client,
     socket: tokio::net::TcpSocket,
     settings: WebhookSettings,
     kek: Arc<Kek>,
     audit: Arc<dyn AdminAuditSink>,
-    tenant_cache: Option<kube::runtime::reflector::Store<portcullis_crds::Tenant>>,
+    stores: Option<&crate::stores::Stores>,
     shutdown: CancellationToken,
 ) -> Result<
     impl std::future::Future<Output = Result<(), WebhookError>> + Send + 'static,
@@ -253,9 +283,27 @@ pub async fn start(
         tracing::info!(target = ?configurations.target, "webhook configurations applied");
     }
     tokio::spawn(certificates.clone().run(shutdown.clone()));
+    let live = KubeLookup::new(client.clone());
+    let lookup: Arc<dyn ClusterLookup> = match stores {
+        Some(stores) => Arc::new(CachedLookup::new(
+            live,
+            WebhookCaches {
+                tenants: SyncedStore {
+                    store: stores.tenants.clone(),
+                    synced: stores.tenants_synced.clone(),
+                },
+                roles: SyncedStore {
+                    store: stores.roles.clone(),
+                    synced: stores.roles_synced.clone(),
+                },
+                namespaces: watch_namespaces(&client, &shutdown),
+            },
+        )),
+        None => Arc::new(live),
+    };
     let state = WebhookState {
         clock,
-        lookup: Arc::new(KubeLookup::new(client.clone()).with_tenant_cache(tenant_cache)),
+        lookup,
         ..WebhookState::new(client, settings.inject, settings.validator, server_version)
             .with_audit(audit)
     };

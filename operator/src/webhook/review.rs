@@ -17,7 +17,9 @@ use super::inject::{
     Decision, InjectionLevel, TenantClassification, TenantPodDefaults, decide_ephemeral,
     decide_update, decide_with_defaults,
 };
-use super::validate::lookup::{LookupError, catalogue, namespace_roles, tenant_claims};
+use super::validate::lookup::{
+    ClusterLookup, LookupError, catalogue, namespace_roles, tenant_claims,
+};
 use super::validate::{
     Change, Operation, Refusal, Requester, TenantClaims, ValidatorSettings, validate_api_key,
     validate_role, validate_tenant,
@@ -167,13 +169,15 @@ async fn injection_level(
     state: &WebhookState,
     namespace: &str,
 ) -> Result<(InjectionLevel, TenantPodDefaults), LookupError> {
-    let labels = state
-        .lookup
+    // From the API server, not the caches: a pod created just after its namespace was
+    // bound to a Confidential Tenant must not slip through uninjected.
+    let lookup = state.lookup.live().unwrap_or(state.lookup.as_ref());
+    let labels = lookup
         .namespace_labels(namespace)
         .await?
         .unwrap_or_default();
     let tenant = match labels.get(TENANT_LABEL) {
-        Some(name) => state.lookup.tenant(name).await?.map(|t| (name.clone(), t)),
+        Some(name) => lookup.tenant(name).await?.map(|t| (name.clone(), t)),
         None => None,
     };
     let defaults = TenantPodDefaults {
@@ -210,12 +214,18 @@ pub async fn review_admin(
     if request.kind.group != portcullis_crds::GROUP || request.sub_resource.is_some() {
         return AdmissionResponse::from(request);
     }
-    let (noun, result) = match request.kind.kind.as_str() {
-        "ApiKey" => ("key", check_api_key(state, request, operation).await),
-        "Role" => ("role", check_role(state, request, operation).await),
-        "Tenant" => ("tenant", check_tenant(state, request, operation).await),
+    let noun = match request.kind.kind.as_str() {
+        "ApiKey" => "key",
+        "Role" => "role",
+        "Tenant" => "tenant",
         _ => return AdmissionResponse::from(request),
     };
+    let lookup = state.lookup.as_ref();
+    let mut result = check_admin(state, lookup, request, operation, noun).await;
+    // A refusal drawn from caches is confirmed by the API server before it is sent.
+    if let (Ok(Err(_)), Some(live)) = (&result, lookup.live()) {
+        result = check_admin(state, live, request, operation, noun).await;
+    }
     match result {
         Ok(Ok(())) => {
             let changed = is_admin_change(request, operation);
@@ -251,6 +261,21 @@ fn tenant_warnings(state: &WebhookState, request: &AdmissionRequest<DynamicObjec
 }
 
 type Checked = Result<Result<(), Refusal>, Box<AdmissionResponse>>;
+
+/// The Tenant, Role or ApiKey (`noun`) rules, deciding on what `lookup` reads.
+async fn check_admin(
+    state: &WebhookState,
+    lookup: &dyn ClusterLookup,
+    request: &AdmissionRequest<DynamicObject>,
+    operation: Operation,
+    noun: &str,
+) -> Checked {
+    match noun {
+        "key" => check_api_key(state, lookup, request, operation).await,
+        "role" => check_role(state, lookup, request, operation).await,
+        _ => check_tenant(state, lookup, request, operation).await,
+    }
+}
 
 struct Objects<T> {
     object: Option<T>,
@@ -295,12 +320,12 @@ fn change<'a, T>(
 
 async fn check_api_key(
     state: &WebhookState,
+    lookup: &dyn ClusterLookup,
     request: &AdmissionRequest<DynamicObject>,
     operation: Operation,
 ) -> Checked {
     let objects = objects::<ApiKey>(request)?;
     let namespace = request.namespace.clone().unwrap_or_default();
-    let lookup = state.lookup.as_ref();
     let roles = namespace_roles(lookup, &namespace)
         .await
         .map_err(|e| Box::new(unavailable(request, e)))?;
@@ -317,12 +342,12 @@ async fn check_api_key(
 
 async fn check_role(
     state: &WebhookState,
+    lookup: &dyn ClusterLookup,
     request: &AdmissionRequest<DynamicObject>,
     operation: Operation,
 ) -> Checked {
     let objects = objects::<Role>(request)?;
     let namespace = request.namespace.clone().unwrap_or_default();
-    let lookup = state.lookup.as_ref();
     let roles = namespace_roles(lookup, &namespace)
         .await
         .map_err(|e| Box::new(unavailable(request, e)))?;
@@ -365,6 +390,7 @@ async fn decide_with_admin_fallback(
 
 async fn check_tenant(
     state: &WebhookState,
+    lookup: &dyn ClusterLookup,
     request: &AdmissionRequest<DynamicObject>,
     operation: Operation,
 ) -> Checked {
@@ -380,7 +406,7 @@ async fn check_tenant(
             .object
             .as_ref()
             .map_or(&[][..], |t| t.spec.namespaces.as_slice());
-        tenant_claims(state.lookup.as_ref(), namespaces)
+        tenant_claims(lookup, namespaces)
             .await
             .map_err(|e| Box::new(unavailable(request, e)))?
     };

@@ -1,20 +1,18 @@
-//! What the webhooks read from the API server: namespace labels, a namespace's Roles,
-//! the Tenants, and whether a user is a cluster admin (SubjectAccessReview). A trait so the admission handlers run against fixtures in tests;
-//! [`KubeLookup`] is the real thing (plain GET/LIST per admission — admin changes are
-//! rare and pods need one namespace GET). A namespace's Tenant is read by name from its
-//! label, so an ApiKey or Role admission costs one small GET however many Tenants exist;
-//! only namespaces not yet labelled fall back to listing every Tenant.
+//! What the webhooks read: namespace labels, a namespace's Roles, the Tenants, and
+//! whether a user is a cluster admin (SubjectAccessReview). A trait so the admission
+//! handlers run against fixtures in tests; [`KubeLookup`] reads the API server (a GET
+//! or LIST per question), and [`CachedLookup`](super::cached_lookup::CachedLookup) the
+//! operator's watch caches in front of it. A namespace's Tenant is found by name from
+//! its label; only namespaces not yet labelled fall back to every Tenant.
 
 use std::collections::BTreeMap;
 
-use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::UserInfo;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::ListParams;
-use kube::runtime::reflector::Store;
 use portcullis_crds::tenant::TENANT_LABEL;
 use portcullis_crds::{Role, Tenant};
 
@@ -42,13 +40,6 @@ pub trait ClusterLookup: Send + Sync {
     fn roles<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, Result<Vec<Role>, LookupError>>;
     /// Every Tenant.
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, LookupError>>;
-    /// Every Tenant as the operator's watch cache holds them, when it has synced: for
-    /// the namespace-claim check of a Tenant admission, which would otherwise LIST every
-    /// Tenant per admission. A Tenant created a moment ago may be missing; the Tenant
-    /// controller's compare-and-swap on the namespace label still lets only one win.
-    fn cached_tenants(&self) -> Option<Vec<Tenant>> {
-        None
-    }
     /// The Tenant called `name`; `None` when it does not exist. Default: searched in
     /// [`tenants`](Self::tenants).
     fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
@@ -71,28 +62,23 @@ pub trait ClusterLookup: Send + Sync {
         let _ = user;
         Box::pin(async { Ok(false) })
     }
+    /// The same questions answered by the API server itself, to confirm a refusal this
+    /// lookup's answers led to; `None` when this lookup already reads there.
+    fn live(&self) -> Option<&dyn ClusterLookup> {
+        None
+    }
 }
 
-/// [`ClusterLookup`] over a kube client (and the operator's Tenant cache).
+/// [`ClusterLookup`] over a kube client.
 #[derive(Clone)]
 pub struct KubeLookup {
     client: kube::Client,
-    tenant_cache: Option<Store<Tenant>>,
 }
 
 impl KubeLookup {
     /// Reads through `client`.
     pub fn new(client: kube::Client) -> Self {
-        Self {
-            client,
-            tenant_cache: None,
-        }
-    }
-
-    /// Also answers [`ClusterLookup::cached_tenants`] from `cache`.
-    pub fn with_tenant_cache(mut self, cache: Option<Store<Tenant>>) -> Self {
-        self.tenant_cache = cache;
-        self
+        Self { client }
     }
 }
 
@@ -142,13 +128,6 @@ impl ClusterLookup for KubeLookup {
                 .map_err(failed("tenants"))?;
             Ok(list.items)
         })
-    }
-
-    fn cached_tenants(&self) -> Option<Vec<Tenant>> {
-        let cache = self.tenant_cache.as_ref()?;
-        // Synced once: from then on the watch keeps it current.
-        cache.wait_until_ready().now_or_never()?.ok()?;
-        Some(cache.state().iter().map(|t| Tenant::clone(t)).collect())
     }
 
     fn tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, LookupError>> {
@@ -225,10 +204,7 @@ pub async fn tenant_claims(
     lookup: &dyn ClusterLookup,
     namespaces: &[String],
 ) -> Result<TenantClaims, LookupError> {
-    let tenants = match lookup.cached_tenants() {
-        Some(tenants) => tenants,
-        None => lookup.tenants().await?,
-    };
+    let tenants = lookup.tenants().await?;
     let mut claims = TenantClaims::new(&tenants);
     for namespace in namespaces {
         if let Some(labels) = lookup.namespace_labels(namespace).await?

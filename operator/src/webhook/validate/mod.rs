@@ -33,6 +33,7 @@ use portcullis_crds::role::{
 };
 
 mod apikey;
+pub mod cached_lookup;
 pub mod lookup;
 mod role;
 mod tenant;
