@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -285,15 +286,14 @@ impl<'a> RoleReconciler<'a> {
         frame::apply_status(&api, &self.name, self.role.status.as_ref(), status).await
     }
 
-    /// An Event when the Ready reason or message changes.
+    /// An Event when the Ready reason or message changes (see [`worth_an_event`]).
     async fn announce(&self, status: &RoleStatus) {
         let prev = self.role.status.clone().unwrap_or_default();
-        let before =
-            conditions::find_ready(&prev.conditions).map(|c| (c.reason.clone(), c.message.clone()));
         let Some(now) = conditions::find_ready(&status.conditions) else {
             return;
         };
-        if before == Some((now.reason.clone(), now.message.clone())) {
+        let builtin = self.role.labels().contains_key(BUILTIN_LABEL);
+        if !worth_an_event(conditions::find_ready(&prev.conditions), now, builtin) {
             return;
         }
         self.ctx
@@ -307,11 +307,36 @@ impl<'a> RoleReconciler<'a> {
     }
 }
 
+/// Whether a Role's Ready condition going from `before` to `now` is news: a changed
+/// reason or message is, except a built-in Role's first Ready. The operator makes five
+/// per Tenant namespace and the Tenant's own Events already say the namespace is set
+/// up; 1000 Tenants meant 5000 Events nobody reads, each an API request.
+fn worth_an_event(before: Option<&Condition>, now: &Condition, builtin: bool) -> bool {
+    match before {
+        Some(before) => before.reason != now.reason || before.message != now.message,
+        None => !(builtin && now.status == "True"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use portcullis_crds::{Permission, ScopeName};
+
+    #[test]
+    fn a_builtin_roles_first_ready_is_not_announced_but_its_problems_are() {
+        let at = Time(jiff::Timestamp::UNIX_EPOCH);
+        let ready = conditions::ready(true, "Ready", "", Some(1), &[], at.clone());
+        let broken = conditions::ready(false, "MissingParent", "x", Some(1), &[], at);
+        // A Role someone wrote is told it is Ready; one the operator made is not.
+        assert!(worth_an_event(None, &ready, false));
+        assert!(!worth_an_event(None, &ready, true));
+        // Problems, and recoveries from them, are news for every Role.
+        assert!(worth_an_event(None, &broken, true));
+        assert!(worth_an_event(Some(&broken), &ready, true));
+        assert!(!worth_an_event(Some(&ready), &ready, false));
+    }
 
     fn custom(inherits: &[&str], scopes: &[&str]) -> RoleSpec {
         RoleSpec {
