@@ -685,6 +685,29 @@ async fn role_inheritance_emits_rbac_and_cycles_are_reported() -> Result<()> {
         other => bail!("david deleted a role without roles:manage: {other:?}"),
     }
 
+    // A Role without subjects has no RoleBinding (a binding of nobody grants nothing):
+    // the built-in ones never get one, and one whose subjects are removed loses it. The
+    // RBAC Role stays for bindings written by hand.
+    let bindings = Api::<RoleBinding>::namespaced(h.client.clone(), &ns);
+    assert!(bindings.get_opt("portcullis:viewer").await?.is_none());
+    let mut unbound = roles.get("data-engineer").await?;
+    unbound.spec.subjects.clear();
+    roles.replace("data-engineer", &pp, &unbound).await?;
+    eventually("the data-engineer binding removed", WAIT, || async {
+        Ok(bindings
+            .get_opt("portcullis:data-engineer")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    assert!(
+        Api::<RbacRole>::namespaced(h.client.clone(), &ns)
+            .get_opt("portcullis:data-engineer")
+            .await?
+            .is_some()
+    );
+
     roles
         .create(&pp, &role("loop-a", json!({"inherits": ["loop-b"]}))?)
         .await?;
