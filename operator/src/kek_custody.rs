@@ -200,7 +200,9 @@ mod tests {
             ("True", "HardwareKek")
         );
         assert!(
-            condition.message.contains("KMS v2 plugin on /var/run/kmsplugin/socket.sock"),
+            condition
+                .message
+                .contains("KMS v2 plugin on /var/run/kmsplugin/socket.sock"),
             "{}",
             condition.message
         );

@@ -47,7 +47,11 @@ async fn wrap_and_unwrap_round_trip_under_a_kms_kek() {
     let kms = client(plugin.socket());
     let status = kms.status().await.unwrap();
     assert_eq!(
-        (status.version.as_str(), status.healthz.as_str(), status.key_id.as_str()),
+        (
+            status.version.as_str(),
+            status.healthz.as_str(),
+            status.key_id.as_str()
+        ),
         ("v2", "ok", "key-1")
     );
     let (kek, sealed) = new_kek(&kms).await;
@@ -142,7 +146,12 @@ async fn the_secret_holds_only_the_kms_ciphertext() {
     let data = sealed.to_secret_data();
     assert_eq!(
         data.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["kms-annotations", "kms-ciphertext", "kms-key-id", "provider"]
+        [
+            "kms-annotations",
+            "kms-ciphertext",
+            "kms-key-id",
+            "provider"
+        ]
     );
     assert_eq!(data["provider"].0, b"kms");
     assert_eq!(data[KMS_KEY_ID_KEY].0, b"key-1");
@@ -219,7 +228,10 @@ async fn a_plugin_down_at_start_is_named_then_waited_for() {
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let err = kms.status().await.unwrap_err();
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
-    assert!(err.to_string().contains(&socket.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&socket.display().to_string()),
+        "{err}"
+    );
 
     // Unhealthy.
     let mut plugin = TestKmsPlugin::new(&socket, "key-1");
@@ -228,7 +240,8 @@ async fn a_plugin_down_at_start_is_named_then_waited_for() {
     let err = kms.status().await.unwrap_err();
     assert!(err.is_transient());
     assert!(
-        err.to_string().contains("unhealthy (healthz \"cannot reach the KMS\")"),
+        err.to_string()
+            .contains("unhealthy (healthz \"cannot reach the KMS\")"),
         "{err}"
     );
     plugin.stop().await;
@@ -281,7 +294,11 @@ async fn wrapping_goes_on_while_the_plugin_is_down_and_the_poll_reports_it() {
             key_id_changed: false
         }
     );
-    assert!(metrics.encode().contains("portcullis_operator_kms_plugin_healthy 1"));
+    assert!(
+        metrics
+            .encode()
+            .contains("portcullis_operator_kms_plugin_healthy 1")
+    );
 
     plugin.stop().await;
     let blob = kek.wrap(b"dek", b"aad").unwrap();
@@ -292,11 +309,20 @@ async fn wrapping_goes_on_while_the_plugin_is_down_and_the_poll_reports_it() {
         "{health:?}"
     );
     let text = metrics.encode();
-    assert!(text.contains("portcullis_operator_kms_plugin_healthy 0"), "{text}");
+    assert!(
+        text.contains("portcullis_operator_kms_plugin_healthy 0"),
+        "{text}"
+    );
 
     // Back, then its key rotated: reported, not acted on.
     plugin.start().await.unwrap();
-    assert!(matches!(monitor.poll().await, PluginHealth::Healthy { key_id_changed: false, .. }));
+    assert!(matches!(
+        monitor.poll().await,
+        PluginHealth::Healthy {
+            key_id_changed: false,
+            ..
+        }
+    ));
     plugin.set_key_id("key-2");
     assert_eq!(
         monitor.poll().await,
@@ -341,8 +367,9 @@ async fn a_plugin_with_another_key_is_a_clear_fatal_error() {
     assert!(matches!(err, KmsError::DecryptRefused { .. }), "{err}");
     let message = err.to_string();
     assert!(
-        message.contains("cannot decrypt the key-encryption key in Secret portcullis-system/portcullis-kek")
-            && message.contains("\"key-1\"")
+        message.contains(
+            "cannot decrypt the key-encryption key in Secret portcullis-system/portcullis-kek"
+        ) && message.contains("\"key-1\"")
             && message.contains("not encrypted under this plugin's key"),
         "{message}"
     );

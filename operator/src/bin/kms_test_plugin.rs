@@ -40,7 +40,9 @@ async fn main() -> anyhow::Result<()> {
     };
     plugin.start().await?;
     tracing::info!(socket = %args.socket.display(), key_id = %args.key_id, "KMS test plugin listening");
-    tokio::signal::ctrl_c().await.context("waiting for a signal")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for a signal")?;
     plugin.stop().await;
     Ok(())
 }

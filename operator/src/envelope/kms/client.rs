@@ -76,9 +76,7 @@ impl KmsClient {
 
     /// `Status`, checked: healthz `ok` and API version `v2`.
     pub async fn status(&self) -> Result<StatusResponse, KmsError> {
-        let status: StatusResponse = self
-            .call("Status", STATUS_PATH, StatusRequest {})
-            .await?;
+        let status: StatusResponse = self.call("Status", STATUS_PATH, StatusRequest {}).await?;
         if status.version != API_VERSION && status.version != API_VERSION_BETA {
             return Err(KmsError::Version {
                 socket: self.config.socket.clone(),

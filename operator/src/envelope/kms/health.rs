@@ -103,7 +103,10 @@ impl HealthMonitor {
                     %socket, error = %why,
                     "KMS plugin down: wrapping goes on with the key in memory, but the operator cannot start again until it is back"
                 ),
-                PluginHealth::Healthy { current_key_id, key_id_changed: true } => tracing::warn!(
+                PluginHealth::Healthy {
+                    current_key_id,
+                    key_id_changed: true,
+                } => tracing::warn!(
                     %socket, recorded_kms_key_id = %self.recorded_key_id, %current_key_id,
                     "the KMS plugin's key id changed: the stored key-encryption key is still under the old KMS key (re-wrapping is not built)"
                 ),

@@ -100,8 +100,14 @@ impl SealedKek {
         let annotations = serde_json::to_vec(&annotations).unwrap_or_else(|_| b"{}".to_vec());
         BTreeMap::from([
             (KEK_PROVIDER_KEY.into(), ByteString(KMS_PROVIDER.into())),
-            (KMS_CIPHERTEXT_KEY.into(), ByteString(self.ciphertext.clone())),
-            (KMS_KEY_ID_KEY.into(), ByteString(self.key_id.clone().into())),
+            (
+                KMS_CIPHERTEXT_KEY.into(),
+                ByteString(self.ciphertext.clone()),
+            ),
+            (
+                KMS_KEY_ID_KEY.into(),
+                ByteString(self.key_id.clone().into()),
+            ),
             (KMS_ANNOTATIONS_KEY.into(), ByteString(annotations)),
         ])
     }
@@ -148,14 +154,17 @@ impl SealedKek {
         let annotations = match data.get(KMS_ANNOTATIONS_KEY) {
             None => HashMap::new(),
             Some(json) => {
-                let encoded: BTreeMap<String, String> = serde_json::from_slice(&json.0)
-                    .map_err(|e| invalid(format!("{KMS_ANNOTATIONS_KEY:?} is not a JSON map: {e}")))?;
+                let encoded: BTreeMap<String, String> =
+                    serde_json::from_slice(&json.0).map_err(|e| {
+                        invalid(format!("{KMS_ANNOTATIONS_KEY:?} is not a JSON map: {e}"))
+                    })?;
                 encoded
                     .into_iter()
                     .map(|(name, value)| {
-                        BASE64.decode(value).map(|v| (name.clone(), v)).map_err(|_| {
-                            invalid(format!("annotation {name:?} is not base64"))
-                        })
+                        BASE64
+                            .decode(value)
+                            .map(|v| (name.clone(), v))
+                            .map_err(|_| invalid(format!("annotation {name:?} is not base64")))
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -343,7 +352,10 @@ impl Default for Backoff {
 
 /// Runs `attempt` until it succeeds or fails for good, waiting `backoff` after each
 /// transient failure (plugin down, starting or slow) and logging each.
-pub async fn retry_while_transient<T, F, Fut>(backoff: Backoff, mut attempt: F) -> Result<T, KmsError>
+pub async fn retry_while_transient<T, F, Fut>(
+    backoff: Backoff,
+    mut attempt: F,
+) -> Result<T, KmsError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, KmsError>>,

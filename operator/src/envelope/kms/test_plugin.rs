@@ -208,7 +208,11 @@ fn decrypt(state: &Shared, request: DecryptRequest) -> Result<DecryptResponse, t
     let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&state.key));
     let plaintext = cipher
         .decrypt(Nonce::from_slice(nonce), sealed)
-        .map_err(|_| tonic::Status::invalid_argument("decryption failed: not encrypted under this plugin's key"))?;
+        .map_err(|_| {
+            tonic::Status::invalid_argument(
+                "decryption failed: not encrypted under this plugin's key",
+            )
+        })?;
     Ok(DecryptResponse { plaintext })
 }
 
