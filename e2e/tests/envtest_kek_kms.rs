@@ -2,7 +2,9 @@
 //! plugin on a Unix socket: the operator's start creates Secret `portcullis-kek` with
 //! only the plugin's ciphertext, a second start (and a replica racing the first) reads
 //! the same key, a secret-provider operator refuses that Secret, a plugin down at start
-//! is waited for, and a plugin with another key stops the start.
+//! is waited for, and a plugin with another key stops the start. The whole operator
+//! (`run::start`) starts on a kms KEK and reports the plugin going down on `/metrics`
+//! while it keeps running.
 //!
 //! Skips (prints why, passes) when `KUBEBUILDER_ASSETS` is not set.
 
@@ -16,8 +18,9 @@ use portcullis_e2e::envtest;
 use portcullis_operator::envelope::kms::test_plugin::TestKmsPlugin;
 use portcullis_operator::envelope::kms::{Backoff, load_or_create_kms_kek};
 use portcullis_operator::envelope::{self, Kek, KmsClient, KmsConfig, KmsError};
-use portcullis_operator::run;
+use portcullis_operator::run::{self, OperatorSettings};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client(socket: &std::path::Path) -> KmsClient {
     let mut config = KmsConfig::new(socket);
@@ -181,4 +184,67 @@ async fn a_plugin_down_at_start_is_waited_for_and_a_wrong_one_stops_the_start() 
         )) && message.contains(&socket.display().to_string()),
         "{message}"
     );
+}
+
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test]
+async fn the_operator_starts_on_a_kms_kek_and_reports_the_plugin_going_down() {
+    let Some(env) = envtest::shared().await.unwrap() else {
+        return;
+    };
+    env.install_crds().await.unwrap();
+    let ns = env.create_namespace("kms-operator").await.unwrap();
+    let dir = TempDir::new().unwrap();
+    let mut plugin = TestKmsPlugin::started(dir.path().join("kms.sock"), "key-1")
+        .await
+        .unwrap();
+    let mut settings = OperatorSettings::new(&ns, "kms-test");
+    let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    settings.metrics_addr = loopback(0);
+    settings.policy_addr = loopback(0);
+    settings.identity_addr = loopback(0);
+    settings.extra_sans = vec!["127.0.0.1".into()];
+    settings.webhooks = None;
+    settings.leader_election = false;
+    let mut kms = KmsConfig::new(plugin.socket());
+    kms.timeout = Duration::from_secs(2);
+    settings.kek_kms = Some(kms);
+    settings.kms_backoff = FAST;
+    settings.kms_status_interval = Duration::from_millis(200);
+
+    let operator = run::start(env.client().unwrap(), settings).await.unwrap();
+    // The CA keys went into their Secrets wrapped by the kms KEK.
+    assert_eq!(operator.context.kek.provider(), envelope::KekProvider::Kms);
+    assert_eq!(operator.context.kek.kms_key_id(), Some("key-1"));
+    let text = metrics(operator.metrics_addr).await;
+    assert!(
+        text.contains("portcullis_operator_kms_plugin_healthy 1"),
+        "{text}"
+    );
+
+    plugin.stop().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics(operator.metrics_addr).await;
+        if text.contains("portcullis_operator_kms_plugin_healthy 0") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still wrapping with the key in memory.
+    let kek = &operator.context.kek;
+    let blob = kek.wrap(b"dek", b"aad").unwrap();
+    assert_eq!(kek.unwrap(&blob, b"aad").unwrap(), b"dek");
+    operator.stop().await;
 }

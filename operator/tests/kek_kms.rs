@@ -380,3 +380,33 @@ async fn plugin_with_new_key(dir: &TempDir) -> TestKmsPlugin {
     plugin.start().await.unwrap();
     plugin
 }
+
+/// `run::start` with the plugin down waits for it before anything else: no listener,
+/// no API request, no Secret read.
+#[tokio::test]
+async fn the_operator_start_waits_for_the_plugin_before_touching_anything() {
+    let dir = TempDir::new().unwrap();
+    let (service, mut handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(service, "default");
+    let mut settings = portcullis_operator::run::OperatorSettings::new("portcullis-system", "test");
+    settings.kek_kms = Some(KmsConfig::new(dir.path().join("kms.sock")));
+    settings.kms_backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(100),
+    };
+    let start = tokio::spawn(portcullis_operator::run::start(client, settings));
+    let request = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .ok()
+        .flatten();
+    assert!(
+        request.is_none(),
+        "the operator sent {:?}",
+        request.map(|(r, _)| r.uri().clone())
+    );
+    assert!(!start.is_finished());
+    start.abort();
+}

@@ -270,17 +270,15 @@ async fn kms_key_id(
     cluster: &Cluster,
     provider: &probes::KekProviderSeen,
 ) -> probes::KekProviderSeen {
-    use portcullis_operator::envelope::KEK_SECRET_NAME;
-    use portcullis_operator::envelope::kms::KMS_KEY_ID_KEY;
     let probes::KekProviderSeen::Kms { socket, .. } = provider else {
         return provider.clone();
     };
     let key_id = Api::<Secret>::namespaced(cluster.client.clone(), &cluster.operator_namespace)
-        .get_opt(KEK_SECRET_NAME)
+        .get_opt(probes::KEK_SECRET)
         .await
         .ok()
         .flatten()
-        .and_then(|secret| secret.data?.remove(KMS_KEY_ID_KEY))
+        .and_then(|secret| secret.data?.remove(probes::KMS_KEY_ID_KEY))
         .and_then(|id| String::from_utf8(id.0).ok());
     probes::KekProviderSeen::Kms {
         socket: socket.clone(),

@@ -174,6 +174,13 @@ pub enum KekProviderSeen {
     Unknown,
 }
 
+/// The Secret holding the operator's key-encryption key (the operator's
+/// `envelope::KEK_SECRET_NAME`).
+pub const KEK_SECRET: &str = "portcullis-kek";
+/// Its data key holding the KMS plugin's key id, public (the operator's
+/// `envelope::kms::KMS_KEY_ID_KEY`); the ciphertext beside it is never read.
+pub const KMS_KEY_ID_KEY: &str = "kms-key-id";
+
 /// The KEK provider the operator container of `deployment` is configured with: its
 /// environment (how the chart sets it), then its arguments.
 pub fn kek_provider(deployment: Option<&Deployment>) -> KekProviderSeen {
@@ -792,6 +799,12 @@ mod tests {
                 socket: Some("/var/run/kmsplugin/socket.sock".into()),
                 key_id: None
             }
+        );
+        // The names the operator writes.
+        assert_eq!(KEK_SECRET, portcullis_operator::envelope::KEK_SECRET_NAME);
+        assert_eq!(
+            KMS_KEY_ID_KEY,
+            portcullis_operator::envelope::kms::KMS_KEY_ID_KEY
         );
         let with_key_id = KekProviderSeen::Kms {
             socket: Some("/var/run/kmsplugin/socket.sock".into()),

@@ -139,7 +139,7 @@ impl KmsClient {
             )
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| self.from_status(operation, &status))
+            .map_err(|status| self.status_error(operation, &status))
         };
         match tokio::time::timeout(self.config.timeout, exchange).await {
             Ok(result) => result,
@@ -163,7 +163,7 @@ impl KmsClient {
         }
     }
 
-    fn from_status(&self, operation: &'static str, status: &tonic::Status) -> KmsError {
+    fn status_error(&self, operation: &'static str, status: &tonic::Status) -> KmsError {
         match status.code() {
             // tonic reports a failed connection as Unavailable, and a call cut by the
             // connection closing (a plugin stopping) as Cancelled.
