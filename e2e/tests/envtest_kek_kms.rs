@@ -226,17 +226,17 @@ async fn the_operator_starts_on_a_kms_kek_and_reports_the_plugin_going_down() {
     // The CA keys went into their Secrets wrapped by the kms KEK.
     assert_eq!(operator.context.kek.provider(), envelope::KekProvider::Kms);
     assert_eq!(operator.context.kek.kms_key_id(), Some("key-1"));
+    let socket = plugin.socket().display().to_string();
+    let healthy =
+        |v: u8| format!("portcullis_operator_kms_plugin_healthy{{socket=\"{socket}\"}} {v}");
     let text = metrics(operator.metrics_addr).await;
-    assert!(
-        text.contains("portcullis_operator_kms_plugin_healthy 1"),
-        "{text}"
-    );
+    assert!(text.contains(&healthy(1)), "{text}");
 
     plugin.stop().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let text = metrics(operator.metrics_addr).await;
-        if text.contains("portcullis_operator_kms_plugin_healthy 0") {
+        if text.contains(&healthy(0)) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{text}");

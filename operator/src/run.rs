@@ -467,11 +467,8 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     // The KEK is in memory now; the plugin's health and key id are watched, not needed.
     if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
-        let monitor = envelope::kms::health::HealthMonitor::new(
-            kms,
-            recorded.to_owned(),
-            metrics.kms.clone(),
-        );
+        let monitor =
+            envelope::kms::health::HealthMonitor::new(kms, recorded.to_owned(), &metrics.kms);
         tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
     }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);

@@ -7,17 +7,33 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::KmsClient;
 
-/// The KMS gauges, registered once in the operator's registry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    socket: String,
+}
+
+/// The KMS gauges, registered once in the operator's registry. Labelled by the plugin's
+/// socket and only present once a kms KEK is loaded, so other providers export no
+/// misleading 0.
 #[derive(Clone, Debug, Default)]
 pub struct KmsMetrics {
+    plugin_healthy: Family<PluginLabels, Gauge>,
+    key_id_changed: Family<PluginLabels, Gauge>,
+}
+
+/// The two gauges of one plugin.
+#[derive(Clone, Debug)]
+pub struct PluginGauges {
     /// 1 while the last `Status` was healthy, 0 otherwise.
-    pub plugin_healthy: Gauge,
+    pub healthy: Gauge,
     /// 1 while the plugin's current key id differs from the recorded one.
     pub key_id_changed: Gauge,
 }
@@ -38,6 +54,17 @@ impl KmsMetrics {
             metrics.key_id_changed.clone(),
         );
         metrics
+    }
+
+    /// The gauges of the plugin on `socket`, created (and so exported) on first use.
+    pub fn plugin(&self, socket: &str) -> PluginGauges {
+        let labels = PluginLabels {
+            socket: socket.to_owned(),
+        };
+        PluginGauges {
+            healthy: self.plugin_healthy.get_or_create(&labels).clone(),
+            key_id_changed: self.key_id_changed.get_or_create(&labels).clone(),
+        }
     }
 }
 
@@ -60,16 +87,17 @@ pub enum PluginHealth {
 pub struct HealthMonitor {
     kms: KmsClient,
     recorded_key_id: String,
-    metrics: KmsMetrics,
+    metrics: PluginGauges,
     /// 0 unknown, 1 healthy, 2 down, 3 healthy with another key id.
     last: AtomicU8,
 }
 
 impl HealthMonitor {
     /// A monitor of `kms` whose stored KEK was encrypted under `recorded_key_id`.
-    pub fn new(kms: KmsClient, recorded_key_id: String, metrics: KmsMetrics) -> Self {
+    pub fn new(kms: KmsClient, recorded_key_id: String, metrics: &KmsMetrics) -> Self {
+        let metrics = metrics.plugin(&kms.socket().display().to_string());
         // Loading the KEK just talked to the plugin.
-        metrics.plugin_healthy.set(1);
+        metrics.healthy.set(1);
         Self {
             kms,
             recorded_key_id,
@@ -92,7 +120,7 @@ impl HealthMonitor {
             }
             Err(e) => (PluginHealth::Down(e.to_string()), 2),
         };
-        self.metrics.plugin_healthy.set(i64::from(state != 2));
+        self.metrics.healthy.set(i64::from(state != 2));
         if let PluginHealth::Healthy { key_id_changed, .. } = &health {
             self.metrics.key_id_changed.set(i64::from(*key_id_changed));
         }
