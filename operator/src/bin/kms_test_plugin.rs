@@ -2,6 +2,7 @@
 //! (the operator's tests start it in process). AES-256-GCM under a key that lives and
 //! dies with the process (or is given in hex): never for production.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -39,6 +40,9 @@ async fn main() -> anyhow::Result<()> {
         None => TestKmsPlugin::new(&args.socket, &args.key_id),
     };
     plugin.start().await?;
+    // The operator runs as another user (65532) and connecting needs write access.
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("opening {} to other users", args.socket.display()))?;
     tracing::info!(socket = %args.socket.display(), key_id = %args.key_id, "KMS test plugin listening");
     tokio::signal::ctrl_c()
         .await
