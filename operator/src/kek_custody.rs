@@ -3,8 +3,9 @@
 //! reads one reads the other, and a backup of the namespace holds both. Restricted data
 //! calls for a KEK held in hardware (an HSM or a cloud KMS), so a Restricted Tenant is
 //! told at admission (a Warning `kubectl` prints) and in its status (condition
-//! `KeyCustody`) until the operator's KEK is one: with `--kek-provider pkcs11` it is, and
-//! the condition is True.
+//! `KeyCustody`) until the operator's KEK is one: with `--kek-provider pkcs11` (an HSM)
+//! or `--kek-provider kms` (a KMS v2 plugin: the stored key is encrypted by a key in the
+//! KMS) it is, and the condition is True.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use portcullis_crds::{DataClassification, conditions};
@@ -31,6 +32,11 @@ pub enum KekCustody {
         /// The key's label.
         key_label: String,
     },
+    /// A local key stored encrypted by a Kubernetes KMS v2 plugin's key.
+    Kms {
+        /// The plugin's Unix socket.
+        socket: String,
+    },
 }
 
 impl KekCustody {
@@ -38,7 +44,7 @@ impl KekCustody {
     pub fn hardware_backed(&self) -> bool {
         match self {
             Self::Secret { .. } => false,
-            Self::Pkcs11 { .. } => true,
+            Self::Pkcs11 { .. } | Self::Kms { .. } => true,
         }
     }
 
@@ -50,7 +56,7 @@ impl KekCustody {
                  readable by whoever can read the Secrets it protects; Restricted data calls for a hardware-backed key \
                  (an HSM or a cloud KMS); until then, limit who may read Secrets in {namespace} and keep its backups apart"
             )),
-            Self::Pkcs11 { .. } => None,
+            Self::Pkcs11 { .. } | Self::Kms { .. } => None,
         }
     }
 
@@ -91,6 +97,13 @@ impl KekCustody {
                 "HardwareKek",
                 format!(
                     "the key-encryption key is the non-extractable key {key_label:?} in the PKCS#11 {token}; it never leaves the HSM"
+                ),
+            ),
+            (Self::Kms { socket }, None) => (
+                true,
+                "HardwareKek",
+                format!(
+                    "the key-encryption key is stored only encrypted by the KMS behind the KMS v2 plugin on {socket}; without the KMS key it reveals nothing"
                 ),
             ),
             (_, None) => (
@@ -162,6 +175,37 @@ mod tests {
             ("KeyCustody", "False", "SoftwareKek")
         );
         assert_eq!(condition.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn a_kms_kek_satisfies_a_restricted_tenant() {
+        let custody = KekCustody::Kms {
+            socket: "/var/run/kmsplugin/socket.sock".into(),
+        };
+        assert!(custody.hardware_backed());
+        assert_eq!(
+            custody.admission_warning("acme", DataClassification::Restricted),
+            None
+        );
+        let condition = custody
+            .condition(
+                DataClassification::Restricted,
+                Some(1),
+                &[],
+                Time(jiff::Timestamp::UNIX_EPOCH),
+            )
+            .unwrap_or_else(|| panic!("no condition"));
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("True", "HardwareKek")
+        );
+        assert!(
+            condition
+                .message
+                .contains("KMS v2 plugin on /var/run/kmsplugin/socket.sock"),
+            "{}",
+            condition.message
+        );
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     /// The identity service's certificates issued, refusals and CA expiry.
     pub identity: crate::ca::IdentityMetrics,
+    /// The KMS plugin's health and key id (kms KEK provider only).
+    pub kms: crate::envelope::kms::health::KmsMetrics,
     reconciles: Family<KindLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
@@ -84,6 +86,7 @@ impl Default for Metrics {
         let mut root = Registry::default();
         let identity = crate::ca::IdentityMetrics::register(&mut root);
         let registry = root.sub_registry_with_prefix("portcullis_operator");
+        let kms = crate::envelope::kms::health::KmsMetrics::register(registry);
         let reconciles = Family::<KindLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
@@ -124,6 +127,7 @@ impl Default for Metrics {
         Self {
             registry: Arc::new(root),
             identity,
+            kms,
             reconciles,
             failures,
             duration,

@@ -157,6 +157,13 @@ pub struct OperatorSettings {
     /// The KEK is a key in a PKCS#11 token (`--kek-provider pkcs11`); `kek_secret` is
     /// then unused. The operator refuses to start when the key is not usable.
     pub kek_pkcs11: Option<envelope::Pkcs11Config>,
+    /// The KEK is stored encrypted by a KMS v2 plugin (`--kek-provider kms`). The start
+    /// waits for the plugin (with `kms_backoff`) and loads nothing else before the KEK.
+    pub kek_kms: Option<envelope::KmsConfig>,
+    /// How long to wait between attempts while the KMS plugin is down at start.
+    pub kms_backoff: envelope::kms::Backoff,
+    /// How often the running operator polls the KMS plugin's `Status` (60 s).
+    pub kms_status_interval: Duration,
     /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
     /// it is admitted with a warning).
     pub restricted_requires_hardware_kek: bool,
@@ -187,6 +194,9 @@ impl std::fmt::Debug for OperatorSettings {
             .field("lease", &self.lease)
             .field("kek_secret", &self.kek_secret)
             .field("kek_pkcs11", &self.kek_pkcs11)
+            .field("kek_kms", &self.kek_kms)
+            .field("kms_backoff", &self.kms_backoff)
+            .field("kms_status_interval", &self.kms_status_interval)
             .field(
                 "restricted_requires_hardware_kek",
                 &self.restricted_requires_hardware_kek,
@@ -221,6 +231,9 @@ impl OperatorSettings {
             lease: LeaseSettings::new(LEASE_NAME, namespace, identity),
             kek_secret: None,
             kek_pkcs11: None,
+            kek_kms: None,
+            kms_backoff: envelope::kms::Backoff::default(),
+            kms_status_interval: Duration::from_secs(60),
             restricted_requires_hardware_kek: false,
             audit_service: None,
             audit_witness: None,
@@ -339,6 +352,21 @@ pub async fn open_pkcs11_kek(config: envelope::Pkcs11Config) -> Result<Kek> {
         .map_err(|e| Error::Kek(format!("PKCS#11: {e}")))
 }
 
+/// Waits for the KMS plugin (retrying while it is down, with `backoff`), then loads
+/// or creates the KEK through it. A plugin that refuses, or a Secret it cannot decrypt,
+/// fails at once.
+pub async fn open_kms_kek(
+    client: &Client,
+    namespace: &str,
+    kms: &envelope::KmsClient,
+    backoff: envelope::kms::Backoff,
+) -> Result<Kek> {
+    envelope::kms::open_kms_kek(client, namespace, kms, backoff)
+        .await
+        .map(Kek::from)
+        .map_err(|e| Error::Kek(format!("KMS: {e}")))
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
         context: format!("binding the {what} on {addr}"),
@@ -379,12 +407,14 @@ pub async fn start(
     let namespace = settings.reconcile.namespace.clone();
     settings.ca.validate()?;
     // First, before anything is written: a KEK that cannot be used stops the start here.
-    let kek = match &settings.kek_pkcs11 {
-        Some(config) => open_pkcs11_kek(config.clone()).await?,
-        None => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
+    let kms = settings.kek_kms.clone().map(envelope::KmsClient::new);
+    let kek = match (&settings.kek_pkcs11, &kms) {
+        (Some(config), _) => open_pkcs11_kek(config.clone()).await?,
+        (None, Some(kms)) => open_kms_kek(&client, &namespace, kms, settings.kms_backoff).await?,
+        (None, None) => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
     };
     let kek = Arc::new(kek);
-    tracing::info!(kek = %kek.id(), provider = %kek.provider(), namespace = %namespace, "key-encryption key loaded");
+    tracing::info!(kek = %kek.id(), provider = %kek.provider(), kms_key_id = kek.kms_key_id(), namespace = %namespace, "key-encryption key loaded");
     let (metrics_listener, metrics_addr) = bind(settings.metrics_addr, "metrics endpoint").await?;
     let (policy_listener, policy_addr) = bind(settings.policy_addr, "policy server").await?;
     // Reserved now (its port goes into the webhook URL), listening once ready.
@@ -435,6 +465,12 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
+    // The KEK is in memory now; the plugin's health and key id are watched, not needed.
+    if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
+        let monitor =
+            envelope::kms::health::HealthMonitor::new(kms, recorded.to_owned(), &metrics.kms);
+        tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
+    }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
     for reflector in reflectors {
         tasks.spawn(async move {

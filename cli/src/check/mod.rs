@@ -251,6 +251,7 @@ async fn check_audit_collector(cluster: &Cluster) -> CheckResult {
 
 async fn check_key_custody(cluster: &Cluster, provider: &probes::KekProviderSeen) -> CheckResult {
     let ns = &cluster.operator_namespace;
+    let provider = &kms_key_id(cluster, provider).await;
     match Api::<Tenant>::all(cluster.client.clone())
         .list(&ListParams::default())
         .await
@@ -260,6 +261,28 @@ async fn check_key_custody(cluster: &Cluster, provider: &probes::KekProviderSeen
             probes::judge_key_custody(ns, provider, &[])
         }
         Err(e) => unreadable("Key-encryption key", "Tenants", e),
+    }
+}
+
+/// A kms provider with the plugin key id read from the KEK Secret's `kms-key-id` (the
+/// public id, never the ciphertext); unchanged when it cannot be read.
+async fn kms_key_id(
+    cluster: &Cluster,
+    provider: &probes::KekProviderSeen,
+) -> probes::KekProviderSeen {
+    let probes::KekProviderSeen::Kms { socket, .. } = provider else {
+        return provider.clone();
+    };
+    let key_id = Api::<Secret>::namespaced(cluster.client.clone(), &cluster.operator_namespace)
+        .get_opt(probes::KEK_SECRET)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|secret| secret.data?.remove(probes::KMS_KEY_ID_KEY))
+        .and_then(|id| String::from_utf8(id.0).ok());
+    probes::KekProviderSeen::Kms {
+        socket: socket.clone(),
+        key_id,
     }
 }
 

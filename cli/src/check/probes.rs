@@ -150,7 +150,7 @@ pub fn judge_operator(namespace: &str, deployments: &[Deployment], pods: &[Pod])
 pub const AUDIT_COLLECTOR: &str = "portcullis-audit";
 
 /// Where the operator's Deployment says its key-encryption key is kept
-/// (`PORTCULLIS_KEK_PROVIDER` / `--kek-provider` and the PKCS#11 settings).
+/// (`PORTCULLIS_KEK_PROVIDER` / `--kek-provider` and the PKCS#11 or KMS settings).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KekProviderSeen {
     /// The default: a Secret in the operator's namespace.
@@ -162,9 +162,24 @@ pub enum KekProviderSeen {
         /// The key's label.
         key_label: Option<String>,
     },
+    /// A KMS v2 plugin.
+    Kms {
+        /// The plugin's socket, as configured.
+        socket: Option<String>,
+        /// The plugin's key id recorded in the KEK Secret (`kms-key-id`; never the
+        /// ciphertext), once read.
+        key_id: Option<String>,
+    },
     /// No operator Deployment to read it from.
     Unknown,
 }
+
+/// The Secret holding the operator's key-encryption key (the operator's
+/// `envelope::KEK_SECRET_NAME`).
+pub const KEK_SECRET: &str = "portcullis-kek";
+/// Its data key holding the KMS plugin's key id, public (the operator's
+/// `envelope::kms::KMS_KEY_ID_KEY`); the ciphertext beside it is never read.
+pub const KMS_KEY_ID_KEY: &str = "kms-key-id";
 
 /// The KEK provider the operator container of `deployment` is configured with: its
 /// environment (how the chart sets it), then its arguments.
@@ -207,6 +222,10 @@ pub fn kek_provider(deployment: Option<&Deployment>) -> KekProviderSeen {
                 }),
             key_label: setting("PORTCULLIS_PKCS11_KEY_LABEL", "--pkcs11-key-label"),
         },
+        Some("kms") => KekProviderSeen::Kms {
+            socket: setting("PORTCULLIS_KMS_SOCKET", "--kms-socket"),
+            key_id: None,
+        },
         _ => KekProviderSeen::Secret,
     }
 }
@@ -242,6 +261,11 @@ pub fn judge_key_custody(
             key_label.as_deref().unwrap_or("?"),
             token.as_deref().unwrap_or("an unnamed token")
         ),
+        KekProviderSeen::Kms { socket, key_id } => format!(
+            "KMS v2 plugin on {} (KMS key id {})",
+            socket.as_deref().unwrap_or("an unnamed socket"),
+            key_id.as_deref().unwrap_or("not readable")
+        ),
         KekProviderSeen::Unknown => "provider unknown (no operator Deployment)".to_owned(),
     };
     if unbacked.is_empty() {
@@ -264,7 +288,7 @@ pub fn judge_key_custody(
     )
     .details(unbacked)
     .hint(format!(
-        "move the KEK into an HSM (--kek-provider pkcs11; chart: kek.provider=pkcs11); until then limit who may read Secrets in {namespace} and keep its backups apart from the cluster's"
+        "move the KEK into an HSM or a KMS (--kek-provider pkcs11 or kms; chart: kek.provider); until then limit who may read Secrets in {namespace} and keep its backups apart from the cluster's"
     ))
 }
 
@@ -761,6 +785,36 @@ mod tests {
                 token: Some("slot 2".into()),
                 key_label: None
             }
+        );
+        let kms = deployment(
+            serde_json::json!([
+                {"name": "PORTCULLIS_KEK_PROVIDER", "value": "kms"},
+                {"name": "PORTCULLIS_KMS_SOCKET", "value": "/var/run/kmsplugin/socket.sock"}
+            ]),
+            serde_json::json!(["run"]),
+        );
+        assert_eq!(
+            kek_provider(Some(&kms)),
+            KekProviderSeen::Kms {
+                socket: Some("/var/run/kmsplugin/socket.sock".into()),
+                key_id: None
+            }
+        );
+        // The names the operator writes.
+        assert_eq!(KEK_SECRET, portcullis_operator::envelope::KEK_SECRET_NAME);
+        assert_eq!(
+            KMS_KEY_ID_KEY,
+            portcullis_operator::envelope::kms::KMS_KEY_ID_KEY
+        );
+        let with_key_id = KekProviderSeen::Kms {
+            socket: Some("/var/run/kmsplugin/socket.sock".into()),
+            key_id: Some("projects/p/keys/k/1".into()),
+        };
+        let result = judge_key_custody("portcullis-system", &with_key_id, &[]);
+        assert_eq!(result.status, Status::Pass);
+        assert_eq!(
+            result.message,
+            "KMS v2 plugin on /var/run/kmsplugin/socket.sock (KMS key id projects/p/keys/k/1); no Restricted tenant depends on it"
         );
         let restricted: Tenant = from_json(serde_json::json!({
             "apiVersion": "portcullis.dev/v1alpha1", "kind": "Tenant",

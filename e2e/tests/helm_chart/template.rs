@@ -1015,3 +1015,94 @@ fn helm_template_wires_the_pkcs11_kek() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn helm_template_wires_the_kms_kek() -> Result<()> {
+    let Some(helm) = Helm::find() else {
+        return Ok(());
+    };
+    let operator = |objects: &[Value]| -> Result<Value> {
+        Ok(find(objects, "Deployment", "portcullis-operator")?["spec"]["template"]["spec"].clone())
+    };
+    // The default mounts no plugin socket.
+    let pod = operator(&helm.render(&[])?)?;
+    assert!(env_value(&pod["containers"][0], "PORTCULLIS_KMS_SOCKET").is_none());
+    assert!(!pod.to_string().contains("kmsplugin"));
+
+    let pod = operator(&helm.render(&["--set", "kek.provider=kms"])?)?;
+    let container = &pod["containers"][0];
+    let setting = |name: &str| {
+        env_value(container, name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(setting("PORTCULLIS_KEK_PROVIDER").as_deref(), Some("kms"));
+    assert_eq!(
+        setting("PORTCULLIS_KMS_SOCKET").as_deref(),
+        Some("/var/run/kmsplugin/socket.sock")
+    );
+    assert_eq!(setting("PORTCULLIS_KMS_TIMEOUT").as_deref(), Some("3s"));
+    assert_eq!(setting("PORTCULLIS_PKCS11_MODULE"), None);
+    // The socket's directory from the node, at the same path, as kube-apiserver has it.
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "kms-plugin"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(volume["hostPath"]["path"], "/var/run/kmsplugin");
+    assert_eq!(volume["hostPath"]["type"], "DirectoryOrCreate");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "kms-plugin"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(mount["mountPath"], "/var/run/kmsplugin");
+
+    // Another socket and timeout.
+    let pod = operator(&helm.render(&[
+        "--set",
+        "kek.provider=kms",
+        "--set",
+        "kek.kms.socket=/run/kms/aws/plugin.sock",
+        "--set",
+        "kek.kms.timeout=10s",
+    ])?)?;
+    let container = &pod["containers"][0];
+    assert_eq!(
+        env_value(container, "PORTCULLIS_KMS_SOCKET").map(|e| e["value"].clone()),
+        Some(Value::from("/run/kms/aws/plugin.sock"))
+    );
+    assert_eq!(
+        env_value(container, "PORTCULLIS_KMS_TIMEOUT").map(|e| e["value"].clone()),
+        Some(Value::from("10s"))
+    );
+    assert!(pod.to_string().contains("\"path\":\"/run/kms/aws\""));
+
+    // Contradictions and bad values are named before anything is installed.
+    let chart = chart_dir();
+    let chart = chart.to_string_lossy();
+    for (extra, expected) in [
+        ("operator.kekSecret=kek-from-vault", "exclude each other"),
+        ("kek.kms.socket=relative.sock", "/kek/kms/socket"),
+        ("kek.kms.timeout=soon", "/kek/kms/timeout"),
+    ] {
+        let out = helm.run(
+            &[
+                "template",
+                RELEASE,
+                &chart,
+                "--set",
+                "kek.provider=kms",
+                "--set",
+                extra,
+            ],
+            None,
+        )?;
+        assert!(
+            !out.success && out.stderr.contains(expected),
+            "{extra}: {}",
+            out.stderr
+        );
+    }
+    Ok(())
+}

@@ -3,15 +3,16 @@
 //! The KEK wraps the CA's private keys and each tenant's data-encryption keys before
 //! they are written to Secrets, so a leaked Secret backup without the KEK reveals
 //! nothing. A KEK comes from a provider: `secret` (32 raw bytes in the Secret
-//! `portcullis-kek`, [`secret`]) or `pkcs11` (an AES-256 key inside an HSM that never
-//! leaves it, [`pkcs11`]). Callers see one type, [`Kek`], with the same synchronous
+//! `portcullis-kek`, [`secret`]), `pkcs11` (an AES-256 key inside an HSM that never
+//! leaves it, [`pkcs11`]) or `kms` (a local AES-256 key of which only a Kubernetes KMS v2
+//! plugin's ciphertext is stored, [`kms`]). Callers see one type, [`Kek`], with the same synchronous
 //! [`Kek::wrap`] and [`Kek::unwrap`] whichever provider holds the key.
 //!
 //! Wrapped formats (AES-256-GCM, 12-byte random nonce, 16-byte tag):
 //!
 //! ```text
 //! v1: [0x01][kek id: 8][nonce: 12][ciphertext + tag]                 secret provider only
-//! v2: [0x02][provider: 1][key id: 8][nonce: 12][ciphertext + tag]    1 = secret, 2 = pkcs11
+//! v2: [0x02][provider: 1][key id: 8][nonce: 12][ciphertext + tag]    1 = secret, 2 = pkcs11, 3 = kms
 //! ```
 //!
 //! The header up to the nonce (`[0x01][kek id]`, or `[0x02][provider][key id]`) is
@@ -19,13 +20,16 @@
 //! was written to. The key id tells "wrapped under another KEK" apart from "tampered
 //! with": for a secret KEK the first 8 bytes of a domain-separated SHA-256 of the key;
 //! for a PKCS#11 KEK the first 8 bytes of a domain-separated SHA-256 of the token label
-//! and the key label (the key itself is never seen, see [`pkcs11::key_id`]).
+//! and the key label (the key itself is never seen, see [`pkcs11::key_id`]); for a kms
+//! KEK the first 8 bytes of a domain-separated SHA-256 of the KMS plugin's ciphertext of
+//! the intermediate key ([`kms::key_id`]).
 //!
 //! The secret provider keeps writing v1 (a v1 blob says all there is: a secret KEK and
 //! its id), so a rolled-back or not yet upgraded replica still reads what a new one
-//! writes; the pkcs11 provider writes v2. Both read v1 and v2. A blob under another
+//! writes; the pkcs11 and kms providers write v2. All read v1 and v2. A blob under another
 //! provider or key is refused with [`EnvelopeError::WrongKey`] naming both.
 
+pub mod kms;
 pub mod pkcs11;
 pub mod secret;
 
@@ -35,10 +39,12 @@ use std::sync::Arc;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{AeadCore, OsRng};
 
+pub use kms::{KmsClient, KmsConfig, KmsError, KmsKek};
 pub use pkcs11::{Pkcs11Config, Pkcs11Error, Pkcs11Kek, TokenSelector};
 pub use secret::{KEK_SECRET_KEY, KEK_SECRET_NAME, KekStoreError, SecretKek, load_or_create_kek};
 
-/// The newest wrapped-format version this code reads (and the pkcs11 provider writes).
+/// The newest wrapped-format version this code reads (and the pkcs11 and kms providers
+/// write).
 pub const ENVELOPE_VERSION: u8 = 2;
 /// The first format: secret KEKs only, still written by the secret provider.
 pub const ENVELOPE_VERSION_1: u8 = 1;
@@ -71,7 +77,7 @@ pub enum EnvelopeError {
     )]
     UnsupportedVersion(u8),
     /// A v2 header names a provider this code does not know.
-    #[error("wrapped by unknown KEK provider {0} (known: 1 = secret, 2 = pkcs11)")]
+    #[error("wrapped by unknown KEK provider {0} (known: 1 = secret, 2 = pkcs11, 3 = kms)")]
     UnknownProvider(u8),
     /// The data was wrapped under a different KEK (another key, or another provider).
     #[error("wrapped under {found}, but the loaded KEK is {expected}")]
@@ -90,6 +96,16 @@ pub enum EnvelopeError {
     /// The KEK Secret exists but holds no usable key.
     #[error("KEK Secret {0} has no valid {KEK_SECRET_KEY:?} entry")]
     InvalidSecret(String),
+    /// The KEK Secret was written by another provider (it names one under `provider`).
+    #[error(
+        "KEK Secret {secret} holds a {provider:?}-provider KEK, not raw key bytes: run the operator with --kek-provider {provider}"
+    )]
+    OtherProviderSecret {
+        /// Secret name.
+        secret: String,
+        /// The provider the Secret names.
+        provider: String,
+    },
     /// Encryption itself failed (not expected with valid inputs).
     #[error("encryption failed")]
     Encrypt,
@@ -110,6 +126,8 @@ pub enum KekProvider {
     Secret,
     /// A non-extractable key in a PKCS#11 token (an HSM).
     Pkcs11,
+    /// A local key stored encrypted by a Kubernetes KMS v2 plugin.
+    Kms,
 }
 
 impl KekProvider {
@@ -118,6 +136,7 @@ impl KekProvider {
         match self {
             Self::Secret => 1,
             Self::Pkcs11 => 2,
+            Self::Kms => 3,
         }
     }
 
@@ -125,6 +144,7 @@ impl KekProvider {
         match byte {
             1 => Ok(Self::Secret),
             2 => Ok(Self::Pkcs11),
+            3 => Ok(Self::Kms),
             other => Err(EnvelopeError::UnknownProvider(other)),
         }
     }
@@ -135,6 +155,7 @@ impl fmt::Display for KekProvider {
         f.write_str(match self {
             Self::Secret => "secret",
             Self::Pkcs11 => "pkcs11",
+            Self::Kms => "kms",
         })
     }
 }
@@ -235,6 +256,7 @@ pub struct Kek(Provider);
 enum Provider {
     Secret(SecretKek),
     Pkcs11(Arc<Pkcs11Kek>),
+    Kms(Arc<KmsKek>),
 }
 
 impl Kek {
@@ -271,6 +293,14 @@ impl Kek {
         self.key_ref().provider
     }
 
+    /// The KMS plugin's key id that encrypted a kms KEK; `None` for other providers.
+    pub fn kms_key_id(&self) -> Option<&str> {
+        match &self.0 {
+            Provider::Kms(key) => Some(key.plugin_key_id()),
+            _ => None,
+        }
+    }
+
     /// The KEK's provider and id, as wrapped blobs record them.
     pub fn key_ref(&self) -> KeyRef {
         match &self.0 {
@@ -280,6 +310,10 @@ impl Kek {
             },
             Provider::Pkcs11(key) => KeyRef {
                 provider: KekProvider::Pkcs11,
+                id: key.id(),
+            },
+            Provider::Kms(key) => KeyRef {
+                provider: KekProvider::Kms,
                 id: key.id(),
             },
         }
@@ -292,7 +326,9 @@ impl Kek {
         let mut out = Vec::with_capacity(V2_HEADER_LEN + plaintext.len() + TAG_LEN);
         match &self.0 {
             Provider::Secret(_) => out.push(ENVELOPE_VERSION_1),
-            Provider::Pkcs11(_) => out.extend_from_slice(&[ENVELOPE_VERSION, key.provider.byte()]),
+            Provider::Pkcs11(_) | Provider::Kms(_) => {
+                out.extend_from_slice(&[ENVELOPE_VERSION, key.provider.byte()]);
+            }
         }
         out.extend_from_slice(key.id.as_bytes());
         let full_aad = [&out[..], aad].concat();
@@ -300,6 +336,7 @@ impl Kek {
         let sealed = match &self.0 {
             Provider::Secret(key) => key.seal(&nonce, &full_aad, plaintext)?,
             Provider::Pkcs11(key) => key.seal(&nonce, &full_aad, plaintext)?,
+            Provider::Kms(key) => key.seal(&nonce, &full_aad, plaintext)?,
         };
         out.extend_from_slice(&sealed);
         Ok(out)
@@ -319,6 +356,7 @@ impl Kek {
         match &self.0 {
             Provider::Secret(key) => key.unseal(header.nonce, &full_aad, header.body),
             Provider::Pkcs11(key) => key.unseal(header.nonce, &full_aad, header.body),
+            Provider::Kms(key) => key.unseal(header.nonce, &full_aad, header.body),
         }
     }
 }
@@ -335,11 +373,18 @@ impl From<Pkcs11Kek> for Kek {
     }
 }
 
+impl From<KmsKek> for Kek {
+    fn from(key: KmsKek) -> Self {
+        Self(Provider::Kms(Arc::new(key)))
+    }
+}
+
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Provider::Secret(key) => key.fmt(f),
             Provider::Pkcs11(key) => key.fmt(f),
+            Provider::Kms(key) => key.fmt(f),
         }
     }
 }

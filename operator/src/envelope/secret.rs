@@ -85,6 +85,13 @@ impl SecretKek {
 
     /// Reads a KEK from a Secret `data` map written by [`SecretKek::to_secret_data`].
     pub fn from_secret_data(data: &BTreeMap<String, ByteString>) -> Result<Self, EnvelopeError> {
+        // Another provider's Secret (kms keeps a KMS ciphertext there) is not a key.
+        if let Some(provider) = data.get(super::kms::KEK_PROVIDER_KEY) {
+            return Err(EnvelopeError::OtherProviderSecret {
+                secret: KEK_SECRET_NAME.into(),
+                provider: String::from_utf8_lossy(&provider.0).into_owned(),
+            });
+        }
         let bytes = data
             .get(KEK_SECRET_KEY)
             .ok_or_else(|| EnvelopeError::InvalidSecret(KEK_SECRET_NAME.into()))?;

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 use portcullis_crds::DurationSpec;
 use portcullis_operator::context::SecretsBinding;
-use portcullis_operator::envelope::{Pkcs11Config, TokenSelector};
+use portcullis_operator::envelope::{KmsConfig, Pkcs11Config, TokenSelector};
 use portcullis_operator::kek_custody::KekCustody;
 use portcullis_operator::run::OperatorSettings;
 
@@ -17,8 +17,9 @@ use super::values::dns_subdomain;
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Keys")]
 pub(super) struct KeyFlags {
-    /// Where the key-encryption key is kept: `secret` (a Secret in --namespace) or
-    /// `pkcs11` (a non-extractable AES-256 key in an HSM, --pkcs11-*).
+    /// Where the key-encryption key is kept: `secret` (a Secret in --namespace),
+    /// `pkcs11` (a non-extractable AES-256 key in an HSM, --pkcs11-*) or `kms` (stored
+    /// encrypted by a Kubernetes KMS v2 plugin, --kms-*).
     #[arg(long, env = "PORTCULLIS_KEK_PROVIDER", value_enum, default_value_t = KekProviderFlag::Secret)]
     pub(super) kek_provider: KekProviderFlag,
     /// An existing Secret (in --namespace) holding the key-encryption key under `kek`;
@@ -27,6 +28,8 @@ pub(super) struct KeyFlags {
     pub(super) kek_secret: Option<String>,
     #[command(flatten)]
     pub(super) pkcs11: Pkcs11Flags,
+    #[command(flatten)]
+    pub(super) kms: KmsFlags,
     /// Refuse a Tenant becoming Restricted while the key-encryption key is a Secret
     /// (not held in an HSM or KMS); off: it is admitted with a warning.
     #[arg(long, env = "PORTCULLIS_RESTRICTED_REQUIRES_HARDWARE_KEK")]
@@ -51,6 +54,42 @@ pub(crate) enum KekProviderFlag {
     Secret,
     /// A PKCS#11 token (HSM).
     Pkcs11,
+    /// A Kubernetes KMS v2 plugin.
+    Kms,
+}
+
+/// The KMS v2 plugin holding the key-encryption key (`--kek-provider kms`).
+#[derive(Args, Debug)]
+pub(crate) struct KmsFlags {
+    /// The KMS v2 plugin's Unix socket, as this container sees it.
+    #[arg(long, env = "PORTCULLIS_KMS_SOCKET")]
+    pub(crate) kms_socket: Option<PathBuf>,
+    /// The limit of one call to the KMS plugin.
+    #[arg(long, env = "PORTCULLIS_KMS_TIMEOUT")]
+    pub(crate) kms_timeout: Option<DurationSpec>,
+}
+
+impl KmsFlags {
+    fn any(&self) -> bool {
+        self.kms_socket.is_some() || self.kms_timeout.is_some()
+    }
+
+    /// The plugin settings, or what is missing.
+    pub(crate) fn config(&self) -> anyhow::Result<KmsConfig> {
+        let socket = match &self.kms_socket {
+            Some(path) if path.as_os_str().is_empty() => bail!("--kms-socket is empty"),
+            Some(path) => path.clone(),
+            None => bail!("the KMS key-encryption key needs --kms-socket"),
+        };
+        let mut config = KmsConfig::new(socket);
+        if let Some(timeout) = &self.kms_timeout {
+            if timeout.get().is_zero() {
+                bail!("--kms-timeout must be more than 0");
+            }
+            config.timeout = timeout.get();
+        }
+        Ok(config)
+    }
 }
 
 /// The HSM holding the key-encryption key (`--kek-provider pkcs11`).
@@ -130,6 +169,11 @@ impl KeyFlags {
                         "--pkcs11-* flags are set but --kek-provider is secret: add --kek-provider pkcs11, or drop them"
                     );
                 }
+                if self.kms.any() {
+                    bail!(
+                        "--kms-* flags are set but --kek-provider is secret: add --kek-provider kms, or drop them"
+                    );
+                }
                 settings.kek_secret.clone_from(&self.kek_secret);
                 if let Some(name) = &self.kek_secret {
                     settings.reconcile.kek_custody = KekCustody::Secret {
@@ -142,6 +186,9 @@ impl KeyFlags {
                 if self.kek_secret.is_some() {
                     bail!("--kek-secret names a Secret but --kek-provider is pkcs11: drop one");
                 }
+                if self.kms.any() {
+                    bail!("--kms-* flags are set but --kek-provider is pkcs11: drop one");
+                }
                 let config = self.pkcs11.config()?;
                 settings.reconcile.kek_custody = KekCustody::Pkcs11 {
                     module: config.module.display().to_string(),
@@ -149,6 +196,21 @@ impl KeyFlags {
                     key_label: config.key_label.clone(),
                 };
                 settings.kek_pkcs11 = Some(config);
+            }
+            KekProviderFlag::Kms => {
+                if self.kek_secret.is_some() {
+                    bail!(
+                        "--kek-secret names a Secret but --kek-provider is kms: the kms provider keeps its encrypted key in portcullis-kek; drop --kek-secret"
+                    );
+                }
+                if self.pkcs11.any() {
+                    bail!("--pkcs11-* flags are set but --kek-provider is kms: drop one");
+                }
+                let config = self.kms.config()?;
+                settings.reconcile.kek_custody = KekCustody::Kms {
+                    socket: config.socket.display().to_string(),
+                };
+                settings.kek_kms = Some(config);
             }
         }
         settings.reconcile.key_rotation_overlap = self.key_rotation_overlap.get();

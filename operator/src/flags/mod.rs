@@ -233,7 +233,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("--kek-provider pkcs11"), "{message}");
-        assert!(parse(&["--kek-provider", "kms"]).is_err());
+        assert!(parse(&["--kek-provider", "vault"]).is_err());
+    }
+
+    #[test]
+    fn the_kms_provider_takes_its_flags_and_is_hardware_custody() {
+        use portcullis_operator::kek_custody::KekCustody;
+        let kms = [
+            "--kek-provider",
+            "kms",
+            "--kms-socket",
+            "/var/run/kmsplugin/socket.sock",
+        ];
+        let s = settings(&kms);
+        let config = s.kek_kms.clone().unwrap();
+        assert_eq!(
+            config.socket.display().to_string(),
+            "/var/run/kmsplugin/socket.sock"
+        );
+        assert_eq!(config.timeout, std::time::Duration::from_secs(3));
+        assert!(s.kek_pkcs11.is_none());
+        assert_eq!(
+            s.reconcile.kek_custody,
+            KekCustody::Kms {
+                socket: "/var/run/kmsplugin/socket.sock".into()
+            }
+        );
+        assert!(s.reconcile.kek_custody.hardware_backed());
+        let s = settings(&[&kms[..], &["--kms-timeout", "500ms"]].concat());
+        assert_eq!(
+            s.kek_kms.unwrap().timeout,
+            std::time::Duration::from_millis(500)
+        );
+        assert!(settings(&[]).kek_kms.is_none());
+
+        let refused = |args: &[&str]| parse(args).unwrap().settings().unwrap_err().to_string();
+        let message = refused(&kms[..2]);
+        assert!(message.contains("--kms-socket"), "{message}");
+        let message = refused(&kms[2..]);
+        assert!(message.contains("--kek-provider kms"), "{message}");
+        let message = refused(&[&kms[..], &["--kek-secret", "kek"]].concat());
+        assert!(message.contains("--kek-secret"), "{message}");
+        let message = refused(&[&kms[..], &["--pkcs11-key-label", "k"]].concat());
+        assert!(message.contains("--pkcs11-*"), "{message}");
+        let message = refused(&[&kms[..], &["--kms-timeout", "0s"]].concat());
+        assert!(message.contains("--kms-timeout"), "{message}");
     }
 
     #[test]
