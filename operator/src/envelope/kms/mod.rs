@@ -39,6 +39,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
 
 pub use client::{API_VERSION, KmsClient, KmsConfig};
 pub use error::KmsError;
@@ -207,7 +208,7 @@ impl KmsKek {
             annotations: encrypted.annotations,
         };
         let opened = Self::open(kms, &sealed, "(new, not yet stored)").await?;
-        if opened.key.to_bytes() != key.to_bytes() {
+        if !bool::from(opened.key.to_bytes().ct_eq(&key.to_bytes())) {
             return Err(KmsError::Refused {
                 socket: kms.socket().to_owned(),
                 operation: "Decrypt",
