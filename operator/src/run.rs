@@ -33,6 +33,7 @@ use crate::ca::{
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
 use crate::envelope::{self, Kek};
+use crate::kek_rotation::{KekRotation, KekRotationSettings};
 use crate::error::{Error, Result};
 use crate::identity::{self, CaRuntime};
 use crate::leader::{LeaderElector, LeaseSettings};
@@ -164,6 +165,9 @@ pub struct OperatorSettings {
     pub kms_backoff: envelope::kms::Backoff,
     /// How often the running operator polls the KMS plugin's `Status` (60 s).
     pub kms_status_interval: Duration,
+    /// KEK rotation (`secret` provider): schedule, reload and propagation
+    /// (`--kek-rotation-period`). The Secret and webhook CA names are filled in at start.
+    pub kek_rotation: KekRotationSettings,
     /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
     /// it is admitted with a warning).
     pub restricted_requires_hardware_kek: bool,
@@ -197,6 +201,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("kek_kms", &self.kek_kms)
             .field("kms_backoff", &self.kms_backoff)
             .field("kms_status_interval", &self.kms_status_interval)
+            .field("kek_rotation", &self.kek_rotation)
             .field(
                 "restricted_requires_hardware_kek",
                 &self.restricted_requires_hardware_kek,
@@ -234,6 +239,7 @@ impl OperatorSettings {
             kek_kms: None,
             kms_backoff: envelope::kms::Backoff::default(),
             kms_status_interval: Duration::from_secs(60),
+            kek_rotation: KekRotationSettings::new(envelope::KEK_SECRET_NAME),
             restricted_requires_hardware_kek: false,
             audit_service: None,
             audit_witness: None,
@@ -414,7 +420,7 @@ pub async fn start(
         (None, None) => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
     };
     let kek = Arc::new(kek);
-    tracing::info!(kek = %kek.id(), provider = %kek.provider(), kms_key_id = kek.kms_key_id(), namespace = %namespace, "key-encryption key loaded");
+    tracing::info!(kek = %kek.id(), provider = %kek.provider(), kms_key_id = kek.kms_key_id().as_deref(), namespace = %namespace, "key-encryption key loaded");
     let (metrics_listener, metrics_addr) = bind(settings.metrics_addr, "metrics endpoint").await?;
     let (policy_listener, policy_addr) = bind(settings.policy_addr, "policy server").await?;
     // Reserved now (its port goes into the webhook URL), listening once ready.
@@ -468,7 +474,7 @@ pub async fn start(
     // The KEK is in memory now; the plugin's health and key id are watched, not needed.
     if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
         let monitor =
-            envelope::kms::health::HealthMonitor::new(kms, recorded.to_owned(), &metrics.kms);
+            envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms);
         tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
     }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
@@ -670,6 +676,21 @@ pub async fn start(
     });
     let leading = Arc::new(AtomicBool::new(false));
     tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
+    // KEK rotation (secret provider): every replica reloads the keyring, the leader
+    // rotates and re-wraps.
+    {
+        let mut rotation = settings.kek_rotation.clone();
+        rotation.provider = context.kek.provider();
+        rotation.secret = settings
+            .kek_secret
+            .clone()
+            .unwrap_or_else(|| envelope::KEK_SECRET_NAME.into());
+        // Even with --no-webhooks: a CA Secret left from before must stay readable.
+        rotation.webhook_ca_secret = Some(webhook::tls::CA_SECRET.to_owned());
+        tasks.spawn(
+            KekRotation::new(context.clone(), rotation).run(leading.clone(), shutdown.clone()),
+        );
+    }
     let lead = {
         let ctx = context.clone();
         move |term: CancellationToken| {
