@@ -5,6 +5,9 @@
 //! DEK Secret is under the new KEK, the old key is gone from `portcullis-kek`, the DEKs
 //! are unchanged, and the rotation's Events and metrics are there.
 //!
+//! The same with a kms KEK (the KMS v2 test plugin): a new intermediate key, encrypted
+//! by the plugin, replaces the old one.
+//!
 //! Skips (prints why, passes) when `KUBEBUILDER_ASSETS` is not set.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +30,10 @@ use portcullis_operator::run::{self, OperatorSettings, WebhookRunSettings};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// One operator at a time: each registers the cluster-wide webhook configurations
+/// pointing at itself, which Tenant creation goes through.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn settings(ns: &str) -> OperatorSettings {
     let mut s = OperatorSettings::new(ns, "kek-rotation-test");
@@ -94,6 +101,7 @@ async fn an_annotation_rotates_the_kek_and_rewraps_everything_while_serving() ->
     env.install_crds().await?;
     let admin = env.client()?;
     let ns = env.create_namespace("kek-rotation").await?;
+    let _serial = SERIAL.lock().await;
     let operator = run::start(env.client()?, settings(&ns)).await?;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
 
@@ -238,4 +246,84 @@ async fn reqwest_free_get(addr: std::net::SocketAddr) -> Result<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(text)
+}
+
+#[tokio::test]
+async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -> Result<()> {
+    use portcullis_operator::envelope::kms::test_plugin::TestKmsPlugin;
+    use portcullis_operator::envelope::{KekProvider, KmsConfig};
+
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    env.install_crds().await?;
+    let admin = env.client()?;
+    let ns = env.create_namespace("kek-rotation-kms").await?;
+    let dir = tempfile::TempDir::new()?;
+    let _plugin = TestKmsPlugin::started(dir.path().join("kms.sock"), "key-1").await?;
+    let _serial = SERIAL.lock().await;
+    let mut settings = settings(&ns);
+    let mut kms = KmsConfig::new(dir.path().join("kms.sock"));
+    kms.timeout = Duration::from_secs(2);
+    settings.kek_kms = Some(kms);
+    let operator = run::start(env.client()?, settings).await?;
+    assert_eq!(operator.context.kek.provider(), KekProvider::Kms);
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+
+    let tenant_ns = env.create_namespace("rot-kms").await?;
+    let tenant = unique("rot-kms");
+    create_tenant(&admin, &tenant, &tenant_ns).await?;
+    ready(&admin, &tenant).await?;
+    let old = operator.context.kek.key_ref();
+    let before = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+    let dek_before = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
+        .unwrap_version(&operator.context.kek, 1)?;
+
+    secrets
+        .patch(
+            KEK_SECRET_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: "kms-1"}}})),
+        )
+        .await?;
+    eventually("the kms rotation to complete", WAIT, || async {
+        let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+        let left = data
+            .keys()
+            .filter(|k| k.starts_with("kms-next-") || k.starts_with("kms-previous-"))
+            .count();
+        Ok((left == 0 && operator.context.kek.key_ref() != old).then_some(data))
+    })
+    .await
+    .map(|after| {
+        assert_ne!(after.get("kms-ciphertext"), before.get("kms-ciphertext"));
+        assert_eq!(after.get("provider"), before.get("provider"));
+        assert!(!after.contains_key("kek"));
+    })?;
+    let new = operator.context.kek.key_ref();
+    ensure!(new.provider == KekProvider::Kms && operator.context.kek.unwrap_only().is_empty());
+    for name in [
+        "portcullis-ca-root".to_owned(),
+        "portcullis-ca-intermediate".to_owned(),
+        "portcullis-webhook-ca".to_owned(),
+        dek::secret_name(&tenant),
+    ] {
+        let data = eventually(&format!("{name} under the new KEK"), WAIT, || async {
+            let data = secrets.get(&name).await?.data.unwrap_or_default();
+            Ok((blobs_under_old_keys(&data, &operator.context.kek) == 0).then_some(data))
+        })
+        .await?;
+        for (key, value) in &data {
+            if key.ends_with(".wrapped")
+                || (name.starts_with("portcullis-dek-") && key.starts_with('v'))
+            {
+                ensure!(Kek::wrapped_under(&value.0)? == new, "{name} {key}");
+            }
+        }
+    }
+    let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
+        .unwrap_version(&operator.context.kek, 1)?;
+    ensure!(dek_after == dek_before, "the DEK changed");
+    operator.stop().await;
+    Ok(())
 }

@@ -1,14 +1,15 @@
-//! KEK rotation without downtime, for the `secret` provider.
+//! KEK rotation without downtime, for the `secret` and `kms` providers.
 //!
 //! The KEK Secret moves through three phases, each written with the resourceVersion
 //! read, so two replicas never both act on one phase:
 //!
 //! 1. **Staged**: a trigger (a new value of the annotation [`ROTATE_ANNOTATION`], or the
 //!    current key older than `--kek-rotation-period`) puts a new key under
-//!    [`KEK_NEXT_KEY`]. Every replica re-reads the Secret every reload interval and
+//!    [`KEK_NEXT_KEY`] (kms: a new intermediate key, encrypted by the plugin, under
+//!    `kms-next-*`). Every replica re-reads the Secret every reload interval and
 //!    loads it as an unwrap-only key.
 //! 2. **Promoted**, once every replica has had time to load it (the propagation delay):
-//!    the staged key becomes `kek`, the old one moves to `kek-previous-<id>`. A replica
+//!    the staged key becomes `kek`, the old one moves to `kek-previous-<id>` (kms: `kms-previous-<id>-*`). A replica
 //!    that has not reloaded yet still opens what the new key wraps (it has it as
 //!    "next"), and what it wraps under the old key is re-wrapped later.
 //! 3. **Re-wrapped**: the leader re-wraps every tenant DEK Secret and the webhook CA
@@ -35,11 +36,13 @@ use tokio_util::sync::CancellationToken;
 use crate::ca::{INTERMEDIATE_SECRET, ROOT_SECRET};
 use crate::context::Context;
 use crate::dek::{self, DekRing};
+use crate::envelope::kms::{self, KmsError, SealedKek};
 use crate::envelope::secret::previous_key;
 use crate::envelope::{
     EnvelopeError, KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_KEY, Kek, KekId, KekProvider,
     SecretKek,
 };
+use crate::envelope::{KmsClient, KmsKek};
 use crate::webhook::tls::WebhookCa;
 
 /// Set to any new value to ask for a KEK rotation (`kubectl portcullis kek rotate`).
@@ -67,9 +70,12 @@ pub struct KekRotationSettings {
     pub propagation: Duration,
     /// The webhook CA Secret, re-wrapped with the rest; `None`: no webhooks.
     pub webhook_ca_secret: Option<String>,
-    /// The running KEK's provider: only `secret` rotates; with another, a rotation
+    /// The running KEK's provider: `secret` and `kms` rotate; with `pkcs11` a rotation
     /// request is answered with a Warning Event.
     pub provider: KekProvider,
+    /// The KMS plugin (kms provider): it encrypts a new intermediate key and decrypts
+    /// staged and previous ones.
+    pub kms: Option<KmsClient>,
 }
 
 impl KekRotationSettings {
@@ -82,6 +88,7 @@ impl KekRotationSettings {
             propagation: Duration::from_secs(30),
             webhook_ca_secret: None,
             provider: KekProvider::Secret,
+            kms: None,
         }
     }
 }
@@ -105,6 +112,9 @@ pub enum KekRotationError {
         /// What is wrong.
         source: EnvelopeError,
     },
+    /// The KMS plugin failed, or the kms KEK Secret is unusable.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
     /// A wrapped key could not be re-wrapped.
     #[error("re-wrapping Secret {secret}: {reason}")]
     Rewrap {
@@ -154,13 +164,8 @@ fn timestamp(secret: &Secret, name: &str) -> Option<Timestamp> {
 
 /// When the current key became current.
 pub fn current_since(secret: &Secret) -> Option<Timestamp> {
-    timestamp(secret, CREATED_ANNOTATION).or_else(|| {
-        secret
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0)
-    })
+    timestamp(secret, CREATED_ANNOTATION)
+        .or_else(|| secret.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
 fn data(secret: &Secret) -> &BTreeMap<String, ByteString> {
@@ -168,13 +173,33 @@ fn data(secret: &Secret) -> &BTreeMap<String, ByteString> {
     secret.data.as_ref().unwrap_or(&EMPTY)
 }
 
-/// The ids of the previous keys the Secret still keeps.
+/// The ids of the previous keys the Secret still keeps (`kek-previous-<id>`, or
+/// `kms-previous-<id>-ciphertext` for a kms KEK).
 pub fn previous_ids(secret: &Secret) -> Vec<String> {
     data(secret)
         .keys()
-        .filter_map(|k| k.strip_prefix(KEK_PREVIOUS_PREFIX))
+        .filter_map(|k| {
+            k.strip_prefix(KEK_PREVIOUS_PREFIX).or_else(|| {
+                k.strip_prefix(kms::KMS_PREVIOUS_PREFIX)
+                    .and_then(|rest| rest.strip_suffix("-ciphertext"))
+            })
+        })
         .map(str::to_owned)
         .collect()
+}
+
+/// Whether a key is staged (`kek-next`, or `kms-next-ciphertext`).
+fn has_next(secret: &Secret) -> bool {
+    let data = data(secret);
+    data.contains_key(KEK_NEXT_KEY)
+        || data.contains_key(&format!("{}ciphertext", kms::KMS_NEXT_PREFIX))
+}
+
+fn is_kms(secret: &Secret) -> bool {
+    data(secret)
+        .get(kms::KEK_PROVIDER_KEY)
+        .map(|p| p.0.as_slice())
+        == Some(kms::KMS_PROVIDER.as_bytes())
 }
 
 fn elapsed(since: Option<Timestamp>, now: Timestamp, wait: Duration) -> bool {
@@ -183,8 +208,12 @@ fn elapsed(since: Option<Timestamp>, now: Timestamp, wait: Duration) -> bool {
 
 /// Decides the next step for the KEK Secret at `now`.
 pub fn plan(secret: &Secret, now: Timestamp, settings: &KekRotationSettings) -> Step {
-    if data(secret).contains_key(KEK_NEXT_KEY) {
-        return if elapsed(timestamp(secret, STAGED_ANNOTATION), now, settings.propagation) {
+    if has_next(secret) {
+        return if elapsed(
+            timestamp(secret, STAGED_ANNOTATION),
+            now,
+            settings.propagation,
+        ) {
             Step::Promote
         } else {
             Step::WaitForReplicas
@@ -220,14 +249,70 @@ fn set_annotation(secret: &mut Secret, name: &str, value: String) {
 
 /// Phase 1: `next` staged under [`KEK_NEXT_KEY`], the trigger recorded as handled.
 pub fn stage(secret: &mut Secret, next: &SecretKek, trigger: &Trigger, now: Timestamp) {
-    secret.data.get_or_insert_with(BTreeMap::new).insert(
+    let entries = BTreeMap::from([(
         KEK_NEXT_KEY.to_owned(),
         ByteString(next.to_bytes().to_vec()),
+    )]);
+    stage_entries(secret, entries, trigger, now);
+}
+
+/// Phase 1 for a kms KEK: the plugin's ciphertext of a new intermediate key staged
+/// under [`kms::KMS_NEXT_PREFIX`].
+pub fn stage_kms(secret: &mut Secret, next: &SealedKek, trigger: &Trigger, now: Timestamp) {
+    stage_entries(
+        secret,
+        next.to_prefixed_data(kms::KMS_NEXT_PREFIX),
+        trigger,
+        now,
     );
+}
+
+fn stage_entries(
+    secret: &mut Secret,
+    entries: BTreeMap<String, ByteString>,
+    trigger: &Trigger,
+    now: Timestamp,
+) {
+    secret
+        .data
+        .get_or_insert_with(BTreeMap::new)
+        .extend(entries);
     set_annotation(secret, STAGED_ANNOTATION, now.to_string());
     if let Trigger::Annotation(value) = trigger {
         set_annotation(secret, ROTATE_HANDLED_ANNOTATION, value.clone());
     }
+}
+
+/// Phase 2 for a kms KEK: the staged sealed key becomes current, the current one
+/// previous. Returns the old and new key ids.
+pub fn promote_kms(secret: &mut Secret, now: Timestamp) -> Result<(KekId, KekId), KmsError> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    let current = SealedKek::from_secret_data(data, &name)?;
+    let next =
+        SealedKek::from_prefixed_data(data, kms::KMS_NEXT_PREFIX, &name)?.ok_or_else(|| {
+            KmsError::InvalidSecret {
+                secret: name.clone(),
+                why: "no staged key".into(),
+            }
+        })?;
+    let (old, new) = (
+        kms::key_id(&current.ciphertext),
+        kms::key_id(&next.ciphertext),
+    );
+    data.retain(|k, _| !k.starts_with(kms::KMS_NEXT_PREFIX));
+    data.extend(current.to_prefixed_data(&kms::previous_prefix(old)));
+    data.extend(next.to_secret_data());
+    finish_promotion(secret, new, now);
+    Ok((old, new))
+}
+
+fn finish_promotion(secret: &mut Secret, new: KekId, now: Timestamp) {
+    if let Some(annotations) = secret.metadata.annotations.as_mut() {
+        annotations.remove(STAGED_ANNOTATION);
+    }
+    set_annotation(secret, CREATED_ANNOTATION, now.to_string());
+    set_annotation(secret, ID_ANNOTATION, new.to_string());
 }
 
 /// Phase 2: the staged key becomes current, the current one previous. Returns the old
@@ -248,18 +333,16 @@ pub fn promote(secret: &mut Secret, now: Timestamp) -> Result<(KekId, KekId), En
         ByteString(next.to_bytes().to_vec()),
     );
     data.remove(KEK_NEXT_KEY);
-    if let Some(annotations) = secret.metadata.annotations.as_mut() {
-        annotations.remove(STAGED_ANNOTATION);
-    }
-    set_annotation(secret, CREATED_ANNOTATION, now.to_string());
-    set_annotation(secret, ID_ANNOTATION, next.id().to_string());
+    finish_promotion(secret, next.id(), now);
     Ok((current.id(), next.id()))
 }
 
 /// Phase 3 done: the previous keys removed.
 pub fn retire(secret: &mut Secret) {
     if let Some(data) = secret.data.as_mut() {
-        data.retain(|k, _| !k.starts_with(KEK_PREVIOUS_PREFIX));
+        data.retain(|k, _| {
+            !k.starts_with(KEK_PREVIOUS_PREFIX) && !k.starts_with(kms::KMS_PREVIOUS_PREFIX)
+        });
     }
 }
 
@@ -314,8 +397,7 @@ pub async fn rewrap_pass(
         let is_dek = name.starts_with(dek::SECRET_PREFIX);
         let is_webhook_ca = webhook_ca_secret == Some(name.as_str());
         let is_ca = name == ROOT_SECRET || name == INTERMEDIATE_SECRET;
-        if !(is_dek || is_webhook_ca || is_ca) || blobs_under_old_keys(data(&secret), kek) == 0
-        {
+        if !(is_dek || is_webhook_ca || is_ca) || blobs_under_old_keys(data(&secret), kek) == 0 {
             continue;
         }
         if is_ca {
@@ -353,7 +435,8 @@ fn rewrap_dek(mut secret: Secret, name: &str, kek: &Kek) -> Result<Secret, KekRo
     };
     let tenant = name.strip_prefix(dek::SECRET_PREFIX).unwrap_or(name);
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-    let mut ring = DekRing::from_secret_parts(tenant, data(&secret), &annotations).map_err(failed)?;
+    let mut ring =
+        DekRing::from_secret_parts(tenant, data(&secret), &annotations).map_err(failed)?;
     ring.rewrap(kek).map_err(|e| failed(e.to_string()))?;
     let (data, _) = ring.to_secret_parts();
     secret.data = Some(data);
@@ -487,18 +570,48 @@ impl KekRotation {
             .await;
     }
 
-    /// Loads the keyring in `secret` into the shared KEK when it differs.
-    fn adopt(&self, secret: &Secret) -> Result<(), KekRotationError> {
-        let loaded =
-            Kek::from_secret_data(data(secret)).map_err(|source| KekRotationError::Keyring {
-                secret: self.settings.secret.clone(),
-                source,
-            })?;
-        let mut have = self.ctx.kek.unwrap_only();
-        let mut want = loaded.unwrap_only();
-        have.sort_by_key(|k| *k.id.as_bytes());
-        want.sort_by_key(|k| *k.id.as_bytes());
-        if loaded.key_ref() != self.ctx.kek.key_ref() || have != want {
+    fn secret_ref(&self) -> String {
+        format!("{}/{}", self.ctx.settings.namespace, self.settings.secret)
+    }
+
+    fn kms(&self) -> Result<&KmsClient, KekRotationError> {
+        self.settings.kms.as_ref().ok_or_else(|| {
+            KekRotationError::Kms(KmsError::InvalidSecret {
+                secret: self.secret_ref(),
+                why: "the operator runs with the kms provider but without a KMS plugin".into(),
+            })
+        })
+    }
+
+    /// Loads the keyring in `secret` into the shared KEK when it differs (a kms key is
+    /// decrypted by the plugin only when it is new).
+    async fn adopt(&self, secret: &Secret) -> Result<(), KekRotationError> {
+        let sorted = |mut ids: Vec<KekId>| {
+            ids.sort_by_key(|id| *id.as_bytes());
+            ids
+        };
+        let have = sorted(self.ctx.kek.unwrap_only().iter().map(|k| k.id).collect());
+        let (current, want) = if self.settings.provider == KekProvider::Kms {
+            let ids = kms::keyring_ids(data(secret), &self.secret_ref())?;
+            let current = ids.first().copied();
+            (current, sorted(ids.into_iter().skip(1).collect()))
+        } else {
+            let loaded = self.load_secret_keyring(secret)?;
+            let want = sorted(loaded.unwrap_only().iter().map(|k| k.id).collect());
+            (Some(loaded.id()), want)
+        };
+        if current != Some(self.ctx.kek.id()) || have != want {
+            let loaded = if self.settings.provider == KekProvider::Kms {
+                kms::open_keyring(
+                    self.kms()?,
+                    data(secret),
+                    &self.secret_ref(),
+                    Some(&self.ctx.kek),
+                )
+                .await?
+            } else {
+                self.load_secret_keyring(secret)?
+            };
             self.ctx.kek.replace_with(&loaded);
             tracing::info!(kek = %loaded.id(), unwrap_only = want.len(), "KEK keyring reloaded");
         }
@@ -507,6 +620,13 @@ impl KekRotation {
             .kek
             .record(current_since(secret), want.len());
         Ok(())
+    }
+
+    fn load_secret_keyring(&self, secret: &Secret) -> Result<Kek, KekRotationError> {
+        Kek::from_secret_data(data(secret)).map_err(|source| KekRotationError::Keyring {
+            secret: self.settings.secret.clone(),
+            source,
+        })
     }
 
     /// With a provider that does not rotate here: a request is marked handled and
@@ -534,12 +654,15 @@ impl KekRotation {
                 KekProvider::Pkcs11 => {
                     "rotate it in the HSM (a new key under a new label); operator-driven rotation of a pkcs11 KEK is not built yet"
                 }
-                _ => "operator-driven rotation of a kms KEK is not built yet",
+                _ => "this provider is not rotated by the operator",
             };
             self.event(
                 true,
                 "KekRotationNotSupported",
-                format!("{ROTATE_ANNOTATION}={wanted:?} ignored: the KEK is a {} KEK; {how}", self.settings.provider),
+                format!(
+                    "{ROTATE_ANNOTATION}={wanted:?} ignored: the KEK is a {} KEK; {how}",
+                    self.settings.provider
+                ),
             )
             .await;
         }
@@ -548,7 +671,7 @@ impl KekRotation {
 
     /// Re-reads the Secret and adopts its keyring; when `leading`, takes the next step.
     pub async fn tick(&self, leading: bool) -> Result<Step, KekRotationError> {
-        if self.settings.provider != KekProvider::Secret {
+        if self.settings.provider == KekProvider::Pkcs11 {
             return self.refuse(leading).await;
         }
         let api = self.api();
@@ -556,7 +679,7 @@ impl KekRotation {
             .get(&self.settings.secret)
             .await
             .map_err(self.kube_err())?;
-        self.adopt(&secret)?;
+        self.adopt(&secret).await?;
         if !leading {
             return Ok(Step::Idle);
         }
@@ -565,7 +688,9 @@ impl KekRotation {
         let mut updated = secret.clone();
         updated.metadata.managed_fields = None;
         match &step {
-            Step::Idle if annotation(&secret, ID_ANNOTATION) != Some(&*self.ctx.kek.id().to_string()) => {
+            Step::Idle
+                if annotation(&secret, ID_ANNOTATION) != Some(&*self.ctx.kek.id().to_string()) =>
+            {
                 // Record what `check` shows: the current key's id and since when.
                 set_annotation(&mut updated, ID_ANNOTATION, self.ctx.kek.id().to_string());
                 if let Some(since) = current_since(&secret) {
@@ -575,8 +700,15 @@ impl KekRotation {
             }
             Step::Idle | Step::WaitForReplicas => return Ok(step),
             Step::Stage(trigger) => {
-                let next = SecretKek::generate();
-                stage(&mut updated, &next, trigger, now);
+                let next = if self.settings.provider == KekProvider::Kms {
+                    let (next, sealed) = KmsKek::create(self.kms()?).await?;
+                    stage_kms(&mut updated, &sealed, trigger, now);
+                    next.id()
+                } else {
+                    let next = SecretKek::generate();
+                    stage(&mut updated, &next, trigger, now);
+                    next.id()
+                };
                 if self.write(&updated).await? {
                     let why = match trigger {
                         Trigger::Annotation(v) => format!("{ROTATE_ANNOTATION}={v:?}"),
@@ -587,7 +719,7 @@ impl KekRotation {
                         "KekRotationStarted",
                         format!(
                             "KEK {} staged to replace {} ({why}); it becomes current once every replica has loaded it",
-                            next.id(),
+                            next,
                             self.ctx.kek.id()
                         ),
                     )
@@ -595,13 +727,16 @@ impl KekRotation {
                 }
             }
             Step::Promote => {
-                let (old, new) =
+                let (old, new) = if is_kms(&updated) {
+                    promote_kms(&mut updated, now)?
+                } else {
                     promote(&mut updated, now).map_err(|source| KekRotationError::Keyring {
                         secret: self.settings.secret.clone(),
                         source,
-                    })?;
+                    })?
+                };
                 if self.write(&updated).await? {
-                    self.adopt(&updated)?;
+                    self.adopt(&updated).await?;
                     self.event(
                         false,
                         "KekPromoted",
@@ -636,7 +771,7 @@ impl KekRotation {
                     let retired = previous_ids(&updated);
                     retire(&mut updated);
                     if self.write(&updated).await? {
-                        self.adopt(&updated)?;
+                        self.adopt(&updated).await?;
                         self.ctx.metrics.kek.record_rotation_completed(now);
                         self.event(
                             false,

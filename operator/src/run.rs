@@ -33,9 +33,9 @@ use crate::ca::{
 use crate::clock::Clock;
 use crate::context::{Context, ReconcileSettings};
 use crate::envelope::{self, Kek};
-use crate::kek_rotation::{KekRotation, KekRotationSettings};
 use crate::error::{Error, Result};
 use crate::identity::{self, CaRuntime};
+use crate::kek_rotation::{KekRotation, KekRotationSettings};
 use crate::leader::{LeaderElector, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::policy::app_exit::AppExits;
@@ -367,10 +367,27 @@ pub async fn open_kms_kek(
     kms: &envelope::KmsClient,
     backoff: envelope::kms::Backoff,
 ) -> Result<Kek> {
-    envelope::kms::open_kms_kek(client, namespace, kms, backoff)
+    let current = envelope::kms::open_kms_kek(client, namespace, kms, backoff)
         .await
         .map(Kek::from)
-        .map_err(|e| Error::Kek(format!("KMS: {e}")))
+        .map_err(|e| Error::Kek(format!("KMS: {e}")))?;
+    // Mid-rotation, staged and previous keys are needed too: what is still wrapped
+    // under them must open from the start.
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(envelope::KEK_SECRET_NAME)
+        .await
+        .map_err(|e| Error::Kek(format!("KMS: {e}")))?;
+    let Some(data) = secret.and_then(|s| s.data) else {
+        return Ok(current);
+    };
+    envelope::kms::open_keyring(
+        kms,
+        &data,
+        &format!("{namespace}/{}", envelope::KEK_SECRET_NAME),
+        Some(&current),
+    )
+    .await
+    .map_err(|e| Error::Kek(format!("KMS: {e}")))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
@@ -472,9 +489,9 @@ pub async fn start(
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
     // The KEK is in memory now; the plugin's health and key id are watched, not needed.
+    let rotation_kms = kms.clone();
     if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
-        let monitor =
-            envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms);
+        let monitor = envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms);
         tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
     }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
@@ -681,6 +698,7 @@ pub async fn start(
     {
         let mut rotation = settings.kek_rotation.clone();
         rotation.provider = context.kek.provider();
+        rotation.kms = rotation_kms;
         rotation.secret = settings
             .kek_secret
             .clone()

@@ -383,7 +383,10 @@ impl CaSecretStore {
                         .and_then(|s| s.metadata.resource_version.clone());
                     let intermediate_data = intermediate.map(|s| s.data.unwrap_or_default());
                     store.wrapped_under = wrapped_under(
-                        root.data.as_ref().into_iter().chain(intermediate_data.as_ref()),
+                        root.data
+                            .as_ref()
+                            .into_iter()
+                            .chain(intermediate_data.as_ref()),
                     );
                     let (state, regenerated) = CaState::from_secret_data(
                         &root.data.unwrap_or_default(),

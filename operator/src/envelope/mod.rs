@@ -397,6 +397,15 @@ impl Kek {
         self.0.load().current.key_ref()
     }
 
+    /// The key `key` of this keyring (current or unwrap-only) as a keyring of its own.
+    pub fn member(&self, key: KeyRef) -> Option<Kek> {
+        let ring = self.0.load();
+        std::iter::once(&ring.current)
+            .chain(ring.others.iter())
+            .find(|member| member.key_ref() == key)
+            .map(|member| Self::single(member.clone()))
+    }
+
     /// The keys that only unwrap (staged next, or previous), in no particular order.
     pub fn unwrap_only(&self) -> Vec<KeyRef> {
         self.0.load().others.iter().map(Provider::key_ref).collect()

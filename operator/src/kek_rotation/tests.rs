@@ -45,7 +45,10 @@ fn a_rotation_stages_then_promotes_then_retires() {
     assert_eq!(plan(&secret, at(20), &s), Step::WaitForReplicas);
     assert_eq!(plan(&secret, at(40), &s), Step::Promote);
 
-    assert_eq!(promote(&mut secret, at(40)).unwrap(), (first.id(), next.id()));
+    assert_eq!(
+        promote(&mut secret, at(40)).unwrap(),
+        (first.id(), next.id())
+    );
     let ring = Kek::from_secret_data(secret.data.as_ref().unwrap()).unwrap();
     assert_eq!(ring.id(), next.id());
     assert_eq!(previous_ids(&secret), vec![first.id().to_string()]);
@@ -83,4 +86,72 @@ fn blobs_under_old_keys_are_counted_by_header_only() {
     ]);
     assert_eq!(blobs_under_old_keys(&data, &ring), 2);
     assert_eq!(blobs_under_old_keys(&data, &old), 1);
+}
+
+fn sealed(byte: u8, key_id: &str) -> SealedKek {
+    SealedKek {
+        ciphertext: vec![byte; 48],
+        key_id: key_id.to_owned(),
+        annotations: std::collections::HashMap::from([("a".to_owned(), vec![byte])]),
+    }
+}
+
+#[test]
+fn a_kms_rotation_keeps_the_sealed_keys_under_their_prefixes() {
+    let first = sealed(1, "key-1");
+    let next = sealed(2, "key-2");
+    let mut secret = Secret {
+        data: Some(first.to_secret_data()),
+        ..Secret::default()
+    };
+    secret.metadata.name = Some("portcullis-kek".into());
+    set_annotation(&mut secret, CREATED_ANNOTATION, at(0).to_string());
+    let s = settings();
+    stage_kms(&mut secret, &next, &Trigger::Schedule, at(10));
+    assert!(is_kms(&secret));
+    assert_eq!(plan(&secret, at(20), &s), Step::WaitForReplicas);
+    assert_eq!(plan(&secret, at(40), &s), Step::Promote);
+    let data = secret.data.clone().unwrap();
+    assert_eq!(
+        SealedKek::unwrap_only(&data, "ns/portcullis-kek").unwrap(),
+        vec![next.clone()]
+    );
+    assert_eq!(
+        SealedKek::from_secret_data(&data, "ns/portcullis-kek").unwrap(),
+        first
+    );
+
+    let (old, new) = promote_kms(&mut secret, at(40)).unwrap();
+    assert_eq!(
+        (old, new),
+        (
+            kms::key_id(&first.ciphertext),
+            kms::key_id(&next.ciphertext)
+        )
+    );
+    let data = secret.data.clone().unwrap();
+    assert_eq!(
+        SealedKek::from_secret_data(&data, "ns/portcullis-kek").unwrap(),
+        next
+    );
+    assert_eq!(
+        SealedKek::unwrap_only(&data, "ns/portcullis-kek").unwrap(),
+        vec![first.clone()]
+    );
+    assert_eq!(previous_ids(&secret), vec![old.to_string()]);
+    assert_eq!(
+        kms::keyring_ids(&data, "ns/portcullis-kek").unwrap(),
+        vec![new, old]
+    );
+    assert!(!has_next(&secret));
+    assert_eq!(plan(&secret, at(80), &s), Step::Rewrap);
+
+    retire(&mut secret);
+    let data = secret.data.clone().unwrap();
+    assert!(
+        SealedKek::unwrap_only(&data, "ns/portcullis-kek")
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(data, next.to_secret_data());
 }
