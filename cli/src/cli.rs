@@ -47,7 +47,7 @@ pub enum Command {
 /// `kubectl portcullis kek ...`
 #[derive(Debug, Subcommand)]
 pub enum KekCommand {
-    /// Ask the operator to rotate the key-encryption key (secret provider): a new key is
+    /// Ask the operator to rotate the key-encryption key (secret or kms provider): a new key is
     /// staged, made current once every replica has it, and every wrapped key re-wrapped,
     /// with no restart. Progress: `kubectl portcullis check`.
     Rotate,

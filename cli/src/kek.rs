@@ -1,6 +1,6 @@
-//! `kek rotate`: asks the operator to rotate the key-encryption key, and what `check`
-//! shows of it. Only the Secret's annotations and data key *names* are read or shown,
-//! never a key.
+//! `kek rotate`: asks the operator to rotate the key-encryption key (secret or kms
+//! provider), and what `check` shows of it. Only the Secret's annotations and data key
+//! *names* are read or shown, never a key.
 
 use std::io::Write;
 
@@ -26,6 +26,8 @@ pub const ID_ANNOTATION: &str = "portcullis.dev/kek-id";
 pub const CREATED_ANNOTATION: &str = "portcullis.dev/kek-created";
 const NEXT_KEY: &str = "kek-next";
 const PREVIOUS_PREFIX: &str = "kek-previous-";
+const KMS_NEXT_KEY: &str = "kms-next-ciphertext";
+const KMS_PREVIOUS_PREFIX: &str = "kms-previous-";
 const PROVIDER_KEY: &str = "provider";
 
 /// What the KEK Secret says about rotation.
@@ -41,7 +43,7 @@ pub struct KekRotationSeen {
     pub previous: Vec<String>,
     /// A requested rotation the operator has not acted on yet.
     pub requested: bool,
-    /// The provider a non-`secret` KEK Secret names.
+    /// The provider a non-`secret` KEK Secret names (`kms`).
     pub provider: Option<String>,
 }
 
@@ -55,10 +57,15 @@ pub fn seen(secret: &Secret) -> KekRotationSeen {
             .get(CREATED_ANNOTATION)
             .and_then(|t| t.parse().ok())
             .or_else(|| secret.metadata.creation_timestamp.as_ref().map(|t| t.0)),
-        staged: data.contains_key(NEXT_KEY),
+        staged: data.contains_key(NEXT_KEY) || data.contains_key(KMS_NEXT_KEY),
         previous: data
             .keys()
-            .filter_map(|k| k.strip_prefix(PREVIOUS_PREFIX))
+            .filter_map(|k| {
+                k.strip_prefix(PREVIOUS_PREFIX).or_else(|| {
+                    k.strip_prefix(KMS_PREVIOUS_PREFIX)?
+                        .strip_suffix("-ciphertext")
+                })
+            })
             .map(str::to_owned)
             .collect(),
         requested: annotations.get(ROTATE_ANNOTATION).is_some()
@@ -80,14 +87,7 @@ pub fn judge(seen: Option<&KekRotationSeen>, now: Timestamp) -> CheckResult {
             ),
         );
     };
-    if let Some(provider) = &seen.provider {
-        return CheckResult::pass(
-            NAME,
-            format!(
-                "{provider} KEK: rotation by the operator is built for the secret provider only"
-            ),
-        );
-    }
+    let provider = seen.provider.as_deref().unwrap_or("secret");
     let id = seen.id.as_deref().unwrap_or("(not recorded yet)");
     let age = seen.since.map_or_else(
         || "age unknown".to_owned(),
@@ -107,12 +107,15 @@ pub fn judge(seen: Option<&KekRotationSeen>, now: Timestamp) -> CheckResult {
                 seen.previous.join(", ")
             )
         };
-        return CheckResult::warn(NAME, format!("KEK {id}, {age}; rotation in progress: {phase}"))
+        return CheckResult::warn(NAME, format!("{provider} KEK {id}, {age}; rotation in progress: {phase}"))
             .hint(format!(
                 "progress: kubectl get events -n <operator namespace> --field-selector involvedObject.name={KEK_SECRET}"
             ));
     }
-    CheckResult::pass(NAME, format!("KEK {id}, {age}; no rotation in progress"))
+    CheckResult::pass(
+        NAME,
+        format!("{provider} KEK {id}, {age}; no rotation in progress"),
+    )
 }
 
 /// `check`'s KEK rotation line for `cluster`.
@@ -143,11 +146,6 @@ pub async fn rotate(
         )));
     };
     let seen = seen(&secret);
-    if let Some(provider) = seen.provider {
-        return Err(CliError::Operator(format!(
-            "Secret {ns}/{KEK_SECRET} holds a {provider} KEK; rotation by the operator is built for the secret provider only"
-        )));
-    }
     if seen.staged || !seen.previous.is_empty() {
         return Err(CliError::Operator("a KEK rotation is already in progress (see kubectl portcullis check); run this again when it has completed".to_owned(),
         ));
@@ -233,5 +231,27 @@ mod tests {
         );
         assert_eq!(judge(Some(&seen(&handled)), now).status, Status::Pass);
         assert!(judge(None, now).message.contains("HSM"));
+        let kms = secret(
+            &[(ID_ANNOTATION, "cc")],
+            &[
+                "provider",
+                "kms-ciphertext",
+                "kms-previous-dd-ciphertext",
+                "kms-previous-dd-key-id",
+            ],
+        );
+        let result = judge(Some(&seen(&kms)), now);
+        assert_eq!(result.status, Status::Warn);
+        assert!(
+            result.message.contains("previous KEK(s) dd"),
+            "{}",
+            result.message
+        );
+        let kms_staged = secret(&[], &["provider", "kms-ciphertext", "kms-next-ciphertext"]);
+        assert!(
+            judge(Some(&seen(&kms_staged)), now)
+                .message
+                .contains("staged")
+        );
     }
 }
