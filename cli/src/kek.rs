@@ -68,7 +68,7 @@ pub fn seen(secret: &Secret) -> KekRotationSeen {
             })
             .map(str::to_owned)
             .collect(),
-        requested: annotations.get(ROTATE_ANNOTATION).is_some()
+        requested: annotations.contains_key(ROTATE_ANNOTATION)
             && annotations.get(ROTATE_ANNOTATION) != annotations.get(ROTATE_HANDLED_ANNOTATION),
         provider: data
             .get(PROVIDER_KEY)
