@@ -260,7 +260,7 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
     let admin = env.client()?;
     let ns = env.create_namespace("kek-rotation-kms").await?;
     let dir = tempfile::TempDir::new()?;
-    let _plugin = TestKmsPlugin::started(dir.path().join("kms.sock"), "key-1").await?;
+    let plugin = TestKmsPlugin::started(dir.path().join("kms.sock"), "key-1").await?;
     let _serial = SERIAL.lock().await;
     let mut settings = settings(&ns);
     let mut kms = KmsConfig::new(dir.path().join("kms.sock"));
@@ -324,6 +324,27 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
     let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
         .unwrap_version(&operator.context.kek, 1)?;
     ensure!(dek_after == dek_before, "the DEK changed");
+
+    // The KMS key itself rotates: the KEK follows on its own, onto the new KMS key.
+    let before = operator.context.kek.key_ref();
+    plugin.set_key_id("key-2");
+    eventually("a KEK rotation onto the new KMS key", WAIT, || async {
+        let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+        let left = data
+            .keys()
+            .filter(|k| k.starts_with("kms-next-") || k.starts_with("kms-previous-"))
+            .count();
+        let on_key_2 = data.get("kms-key-id").map(|v| v.0.as_slice()) == Some(b"key-2".as_slice());
+        Ok((left == 0 && on_key_2 && operator.context.kek.key_ref() != before).then_some(()))
+    })
+    .await?;
+    ensure!(operator.context.kek.kms_key_id().as_deref() == Some("key-2"));
+    let dek = secrets
+        .get(&dek::secret_name(&tenant))
+        .await?
+        .data
+        .unwrap_or_default();
+    ensure!(blobs_under_old_keys(&dek, &operator.context.kek) == 0);
     operator.stop().await;
     Ok(())
 }

@@ -132,6 +132,14 @@ pub enum Trigger {
     Annotation(String),
     /// The current key reached the rotation period.
     Schedule,
+    /// The KMS plugin encrypts under another key id than the one recorded for the
+    /// current kms KEK (the KMS key was rotated).
+    KmsKeyRotated {
+        /// The key id recorded in `kms-key-id`.
+        from: String,
+        /// The plugin's current key id.
+        to: String,
+    },
 }
 
 /// What the leader does next with the KEK Secret.
@@ -669,6 +677,23 @@ impl KekRotation {
         Ok(Step::Idle)
     }
 
+    /// With a kms KEK: the plugin's current key id, when it is not the one the current
+    /// KEK was encrypted under. A plugin that does not answer is the health monitor's
+    /// to report; it triggers nothing here.
+    async fn kms_key_rotated(&self, secret: &Secret) -> Option<Trigger> {
+        if self.settings.provider != KekProvider::Kms {
+            return None;
+        }
+        let recorded = SealedKek::from_secret_data(data(secret), &self.secret_ref())
+            .ok()?
+            .key_id;
+        let current = self.settings.kms.as_ref()?.status().await.ok()?.key_id;
+        (!current.is_empty() && current != recorded).then_some(Trigger::KmsKeyRotated {
+            from: recorded,
+            to: current,
+        })
+    }
+
     /// Re-reads the Secret and adopts its keyring; when `leading`, takes the next step.
     pub async fn tick(&self, leading: bool) -> Result<Step, KekRotationError> {
         if self.settings.provider == KekProvider::Pkcs11 {
@@ -684,7 +709,12 @@ impl KekRotation {
             return Ok(Step::Idle);
         }
         let now = self.ctx.clock.now();
-        let step = plan(&secret, now, &self.settings);
+        let mut step = plan(&secret, now, &self.settings);
+        if step == Step::Idle
+            && let Some(rotated) = self.kms_key_rotated(&secret).await
+        {
+            step = Step::Stage(rotated);
+        }
         let mut updated = secret.clone();
         updated.metadata.managed_fields = None;
         match &step {
@@ -713,6 +743,9 @@ impl KekRotation {
                     let why = match trigger {
                         Trigger::Annotation(v) => format!("{ROTATE_ANNOTATION}={v:?}"),
                         Trigger::Schedule => "the rotation period passed".to_owned(),
+                        Trigger::KmsKeyRotated { from, to } => {
+                            format!("the KMS plugin's key id changed from {from:?} to {to:?}")
+                        }
                     };
                     self.event(
                         false,

@@ -491,7 +491,8 @@ pub async fn start(
     // The KEK is in memory now; the plugin's health and key id are watched, not needed.
     let rotation_kms = kms.clone();
     if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
-        let monitor = envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms);
+        let monitor = envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms)
+            .following((*kek).clone());
         tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
     }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
