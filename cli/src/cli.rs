@@ -39,6 +39,18 @@ pub enum Command {
     Identity(IdentityCommand),
     /// Preflight and health checks of the installation; exits 1 when a check fails.
     Check(CheckArgs),
+    /// The key-encryption key.
+    #[command(subcommand)]
+    Kek(KekCommand),
+}
+
+/// `kubectl portcullis kek ...`
+#[derive(Debug, Subcommand)]
+pub enum KekCommand {
+    /// Ask the operator to rotate the key-encryption key (secret or kms provider): a new key is
+    /// staged, made current once every replica has it, and every wrapped key re-wrapped,
+    /// with no restart. Progress: `kubectl portcullis check`.
+    Rotate,
 }
 
 /// The kubectl-style connection flags, accepted before or after any subcommand.

@@ -5,6 +5,7 @@
 //! - `key create|rotate|revoke|show|list`: API keys, with the token printed only by the
 //!   commands whose job it is.
 //! - `tenant status`, `identity inspect`, `check`: what the operator made of the cluster.
+//! - `kek rotate`: ask the operator to rotate the key-encryption key.
 //!
 //! Cluster commands take kubectl's `--kubeconfig`, `--context`, `-n` and print tables,
 //! or JSON/YAML with `-o`.
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod collector;
 pub mod error;
 pub mod identity;
+pub mod kek;
 pub mod key;
 pub mod output;
 pub mod tenant;
@@ -73,7 +75,7 @@ pub async fn run_async(
     out: &mut dyn std::io::Write,
     err: &mut dyn std::io::Write,
 ) -> anyhow::Result<Outcome> {
-    use cli::{IdentityCommand, KeyCommand, TenantCommand};
+    use cli::{IdentityCommand, KekCommand, KeyCommand, TenantCommand};
     let connect = || cluster::Cluster::connect(&cli.cluster);
     let outcome = match &cli.command {
         Command::Audit(cli::AuditCommand::Verify(args)) => {
@@ -113,6 +115,7 @@ pub async fn run_async(
             identity::inspect(&connect().await?, args, out, err).await
         }
         Command::Check(args) => check::run(&connect().await?, args, out, err).await,
+        Command::Kek(KekCommand::Rotate) => kek::rotate(&connect().await?, out, err).await,
     };
     Ok(outcome?)
 }

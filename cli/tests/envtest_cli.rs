@@ -1762,3 +1762,87 @@ mod export_from_the_collector {
         );
     }
 }
+
+#[tokio::test]
+async fn kek_rotate_sets_the_annotation_and_check_shows_the_rotation() {
+    let Some(env) = env().await else { return };
+    let client = env.client().unwrap();
+    let ns = env.create_namespace("cli-kek").await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // No KEK Secret: the KEK is elsewhere (pkcs11), which the operator cannot rotate.
+    let run = cli(env, &["kek", "rotate", "--operator-namespace", &ns]).await;
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("HSM"), "{run:?}");
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "portcullis-kek", "annotations": {
+            "portcullis.dev/kek-id": "0123456789abcdef",
+            "portcullis.dev/kek-created": "2026-01-01T00:00:00Z"}},
+        "data": {"kek": ByteString(vec![7; 32])}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let json = cli(env, &["check", "--operator-namespace", &ns, "-o", "json"]).await;
+    let report = json.json();
+    let kek = check_named(&report, "KEK rotation");
+    assert_eq!(kek["status"], "pass", "{kek}");
+    assert!(
+        kek["message"]
+            .as_str()
+            .unwrap()
+            .contains("KEK 0123456789abcdef"),
+        "{kek}"
+    );
+
+    let run = cli(env, &["kek", "rotate", "--operator-namespace", &ns]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let annotations = secrets
+        .get("portcullis-kek")
+        .await
+        .unwrap()
+        .annotations()
+        .clone();
+    assert!(
+        annotations.contains_key("portcullis.dev/rotate-kek"),
+        "{annotations:?}"
+    );
+    let json = cli(env, &["check", "--operator-namespace", &ns, "-o", "json"]).await;
+    let report = json.json();
+    let kek = check_named(&report, "KEK rotation");
+    assert_eq!(kek["status"], "warn", "{kek}");
+    assert!(
+        kek["message"].as_str().unwrap().contains("requested"),
+        "{kek}"
+    );
+    // The key itself is never printed.
+    assert!(!json.stdout.contains("BwcHBwcH"), "{json:?}");
+
+    // While previous keys are kept, a second rotation is refused.
+    secrets
+        .patch(
+            "portcullis-kek",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"data": {"kek-previous-00000000000000aa": ByteString(vec![8; 32])}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let run = cli(env, &["kek", "rotate", "--operator-namespace", &ns]).await;
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("already in progress"), "{run:?}");
+    let json = cli(env, &["check", "--operator-namespace", &ns, "-o", "json"]).await;
+    let report = json.json();
+    let kek = check_named(&report, "KEK rotation");
+    assert!(
+        kek["message"]
+            .as_str()
+            .unwrap()
+            .contains("00000000000000aa"),
+        "{kek}"
+    );
+}

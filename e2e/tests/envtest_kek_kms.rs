@@ -53,7 +53,7 @@ async fn the_kek_secret_holds_only_the_kms_ciphertext_and_every_start_reads_it()
     );
     let (first, racer) = (a.unwrap(), b.unwrap());
     assert_eq!(first.key_ref(), racer.key_ref());
-    assert_eq!(first.kms_key_id(), Some("key-1"));
+    assert_eq!(first.kms_key_id().as_deref(), Some("key-1"));
     let blob = first.wrap(b"tenant dek", b"portcullis-dek/acme/1").unwrap();
     assert_eq!(
         racer.unwrap(&blob, b"portcullis-dek/acme/1").unwrap(),
@@ -160,7 +160,7 @@ async fn a_plugin_down_at_start_is_waited_for_and_a_wrong_one_stops_the_start() 
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(kek.kms_key_id(), Some("key-1"));
+    assert_eq!(kek.kms_key_id().as_deref(), Some("key-1"));
 
     // A plugin whose KMS key is another one cannot decrypt the stored KEK: fatal, named.
     plugin.stop().await;
@@ -225,7 +225,7 @@ async fn the_operator_starts_on_a_kms_kek_and_reports_the_plugin_going_down() {
     let operator = run::start(env.client().unwrap(), settings).await.unwrap();
     // The CA keys went into their Secrets wrapped by the kms KEK.
     assert_eq!(operator.context.kek.provider(), envelope::KekProvider::Kms);
-    assert_eq!(operator.context.kek.kms_key_id(), Some("key-1"));
+    assert_eq!(operator.context.kek.kms_key_id().as_deref(), Some("key-1"));
     let socket = plugin.socket().display().to_string();
     let healthy =
         |v: u8| format!("portcullis_operator_kms_plugin_healthy{{socket=\"{socket}\"}} {v}");

@@ -218,6 +218,23 @@ impl DekRing {
         }
     }
 
+    /// Re-wraps every version not under `kek`'s current key (after a KEK rotation);
+    /// returns how many were re-wrapped. The DEKs themselves do not change.
+    pub fn rewrap(&mut self, kek: &Kek) -> Result<usize, EnvelopeError> {
+        let current = kek.key_ref();
+        let mut rewrapped = 0;
+        for v in self.versions.values_mut() {
+            if Kek::wrapped_under(&v.wrapped)? == current {
+                continue;
+            }
+            let slot = aad(&self.tenant, v.version);
+            let dek = kek.unwrap(&v.wrapped, &slot)?;
+            v.wrapped = kek.wrap(&dek, &slot)?;
+            rewrapped += 1;
+        }
+        Ok(rewrapped)
+    }
+
     /// Unwraps one version (to check the KEK still opens it, or for tools that decrypt).
     pub fn unwrap_version(&self, kek: &Kek, version: u32) -> Result<Vec<u8>, EnvelopeError> {
         let v = self
@@ -243,6 +260,24 @@ mod tests {
 
     fn days(n: u64) -> Duration {
         Duration::from_secs(n * DAY)
+    }
+
+    #[test]
+    fn rewrapping_moves_every_version_to_the_current_kek_keeping_the_deks()
+    -> Result<(), EnvelopeError> {
+        let old = Kek::generate();
+        let mut ring = DekRing::new("acme");
+        ring.rotate(&old, at(0))?;
+        ring.rotate(&old, at(7))?;
+        let deks = [ring.unwrap_version(&old, 1)?, ring.unwrap_version(&old, 2)?];
+        let new = Kek::generate();
+        let keyring = Kek::keyring(&new, std::slice::from_ref(&old));
+        assert_eq!(ring.rewrap(&keyring)?, 2);
+        assert_eq!(ring.rewrap(&keyring)?, 0);
+        assert_eq!(ring.unwrap_version(&new, 1)?, deks[0]);
+        assert_eq!(ring.unwrap_version(&new, 2)?, deks[1]);
+        assert!(ring.unwrap_version(&old, 1).is_err());
+        Ok(())
     }
 
     #[test]

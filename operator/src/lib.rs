@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod error;
 pub mod identity;
 pub mod kek_custody;
+pub mod kek_rotation;
 pub mod leader;
 pub mod metrics;
 pub mod policy;

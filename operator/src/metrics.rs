@@ -64,6 +64,8 @@ pub struct Metrics {
     pub identity: crate::ca::IdentityMetrics,
     /// The KMS plugin's health and key id (kms KEK provider only).
     pub kms: crate::envelope::kms::health::KmsMetrics,
+    /// The KEK's age and rotation progress.
+    pub kek: crate::kek_rotation::KekMetrics,
     reconciles: Family<KindLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
@@ -87,6 +89,7 @@ impl Default for Metrics {
         let identity = crate::ca::IdentityMetrics::register(&mut root);
         let registry = root.sub_registry_with_prefix("portcullis_operator");
         let kms = crate::envelope::kms::health::KmsMetrics::register(registry);
+        let kek = crate::kek_rotation::KekMetrics::register(registry);
         let reconciles = Family::<KindLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
@@ -128,6 +131,7 @@ impl Default for Metrics {
             registry: Arc::new(root),
             identity,
             kms,
+            kek,
             reconciles,
             failures,
             duration,

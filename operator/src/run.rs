@@ -35,6 +35,7 @@ use crate::context::{Context, ReconcileSettings};
 use crate::envelope::{self, Kek};
 use crate::error::{Error, Result};
 use crate::identity::{self, CaRuntime};
+use crate::kek_rotation::{KekRotation, KekRotationSettings};
 use crate::leader::{LeaderElector, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::policy::app_exit::AppExits;
@@ -164,6 +165,9 @@ pub struct OperatorSettings {
     pub kms_backoff: envelope::kms::Backoff,
     /// How often the running operator polls the KMS plugin's `Status` (60 s).
     pub kms_status_interval: Duration,
+    /// KEK rotation (`secret` provider): schedule, reload and propagation
+    /// (`--kek-rotation-period`). The Secret and webhook CA names are filled in at start.
+    pub kek_rotation: KekRotationSettings,
     /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
     /// it is admitted with a warning).
     pub restricted_requires_hardware_kek: bool,
@@ -197,6 +201,7 @@ impl std::fmt::Debug for OperatorSettings {
             .field("kek_kms", &self.kek_kms)
             .field("kms_backoff", &self.kms_backoff)
             .field("kms_status_interval", &self.kms_status_interval)
+            .field("kek_rotation", &self.kek_rotation)
             .field(
                 "restricted_requires_hardware_kek",
                 &self.restricted_requires_hardware_kek,
@@ -234,6 +239,7 @@ impl OperatorSettings {
             kek_kms: None,
             kms_backoff: envelope::kms::Backoff::default(),
             kms_status_interval: Duration::from_secs(60),
+            kek_rotation: KekRotationSettings::new(envelope::KEK_SECRET_NAME),
             restricted_requires_hardware_kek: false,
             audit_service: None,
             audit_witness: None,
@@ -361,10 +367,27 @@ pub async fn open_kms_kek(
     kms: &envelope::KmsClient,
     backoff: envelope::kms::Backoff,
 ) -> Result<Kek> {
-    envelope::kms::open_kms_kek(client, namespace, kms, backoff)
+    let current = envelope::kms::open_kms_kek(client, namespace, kms, backoff)
         .await
         .map(Kek::from)
-        .map_err(|e| Error::Kek(format!("KMS: {e}")))
+        .map_err(|e| Error::Kek(format!("KMS: {e}")))?;
+    // Mid-rotation, staged and previous keys are needed too: what is still wrapped
+    // under them must open from the start.
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(envelope::KEK_SECRET_NAME)
+        .await
+        .map_err(|e| Error::Kek(format!("KMS: {e}")))?;
+    let Some(data) = secret.and_then(|s| s.data) else {
+        return Ok(current);
+    };
+    envelope::kms::open_keyring(
+        kms,
+        &data,
+        &format!("{namespace}/{}", envelope::KEK_SECRET_NAME),
+        Some(&current),
+    )
+    .await
+    .map_err(|e| Error::Kek(format!("KMS: {e}")))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
@@ -414,7 +437,7 @@ pub async fn start(
         (None, None) => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
     };
     let kek = Arc::new(kek);
-    tracing::info!(kek = %kek.id(), provider = %kek.provider(), kms_key_id = kek.kms_key_id(), namespace = %namespace, "key-encryption key loaded");
+    tracing::info!(kek = %kek.id(), provider = %kek.provider(), kms_key_id = kek.kms_key_id().as_deref(), namespace = %namespace, "key-encryption key loaded");
     let (metrics_listener, metrics_addr) = bind(settings.metrics_addr, "metrics endpoint").await?;
     let (policy_listener, policy_addr) = bind(settings.policy_addr, "policy server").await?;
     // Reserved now (its port goes into the webhook URL), listening once ready.
@@ -466,9 +489,10 @@ pub async fn start(
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
     // The KEK is in memory now; the plugin's health and key id are watched, not needed.
+    let rotation_kms = kms.clone();
     if let (Some(kms), Some(recorded)) = (kms, kek.kms_key_id()) {
-        let monitor =
-            envelope::kms::health::HealthMonitor::new(kms, recorded.to_owned(), &metrics.kms);
+        let monitor = envelope::kms::health::HealthMonitor::new(kms, recorded, &metrics.kms)
+            .following((*kek).clone());
         tasks.spawn(monitor.run(settings.kms_status_interval, shutdown.clone()));
     }
     let (mut stores, reflectors) = Stores::start(&client, changed.clone(), &shutdown);
@@ -670,6 +694,22 @@ pub async fn start(
     });
     let leading = Arc::new(AtomicBool::new(false));
     tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
+    // KEK rotation (secret provider): every replica reloads the keyring, the leader
+    // rotates and re-wraps.
+    {
+        let mut rotation = settings.kek_rotation.clone();
+        rotation.provider = context.kek.provider();
+        rotation.kms = rotation_kms;
+        rotation.secret = settings
+            .kek_secret
+            .clone()
+            .unwrap_or_else(|| envelope::KEK_SECRET_NAME.into());
+        // Even with --no-webhooks: a CA Secret left from before must stay readable.
+        rotation.webhook_ca_secret = Some(webhook::tls::CA_SECRET.to_owned());
+        tasks.spawn(
+            KekRotation::new(context.clone(), rotation).run(leading.clone(), shutdown.clone()),
+        );
+    }
     let lead = {
         let ctx = context.clone();
         move |term: CancellationToken| {

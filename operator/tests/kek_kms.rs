@@ -56,7 +56,7 @@ async fn wrap_and_unwrap_round_trip_under_a_kms_kek() {
     );
     let (kek, sealed) = new_kek(&kms).await;
     assert_eq!(kek.provider(), KekProvider::Kms);
-    assert_eq!(kek.kms_key_id(), Some("key-1"));
+    assert_eq!(kek.kms_key_id().as_deref(), Some("key-1"));
     assert_eq!(kek.id(), kms::key_id(&sealed.ciphertext));
     assert_eq!(sealed.key_id, "key-1");
 
@@ -199,7 +199,7 @@ async fn a_second_start_recovers_the_same_key_from_the_secret() {
     assert_eq!(stored, sealed);
     let second = Kek::from(KmsKek::open(&kms, &stored, SECRET).await.unwrap());
     assert_eq!(second.key_ref(), first.key_ref());
-    assert_eq!(second.kms_key_id(), Some("key-1"));
+    assert_eq!(second.kms_key_id().as_deref(), Some("key-1"));
     assert_eq!(
         second.unwrap(&blob, b"portcullis-ca/root").unwrap(),
         b"ca key"

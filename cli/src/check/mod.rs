@@ -94,6 +94,7 @@ pub async fn collect(cluster: &Cluster, now: Timestamp) -> CheckReport {
     }
     checks.push(check_audit_collector(cluster).await);
     checks.push(check_key_custody(cluster, &kek_provider).await);
+    checks.push(crate::kek::check(cluster, now).await);
     checks.extend(check_namespaces(cluster, now).await);
     let operator_logs = format!(
         "kubectl -n {} logs deploy/{deployment}",

@@ -22,7 +22,7 @@ use super::authority::{
 };
 use super::certs::CaCertificate;
 use super::settings::CaSettings;
-use crate::envelope::Kek;
+use crate::envelope::{Kek, KeyRef};
 
 /// Secret holding the roots.
 pub const ROOT_SECRET: &str = "portcullis-ca-root";
@@ -315,6 +315,8 @@ pub struct CaSecretStore {
     kek: Kek,
     root_version: Option<String>,
     intermediate_version: Option<String>,
+    /// The KEK the Secrets were last read or written under; `None`: unknown or mixed.
+    wrapped_under: Option<KeyRef>,
 }
 
 impl std::fmt::Debug for CaSecretStore {
@@ -367,6 +369,7 @@ impl CaSecretStore {
             kek,
             root_version: None,
             intermediate_version: None,
+            wrapped_under: None,
         };
         // Two attempts: the second only after losing a creation race.
         for _ in 0..2 {
@@ -379,6 +382,12 @@ impl CaSecretStore {
                         .as_ref()
                         .and_then(|s| s.metadata.resource_version.clone());
                     let intermediate_data = intermediate.map(|s| s.data.unwrap_or_default());
+                    store.wrapped_under = wrapped_under(
+                        root.data
+                            .as_ref()
+                            .into_iter()
+                            .chain(intermediate_data.as_ref()),
+                    );
                     let (state, regenerated) = CaState::from_secret_data(
                         &root.data.unwrap_or_default(),
                         intermediate_data.as_ref(),
@@ -508,6 +517,7 @@ impl CaSecretStore {
     // The intermediate goes last: after a crash in between, loading notices it belongs
     // to another root and replaces it.
     async fn write(&mut self, data: CaSecretData) -> Result<(), CaError> {
+        let under = wrapped_under([&data.root, &data.intermediate]);
         self.root_version = self
             .put(ROOT_SECRET, data.root, self.root_version.clone())
             .await?;
@@ -518,6 +528,34 @@ impl CaSecretStore {
                 self.intermediate_version.clone(),
             )
             .await?;
+        self.wrapped_under = under;
         Ok(())
     }
+
+    /// Whether the Secrets hold a key wrapped under another KEK than the current one
+    /// (after a KEK rotation): the next save re-wraps them.
+    pub fn needs_rewrap(&self) -> bool {
+        self.wrapped_under != Some(self.kek.key_ref())
+    }
+}
+
+/// The one KEK every wrapped key in `secrets` is under; `None` when they differ or
+/// cannot be read.
+fn wrapped_under<'a>(
+    secrets: impl IntoIterator<Item = &'a BTreeMap<String, ByteString>>,
+) -> Option<KeyRef> {
+    let mut under = None;
+    for data in secrets {
+        for (name, value) in data {
+            if !name.ends_with(".wrapped") {
+                continue;
+            }
+            let key = Kek::wrapped_under(&value.0).ok()?;
+            if under.is_some_and(|u| u != key) {
+                return None;
+            }
+            under = Some(key);
+        }
+    }
+    under
 }

@@ -33,6 +33,9 @@ pub async fn run_rotation(
             }
             Err(e) => tracing::error!(error = %e, "CA rotation failed; retrying"),
         }
+        // After a KEK rotation the Secrets are re-wrapped under the new key by this,
+        // their only writer, so nobody else's write races the leader's store.
+        unsaved |= store.as_ref().is_some_and(CaSecretStore::needs_rewrap);
         if let (true, Some(store)) = (unsaved, store.as_mut()) {
             match store.save_authority(&ca).await {
                 Ok(()) => unsaved = false,

@@ -28,6 +28,11 @@
 //! its id), so a rolled-back or not yet upgraded replica still reads what a new one
 //! writes; the pkcs11 and kms providers write v2. All read v1 and v2. A blob under another
 //! provider or key is refused with [`EnvelopeError::WrongKey`] naming both.
+//!
+//! Rotation: a [`Kek`] is a keyring, one current key that wraps plus unwrap-only keys (a
+//! key staged for promotion, and previous keys until nothing is wrapped under them any
+//! more), chosen by the blob header's provider and key id; the formats above are
+//! unchanged. [`crate::kek_rotation`] drives rotations.
 
 pub mod kms;
 pub mod pkcs11;
@@ -38,10 +43,14 @@ use std::sync::Arc;
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{AeadCore, OsRng};
+use arc_swap::ArcSwap;
 
 pub use kms::{KmsClient, KmsConfig, KmsError, KmsKek};
 pub use pkcs11::{Pkcs11Config, Pkcs11Error, Pkcs11Kek, TokenSelector};
-pub use secret::{KEK_SECRET_KEY, KEK_SECRET_NAME, KekStoreError, SecretKek, load_or_create_kek};
+pub use secret::{
+    KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_KEY, KEK_SECRET_NAME, KekStoreError, SecretKek,
+    load_or_create_kek,
+};
 
 /// The newest wrapped-format version this code reads (and the pkcs11 and kms providers
 /// write).
@@ -247,10 +256,23 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A 256-bit key-encryption key, wherever it is kept. Cheap to clone (an HSM key is
-/// shared); `Debug` never shows key material.
+/// The key-encryption keys in use: the current one, which wraps, and others (a key
+/// staged for a rotation, or previous keys not yet re-wrapped away), which only unwrap.
+/// `Debug` never shows key material.
 #[derive(Clone)]
-pub struct Kek(Provider);
+struct Keyring {
+    current: Provider,
+    others: Vec<Provider>,
+}
+
+/// A 256-bit key-encryption key, wherever it is kept, with the keys it rotated from.
+///
+/// A cheap shared handle: clones see the same keyring, which [`Kek::replace_with`]
+/// swaps at run time (a KEK rotation) without blocking readers. [`Kek::wrap`] always
+/// uses the current key; [`Kek::unwrap`] picks the key the blob's header names among
+/// the current and the unwrap-only keys. `Debug` never shows key material.
+#[derive(Clone)]
+pub struct Kek(Arc<ArcSwap<Keyring>>);
 
 #[derive(Clone)]
 enum Provider {
@@ -259,10 +281,72 @@ enum Provider {
     Kms(Arc<KmsKek>),
 }
 
+impl Provider {
+    fn key_ref(&self) -> KeyRef {
+        match self {
+            Self::Secret(key) => KeyRef {
+                provider: KekProvider::Secret,
+                id: key.id(),
+            },
+            Self::Pkcs11(key) => KeyRef {
+                provider: KekProvider::Pkcs11,
+                id: key.id(),
+            },
+            Self::Kms(key) => KeyRef {
+                provider: KekProvider::Kms,
+                id: key.id(),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret(key) => key.fmt(f),
+            Self::Pkcs11(key) => key.fmt(f),
+            Self::Kms(key) => key.fmt(f),
+        }
+    }
+}
+
 impl Kek {
+    fn single(current: Provider) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(Keyring {
+            current,
+            others: Vec::new(),
+        })))
+    }
+
+    /// A keyring wrapping under `current`'s current key that also unwraps under the
+    /// current keys of `others` (duplicates and `current` itself are skipped).
+    pub fn keyring(current: &Kek, others: &[Kek]) -> Self {
+        let current = current.0.load().current.clone();
+        let mut seen = vec![current.key_ref()];
+        let mut unwrap_only = Vec::new();
+        for other in others {
+            let key = other.0.load().current.clone();
+            if !seen.contains(&key.key_ref()) {
+                seen.push(key.key_ref());
+                unwrap_only.push(key);
+            }
+        }
+        Self(Arc::new(ArcSwap::from_pointee(Keyring {
+            current,
+            others: unwrap_only,
+        })))
+    }
+
+    /// Makes every clone of this handle use `other`'s keyring from now on: what a KEK
+    /// rotation does to the running operator. Wraps and unwraps in flight finish with
+    /// the keyring they started with.
+    pub fn replace_with(&self, other: &Kek) {
+        self.0.store(other.0.load_full());
+    }
+
     /// A new random secret KEK from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        Self(Provider::Secret(SecretKek::generate()))
+        Self::single(Provider::Secret(SecretKek::generate()))
     }
 
     /// A secret KEK from exactly 32 bytes.
@@ -275,56 +359,72 @@ impl Kek {
         SecretKek::from_base64(text).map(Self::from)
     }
 
-    /// Reads a secret KEK from a Secret `data` map written by
-    /// [`SecretKek::to_secret_data`].
+    /// Reads a secret keyring from a Secret `data` map written by
+    /// [`SecretKek::to_secret_data`]: the current key under [`KEK_SECRET_KEY`], and a
+    /// staged or previous key under [`secret::KEK_NEXT_KEY`] or
+    /// [`secret::KEK_PREVIOUS_PREFIX`]`<id>`, which only unwrap.
     pub fn from_secret_data(
         data: &std::collections::BTreeMap<String, k8s_openapi::ByteString>,
     ) -> Result<Self, EnvelopeError> {
-        SecretKek::from_secret_data(data).map(Self::from)
+        let current = SecretKek::from_secret_data(data)?;
+        let others: Vec<Kek> = secret::unwrap_only_keys(data)?
+            .into_iter()
+            .map(Kek::from)
+            .collect();
+        Ok(Self::keyring(&current.into(), &others))
     }
 
-    /// The KEK's public identifier within its provider.
+    /// The current KEK's public identifier within its provider.
     pub fn id(&self) -> KekId {
         self.key_ref().id
     }
 
-    /// Where the key is kept.
+    /// Where the current key is kept.
     pub fn provider(&self) -> KekProvider {
         self.key_ref().provider
     }
 
     /// The KMS plugin's key id that encrypted a kms KEK; `None` for other providers.
-    pub fn kms_key_id(&self) -> Option<&str> {
-        match &self.0 {
-            Provider::Kms(key) => Some(key.plugin_key_id()),
+    pub fn kms_key_id(&self) -> Option<String> {
+        match &self.0.load().current {
+            Provider::Kms(key) => Some(key.plugin_key_id().to_owned()),
             _ => None,
         }
     }
 
-    /// The KEK's provider and id, as wrapped blobs record them.
+    /// The current KEK's provider and id, as wrapped blobs record them.
     pub fn key_ref(&self) -> KeyRef {
-        match &self.0 {
-            Provider::Secret(key) => KeyRef {
-                provider: KekProvider::Secret,
-                id: key.id(),
-            },
-            Provider::Pkcs11(key) => KeyRef {
-                provider: KekProvider::Pkcs11,
-                id: key.id(),
-            },
-            Provider::Kms(key) => KeyRef {
-                provider: KekProvider::Kms,
-                id: key.id(),
-            },
-        }
+        self.0.load().current.key_ref()
     }
 
-    /// Encrypts `plaintext` bound to `aad` under a fresh random nonce.
+    /// The key `key` of this keyring (current or unwrap-only) as a keyring of its own.
+    pub fn member(&self, key: KeyRef) -> Option<Kek> {
+        let ring = self.0.load();
+        std::iter::once(&ring.current)
+            .chain(ring.others.iter())
+            .find(|member| member.key_ref() == key)
+            .map(|member| Self::single(member.clone()))
+    }
+
+    /// The keys that only unwrap (staged next, or previous), in no particular order.
+    pub fn unwrap_only(&self) -> Vec<KeyRef> {
+        self.0.load().others.iter().map(Provider::key_ref).collect()
+    }
+
+    /// Which KEK `wrapped` (a blob from [`Kek::wrap`]) is under, read from its header
+    /// alone (nothing is decrypted).
+    pub fn wrapped_under(wrapped: &[u8]) -> Result<KeyRef, EnvelopeError> {
+        Header::parse(wrapped).map(|header| header.key)
+    }
+
+    /// Encrypts `plaintext` bound to `aad` under a fresh random nonce, with the current
+    /// key.
     pub fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let ring = self.0.load();
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let key = self.key_ref();
+        let key = ring.current.key_ref();
         let mut out = Vec::with_capacity(V2_HEADER_LEN + plaintext.len() + TAG_LEN);
-        match &self.0 {
+        match &ring.current {
             Provider::Secret(_) => out.push(ENVELOPE_VERSION_1),
             Provider::Pkcs11(_) | Provider::Kms(_) => {
                 out.extend_from_slice(&[ENVELOPE_VERSION, key.provider.byte()]);
@@ -333,7 +433,7 @@ impl Kek {
         out.extend_from_slice(key.id.as_bytes());
         let full_aad = [&out[..], aad].concat();
         out.extend_from_slice(&nonce);
-        let sealed = match &self.0 {
+        let sealed = match &ring.current {
             Provider::Secret(key) => key.seal(&nonce, &full_aad, plaintext)?,
             Provider::Pkcs11(key) => key.seal(&nonce, &full_aad, plaintext)?,
             Provider::Kms(key) => key.seal(&nonce, &full_aad, plaintext)?,
@@ -342,18 +442,22 @@ impl Kek {
         Ok(out)
     }
 
-    /// Decrypts data written by [`Kek::wrap`] (v1 or v2) with the same `aad`.
+    /// Decrypts data written by [`Kek::wrap`] (v1 or v2) with the same `aad`, under
+    /// whichever key of the keyring its header names.
     pub fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
         let header = Header::parse(wrapped)?;
-        let expected = self.key_ref();
-        if header.key != expected {
+        let ring = self.0.load();
+        let Some(key) = std::iter::once(&ring.current)
+            .chain(ring.others.iter())
+            .find(|key| key.key_ref() == header.key)
+        else {
             return Err(EnvelopeError::WrongKey {
-                expected,
+                expected: ring.current.key_ref(),
                 found: header.key,
             });
-        }
+        };
         let full_aad = [header.authenticated, aad].concat();
-        match &self.0 {
+        match key {
             Provider::Secret(key) => key.unseal(header.nonce, &full_aad, header.body),
             Provider::Pkcs11(key) => key.unseal(header.nonce, &full_aad, header.body),
             Provider::Kms(key) => key.unseal(header.nonce, &full_aad, header.body),
@@ -363,29 +467,32 @@ impl Kek {
 
 impl From<SecretKek> for Kek {
     fn from(key: SecretKek) -> Self {
-        Self(Provider::Secret(key))
+        Self::single(Provider::Secret(key))
     }
 }
 
 impl From<Pkcs11Kek> for Kek {
     fn from(key: Pkcs11Kek) -> Self {
-        Self(Provider::Pkcs11(Arc::new(key)))
+        Self::single(Provider::Pkcs11(Arc::new(key)))
     }
 }
 
 impl From<KmsKek> for Kek {
     fn from(key: KmsKek) -> Self {
-        Self(Provider::Kms(Arc::new(key)))
+        Self::single(Provider::Kms(Arc::new(key)))
     }
 }
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Provider::Secret(key) => key.fmt(f),
-            Provider::Pkcs11(key) => key.fmt(f),
-            Provider::Kms(key) => key.fmt(f),
+        let ring = self.0.load();
+        if ring.others.is_empty() {
+            return ring.current.fmt(f);
         }
+        f.debug_struct("Keyring")
+            .field("current", &ring.current)
+            .field("unwrap_only", &ring.others)
+            .finish()
     }
 }
 

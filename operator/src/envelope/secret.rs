@@ -20,6 +20,28 @@ use super::{EnvelopeError, KEK_ID_LEN, KEY_LEN, Kek, KekId, NONCE_LEN};
 pub const KEK_SECRET_NAME: &str = "portcullis-kek";
 /// The Secret data key holding the base64-free raw 32 KEK bytes.
 pub const KEK_SECRET_KEY: &str = "kek";
+/// The Secret data key holding a KEK staged for a rotation: every replica loads it as an
+/// unwrap-only key before it becomes current, so none meets a blob it cannot open.
+pub const KEK_NEXT_KEY: &str = "kek-next";
+/// Prefix of the Secret data keys holding previous KEKs (`kek-previous-<id hex>`), kept
+/// (unwrap only) until nothing is wrapped under them any more.
+pub const KEK_PREVIOUS_PREFIX: &str = "kek-previous-";
+
+/// The data key of a previous KEK with id `id`.
+pub fn previous_key(id: KekId) -> String {
+    format!("{KEK_PREVIOUS_PREFIX}{id}")
+}
+
+/// The unwrap-only keys in a KEK Secret's `data`: the staged next key and the previous
+/// keys (the id in a previous key's name is informative; the key's own id counts).
+pub fn unwrap_only_keys(
+    data: &BTreeMap<String, ByteString>,
+) -> Result<Vec<SecretKek>, EnvelopeError> {
+    data.iter()
+        .filter(|(name, _)| *name == KEK_NEXT_KEY || name.starts_with(KEK_PREVIOUS_PREFIX))
+        .map(|(_, bytes)| SecretKek::from_bytes(&bytes.0))
+        .collect()
+}
 
 /// A 256-bit KEK held in process memory. `Debug` never shows the key.
 #[derive(Clone)]
@@ -178,7 +200,7 @@ pub async fn load_or_create_kek(
         source,
     };
     if let Some(secret) = api.get_opt(KEK_SECRET_NAME).await.map_err(kube_err)? {
-        return Ok(SecretKek::from_secret_data(&secret.data.unwrap_or_default())?.into());
+        return Ok(Kek::from_secret_data(&secret.data.unwrap_or_default())?);
     }
     let kek = SecretKek::generate();
     let secret = Secret {
@@ -199,7 +221,7 @@ pub async fn load_or_create_kek(
         Ok(_) => Ok(kek.into()),
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let secret = api.get(KEK_SECRET_NAME).await.map_err(kube_err)?;
-            Ok(SecretKek::from_secret_data(&secret.data.unwrap_or_default())?.into())
+            Ok(Kek::from_secret_data(&secret.data.unwrap_or_default())?)
         }
         Err(source) => Err(kube_err(source)),
     }

@@ -243,3 +243,102 @@ fn pkcs11_key_ids_depend_on_both_labels() {
     // Length-prefixed: moving the boundary between the labels changes the id.
     assert_ne!(pkcs11::key_id("ab", "c"), pkcs11::key_id("a", "bc"));
 }
+
+#[test]
+fn a_keyring_wraps_under_the_current_key_and_unwraps_under_previous_ones() {
+    let old = Kek::generate();
+    let v1_under_old = old.wrap(b"ca key", b"slot").unwrap();
+    let new = Kek::generate();
+    let ring = Kek::keyring(&new, std::slice::from_ref(&old));
+    assert_eq!(ring.key_ref(), new.key_ref());
+    assert_eq!(ring.unwrap_only(), vec![old.key_ref()]);
+    // Old blobs (v1, as the secret provider writes) still open, bound to their AAD.
+    assert_eq!(ring.unwrap(&v1_under_old, b"slot").unwrap(), b"ca key");
+    assert_eq!(
+        ring.unwrap(&v1_under_old, b"other slot"),
+        Err(EnvelopeError::Tampered)
+    );
+    // New blobs are under the current key, which the old key alone cannot open.
+    let rewrapped = ring.wrap(b"ca key", b"slot").unwrap();
+    assert_eq!(Kek::wrapped_under(&rewrapped).unwrap(), new.key_ref());
+    assert_eq!(Kek::wrapped_under(&v1_under_old).unwrap(), old.key_ref());
+    assert!(matches!(
+        old.unwrap(&rewrapped, b"slot"),
+        Err(EnvelopeError::WrongKey { .. })
+    ));
+    assert_eq!(new.unwrap(&rewrapped, b"slot").unwrap(), b"ca key");
+}
+
+#[test]
+fn a_key_outside_the_keyring_is_refused_naming_both() {
+    let ring = Kek::keyring(&Kek::generate(), &[Kek::generate()]);
+    let stranger = Kek::generate();
+    let wrapped = stranger.wrap(b"x", b"").unwrap();
+    let err = ring.unwrap(&wrapped, b"").unwrap_err();
+    assert_eq!(
+        err,
+        EnvelopeError::WrongKey {
+            expected: ring.key_ref(),
+            found: stranger.key_ref(),
+        }
+    );
+    let text = err.to_string();
+    assert!(text.contains(&ring.id().to_string()), "{text}");
+    assert!(text.contains(&stranger.id().to_string()), "{text}");
+}
+
+#[test]
+fn replacing_the_keyring_reaches_every_clone_of_the_handle() {
+    let first = Kek::generate();
+    let shared = first.clone();
+    let under_first = shared.wrap(b"dek", b"t/v1").unwrap();
+    let second = Kek::generate();
+    first.replace_with(&Kek::keyring(&second, std::slice::from_ref(&first)));
+    assert_eq!(shared.key_ref(), second.key_ref());
+    assert_eq!(shared.unwrap(&under_first, b"t/v1").unwrap(), b"dek");
+    assert_eq!(
+        Kek::wrapped_under(&shared.wrap(b"dek", b"t/v1").unwrap()).unwrap(),
+        second.key_ref()
+    );
+    // Duplicates and the current key itself are not kept as unwrap-only keys.
+    let third = Kek::generate();
+    let ring = Kek::keyring(&second, &[second.clone(), third.clone(), third.clone()]);
+    assert_eq!(ring.unwrap_only(), vec![third.key_ref()]);
+}
+
+#[test]
+fn the_secret_reads_next_and_previous_keys_as_unwrap_only() {
+    let current = SecretKek::generate();
+    let next = SecretKek::generate();
+    let previous = SecretKek::generate();
+    let mut data = current.to_secret_data();
+    data.insert(
+        KEK_NEXT_KEY.into(),
+        k8s_openapi::ByteString(next.to_bytes().to_vec()),
+    );
+    data.insert(
+        secret::previous_key(previous.id()),
+        k8s_openapi::ByteString(previous.to_bytes().to_vec()),
+    );
+    let ring = Kek::from_secret_data(&data).unwrap();
+    assert_eq!(ring.id(), current.id());
+    let mut others: Vec<KekId> = ring.unwrap_only().iter().map(|k| k.id).collect();
+    others.sort_by_key(|id| *id.as_bytes());
+    let mut expected = vec![next.id(), previous.id()];
+    expected.sort_by_key(|id| *id.as_bytes());
+    assert_eq!(others, expected);
+    let under_previous = Kek::from(previous).wrap(b"k", b"a").unwrap();
+    assert_eq!(ring.unwrap(&under_previous, b"a").unwrap(), b"k");
+    // Debug shows ids only.
+    let debug = format!("{ring:?}");
+    assert!(debug.contains("unwrap_only") && !debug.contains(&current.to_base64()));
+    // A broken previous key is an error, not silently dropped.
+    data.insert(
+        format!("{KEK_PREVIOUS_PREFIX}0000"),
+        k8s_openapi::ByteString(vec![1, 2, 3]),
+    );
+    assert_eq!(
+        Kek::from_secret_data(&data).unwrap_err(),
+        EnvelopeError::InvalidKeyLength(3)
+    );
+}

@@ -26,6 +26,11 @@ pub(super) struct KeyFlags {
     /// by default `portcullis-kek`, created on first start. Only with `--kek-provider secret`.
     #[arg(long, env = "PORTCULLIS_KEK_SECRET")]
     pub(super) kek_secret: Option<String>,
+    /// Rotate the `secret`-provider key-encryption key when it is this old (measured
+    /// from when it became current); every wrapped key is re-wrapped, with no restart.
+    /// `0s` rotates only on demand (`kubectl portcullis kek rotate`).
+    #[arg(long, env = "PORTCULLIS_KEK_ROTATION_PERIOD", default_value = "365d")]
+    pub(super) kek_rotation_period: DurationSpec,
     #[command(flatten)]
     pub(super) pkcs11: Pkcs11Flags,
     #[command(flatten)]
@@ -162,6 +167,8 @@ impl KeyFlags {
         service_account: String,
     ) -> anyhow::Result<()> {
         settings.restricted_requires_hardware_kek = self.restricted_requires_hardware_kek;
+        let period = self.kek_rotation_period.get();
+        settings.kek_rotation.period = (!period.is_zero()).then_some(period);
         match self.kek_provider {
             KekProviderFlag::Secret => {
                 if self.pkcs11.any() {

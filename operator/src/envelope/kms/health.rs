@@ -87,6 +87,8 @@ pub enum PluginHealth {
 pub struct HealthMonitor {
     kms: KmsClient,
     recorded_key_id: String,
+    /// The running KEK, whose recorded key id moves with a KEK rotation.
+    kek: Option<crate::envelope::Kek>,
     metrics: PluginGauges,
     /// 0 unknown, 1 healthy, 2 down, 3 healthy with another key id.
     last: AtomicU8,
@@ -101,9 +103,24 @@ impl HealthMonitor {
         Self {
             kms,
             recorded_key_id,
+            kek: None,
             metrics,
             last: AtomicU8::new(0),
         }
+    }
+
+    /// Compares with the key id of `kek`'s current key from now on (a KEK rotation
+    /// encrypts the new key under the plugin's current KMS key).
+    pub fn following(mut self, kek: crate::envelope::Kek) -> Self {
+        self.kek = Some(kek);
+        self
+    }
+
+    fn recorded(&self) -> String {
+        self.kek
+            .as_ref()
+            .and_then(crate::envelope::Kek::kms_key_id)
+            .unwrap_or_else(|| self.recorded_key_id.clone())
     }
 
     /// One `Status` call: updates the gauges and logs when the state changed.
@@ -111,7 +128,7 @@ impl HealthMonitor {
         let socket = self.kms.socket().display().to_string();
         let (health, state) = match self.kms.status().await {
             Ok(status) => {
-                let changed = status.key_id != self.recorded_key_id;
+                let changed = status.key_id != self.recorded();
                 let health = PluginHealth::Healthy {
                     current_key_id: status.key_id,
                     key_id_changed: changed,
@@ -135,8 +152,8 @@ impl HealthMonitor {
                     current_key_id,
                     key_id_changed: true,
                 } => tracing::warn!(
-                    %socket, recorded_kms_key_id = %self.recorded_key_id, %current_key_id,
-                    "the KMS plugin's key id changed: the stored key-encryption key is still under the old KMS key (re-wrapping is not built)"
+                    %socket, recorded_kms_key_id = %self.recorded(), %current_key_id,
+                    "the KMS plugin's key id changed: the stored key-encryption key is under the old KMS key until the KEK rotation this starts completes"
                 ),
                 PluginHealth::Healthy { .. } if previous != 0 => {
                     tracing::info!(%socket, "KMS plugin healthy again");

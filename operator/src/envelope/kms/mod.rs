@@ -57,6 +57,21 @@ pub const KMS_CIPHERTEXT_KEY: &str = "kms-ciphertext";
 pub const KMS_KEY_ID_KEY: &str = "kms-key-id";
 /// The plugin's annotations, JSON `{name: base64 value}`.
 pub const KMS_ANNOTATIONS_KEY: &str = "kms-annotations";
+/// The prefix of the current sealed key's data keys (`kms-ciphertext`, ...).
+pub const KMS_CURRENT_PREFIX: &str = "kms-";
+/// The prefix of a sealed key staged for a rotation (`kms-next-ciphertext`, ...).
+pub const KMS_NEXT_PREFIX: &str = "kms-next-";
+/// The prefix of a previous sealed key (`kms-previous-<id>-ciphertext`, ...), kept until
+/// nothing is wrapped under it.
+pub const KMS_PREVIOUS_PREFIX: &str = "kms-previous-";
+const CIPHERTEXT_SUFFIX: &str = "ciphertext";
+const KEY_ID_SUFFIX: &str = "key-id";
+const ANNOTATIONS_SUFFIX: &str = "annotations";
+
+/// The data-key prefix of the previous sealed key with envelope id `id`.
+pub fn previous_prefix(id: KekId) -> String {
+    format!("{KMS_PREVIOUS_PREFIX}{id}-")
+}
 
 /// The envelope id of the kms KEK whose intermediate key the plugin encrypted to
 /// `ciphertext`.
@@ -111,6 +126,61 @@ impl SealedKek {
             ),
             (KMS_ANNOTATIONS_KEY.into(), ByteString(annotations)),
         ])
+    }
+
+    /// The entries of this sealed key under `prefix` (no provider entry): how a staged
+    /// ([`KMS_NEXT_PREFIX`]) or previous ([`previous_prefix`]) key is kept.
+    pub fn to_prefixed_data(&self, prefix: &str) -> BTreeMap<String, ByteString> {
+        self.to_secret_data()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                name.strip_prefix(KMS_CURRENT_PREFIX)
+                    .map(|suffix| (format!("{prefix}{suffix}"), value))
+            })
+            .collect()
+    }
+
+    /// The sealed key under `prefix`, if its ciphertext is there.
+    pub fn from_prefixed_data(
+        data: &BTreeMap<String, ByteString>,
+        prefix: &str,
+        secret: &str,
+    ) -> Result<Option<Self>, KmsError> {
+        if !data.contains_key(&format!("{prefix}{CIPHERTEXT_SUFFIX}")) {
+            return Ok(None);
+        }
+        let current: BTreeMap<String, ByteString> = data
+            .iter()
+            .filter_map(|(name, value)| {
+                let suffix = name.strip_prefix(prefix)?;
+                [CIPHERTEXT_SUFFIX, KEY_ID_SUFFIX, ANNOTATIONS_SUFFIX]
+                    .contains(&suffix)
+                    .then(|| (format!("{KMS_CURRENT_PREFIX}{suffix}"), value.clone()))
+            })
+            .chain([(KEK_PROVIDER_KEY.to_owned(), ByteString(KMS_PROVIDER.into()))])
+            .collect();
+        Self::from_secret_data(&current, secret).map(Some)
+    }
+
+    /// The staged and previous sealed keys in a kms KEK Secret's `data`.
+    pub fn unwrap_only(
+        data: &BTreeMap<String, ByteString>,
+        secret: &str,
+    ) -> Result<Vec<Self>, KmsError> {
+        let mut prefixes = vec![KMS_NEXT_PREFIX.to_owned()];
+        prefixes.extend(data.keys().filter_map(|name| {
+            name.starts_with(KMS_PREVIOUS_PREFIX)
+                .then(|| name.strip_suffix(CIPHERTEXT_SUFFIX))
+                .flatten()
+                .map(str::to_owned)
+        }));
+        let mut sealed = Vec::new();
+        for prefix in prefixes {
+            if let Some(key) = Self::from_prefixed_data(data, &prefix, secret)? {
+                sealed.push(key);
+            }
+        }
+        Ok(sealed)
     }
 
     /// Reads what [`SealedKek::to_secret_data`] wrote; `secret` (`namespace/name`)
@@ -330,6 +400,47 @@ pub async fn load_or_create_kms_kek(
         }
         Err(source) => Err(kube_err(source)),
     }
+}
+
+/// The whole kms keyring in a KEK Secret's `data`: the current key and the staged and
+/// previous ones (unwrap only). A key `have` already holds (same envelope id) is reused,
+/// so only new keys are sent to the plugin to decrypt.
+pub async fn open_keyring(
+    kms: &KmsClient,
+    data: &BTreeMap<String, ByteString>,
+    secret: &str,
+    have: Option<&super::Kek>,
+) -> Result<super::Kek, KmsError> {
+    let current = SealedKek::from_secret_data(data, secret)?;
+    let mut keys = Vec::new();
+    for sealed in std::iter::once(current).chain(SealedKek::unwrap_only(data, secret)?) {
+        let wanted = super::KeyRef {
+            provider: super::KekProvider::Kms,
+            id: key_id(&sealed.ciphertext),
+        };
+        match have.and_then(|kek| kek.member(wanted)) {
+            Some(kek) => keys.push(kek),
+            None => keys.push(super::Kek::from(KmsKek::open(kms, &sealed, secret).await?)),
+        }
+    }
+    let (current, others) = keys.split_first().ok_or_else(|| KmsError::InvalidSecret {
+        secret: secret.to_owned(),
+        why: "no key".into(),
+    })?;
+    Ok(super::Kek::keyring(current, others))
+}
+
+/// The ids of the keys in a kms KEK Secret's `data` (current first), read without the
+/// plugin.
+pub fn keyring_ids(
+    data: &BTreeMap<String, ByteString>,
+    secret: &str,
+) -> Result<Vec<KekId>, KmsError> {
+    let current = SealedKek::from_secret_data(data, secret)?;
+    Ok(std::iter::once(current)
+        .chain(SealedKek::unwrap_only(data, secret)?)
+        .map(|sealed| key_id(&sealed.ciphertext))
+        .collect())
 }
 
 /// How long to wait between attempts while the plugin is down at start.
