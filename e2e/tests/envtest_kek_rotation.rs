@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use portcullis_crds::{Tenant, conditions};
 use portcullis_e2e::envtest;
@@ -124,6 +124,25 @@ async fn an_annotation_rotates_the_kek_and_rewraps_everything_while_serving() ->
             ring.unwrap_version(&operator.context.kek, 1)?,
         );
     }
+
+    // A deleted Tenant's DEK Secret stays behind; the rotation must find and re-wrap it
+    // too, or it would no longer open once the old key is gone.
+    let deleted = tenants[1].clone();
+    let tenant_api = Api::<Tenant>::all(admin.clone());
+    tenant_api
+        .delete(&deleted, &DeleteParams::default())
+        .await?;
+    eventually("the deleted Tenant gone", WAIT, || async {
+        Ok(tenant_api.get_opt(&deleted).await?.is_none().then_some(()))
+    })
+    .await?;
+    ensure!(
+        secrets
+            .get_opt(&dek::secret_name(&deleted))
+            .await?
+            .is_some(),
+        "the test needs a DEK Secret that outlives its Tenant"
+    );
 
     // On demand, by annotation; a Tenant is created while the rotation runs.
     secrets

@@ -28,8 +28,7 @@ use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::Api;
-use kube::ResourceExt;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -381,32 +380,26 @@ pub struct RewrapCount {
     pub remaining: usize,
 }
 
-/// Re-wraps the DEK Secrets of `tenants` and the webhook CA Secret in `namespace` still
-/// under an old key; counts the CA Secrets, which their store re-wraps. Secrets are read
-/// by name: the operator may not list Secrets in its namespace. A conflicting write
-/// counts as remaining and is retried next pass.
+/// Re-wraps every DEK Secret and the webhook CA Secret in `namespace` still under an old
+/// key; counts the CA Secrets, which their store re-wraps. A conflicting write counts as
+/// remaining and is retried next pass.
 pub async fn rewrap_pass(
     client: &kube::Client,
     namespace: &str,
     kek: &Kek,
     webhook_ca_secret: Option<&str>,
-    tenants: &[String],
 ) -> Result<RewrapCount, KekRotationError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let names = [ROOT_SECRET.to_owned(), INTERMEDIATE_SECRET.to_owned()]
-        .into_iter()
-        .chain(webhook_ca_secret.map(str::to_owned))
-        .chain(tenants.iter().map(|t| dek::secret_name(t)));
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| KekRotationError::Kube {
+            secret: format!("{namespace}/*"),
+            source,
+        })?;
     let mut count = RewrapCount::default();
-    for name in names {
-        let Some(secret) = api
-            .get_opt(&name)
-            .await
-            .map_err(|source| KekRotationError::Kube {
-                secret: name.clone(),
-                source,
-            })?
-        else {
+    for secret in list.items {
+        let Some(name) = secret.metadata.name.clone() else {
             continue;
         };
         let is_dek = name.starts_with(dek::SECRET_PREFIX);
@@ -583,17 +576,6 @@ impl KekRotation {
         self.ctx
             .event(&self.reference(), warning, reason, note)
             .await;
-    }
-
-    /// The Tenants whose DEK Secrets the re-wrap pass reads.
-    fn tenant_names(&self) -> Vec<String> {
-        self.ctx
-            .stores
-            .tenants
-            .state()
-            .iter()
-            .map(|t| t.name_any())
-            .collect()
     }
 
     fn secret_ref(&self) -> String {
@@ -797,17 +779,11 @@ impl KekRotation {
                 }
             }
             Step::Rewrap => {
-                // An unsynced Tenant cache would hide DEK Secrets: wait for it, never
-                // retire a key on a partial view.
-                if !self.ctx.stores.tenants_synced.is_synced() {
-                    return Ok(Step::WaitForReplicas);
-                }
                 let count = rewrap_pass(
                     &self.ctx.client,
                     &self.ctx.settings.namespace,
                     &self.ctx.kek,
                     self.settings.webhook_ca_secret.as_deref(),
-                    &self.tenant_names(),
                 )
                 .await?;
                 self.ctx.metrics.kek.record_remaining(count.remaining);

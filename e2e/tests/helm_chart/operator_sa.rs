@@ -401,9 +401,11 @@ async fn operator_cannot_read_secrets_outside_tenant_namespaces() -> Result<()> 
             "the chart lets the operator {verb} Secrets in {outside}, a namespace no Tenant holds"
         );
     }
-    // Its own namespace: read and write its own Secrets by name, never list them.
+    // Its own namespace: read, write and list its own Secrets (a KEK rotation must find
+    // every DEK Secret, a deleted Tenant's included), never watch them.
     ensure!(sa_may_secrets(&admin, release, "get", &release.namespace).await?);
-    ensure!(!sa_may_secrets(&admin, release, "list", &release.namespace).await?);
+    ensure!(sa_may_secrets(&admin, release, "list", &release.namespace).await?);
+    ensure!(!sa_may_secrets(&admin, release, "watch", &release.namespace).await?);
 
     let work = tempfile::Builder::new()
         .prefix("portcullis-operator-secrets-")

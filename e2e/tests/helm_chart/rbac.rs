@@ -147,6 +147,7 @@ enum Probe {
     ReplaceApiKeySecret,
     DeleteApiKeySecret,
     GetCaSecret,
+    ListOwnSecrets,
     CreateOwnSecret,
     ReplaceOwnSecret,
     ApplyAuditSecret,
@@ -186,7 +187,7 @@ enum Probe {
 }
 
 impl Probe {
-    const ALL: [Probe; 66] = [
+    const ALL: [Probe; 67] = [
         Self::ListTenants,
         Self::WatchTenants,
         Self::GetTenant,
@@ -217,6 +218,7 @@ impl Probe {
         Self::ReplaceApiKeySecret,
         Self::DeleteApiKeySecret,
         Self::GetCaSecret,
+        Self::ListOwnSecrets,
         Self::CreateOwnSecret,
         Self::ReplaceOwnSecret,
         Self::ApplyAuditSecret,
@@ -288,7 +290,9 @@ impl Probe {
             WatchNamespaces => vec![need("", "namespaces", "watch")],
             LabelNamespace => vec![need("", "namespaces", "patch")],
             GetApiKeySecret | GetCaSecret => vec![need("", "secrets", "get")],
-            ListSecrets => vec![need("", "secrets", "list")],
+            // ListOwnSecrets: a KEK rotation's re-wrap pass finds every DEK Secret,
+            // a deleted Tenant's included.
+            ListSecrets | ListOwnSecrets => vec![need("", "secrets", "list")],
             WatchSecrets => vec![need("", "secrets", "watch")],
             CreateApiKeySecret | CreateOwnSecret => vec![need("", "secrets", "create")],
             ReplaceApiKeySecret | ReplaceOwnSecret => vec![need("", "secrets", "update")],
@@ -379,8 +383,8 @@ impl Probe {
         match self {
             GetApiKeySecret | ListSecrets | WatchSecrets | CreateApiKeySecret
             | ReplaceApiKeySecret | DeleteApiKeySecret => Scope::TenantNamespace,
-            GetCaSecret | CreateOwnSecret | ReplaceOwnSecret | ApplyAuditSecret | CreateLease
-            | GetLease | RenewLease => Scope::ReleaseNamespace,
+            GetCaSecret | ListOwnSecrets | CreateOwnSecret | ReplaceOwnSecret
+            | ApplyAuditSecret | CreateLease | GetLease | RenewLease => Scope::ReleaseNamespace,
             _ => Scope::Anywhere,
         }
     }
@@ -557,6 +561,7 @@ impl Probe {
                     .await?;
                 Ok(())
             }
+            ListOwnSecrets => list_one(Api::<Secret>::namespaced(sa, &cx.release_ns)).await,
             CreateOwnSecret => {
                 let created = Api::<Secret>::namespaced(sa, &cx.release_ns)
                     .create(&PostParams::default(), &own_secret())
