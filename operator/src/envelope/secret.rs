@@ -203,7 +203,17 @@ pub async fn load_or_create_kek(
         return Ok(Kek::from_secret_data(&secret.data.unwrap_or_default())?);
     }
     let kek = SecretKek::generate();
-    let secret = Secret {
+    let secret = new_kek_secret(namespace, kek.to_secret_data());
+    match create_or_winner(&api, &secret).await.map_err(kube_err)? {
+        None => Ok(kek.into()),
+        Some(winner) => Ok(Kek::from_secret_data(&winner.data.unwrap_or_default())?),
+    }
+}
+
+/// The KEK Secret [`KEK_SECRET_NAME`] in `namespace` holding `data`, labelled as the
+/// operator's.
+pub(super) fn new_kek_secret(namespace: &str, data: BTreeMap<String, ByteString>) -> Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some(KEK_SECRET_NAME.into()),
             namespace: Some(namespace.into()),
@@ -214,15 +224,23 @@ pub async fn load_or_create_kek(
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(kek.to_secret_data()),
+        data: Some(data),
         ..Secret::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(kek.into()),
+    }
+}
+
+/// Creates the KEK Secret `secret`, never overwriting one: `None` when it was created,
+/// the winner's Secret when another replica created it first (the caller reads that
+/// one's key instead of its own).
+pub(super) async fn create_or_winner(
+    api: &Api<Secret>,
+    secret: &Secret,
+) -> Result<Option<Secret>, kube::Error> {
+    match api.create(&PostParams::default(), secret).await {
+        Ok(_) => Ok(None),
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = api.get(KEK_SECRET_NAME).await.map_err(kube_err)?;
-            Ok(Kek::from_secret_data(&secret.data.unwrap_or_default())?)
+            api.get(KEK_SECRET_NAME).await.map(Some)
         }
-        Err(source) => Err(kube_err(source)),
+        Err(source) => Err(source),
     }
 }

@@ -37,14 +37,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
 
 pub use client::{API_VERSION, KmsClient, KmsConfig};
 pub use error::KmsError;
 
-use super::secret::{KEK_SECRET_KEY, KEK_SECRET_NAME};
+use super::secret::{KEK_SECRET_KEY, KEK_SECRET_NAME, create_or_winner, new_kek_secret};
 use super::{EnvelopeError, KEK_ID_LEN, KEY_LEN, KekId, SecretKek};
 
 /// The Secret data key naming the provider that wrote a non-`secret` KEK Secret.
@@ -376,29 +375,14 @@ pub async fn load_or_create_kms_kek(
         return KmsKek::open(kms, &sealed, &secret_ref).await;
     }
     let (kek, sealed) = KmsKek::create(kms).await?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(KEK_SECRET_NAME.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".into(),
-                "portcullis-operator".into(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(sealed.to_secret_data()),
-        ..Secret::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(kek),
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = api.get(KEK_SECRET_NAME).await.map_err(kube_err)?;
+    let secret = new_kek_secret(namespace, sealed.to_secret_data());
+    match create_or_winner(&api, &secret).await.map_err(kube_err)? {
+        None => Ok(kek),
+        Some(winner) => {
             let sealed =
-                SealedKek::from_secret_data(&secret.data.unwrap_or_default(), &secret_ref)?;
+                SealedKek::from_secret_data(&winner.data.unwrap_or_default(), &secret_ref)?;
             KmsKek::open(kms, &sealed, &secret_ref).await
         }
-        Err(source) => Err(kube_err(source)),
     }
 }
 
