@@ -115,6 +115,52 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
     assert_eq!(h.metric("portcullis_tls_handshakes_total"), 1.0);
 }
 
+/// Over TLS only ALPN picks HTTP/2 (RFC 9113 §3.2): a client that names no protocol
+/// (an old or minimal TLS stack) is served HTTP/1.1, keep-alive included.
+#[tokio::test]
+async fn a_client_naming_no_protocol_is_served_http1() {
+    let h = Harness::start(Options::default()).await;
+    let config = client::client_config(
+        &h.ca.pem,
+        &Identity::Anonymous,
+        &[&rustls::version::TLS13],
+        &[],
+    );
+    let tcp = tokio::net::TcpStream::connect(h.proxy.inbound_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let key = h.token("signals").to_owned();
+    for i in 0..2 {
+        let request =
+            format!("GET /v1/signals/{i} HTTP/1.1\r\nhost: localhost\r\nx-api-key: {key}\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap();
+        let mut body = vec![0u8; length];
+        tls.read_exact(&mut body).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
     let h = Harness::start(Options::default()).await;

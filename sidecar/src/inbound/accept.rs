@@ -6,10 +6,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +17,7 @@ use crate::{
     listener::{
         accept::{Bounds, PerSource, accept_loop},
         idle::{self, Activity},
-        proxy_http::http_builder,
+        proxy_http::{Protocol, TlsHttpServers},
     },
     metrics::Metrics,
     tls::{
@@ -54,7 +51,7 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let builder = Arc::new(http_builder(&limits));
+    let servers = Arc::new(TlsHttpServers::new(&limits));
     let bounds = Bounds {
         name: "inbound",
         max_connections: limits.max_connections,
@@ -72,7 +69,7 @@ pub async fn serve(
                 // The config in force now: a renewal later does not touch this connection.
                 acceptor: TlsAcceptor::from(server_configs.current()),
                 inbound: inbound.clone(),
-                builder: builder.clone(),
+                servers: servers.clone(),
                 metrics: metrics.clone(),
                 limits: limits.clone(),
                 shutdown: shutdown.clone(),
@@ -97,7 +94,7 @@ impl ConnInfo {
 struct Connection {
     acceptor: TlsAcceptor,
     inbound: Arc<Inbound>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    servers: Arc<TlsHttpServers>,
     metrics: Metrics,
     limits: Limits,
     shutdown: CancellationToken,
@@ -105,22 +102,25 @@ struct Connection {
 
 impl Connection {
     async fn run(self, tcp: TcpStream, peer: SocketAddr) {
-        let stream =
-            match tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp))
-                .await
-            {
-                Err(_) => {
-                    self.metrics.handshake_failed("timeout");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    let reason = tls::handshake_failure_reason(&e);
-                    tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
-                    self.metrics.handshake_failed(reason);
-                    return;
-                }
-                Ok(Ok(stream)) => stream,
-            };
+        // Boxed: the handshake's state (the TLS session inline) is larger than the
+        // serving state, and the task would otherwise keep room for it for its life.
+        let handshake = Box::pin(tokio::time::timeout(
+            self.limits.handshake_timeout,
+            self.acceptor.accept(tcp),
+        ));
+        let stream = match handshake.await {
+            Err(_) => {
+                self.metrics.handshake_failed("timeout");
+                return;
+            }
+            Ok(Err(e)) => {
+                let reason = tls::handshake_failure_reason(&e);
+                tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
+                self.metrics.handshake_failed(reason);
+                return;
+            }
+            Ok(Ok(stream)) => stream,
+        };
         self.metrics.handshake_ok();
         if self.shutdown.is_cancelled() {
             return;
@@ -140,9 +140,9 @@ impl Connection {
         let service = service_fn(move |request| inbound.clone().handle(request, conn.clone()));
         let gauge = self.metrics.connections_open().clone();
         gauge.inc();
-        let connection = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let alpn = stream.get_ref().1.alpn_protocol();
+        let protocol = Protocol::from_alpn(alpn);
+        let connection = self.servers.serve(TokioIo::new(stream), service, protocol);
         let limits = &self.limits;
         let closing = idle::close_signal(
             &activity,
