@@ -1,5 +1,5 @@
-//! `kek rotate`: asks the operator to rotate the key-encryption key (secret or kms
-//! provider), and what `check` shows of it. Only the Secret's annotations and data key
+//! `kek rotate`: asks the operator to rotate the key-encryption key (any provider: secret,
+//! kms, or pkcs11, whose Secret records HSM key labels), and what `check` shows of it. Only the Secret's annotations and data key
 //! *names* are read or shown, never a key.
 
 use std::io::Write;
@@ -28,6 +28,8 @@ const NEXT_KEY: &str = "kek-next";
 const PREVIOUS_PREFIX: &str = "kek-previous-";
 const KMS_NEXT_KEY: &str = "kms-next-ciphertext";
 const KMS_PREVIOUS_PREFIX: &str = "kms-previous-";
+const PKCS11_NEXT_KEY: &str = "pkcs11-next-label";
+const PKCS11_PREVIOUS_PREFIX: &str = "pkcs11-previous-";
 const PROVIDER_KEY: &str = "provider";
 
 /// What the KEK Secret says about rotation.
@@ -43,7 +45,7 @@ pub struct KekRotationSeen {
     pub previous: Vec<String>,
     /// A requested rotation the operator has not acted on yet.
     pub requested: bool,
-    /// The provider a non-`secret` KEK Secret names (`kms`).
+    /// The provider a non-`secret` KEK Secret names (`kms`, `pkcs11`).
     pub provider: Option<String>,
 }
 
@@ -57,14 +59,18 @@ pub fn seen(secret: &Secret) -> KekRotationSeen {
             .get(CREATED_ANNOTATION)
             .and_then(|t| t.parse().ok())
             .or_else(|| secret.metadata.creation_timestamp.as_ref().map(|t| t.0)),
-        staged: data.contains_key(NEXT_KEY) || data.contains_key(KMS_NEXT_KEY),
+        staged: [NEXT_KEY, KMS_NEXT_KEY, PKCS11_NEXT_KEY]
+            .iter()
+            .any(|k| data.contains_key(*k)),
         previous: data
             .keys()
             .filter_map(|k| {
-                k.strip_prefix(PREVIOUS_PREFIX).or_else(|| {
-                    k.strip_prefix(KMS_PREVIOUS_PREFIX)?
-                        .strip_suffix("-ciphertext")
-                })
+                k.strip_prefix(PREVIOUS_PREFIX)
+                    .or_else(|| k.strip_prefix(PKCS11_PREVIOUS_PREFIX))
+                    .or_else(|| {
+                        k.strip_prefix(KMS_PREVIOUS_PREFIX)?
+                            .strip_suffix("-ciphertext")
+                    })
             })
             .map(str::to_owned)
             .collect(),
@@ -83,7 +89,7 @@ pub fn judge(seen: Option<&KekRotationSeen>, now: Timestamp) -> CheckResult {
         return CheckResult::pass(
             NAME,
             format!(
-                "no Secret {KEK_SECRET}: the KEK is in an HSM (pkcs11; rotate it there) or the operator has not started yet"
+                "no Secret {KEK_SECRET}: the operator has not started yet (or runs a release that kept no Secret for an HSM KEK)"
             ),
         );
     };
@@ -141,8 +147,8 @@ pub async fn rotate(
     let api = Api::<Secret>::namespaced(cluster.client.clone(), ns);
     let Some(secret) = api.get_opt(KEK_SECRET).await? else {
         return Err(CliError::Operator(format!(
-            "no Secret {ns}/{KEK_SECRET}: the KEK is not kept in a Secret (pkcs11: it is in the HSM). \
-             Rotating a pkcs11 KEK means a new key in the HSM under a new label; that is not built yet"
+            "no Secret {ns}/{KEK_SECRET}: the operator has not started yet; every provider (pkcs11 too, \
+             with HSM key labels) keeps its rotation state there once it has"
         )));
     };
     let seen = seen(&secret);
@@ -230,7 +236,24 @@ mod tests {
             &["kek"],
         );
         assert_eq!(judge(Some(&seen(&handled)), now).status, Status::Pass);
-        assert!(judge(None, now).message.contains("HSM"));
+        assert!(judge(None, now).message.contains("not started"));
+        let pkcs11 = secret(
+            &[(ID_ANNOTATION, "ee")],
+            &["provider", "pkcs11-key-label", "pkcs11-previous-ff"],
+        );
+        let result = judge(Some(&seen(&pkcs11)), now);
+        assert_eq!(result.status, Status::Warn);
+        assert!(
+            result.message.contains("previous KEK(s) ff"),
+            "{}",
+            result.message
+        );
+        let pkcs11_staged = secret(&[], &["provider", "pkcs11-key-label", "pkcs11-next-label"]);
+        assert!(
+            judge(Some(&seen(&pkcs11_staged)), now)
+                .message
+                .contains("staged")
+        );
         let kms = secret(
             &[(ID_ANNOTATION, "cc")],
             &[

@@ -8,6 +8,11 @@
 //! The same with a kms KEK (the KMS v2 test plugin): a new intermediate key, encrypted
 //! by the plugin, replaces the old one.
 //!
+//! The same with a pkcs11 KEK (SoftHSM, in a child process with its own token): a new
+//! key generated in the HSM under a new label replaces the configured one, the operator
+//! is restarted while it is staged and resumes, and the old key stays in the HSM.
+//! Skips (prints why, passes) without softhsm2.
+//!
 //! Skips (prints why, passes) when `KUBEBUILDER_ASSETS` is not set.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -364,6 +369,216 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
         .data
         .unwrap_or_default();
     ensure!(blobs_under_old_keys(&dek, &operator.context.kek) == 0);
+    operator.stop().await;
+    Ok(())
+}
+
+/// Set in the child process that runs the pkcs11 case: its SoftHSM directory.
+const HSM_CHILD_DIR: &str = "PORTCULLIS_HSM_DIR";
+const HSM_TOKEN: &str = "portcullis-envtest";
+const HSM_KEY: &str = "portcullis-kek";
+
+fn softhsm_module() -> Option<std::path::PathBuf> {
+    let arch = std::env::consts::ARCH;
+    [
+        "/usr/lib/softhsm/libsofthsm2.so".to_owned(),
+        format!("/usr/lib/{arch}-linux-gnu/softhsm/libsofthsm2.so"),
+        "/usr/local/lib/softhsm/libsofthsm2.so".to_owned(),
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// SoftHSM reads `SOFTHSM2_CONF` once per process, so the pkcs11 case runs in a child
+/// process of this binary with its own token directory (and its own envtest).
+fn run_in_softhsm_child(test: &str) -> Result<()> {
+    let dir = tempfile::TempDir::new()?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens)?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", &conf)
+        .env(HSM_CHILD_DIR, dir.path())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in its SoftHSM process:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart() -> Result<()> {
+    use portcullis_operator::envelope::pkcs11::labels::{
+        KEY_LABEL_KEY, NEXT_LABEL_KEY, PREVIOUS_PREFIX,
+    };
+    use portcullis_operator::envelope::{
+        KekProvider, Pkcs11Config, Pkcs11Kek, TokenSelector, pkcs11,
+    };
+
+    const TEST: &str = "a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart";
+    let Some(module) = softhsm_module() else {
+        eprintln!("skipped {TEST}: libsofthsm2.so not found (apt-get install softhsm2)");
+        return Ok(());
+    };
+    let Some(dir) = std::env::var_os(HSM_CHILD_DIR).map(std::path::PathBuf::from) else {
+        if std::process::Command::new("softhsm2-util")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped {TEST}: softhsm2-util not found (apt-get install softhsm2)");
+            return Ok(());
+        }
+        return run_in_softhsm_child(TEST);
+    };
+
+    // The child: a token with the configured key, and the whole operator on it.
+    let Some(env) = envtest::shared().await? else {
+        return Ok(());
+    };
+    let out = std::process::Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", HSM_TOKEN])
+        .args(["--pin", "user-pin-4711", "--so-pin", "so-pin-0815"])
+        .output()?;
+    ensure!(out.status.success(), "softhsm2-util: {out:?}");
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, "user-pin-4711\n")?;
+    let config = Pkcs11Config {
+        module,
+        token: TokenSelector::Label(HSM_TOKEN.into()),
+        key_label: HSM_KEY.into(),
+        pin_file,
+    };
+    pkcs11::create_key(&config)?;
+
+    env.install_crds().await?;
+    let admin = env.client()?;
+    let ns = env.create_namespace("kek-rotation-pkcs11").await?;
+    let _serial = SERIAL.lock().await;
+    let mut settings = settings(&ns);
+    settings.kek_pkcs11 = Some(config.clone());
+    // Long enough to restart the operator while the new key is staged.
+    settings.kek_rotation.propagation = Duration::from_secs(4);
+    let operator = run::start(env.client()?, settings.clone()).await?;
+    ensure!(operator.context.kek.provider() == KekProvider::Pkcs11);
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    // The first start recorded the configured key's label: labels, no key material.
+    let recorded = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+    ensure!(
+        recorded.get(KEY_LABEL_KEY).map(|v| v.0.as_slice()) == Some(HSM_KEY.as_bytes())
+            && recorded.get("provider").map(|v| v.0.as_slice()) == Some(b"pkcs11".as_slice()),
+        "{:?}",
+        recorded.keys().collect::<Vec<_>>()
+    );
+
+    let tenant_ns = env.create_namespace("rot-p11").await?;
+    let tenant = unique("rot-p11");
+    create_tenant(&admin, &tenant, &tenant_ns).await?;
+    ready(&admin, &tenant).await?;
+    let old = operator.context.kek.key_ref();
+    let dek_before = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
+        .unwrap_version(&operator.context.kek, 1)?;
+
+    secrets
+        .patch(
+            KEK_SECRET_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: "p11-1"}}})),
+        )
+        .await?;
+    eventually("the new HSM key staged", WAIT, || async {
+        let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+        Ok(data.contains_key(NEXT_LABEL_KEY).then_some(()))
+    })
+    .await?;
+
+    // A restart mid-rotation: the new process opens the staged key by its label too.
+    operator.stop().await;
+    let operator = run::start(env.client()?, settings).await?;
+    ensure!(
+        !operator.context.kek.unwrap_only().is_empty(),
+        "restarted mid-rotation without the staged or previous key"
+    );
+
+    let after = eventually("the pkcs11 rotation to complete", WAIT, || async {
+        let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
+        let left = data
+            .keys()
+            .filter(|k| *k == NEXT_LABEL_KEY || k.starts_with(PREVIOUS_PREFIX))
+            .count();
+        Ok((left == 0 && operator.context.kek.key_ref() != old).then_some(data))
+    })
+    .await?;
+    let current_label = String::from_utf8(after[KEY_LABEL_KEY].0.clone())?;
+    ensure!(
+        current_label.starts_with(&format!("{HSM_KEY}-")),
+        "{current_label}"
+    );
+    let new = operator.context.kek.key_ref();
+    ensure!(
+        new.provider == KekProvider::Pkcs11 && new.id == pkcs11::key_id(HSM_TOKEN, &current_label)
+    );
+    ensure!(operator.context.kek.unwrap_only().is_empty());
+    for name in [
+        "portcullis-ca-root".to_owned(),
+        "portcullis-ca-intermediate".to_owned(),
+        "portcullis-webhook-ca".to_owned(),
+        dek::secret_name(&tenant),
+    ] {
+        let data = eventually(&format!("{name} under the new HSM key"), WAIT, || async {
+            let data = secrets.get(&name).await?.data.unwrap_or_default();
+            Ok((blobs_under_old_keys(&data, &operator.context.kek) == 0).then_some(data))
+        })
+        .await?;
+        for (key, value) in &data {
+            if key.ends_with(".wrapped")
+                || (name.starts_with("portcullis-dek-") && key.starts_with('v'))
+            {
+                ensure!(Kek::wrapped_under(&value.0)? == new, "{name} {key}");
+            }
+        }
+    }
+    let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
+        .unwrap_version(&operator.context.kek, 1)?;
+    ensure!(dek_after == dek_before, "the DEK changed");
+
+    // The completion Event names the old HSM key, which is kept in the token.
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    let complete = eventually("KekRotationComplete", WAIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("KekRotationComplete"))
+            .and_then(|e| e.note))
+    })
+    .await?;
+    ensure!(
+        complete.contains("the HSM still holds") && complete.contains(HSM_KEY),
+        "{complete}"
+    );
+    ensure!(
+        Pkcs11Kek::open(&config).is_ok(),
+        "the previous HSM key was destroyed"
+    );
+    let metrics = reqwest_free_get(operator.metrics_addr).await?;
+    ensure!(
+        metrics.contains("portcullis_operator_kek_unwrap_only_keys 0"),
+        "{metrics}"
+    );
     operator.stop().await;
     Ok(())
 }

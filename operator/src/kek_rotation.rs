@@ -1,4 +1,4 @@
-//! KEK rotation without downtime, for the `secret` and `kms` providers.
+//! KEK rotation without downtime, for the `secret`, `kms` and `pkcs11` providers.
 //!
 //! The KEK Secret moves through three phases, each written with the resourceVersion
 //! read, so two replicas never both act on one phase:
@@ -6,16 +6,19 @@
 //! 1. **Staged**: a trigger (a new value of the annotation [`ROTATE_ANNOTATION`], or the
 //!    current key older than `--kek-rotation-period`) puts a new key under
 //!    [`KEK_NEXT_KEY`] (kms: a new intermediate key, encrypted by the plugin, under
-//!    `kms-next-*`). Every replica re-reads the Secret every reload interval and
-//!    loads it as an unwrap-only key.
+//!    `kms-next-*`; pkcs11: a new key generated in the HSM, its label under
+//!    `pkcs11-next-label`, see [`pkcs11`]). Every replica re-reads the Secret every
+//!    reload interval and loads it as an unwrap-only key.
 //! 2. **Promoted**, once every replica has had time to load it (the propagation delay):
-//!    the staged key becomes `kek`, the old one moves to `kek-previous-<id>` (kms: `kms-previous-<id>-*`). A replica
+//!    the staged key becomes `kek`, the old one moves to `kek-previous-<id>` (kms: `kms-previous-<id>-*`; pkcs11: the
+//!    label moves to `pkcs11-previous-<id>`). A replica
 //!    that has not reloaded yet still opens what the new key wraps (it has it as
 //!    "next"), and what it wraps under the old key is re-wrapped later.
 //! 3. **Re-wrapped**: the leader re-wraps every tenant DEK Secret and the webhook CA
 //!    Secret still under an old key (the CA Secrets are re-wrapped by the CA's own
 //!    store, which owns their resourceVersions), counts what is left, and when nothing
-//!    refers to an old key removes the previous keys from the Secret.
+//!    refers to an old key removes the previous keys from the Secret (pkcs11: the labels;
+//!    the keys stay in the HSM for its admin to destroy).
 //!
 //! Progress is published as Events on the KEK Secret and as metrics.
 
@@ -37,12 +40,14 @@ use crate::ca::{INTERMEDIATE_SECRET, ROOT_SECRET};
 use crate::context::Context;
 use crate::dek::{self, DekRing};
 use crate::envelope::kms::{self, KmsError, SealedKek};
+use crate::envelope::pkcs11::labels as pkcs11_labels;
 use crate::envelope::secret::previous_key;
 use crate::envelope::{
     EnvelopeError, KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_KEY, Kek, KekId, KekProvider,
     SecretKek,
 };
 use crate::envelope::{KmsClient, KmsKek};
+use crate::envelope::{Pkcs11Config, Pkcs11Error};
 use crate::webhook::tls::WebhookCa;
 
 /// Set to any new value to ask for a KEK rotation (`kubectl portcullis kek rotate`).
@@ -70,12 +75,14 @@ pub struct KekRotationSettings {
     pub propagation: Duration,
     /// The webhook CA Secret, re-wrapped with the rest; `None`: no webhooks.
     pub webhook_ca_secret: Option<String>,
-    /// The running KEK's provider: `secret` and `kms` rotate; with `pkcs11` a rotation
-    /// request is answered with a Warning Event.
+    /// The running KEK's provider.
     pub provider: KekProvider,
     /// The KMS plugin (kms provider): it encrypts a new intermediate key and decrypts
     /// staged and previous ones.
     pub kms: Option<KmsClient>,
+    /// The HSM (pkcs11 provider): where new keys are generated and every key is found
+    /// by its label.
+    pub pkcs11: Option<Pkcs11Config>,
 }
 
 impl KekRotationSettings {
@@ -89,6 +96,7 @@ impl KekRotationSettings {
             webhook_ca_secret: None,
             provider: KekProvider::Secret,
             kms: None,
+            pkcs11: None,
         }
     }
 }
@@ -115,6 +123,12 @@ pub enum KekRotationError {
     /// The KMS plugin failed, or the kms KEK Secret is unusable.
     #[error(transparent)]
     Kms(#[from] KmsError),
+    /// The HSM failed, or the pkcs11 KEK Secret is unusable.
+    #[error(transparent)]
+    Hsm(#[from] Pkcs11Error),
+    /// A blocking HSM call did not finish.
+    #[error("HSM task failed: {0}")]
+    Task(String),
     /// A wrapped key could not be re-wrapped.
     #[error("re-wrapping Secret {secret}: {reason}")]
     Rewrap {
@@ -181,26 +195,29 @@ fn data(secret: &Secret) -> &BTreeMap<String, ByteString> {
     secret.data.as_ref().unwrap_or(&EMPTY)
 }
 
-/// The ids of the previous keys the Secret still keeps (`kek-previous-<id>`, or
-/// `kms-previous-<id>-ciphertext` for a kms KEK).
+/// The ids of the previous keys the Secret still keeps (`kek-previous-<id>`,
+/// `kms-previous-<id>-ciphertext` for a kms KEK, `pkcs11-previous-<id>` for a pkcs11 one).
 pub fn previous_ids(secret: &Secret) -> Vec<String> {
     data(secret)
         .keys()
         .filter_map(|k| {
-            k.strip_prefix(KEK_PREVIOUS_PREFIX).or_else(|| {
-                k.strip_prefix(kms::KMS_PREVIOUS_PREFIX)
-                    .and_then(|rest| rest.strip_suffix("-ciphertext"))
-            })
+            k.strip_prefix(KEK_PREVIOUS_PREFIX)
+                .or_else(|| k.strip_prefix(pkcs11_labels::PREVIOUS_PREFIX))
+                .or_else(|| {
+                    k.strip_prefix(kms::KMS_PREVIOUS_PREFIX)
+                        .and_then(|rest| rest.strip_suffix("-ciphertext"))
+                })
         })
         .map(str::to_owned)
         .collect()
 }
 
-/// Whether a key is staged (`kek-next`, or `kms-next-ciphertext`).
+/// Whether a key is staged (`kek-next`, `kms-next-ciphertext` or `pkcs11-next-label`).
 fn has_next(secret: &Secret) -> bool {
     let data = data(secret);
     data.contains_key(KEK_NEXT_KEY)
         || data.contains_key(&format!("{}ciphertext", kms::KMS_NEXT_PREFIX))
+        || data.contains_key(pkcs11_labels::NEXT_LABEL_KEY)
 }
 
 fn is_kms(secret: &Secret) -> bool {
@@ -349,7 +366,9 @@ pub fn promote(secret: &mut Secret, now: Timestamp) -> Result<(KekId, KekId), En
 pub fn retire(secret: &mut Secret) {
     if let Some(data) = secret.data.as_mut() {
         data.retain(|k, _| {
-            !k.starts_with(KEK_PREVIOUS_PREFIX) && !k.starts_with(kms::KMS_PREVIOUS_PREFIX)
+            !k.starts_with(KEK_PREVIOUS_PREFIX)
+                && !k.starts_with(kms::KMS_PREVIOUS_PREFIX)
+                && !k.starts_with(pkcs11_labels::PREVIOUS_PREFIX)
         });
     }
 }
@@ -582,6 +601,16 @@ impl KekRotation {
         format!("{}/{}", self.ctx.settings.namespace, self.settings.secret)
     }
 
+    fn pkcs11(&self) -> Result<&Pkcs11Config, KekRotationError> {
+        self.settings.pkcs11.as_ref().ok_or_else(|| {
+            KekRotationError::Hsm(Pkcs11Error::LabelsInvalid {
+                secret: self.secret_ref(),
+                why: "the operator runs with the pkcs11 provider but without its HSM settings"
+                    .into(),
+            })
+        })
+    }
+
     fn kms(&self) -> Result<&KmsClient, KekRotationError> {
         self.settings.kms.as_ref().ok_or_else(|| {
             KekRotationError::Kms(KmsError::InvalidSecret {
@@ -599,26 +628,41 @@ impl KekRotation {
             ids
         };
         let have = sorted(self.ctx.kek.unwrap_only().iter().map(|k| k.id).collect());
-        let (current, want) = if self.settings.provider == KekProvider::Kms {
-            let ids = kms::keyring_ids(data(secret), &self.secret_ref())?;
-            let current = ids.first().copied();
-            (current, sorted(ids.into_iter().skip(1).collect()))
-        } else {
-            let loaded = self.load_secret_keyring(secret)?;
-            let want = sorted(loaded.unwrap_only().iter().map(|k| k.id).collect());
-            (Some(loaded.id()), want)
+        let (current, want) = match self.settings.provider {
+            KekProvider::Kms => {
+                let ids = kms::keyring_ids(data(secret), &self.secret_ref())?;
+                let current = ids.first().copied();
+                (current, sorted(ids.into_iter().skip(1).collect()))
+            }
+            KekProvider::Pkcs11 => {
+                // Ids come from labels: the HSM is asked only when the keyring changed.
+                let labels = pkcs11::labels(secret, &self.secret_ref())?;
+                let token = self.ctx.kek.pkcs11_token_label().unwrap_or_default();
+                let (current, others) = labels.ids(&token);
+                (Some(current), sorted(others))
+            }
+            KekProvider::Secret => {
+                let loaded = self.load_secret_keyring(secret)?;
+                let want = sorted(loaded.unwrap_only().iter().map(|k| k.id).collect());
+                (Some(loaded.id()), want)
+            }
         };
         if current != Some(self.ctx.kek.id()) || have != want {
-            let loaded = if self.settings.provider == KekProvider::Kms {
-                kms::open_keyring(
-                    self.kms()?,
-                    data(secret),
-                    &self.secret_ref(),
-                    Some(&self.ctx.kek),
-                )
-                .await?
-            } else {
-                self.load_secret_keyring(secret)?
+            let loaded = match self.settings.provider {
+                KekProvider::Kms => {
+                    kms::open_keyring(
+                        self.kms()?,
+                        data(secret),
+                        &self.secret_ref(),
+                        Some(&self.ctx.kek),
+                    )
+                    .await?
+                }
+                KekProvider::Pkcs11 => {
+                    pkcs11::open_keyring(self.pkcs11()?, secret, &self.secret_ref(), &self.ctx.kek)
+                        .await?
+                }
+                KekProvider::Secret => self.load_secret_keyring(secret)?,
             };
             self.ctx.kek.replace_with(&loaded);
             tracing::info!(kek = %loaded.id(), unwrap_only = want.len(), "KEK keyring reloaded");
@@ -635,46 +679,6 @@ impl KekRotation {
             secret: self.settings.secret.clone(),
             source,
         })
-    }
-
-    /// With a provider that does not rotate here: a request is marked handled and
-    /// answered with a Warning Event saying where to rotate.
-    async fn refuse(&self, leading: bool) -> Result<Step, KekRotationError> {
-        let Some(secret) = self
-            .api()
-            .get_opt(&self.settings.secret)
-            .await
-            .map_err(self.kube_err())?
-        else {
-            return Ok(Step::Idle);
-        };
-        let Some(wanted) = annotation(&secret, ROTATE_ANNOTATION) else {
-            return Ok(Step::Idle);
-        };
-        if !leading || annotation(&secret, ROTATE_HANDLED_ANNOTATION) == Some(wanted) {
-            return Ok(Step::Idle);
-        }
-        let mut updated = secret.clone();
-        updated.metadata.managed_fields = None;
-        set_annotation(&mut updated, ROTATE_HANDLED_ANNOTATION, wanted.to_owned());
-        if self.write(&updated).await? {
-            let how = match self.settings.provider {
-                KekProvider::Pkcs11 => {
-                    "rotate it in the HSM (a new key under a new label); operator-driven rotation of a pkcs11 KEK is not built yet"
-                }
-                _ => "this provider is not rotated by the operator",
-            };
-            self.event(
-                true,
-                "KekRotationNotSupported",
-                format!(
-                    "{ROTATE_ANNOTATION}={wanted:?} ignored: the KEK is a {} KEK; {how}",
-                    self.settings.provider
-                ),
-            )
-            .await;
-        }
-        Ok(Step::Idle)
     }
 
     /// With a kms KEK: the plugin's current key id, when it is not the one the current
@@ -696,9 +700,6 @@ impl KekRotation {
 
     /// Re-reads the Secret and adopts its keyring; when `leading`, takes the next step.
     pub async fn tick(&self, leading: bool) -> Result<Step, KekRotationError> {
-        if self.settings.provider == KekProvider::Pkcs11 {
-            return self.refuse(leading).await;
-        }
         let api = self.api();
         let secret = api
             .get(&self.settings.secret)
@@ -730,16 +731,32 @@ impl KekRotation {
             }
             Step::Idle | Step::WaitForReplicas => return Ok(step),
             Step::Stage(trigger) => {
-                let next = if self.settings.provider == KekProvider::Kms {
-                    let (next, sealed) = KmsKek::create(self.kms()?).await?;
-                    stage_kms(&mut updated, &sealed, trigger, now);
-                    next.id()
-                } else {
-                    let next = SecretKek::generate();
-                    stage(&mut updated, &next, trigger, now);
-                    next.id()
+                let mut unrecorded = None;
+                let next = match self.settings.provider {
+                    KekProvider::Kms => {
+                        let (next, sealed) = KmsKek::create(self.kms()?).await?;
+                        stage_kms(&mut updated, &sealed, trigger, now);
+                        next.id()
+                    }
+                    KekProvider::Pkcs11 => {
+                        let (label, id) =
+                            pkcs11::stage(self.pkcs11()?, &mut updated, trigger, now).await?;
+                        unrecorded = Some(label);
+                        id
+                    }
+                    KekProvider::Secret => {
+                        let next = SecretKek::generate();
+                        stage(&mut updated, &next, trigger, now);
+                        next.id()
+                    }
                 };
-                if self.write(&updated).await? {
+                let recorded = self.write(&updated).await;
+                if let (Some(label), Ok(false)) = (unrecorded, &recorded) {
+                    // Another writer won: the new HSM key was never recorded nor used, so
+                    // it goes. (After any other failure the write may have landed: kept.)
+                    pkcs11::discard_unrecorded(self.pkcs11()?, label).await?;
+                }
+                if recorded? {
                     let why = match trigger {
                         Trigger::Annotation(v) => format!("{ROTATE_ANNOTATION}={v:?}"),
                         Trigger::Schedule => "the rotation period passed".to_owned(),
@@ -762,6 +779,9 @@ impl KekRotation {
             Step::Promote => {
                 let (old, new) = if is_kms(&updated) {
                     promote_kms(&mut updated, now)?
+                } else if self.settings.provider == KekProvider::Pkcs11 {
+                    let token = self.ctx.kek.pkcs11_token_label().unwrap_or_default();
+                    pkcs11::promote(&mut updated, &self.secret_ref(), &token, now)?
                 } else {
                     promote(&mut updated, now).map_err(|source| KekRotationError::Keyring {
                         secret: self.settings.secret.clone(),
@@ -802,15 +822,24 @@ impl KekRotation {
                 }
                 if count.remaining == 0 {
                     let retired = previous_ids(&updated);
+                    let kept_in_hsm = pkcs11::previous_labels(&updated);
                     retire(&mut updated);
                     if self.write(&updated).await? {
                         self.adopt(&updated).await?;
                         self.ctx.metrics.kek.record_rotation_completed(now);
+                        let kept = if kept_in_hsm.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; the HSM still holds their key(s) {}, no longer used: destroy them when no backup needs them",
+                                kept_in_hsm.join(", ")
+                            )
+                        };
                         self.event(
                             false,
                             "KekRotationComplete",
                             format!(
-                                "every wrapped key is under KEK {}; removed previous KEK(s) {}",
+                                "every wrapped key is under KEK {}; removed previous KEK(s) {}{kept}",
                                 self.ctx.kek.id(),
                                 retired.join(", ")
                             ),
@@ -856,5 +885,6 @@ impl KekRotation {
     }
 }
 
+pub mod pkcs11;
 #[cfg(test)]
 mod tests;

@@ -37,7 +37,7 @@ enum Command {
     AuditServer(Box<AuditServerArgs>),
     /// Create the key-encryption key in an HSM for a new install: a token-resident,
     /// sensitive, non-extractable AES-256 key under --pkcs11-key-label (never replaces
-    /// one). The operator itself never creates HSM keys.
+    /// one). Starting never creates one; a KEK rotation generates its new key itself.
     Pkcs11CreateKey(Box<Pkcs11Flags>),
     /// Inspect compiled policy.
     Policy {

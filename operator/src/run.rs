@@ -165,7 +165,7 @@ pub struct OperatorSettings {
     pub kms_backoff: envelope::kms::Backoff,
     /// How often the running operator polls the KMS plugin's `Status` (60 s).
     pub kms_status_interval: Duration,
-    /// KEK rotation (`secret` provider): schedule, reload and propagation
+    /// KEK rotation: schedule, reload and propagation
     /// (`--kek-rotation-period`). The Secret and webhook CA names are filled in at start.
     pub kek_rotation: KekRotationSettings,
     /// Refuse a Tenant becoming Restricted while the KEK is not hardware-backed (else
@@ -349,13 +349,37 @@ pub async fn load_kek(client: &Client, namespace: &str, secret: Option<&str>) ->
 }
 
 /// Opens the KEK in the PKCS#11 token `config` names (blocking on the HSM off the
-/// runtime's threads). Fails with the cause and its fix; writes nothing anywhere.
-pub async fn open_pkcs11_kek(config: envelope::Pkcs11Config) -> Result<Kek> {
-    tokio::task::spawn_blocking(move || envelope::Pkcs11Kek::open(&config))
+/// runtime's threads). The key `--pkcs11-key-label` names is opened first, before any
+/// API call, so a wrong module, token, PIN or key fails with the cause and its fix and
+/// nothing written. Then the labels recorded in `portcullis-kek` (recorded on the first
+/// start) say which keys are current, staged and previous: a start mid-rotation opens
+/// them all and loses nothing.
+pub async fn open_pkcs11_kek(
+    client: &Client,
+    namespace: &str,
+    config: envelope::Pkcs11Config,
+) -> Result<Kek> {
+    let failed = |e: envelope::Pkcs11Error| Error::Kek(format!("PKCS#11: {e}"));
+    let open = config.clone();
+    let configured = tokio::task::spawn_blocking(move || envelope::Pkcs11Kek::open(&open))
         .await
         .map_err(|e| Error::Task(format!("opening the PKCS#11 KEK: {e}")))?
         .map(Kek::from)
-        .map_err(|e| Error::Kek(format!("PKCS#11: {e}")))
+        .map_err(failed)?;
+    let labels = envelope::pkcs11::labels::load_or_record_labels(
+        client.clone(),
+        namespace,
+        &config.key_label,
+    )
+    .await
+    .map_err(failed)?;
+    let secret = format!("{namespace}/{}", envelope::KEK_SECRET_NAME);
+    tokio::task::spawn_blocking(move || {
+        envelope::pkcs11::labels::open_keyring(&config, &labels, &configured, &secret)
+    })
+    .await
+    .map_err(|e| Error::Task(format!("opening the PKCS#11 KEK: {e}")))?
+    .map_err(failed)
 }
 
 /// Waits for the KMS plugin (retrying while it is down, with `backoff`), then loads
@@ -432,7 +456,7 @@ pub async fn start(
     // First, before anything is written: a KEK that cannot be used stops the start here.
     let kms = settings.kek_kms.clone().map(envelope::KmsClient::new);
     let kek = match (&settings.kek_pkcs11, &kms) {
-        (Some(config), _) => open_pkcs11_kek(config.clone()).await?,
+        (Some(config), _) => open_pkcs11_kek(&client, &namespace, config.clone()).await?,
         (None, Some(kms)) => open_kms_kek(&client, &namespace, kms, settings.kms_backoff).await?,
         (None, None) => load_kek(&client, &namespace, settings.kek_secret.as_deref()).await?,
     };
@@ -694,12 +718,13 @@ pub async fn start(
     });
     let leading = Arc::new(AtomicBool::new(false));
     tasks.spawn(ca_runtime.clone().follow(leading.clone(), shutdown.clone()));
-    // KEK rotation (secret provider): every replica reloads the keyring, the leader
+    // KEK rotation (every provider): every replica reloads the keyring, the leader
     // rotates and re-wraps.
     {
         let mut rotation = settings.kek_rotation.clone();
         rotation.provider = context.kek.provider();
         rotation.kms = rotation_kms;
+        rotation.pkcs11 = settings.kek_pkcs11.clone();
         rotation.secret = settings
             .kek_secret
             .clone()

@@ -1,6 +1,7 @@
 //! The PKCS#11 key-encryption key against SoftHSM: wrap and unwrap run in the token, the
 //! key cannot be read out, and every way a setup can be wrong stops the operator with
-//! the cause and its fix before it writes anything.
+//! the cause and its fix before it writes anything. A rotation generates a new
+//! non-extractable key in the HSM, moves every blob to it, and keeps the old key there.
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` once per process and the environment is process-wide,
 //! so each test runs its body in a child process of this binary with its own token
@@ -19,6 +20,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::{AuthPin, Ulong};
+use portcullis_operator::envelope::pkcs11::{KeyLabels, labels};
 use portcullis_operator::envelope::{
     EnvelopeError, Kek, KekProvider, KeyRef, Pkcs11Config, Pkcs11Error, Pkcs11Kek, TokenSelector,
     pkcs11,
@@ -470,4 +472,215 @@ fn the_operator_refuses_to_start_and_writes_nothing() {
             }
         });
     });
+}
+
+/// A Secret `portcullis-kek` as a pkcs11 install records it: labels only.
+fn label_record(current: &str) -> k8s_openapi::api::core::v1::Secret {
+    k8s_openapi::api::core::v1::Secret {
+        data: Some(KeyLabels::new(current).to_secret_data(TOKEN)),
+        ..Default::default()
+    }
+}
+
+fn labels_of(secret: &k8s_openapi::api::core::v1::Secret) -> KeyLabels {
+    KeyLabels::from_secret_data(secret.data.as_ref().unwrap(), "ns/portcullis-kek").unwrap()
+}
+
+/// What every replica does on a reload: open the keys the Secret names, by label.
+fn reload(config: &Pkcs11Config, secret: &k8s_openapi::api::core::v1::Secret, loaded: &Kek) -> Kek {
+    labels::open_keyring(config, &labels_of(secret), loaded, "ns/portcullis-kek").unwrap()
+}
+
+#[test]
+fn a_rotation_moves_every_blob_to_a_new_hsm_key_and_keeps_the_old_key_in_the_hsm() {
+    with_softhsm(
+        "a_rotation_moves_every_blob_to_a_new_hsm_key_and_keeps_the_old_key_in_the_hsm",
+        |hsm| {
+            use jiff::Timestamp;
+            use portcullis_operator::dek::DekRing;
+            use portcullis_operator::kek_rotation::{
+                self, KekRotationSettings, ROTATE_ANNOTATION, Step, Trigger, blobs_under_old_keys,
+                plan,
+            };
+
+            hsm.init_token(TOKEN);
+            let config = hsm.config(TOKEN, KEY, PIN);
+            pkcs11::create_key(&config).unwrap();
+            let first = Kek::from(Pkcs11Kek::open(&config).unwrap());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let at = |s: i64| Timestamp::from_second(1_798_761_600 + s).unwrap();
+            let settings = KekRotationSettings {
+                propagation: Duration::from_secs(30),
+                ..KekRotationSettings::new("portcullis-kek")
+            };
+
+            // A tenant DEK under the first key, and a recorded Secret with one label.
+            let mut dek = DekRing::new("acme");
+            dek.rotate(&first, at(0)).unwrap();
+            let dek_plaintext = dek.unwrap_version(&first, 1).unwrap();
+            let mut secret = label_record(KEY);
+            secret
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(ROTATE_ANNOTATION.into(), "1".into());
+
+            // Stage: a new key generated in the HSM, only its label recorded.
+            let trigger = Trigger::Annotation("1".into());
+            assert_eq!(
+                plan(&secret, at(0), &settings),
+                Step::Stage(trigger.clone())
+            );
+            let (label, next_id) = runtime
+                .block_on(kek_rotation::pkcs11::stage(
+                    &config,
+                    &mut secret,
+                    &trigger,
+                    at(0),
+                ))
+                .unwrap();
+            assert_eq!(label, "portcullis-kek-20270101T000000Z");
+            assert_eq!(next_id, pkcs11::key_id(TOKEN, &label));
+            assert!(
+                secret
+                    .data
+                    .as_ref()
+                    .unwrap()
+                    .values()
+                    .all(|v| v.0.len() < 64),
+                "the Secret holds labels, not keys"
+            );
+            let staged = reload(&config, &secret, &first);
+            assert_eq!(staged.id(), first.id(), "the old key still wraps");
+            assert_eq!(staged.unwrap_only().len(), 1);
+            assert_eq!(staged.unwrap_only()[0].id, next_id);
+            // The new key is as locked in as the first: sensitive, never extractable.
+            let session = hsm.session(TOKEN);
+            let keys = session
+                .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+                .unwrap();
+            assert_eq!(keys.len(), 1);
+            let read = session
+                .get_attributes(
+                    keys[0],
+                    &[
+                        AttributeType::Value,
+                        AttributeType::Extractable,
+                        AttributeType::Sensitive,
+                    ],
+                )
+                .unwrap();
+            assert!(
+                !read.iter().any(|a| matches!(a, Attribute::Value(_))),
+                "{read:?}"
+            );
+            assert!(read.contains(&Attribute::Extractable(false)), "{read:?}");
+            assert!(read.contains(&Attribute::Sensitive(true)), "{read:?}");
+
+            // Promote once every replica had time to load it.
+            assert_eq!(plan(&secret, at(10), &settings), Step::WaitForReplicas);
+            assert_eq!(plan(&secret, at(30), &settings), Step::Promote);
+            let (old_id, new_id) =
+                kek_rotation::pkcs11::promote(&mut secret, "ns/portcullis-kek", TOKEN, at(30))
+                    .unwrap();
+            assert_eq!((old_id, new_id), (first.id(), next_id));
+            let promoted = reload(&config, &secret, &staged);
+            assert_eq!(promoted.id(), next_id);
+            assert_eq!(labels_of(&secret).previous, vec![KEY.to_owned()]);
+            // The overlap: what the old key wrapped still opens; new blobs are under the new key.
+            assert_eq!(dek.unwrap_version(&promoted, 1).unwrap(), dek_plaintext);
+            let fresh = promoted.wrap(b"ca key", b"slot").unwrap();
+            assert_eq!(Kek::wrapped_under(&fresh).unwrap().id, next_id);
+
+            // A restarted replica (nothing open yet) resumes with both keys.
+            let restarted = Kek::from(Pkcs11Kek::open(&config).unwrap());
+            let restarted = reload(&config, &secret, &restarted);
+            assert_eq!(restarted.id(), next_id);
+            assert_eq!(dek.unwrap_version(&restarted, 1).unwrap(), dek_plaintext);
+            assert_eq!(restarted.unwrap(&fresh, b"slot").unwrap(), b"ca key");
+
+            // Re-wrap: every blob moves under the new key; the DEK itself is unchanged.
+            assert_eq!(plan(&secret, at(60), &settings), Step::Rewrap);
+            let (data, _) = dek.to_secret_parts();
+            assert_eq!(blobs_under_old_keys(&data, &promoted), 1);
+            assert_eq!(dek.rewrap(&promoted).unwrap(), 1);
+            let (data, _) = dek.to_secret_parts();
+            assert_eq!(blobs_under_old_keys(&data, &promoted), 0);
+
+            // Retire: the old label leaves the Secret; the new key alone opens everything.
+            assert_eq!(
+                kek_rotation::pkcs11::previous_labels(&secret),
+                vec![KEY.to_owned()]
+            );
+            kek_rotation::retire(&mut secret);
+            assert!(kek_rotation::previous_ids(&secret).is_empty());
+            assert_eq!(plan(&secret, at(90), &settings), Step::Idle);
+            let alone = reload(
+                &config,
+                &secret,
+                &Kek::from(Pkcs11Kek::open(&config).unwrap()),
+            );
+            assert!(alone.unwrap_only().is_empty());
+            assert_eq!(alone.id(), next_id);
+            assert_eq!(dek.unwrap_version(&alone, 1).unwrap(), dek_plaintext);
+            // The old key is no longer used but stays in the HSM, for backups' sake.
+            let old_keys = session
+                .find_objects(&[Attribute::Label(KEY.as_bytes().to_vec())])
+                .unwrap();
+            assert_eq!(
+                old_keys.len(),
+                1,
+                "the operator destroyed the previous HSM key"
+            );
+        },
+    );
+}
+
+#[test]
+fn a_missing_staged_or_previous_key_names_its_label_and_the_fix() {
+    with_softhsm(
+        "a_missing_staged_or_previous_key_names_its_label_and_the_fix",
+        |hsm| {
+            hsm.init_token(TOKEN);
+            let config = hsm.config(TOKEN, KEY, PIN);
+            pkcs11::create_key(&config).unwrap();
+            let loaded = Kek::from(Pkcs11Kek::open(&config).unwrap());
+            for (labels, data_key, fix) in [
+                (
+                    KeyLabels {
+                        next: Some("portcullis-kek-gone".into()),
+                        ..KeyLabels::new(KEY)
+                    },
+                    "pkcs11-next-label",
+                    "abandon the staged rotation",
+                ),
+                (
+                    KeyLabels {
+                        previous: vec!["portcullis-kek-gone".into()],
+                        ..KeyLabels::new(KEY)
+                    },
+                    "pkcs11-previous-",
+                    "restore it into the token under the same label",
+                ),
+            ] {
+                let err = labels::open_keyring(&config, &labels, &loaded, "ns/portcullis-kek")
+                    .unwrap_err();
+                assert!(
+                    matches!(err, Pkcs11Error::RotationKeyMissing { .. }),
+                    "{err:?}"
+                );
+                let message = err.to_string();
+                assert!(
+                    message.contains("\"portcullis-kek-gone\"")
+                        && message.contains("ns/portcullis-kek")
+                        && message.contains(data_key)
+                        && message.contains(fix),
+                    "{message}"
+                );
+                assert!(!message.contains(PIN));
+            }
+        },
+    );
 }

@@ -392,6 +392,14 @@ impl Kek {
         }
     }
 
+    /// The label of the PKCS#11 token holding a pkcs11 KEK; `None` for other providers.
+    pub fn pkcs11_token_label(&self) -> Option<String> {
+        match &self.0.load().current {
+            Provider::Pkcs11(key) => Some(key.token_label().to_owned()),
+            _ => None,
+        }
+    }
+
     /// The current KEK's provider and id, as wrapped blobs record them.
     pub fn key_ref(&self) -> KeyRef {
         self.0.load().current.key_ref()

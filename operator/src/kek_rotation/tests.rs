@@ -155,3 +155,59 @@ fn a_kms_rotation_keeps_the_sealed_keys_under_their_prefixes() {
     );
     assert_eq!(data, next.to_secret_data());
 }
+
+#[test]
+fn a_pkcs11_rotation_moves_labels_and_never_key_material() {
+    use crate::envelope::pkcs11::{KeyLabels, key_id, labels as hsm};
+
+    let mut secret = Secret {
+        data: Some(KeyLabels::new("kek").to_secret_data("token")),
+        ..Secret::default()
+    };
+    set_annotation(&mut secret, CREATED_ANNOTATION, at(0).to_string());
+    set_annotation(&mut secret, ROTATE_ANNOTATION, "1".into());
+    let s = settings();
+    let trigger = Trigger::Annotation("1".into());
+    assert_eq!(plan(&secret, at(10), &s), Step::Stage(trigger.clone()));
+
+    // What pkcs11::stage records once the HSM made the key: its label.
+    let label = hsm::rotated_label("kek", at(10));
+    stage_entries(
+        &mut secret,
+        BTreeMap::from([(
+            hsm::NEXT_LABEL_KEY.to_owned(),
+            ByteString(label.clone().into_bytes()),
+        )]),
+        &trigger,
+        at(10),
+    );
+    assert_eq!(plan(&secret, at(20), &s), Step::WaitForReplicas);
+    assert_eq!(plan(&secret, at(40), &s), Step::Promote);
+
+    let (old, new) = pkcs11::promote(&mut secret, "ns/portcullis-kek", "token", at(40)).unwrap();
+    assert_eq!(
+        (old, new),
+        (key_id("token", "kek"), key_id("token", &label))
+    );
+    let labels = pkcs11::labels(&secret, "ns/portcullis-kek").unwrap();
+    assert_eq!(
+        labels,
+        KeyLabels {
+            current: label.clone(),
+            next: None,
+            previous: vec!["kek".into()],
+        }
+    );
+    assert_eq!(previous_ids(&secret), vec![old.to_string()]);
+    assert_eq!(annotation(&secret, ID_ANNOTATION), Some(&*new.to_string()));
+    assert_eq!(plan(&secret, at(80), &s), Step::Rewrap);
+
+    assert_eq!(pkcs11::previous_labels(&secret), vec!["kek".to_owned()]);
+    retire(&mut secret);
+    assert!(previous_ids(&secret).is_empty());
+    assert_eq!(
+        pkcs11::labels(&secret, "ns/portcullis-kek").unwrap(),
+        KeyLabels::new(label)
+    );
+    assert_eq!(plan(&secret, at(500), &s), Step::Idle);
+}

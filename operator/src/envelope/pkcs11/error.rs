@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use cryptoki::error::Error as CkError;
 
 use super::TokenSelector;
+use super::labels::KeyRole;
 
 /// Why the HSM KEK cannot be used: each names the cause and the fix. Never carries the
 /// PIN or key material.
@@ -87,7 +88,8 @@ pub enum Pkcs11Error {
     /// No AES key has the label.
     #[error(
         "no AES key labelled {label:?} in {token}: create one with `portcullis-operator pkcs11-create-key` \
-         (see the README, \"Key-encryption key in an HSM\"), or set --pkcs11-key-label to the existing key's label"
+         (see the README, \"Key-encryption key in an HSM\"), or set --pkcs11-key-label to the existing key's label \
+         (after a KEK rotation: the label the Secret portcullis-kek records under pkcs11-key-label)"
     )]
     KeyMissing {
         /// The token.
@@ -142,6 +144,48 @@ pub enum Pkcs11Error {
         token: TokenSelector,
         /// The label.
         label: String,
+    },
+    /// A key the KEK Secret names (a rotation's current, staged or previous key) is not
+    /// in the token.
+    #[error(
+        "the {role} KEK labelled {label:?}, recorded in Secret {secret} ({data_key}), is not in {token}: {}",
+        match role {
+            KeyRole::Next => "every replica must see the key the leader created; replicate it to the token this replica \
+                uses (or point --pkcs11-token-label at the same token), or abandon the staged rotation by removing \
+                pkcs11-next-label from the Secret",
+            KeyRole::Previous => "Secrets not yet re-wrapped are still under it; restore it into the token under \
+                the same label from the HSM's backup, and the re-wrap pass resumes",
+            KeyRole::Current => "it wraps everything new; restore it into the token under the same label from the \
+                HSM's backup",
+        }
+    )]
+    RotationKeyMissing {
+        /// The token.
+        token: TokenSelector,
+        /// The key's label.
+        label: String,
+        /// What the key is to the keyring.
+        role: KeyRole,
+        /// The Secret data key recording it.
+        data_key: &'static str,
+        /// The KEK Secret.
+        secret: String,
+    },
+    /// The KEK Secret does not hold pkcs11 key labels.
+    #[error("KEK Secret {secret} is not a pkcs11 key record: {why}")]
+    LabelsInvalid {
+        /// The Secret.
+        secret: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The KEK Secret could not be read or created.
+    #[error("KEK Secret {secret}: {reason}")]
+    LabelsUnreadable {
+        /// The Secret.
+        secret: String,
+        /// The API error.
+        reason: String,
     },
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 {operation} failed on {token}: {reason}")]

@@ -6,7 +6,8 @@
 //! missing; a key that may leave the token; no AES-GCM) with one error naming the cause
 //! and the fix, and runs a wrap/unwrap round trip before it returns. Keys are never
 //! created on start: [`create_key`] (`portcullis-operator pkcs11-create-key`) makes one
-//! for a new install.
+//! for a new install; a rotation ([`crate::kek_rotation`]) creates its new key the same
+//! way under a label of its own ([`labels`]).
 //!
 //! PKCS#11 sessions may not be used from two threads at once, so the one session sits
 //! behind a mutex; it is reopened once when the token reports it lost (a network HSM
@@ -14,6 +15,7 @@
 //! log line or error shows it.
 
 mod error;
+pub mod labels;
 mod token;
 
 use std::fmt;
@@ -29,6 +31,7 @@ use cryptoki::types::{AuthPin, Ulong};
 use sha2::{Digest, Sha256};
 
 pub use error::Pkcs11Error;
+pub use labels::{KeyLabels, KeyRole};
 
 use super::{EnvelopeError, KEK_ID_LEN, KEY_LEN, KekId, NONCE_LEN, TAG_LEN};
 use error::describe;
@@ -138,6 +141,11 @@ impl Pkcs11Kek {
     /// The label of the token holding the key.
     pub fn token_label(&self) -> &str {
         &self.token.label
+    }
+
+    /// The key's `CKA_LABEL`.
+    pub fn key_label(&self) -> &str {
+        &self.config.key_label
     }
 
     fn self_test(&self) -> Result<(), Pkcs11Error> {
@@ -299,4 +307,19 @@ pub fn create_key(config: &Pkcs11Config) -> Result<KekId, Pkcs11Error> {
         )
         .map_err(|e| token.device("creating the key", &e))?;
     Ok(key_id(&token.label, &config.key_label))
+}
+
+/// Destroys the key labelled `config.key_label` that a rotation created but could not
+/// record (another replica's write won). Only for a key nothing was ever wrapped under:
+/// recorded keys are never destroyed by the operator.
+pub fn destroy_unrecorded_key(config: &Pkcs11Config) -> Result<(), Pkcs11Error> {
+    let pin = read_pin(&config.pin_file)?;
+    let token = Token::connect(config)?;
+    let session = token.login(&pin, &config.pin_file, true)?;
+    for key in token.find_keys(&session, &config.key_label)? {
+        session
+            .destroy_object(key)
+            .map_err(|e| token.device("destroying an unrecorded key", &e))?;
+    }
+    Ok(())
 }
