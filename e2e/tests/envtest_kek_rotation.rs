@@ -29,7 +29,9 @@ use portcullis_crds::{Tenant, conditions};
 use portcullis_e2e::envtest;
 use portcullis_e2e::wait::{eventually, unique};
 use portcullis_operator::dek::{self, DekRing};
-use portcullis_operator::envelope::{KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_NAME, Kek};
+use portcullis_operator::envelope::{
+    KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_NAME, Kek, KeyRef,
+};
 use portcullis_operator::kek_rotation::{ROTATE_ANNOTATION, blobs_under_old_keys};
 use portcullis_operator::run::{self, OperatorSettings, WebhookRunSettings};
 use serde_json::json;
@@ -96,6 +98,36 @@ fn dek_ring(secret: &Secret, tenant: &str) -> DekRing {
         secret.metadata.annotations.as_ref().unwrap(),
     )
     .unwrap()
+}
+
+/// Waits until the CA keys, the webhook CA key and `tenant`'s DEKs are all wrapped
+/// under `new`, the KEK in force.
+async fn all_wrapped_under(
+    secrets: &Api<Secret>,
+    kek: &Kek,
+    tenant: &str,
+    new: &KeyRef,
+) -> Result<()> {
+    for name in [
+        "portcullis-ca-root".to_owned(),
+        "portcullis-ca-intermediate".to_owned(),
+        "portcullis-webhook-ca".to_owned(),
+        dek::secret_name(tenant),
+    ] {
+        let data = eventually(&format!("{name} under the new KEK"), WAIT, || async {
+            let data = secrets.get(&name).await?.data.unwrap_or_default();
+            Ok((blobs_under_old_keys(&data, kek) == 0).then_some(data))
+        })
+        .await?;
+        for (key, value) in &data {
+            if key.ends_with(".wrapped")
+                || (name.starts_with("portcullis-dek-") && key.starts_with('v'))
+            {
+                ensure!(Kek::wrapped_under(&value.0)? == *new, "{name} {key}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tokio::test]
@@ -326,25 +358,7 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
     })?;
     let new = operator.context.kek.key_ref();
     ensure!(new.provider == KekProvider::Kms && operator.context.kek.unwrap_only().is_empty());
-    for name in [
-        "portcullis-ca-root".to_owned(),
-        "portcullis-ca-intermediate".to_owned(),
-        "portcullis-webhook-ca".to_owned(),
-        dek::secret_name(&tenant),
-    ] {
-        let data = eventually(&format!("{name} under the new KEK"), WAIT, || async {
-            let data = secrets.get(&name).await?.data.unwrap_or_default();
-            Ok((blobs_under_old_keys(&data, &operator.context.kek) == 0).then_some(data))
-        })
-        .await?;
-        for (key, value) in &data {
-            if key.ends_with(".wrapped")
-                || (name.starts_with("portcullis-dek-") && key.starts_with('v'))
-            {
-                ensure!(Kek::wrapped_under(&value.0)? == new, "{name} {key}");
-            }
-        }
-    }
+    all_wrapped_under(&secrets, &operator.context.kek, &tenant, &new).await?;
     let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
         .unwrap_version(&operator.context.kek, 1)?;
     ensure!(dek_after == dek_before, "the DEK changed");
@@ -532,25 +546,7 @@ async fn a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart() -> Result<()> 
         new.provider == KekProvider::Pkcs11 && new.id == pkcs11::key_id(HSM_TOKEN, &current_label)
     );
     ensure!(operator.context.kek.unwrap_only().is_empty());
-    for name in [
-        "portcullis-ca-root".to_owned(),
-        "portcullis-ca-intermediate".to_owned(),
-        "portcullis-webhook-ca".to_owned(),
-        dek::secret_name(&tenant),
-    ] {
-        let data = eventually(&format!("{name} under the new HSM key"), WAIT, || async {
-            let data = secrets.get(&name).await?.data.unwrap_or_default();
-            Ok((blobs_under_old_keys(&data, &operator.context.kek) == 0).then_some(data))
-        })
-        .await?;
-        for (key, value) in &data {
-            if key.ends_with(".wrapped")
-                || (name.starts_with("portcullis-dek-") && key.starts_with('v'))
-            {
-                ensure!(Kek::wrapped_under(&value.0)? == new, "{name} {key}");
-            }
-        }
-    }
+    all_wrapped_under(&secrets, &operator.context.kek, &tenant, &new).await?;
     let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
         .unwrap_version(&operator.context.kek, 1)?;
     ensure!(dek_after == dek_before, "the DEK changed");
