@@ -29,7 +29,7 @@ pub enum KekCustody {
         module: String,
         /// The token, as `--pkcs11-token-label` or `--pkcs11-slot` chose it.
         token: String,
-        /// The key's label.
+        /// The configured key's label (rotated keys add `-<time>` to it).
         key_label: String,
     },
     /// A local key stored encrypted by a Kubernetes KMS v2 plugin's key.
@@ -96,7 +96,8 @@ impl KekCustody {
                 true,
                 "HardwareKek",
                 format!(
-                    "the key-encryption key is the non-extractable key {key_label:?} in the PKCS#11 {token}; it never leaves the HSM"
+                    "the key-encryption key is a non-extractable key in the PKCS#11 {token}, labelled {key_label:?} or, after a rotation, \
+                     {key_label}-<time> (portcullis-kek records which); it never leaves the HSM"
                 ),
             ),
             (Self::Kms { socket }, None) => (
