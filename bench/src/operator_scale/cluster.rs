@@ -12,6 +12,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use portcullis_e2e::envtest::EnvTest;
 use portcullis_e2e::localcluster::{OperatorOptions, OperatorProcess};
 
+use super::kek::KekSetup;
 use super::scrape::{self, Sample};
 
 /// The operator's own namespace (CA, KEK, Lease).
@@ -67,12 +68,15 @@ impl Operator {
         binary: &Path,
         dir: &Path,
         key_hash_cost: u32,
+        kek: Option<&KekSetup>,
     ) -> anyhow::Result<Self> {
         let spawned = Instant::now();
         let options = OperatorOptions {
             key_hash_cost,
             // What a deployment logs: no per-reconcile debug lines.
             log_filter: "info".to_owned(),
+            extra_args: kek.map(|k| k.args.clone()).unwrap_or_default(),
+            extra_env: kek.map(|k| k.env.clone()).unwrap_or_default(),
         };
         let process = OperatorProcess::start_with(
             env,

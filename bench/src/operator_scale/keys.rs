@@ -141,7 +141,7 @@ pub async fn cold_start(
     eprintln!("[cold start] stopping the issuing operator");
     let stop = previous.stop().await;
     eprintln!("[cold start] starting a fresh operator over {n} keys");
-    let operator = Operator::start(env, binary, dir, hash_cost).await?;
+    let operator = Operator::start(env, binary, dir, hash_cost, None).await?;
     let since = |at: Instant| at.duration_since(operator.spawned);
     let mut cold = ColdStart {
         stop,

@@ -14,6 +14,7 @@
 
 mod certs;
 mod cluster;
+mod kek;
 mod keys;
 mod report;
 mod revoke;
@@ -54,6 +55,11 @@ pub struct Options {
     /// measured.
     #[arg(long, default_value_t = 40)]
     pub max_minutes: u64,
+    /// KEK providers to run the Tenants step under, each on a fresh control plane;
+    /// the others are reported as ratios to `secret` (pkcs11 needs softhsm2, kms the
+    /// `portcullis-kms-test-plugin` binary next to the operator's).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "secret")]
+    pub kek_providers: Vec<kek::Provider>,
     /// The portcullis-operator binary (default: next to this binary).
     #[arg(long)]
     pub operator_bin: Option<PathBuf>,
@@ -66,7 +72,8 @@ pub struct Options {
 #[derive(Debug, Default)]
 pub struct Figures {
     pub keys: Option<keys::KeysFigure>,
-    pub tenants: Option<tenants::TenantsFigure>,
+    /// Per KEK provider, in the order run.
+    pub tenants: Vec<(kek::Provider, tenants::TenantsFigure)>,
     pub certs: Option<certs::CertsFigure>,
     pub revoke: Option<revoke::RevokeFigure>,
     pub notes: Vec<String>,
@@ -128,6 +135,7 @@ async fn measure(
             binary,
             &dir.path().join("operator-1"),
             options.key_hash_cost,
+            None,
         )
         .await?;
         let (namespaces, _) = tenants::create_ready(
@@ -210,17 +218,23 @@ async fn measure(
         operator.stop().await;
         stop_envtest(env).await;
     }
-    if options.tenants > 0 && !budget.expired() {
+    for (i, &provider) in options.kek_providers.iter().enumerate() {
+        if options.tenants == 0 || budget.expired() {
+            break;
+        }
         eprintln!(
-            "[setup] a fresh envtest and operator for {} Tenants",
+            "[setup] a fresh envtest and operator (KEK {}) for {} Tenants",
+            provider.name(),
             options.tenants
         );
+        let kek = kek::prepare(provider, binary, &dir.path().join(format!("kek-{i}")))?;
         let env = cluster::start_envtest().await?;
         let operator = Operator::start(
             &env,
             binary,
-            &dir.path().join("operator-3"),
+            &dir.path().join(format!("operator-tenants-{i}")),
             options.key_hash_cost,
+            Some(&kek),
         )
         .await?;
         let (_, figure) = tenants::create_ready(
@@ -232,9 +246,10 @@ async fn measure(
             budget,
         )
         .await?;
-        figures.tenants = Some(figure);
+        figures.tenants.push((provider, figure));
         operator.stop().await;
         stop_envtest(env).await;
+        drop(kek);
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::cluster::mib;
+use super::kek::Provider;
 use super::revoke::RevokeFigure;
 use super::{Figures, Options};
 
@@ -144,10 +145,16 @@ pub fn render(options: &Options, f: &Figures, load_before: &str, took: Duration)
             );
         }
     }
-    if let Some(t) = &f.tenants {
+    let labelled = f.tenants.len() > 1 || f.tenants.iter().any(|(p, _)| *p != Provider::Secret);
+    for (provider, t) in &f.tenants {
+        let label = if labelled {
+            format!(", KEK {}", provider.name())
+        } else {
+            String::new()
+        };
         row(
             format!(
-                "{} Tenants (a namespace each): first create → all Ready",
+                "{} Tenants (a namespace each){label}: first create → all Ready",
                 t.tenants
             ),
             match t.ready {
@@ -175,7 +182,7 @@ pub fn render(options: &Options, f: &Figures, load_before: &str, took: Duration)
         );
         row(
             format!(
-                "{} Tenants: Role reconciles / API server requests",
+                "{} Tenants{label}: Role reconciles / API server requests",
                 t.tenants
             ),
             format!("{} / {}", t.role_reconciles, t.api_requests.summary(8)),
@@ -183,13 +190,38 @@ pub fn render(options: &Options, f: &Figures, load_before: &str, took: Duration)
             "",
         );
         row(
-            format!("{} Tenants: operator RSS peak / settled, CPU", t.tenants),
+            format!(
+                "{} Tenants{label}: operator RSS peak / settled, CPU",
+                t.tenants
+            ),
             format!(
                 "{} / {} MiB, {:.1} s",
                 mib(t.peak_rss),
                 mib(t.settled_rss),
                 t.cpu_seconds
             ),
+            "",
+            "",
+        );
+    }
+    let baseline = f.tenants.iter().find(|(p, _)| *p == Provider::Secret);
+    for (provider, t) in f.tenants.iter().filter(|(p, _)| *p != Provider::Secret) {
+        let Some((_, base)) = baseline else { break };
+        let ratio = |a: f64, b: f64| format!("{:.2}×", a / b.max(f64::EPSILON));
+        row(
+            format!(
+                "{} Tenants, KEK {} ÷ KEK secret: all Ready / operator CPU",
+                t.tenants,
+                provider.name()
+            ),
+            match (t.ready, base.ready) {
+                (Some(a), Some(b)) => format!(
+                    "{} / {}",
+                    ratio(a.as_secs_f64(), b.as_secs_f64()),
+                    ratio(t.cpu_seconds, base.cpu_seconds)
+                ),
+                _ => "not comparable (a run hit the time cap)".to_owned(),
+            },
             "",
             "",
         );

@@ -42,6 +42,10 @@ pub struct OperatorOptions {
     pub key_hash_cost: u32,
     /// `RUST_LOG` of the operator.
     pub log_filter: String,
+    /// More `run` flags, each with its value (e.g. a KEK provider's).
+    pub extra_args: Vec<(String, String)>,
+    /// More environment variables of the operator (e.g. `SOFTHSM2_CONF`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for OperatorOptions {
@@ -49,6 +53,8 @@ impl Default for OperatorOptions {
         Self {
             key_hash_cost: 4,
             log_filter: "info,portcullis_operator=debug".to_owned(),
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
         }
     }
 }
@@ -98,9 +104,11 @@ impl OperatorProcess {
             format!("KUBECONFIG={}", env.kubeconfig_path().display()).into(),
             format!("POD_NAMESPACE={namespace}").into(),
             format!("RUST_LOG={}", options.log_filter).into(),
-            binary.into(),
-            "run".into(),
         ];
+        for (name, value) in &options.extra_env {
+            args.push(format!("{name}={value}").into());
+        }
+        args.extend([binary.into(), "run".into()]);
         let flags = [
             ("--metrics-addr", format!("127.0.0.1:{metrics_port}")),
             ("--policy-addr", format!("0.0.0.0:{policy_port}")),
@@ -117,7 +125,11 @@ impl OperatorProcess {
             ("--proxy-image", "portcullis-proxy:local".to_owned()),
             ("--key-hash-cost", options.key_hash_cost.to_string()),
         ];
-        for (flag, value) in flags {
+        let extra = options
+            .extra_args
+            .iter()
+            .map(|(flag, value)| (flag.as_str(), value.clone()));
+        for (flag, value) in flags.into_iter().chain(extra) {
             args.push(flag.into());
             args.push(value.into());
         }
