@@ -26,6 +26,7 @@ mod cluster;
 
 use cluster::*;
 use portcullis_e2e::scenarios;
+use portcullis_e2e::wait::eventually;
 
 /// The kubelet tiers as the shared suite sees them.
 struct Kubelet {
@@ -573,6 +574,115 @@ echo "failed=$failed""#,
     ensure!(
         run.value("failed") == Some("0"),
         "requests failed during the rotation:\n{}",
+        run.logs
+    );
+    Ok(())
+}
+
+/// The KEK rotation on real pods: the operator, in its pod with the chart's RBAC,
+/// stages a new KEK, promotes it on every replica, re-wraps the CA keys, the webhook CA
+/// key and every tenant DEK and retires the old one, while a client keeps calling an
+/// injected app (whose certificates the operator keeps issuing: they rotate every
+/// minute here). No request fails.
+#[tokio::test]
+async fn kek_rotation_under_load_fails_no_request_and_retires_the_old_key() -> Result<()> {
+    let Some((client, fx)) = fixture().await? else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &release_namespace());
+    let annotation = |secret: &Secret, name: &str| secret.annotations().get(name).cloned();
+    let before = secrets.get("portcullis-kek").await?;
+    let old_id = annotation(&before, "portcullis.dev/kek-id");
+    ensure!(
+        old_id.is_some(),
+        "portcullis-kek has no portcullis.dev/kek-id"
+    );
+    let token = identify_key(&client, fx, "kekrot").await?;
+    // 900 requests 0.1 s apart (at least 90 s, bounded), across the whole rotation.
+    let script = format!(
+        r#"{UNTIL}
+until_code ready 200 -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify
+i=0; failed=0
+while [ $i -lt 900 ]; do
+  i=$((i+1))
+  code=$(curl -sk -o /dev/null --max-time 10 -w '%{{http_code}}' -X POST -H "Authorization: Bearer $KEY" {url}/v1/identify); rc=$?
+  [ "$code" = 200 ] || {{ failed=$((failed+1)); echo "bad=$code curl=$rc at $i"; }}
+  sleep 0.1
+done
+echo "requests=$i"
+echo "failed=$failed""#,
+        url = fx.app_url()
+    );
+    let load = tokio::spawn({
+        let (client, tier, namespace) = (client.clone(), fx.tier, fx.client_ns.clone());
+        async move {
+            run_job(
+                &client,
+                tier,
+                &namespace,
+                None,
+                &[("KEY", token.as_str())],
+                &script,
+            )
+            .await
+        }
+    });
+    // Ask for the rotation once the load is under way.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let request = format!("e2e-{}", suffix());
+    secrets
+        .patch(
+            "portcullis-kek",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "portcullis.dev/rotate-kek": request
+            }}})),
+        )
+        .await?;
+    // Done: a new current key, nothing staged, no previous key left to retire (the
+    // operator retires it only once the re-wrap pass finds no blob under it).
+    let rotated = eventually(
+        "the KEK rotation to complete",
+        Duration::from_secs(240),
+        || {
+            let secrets = secrets.clone();
+            let (old_id, request) = (old_id.clone(), request.clone());
+            async move {
+                let secret = secrets.get("portcullis-kek").await?;
+                let data = secret.data.clone().unwrap_or_default();
+                let done = annotation(&secret, "portcullis.dev/rotate-kek-handled")
+                    == Some(request)
+                    && annotation(&secret, "portcullis.dev/kek-id") != old_id
+                    && !data.contains_key("kek-next")
+                    && !data.keys().any(|k| k.starts_with("kek-previous-"));
+                Ok(done.then_some(secret))
+            }
+        },
+    )
+    .await;
+    let run = load.await.context("the load task")??;
+    eprintln!("KEK rotation under load:\n{}", run.logs);
+    if let Err(e) = rotated {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &release_namespace());
+        let mut logs = String::new();
+        for pod in operator_pods(&client).await? {
+            let tail = LogParams {
+                tail_lines: Some(40),
+                ..LogParams::default()
+            };
+            logs += &pods.logs(&pod.name_any(), &tail).await.unwrap_or_default();
+        }
+        bail!("{e:#}\noperator logs, the last 40 lines of each pod:\n{logs}");
+    }
+    ensure!(run.succeeded, "the client failed:\n{}", run.logs);
+    ensure!(
+        run.value("ready") == Some("200"),
+        "the key never worked before the load started:\n{}",
+        run.logs
+    );
+    ensure!(
+        run.value("failed") == Some("0"),
+        "requests failed during the KEK rotation:\n{}",
         run.logs
     );
     Ok(())
