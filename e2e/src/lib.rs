@@ -7,9 +7,11 @@
 //! - [`hec`]: a Splunk HTTP Event Collector stand-in, in-process or as a pod.
 //! - [`scenarios`]: the scenario suite every cluster tier runs, written once against the
 //!   [`scenarios::Cluster`] trait.
+//! - [`softhsm`]: SoftHSM2 token directories for the pkcs11 KEK provider.
 
 pub mod envtest;
 pub mod hec;
 pub mod localcluster;
 pub mod scenarios;
+pub mod softhsm;
 pub mod wait;

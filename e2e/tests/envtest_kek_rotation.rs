@@ -26,8 +26,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use portcullis_crds::{Tenant, conditions};
-use portcullis_e2e::envtest;
 use portcullis_e2e::wait::{eventually, unique};
+use portcullis_e2e::{envtest, softhsm};
 use portcullis_operator::dek::{self, DekRing};
 use portcullis_operator::envelope::{
     KEK_NEXT_KEY, KEK_PREVIOUS_PREFIX, KEK_SECRET_NAME, Kek, KeyRef,
@@ -392,32 +392,11 @@ const HSM_CHILD_DIR: &str = "PORTCULLIS_HSM_DIR";
 const HSM_TOKEN: &str = "portcullis-envtest";
 const HSM_KEY: &str = "portcullis-kek";
 
-fn softhsm_module() -> Option<std::path::PathBuf> {
-    let arch = std::env::consts::ARCH;
-    [
-        "/usr/lib/softhsm/libsofthsm2.so".to_owned(),
-        format!("/usr/lib/{arch}-linux-gnu/softhsm/libsofthsm2.so"),
-        "/usr/local/lib/softhsm/libsofthsm2.so".to_owned(),
-    ]
-    .into_iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.is_file())
-}
-
 /// SoftHSM reads `SOFTHSM2_CONF` once per process, so the pkcs11 case runs in a child
 /// process of this binary with its own token directory (and its own envtest).
 fn run_in_softhsm_child(test: &str) -> Result<()> {
     let dir = tempfile::TempDir::new()?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens)?;
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )?;
+    let conf = softhsm::write_conf(dir.path())?;
     let out = std::process::Command::new(std::env::current_exe()?)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("SOFTHSM2_CONF", &conf)
@@ -443,7 +422,7 @@ async fn a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart() -> Result<()> 
     };
 
     const TEST: &str = "a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart";
-    let Some(module) = softhsm_module() else {
+    let Some(module) = softhsm::module() else {
         eprintln!("skipped {TEST}: libsofthsm2.so not found (apt-get install softhsm2)");
         return Ok(());
     };

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use portcullis_e2e::softhsm;
 
 /// A KEK provider of the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -61,7 +62,7 @@ pub fn prepare(provider: Provider, binary: &Path, dir: &Path) -> anyhow::Result<
     match provider {
         Provider::Secret => {}
         Provider::Pkcs11 => {
-            let module = softhsm_module().context(
+            let module = softhsm::module().context(
                 "libsofthsm2.so not found: apt-get install softhsm2 to measure the pkcs11 provider",
             )?;
             let conf = softhsm_token(dir)?;
@@ -120,32 +121,10 @@ pub fn prepare(provider: Provider, binary: &Path, dir: &Path) -> anyhow::Result<
     Ok(KekSetup { args, env, plugin })
 }
 
-/// SoftHSM's module where Debian and a source build put it.
-fn softhsm_module() -> Option<PathBuf> {
-    let arch = std::env::consts::ARCH;
-    [
-        "/usr/lib/softhsm/libsofthsm2.so".to_owned(),
-        format!("/usr/lib/{arch}-linux-gnu/softhsm/libsofthsm2.so"),
-        "/usr/local/lib/softhsm/libsofthsm2.so".to_owned(),
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-}
-
 /// A fresh SoftHSM token directory in `dir` with one initialised token; returns the
 /// `SOFTHSM2_CONF` file.
 fn softhsm_token(dir: &Path) -> anyhow::Result<PathBuf> {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens)?;
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )?;
+    let conf = softhsm::write_conf(dir)?;
     let out = Command::new("softhsm2-util")
         .args(["--init-token", "--free", "--label", TOKEN])
         .args(["--pin", PIN, "--so-pin", "bench-so-pin-0815"])
