@@ -100,6 +100,24 @@ fn dek_ring(secret: &Secret, tenant: &str) -> DekRing {
     .unwrap()
 }
 
+/// Asks the operator for a KEK rotation: a new value of the rotate annotation.
+async fn request_rotation(secrets: &Api<Secret>, value: &str) -> Result<()> {
+    secrets
+        .patch(
+            KEK_SECRET_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// `tenant`'s first DEK, unwrapped with `kek`.
+async fn first_dek(secrets: &Api<Secret>, tenant: &str, kek: &Kek) -> Result<Vec<u8>> {
+    let secret = secrets.get(&dek::secret_name(tenant)).await?;
+    Ok(dek_ring(&secret, tenant).unwrap_version(kek, 1)?)
+}
+
 /// Waits until the CA keys, the webhook CA key and `tenant`'s DEKs are all wrapped
 /// under `new`, the KEK in force.
 async fn all_wrapped_under(
@@ -182,13 +200,7 @@ async fn an_annotation_rotates_the_kek_and_rewraps_everything_while_serving() ->
     );
 
     // On demand, by annotation; a Tenant is created while the rotation runs.
-    secrets
-        .patch(
-            KEK_SECRET_NAME,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: "1"}}})),
-        )
-        .await?;
+    request_rotation(&secrets, "1").await?;
     let during_ns = env.create_namespace("rot-c").await?;
     let during = unique("rot-c");
     eventually("the new KEK staged", WAIT, || async {
@@ -332,16 +344,9 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
     ready(&admin, &tenant).await?;
     let old = operator.context.kek.key_ref();
     let before = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
-    let dek_before = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
-        .unwrap_version(&operator.context.kek, 1)?;
+    let dek_before = first_dek(&secrets, &tenant, &operator.context.kek).await?;
 
-    secrets
-        .patch(
-            KEK_SECRET_NAME,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: "kms-1"}}})),
-        )
-        .await?;
+    request_rotation(&secrets, "kms-1").await?;
     eventually("the kms rotation to complete", WAIT, || async {
         let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
         let left = data
@@ -359,8 +364,7 @@ async fn a_kms_kek_rotates_to_a_new_intermediate_key_encrypted_by_the_plugin() -
     let new = operator.context.kek.key_ref();
     ensure!(new.provider == KekProvider::Kms && operator.context.kek.unwrap_only().is_empty());
     all_wrapped_under(&secrets, &operator.context.kek, &tenant, &new).await?;
-    let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
-        .unwrap_version(&operator.context.kek, 1)?;
+    let dek_after = first_dek(&secrets, &tenant, &operator.context.kek).await?;
     ensure!(dek_after == dek_before, "the DEK changed");
 
     // The KMS key itself rotates: the KEK follows on its own, onto the new KMS key.
@@ -482,16 +486,9 @@ async fn a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart() -> Result<()> 
     create_tenant(&admin, &tenant, &tenant_ns).await?;
     ready(&admin, &tenant).await?;
     let old = operator.context.kek.key_ref();
-    let dek_before = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
-        .unwrap_version(&operator.context.kek, 1)?;
+    let dek_before = first_dek(&secrets, &tenant, &operator.context.kek).await?;
 
-    secrets
-        .patch(
-            KEK_SECRET_NAME,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {ROTATE_ANNOTATION: "p11-1"}}})),
-        )
-        .await?;
+    request_rotation(&secrets, "p11-1").await?;
     eventually("the new HSM key staged", WAIT, || async {
         let data = secrets.get(KEK_SECRET_NAME).await?.data.unwrap_or_default();
         Ok(data.contains_key(NEXT_LABEL_KEY).then_some(()))
@@ -526,8 +523,7 @@ async fn a_pkcs11_kek_rotates_to_a_new_hsm_key_across_a_restart() -> Result<()> 
     );
     ensure!(operator.context.kek.unwrap_only().is_empty());
     all_wrapped_under(&secrets, &operator.context.kek, &tenant, &new).await?;
-    let dek_after = dek_ring(&secrets.get(&dek::secret_name(&tenant)).await?, &tenant)
-        .unwrap_version(&operator.context.kek, 1)?;
+    let dek_after = first_dek(&secrets, &tenant, &operator.context.kek).await?;
     ensure!(dek_after == dek_before, "the DEK changed");
 
     // The completion Event names the old HSM key, which is kept in the token.

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::{AuthPin, Ulong};
 use portcullis_operator::envelope::pkcs11::{KeyLabels, labels};
@@ -158,6 +160,26 @@ fn open_err(config: &Pkcs11Config) -> Pkcs11Error {
 }
 
 /// A key the operator must refuse: AES-256 but readable out of the token.
+/// The key's value cannot be read out: sensitive, never extractable, no `CKA_VALUE`.
+fn assert_locked_in(session: &Session, key: ObjectHandle) {
+    let read = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Value,
+                AttributeType::Extractable,
+                AttributeType::Sensitive,
+            ],
+        )
+        .unwrap();
+    assert!(
+        !read.iter().any(|a| matches!(a, Attribute::Value(_))),
+        "{read:?}"
+    );
+    assert!(read.contains(&Attribute::Extractable(false)), "{read:?}");
+    assert!(read.contains(&Attribute::Sensitive(true)), "{read:?}");
+}
+
 fn create_extractable_key(session: &Session, label: &str) {
     session
         .generate_key(
@@ -255,22 +277,7 @@ fn wraps_and_unwraps_inside_the_hsm_and_the_key_cannot_be_read_out() {
                 matches!(info.as_slice(), [AttributeInfo::Sensitive]),
                 "{info:?}"
             );
-            let read = session
-                .get_attributes(
-                    keys[0],
-                    &[
-                        AttributeType::Value,
-                        AttributeType::Extractable,
-                        AttributeType::Sensitive,
-                    ],
-                )
-                .unwrap();
-            assert!(
-                !read.iter().any(|a| matches!(a, Attribute::Value(_))),
-                "{read:?}"
-            );
-            assert!(read.contains(&Attribute::Extractable(false)), "{read:?}");
-            assert!(read.contains(&Attribute::Sensitive(true)), "{read:?}");
+            assert_locked_in(&session, keys[0]);
         },
     );
 }
@@ -562,22 +569,7 @@ fn a_rotation_moves_every_blob_to_a_new_hsm_key_and_keeps_the_old_key_in_the_hsm
                 .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
                 .unwrap();
             assert_eq!(keys.len(), 1);
-            let read = session
-                .get_attributes(
-                    keys[0],
-                    &[
-                        AttributeType::Value,
-                        AttributeType::Extractable,
-                        AttributeType::Sensitive,
-                    ],
-                )
-                .unwrap();
-            assert!(
-                !read.iter().any(|a| matches!(a, Attribute::Value(_))),
-                "{read:?}"
-            );
-            assert!(read.contains(&Attribute::Extractable(false)), "{read:?}");
-            assert!(read.contains(&Attribute::Sensitive(true)), "{read:?}");
+            assert_locked_in(&session, keys[0]);
 
             // Promote once every replica had time to load it.
             assert_eq!(plan(&secret, at(10), &settings), Step::WaitForReplicas);

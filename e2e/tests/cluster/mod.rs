@@ -347,6 +347,24 @@ impl JobRun {
             .lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
     }
+
+    /// For a load script that prints `ready=<code>` for its first request and
+    /// `failed=<n>` at its end: the Job succeeded, the key worked before the load, and
+    /// no request failed `during` what the load ran across.
+    pub fn ensure_all_served(&self, during: &str) -> Result<()> {
+        ensure!(self.succeeded, "the client failed:\n{}", self.logs);
+        ensure!(
+            self.value("ready") == Some("200"),
+            "the key never worked before the load started:\n{}",
+            self.logs
+        );
+        ensure!(
+            self.value("failed") == Some("0"),
+            "requests failed during {during}:\n{}",
+            self.logs
+        );
+        Ok(())
+    }
 }
 
 /// Runs `script` (sh) in a curl Job in `namespace` and returns its logs.
